@@ -1,0 +1,19 @@
+"""Test-session set-up: offline, deterministic, one thread.
+
+Fixtures live in tests/fixtures/ by area (models, faces, service) and are registered here.
+"""
+import os
+
+# Before anything imports huggingface_hub / transformers: no network, ever.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Stray TWIN_* variables from the developer's shell must not change what tests see.
+for _k in [k for k in os.environ if k.startswith("TWIN_")]:
+    del os.environ[_k]
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.faces",
+    "tests.fixtures.service",
+]

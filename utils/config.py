@@ -1,0 +1,192 @@
+"""All settings of the service, in one place.
+
+Every setting is read from an environment variable ``TWIN_<NAME>`` (upper case), has a documented
+default, and is validated when the settings object is built, so a bad value stops start-up with a
+message that names the variable and the value. Tests build settings directly:
+``Settings(data_dir=tmp_path, model_profile="tiny")`` or ``settings.replace(...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from utils.errors import ConfigError
+
+ENV_PREFIX = "TWIN_"
+
+
+def _setting(default: Any, doc: str, choices: tuple | None = None, lo: float | None = None,
+             hi: float | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db.")
+    model_dir: Path = _setting(Path("models"), "Local folder holding real weights (see `python model_loader.py download`).")
+    tiny_model_dir: Path | None = _setting(None, "Folder of the tiny offline model; default <data_dir>/tiny-model, built on first start.")
+
+    # --- web server --------------------------------------------------------------------------
+    host: str = _setting("127.0.0.1", "Address gunicorn binds to.")
+    port: int = _setting(5000, "Port gunicorn binds to.", lo=1, hi=65535)
+    cors_origins: str = _setting("", "Comma-separated origins allowed by CORS; empty disables CORS.")
+    log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    api_keys: str = _setting("", "Comma-separated API keys for `Authorization: Bearer`. Required unless bound to loopback.")
+    allow_anonymous: bool = _setting(False, "Serve without API keys on a non-loopback bind (per-client tokens only). Off: refuse to start.")
+    rate_limit_upload: str = _setting("30/minute", "Upload rate limit per key or client (flask-limiter syntax).")
+    rate_limit_generate: str = _setting("60/minute", "Generate rate limit per key or client (flask-limiter syntax).")
+
+    # --- models ------------------------------------------------------------------------------
+    model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
+                                  choices=("auto", "sdxl", "tiny"))
+    ip_adapter_variant: str = _setting("plus-face", "IP-Adapter variant.", choices=("plus-face", "plain", "faceid"))
+    identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=("average", "stack"))
+    device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
+    dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
+                          choices=("auto", "float16", "bfloat16", "float32"))
+    default_identity_strength: float = _setting(0.7, "IP-Adapter scale when a request names none.", lo=0.0, hi=2.0)
+    max_image_side: int = _setting(1536, "Largest width/height a request may ask for (multiple of 8).", lo=64, hi=4096)
+    min_image_side: int = _setting(64, "Smallest width/height a request may ask for.", lo=8, hi=4096)
+
+    # --- faces -------------------------------------------------------------------------------
+    face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
+                                 choices=("auto", "dlib", "insightface"))
+    insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack (buffalo_l); default <model_dir>/insightface/buffalo_l.")
+    min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
+    min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
+    min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face crop.", lo=0.0)
+    min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
+    max_brightness: float = _setting(220.0, "Brightest mean face luminance (0-255).", lo=0.0, hi=255.0)
+    max_yaw_degrees: float = _setting(35.0, "Largest estimated head yaw.", lo=0.0, hi=90.0)
+    duplicate_threshold: float = _setting(0.98, "Image similarity above which two selfies are near-duplicates.", lo=0.0, hi=1.0)
+    outlier_distance_dlib: float = _setting(0.6, "dlib descriptor distance from the set's median above which a selfie is another person.", lo=0.0)
+    outlier_distance_arcface: float = _setting(1.0, "ArcFace (normalised) distance from the median above which a selfie is another person.", lo=0.0)
+    recommended_selfies: int = _setting(10, "Below this many accepted selfies, warn that likeness improves with more.", lo=1)
+
+    # --- uploads and limits ------------------------------------------------------------------
+    max_selfies: int = _setting(50, "Most files in one upload.", lo=1, hi=1000)
+    max_file_mb: float = _setting(20.0, "Largest single uploaded file, MB.", lo=0.01)
+    max_upload_mb: float = _setting(200.0, "Largest whole upload request, MB.", lo=0.01)
+    max_pixels: int = _setting(40_000_000, "Largest decoded image, pixels (decompression-bomb guard).", lo=1)
+    max_prompt_chars: int = _setting(2000, "Longest prompt accepted.", lo=1)
+
+    # --- jobs --------------------------------------------------------------------------------
+    queue_max: int = _setting(32, "Most queued jobs; beyond it /generate answers 429.", lo=1)
+    workers: int = _setting(0, "Generation worker threads; 0 = one per GPU, one on CPU.", lo=0, hi=16)
+    requeue_interrupted: bool = _setting(False, "Re-queue (once) jobs that were running when the server stopped, instead of failing them.")
+    retention_hours: float = _setting(72.0, "Sessions older than this are deleted by the retention sweep; 0 disables it.", lo=0.0)
+    retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
+    warmup: bool = _setting(True, "Run one throw-away generation in setup() so the first request is fast.")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if f.type in ("Path", "Path | None") and value is not None and not isinstance(value, Path):
+                object.__setattr__(self, f.name, Path(value))
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{env_name(f.name)}={value!r} is not one of {', '.join(meta['choices'])}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{env_name(f.name)}={value!r} is not a finite number")
+            if meta.get("lo") is not None and value < meta["lo"]:
+                raise ConfigError(f"{env_name(f.name)}={value!r} is below the minimum {meta['lo']}")
+            if meta.get("hi") is not None and value > meta["hi"]:
+                raise ConfigError(f"{env_name(f.name)}={value!r} is above the maximum {meta['hi']}")
+        if self.min_brightness >= self.max_brightness:
+            raise ConfigError(f"TWIN_MIN_BRIGHTNESS={self.min_brightness} must be below TWIN_MAX_BRIGHTNESS={self.max_brightness}")
+        if self.max_image_side % 8:
+            raise ConfigError(f"TWIN_MAX_IMAGE_SIDE={self.max_image_side} must be a multiple of 8")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ConfigError(f"TWIN_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def resolved_tiny_model_dir(self) -> Path:
+        return self.tiny_model_dir or self.data_dir / "tiny-model"
+
+    @property
+    def resolved_insightface_dir(self) -> Path:
+        return self.insightface_model_dir or self.model_dir / "insightface" / "buffalo_l"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def is_loopback_bind(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``TWIN_*`` variables; unknown ``TWIN_*`` names are an error (typos)."""
+        environ = os.environ if environ is None else environ
+        known = {env_name(f.name): f for f in fields(cls)}
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: see README 'Settings'")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name in environ:
+                values[f.name] = _parse(name, environ[name], f)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, Any, str]]:
+        """(variable, default, doc) rows, for the README table and `python -m utils.config`."""
+        rows = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((env_name(f.name), default, f.metadata["doc"]))
+        return rows
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse(name: str, raw: str, f: dataclasses.Field) -> Any:
+    kind = f.type
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind in ("Path", "Path | None"):
+            return Path(raw) if raw else None
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
+
+
+if __name__ == "__main__":  # prints the settings table
+    for var, default, doc in Settings.documented():
+        print(f"| `{var}` | `{default}` | {doc} |")

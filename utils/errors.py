@@ -1,0 +1,113 @@
+"""One error hierarchy for the whole service.
+
+Every error a user can cause is a ``TwinError`` with a machine-readable ``code``, a human ``message``
+that names the offending value, and the HTTP status the API answers with. The app's single error
+handler turns it into ``{"error": {"code": ..., "message": ...}}``; the job worker stores the same
+pair on a failed job. Anything that is not a ``TwinError`` is a bug and becomes a 500 ``internal_error``
+without leaking its text.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class TwinError(Exception):
+    code = "error"
+    http_status = 400
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None,
+                 details: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if http_status is not None:
+            self.http_status = http_status
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class ConfigError(TwinError):
+    """A setting is invalid; raised at start-up."""
+    code = "invalid_setting"
+    http_status = 500
+
+
+class InvalidRequest(TwinError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class Unauthorized(TwinError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFound(TwinError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(TwinError):
+    code = "conflict"
+    http_status = 409
+
+
+class PayloadTooLarge(TwinError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMedia(TwinError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class ImageRejected(TwinError):
+    """A single uploaded file could not be used (not an image, corrupt, too many pixels...)."""
+    code = "invalid_image"
+    http_status = 400
+
+
+class QueueFull(TwinError):
+    code = "queue_full"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 10, **kw: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
+
+
+class ServiceNotReady(TwinError):
+    code = "not_ready"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 5, **kw: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
+
+
+class InsufficientStorage(TwinError):
+    code = "insufficient_storage"
+    http_status = 507
+
+
+class ModelWeightsMissing(TwinError):
+    """Real weights were asked for but are not on disk; the message says what, where, and how to fetch."""
+    code = "model_weights_missing"
+    http_status = 503
+
+
+class JobCanceled(TwinError):
+    """Raised inside generate() when should_cancel() turns true; the job ends `canceled`."""
+    code = "canceled"
+    http_status = 409
+
+
+class OutOfMemory(TwinError):
+    code = "out_of_memory"
+    http_status = 503
