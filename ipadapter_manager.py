@@ -116,8 +116,10 @@ class AdapterManager:
             raise ModelWeightsMissing(f"IP-Adapter weight {weight!r} for variant {variant!r} not found in {root}; "
                                       f"run: python model_loader.py download" + (" --faceid" if variant == "faceid" else ""))
         before = set(getattr(pipe.unet, "peft_config", {}) or {})
-        pipe.load_ip_adapter(str(root), subfolder=sub, weight_name=weight, image_encoder_folder=encoder,
-                             local_files_only=True)
+        from model_loader import quiet_libraries
+        with quiet_libraries():
+            pipe.load_ip_adapter(str(root), subfolder=sub, weight_name=weight, image_encoder_folder=encoder,
+                                 local_files_only=True)
         after = set(getattr(pipe.unet, "peft_config", {}) or {})
         self.faceid_adapters = sorted(n for n in after - before if n.startswith("faceid_"))
         self.variant = variant

@@ -17,6 +17,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -240,8 +241,32 @@ def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
     return loras
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """diffusers/transformers print progress bars and benign LoRA-prefix warnings on every load."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    old = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
 def load_models(settings: Settings) -> LoadedModels:
     """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler."""
+    with quiet_libraries():
+        return _load_models(settings)
+
+
+def _load_models(settings: Settings) -> LoadedModels:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -276,7 +301,7 @@ def load_models(settings: Settings) -> LoadedModels:
         if w.missing_optional:
             notes.append("optional weights not present: " + ", ".join(w.missing_optional))
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=dtype, variant=variant,
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
                                                      local_files_only=True, use_safetensors=True)
     base_config = dict(pipe.scheduler.config)
     pipe.scheduler = dpmpp_karras(base_config)
@@ -335,6 +360,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+_TINY_VOCAB: list = [{}, []]
+
+
 def _tiny_tokenizer(pad_token: str | None = None):
     from transformers import CLIPTokenizer
     symbols = list(_bytes_to_unicode().values())
@@ -352,6 +380,7 @@ def _tiny_tokenizer(pad_token: str | None = None):
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     kw = {"pad_token": pad_token} if pad_token else {}
+    _TINY_VOCAB[:] = [vocab, merges]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kw), len(vocab)
 
 
@@ -464,15 +493,40 @@ def _tiny_adapter_tensors(unet, variant: str, gen) -> dict[str, Any]:
 
 
 def make_tiny(root: Path | str) -> Path:
-    """Write the deterministic tiny model folder (same layout as the real repos). Idempotent."""
+    """Write the deterministic tiny model folder (same layout as the real repos).
+
+    Built in a temporary sibling folder and renamed into place, so a second process starting at the same
+    moment never loads a half-written model.
+    """
+    import os
+    import shutil
+    root = Path(root)
+    if (root / "tiny_model.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with quiet_libraries():
+        _write_tiny(tmp)
+    try:
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / "tiny_model.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
+    return root
+
+
+def _write_tiny(root: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from safetensors.torch import save_file
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(TINY_SEED)
     unet = _tiny_unet()
     vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3,
@@ -491,6 +545,13 @@ def make_tiny(root: Path | str) -> Path:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=tok2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(root / BASE_DIR), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        # The real repo ships the classic vocab.json + merges.txt (no tokenizer.json): load the same way.
+        folder = root / BASE_DIR / sub
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(_TINY_VOCAB[0], ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_VOCAB[1]),
+                                           encoding="utf-8")
 
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=TINY_IMG_HIDDEN, projection_dim=TINY_IMG_PROJ, num_hidden_layers=2, num_attention_heads=4,
@@ -511,7 +572,6 @@ def make_tiny(root: Path | str) -> Path:
     (root / "tiny_model.json").write_text(json.dumps({
         "profile": "tiny", "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
-    return root
 
 
 def tiny_adapter_weight(variant: str) -> str:
