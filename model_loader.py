@@ -429,23 +429,30 @@ def _cross_attn_hidden_sizes(unet) -> list[tuple[int, str, int | None]]:
 
 
 def _tiny_adapter_tensors(unet, variant: str, gen) -> dict[str, Any]:
-    """IP-Adapter weights in the original repos' flat key layout (image_proj.* / ip_adapter.*)."""
+    return adapter_tensors(unet, variant, gen, img_hidden=TINY_IMG_HIDDEN, img_proj=TINY_IMG_PROJ,
+                           plus_tokens=TINY_PLUS_TOKENS, plus_dim=TINY_PLUS_DIM)
+
+
+def adapter_tensors(unet, variant: str, gen, *, img_hidden: int, img_proj: int, plus_tokens: int = 16,
+                    plus_dim: int = 1280, dtype=None) -> dict[str, Any]:
+    """Random IP-Adapter weights in the original repos' flat key layout (image_proj.* / ip_adapter.*),
+    shaped for ``unet`` and an image encoder of the given widths (also used by the full-size benchmark)."""
     import torch
 
     def rnd(*shape, std=0.02):
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen) * std).to(dtype or torch.float32)
 
-    C = TINY_CROSS
+    C = unet.config.cross_attention_dim
     t: dict[str, Any] = {}
     if variant == "plain":
-        t["image_proj.proj.weight"] = rnd(4 * C, TINY_IMG_PROJ, std=0.2)
+        t["image_proj.proj.weight"] = rnd(4 * C, img_proj, std=0.2)
         t["image_proj.proj.bias"] = torch.zeros(4 * C)
         t["image_proj.norm.weight"] = torch.ones(C)
         t["image_proj.norm.bias"] = torch.zeros(C)
     elif variant == "plus-face":
-        D = TINY_PLUS_DIM
-        t["image_proj.latents"] = rnd(1, TINY_PLUS_TOKENS, D, std=1.0) / D ** 0.5
-        t["image_proj.proj_in.weight"] = rnd(D, TINY_IMG_HIDDEN, std=0.2)
+        D = plus_dim  # the Resampler's head width is fixed at 64, so heads = D // 64
+        t["image_proj.latents"] = rnd(1, plus_tokens, D, std=1.0) / D ** 0.5
+        t["image_proj.proj_in.weight"] = rnd(D, img_hidden, std=0.2)
         t["image_proj.proj_in.bias"] = torch.zeros(D)
         t["image_proj.proj_out.weight"] = rnd(C, D, std=0.2)
         t["image_proj.proj_out.bias"] = torch.zeros(C)
@@ -456,9 +463,9 @@ def _tiny_adapter_tensors(unet, variant: str, gen) -> dict[str, Any]:
             for n in ("0.norm1", "0.norm2", "1.0"):
                 t[f"{p}.{n}.weight"] = torch.ones(D)
                 t[f"{p}.{n}.bias"] = torch.zeros(D)
-            t[f"{p}.0.to_q.weight"] = rnd(64, D, std=0.1)
-            t[f"{p}.0.to_kv.weight"] = rnd(128, D, std=0.1)
-            t[f"{p}.0.to_out.weight"] = rnd(D, 64, std=0.1)
+            t[f"{p}.0.to_q.weight"] = rnd(D, D, std=0.1)
+            t[f"{p}.0.to_kv.weight"] = rnd(2 * D, D, std=0.1)
+            t[f"{p}.0.to_out.weight"] = rnd(D, D, std=0.1)
             t[f"{p}.1.1.weight"] = rnd(4 * D, D, std=0.1)
             t[f"{p}.1.3.weight"] = rnd(D, 4 * D, std=0.1)
     elif variant == "faceid":
