@@ -226,7 +226,7 @@ def bench_full(args) -> None:
         tf = tflop(res, res, batch, steps, cfg) / sec
         pct = f"{100 * tf / args.peak_tflops:6.1f}" if args.peak_tflops else "     -"
         print(f"{batch:>5} {f'{res}x{res}':>9} {steps:>5} {'yes' if cfg else 'no':>3} {sec:>8.2f} {steps / sec:>6.2f} "
-              f"{tf:>8.1f} {pct} {peak_mem_gb(device):>11.2f}")
+              f"{tf:>8.3g} {pct} {peak_mem_gb(device):>11.2f}")
 
 
 def main(argv=None) -> int:

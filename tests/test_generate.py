@@ -275,3 +275,18 @@ def test_setup_is_idempotent_and_info_complete(tiny_generator):
 def test_warmup_runs_in_setup(tiny_settings):
     gen = DigitalTwinGenerator(tiny_settings.replace(warmup=True)).setup()
     assert gen.state == "ready"
+
+
+def test_full_size_benchmark_configs_match_sdxl(monkeypatch):
+    """The benchmark's inline configs build the real architecture (checked on the meta device: no memory)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, counts = bench.build_full_size(torch.float16, "cpu", meta_only=True)
+    assert round(counts["unet"] / 1e9, 3) == 2.567
+    assert round(counts["image_encoder"] / 1e9, 2) == 0.63   # ViT-H/14
+    assert round(counts["text_encoder_2"] / 1e9, 2) == 0.69  # OpenCLIP bigG
+    assert bench.tflop(1024, 1024, 1, 30, True) == pytest.approx(30 * 13.52 + 10.5)
