@@ -166,3 +166,40 @@ def test_scheduler_is_dpmpp_karras(tiny_generator):
     assert sched.config.use_karras_sigmas and sched.config.algorithm_type == "dpmsolver++"
     fast = tiny_generator._schedulers["euler_trailing"]
     assert fast.config.timestep_spacing == "trailing"
+
+
+@pytest.fixture(scope="module")
+def fake_real_model_dir(tiny_models, tmp_path_factory):
+    """The tiny weights under the real repos' file names (fp16 variant names, real adapter/LoRA names), so
+    the sdxl profile's own resolution and loading code runs offline."""
+    import shutil
+    from diffusers import StableDiffusionXLPipeline
+    d = tmp_path_factory.mktemp("fake-real") / "models"
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / ml.BASE_DIR))
+    pipe.save_pretrained(str(d / ml.BASE_DIR), variant="fp16")
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(d / ml.BASE_DIR / sub)
+        shutil.copytree(tiny_models / ml.BASE_DIR / sub, d / ml.BASE_DIR / sub)
+    shutil.copytree(tiny_models / ml.IPA_DIR, d / ml.IPA_DIR)
+    (d / ml.LIGHTNING_DIR).mkdir()
+    shutil.copy(tiny_models / ml.LIGHTNING_DIR / ml.LIGHTNING_WEIGHT_TINY,
+                d / ml.LIGHTNING_DIR / "sdxl_lightning_4step_lora.safetensors")
+    shutil.copytree(tiny_models / ml.LORA_DIR, d / ml.LORA_DIR)
+    return d
+
+
+def test_sdxl_profile_loads_real_file_layout_from_model_dir(tiny_settings, fake_real_model_dir, empty_hf_cache):
+    s = tiny_settings.replace(model_profile="auto", model_dir=fake_real_model_dir, max_steps=2)
+    assert ml.choose_profile(s) == "sdxl"
+    gen = DigitalTwinGenerator(s).setup()
+    info = gen.info()
+    assert (info["profile"], info["is_demo"], info["model_name"], info["native_resolution"]) == \
+        ("sdxl", False, "stabilityai/stable-diffusion-xl-base-1.0", 1024)
+    assert info["fast_mode"] == "few-step-lora" and info["loras"] == ["tiny_style"]
+    assert "h94/IP-Adapter-FaceID" not in " ".join(info["notes"])  # faceid is not asked for
+    from generate_twin import GenerationRequest
+    from tests.fixtures.models import make_crops
+    ident = gen.build_identity(make_crops(2), None, face_model=None)
+    req = GenerationRequest.from_dict({"prompt": "p", "width": 64, "height": 64, "seed": 1}, s).with_identity(ident)
+    r = gen.generate(req)
+    assert r.images[0].size == (64, 64) and r.metadata["profile"] == "sdxl"
