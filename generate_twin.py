@@ -224,7 +224,8 @@ class DigitalTwinGenerator:
             req = GenerationRequest(prompt="warm-up", style="none", quality_mode="fast")
             self._generate(req, None, None, warmup=True)
         log.info("generator ready: profile=%s variant=%s device=%s dtype=%s (%.1f s)", self.models.profile,
-                 self.adapter.variant, self.models.device, self.models.dtype, time.perf_counter() - t0)
+                 self.adapter.variant, self.models.device, str(self.models.dtype).replace("torch.", ""),
+                 time.perf_counter() - t0)
 
     def info(self) -> dict[str, Any]:
         m = self.models

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,11 @@ def quiet_libraries():
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft warns on every second LoRA loaded into the same UNet; several adapters is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+            yield
     finally:
         dlog.set_verbosity(old[0])
         tlog.set_verbosity(old[1])
