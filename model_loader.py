@@ -324,21 +324,31 @@ def _load_models(settings: Settings) -> LoadedModels:
                           adapter_variant=settings.ip_adapter_variant, lightning_adapter=lightning_adapter,
                           loras=loras, base_scheduler_config=base_config, notes=notes)
     if device.startswith("cuda"):
-        apply_cuda_optimisations(pipe, settings)
+        # Must run before the IP-Adapter is loaded (see fuse_qkv below).
+        notes += apply_cuda_optimisations(pipe, settings, has_lora=bool(loras or lightning_adapter))
     return models
 
 
-def apply_cuda_optimisations(pipe, settings: Settings) -> None:
-    """Opt-in speed switches; SDPA attention is diffusers' default with torch 2 and needs nothing."""
+def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False) -> list[str]:
+    """Opt-in speed switches; SDPA attention is diffusers' default with torch 2 and needs nothing.
+    Returns notes for info() about switches that were asked for but not applied."""
     import torch
+    notes = []
     if settings.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if settings.fuse_qkv:
-        # Fusing replaces attention processors; IP-Adapter processors must already be in place.
-        pipe.fuse_qkv_projections()
+        # fuse_qkv_projections() installs FusedAttnProcessor2_0 everywhere: done after load_ip_adapter it would
+        # drop the IP-Adapter processors (so it runs before), and its fused to_qkv bypasses peft LoRA layers
+        # on to_q/to_k/to_v (so it is skipped when any LoRA, including FaceID's, is in use).
+        if has_lora or settings.ip_adapter_variant == "faceid":
+            notes.append("fuse_qkv skipped: LoRA adapters are loaded and fused projections would bypass them")
+            log.warning(notes[-1])
+        else:
+            pipe.fuse_qkv_projections()
     if settings.torch_compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def _init_random(module, dtype, device, seed: int) -> None:
     module.to(dtype)
 
 
-def build_full_size(dtype, device: str, meta_only: bool = False):
+def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False):
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
@@ -160,6 +160,9 @@ def build_full_size(dtype, device: str, meta_only: bool = False):
     for k, v in sd.items():
         top, rest = k.split(".", 1)
         ipa[top][rest] = v
+    if fuse_qkv:
+        # Before load_ip_adapter: fusing installs FusedAttnProcessor2_0 everywhere and would drop IP-Adapter's.
+        pipe.fuse_qkv_projections()
     pipe.load_ip_adapter(ipa, subfolder="", weight_name="")
     counts["ip_adapter"] = sum(v.numel() for v in sd.values())
     pipe.to(device)
@@ -176,7 +179,7 @@ def bench_full(args) -> None:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe, counts = build_full_size(dtype, device, meta_only=args.meta)
+    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv)
     for k, n in counts.items():
         print(f"{k:15} {n / 1e9:.3f} B parameters")
     if args.meta:
@@ -185,8 +188,6 @@ def bench_full(args) -> None:
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if args.fuse_qkv:
-        pipe.fuse_qkv_projections()
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if args.compile:

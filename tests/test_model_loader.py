@@ -203,3 +203,23 @@ def test_sdxl_profile_loads_real_file_layout_from_model_dir(tiny_settings, fake_
     req = GenerationRequest.from_dict({"prompt": "p", "width": 64, "height": 64, "seed": 1}, s).with_identity(ident)
     r = gen.generate(req)
     assert r.images[0].size == (64, 64) and r.metadata["profile"] == "sdxl"
+
+
+@pytest.mark.parametrize("has_lora, variant, fused", [
+    (False, "plus-face", True),
+    (True, "plus-face", False),
+    (False, "faceid", False),
+])
+def test_fuse_qkv_keeps_ip_adapter_and_never_bypasses_loras(tiny_models, tiny_settings, has_lora, variant, fused):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / ml.BASE_DIR))
+    notes = ml.apply_cuda_optimisations(pipe, tiny_settings.replace(fuse_qkv=True, ip_adapter_variant=variant),
+                                        has_lora=has_lora)
+    assert bool(notes) == (not fused)
+    repo, sub, _, enc = ml.ADAPTER_FILES["plus-face"]
+    pipe.load_ip_adapter(str(tiny_models / repo), subfolder=sub, weight_name=ml.tiny_adapter_weight("plus-face"),
+                         image_encoder_folder=enc)
+    procs = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    assert all(v == "IPAdapterAttnProcessor2_0" for k, v in procs.items() if k.endswith("attn2.processor"))
+    self_attn = {v for k, v in procs.items() if k.endswith("attn1.processor")}
+    assert self_attn == ({"FusedAttnProcessor2_0"} if fused else {"AttnProcessor2_0"})
