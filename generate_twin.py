@@ -261,6 +261,15 @@ class DigitalTwinGenerator:
             return req.width, req.height
         return preset_size(req.aspect_ratio or "1:1", self.models.native_resolution, self.settings)
 
+    def validate(self, req: GenerationRequest) -> dict[str, Any]:
+        """Checks that need the loaded model (LoRA name, identity variant/model), for the service to call at
+        submit time so a job does not fail later; returns the plan (steps, size, scheduler...)."""
+        self._require_ready()
+        if req.identity is not None:
+            self.adapter.check_identity(req.identity)
+        plan = self.plan(req)
+        return {k: v for k, v in plan.items() if k != "adapters"}
+
     def plan(self, req: GenerationRequest) -> dict[str, Any]:
         """Steps, guidance, scheduler and adapters for a request; raises for an unknown LoRA."""
         m = self.models

@@ -290,3 +290,19 @@ def test_full_size_benchmark_configs_match_sdxl(monkeypatch):
     assert round(counts["image_encoder"] / 1e9, 2) == 0.63   # ViT-H/14
     assert round(counts["text_encoder_2"] / 1e9, 2) == 0.69  # OpenCLIP bigG
     assert bench.tflop(1024, 1024, 1, 30, True) == pytest.approx(30 * 13.52 + 10.5)
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({"lora": "nope"}, InvalidRequest),
+    ({}, None),
+    ({"quality_mode": "fast", "aspect_ratio": "16:9"}, None),
+])
+def test_validate_at_submit_time(tiny_generator, tiny_settings, payload, error):
+    req = request(tiny_settings, **payload)
+    if error:
+        with pytest.raises(error, match="nope"):
+            tiny_generator.validate(req)
+    else:
+        plan = tiny_generator.validate(req)
+        assert plan["width"] % 8 == 0 and plan["steps"] >= 1
+        json.dumps(plan)
