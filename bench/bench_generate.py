@@ -1,6 +1,6 @@
 """Generation latency, measured in one run.
 
-    python bench/bench_generate.py                      # tiny profile: per-call latency for several configs
+    python bench/bench_generate.py                      # tiny profile latency table (+ full-size when CUDA is present)
     python bench/bench_generate.py --full-size          # real-size SDXL (random weights) at 1024², 30 steps, CFG
     python bench/bench_generate.py --full-size --smoke  # same models, 128², 2 steps: checks it runs (CPU ok)
     python bench/bench_generate.py --full-size --meta   # build the full-size configs on the meta device only
@@ -233,6 +233,7 @@ def bench_full(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full-size", action="store_true", help="real-size SDXL with random weights")
+    ap.add_argument("--tiny-only", action="store_true", help="skip the full-size run even when CUDA is present")
     ap.add_argument("--smoke", action="store_true", help="full-size models, 128², 2 steps, batch 1")
     ap.add_argument("--meta", action="store_true", help="only build the full-size configs on the meta device")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when present)")
@@ -259,6 +260,10 @@ def main(argv=None) -> int:
             bench_full(args)
         else:
             bench_tiny(args)
+            import torch
+            if torch.cuda.is_available() and not args.tiny_only:
+                print("\nCUDA present: full-size SDXL (random weights)")
+                bench_full(args)
     return 0
 
 
