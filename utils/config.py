@@ -57,6 +57,19 @@ class Settings:
     max_image_side: int = _setting(1536, "Largest width/height a request may ask for (multiple of 8).", lo=64, hi=4096)
     min_image_side: int = _setting(64, "Smallest width/height a request may ask for.", lo=8, hi=4096)
 
+    # --- generation ----------------------------------------------------------------------------
+    sdxl_model_id: str = _setting("stabilityai/stable-diffusion-xl-base-1.0", "Hub id of the SDXL base model (fp16 variant is used).")
+    ip_adapter_repo: str = _setting("h94/IP-Adapter", "Hub id holding the Plus-Face / plain SDXL adapters and the ViT-H image encoder.")
+    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID SDXL adapter (non-commercial licence).")
+    lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
+    lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
+    lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
+    channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
+    fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")
+    torch_compile: bool = _setting(False, "CUDA: torch.compile the UNet (slow first call; setup() warms it up when warmup is on).")
+    vae_tiling: bool = _setting(False, "Decode latents in tiles (lower peak memory at large sizes, a little slower).")
+    max_steps: int = _setting(0, "Cap on denoising steps per request (0 = quality table as is); for demos on a CPU.", lo=0, hi=200)
+
     # --- faces -------------------------------------------------------------------------------
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
@@ -112,6 +125,10 @@ class Settings:
     @property
     def resolved_tiny_model_dir(self) -> Path:
         return self.tiny_model_dir or self.data_dir / "tiny-model"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return self.lora_dir or self.model_dir / "loras"
 
     @property
     def resolved_insightface_dir(self) -> Path:
