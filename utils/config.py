@@ -67,10 +67,15 @@ class Settings:
     min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
     max_brightness: float = _setting(220.0, "Brightest mean face luminance (0-255).", lo=0.0, hi=255.0)
     max_yaw_degrees: float = _setting(35.0, "Largest estimated head yaw.", lo=0.0, hi=90.0)
-    duplicate_threshold: float = _setting(0.98, "Image similarity above which two selfies are near-duplicates.", lo=0.0, hi=1.0)
-    outlier_distance_dlib: float = _setting(0.6, "dlib descriptor distance from the set's median above which a selfie is another person.", lo=0.0)
+    duplicate_threshold: float = _setting(0.995, "Correlation of 32x32 grey thumbnails above which two selfies are near-duplicates (re-encoded/resized copies score >0.9999, distinct crops/flips of one photo <0.97).", lo=0.0, hi=1.0)
+    outlier_distance_dlib: float = _setting(0.4, "dlib distance (unit-length descriptors) from the set's median above which a selfie is another person; dlib's usual 0.6 on raw descriptors (norm ~1.45) is ~0.41 here.", lo=0.0)
     outlier_distance_arcface: float = _setting(1.0, "ArcFace (normalised) distance from the median above which a selfie is another person.", lo=0.0)
     recommended_selfies: int = _setting(10, "Below this many accepted selfies, warn that likeness improves with more.", lo=1)
+    face_detect_side: int = _setting(640, "Face detection runs on a copy whose longest side is this (dlib HOG; InsightFace det_size).", lo=160, hi=4096)
+    face_crop_size: int = _setting(512, "Side of the aligned face crop given to the IP-Adapter image encoder, px.", lo=64, hi=2048)
+    face_crop_scale: float = _setting(1.8, "Face crop side as a multiple of the detected face box side (context around the face).", lo=1.0, hi=4.0)
+    dlib_min_detect_score: float = _setting(0.25, "Lowest dlib HOG detection score counted as a face (spurious boxes score below ~0.1).", lo=-1.0, hi=5.0)
+    face_threads: int = _setting(2, "Threads validating the selfies of one upload in parallel (dlib releases the GIL).", lo=1, hi=32)
 
     # --- uploads and limits ------------------------------------------------------------------
     max_selfies: int = _setting(50, "Most files in one upload.", lo=1, hi=1000)
