@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -99,8 +100,11 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
             im.load()
     except ImageRejected:
         raise
-    except Image.DecompressionBombError:
-        raise ImageRejected(f"{name}: the image has more pixels than the limit of {max_pixels:,}",
+    except Image.DecompressionBombError as exc:
+        # PIL's own guard (far above ours) fired inside open(); its text carries the declared size.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+        raise ImageRejected(f"{name}: the image declares {declared}, more than the limit of {max_pixels:,}",
                             code="too_many_pixels") from None
     except UnidentifiedImageError:
         raise ImageRejected(f"{name}: the {fmt} data could not be read (corrupt file?)",
