@@ -265,15 +265,17 @@ class FaceService:
                 raise _Reject("face_too_small", (
                     f"{filename}: the face is too small ({side:.0f} px, {fraction:.1%} of the photo; need at least "
                     f"{s.min_face_px} px and {s.min_face_fraction:.0%}); move closer or use a larger photo"))
-            if sharp < s.min_sharpness:
-                raise _Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
-                                        "hold the camera still and focus on your face")
+            # Exposure before sharpness: a dark face has little contrast, hence a low Laplacian variance,
+            # and "too dark" is the reason the user can act on.
             if bright < s.min_brightness:
                 raise _Reject("too_dark", f"{filename}: the face is too dark (brightness {bright:.0f}, need at least "
                                           f"{s.min_brightness:.0f}); use more light")
             if bright > s.max_brightness:
                 raise _Reject("too_bright", f"{filename}: the face is overexposed (brightness {bright:.0f}, at most "
                                             f"{s.max_brightness:.0f}); avoid direct light or flash")
+            if sharp < s.min_sharpness:
+                raise _Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
+                                        "hold the camera still and focus on your face")
             if abs(yaw) > s.max_yaw_degrees:
                 raise _Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
                                              f"{s.max_yaw_degrees:.0f}°); look towards the camera")
