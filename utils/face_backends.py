@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +199,8 @@ class InsightFaceBackend(FaceBackend):
         except ImportError as exc:
             raise ModelWeightsMissing(f"the insightface backend needs insightface and onnxruntime ({exc.name} "
                                       "is missing)", code="face_models_missing") from None
+        # insightface's face_align calls a scikit-image API deprecated in 0.26: noise on every face.
+        warnings.filterwarnings("ignore", message=r".*estimate.* is deprecated", category=FutureWarning)
         available = onnxruntime.get_available_providers()
         providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
