@@ -79,7 +79,7 @@ class DlibBackend(FaceBackend):
     model_name = "dlib-resnet-v1-128"
 
     def __init__(self, *, detect_side: int = 640, min_detect_side: int = 320, upsample_retry: bool = True,
-                 min_score: float = 0.25, outlier_distance: float = 0.4) -> None:
+                 min_score: float = 0.5, outlier_distance: float = 0.4) -> None:
         self.detect_side = detect_side
         self.min_detect_side = min_detect_side
         self.upsample_retry = upsample_retry
@@ -123,24 +123,13 @@ class DlibBackend(FaceBackend):
 
         detector, predictor, _ = self._models()
         h, w = rgb.shape[:2]
-        longest = max(h, w)
-        # Shrink big photos (HOG cost is linear in pixels); enlarge tiny ones so a face that fills a
-        # small image is still found (and then rejected as too small, with the right reason).
-        scale = min(1.0, self.detect_side / longest)
-        if longest * scale < self.min_detect_side:
-            scale = self.min_detect_side / longest
-        work = rgb if scale == 1.0 else cv2.resize(
-            rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        boxes, scores, _ = detector.run(work, 0, self.min_score)
-        kept = [(b, s) for b, s in zip(boxes, scores) if s >= self.min_score]
+        kept, scale = self._run(detector, rgb, self.detect_side, 0)
         if len(kept) != 1 and self.upsample_retry:
-            # Not one clear face: look again at twice the size so small faces (a group photo, a face far
-            # away) are found and counted. Typical selfies never pay for this pass.
-            boxes, scores, _ = detector.run(work, 1, self.min_score)
-            again = [(b, s) for b, s in zip(boxes, scores) if s >= self.min_score]
+            # Not one clear face: look again, larger and upsampled, so that small faces (a group photo,
+            # a face far away) are found and counted. Typical selfies never pay for this pass.
+            again, scale2 = self._run(detector, rgb, round(self.detect_side * 1.25), 1)
             if len(again) > len(kept):
-                kept = again
+                kept, scale = again, scale2
         out = []
         for b, s in kept:
             x0, y0 = max(0.0, b.left() / scale), max(0.0, b.top() / scale)
@@ -154,6 +143,22 @@ class DlibBackend(FaceBackend):
             out.append(Detection(box=(x0, y0, x1, y1), score=float(s), left_eye=tuple(left),
                                  right_eye=tuple(right), nose=tuple(pts[4]), extra=shape))
         return out
+
+    def _run(self, detector, rgb: np.ndarray, side: int, upsample: int):
+        import cv2
+
+        h, w = rgb.shape[:2]
+        longest = max(h, w)
+        # Shrink big photos (HOG cost grows with pixels); enlarge tiny ones so that a face filling a small
+        # image is still found (and then rejected as too small, with the right reason).
+        scale = min(1.0, side / longest)
+        if longest * scale < self.min_detect_side:
+            scale = self.min_detect_side / longest
+        work = rgb if scale == 1.0 else cv2.resize(
+            rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        boxes, scores, _ = detector.run(work, upsample, self.min_score)
+        return [(b, s) for b, s in zip(boxes, scores) if s >= self.min_score], scale
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         import dlib

@@ -1,0 +1,58 @@
+"""Selfie validation + embedding, end to end on CPU: 15 selfies of 1024 px (JPEG variants of the test photos).
+
+    /work/venv/bin/python bench/bench_faces.py [--backend dlib|insightface] [--threads 1 2] [--repeat 3]
+
+Prints set-up time, then for each thread count the best-of-``repeat`` total seconds for the 15 files and
+the per-image milliseconds. Goal: ≤ 3 s for 15 on a 2-core machine (dlib backend).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import photos  # noqa: E402
+from utils.config import Settings  # noqa: E402
+from utils.faces import FaceService  # noqa: E402
+
+
+def selfies_1024() -> list[tuple[str, bytes]]:
+    files = [(f"selfie_{i:02d}.jpg", photos.to_bytes(photos.astronaut_variant(i, 1024))) for i in range(14)]
+    files.append(("other_person.jpg", photos.to_bytes(photos.tom_hanks(683).resize((1024, 1024)))))
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="dlib", choices=("dlib", "insightface", "auto"))
+    ap.add_argument("--insightface-dir", default=None, help="pack folder for --backend insightface")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    files = selfies_1024()
+    print(f"{len(files)} selfies, 1024x1024 JPEG, {sum(len(d) for _, d in files) / 1e6:.1f} MB in all")
+    for threads in args.threads:
+        settings = Settings(face_backend=args.backend, face_threads=threads,
+                            insightface_model_dir=Path(args.insightface_dir) if args.insightface_dir else None)
+        t0 = time.perf_counter()
+        service = FaceService(settings).setup()
+        setup_s = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            report = service.validate_selfies(files)
+            best = min(best, time.perf_counter() - t0)
+        doc = report.to_json()
+        rejected = {f["filename"]: f["code"] for f in doc["files"] if f["status"] == "rejected"}
+        print(f"backend={service.backend_name} model={service.model_name} threads={threads} setup={setup_s:.2f}s")
+        print(f"  total {best:.2f} s for {len(files)} (best of {args.repeat}), {best / len(files) * 1000:.0f} ms per image; "
+              f"accepted {doc['counts']['accepted']}, rejected {rejected}")
+        service.close()
+
+
+if __name__ == "__main__":
+    main()
