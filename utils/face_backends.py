@@ -64,6 +64,9 @@ class FaceBackend:
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         raise NotImplementedError
 
+    def embed_many(self, pairs: list[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
+        return [self.embed(rgb, det) for rgb, det in pairs]
+
 
 # --------------------------------------------------------------------------------------------------
 class DlibBackend(FaceBackend):
@@ -118,7 +121,6 @@ class DlibBackend(FaceBackend):
         return m
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        import cv2
         import dlib
 
         detector, predictor, _ = self._models()
@@ -127,7 +129,11 @@ class DlibBackend(FaceBackend):
         if len(kept) != 1 and self.upsample_retry:
             # Not one clear face: look again, larger and upsampled, so that small faces (a group photo,
             # a face far away) are found and counted. Typical selfies never pay for this pass.
-            again, scale2 = self._run(detector, rgb, round(self.detect_side * 1.25), 1)
+            # Once one confident face is there, weaker boxes count as further people (a face at the back
+            # of a group scores 0.3-0.6; spurious boxes measured up to 0.3, only on clothing).
+            again, scale2 = self._run(detector, rgb, round(self.detect_side * 1.25), 1, self.min_score / 2)
+            if not any(s >= self.min_score for _, s in again):
+                again = []
             if len(again) > len(kept):
                 kept, scale = again, scale2
         out = []
@@ -144,7 +150,7 @@ class DlibBackend(FaceBackend):
                                  right_eye=tuple(right), nose=tuple(pts[4]), extra=shape))
         return out
 
-    def _run(self, detector, rgb: np.ndarray, side: int, upsample: int):
+    def _run(self, detector, rgb: np.ndarray, side: int, upsample: int, min_score: float | None = None):
         import cv2
 
         h, w = rgb.shape[:2]
@@ -157,8 +163,11 @@ class DlibBackend(FaceBackend):
         work = rgb if scale == 1.0 else cv2.resize(
             rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        boxes, scores, _ = detector.run(work, upsample, self.min_score)
-        return [(b, s) for b, s in zip(boxes, scores) if s >= self.min_score], scale
+        # HOG on grey: ~25% faster than on RGB (dlib takes the strongest channel gradient), same scores.
+        grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
+        floor = self.min_score if min_score is None else min_score
+        boxes, scores, _ = detector.run(grey, upsample, floor)
+        return [(b, s) for b, s in zip(boxes, scores) if s >= floor], scale
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         import dlib
@@ -166,6 +175,17 @@ class DlibBackend(FaceBackend):
         _, _, facerec = self._models()
         chip = dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25)
         return normalise(np.asarray(facerec.compute_face_descriptor(chip), dtype=np.float32))
+
+    def embed_many(self, pairs: list[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
+        import dlib
+
+        if not pairs:
+            return []
+        _, _, facerec = self._models()
+        # The descriptor net sees the aligned 150x150 chip (no jitter): batching the chips is cheaper
+        # than one call per face.
+        chips = [dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25) for rgb, det in pairs]
+        return [normalise(np.asarray(d, dtype=np.float32)) for d in facerec.compute_face_descriptor(chips)]
 
 
 # --------------------------------------------------------------------------------------------------
