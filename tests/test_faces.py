@@ -228,6 +228,8 @@ def test_concurrent_validation_from_several_threads(face_service):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4 and len(expected.accepted) == 3
+    # dlib model sets are borrowed per call: never more than the concurrent callers (4 + the pool).
+    assert face_service.backend._free.qsize() <= 4 + face_service.settings.face_threads + 1
     for r in results:
         for a, b in zip(r.accepted, expected.accepted):
             np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)

