@@ -308,7 +308,7 @@ class FaceService:
         self._mark_duplicates(items)
         todo = [it for it in items if it.reject is None and it.det is not None]
         if todo:
-            # One batched call: dlib's ResNet is ~30% cheaper per face in a batch than one by one.
+            # Embedding is the costliest step: only faces that passed every rule and are not copies.
             for it, emb in zip(todo, backend.embed_many([(it.rgb, it.det) for it in todo])):
                 it.embedding = np.asarray(emb, dtype=np.float32)
         for it in items:
