@@ -66,8 +66,12 @@ class FaceBackend:
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         raise NotImplementedError
 
-    def embed_many(self, pairs: list[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
-        return [self.embed(rgb, det) for rgb, det in pairs]
+    def prepare_embedding(self, rgb: np.ndarray, det: Detection) -> object:
+        """The small input ``embed_prepared`` needs, so the full photo need not be kept until then."""
+        return self.embed(rgb, det)
+
+    def embed_prepared(self, prepared: list[object]) -> list[np.ndarray]:
+        return list(prepared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,21 +189,19 @@ class DlibBackend(FaceBackend):
         return [(b, s) for b, s in zip(boxes, scores) if s >= floor], scale
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
+        return self.embed_prepared([self.prepare_embedding(rgb, det)])[0]
+
+    def prepare_embedding(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
         import dlib
 
-        return self.embed_many([(rgb, det)])[0]
+        # The descriptor net sees the aligned 150x150 chip (no jitter).
+        return dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25)
 
-    def embed_many(self, pairs: list[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
-        import dlib
-
-        if not pairs:
-            return []
-        # The descriptor net sees the aligned 150x150 chip, no jitter. One call per chip: batching saves
-        # no CPU here (measured ~equal per chip for batches of 1-16) and the call holds the GIL, so
-        # short calls let the server's other threads run in between.
-        chips = [dlib.get_face_chip(rgb, det.extra, size=150, padding=0.25) for rgb, det in pairs]
+    def embed_prepared(self, prepared: list[object]) -> list[np.ndarray]:
+        # One call per chip: batching saved no CPU when measured (equal per chip for batches of 1-16),
+        # and the call holds the GIL, so short calls let the server's other threads run in between.
         with self._models() as (_, _, facerec):
-            descriptors = [facerec.compute_face_descriptor(chip) for chip in chips]
+            descriptors = [facerec.compute_face_descriptor(chip) for chip in prepared]
         return [normalise(np.asarray(d, dtype=np.float32)) for d in descriptors]
 
 
