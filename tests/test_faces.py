@@ -41,6 +41,8 @@ SINGLE = [
     ("cut.jpg", JPEG[: len(JPEG) // 2], "rejected", "truncated_image", "truncated"),
     ("bomb.png", png_header_only(30000, 30000), "rejected", "too_many_pixels", "limit"),
     ("empty.jpg", b"", "rejected", "empty_file", "empty"),
+    ("sliver.png", photos.to_bytes(Image.new("RGB", (1, 3000), (200, 150, 120)), "PNG"), "rejected", "no_face", "no face"),
+    ("one_pixel.png", photos.to_bytes(Image.new("RGB", (1, 1)), "PNG"), "rejected", "no_face", "no face"),
 ]
 
 

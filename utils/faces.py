@@ -288,6 +288,9 @@ class FaceService:
                     f"{filename}: the face is only {side:.0f} px wide; a closer or larger photo gives a sharper likeness")})
         except _Reject as rej:
             item.reject = rej
+        except Exception as exc:  # one odd file must not fail the whole upload with a 500
+            log.warning("selfie %d could not be analysed (%s)", index, type(exc).__name__)
+            item.reject = _Reject("analysis_failed", f"{filename}: the photo could not be analysed; try another one")
         return item
 
     # ------------------------------------------------------------------ per set
