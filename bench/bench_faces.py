@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--insightface-dir", default=None, help="pack folder for --backend insightface")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stages", action="store_true", help="also print a per-stage breakdown")
     ap.add_argument("--detect-side", type=int, default=None, help="override TWIN_FACE_DETECT_SIDE")
     args = ap.parse_args()
 
@@ -57,6 +58,38 @@ def main() -> None:
               f"CPU time {best_cpu:.2f} s (other load on the machine shows as wall > CPU); "
               f"accepted {doc['counts']['accepted']}, rejected {rejected}")
         service.close()
+    if args.stages:
+        stages(files, args.backend)
+
+
+def stages(files: list[tuple[str, bytes]], backend: str) -> None:
+    """Per-stage milliseconds per image, one thread: where the time goes."""
+    import numpy as np
+
+    from utils.faces import aligned_crop, face_sharpness, image_signature
+    from utils.images import decode_image
+
+    service = FaceService(Settings(face_backend=backend, face_threads=1)).setup()
+    b, s = service.backend, service.settings
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    for name, data in files:
+        im = timed("decode", lambda: decode_image(data, name, max_pixels=s.max_pixels))
+        timed("duplicate fingerprint", lambda: image_signature(im))
+        rgb = np.asarray(im)
+        (det, *_) = timed("detect + landmarks", lambda: b.detect(rgb))
+        timed("sharpness", lambda: face_sharpness(rgb, det.box))
+        timed("IP-Adapter crop", lambda: aligned_crop(rgb, det, size=s.face_crop_size, scale=s.face_crop_scale))
+        prep = timed("embedding input", lambda: b.prepare_embedding(rgb, det))
+        timed("embedding", lambda: b.embed_prepared([prep]))
+    print("stages, ms per image (1 thread): " + ", ".join(f"{k} {v / len(files) * 1000:.0f}" for k, v in totals.items()))
+    service.close()
 
 
 if __name__ == "__main__":
