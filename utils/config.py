@@ -75,7 +75,7 @@ class Settings:
     face_crop_size: int = _setting(512, "Side of the aligned face crop given to the IP-Adapter image encoder, px.", lo=64, hi=2048)
     face_crop_scale: float = _setting(1.8, "Face crop side as a multiple of the detected face box side (context around the face).", lo=1.0, hi=4.0)
     dlib_min_detect_score: float = _setting(0.5, "Lowest dlib HOG detection score counted as a face (measured: real faces 0.85-1.7, spurious boxes on clothing up to 0.3).", lo=-1.0, hi=5.0)
-    face_threads: int = _setting(2, "Threads decoding and checking the selfies of one upload in parallel (HOG releases the GIL; the descriptors then run one by one, after duplicates are dropped).", lo=1, hi=32)
+    face_threads: int = _setting(2, "Threads decoding and checking the selfies of one upload in parallel (HOG releases the GIL, the descriptor holds it: two threads overlap one with the other).", lo=1, hi=32)
 
     # --- uploads and limits ------------------------------------------------------------------
     max_selfies: int = _setting(50, "Most files in one upload.", lo=1, hi=1000)

@@ -95,7 +95,6 @@ class _Analysed:
     warnings: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     reject: _Reject | None = None
-    prepared: object = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,8 +279,10 @@ class FaceService:
             if abs(yaw) > s.max_yaw_degrees:
                 raise _Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
                                              f"{s.max_yaw_degrees:.0f}°); look towards the camera")
-            # Embedded later, once copies are out; keep only the small aligned input, not the photo.
-            item.prepared = backend.prepare_embedding(rgb, det)
+            # Embedded here, in the worker: the descriptor holds the GIL while HOG releases it, so one
+            # thread's descriptor overlaps the other's detection (a copy costs one extra descriptor).
+            item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(rgb, det)])[0],
+                                        dtype=np.float32)
             item.crop = aligned_crop(rgb, det, size=s.face_crop_size, scale=s.face_crop_scale)
             if side * s.face_crop_scale < s.face_crop_size / 2:
                 item.warnings.append({"code": "low_resolution", "message": (
@@ -309,13 +310,6 @@ class FaceService:
             items = [self._analyse(*j) for j in jobs]
 
         self._mark_duplicates(items)
-        todo = [it for it in items if it.reject is None and it.prepared is not None]
-        if todo:
-            # Embedding is the costliest step: only faces that passed every rule and are not copies.
-            for it, emb in zip(todo, backend.embed_prepared([it.prepared for it in todo])):
-                it.embedding = np.asarray(emb, dtype=np.float32)
-        for it in items:
-            it.prepared = None
         set_warnings = self._mark_outliers(items, backend)
 
         report = SelfieReport(backend=backend.name, model_name=backend.model_name, received=len(items))
