@@ -35,7 +35,7 @@ def resolve_caller(headers, cookies, api_keys: list[str], *, issue: bool = False
             raise errors.Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return Caller(owner="key:" + hash_secret(key))
     token = headers.get(HEADER_NAME) or cookies.get(COOKIE_NAME)
-    if token and TOKEN_RE.match(token):
+    if token and TOKEN_RE.fullmatch(token):
         return Caller(owner="tok:" + hash_secret(token))
     if issue:
         token = new_id()

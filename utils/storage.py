@@ -45,11 +45,11 @@ def new_id() -> str:
 
 
 def is_valid_id(value: str | None) -> bool:
-    return bool(value) and bool(ID_RE.match(value))  # type: ignore[arg-type]
+    return bool(value) and bool(ID_RE.fullmatch(value))  # type: ignore[arg-type]
 
 
 def is_output_name(value: str | None) -> bool:
-    return bool(value) and bool(OUTPUT_NAME_RE.match(value))  # type: ignore[arg-type]
+    return bool(value) and bool(OUTPUT_NAME_RE.fullmatch(value))  # type: ignore[arg-type]
 
 
 def output_name(index: int) -> str:
