@@ -1,0 +1,36 @@
+"""The real server: gunicorn on a free loopback port, driven by test_api.sh to the downloaded PNG."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import requests
+
+from tests.fixtures.service import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_test_api_sh_against_gunicorn(server_kind, start_server, tmp_path):
+    kind, app_spec, env = server_kind
+    server = start_server(env, app_spec=app_spec)
+    out = tmp_path / "downloads"
+    proc = subprocess.run([str(REPO / "test_api.sh"), server.url], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT_DIR": str(out), "POLL_TIMEOUT": "300"})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
+    pngs = list(out.glob("avatar_*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The server logs JSON lines with ids and never image bytes.
+    log = server.log_tail(200_000)
+    assert '"job_id"' in log and '"request_id"' in log
+    health = requests.get(server.url + "/health", timeout=5).json()
+    assert health["state"] == "ready"
+    if kind == "real":
+        assert health["profile"] == "tiny" and health["is_demo"] is True
+
+
+def test_test_api_sh_fails_when_server_is_down(tmp_path):
+    proc = subprocess.run([str(REPO / "test_api.sh"), "http://127.0.0.1:9"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "FAIL" in proc.stderr
