@@ -80,7 +80,7 @@ def main() -> int:
     print(f"server ready in {time.perf_counter() - t0:.1f}s ({'fakes' if args.fake else 'real engines, tiny profile'})")
     try:
         s = requests.Session()
-        files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3, size=384)]
+        files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
         up = s.post(server.url + "/upload", files=files, timeout=300)
         up.raise_for_status()
         session_id = up.json()["session_id"]
