@@ -7,6 +7,7 @@ the models and the job threads live in that one process). Development: ``python 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import traceback
 import uuid
@@ -28,6 +29,8 @@ log = logging.getLogger("twin.app")
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
+    # Request threads must get the GIL back quickly while a job thread runs Python-heavy pipeline code.
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     if not settings.is_loopback_bind and not settings.api_key_list and not settings.allow_anonymous:
         raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
                                  "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")

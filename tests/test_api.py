@@ -145,6 +145,7 @@ def test_generate_poll_download(client):
     job = finished(client, r.json["id"])
     assert job["status"] == "succeeded" and job["error"] is None
     assert job["progress"] == {"step": 4, "total": 4, "fraction": 1.0, "eta_seconds": 0.0}
+    assert all("identity_similarity" not in o for o in job["outputs"])  # TWIN_SCORE_OUTPUTS is off by default
     assert [(o["filename"], o["seed"], o["width"], o["height"]) for o in job["outputs"]] == [
         ("avatar_001.png", 7, 64, 128), ("avatar_002.png", 8, 64, 128)]
     png = client.get(job["outputs"][1]["url"])
@@ -421,3 +422,10 @@ def test_retention_sweep_deletes_old_sessions(app, client):
     assert rt.sweep(now=time.time() + 2 * 3600) == [sid]
     assert not rt.storage.session_dir(sid).exists()
     assert_error(client.post("/generate", json={"prompt": "a"}), 400, "no_session")
+
+
+def test_score_outputs_records_similarity(make_app, settings):
+    c = make_app(settings.replace(score_outputs=True)).test_client()
+    upload(c)
+    job = finished(c, c.post("/generate", json={"prompt": "a", "num_images": 2}).json["id"])
+    assert [o["identity_similarity"] for o in job["outputs"]] == [0.5, 0.5]

@@ -284,7 +284,7 @@ class Runtime:
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
         template = None
-        if hasattr(self.faces, "identity_similarity"):
+        if self.settings.score_outputs and hasattr(self.faces, "identity_similarity"):
             try:
                 template = self.storage.load_template(session_id)
             except Exception:  # noqa: BLE001 - a score is optional
