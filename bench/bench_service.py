@@ -148,7 +148,7 @@ def main() -> int:
                 time.sleep(args.latency_poll)
             wall = time.perf_counter() - t
             assert st["status"] == "succeeded", st
-            inside = ((st.get("metadata") or {}).get("timings") or {}).get("total_s")
+            inside = ((st.get("metadata") or {}).get("service_timings") or {}).get("generate_s")
             return wall, ts(st["finished_at"]) - ts(st["created_at"]), inside
 
         through_http()  # warm-up (first job in the server process)
@@ -160,7 +160,7 @@ def main() -> int:
               "created_at -> finished_at, ms timestamps)")
         if all(x is not None for x in insides):
             gi = statistics.median(insides)
-            print(f"  of which generate() inside the server: median {gi * 1000:8.1f} ms (its own timings.total_s); "
+            print(f"  of which generate() inside the server: median {gi * 1000:8.1f} ms (timed around the call by the worker); "
                   f"service overhead {(sv - gi) * 1000:.1f} ms")
 
         # --- /status under 50 pollers while a job runs ------------------------------------------
