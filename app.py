@@ -130,9 +130,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     @app.post("/generate")
     def generate():
-        payload = request.get_json(silent=False) if request.is_json else None
-        if payload is None:
+        if not request.is_json:
             raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
+        try:
+            payload = request.get_json()
+        except RecursionError:  # json.loads on absurdly nested input; not a ValueError
+            raise errors.InvalidRequest("the JSON body is nested too deeply") from None
         job = runtime.submit(payload, caller().owner)
         session_id_var.set(job["session_id"])
         job_id_var.set(job["id"])
