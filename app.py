@@ -1,0 +1,193 @@
+"""The Flask API. Route handlers are thin: they read the request, call utils.services.Runtime, and
+shape the answer. One error handler turns every failure into ``{"error": {"code", "message"}}``.
+
+Production: ``gunicorn -c gunicorn.conf.py 'app:create_app()'`` (one worker process, gthread threads:
+the models and the job threads live in that one process). Development: ``python app.py``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+import uuid
+
+from flask import Flask, g, jsonify, render_template, request, send_file, url_for
+from werkzeug.exceptions import HTTPException
+
+from utils import errors
+from utils.auth import COOKIE_NAME, resolve_caller
+from utils.config import Settings
+from utils.jobs import job_json
+from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
+from utils.services import Runtime, build_faces, build_generators
+from utils.storage import is_output_name
+
+log = logging.getLogger("twin.app")
+
+
+def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    # Request threads must get the GIL back quickly while a job thread runs Python-heavy pipeline code.
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
+    if not settings.is_loopback_bind and not settings.api_key_list and not settings.allow_anonymous:
+        raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
+                                 "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
+    if generator is None:
+        generators = build_generators(settings)
+    else:
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    faces = faces if faces is not None else build_faces(settings)
+
+    app = Flask(__name__)
+    # Werkzeug enforces the whole-request limit before a byte is parsed (-> 413).
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    app.config["MAX_FORM_PARTS"] = settings.max_selfies + 16
+    app.json.sort_keys = False
+    if settings.cors_origin_list:
+        from flask_cors import CORS
+        CORS(app, origins=settings.cors_origin_list, supports_credentials=True,
+             expose_headers=["Retry-After", "Location", "X-Request-Id"])
+
+    runtime = Runtime(settings, generators, faces)
+    app.extensions["twin"] = runtime
+    runtime.start()
+
+    def caller(issue: bool = False):
+        return resolve_caller(request.headers, request.cookies, settings.api_key_list, issue=issue)
+
+    def output_url(job_id: str, filename: str) -> str:
+        return url_for("download", job_id=job_id, filename=filename)
+
+    def render_job(job: dict) -> dict:
+        return job_json(job, runtime.store, url_for_output=output_url,
+                        status_url=url_for("status", job_id=job["id"]))
+
+    # --- request context and logging ---
+    @app.before_request
+    def _start() -> None:
+        g.t0 = time.perf_counter()
+        rid = request.headers.get("X-Request-Id", "")
+        rid = rid if rid.isascii() and 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else uuid.uuid4().hex
+        g.request_id = rid
+        request_id_var.set(rid)
+        session_id_var.set(None)
+        job_id_var.set(None)
+
+    @app.after_request
+    def _finish(resp):
+        resp.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.path != "/health" and not request.path.startswith("/static"):
+            log.info("request", extra={"method": request.method, "path": request.path, "status": resp.status_code,
+                                       "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2)})
+        return resp
+
+    @app.errorhandler(Exception)
+    def _error(e: Exception):
+        if isinstance(e, errors.TwinError):
+            status, headers, body = e.http_status, dict(e.headers), e.to_dict()
+        elif isinstance(e, HTTPException):
+            status, headers = e.code or 500, {}
+            code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                    413: "payload_too_large", 415: "unsupported_media_type"}.get(status, "http_error")
+            message = e.description or e.name
+            if status == 413:
+                message = (f"the request is larger than TWIN_MAX_UPLOAD_MB={settings.max_upload_mb:g} MB "
+                           f"(or has more than {settings.max_selfies} files)")
+            elif status == 400 and request.is_json:
+                message = "the body is not valid JSON"
+            body = {"code": code, "message": message}
+            if status == 405 and e.valid_methods:  # type: ignore[attr-defined]
+                headers["Allow"] = ", ".join(e.valid_methods)  # type: ignore[attr-defined]
+        else:
+            status, headers = 500, {}
+            body = {"code": "internal_error", "message": "an internal error occurred; the request id names it in the log"}
+            log.error("unhandled error", extra={"traceback": traceback.format_exc()})
+        resp = jsonify({"error": body})
+        resp.status_code = status
+        for k, v in headers.items():
+            resp.headers[k] = v
+        return resp
+
+    # --- endpoints ---
+    @app.post("/upload")
+    def upload():
+        if not request.mimetype.startswith("multipart/form-data"):
+            raise errors.UnsupportedMedia("send the images as multipart/form-data in field 'files'")
+        who = caller(issue=True)
+        uploads = request.files.getlist("files") or request.files.getlist("file")
+        files = [(f.filename or f"file_{i}", f.read()) for i, f in enumerate(uploads)]
+        body = runtime.upload(files, who.owner)
+        session_id_var.set(body["session_id"])
+        if who.new_token:
+            body["client_token"] = who.new_token
+        resp = jsonify(body)
+        if who.new_token:
+            resp.set_cookie(COOKIE_NAME, who.new_token, httponly=True, samesite="Lax",
+                            secure=request.is_secure, max_age=int(settings.retention_hours * 3600) or None)
+        return resp
+
+    @app.post("/generate")
+    def generate():
+        if not request.is_json:
+            raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
+        try:
+            payload = request.get_json()
+        except RecursionError:  # json.loads on absurdly nested input; not a ValueError
+            raise errors.InvalidRequest("the JSON body is nested too deeply") from None
+        job = runtime.submit(payload, caller().owner)
+        session_id_var.set(job["session_id"])
+        job_id_var.set(job["id"])
+        body = render_job(job)
+        resp = jsonify(body)
+        resp.status_code = 202
+        resp.headers["Location"] = body["status_url"]
+        return resp
+
+    @app.get("/status/<job_id>")
+    def status(job_id: str):
+        job_id_var.set(job_id)
+        return jsonify(render_job(runtime.owned_job(job_id, caller().owner)))
+
+    @app.post("/cancel/<job_id>")
+    def cancel(job_id: str):
+        job_id_var.set(job_id)
+        return jsonify(render_job(runtime.cancel(job_id, caller().owner)))
+
+    @app.get("/download/<job_id>/<filename>")
+    def download(job_id: str, filename: str):
+        job_id_var.set(job_id)
+        if not is_output_name(filename):
+            raise errors.NotFound(f"file {filename!r} not found")
+        path = runtime.output_path(job_id, filename, caller().owner)
+        return send_file(path, mimetype="image/png", as_attachment=request.args.get("inline") != "1",
+                         download_name=filename, max_age=0)
+
+    @app.delete("/sessions/<session_id>")
+    def delete_session(session_id: str):
+        session_id_var.set(session_id)
+        return jsonify(runtime.delete_session(session_id, caller().owner))
+
+    @app.get("/health")
+    def health():
+        return jsonify(runtime.health())
+
+    @app.get("/system-status")
+    def system_status():
+        return jsonify(runtime.system_status())
+
+    @app.get("/test")
+    def test_page():
+        return render_template("test.html")
+
+    @app.get("/")
+    def index():
+        return jsonify({"service": "digital-twin", "health": "/health", "test_page": "/test"})
+
+    return app
+
+
+if __name__ == "__main__":  # development only; production runs gunicorn (start_app.sh)
+    _settings = Settings.from_env()
+    create_app(_settings).run(host=_settings.host, port=_settings.port, threaded=True, use_reloader=False)

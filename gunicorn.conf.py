@@ -1,0 +1,19 @@
+"""gunicorn settings: ONE worker process (the models and job threads live in it), gthread threads for
+concurrent requests. Host/port come from TWIN_HOST/TWIN_PORT (validated again by Settings)."""
+import os
+
+bind = f"{os.environ.get('TWIN_HOST', '127.0.0.1')}:{os.environ.get('TWIN_PORT', '5000')}"
+workers = 1
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# Model loading happens in a background thread, so the worker answers /health at once; a long
+# generation runs in a job thread and never blocks the heartbeat.
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+accesslog = None  # the app logs every request as a JSON line
+errorlog = "-"
+loglevel = os.environ.get("TWIN_LOG_LEVEL", "info").lower()
+# gunicorn ≥ 24's control socket lives at one path per user (~/.gunicorn/gunicorn.ctl): two servers on
+# one box (tests, a restart overlapping the old process) would fight over it, and nothing here uses it.
+control_socket_disable = True

@@ -1,0 +1,11 @@
+"""gunicorn entry point on the fakes (``tests.fake_server_app:create()``), so the real-server tests run
+before the engines exist. ``FAKE_STEP_SECONDS`` slows each denoising step (restart tests)."""
+import os
+
+from app import create_app
+from tests.fakes import FakeFaceService, FakeGenerator
+
+
+def create():
+    return create_app(generator=FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
+                      faces=FakeFaceService())

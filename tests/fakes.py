@@ -1,0 +1,259 @@
+"""Test doubles that obey the contracts in docs/ARCHITECTURE.md exactly, so the service can be tested
+without the generation and face engines.
+
+- ``FakeGenerator``: setup()/state/info(), build_identity(), generate(req, on_progress, should_cancel)
+  with one on_progress call per step and errors.JobCanceled within one step; returns PIL images of the
+  requested size. It can be told to sleep per step, to fail set-up, or to raise from generate().
+- ``FakeFaceService``: validate_selfies() -> a report with accepted/rejected in the documented shape.
+  A file is rejected when it does not decode (``invalid_image``) or is one flat colour (``no_face``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageStat
+
+from utils import errors
+
+ALLOWED_KEYS = {"prompt", "negative_prompt", "num_images", "seed", "width", "height", "aspect_ratio",
+                "quality_mode", "identity_strength", "style", "lora", "lora_scale"}
+ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
+QUALITY_STEPS = {"fast": 4, "balanced": 6, "high_fidelity": 8}
+
+
+@dataclass(frozen=True)
+class FakeGenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    seed: int | None = None
+    width: int = 64
+    height: int = 64
+    quality_mode: str = "balanced"
+    identity_strength: float = 0.7
+    style: str | None = None
+    identity: Any = None
+
+    @classmethod
+    def from_dict(cls, payload: dict, settings) -> "FakeGenerationRequest":
+        unknown = sorted(set(payload) - ALLOWED_KEYS)
+        if unknown:
+            raise errors.InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise errors.InvalidRequest(f"prompt={prompt!r} must be a non-empty string")
+        if len(prompt) > settings.max_prompt_chars:
+            raise errors.InvalidRequest(f"prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
+        n = payload.get("num_images", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
+            raise errors.InvalidRequest(f"num_images={n!r} is not between 1 and 4")
+        q = payload.get("quality_mode", "balanced")
+        if q not in QUALITY_STEPS:
+            raise errors.InvalidRequest(f"quality_mode={q!r} is not one of {', '.join(QUALITY_STEPS)}")
+        seed = payload.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise errors.InvalidRequest(f"seed={seed!r} is not a non-negative integer")
+        w, h = payload.get("width", 64), payload.get("height", 64)
+        if "aspect_ratio" in payload:
+            ar = payload["aspect_ratio"]
+            if ar not in ASPECTS:
+                raise errors.InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECTS)}")
+            a, b = ASPECTS[ar]
+            w, h = (64 * a // max(a, b)) // 8 * 8, (64 * b // max(a, b)) // 8 * 8
+        for name, v in (("width", w), ("height", h)):
+            if not isinstance(v, int) or isinstance(v, bool) or v % 8 or not settings.min_image_side <= v <= settings.max_image_side:
+                raise errors.InvalidRequest(f"{name}={v!r} must be a multiple of 8 between "
+                                            f"{settings.min_image_side} and {settings.max_image_side}")
+        s = payload.get("identity_strength", settings.default_identity_strength)
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 2:
+            raise errors.InvalidRequest(f"identity_strength={s!r} is not between 0 and 2")
+        return cls(prompt=prompt, negative_prompt=payload.get("negative_prompt", ""), num_images=n, seed=seed,
+                   width=w, height=h, quality_mode=q, identity_strength=float(s), style=payload.get("style"))
+
+    def with_identity(self, identity) -> "FakeGenerationRequest":
+        return replace(self, identity=identity)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "num_images": self.num_images,
+                "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
+                "identity_strength": self.identity_strength, "style": self.style,
+                "identity": None if self.identity is None else self.identity.describe()}
+
+
+class FakeSessionIdentity:
+    def __init__(self, vector: np.ndarray, face_model: str, n: int) -> None:
+        self.vector, self.face_model, self.n = vector, face_model, n
+
+    def describe(self) -> dict:
+        return {"variant": "fake", "face_model": self.face_model, "num_images": self.n}
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+        save_file({"vector": self.vector}, str(path), metadata={"face_model": self.face_model, "n": str(self.n)})
+
+    @classmethod
+    def load(cls, path: Path) -> "FakeSessionIdentity":
+        from safetensors import safe_open
+        if not Path(path).exists():
+            raise errors.NotFound("the session has no identity")
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata()
+            return cls(f.get_tensor("vector"), meta["face_model"], int(meta["n"]))
+
+
+@dataclass
+class FakeResult:
+    images: list
+    seeds: list
+    metadata: dict = field(default_factory=dict)
+
+
+class FakeGenerator:
+    request_type = FakeGenerationRequest
+    identity_type = FakeSessionIdentity
+
+    def __init__(self, *, step_seconds: float = 0.0, setup_seconds: float = 0.0, setup_error: Exception | None = None,
+                 raise_on_generate: BaseException | None = None) -> None:
+        self.step_seconds = step_seconds
+        self.setup_seconds = setup_seconds
+        self.setup_error = setup_error
+        self.raise_on_generate = raise_on_generate
+        self.state = "starting"
+        self.calls = 0
+        self.started = threading.Event()   # set when a generate() call begins (tests wait on it)
+        self.release = threading.Event()   # when ``hold`` is set, generate() waits for this before step 1
+        self.hold = False
+
+    def setup(self) -> None:
+        time.sleep(self.setup_seconds)
+        if self.setup_error is not None:
+            self.state = "setup_failed"
+            raise self.setup_error
+        self.state = "ready"
+
+    def info(self) -> dict:
+        return {"profile": "fake", "is_demo": True, "variant": "fake", "model_name": "fake-generator",
+                "device": "cpu", "dtype": "float32"}
+
+    def build_identity(self, crops, face_embeddings, face_model: str) -> FakeSessionIdentity:
+        assert len(crops) == len(face_embeddings) >= 1
+        vec = np.mean([np.asarray(e, dtype=np.float32) for e in face_embeddings], axis=0)
+        return FakeSessionIdentity(vec, face_model, len(crops))
+
+    def generate(self, req: FakeGenerationRequest, on_progress=None, should_cancel=None) -> FakeResult:
+        self.calls += 1
+        self.started.set()
+        if self.hold:
+            self.release.wait(30)
+        if self.raise_on_generate is not None:
+            raise self.raise_on_generate
+        total = QUALITY_STEPS[req.quality_mode]
+        for step in range(1, total + 1):
+            if should_cancel is not None and should_cancel():
+                raise errors.JobCanceled("canceled")
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
+            if on_progress is not None:
+                on_progress(step, total)
+        base = req.seed if req.seed is not None else 1234
+        seeds = [base + i for i in range(req.num_images)]
+        images = [Image.new("RGB", (req.width, req.height), ((s * 37) % 256, (s * 91) % 256, 128)) for s in seeds]
+        return FakeResult(images=images, seeds=seeds, metadata={"steps": total, "profile": "fake"})
+
+
+@dataclass
+class FakeAccepted:
+    index: int
+    filename: str
+    image: Image.Image
+    crop: Image.Image
+    embedding: np.ndarray
+    warnings: list = field(default_factory=list)
+
+
+@dataclass
+class FakeRejected:
+    index: int
+    filename: str
+    code: str
+    message: str
+
+
+@dataclass
+class FakeReport:
+    accepted: list
+    rejected: list
+    warnings: list
+    template: np.ndarray | None
+    model_name: str = "fake-faces-8"
+
+    def to_json(self) -> dict:
+        files = [{"index": a.index, "filename": a.filename, "accepted": True, "warnings": a.warnings}
+                 for a in self.accepted]
+        files += [{"index": r.index, "filename": r.filename, "accepted": False, "code": r.code, "message": r.message}
+                  for r in self.rejected]
+        files.sort(key=lambda f: f["index"])
+        return {"files": files, "accepted": len(self.accepted), "rejected": len(self.rejected),
+                "warnings": self.warnings, "model_name": self.model_name}
+
+
+class FakeFaceService:
+    backend_name = "fake"
+    model_name = "fake-faces-8"
+
+    def __init__(self, *, setup_error: Exception | None = None) -> None:
+        self.setup_error = setup_error
+        self.ready = False
+
+    def setup(self) -> None:
+        if self.setup_error is not None:
+            raise self.setup_error
+        self.ready = True
+
+    def validate_selfies(self, files: list[tuple[str, bytes]]) -> FakeReport:
+        assert self.ready, "setup() was not called"
+        accepted, rejected = [], []
+        for i, (name, data) in enumerate(files):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    im = im.convert("RGB")
+            except Exception:  # noqa: BLE001
+                rejected.append(FakeRejected(i, name, "invalid_image", f"{name!r} is not an image"))
+                continue
+            if max(ImageStat.Stat(im).stddev) < 1.0:
+                rejected.append(FakeRejected(i, name, "no_face", f"no face found in {name!r}"))
+                continue
+            small = np.asarray(im.resize((2, 2)), dtype=np.float32).reshape(-1)[:8] / 255.0
+            emb = small / (np.linalg.norm(small) or 1.0)
+            accepted.append(FakeAccepted(i, name, im, im.resize((64, 64)), emb.astype(np.float32)))
+        warnings = []
+        if 0 < len(accepted) < 3:
+            warnings.append({"code": "few_selfies", "message": f"only {len(accepted)} usable selfies"})
+        template = None
+        if accepted:
+            t = np.mean([a.embedding for a in accepted], axis=0)
+            template = (t / (np.linalg.norm(t) or 1.0)).astype(np.float32)
+        return FakeReport(accepted, rejected, warnings, template, self.model_name)
+
+    def identity_similarity(self, image, template) -> float | None:
+        return 0.5 if template is not None else None
+
+
+def image_bytes(color=(200, 120, 80), size=(96, 96), fmt="PNG", noisy: bool = True) -> bytes:
+    """A small image; ``noisy`` ones count as faces for FakeFaceService, flat ones do not."""
+    if noisy:
+        rng = np.random.default_rng(sum(color) + size[0])
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+    else:
+        im = Image.new("RGB", size, color)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()

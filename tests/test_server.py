@@ -1,0 +1,68 @@
+"""The real server: gunicorn on a free loopback port, driven by test_api.sh to the downloaded PNG."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import requests
+
+from tests.fixtures.service import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_test_api_sh_against_gunicorn(server_kind, start_server, tmp_path):
+    kind, app_spec, env = server_kind
+    server = start_server(env, app_spec=app_spec)
+    out = tmp_path / "downloads"
+    proc = subprocess.run([str(REPO / "test_api.sh"), server.url], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT_DIR": str(out), "POLL_TIMEOUT": "300"})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
+    pngs = list(out.glob("avatar_*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The server logs JSON lines with ids and never image bytes.
+    log = server.log_tail(200_000)
+    assert '"job_id"' in log and '"request_id"' in log
+    health = requests.get(server.url + "/health", timeout=5).json()
+    assert health["state"] == "ready"
+    if kind == "real":
+        assert health["profile"] == "tiny" and health["is_demo"] is True
+
+
+def test_test_api_sh_fails_when_server_is_down(tmp_path):
+    proc = subprocess.run([str(REPO / "test_api.sh"), "http://127.0.0.1:9"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "FAIL" in proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TWIN_PORT": "abc"}, "TWIN_PORT='abc' is not a valid int"),
+    ({"TWIN_HOST": "0.0.0.0"}, "set TWIN_API_KEYS"),
+    ({"TWIN_QUEUE_MAXX": "3"}, "unknown setting(s): TWIN_QUEUE_MAXX"),
+])
+def test_start_app_refuses_bad_settings(env, message):
+    import sys
+    from pathlib import Path
+    venv = Path(sys.executable).parent.parent
+    proc = subprocess.run([str(REPO / "start_app.sh")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env, "VENV": str(venv), "SKIP_VENV_SETUP": "1"})
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_deploy_dry_run_renders_unit():
+    proc = subprocess.run([str(REPO / "deploy_production.sh")], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "DRY_RUN": "1", "PREFIX": "/srv/twin"})
+    assert proc.returncode == 0, proc.stderr
+    for line in ("ExecStart=/srv/twin/.venv/bin/gunicorn -c /srv/twin/gunicorn.conf.py app:create_app()",
+                 "EnvironmentFile=/etc/digital-twin/env", "TWIN_DATA_DIR=/srv/twin/twin_data", "WantedBy=multi-user.target"):
+        assert line in proc.stdout
+
+
+def test_readme_documents_every_setting_and_starts_with_the_two_commands():
+    from utils.config import Settings
+    readme = (REPO / "README.md").read_text()
+    missing = [var for var, _, _ in Settings.documented() if f"`{var}`" not in readme]
+    assert missing == [], f"README settings table lacks {missing}: regenerate with `python -m utils.config`"
+    block = readme.split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert [line.split()[0] for line in block[:2]] == ["./start_app.sh", "./test.sh"]

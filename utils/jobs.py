@@ -1,0 +1,400 @@
+"""Durable jobs: SQLite records (WAL), a bounded queue, worker threads, cancellation.
+
+Job records and session ownership live in ``<data_dir>/jobs.db``. The in-memory queue only holds job
+ids; the database is the truth, so a restart re-reads queued jobs and settles the ones that were
+running when the process died (see ``JobStore.recover``).
+
+Restart policy: a job that was ``running`` when the server stopped ends ``failed`` with code
+``interrupted`` (its outputs, if any were fully written, stay listed). With
+``TWIN_REQUEUE_INTERRUPTED=1`` it is re-queued once instead; a second interruption fails it.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from utils import errors
+from utils.logging import log_context
+
+log = logging.getLogger("twin.jobs")
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, seq);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    session_id TEXT,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id);
+"""
+
+
+class JobStore:
+    """All SQL lives here. One connection guarded by a lock: statements are short, and a lock is
+    simpler and safer than per-thread connections for the dozens of pollers a server sees."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _exec(self, sql: str, args: tuple = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    # --- sessions --------------------------------------------------------------------------------
+    def add_session(self, session_id: str, owner: str, created_at: float) -> None:
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions").fetchone()[0]
+            self._db.execute("INSERT INTO sessions(id, owner, created_at, seq) VALUES (?,?,?,?)",
+                             (session_id, owner, created_at, seq))
+
+    def get_session(self, session_id: str) -> dict | None:
+        row = self._one("SELECT * FROM sessions WHERE id=?", (session_id,))
+        return dict(row) if row else None
+
+    def latest_session(self, owner: str) -> dict | None:
+        row = self._one("SELECT * FROM sessions WHERE owner=? ORDER BY seq DESC LIMIT 1", (owner,))
+        return dict(row) if row else None
+
+    def sessions_older_than(self, cutoff: float) -> list[str]:
+        return [r["id"] for r in self._all("SELECT id FROM sessions WHERE created_at < ?", (cutoff,))]
+
+    def delete_session_records(self, session_id: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM jobs WHERE session_id=?", (session_id,))
+                self._db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # --- jobs ------------------------------------------------------------------------------------
+    def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
+                   request: dict, queue_max: int) -> dict:
+        """Insert a queued job unless the queue is full (checked in the same transaction)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                depth = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='queued'").fetchone()[0]
+                if depth >= queue_max:
+                    raise errors.QueueFull(f"the queue is full ({depth} jobs waiting, TWIN_QUEUE_MAX={queue_max}); "
+                                           "try again later", retry_after=max(5, depth * 5))
+                self._db.execute(
+                    "INSERT INTO jobs(id, session_id, owner, status, payload, request, created_at) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (job_id, session_id, owner, JobStatus.QUEUED.value, json.dumps(payload),
+                     json.dumps(request), time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> dict | None:
+        row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _row_to_job(row) if row else None
+
+    def position(self, job: dict) -> int | None:
+        """1-based place among queued jobs; None when not queued."""
+        if job["status"] != JobStatus.QUEUED.value:
+            return None
+        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq <= ?", (job["seq"],))[0]
+
+    def queued_ids(self) -> list[str]:
+        return [r["id"] for r in self._all("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]
+
+    def active_ids_for_session(self, session_id: str) -> list[str]:
+        return [r["id"] for r in self._all(
+            "SELECT id FROM jobs WHERE session_id=? AND status IN ('queued','running')", (session_id,))]
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in JobStatus}
+        for r in self._all("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
+            out[r["status"]] = r["n"]
+        return out
+
+    def claim(self, job_id: str) -> bool:
+        """queued -> running; False if it was canceled (or taken) meanwhile."""
+        return self._exec("UPDATE jobs SET status='running', started_at=?, attempts=attempts+1 "
+                          "WHERE id=? AND status='queued'", (time.time(), job_id)) == 1
+
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        self._exec("UPDATE jobs SET step=?, total=? WHERE id=?", (int(step), int(total), job_id))
+
+    def add_output(self, job_id: str, output: dict) -> None:
+        """Called only after the file is in place (atomic rename)."""
+        with self._lock:
+            row = self._db.execute("SELECT outputs FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return
+            outs = json.loads(row["outputs"])
+            outs.append(output)
+            self._db.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(outs), job_id))
+
+    def finish(self, job_id: str, status: JobStatus, *, code: str | None = None, message: str | None = None,
+               metadata: dict | None = None) -> bool:
+        """Move a non-terminal job to a terminal state (never overwrites a terminal one)."""
+        assert status.terminal
+        return self._exec(
+            "UPDATE jobs SET status=?, finished_at=?, error_code=?, error_message=?, "
+            "metadata=COALESCE(?, metadata) WHERE id=? AND status IN ('queued','running')",
+            (status.value, time.time(), code, message, json.dumps(metadata) if metadata is not None else None,
+             job_id)) == 1
+
+    def cancel_queued(self, job_id: str) -> bool:
+        return self._exec("UPDATE jobs SET status='canceled', finished_at=?, error_code='canceled', "
+                          "error_message='canceled by the user' WHERE id=? AND status='queued'",
+                          (time.time(), job_id)) == 1
+
+    def recover(self, requeue: bool) -> dict[str, list[str]]:
+        """Settle jobs that were running when the process died. Returns {"requeued": [...], "failed": [...]}."""
+        out: dict[str, list[str]] = {"requeued": [], "failed": []}
+        with self._lock:
+            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status='running'").fetchall()
+        for r in rows:
+            if requeue and r["attempts"] <= 1:
+                self._exec("UPDATE jobs SET status='queued', step=0, total=0, started_at=NULL, outputs='[]' "
+                           "WHERE id=? AND status='running'", (r["id"],))
+                out["requeued"].append(r["id"])
+            else:
+                self.finish(r["id"], JobStatus.FAILED, code="interrupted",
+                            message="the server stopped while this job was running; submit it again")
+                out["failed"].append(r["id"])
+        return out
+
+
+def _row_to_job(row: sqlite3.Row) -> dict:
+    job = dict(row)
+    job["payload"] = json.loads(job["payload"])
+    job["request"] = json.loads(job["request"])
+    job["outputs"] = json.loads(job["outputs"])
+    job["metadata"] = json.loads(job["metadata"]) if job["metadata"] else None
+    return job
+
+
+def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str], str],
+             status_url: str | None = None) -> dict:
+    """The one JSON shape of a job, used by every endpoint that returns a job."""
+    step, total = job["step"], job["total"]
+    fraction = (step / total) if total else (1.0 if job["status"] == "succeeded" else 0.0)
+    eta = None
+    if job["status"] == "running" and job["started_at"] and step > 0 and total:
+        elapsed = time.time() - job["started_at"]
+        eta = round(elapsed / step * (total - step), 2)
+    elif job["status"] == "succeeded":
+        eta = 0.0
+    error = {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None
+    return {
+        "id": job["id"],
+        "job_id": job["id"],
+        "status": job["status"],
+        "session_id": job["session_id"],
+        "position": store.position(job),
+        "progress": {"step": step, "total": total, "fraction": round(fraction, 4), "eta_seconds": eta},
+        "created_at": _iso(job["created_at"]),
+        "started_at": _iso(job["started_at"]),
+        "finished_at": _iso(job["finished_at"]),
+        "request": job["request"],
+        "outputs": [dict({k: v for k, v in o.items() if k != "path"},
+                         url=url_for_output(job["id"], o["filename"])) for o in job["outputs"]],
+        "metadata": job["metadata"],
+        "error": error,
+        "status_url": status_url,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+# --- the queue and its workers ------------------------------------------------------------------
+
+Runner = Callable[[dict, Callable[[int, int], None], Callable[[], bool], int], dict | None]
+
+
+class JobManager:
+    """Bounded queue + one worker thread per generator.
+
+    ``runner(job, on_progress, should_cancel, worker_index)`` does the work and returns metadata;
+    it raises ``errors.JobCanceled`` on cancel, any ``TwinError`` for a failure with a reason.
+    Workers wait for ``ready`` (models loaded) before taking a job.
+    """
+
+    def __init__(self, store: JobStore, runner: Runner, *, workers: int = 1, ready: threading.Event | None = None,
+                 is_oom: Callable[[BaseException], bool] = lambda e: False) -> None:
+        self.store = store
+        self.runner = runner
+        self.n_workers = max(1, workers)
+        self.ready = ready or threading.Event()
+        self.is_oom = is_oom
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._cancel: dict[str, threading.Event] = {}
+        self._cancel_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.running: dict[int, str | None] = {}
+
+    def start(self, requeue_interrupted: bool = False) -> dict[str, list[str]]:
+        recovered = self.store.recover(requeue_interrupted)
+        if recovered["failed"] or recovered["requeued"]:
+            log.warning("recovered jobs after restart", extra={"interrupted_failed": len(recovered["failed"]),
+                                                              "requeued": len(recovered["requeued"])})
+        for job_id in self.store.queued_ids():
+            self._queue.put(job_id)
+        for i in range(self.n_workers):
+            t = threading.Thread(target=self._work, args=(i,), name=f"twin-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return recovered
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self.ready.set()  # release workers still waiting for set-up
+        with self._cancel_lock:
+            for ev in self._cancel.values():
+                ev.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+
+    def submit(self, job_id: str) -> None:
+        self._queue.put(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job now, or ask a running one to stop at its next step."""
+        if self.store.cancel_queued(job_id):
+            return True
+        with self._cancel_lock:
+            ev = self._cancel.get(job_id)
+        if ev is not None:
+            ev.set()
+            return True
+        return False
+
+    def depth(self) -> int:
+        return self.store.counts()["queued"]
+
+    def _work(self, index: int) -> None:
+        self.ready.wait()
+        while not self._stopping.is_set():
+            job_id = self._queue.get()
+            if job_id is None or self._stopping.is_set():
+                return
+            self._run_one(job_id, index)
+
+    def _run_one(self, job_id: str, index: int) -> None:
+        ev = threading.Event()
+        with self._cancel_lock:
+            self._cancel[job_id] = ev
+        try:
+            if not self.store.claim(job_id):
+                return  # canceled while queued, or already settled
+            job = self.store.get(job_id)
+            if job is None:
+                return
+            self.running[index] = job_id
+            with log_context(job_id=job_id, session_id=job["session_id"], request_id=None):
+                self._execute(job, ev, index)
+        finally:
+            self.running[index] = None
+            with self._cancel_lock:
+                self._cancel.pop(job_id, None)
+
+    def _execute(self, job: dict, cancel_event: threading.Event, index: int) -> None:
+        job_id = job["id"]
+        t0 = time.perf_counter()
+        log.info("job started")
+
+        def on_progress(step: int, total: int) -> None:
+            self.store.set_progress(job_id, step, total)
+
+        try:
+            metadata = self.runner(job, on_progress, cancel_event.is_set, index)
+        except errors.JobCanceled:
+            self.store.finish(job_id, JobStatus.CANCELED, code="canceled", message="canceled by the user")
+            log.info("job canceled")
+        except errors.TwinError as e:
+            self.store.finish(job_id, JobStatus.FAILED, code=e.code, message=e.message)
+            log.warning("job failed", extra={"error_code": e.code})
+        except BaseException as e:  # noqa: BLE001 - the worker must survive anything a job does
+            if self.is_oom(e):
+                self.store.finish(job_id, JobStatus.FAILED, code="out_of_memory",
+                                  message="the GPU ran out of memory; try fewer images or a smaller size")
+                log.warning("job failed: out of memory")
+            else:
+                self.store.finish(job_id, JobStatus.FAILED, code="internal_error",
+                                  message="generation failed because of an internal error")
+                log.error("job crashed", extra={"traceback": traceback.format_exc()})
+            if not isinstance(e, Exception):
+                raise
+        else:
+            self.store.finish(job_id, JobStatus.SUCCEEDED, metadata=metadata)
+            log.info("job succeeded", extra={"seconds": round(time.perf_counter() - t0, 3)})

@@ -1,0 +1,374 @@
+"""The one place where settings become real components, plus the service's use cases.
+
+``build_generators`` / ``build_faces`` import the engines lazily so the app imports (and its tests
+run with fakes) without them. ``Runtime`` owns the background set-up, the job store/manager and the
+upload / generate / delete flows; app.py only translates HTTP to these calls.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any
+
+from utils import errors
+from utils.config import Settings
+from utils.jobs import JobManager, JobStatus, JobStore
+from utils.logging import log_context
+from utils.storage import Storage, new_id, output_name, atomic_save_png, is_valid_id
+
+log = logging.getLogger("twin.service")
+VERSION = "0.1.0"
+
+
+# --- settings -> constructors ------------------------------------------------------------------
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch, no GPU
+        return 0
+
+
+def worker_count(settings: Settings) -> int:
+    """TWIN_WORKERS, or one per GPU when the device is auto/cuda, else one."""
+    if settings.workers:
+        return settings.workers
+    if settings.device in ("auto", "cuda"):
+        return max(1, cuda_device_count())
+    return 1
+
+
+def build_generators(settings: Settings) -> list:
+    from generate_twin import DigitalTwinGenerator
+    n = worker_count(settings)
+    if n == 1:
+        return [DigitalTwinGenerator(settings)]
+    # One pipeline per GPU: a diffusers pipeline is not safe to call from two threads at once.
+    return [DigitalTwinGenerator(settings.replace(device=f"cuda:{i}")) for i in range(n)]
+
+
+def build_faces(settings: Settings):
+    from utils.faces import FaceService
+    return FaceService(settings)
+
+
+def request_type(generator):
+    """GenerationRequest; a test double may carry its own as ``generator.request_type``."""
+    t = getattr(generator, "request_type", None)
+    if t is not None:
+        return t
+    from generate_twin import GenerationRequest
+    return GenerationRequest
+
+
+def identity_type(generator):
+    t = getattr(generator, "identity_type", None)
+    if t is not None:
+        return t
+    from ipadapter_manager import SessionIdentity
+    return SessionIdentity
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, errors.OutOfMemory):
+        return True
+    try:
+        import torch
+        return isinstance(exc, torch.cuda.OutOfMemoryError)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --- the runtime -------------------------------------------------------------------------------
+
+class Runtime:
+    def __init__(self, settings: Settings, generators: list, faces) -> None:
+        self.settings = settings
+        self.generators = generators
+        self.faces = faces
+        self.storage = Storage(settings.data_dir)
+        self.store = JobStore(self.storage.db_path)
+        self.state = "starting"
+        self.setup_error: str | None = None
+        self.started_at = time.time()
+        self.ready = threading.Event()
+        self.manager = JobManager(self.store, self._run_job, workers=len(generators), ready=self.ready,
+                                  is_oom=is_oom)
+        self._setup_thread: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        removed = self.storage.clean_partial_files()
+        if removed:
+            log.warning("removed partial files left by an earlier stop", extra={"count": removed})
+        self.manager.start(self.settings.requeue_interrupted)
+        self._setup_thread = threading.Thread(target=self._setup, name="twin-setup", daemon=True)
+        self._setup_thread.start()
+        if self.settings.retention_hours > 0:
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="twin-retention", daemon=True)
+            self._sweeper.start()
+
+    def _setup(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.faces.setup()
+            for g in self.generators:
+                g.setup()
+            self.state = "ready"
+            self.ready.set()
+            log.info("set-up finished", extra={"seconds": round(time.perf_counter() - t0, 2),
+                                                "generator": _safe_info(self.generators[0])})
+        except BaseException as e:  # noqa: BLE001 - reported on /health
+            self.state = "setup_failed"
+            self.setup_error = e.message if isinstance(e, errors.TwinError) else f"{type(e).__name__}: {e}"
+            log.error("set-up failed", extra={"error": self.setup_error, "traceback": traceback.format_exc()})
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._setup_thread is not None:
+            self._setup_thread.join(timeout)
+        return self.state == "ready"
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.manager.stop()
+        self.store.close()
+
+    def require_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "setup_failed":
+            raise errors.ServiceNotReady(f"the service failed to start: {self.setup_error}", retry_after=60)
+        raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
+
+    # --- sessions ---
+    def owned_session(self, session_id: str, owner: str | None) -> dict:
+        rec = self.store.get_session(session_id) if is_valid_id(session_id) else None
+        if rec is None or owner is None or rec["owner"] != owner:
+            raise errors.NotFound(f"session {session_id!r} not found")
+        return rec
+
+    def upload(self, files: list[tuple[str, bytes]], owner: str) -> dict:
+        self.require_ready()
+        s = self.settings
+        if not files:
+            raise errors.InvalidRequest("no files: send one or more images as multipart field 'files'")
+        if len(files) > s.max_selfies:
+            raise errors.PayloadTooLarge(f"{len(files)} files is more than TWIN_MAX_SELFIES={s.max_selfies}")
+        limit = int(s.max_file_mb * 1024 * 1024)
+        for name, data in files:
+            if len(data) > limit:
+                raise errors.PayloadTooLarge(f"file {name!r} is {len(data) / 1048576:.1f} MB; the limit per file "
+                                             f"is {s.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
+        report = self.faces.validate_selfies(files)
+        body = report.to_json()
+        if not report.accepted:
+            raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
+                                   code="no_usable_selfies", http_status=422, details={"report": body})
+        identity = self.generators[0].build_identity([a.crop for a in report.accepted],
+                                                     [a.embedding for a in report.accepted],
+                                                     face_model=report.model_name)
+        session_id = new_id()
+        created = time.time()
+        with log_context(session_id=session_id):
+            self.storage.write_session(session_id, owner_hash=owner, files=files, report=report,
+                                       identity=identity, created_at=created)
+            self.store.add_session(session_id, owner, created)
+            log.info("session created", extra={"files": len(files), "accepted": len(report.accepted)})
+        return {
+            "success": True,
+            "session_id": session_id,
+            "total": len(files),
+            "accepted_count": len(report.accepted),
+            "rejected_count": len(report.rejected),
+            "warnings": body.get("warnings", []),
+            "report": body,
+        }
+
+    def delete_session(self, session_id: str, owner: str | None) -> dict:
+        self.owned_session(session_id, owner)
+        return self._delete_session(session_id)
+
+    def _delete_session(self, session_id: str) -> dict:
+        active = self.store.active_ids_for_session(session_id)
+        for job_id in active:
+            self.manager.cancel(job_id)
+        deadline = time.time() + 30
+        while time.time() < deadline and self.store.active_ids_for_session(session_id):
+            time.sleep(0.02)  # a running job stops within one denoising step
+        self.store.delete_session_records(session_id)
+        self.storage.delete_session(session_id)
+        log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
+        return {"deleted": True, "session_id": session_id}
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.retention_sweep_minutes * 60):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001
+                log.error("retention sweep failed", extra={"traceback": traceback.format_exc()})
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        cutoff = (now or time.time()) - self.settings.retention_hours * 3600
+        old = self.store.sessions_older_than(cutoff)
+        for sid in old:
+            self._delete_session(sid)
+        return old
+
+    # --- jobs ---
+    def submit(self, payload: Any, owner: str | None) -> dict:
+        self.require_ready()
+        if not isinstance(payload, dict):
+            raise errors.InvalidRequest("the body must be a JSON object")
+        payload = dict(payload)
+        session_id = payload.pop("session_id", None)
+        if session_id is not None:
+            if not isinstance(session_id, str):
+                raise errors.InvalidRequest(f"session_id={session_id!r} is not a string")
+            session = self.owned_session(session_id, owner)
+        else:
+            session = self.store.latest_session(owner) if owner else None
+            if session is None:
+                raise errors.InvalidRequest("no session: upload selfies first (POST /upload) or pass session_id",
+                                            code="no_session")
+        gen = self.generators[0]
+        req = request_type(gen).from_dict(payload, self.settings)
+        # Parse the identity now, so a broken session fails the request rather than the job.
+        identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
+        req = req.with_identity(identity)
+        job_id = new_id()
+        job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
+                                    request=req.to_dict(), queue_max=self.settings.queue_max)
+        self.manager.submit(job_id)
+        log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
+        return job
+
+    def owned_job(self, job_id: str, owner: str | None) -> dict:
+        job = self.store.get(job_id) if is_valid_id(job_id) else None
+        if job is None or owner is None or job["owner"] != owner:
+            raise errors.NotFound(f"job {job_id!r} not found")
+        return job
+
+    def cancel(self, job_id: str, owner: str | None) -> dict:
+        job = self.owned_job(job_id, owner)
+        if JobStatus(job["status"]).terminal:
+            raise errors.Conflict(f"job {job_id!r} is already {job['status']}")
+        self.manager.cancel(job_id)
+        if job["status"] == "running":
+            deadline = time.time() + 10
+            while time.time() < deadline and self.store.get(job_id)["status"] == "running":  # type: ignore[index]
+                time.sleep(0.01)
+        return self.store.get(job_id)  # type: ignore[return-value]
+
+    def output_path(self, job_id: str, filename: str, owner: str | None):
+        job = self.owned_job(job_id, owner)
+        for o in job["outputs"]:
+            if o["filename"] == filename:
+                path = self.storage.resolve_relative(o["path"])
+                if path.is_file():
+                    return path
+        raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
+
+    def _run_job(self, job: dict, on_progress, should_cancel, index: int) -> dict | None:
+        gen = self.generators[index]
+        session_id = job["session_id"]
+        if self.store.get_session(session_id) is None:
+            raise errors.NotFound(f"session {session_id!r} was deleted")
+        req = request_type(gen).from_dict(job["payload"], self.settings)
+        req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
+        t_gen = time.perf_counter()
+        result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
+        t_write = time.perf_counter()
+        if should_cancel():
+            raise errors.JobCanceled("canceled by the user")
+        template = None
+        if self.settings.score_outputs and hasattr(self.faces, "identity_similarity"):
+            try:
+                template = self.storage.load_template(session_id)
+            except Exception:  # noqa: BLE001 - a score is optional
+                template = None
+        out_dir = self.storage.output_dir(session_id, job["id"])
+        for i, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
+            if self.store.get_session(session_id) is None:
+                raise errors.NotFound(f"session {session_id!r} was deleted")
+            name = output_name(i)
+            path = out_dir / name
+            atomic_save_png(path, image)
+            output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
+                      "path": self.storage.relative(path)}
+            if template is not None:
+                try:
+                    score = self.faces.identity_similarity(image, template)
+                    output["identity_similarity"] = None if score is None else round(float(score), 4)
+                except Exception:  # noqa: BLE001
+                    output["identity_similarity"] = None
+            self.store.add_output(job["id"], output)
+        metadata = _json_safe(getattr(result, "metadata", None)) or {}
+        metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
+                                       "write_outputs_s": round(time.perf_counter() - t_write, 4)}
+        return metadata
+
+    # --- status ---
+    def health(self) -> dict:
+        body: dict[str, Any] = {"status": "ok", "state": self.state, "version": VERSION,
+                                "uptime_seconds": round(time.time() - self.started_at, 1)}
+        if self.setup_error:
+            body["error"] = self.setup_error
+        if self.state == "ready":
+            info = _safe_info(self.generators[0])
+            body["profile"] = info.get("profile")
+            body["is_demo"] = info.get("is_demo")
+        return body
+
+    def system_status(self) -> dict:
+        info = _safe_info(self.generators[0]) if self.state == "ready" else {}
+        counts = self.store.counts()
+        return {
+            "state": self.state,
+            "version": VERSION,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "model": {"profile": info.get("profile"), "variant": info.get("variant"),
+                      "model_name": info.get("model_name"), "is_demo": info.get("is_demo"),
+                      "dtype": info.get("dtype")},
+            "face_backend": getattr(self.faces, "backend_name", None),
+            "device": _device_info(info.get("device")),
+            "workers": len(self.generators),
+            "queue": {"depth": counts["queued"], "max": self.settings.queue_max,
+                      "running": counts["running"]},
+            "jobs": counts,
+        }
+
+
+def _safe_info(gen) -> dict:
+    try:
+        return dict(gen.info())
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _device_info(device: str | None) -> dict:
+    out: dict[str, Any] = {"device": device or "unknown", "type": "cpu", "name": "CPU"}
+    if device and str(device).startswith("cuda"):
+        try:
+            import torch
+            idx = torch.device(device).index or 0
+            free, total = torch.cuda.mem_get_info(idx)
+            out.update(type="cuda", name=torch.cuda.get_device_name(idx),
+                       vram_used_mb=round((total - free) / 1048576), vram_total_mb=round(total / 1048576))
+        except Exception:  # noqa: BLE001
+            out.update(type="cuda")
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    import json
+    if obj is None:
+        return None
+    try:
+        return json.loads(json.dumps(obj, default=str))
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,225 @@
+"""The twin_data layout, unguessable ids, safe paths and atomic writes.
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    <data_dir>/jobs.db                                   job + session records (SQLite, WAL)
+    <data_dir>/<session_id>/meta.json                    owner hash, created_at, counts
+    <data_dir>/<session_id>/originals/NNN.<ext>          uploaded files as sent
+    <data_dir>/<session_id>/crops/NNN.png                accepted, aligned face crops
+    <data_dir>/<session_id>/embeddings.safetensors       per-selfie face embeddings + template
+    <data_dir>/<session_id>/identity.safetensors         the adapter identity
+    <data_dir>/<session_id>/report.json                  the validation report (no pixels, no vectors)
+    <data_dir>/<session_id>/outputs/<job_id>/avatar_001.png
+
+No path is ever built from a user-supplied string that has not passed the id regex; downloads
+resolve their path from the job record, not from the URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from utils.errors import NotFound
+
+# secrets.token_urlsafe(18) -> 24 characters, 144 random bits.
+ID_BYTES = 18
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
+OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}\.png$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
+_STAGING_PREFIX = ".staging-"
+_TMP_SUFFIX = ".part"
+_ORIGINAL_EXTS = {"jpg", "jpeg", "png", "webp", "heic", "heif", "bmp", "gif", "tif", "tiff", "avif"}
+
+
+def new_id() -> str:
+    """Session, job and client-token ids: ≥128 random bits, URL-safe."""
+    return secrets.token_urlsafe(ID_BYTES)
+
+
+def is_valid_id(value: str | None) -> bool:
+    return bool(value) and bool(ID_RE.fullmatch(value))  # type: ignore[arg-type]
+
+
+def is_output_name(value: str | None) -> bool:
+    return bool(value) and bool(OUTPUT_NAME_RE.fullmatch(value))  # type: ignore[arg-type]
+
+
+def output_name(index: int) -> str:
+    """1-based: avatar_001.png, avatar_002.png, ..."""
+    return f"avatar_{index:03d}.png"
+
+
+def hash_secret(secret: str) -> str:
+    """Only this hash of an API key or client token is ever stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def safe_extension(filename: str | None) -> str:
+    ext = (filename or "").rsplit(".", 1)[-1].lower() if "." in (filename or "") else ""
+    return ext if ext in _ORIGINAL_EXTS else "bin"
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def atomic_save_png(path: Path, image) -> None:
+    import io
+    buf = io.BytesIO()
+    # compress_level 1: a 1024² portrait encodes several times faster than at the default 6, for ~10% more bytes.
+    image.save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+# --- the data folder ---------------------------------------------------------------------------
+
+class Storage:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "jobs.db"
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            # Only reachable through a bug: every caller validates ids first.
+            raise NotFound("not found")
+        return resolved
+
+    def session_dir(self, session_id: str) -> Path:
+        if not is_valid_id(session_id):
+            raise NotFound(f"session {session_id!r} not found")
+        return self._inside(self.root / session_id)
+
+    def output_dir(self, session_id: str, job_id: str) -> Path:
+        if not is_valid_id(job_id):
+            raise NotFound(f"job {job_id!r} not found")
+        return self._inside(self.session_dir(session_id) / "outputs" / job_id)
+
+    def relative(self, path: Path) -> str:
+        return str(self._inside(path).relative_to(self.root))
+
+    def resolve_relative(self, rel: str) -> Path:
+        """Path of a file recorded in the DB (relative to data_dir)."""
+        return self._inside(self.root / rel)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def staging_dir(self, session_id: str) -> Path:
+        """A session is written here first and renamed into place when complete."""
+        if not is_valid_id(session_id):
+            raise NotFound(f"session {session_id!r} not found")
+        d = self.root / (_STAGING_PREFIX + session_id)
+        d.mkdir(parents=True, exist_ok=False)
+        return d
+
+    def commit_staging(self, session_id: str) -> Path:
+        final = self.session_dir(session_id)
+        os.replace(self.root / (_STAGING_PREFIX + session_id), final)
+        return final
+
+    def discard_staging(self, session_id: str) -> None:
+        shutil.rmtree(self.root / (_STAGING_PREFIX + session_id), ignore_errors=True)
+
+    def write_session(self, session_id: str, *, owner_hash: str, files: list[tuple[str, bytes]], report,
+                      identity, created_at: float | None = None) -> Path:
+        """Store an accepted upload: originals, crops, embeddings, identity, report, meta.
+
+        Everything goes into a staging folder first; a crash half-way leaves no session behind.
+        """
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        created_at = created_at or time.time()
+        d = self.staging_dir(session_id)
+        try:
+            (d / "originals").mkdir()
+            (d / "crops").mkdir()
+            (d / "outputs").mkdir()
+            for i, (name, data) in enumerate(files):
+                (d / "originals" / f"{i:03d}.{safe_extension(name)}").write_bytes(data)
+            for a in report.accepted:
+                a.crop.save(d / "crops" / f"{a.index:03d}.png", format="PNG")
+            tensors = {"embeddings": np.stack([np.asarray(a.embedding, dtype=np.float32) for a in report.accepted]),
+                       "indices": np.asarray([a.index for a in report.accepted], dtype=np.int32)}
+            if report.template is not None:
+                tensors["template"] = np.asarray(report.template, dtype=np.float32)
+            save_file(tensors, str(d / "embeddings.safetensors"), metadata={"model_name": str(report.model_name)})
+            identity.save(d / "identity.safetensors")
+            (d / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
+            meta = {"session_id": session_id, "owner": owner_hash, "created_at": created_at,
+                    "files": len(files), "accepted": len(report.accepted), "rejected": len(report.rejected),
+                    "face_model": str(report.model_name)}
+            (d / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            return self.commit_staging(session_id)
+        except BaseException:
+            self.discard_staging(session_id)
+            raise
+
+    def identity_path(self, session_id: str) -> Path:
+        return self.session_dir(session_id) / "identity.safetensors"
+
+    def load_template(self, session_id: str):
+        """The face-embedding template of a session, or None."""
+        from safetensors.numpy import load_file
+        p = self.session_dir(session_id) / "embeddings.safetensors"
+        if not p.exists():
+            return None
+        return load_file(str(p)).get("template")
+
+    def delete_session(self, session_id: str) -> bool:
+        d = self.session_dir(session_id)
+        existed = d.exists()
+        shutil.rmtree(d, ignore_errors=True)
+        return existed
+
+    def clean_partial_files(self) -> int:
+        """At start-up: drop staging folders and temp files a hard kill may have left."""
+        removed = 0
+        for p in self.root.glob(_STAGING_PREFIX + "*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        for p in self.root.glob("*/outputs/*/*" + _TMP_SUFFIX):
+            with _suppress():
+                p.unlink()
+                removed += 1
+        return removed
+
+    def session_ids_on_disk(self) -> Iterable[str]:
+        return (p.name for p in self.root.iterdir() if p.is_dir() and is_valid_id(p.name))
