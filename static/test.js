@@ -51,7 +51,12 @@
   }
   function clearError() {
     $("error-area").hidden = true;
-    for (const el of document.querySelectorAll("[aria-invalid='true']")) el.removeAttribute("aria-invalid");
+    for (const el of document.querySelectorAll("[aria-invalid='true']")) {
+      el.removeAttribute("aria-invalid");
+      const ids = (el.getAttribute("aria-describedby") || "").split(" ").filter((x) => x && x !== `${el.id}-error`);
+      if (ids.length) el.setAttribute("aria-describedby", ids.join(" ")); else el.removeAttribute("aria-describedby");
+    }
+    for (const el of document.querySelectorAll(".field-error")) el.remove();
   }
   $("error-dismiss").addEventListener("click", clearError);
 
@@ -478,8 +483,17 @@
   function markField(message) {
     const m = /^([a-z_]+)(=| has )/.exec(message || "");
     if (!m) return;
-    const el = $(m[1] === "aspect_ratio" ? "aspect_ratio" : m[1]);
-    if (el && el.closest("#generate-form")) { el.setAttribute("aria-invalid", "true"); el.focus(); }
+    const el = $(m[1]);
+    if (!el || !el.closest("#generate-form")) return;
+    // The message also goes next to the field: the banner at the top may be scrolled out of view.
+    const note = document.createElement("p");
+    note.className = "field-error small";
+    note.id = `${el.id}-error`;
+    note.textContent = message;
+    (el.closest(".field") || el.parentElement).appendChild(note);
+    el.setAttribute("aria-invalid", "true");
+    el.setAttribute("aria-describedby", [el.getAttribute("aria-describedby"), note.id].filter(Boolean).join(" "));
+    el.focus();
   }
 
   $("generate-form").addEventListener("submit", async (e) => {

@@ -65,8 +65,9 @@ def test_page_end_to_end(page_server, browser, tmp_path):
         raise
     finally:
         context.close()
-    # The deliberate 400 and the cut connection show in the console as failed loads; nothing else may.
-    unexpected = [e for e in console_errors if "status of 400" not in e and "ERR_CONNECTION_RESET" not in e]
+    # The deliberate 400/422 and the cut connection show in the console as failed loads; nothing else may.
+    unexpected = [e for e in console_errors
+                  if not re.search(r"status of (400|422)|ERR_CONNECTION_RESET", e)]
     assert not unexpected, unexpected
 
 
@@ -85,8 +86,17 @@ def _drive(page, server, kind: str, tmp_path) -> None:
         .map(el => el.id || el.name)""")
     assert unlabeled == []
 
+    # --- keyboard: Tab from the top reaches the file picker (skip link first) ---
+    reached = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+        if reached[-1] == "files":
+            break
+    assert reached[-1] == "files", reached
+
     # --- pick 5 files: 4 selfies and one text file named .jpg, in the middle ---
-    files = selfie_set(4, size=256)
+    files = selfie_set(4)
     files.insert(2, BAD_FILE)
     paths = []
     for name, data in files:
@@ -130,6 +140,8 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#error-message").inner_text() == api_error["message"]
     assert api_error["code"] in page.locator("#error-code").inner_text()
     assert page.locator("#prompt").get_attribute("aria-invalid") == "true"
+    assert page.locator("#prompt-error").inner_text() == api_error["message"]  # also next to the field
+    assert "prompt-error" in page.locator("#prompt").get_attribute("aria-describedby")
     assert page.evaluate("document.activeElement.id") == "prompt"
     shot(page, "2-api-error", kind, full_page=False)
 
@@ -193,6 +205,33 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert download.suggested_filename == results.nth(0).get_attribute("data-filename")
     data = open(download.path(), "rb").read()
     assert png_size(data) == (REQUEST["width"], REQUEST["height"])
+
+    # --- cancel a running job: it ends canceled, the buttons come back, the gallery is untouched ---
+    page.fill("#num_images", "1")
+    page.click("#generate-btn")
+    page.wait_for_function("""() => { const b = document.getElementById('job-progress');
+        return b.dataset.status === 'running' && Number(b.dataset.step) > 0; }""", timeout=60_000, polling=50)
+    page.focus("#cancel-btn")
+    page.keyboard.press("Enter")  # keyboard works as well as the mouse
+    page.wait_for_selector("#job-progress[data-status='canceled']", timeout=30_000)
+    assert page.locator("#job-progress-text").inner_text() == "Canceled."
+    assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
+    assert page.locator("#gallery .result").count() == 2
+
+    # --- a new set with no usable face: the API's 422 and each file's reason are shown ---
+    page.click("#clear-btn")
+    assert page.locator("#thumbs .thumb").count() == 0
+    page.set_input_files("#files", [str(tmp_path / BAD_FILE[0])])
+    with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
+        page.click("#upload-btn")
+    assert resp_info.value.status == 422
+    api_error = resp_info.value.json()["error"]
+    page.locator("#error-area").wait_for(state="visible")
+    assert page.locator("#error-title").inner_text() == "No usable selfies"
+    assert page.locator("#error-message").inner_text() == api_error["message"]
+    assert "no_usable_selfies" in page.locator("#error-code").inner_text()
+    assert page.locator("#thumbs .thumb[data-status='rejected'] .thumb-status").inner_text().startswith("✗ Rejected: ")
+    assert page.locator("#upload-counts").inner_text() == "0 of 1 photo accepted · 1 rejected"
 
     # --- phone width: nothing wider than the screen ---
     page.set_viewport_size(PHONE)
