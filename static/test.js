@@ -103,7 +103,7 @@
       pill.dataset.state = h.state;
       if (h.state === "ready") {
         pill.textContent = "Service ready" + (h.profile ? ` · ${h.profile} model` : "");
-        if (!state.ready) { state.ready = true; await loadOptions(); updateButtons(); }
+        if (!state.ready) { state.ready = true; await loadOptions(); await restore(); updateButtons(); }
       } else if (h.state === "starting") {
         pill.textContent = "Models loading…";
         next = 2000;
@@ -160,6 +160,10 @@
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
+    if (typeof opt.default_identity_strength === "number" && !state.touchedStrength) {
+      $("identity_strength").value = String(opt.default_identity_strength);
+      $("identity_strength_out").textContent = opt.default_identity_strength.toFixed(2);
+    }
     const m = sys.model || {};
     $("footer-info").textContent = [m.model_name, m.variant && `adapter ${m.variant}`, sys.face_backend && `faces ${sys.face_backend}`,
       sys.device && sys.device.name].filter(Boolean).join(" · ");
@@ -353,6 +357,7 @@
       const hdr = { get: (k) => xhr.getResponseHeader(k) };
       const err = new ApiError(xhr.status, body, hdr);
       $("upload-progress-label").textContent = "Upload failed";
+      bar.value = 0;
       if (err.details && err.details.report) {
         applyReport(err.details.report);
         state.locked = true;
@@ -365,6 +370,7 @@
     const dropped = (why) => () => {
       finish();
       $("upload-progress-label").textContent = "Upload failed";
+      bar.value = 0;
       for (const s of state.selection) setThumbStatus(s, "pending", "Not uploaded");
       showError({ status: 0, code: "network_error", title: "Connection problem",
         message: `The upload ${why}. Check that the server is running, then press "Upload and check" again.` +
@@ -375,13 +381,41 @@
     xhr.send(form);
   }
 
+  // The session and the last job survive a reload of the tab (the client cookie does too).
+  const STORE_KEY = "twin-page";
+  function remember() {
+    try {
+      sessionStorage.setItem(STORE_KEY, JSON.stringify({ sessionId: state.sessionId, accepted: state.accepted,
+        jobId: state.job ? state.job.id : null }));
+    } catch (e) { /* storage off: nothing to restore later */ }
+  }
+  async function restore() {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(STORE_KEY) || "null"); } catch (e) { saved = null; }
+    if (!saved || !saved.sessionId || state.sessionId) return;
+    state.sessionId = saved.sessionId;
+    state.accepted = saved.accepted;
+    $("delete-session-btn").hidden = false;
+    $("generate-hint").textContent = `Using your earlier upload (${saved.accepted ?? "?"} accepted selfies). Upload new photos to start over.`;
+    if (saved.jobId) {
+      try {
+        const job = await api(`/status/${encodeURIComponent(saved.jobId)}`);
+        $("job-panel").hidden = false;
+        onJob(job);
+      } catch (e) { /* the job is gone (deleted, expired): nothing to show */ }
+    }
+    updateButtons();
+  }
+
   function onUploaded(body) {
     state.sessionId = body.session_id;
+    state.accepted = body.accepted_count;
     state.locked = true;
     applyReport(body.report || {}, body);
     $("upload-progress-label").textContent = "Upload complete";
     $("delete-session-btn").hidden = false;
     $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
+    remember();
     updateButtons();
   }
 
@@ -429,6 +463,7 @@
       state.sessionId = null;
       stopPolling();
       state.job = null;
+      remember();
       resetSelection();
       $("gallery").textContent = "";
       $("gallery-empty").hidden = false;
@@ -446,6 +481,7 @@
   // ---------------------------------------------------------------------------------------------
   // Generation form.
   $("identity_strength").addEventListener("input", (e) => {
+    state.touchedStrength = true;
     $("identity_strength_out").textContent = Number(e.target.value).toFixed(2);
   });
   $("aspect_ratio").addEventListener("change", () => {
@@ -510,6 +546,12 @@
     } catch (err) {
       reportError(err);
       if (err.status === 400) markField(err.message);
+      if (err.status === 404 && /^session /.test(err.message)) {
+        state.sessionId = null;  // deleted or expired on the server: a new upload is needed
+        remember();
+        $("delete-session-btn").hidden = true;
+        $("generate-hint").textContent = "Your earlier upload is no longer on the server; upload selfies again.";
+      }
     } finally {
       btn.removeAttribute("aria-busy");
       updateButtons();
@@ -597,7 +639,9 @@
   }
 
   function onJob(job) {
+    const fresh = !state.job || state.job.id !== job.id;
     state.job = job;
+    if (fresh) remember();
     const bar = $("job-progress");
     const p = job.progress || {};
     const total = p.total || 0;

@@ -239,3 +239,39 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     overflow = page.evaluate("document.documentElement.scrollWidth")
     assert overflow <= PHONE["width"], overflow
     shot(page, "5-phone", kind)
+
+    # --- a reload keeps the session and the last job (the client cookie and sessionStorage) ---
+    page.reload()
+    page.wait_for_selector("#job-progress[data-status='canceled']", timeout=30_000)
+    assert page.locator("#generate-btn").is_enabled()
+    assert page.locator("#generate-hint").inner_text().startswith("Using your earlier upload (4 accepted selfies)")
+
+
+def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
+    """A request over TWIN_MAX_UPLOAD_MB: the page shows the server's 413 message, or says the server
+    cut the upload off (servers may close the connection instead of reading a body that large)."""
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data", TWIN_MAX_UPLOAD_MB="0.1"), app_spec=FAKE_APP)
+    paths = []
+    for name, data in selfie_set(3):
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#error-area").wait_for(state="visible", timeout=30_000)
+        title = page.locator("#error-title").inner_text()
+        code = page.locator("#error-code").inner_text()
+        assert (title, code.split(" ")[0]) in {("Upload too large", "payload_too_large"),
+                                               ("Connection problem", "network_error")}, (title, code)
+        if title == "Upload too large":
+            assert "TWIN_MAX_UPLOAD_MB=0.1" in page.locator("#error-message").inner_text()
+        shot(page, "6-upload-too-large", "fake", full_page=False)
+        assert page.locator("#upload-btn").is_enabled()  # the user can fix the selection and try again
+        assert page.locator("#thumbs .thumb[data-status='pending']").count() == 3
+    finally:
+        context.close()
