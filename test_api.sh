@@ -51,7 +51,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, ".")
 from tests.photos import selfie_set
-for name, data in selfie_set(4, size=384):
+for name, data in selfie_set(4):
     Path(sys.argv[1], name).write_bytes(data)
 PYEOF
   images=("$WORK"/selfie_*.jpg)

@@ -390,3 +390,34 @@ def test_cors_off_by_default_and_on_when_configured(make_app, settings, client):
     c = make_app(settings.replace(cors_origins="http://a.example")).test_client()
     r = c.get("/health", headers={"Origin": "http://a.example"})
     assert r.headers["Access-Control-Allow-Origin"] == "http://a.example"
+
+
+# --- logging and retention -----------------------------------------------------------------------
+
+def test_logs_are_json_lines_with_ids_and_no_secrets(client):
+    import json
+    from utils.logging import configure_logging
+    buf = io.StringIO()
+    configure_logging("INFO", stream=buf)  # replaces the stdout handler for this test
+    r = upload(client)
+    token = r.json["client_token"]
+    job = finished(client, client.post("/generate", json={"prompt": "a"}).json["id"])
+    client.get(job["outputs"][0]["url"])
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    configure_logging("INFO")
+    records = [json.loads(ln) for ln in lines]  # every line is JSON
+    assert all({"time", "level", "message", "request_id", "session_id", "job_id"} <= set(rec) for rec in records)
+    assert any(rec["message"] == "job succeeded" and rec["job_id"] == job["id"] and rec["session_id"] for rec in records)
+    assert any(rec["message"] == "request" and rec["request_id"] and rec["path"] == "/upload" for rec in records)
+    text = "\n".join(lines)
+    assert token not in text and "PNG" not in text and "embedding" not in text.lower()
+
+
+def test_retention_sweep_deletes_old_sessions(app, client):
+    rt = app.extensions["twin"]
+    rt.settings = rt.settings.replace(retention_hours=1.0)
+    sid = upload(client).json["session_id"]
+    assert rt.sweep(now=time.time()) == []
+    assert rt.sweep(now=time.time() + 2 * 3600) == [sid]
+    assert not rt.storage.session_dir(sid).exists()
+    assert_error(client.post("/generate", json={"prompt": "a"}), 400, "no_session")

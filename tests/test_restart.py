@@ -16,7 +16,7 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def _upload(url):
-    files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3, size=384)]
+    files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
     r = requests.post(url + "/upload", files=files, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()["client_token"]

@@ -34,3 +34,26 @@ def test_test_api_sh_fails_when_server_is_down(tmp_path):
     proc = subprocess.run([str(REPO / "test_api.sh"), "http://127.0.0.1:9"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0 and "FAIL" in proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TWIN_PORT": "abc"}, "TWIN_PORT='abc' is not a valid int"),
+    ({"TWIN_HOST": "0.0.0.0"}, "set TWIN_API_KEYS"),
+    ({"TWIN_QUEUE_MAXX": "3"}, "unknown setting(s): TWIN_QUEUE_MAXX"),
+])
+def test_start_app_refuses_bad_settings(env, message):
+    import sys
+    from pathlib import Path
+    venv = Path(sys.executable).parent.parent
+    proc = subprocess.run([str(REPO / "start_app.sh")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env, "VENV": str(venv), "SKIP_VENV_SETUP": "1"})
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_deploy_dry_run_renders_unit():
+    proc = subprocess.run([str(REPO / "deploy_production.sh")], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "DRY_RUN": "1", "PREFIX": "/srv/twin"})
+    assert proc.returncode == 0, proc.stderr
+    for line in ("ExecStart=/srv/twin/.venv/bin/gunicorn -c /srv/twin/gunicorn.conf.py app:create_app()",
+                 "EnvironmentFile=/etc/digital-twin/env", "TWIN_DATA_DIR=/srv/twin/twin_data", "WantedBy=multi-user.target"):
+        assert line in proc.stdout

@@ -92,7 +92,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_save_png(path: Path, image) -> None:
     import io
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    # compress_level 1: a 1024² portrait encodes several times faster than at the default 6, for ~10% more bytes.
+    image.save(buf, format="PNG", compress_level=1)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -1,0 +1,180 @@
+"""Service overhead, measured in one run on the tiny profile (or on the fakes with --fake).
+
+1. Direct ``generator.generate(req)`` latency (in this process) vs the same request through HTTP:
+   POST /generate -> poll /status -> succeeded, against gunicorn on a free loopback port.
+   Reported two ways:
+   - client wall time with 5 ms polling (includes up to one polling interval of waiting);
+   - server time = finished_at - created_at from the job record (submit accepted -> outputs recorded),
+     which takes polling granularity out. Goal: server / direct <= 1.05.
+2. /status latency with 50 concurrent pollers while a long job runs: p50 / p99 (goal p99 < 25 ms).
+
+    /work/venv/bin/python bench/bench_service.py            # real engines, tiny profile
+    /work/venv/bin/python bench/bench_service.py --fake     # fakes (before the engines are merged)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.fixtures.service import FAKE_APP, REAL_APP, Server, server_env  # noqa: E402
+from tests.photos import selfie_set  # noqa: E402
+
+
+def ts(iso: str) -> float:
+    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def pct(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def _handler_ms(log_path: Path, path: str) -> list[float]:
+    import json
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if path in line and line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("path") == path and "ms" in rec:
+                out.append(float(rec["ms"]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fake", action="store_true", help="fakes instead of the real tiny engines")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--pollers", type=int, default=50)
+    ap.add_argument("--size", type=int, default=128, help="image side for the latency requests")
+    ap.add_argument("--poll-interval", type=float, default=0.25,
+                    help="seconds between one poller's requests (the /test page polls every 0.5 s); 0 = flat out")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(1)
+    data = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    env = server_env(data)
+    env.update(TWIN_WARMUP="0")
+    if args.fake:
+        env["FAKE_STEP_SECONDS"] = "0.05"
+    env["OMP_NUM_THREADS"] = "1"
+    server = Server(env, data / "server.log", FAKE_APP if args.fake else REAL_APP)
+    t0 = time.perf_counter()
+    server.start(wait_ready=600)
+    print(f"server ready in {time.perf_counter() - t0:.1f}s ({'fakes' if args.fake else 'real engines, tiny profile'})")
+    try:
+        s = requests.Session()
+        files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
+        up = s.post(server.url + "/upload", files=files, timeout=300)
+        up.raise_for_status()
+        session_id = up.json()["session_id"]
+        payload = {"prompt": "portrait photo", "num_images": 1, "quality_mode": "fast", "seed": 1,
+                   "width": args.size, "height": args.size}
+
+        # --- the same request, direct -------------------------------------------------------
+        from utils.config import Settings
+        from utils import services
+        settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TWIN_")})
+        if args.fake:
+            from tests.fakes import FakeGenerator
+            gen = FakeGenerator(step_seconds=0.05)
+        else:
+            gen = services.build_generators(settings)[0]
+        gen.setup()
+        req = services.request_type(gen).from_dict(payload, settings)
+        ident = services.identity_type(gen).load(data / session_id / "identity.safetensors")
+        req = req.with_identity(ident)
+        gen.generate(req)  # warm-up
+        direct = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            gen.generate(req)
+            direct.append(time.perf_counter() - t)
+
+        # --- through HTTP ----------------------------------------------------------------------
+        def through_http() -> tuple[float, float]:
+            t = time.perf_counter()
+            job_id = s.post(server.url + "/generate", json={**payload, "session_id": session_id}, timeout=30).json()["id"]
+            while True:
+                st = s.get(f"{server.url}/status/{job_id}", timeout=30).json()
+                if st["status"] in ("succeeded", "failed", "canceled"):
+                    break
+                time.sleep(0.005)
+            wall = time.perf_counter() - t
+            assert st["status"] == "succeeded", st
+            return wall, ts(st["finished_at"]) - ts(st["created_at"])
+
+        through_http()  # warm-up (first job in the server process)
+        walls, server_times = zip(*(through_http() for _ in range(args.reps)))
+        d, w, sv = statistics.median(direct), statistics.median(walls), statistics.median(server_times)
+        print(f"direct generate():            median {d * 1000:8.1f} ms  (n={args.reps}, {args.size}px, fast)")
+        print(f"HTTP submit->poll, client:    median {w * 1000:8.1f} ms  ratio {w / d:.3f}  (5 ms polling)")
+        print(f"HTTP submit->done, server:    median {sv * 1000:8.1f} ms  ratio {sv / d:.3f}  (goal <= 1.05; "
+              "created_at -> finished_at, ms timestamps)")
+
+        # --- /status under 50 pollers while a job runs ------------------------------------------
+        long_job = s.post(server.url + "/generate", json={**payload, "session_id": session_id, "num_images": 4,
+                                                         "quality_mode": "high_fidelity", "width": 256, "height": 256},
+                          timeout=30).json()["id"]
+        latencies: list[float] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        cookies = s.cookies.get_dict()
+
+        def poller():
+            ps = requests.Session()
+            ps.cookies.update(cookies)
+            mine = []
+            while not stop.is_set():
+                t = time.perf_counter()
+                r = ps.get(f"{server.url}/status/{long_job}", timeout=30)
+                mine.append(time.perf_counter() - t)
+                if r.json()["status"] not in ("running", "queued"):
+                    break
+                if args.poll_interval:
+                    stop.wait(args.poll_interval)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=poller) for _ in range(args.pollers)]
+        for th in threads:
+            th.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if s.get(f"{server.url}/status/{long_job}", timeout=30).json()["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        stop.set()
+        for th in threads:
+            th.join()
+        ms = [x * 1000 for x in latencies]
+        print(f"/status, {args.pollers} pollers each every {args.poll_interval:g} s, during a job: n={len(ms)}  "
+              f"p50 {pct(ms, 50):.1f} ms  p99 {pct(ms, 99):.1f} ms  max {max(ms):.1f} ms  (goal p99 < 25 ms)")
+        handler = _handler_ms(server.log_path, f"/status/{long_job}")
+        if handler:
+            print(f"/status handler time inside the server (from its JSON log): p50 {pct(handler, 50):.2f} ms  "
+                  f"p99 {pct(handler, 99):.2f} ms")
+        print(f"machine: {os.cpu_count()} CPU cores; poller threads and the server share them")
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

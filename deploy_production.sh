@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Installs the service on a GPU box as a systemd unit: copies the code to $PREFIX, builds a venv with
+# the CUDA build of torch, downloads the real weights, writes /etc/digital-twin/env and enables
+# digital-twin.service. Run as root on the box (it needs internet access for pip and the model hub).
+#   PREFIX=/opt/digital-twin  SERVICE_USER=twin  TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#   TWIN_HOST/TWIN_PORT/TWIN_API_KEYS/...   written into the env file on first install
+#   DRY_RUN=1   print the unit and env file and change nothing
+set -euo pipefail
+SRC=$(cd "$(dirname "$0")" && pwd)
+PREFIX=${PREFIX:-/opt/digital-twin}
+SERVICE_USER=${SERVICE_USER:-twin}
+UNIT=digital-twin.service
+ENV_DIR=/etc/digital-twin
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}
+TORCH_PIN=$(grep -E '^torch==' "$SRC/requirements.txt")
+
+unit() {
+cat <<UNITEOF
+[Unit]
+Description=Digital Twin generator (Flask + gunicorn, SDXL + IP-Adapter)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=$SERVICE_USER
+Group=$SERVICE_USER
+WorkingDirectory=$PREFIX
+EnvironmentFile=$ENV_DIR/env
+Environment=PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+ExecStart=$PREFIX/.venv/bin/gunicorn -c $PREFIX/gunicorn.conf.py app:create_app()
+# Queued jobs survive a restart (SQLite); running ones end failed/interrupted or re-queue (TWIN_REQUEUE_INTERRUPTED).
+Restart=on-failure
+RestartSec=5
+TimeoutStopSec=40
+KillMode=mixed
+NoNewPrivileges=true
+PrivateTmp=true
+ProtectSystem=full
+ReadWritePaths=$PREFIX/twin_data $PREFIX/models
+
+[Install]
+WantedBy=multi-user.target
+UNITEOF
+}
+
+envfile() {
+cat <<ENVEOF
+# Settings for digital-twin.service (all TWIN_* variables: README "Settings").
+TWIN_HOST=${TWIN_HOST:-0.0.0.0}
+TWIN_PORT=${TWIN_PORT:-5000}
+TWIN_API_KEYS=${TWIN_API_KEYS:-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')}
+TWIN_MODEL_PROFILE=${TWIN_MODEL_PROFILE:-sdxl}
+TWIN_DEVICE=${TWIN_DEVICE:-cuda}
+TWIN_DATA_DIR=$PREFIX/twin_data
+TWIN_MODEL_DIR=$PREFIX/models
+ENVEOF
+}
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "# $ENV_DIR/env"; envfile | sed 's/^TWIN_API_KEYS=.*/TWIN_API_KEYS=<generated>/'
+  echo "# /etc/systemd/system/$UNIT"; unit
+  exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || { echo "run as root (it installs a systemd unit)" >&2; exit 1; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader \
+  || echo "[deploy] WARNING: nvidia-smi not found; the service will run on CPU" >&2
+
+id "$SERVICE_USER" >/dev/null 2>&1 || useradd --system --home "$PREFIX" --shell /usr/sbin/nologin "$SERVICE_USER"
+mkdir -p "$PREFIX" "$ENV_DIR"
+# Code only: runtime data and weights in $PREFIX are kept across re-deploys.
+tar -C "$SRC" --exclude=.git --exclude=.venv --exclude=twin_data --exclude=models -cf - . | tar -C "$PREFIX" -xf -
+mkdir -p "$PREFIX/twin_data" "$PREFIX/models"
+
+echo "[deploy] venv with CUDA torch ($TORCH_PIN from $TORCH_INDEX)" >&2
+[ -x "$PREFIX/.venv/bin/python" ] || python3 -m venv "$PREFIX/.venv"
+"$PREFIX/.venv/bin/pip" install -q --upgrade pip
+"$PREFIX/.venv/bin/pip" install -q "$TORCH_PIN" --index-url "$TORCH_INDEX"
+"$PREFIX/.venv/bin/pip" install -q -r "$PREFIX/requirements.txt"
+"$PREFIX/.venv/bin/pip" install -q --no-deps -r "$PREFIX/requirements-nodeps.txt"
+
+if [ ! -f "$ENV_DIR/env" ]; then
+  envfile > "$ENV_DIR/env"
+  chmod 640 "$ENV_DIR/env"
+  chgrp "$SERVICE_USER" "$ENV_DIR/env"
+  echo "[deploy] wrote $ENV_DIR/env (API key inside; clients send 'Authorization: Bearer <key>')" >&2
+fi
+
+echo "[deploy] downloading model weights into $PREFIX/models (several GB)" >&2
+( cd "$PREFIX" && set -a && . "$ENV_DIR/env" && set +a && HF_HUB_OFFLINE=0 .venv/bin/python model_loader.py download )
+chown -R "$SERVICE_USER:$SERVICE_USER" "$PREFIX/twin_data" "$PREFIX/models"
+
+unit > "/etc/systemd/system/$UNIT"
+systemctl daemon-reload
+systemctl enable --now "$UNIT"
+systemctl restart "$UNIT"
+set -a; . "$ENV_DIR/env"; set +a
+for _ in $(seq 1 300); do
+  state=$(curl -fsS "http://127.0.0.1:${TWIN_PORT}/health" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])' 2>/dev/null || true)
+  [ "$state" = ready ] && { echo "[deploy] ready on port $TWIN_PORT; logs: journalctl -u $UNIT -f" >&2; exit 0; }
+  [ "$state" = setup_failed ] && { echo "[deploy] set-up failed: curl localhost:$TWIN_PORT/health; journalctl -u $UNIT" >&2; exit 1; }
+  sleep 2
+done
+echo "[deploy] not ready after 10 minutes; journalctl -u $UNIT" >&2
+exit 1
