@@ -639,7 +639,9 @@
   }
 
   function onJob(job) {
+    stopPolling();  // one poll chain at a time, whoever delivered this job state
     const fresh = !state.job || state.job.id !== job.id;
+    const changed = fresh || state.job.status !== job.status;
     state.job = job;
     if (fresh) remember();
     const bar = $("job-progress");
@@ -671,6 +673,7 @@
       text.textContent = `Failed: ${er.message || "unknown error"}`;
       showError({ status: 0, code: er.code || "failed", title: "Generation failed", message: er.message || "the job failed" });
     }
+    if (changed) $("job-announce").textContent = text.textContent;
     updateButtons();
     if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
   }
