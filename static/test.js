@@ -268,7 +268,7 @@
       ul.className = "thumb-warnings";
       for (const w of warnings) {
         const li = document.createElement("li");
-        li.textContent = typeof w === "string" ? w : (w.message || w.code);
+        li.textContent = withoutName(typeof w === "string" ? w : (w.message || w.code), entry.file.name);
         ul.appendChild(li);
       }
       el.after(ul);
@@ -305,6 +305,7 @@
     let text = n ? `${n} photo${n === 1 ? "" : "s"} selected (${fmtBytes(bytes)})` : "";
     if (skipped) text += ` · ${skipped} duplicate${skipped === 1 ? "" : "s"} skipped`;
     if (n && n < 5 && !state.locked) text += " · more photos (10 or so) give a better likeness";
+    if (n && state.locked) text += " · to upload a different set, pick new photos";
     $("selection-summary").textContent = text;
   }
 
@@ -419,6 +420,11 @@
     updateButtons();
   }
 
+  // The thumbnail already names the file: drop a leading "name: " from the API's per-file message.
+  function withoutName(text, name) {
+    return text.startsWith(`${name}: `) ? text.slice(name.length + 2) : text;
+  }
+
   function isAccepted(entry) { return entry.accepted === true || entry.status === "accepted"; }
 
   function applyReport(report, body = {}) {
@@ -433,7 +439,7 @@
       if (!entry) return;
       const warnings = Array.isArray(f.warnings) ? f.warnings : [];
       if (ok) setThumbStatus(entry, "accepted", "✓ Accepted", warnings);
-      else setThumbStatus(entry, "rejected", `✗ Rejected: ${f.message || f.code || "not usable"}`);
+      else setThumbStatus(entry, "rejected", `✗ Rejected: ${withoutName(f.message || f.code || "not usable", entry.file.name)}`);
       entry.li.dataset.code = ok ? "" : (f.code || "");
     });
     const counts = report.counts || {};
