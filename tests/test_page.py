@@ -172,13 +172,6 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#generate-btn").is_disabled() and page.locator("#cancel-btn").is_enabled()
     shot(page, "3-progress", kind)
 
-    # --- a dropped connection while polling: the page says so, backs off, and recovers ---
-    page.route("**/status/**", lambda route: route.abort("connectionreset"))
-    net = page.locator("#net-status")
-    net.wait_for(state="visible", timeout=10_000)
-    assert "Connection to the server lost; retrying in" in net.inner_text()
-    page.unroute("**/status/**")
-
     page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
     steps = page.evaluate("window.__steps")
     running = [s for st, s, total in steps if st == "running"]
@@ -187,7 +180,6 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert steps[-1] == ["succeeded", total, total]
     assert page.locator("#job-progress").evaluate("el => el.value / el.max") == 1
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
-    page.wait_for_selector("#net-status", state="hidden", timeout=10_000)
 
     # --- gallery: two results with seeds and download links ---
     results = page.locator("#gallery .result")
@@ -220,6 +212,20 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
     assert page.locator("#gallery .result").count() == 2
 
+    # --- the connection drops while a job runs: the page says so, backs off, and recovers ---
+    page.route("**/status/**", lambda route: route.abort("connectionreset"))
+    page.select_option("#quality_mode", "fast")
+    page.click("#generate-btn")
+    net = page.locator("#net-status")
+    net.wait_for(state="visible", timeout=10_000)
+    assert re.search(r"Connection to the server lost; retrying in \d+ s \(attempt \d+\)", net.inner_text()), net.inner_text()
+    assert net.locator("button", has_text="Retry now").is_visible()
+    assert page.locator("#cancel-btn").is_enabled()  # the job is still ours to cancel
+    page.unroute("**/status/**")
+    page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
+    net.wait_for(state="hidden", timeout=10_000)  # "Reconnected." shows briefly, then goes
+    assert page.locator("#gallery .result").count() == 3
+
     # --- a new set with no usable face: the API's 422 and each file's reason are shown ---
     page.click("#clear-btn")
     assert page.locator("#thumbs .thumb").count() == 0
@@ -244,7 +250,8 @@ def _drive(page, server, kind: str, tmp_path) -> None:
 
     # --- a reload keeps the session and the last job (the client cookie and sessionStorage) ---
     page.reload()
-    page.wait_for_selector("#job-progress[data-status='canceled']", timeout=30_000)
+    page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=30_000)
+    assert page.locator("#gallery .result").count() == 1  # the last job's image is back
     assert page.locator("#generate-btn").is_enabled()
     assert page.locator("#generate-hint").inner_text().startswith("Using your earlier upload (4 accepted selfies)")
 
