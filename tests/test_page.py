@@ -65,9 +65,10 @@ def test_page_end_to_end(page_server, browser, tmp_path):
         raise
     finally:
         context.close()
-    # The deliberate 400/422 and the cut connection show in the console as failed loads; nothing else may.
+    # The deliberate 400/422, the cut connection and the probe of revoked object URLs (FILE_NOT_FOUND)
+    # show in the console as failed loads; nothing else may.
     unexpected = [e for e in console_errors
-                  if not re.search(r"status of (400|422)|ERR_CONNECTION_RESET", e)]
+                  if not re.search(r"status of (400|422)|ERR_CONNECTION_RESET|ERR_FILE_NOT_FOUND", e)]
     assert not unexpected, unexpected
 
 
@@ -79,6 +80,8 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     banner = page.locator("#demo-banner")
     banner.wait_for(state="visible")
     assert "Demo model" in banner.inner_text()
+    if kind == "real":
+        assert "“tiny” demo profile" in banner.inner_text()
 
     # --- every form control has a label (visible or aria) ---
     unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
@@ -112,6 +115,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     page.wait_for_function("document.querySelectorAll('#thumbs img').length === 4 && "
                            "[...document.querySelectorAll('#thumbs img')].every(i => i.complete && i.naturalWidth > 0)")
     assert thumbs.nth(2).locator(".no-preview").inner_text() == "No preview"
+    # Each object URL is revoked once its preview is drawn (no leak per picked photo).
+    assert page.evaluate("""async () => Promise.all([...document.querySelectorAll('#thumbs img')].map(
+        i => fetch(i.src).then(() => 'alive', () => 'revoked')))""") == ["revoked"] * 4
 
     with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
         page.click("#upload-btn")
