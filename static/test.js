@@ -94,6 +94,9 @@
 
   // ---------------------------------------------------------------------------------------------
   // Service health, demo banner, published options.
+  // Live regions re-announce on every write: only write when the text changes.
+  function say(el, text) { if (el.textContent !== text) el.textContent = text; }
+
   async function checkHealth() {
     clearTimeout(state.healthTimer);
     const pill = $("service-state");
@@ -102,21 +105,27 @@
       const h = await api("/health");
       pill.dataset.state = h.state;
       if (h.state === "ready") {
-        pill.textContent = "Service ready" + (h.profile ? ` · ${h.profile} model` : "");
+        say(pill, "Service ready" + (h.profile ? ` · ${h.profile} model` : ""));
         if (!state.ready) { state.ready = true; await loadOptions(); await restore(); updateButtons(); }
       } else if (h.state === "starting") {
-        pill.textContent = "Models loading…";
+        say(pill, "Models loading…");
         next = 2000;
       } else {
-        pill.textContent = "Service failed to start";
-        showError({ status: 503, code: "setup_failed", message: h.error || "the service failed to start" });
+        say(pill, "Service failed to start");
+        if (state.health !== "setup_failed") {  // once, not again every check after a dismiss
+          showError({ status: 503, code: "setup_failed", message: h.error || "the service failed to start" });
+        }
         next = 30000;
       }
       state.ready = h.state === "ready";
+      state.health = h.state;
+      renderSummary(0);
       setDemo(h.is_demo === true || h.profile === "tiny", h.profile);
     } catch (e) {
       pill.dataset.state = "unreachable";
-      pill.textContent = "Service unreachable · retrying";
+      state.health = "unreachable";
+      renderSummary(0);
+      say(pill, "Service unreachable · retrying");
       state.ready = false;
       next = 5000;
     }
@@ -306,6 +315,7 @@
     if (skipped) text += ` · ${skipped} duplicate${skipped === 1 ? "" : "s"} skipped`;
     if (n && n < 5 && !state.locked) text += " · more photos (10 or so) give a better likeness";
     if (n && state.locked) text += " · to upload a different set, pick new photos";
+    if (n && !state.ready && !state.locked) text += " · the upload opens once the service is ready";
     $("selection-summary").textContent = text;
   }
 

@@ -47,10 +47,14 @@ def main() -> None:  # development server on the fakes
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=5055)
     ap.add_argument("--step-seconds", type=float, default=0.3)
+    ap.add_argument("--setup-seconds", type=float, default=0.0, help="stay 'starting' this long")
+    ap.add_argument("--setup-error", default="", help="fail set-up with this message (setup_failed)")
     ap.add_argument("--data-dir", default="/tmp/twin-page-dev")
     args = ap.parse_args()
     settings = Settings(data_dir=Path(args.data_dir), port=args.port, retention_hours=0, warmup=False)
-    app = create_app(settings, generator=FakeGenerator(step_seconds=args.step_seconds), faces=FakeFaceService())
+    gen = FakeGenerator(step_seconds=args.step_seconds, setup_seconds=args.setup_seconds,
+                        setup_error=RuntimeError(args.setup_error) if args.setup_error else None)
+    app = create_app(settings, generator=gen, faces=FakeFaceService())
     app.run(host="127.0.0.1", port=args.port, threaded=True, use_reloader=False)
 
 
