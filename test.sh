@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need (venv, chromium, redis-server) and runs the whole suite offline.
+# Sets up everything the tests need (venv, chromium) and runs the whole suite offline.
 # Extra arguments go to pytest, e.g. ./test.sh -k upload -x
 set -euo pipefail
 cd "$(dirname "$0")"

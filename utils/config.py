@@ -57,20 +57,38 @@ class Settings:
     max_image_side: int = _setting(1536, "Largest width/height a request may ask for (multiple of 8).", lo=64, hi=4096)
     min_image_side: int = _setting(64, "Smallest width/height a request may ask for.", lo=8, hi=4096)
 
+    # --- generation ----------------------------------------------------------------------------
+    sdxl_model_id: str = _setting("stabilityai/stable-diffusion-xl-base-1.0", "Hub id of the SDXL base model (fp16 variant is used).")
+    ip_adapter_repo: str = _setting("h94/IP-Adapter", "Hub id holding the Plus-Face / plain SDXL adapters and the ViT-H image encoder.")
+    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID SDXL adapter (non-commercial licence).")
+    lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
+    lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
+    lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
+    channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
+    fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")
+    torch_compile: bool = _setting(False, "CUDA: torch.compile the UNet (slow first call; setup() warms it up when warmup is on).")
+    vae_tiling: bool = _setting(False, "Decode latents in tiles (lower peak memory at large sizes, a little slower).")
+    max_steps: int = _setting(0, "Cap on denoising steps per request (0 = quality table as is); for demos on a CPU.", lo=0, hi=200)
+
     # --- faces -------------------------------------------------------------------------------
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
     insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack (buffalo_l); default <model_dir>/insightface/buffalo_l.")
     min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
     min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
-    min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face crop.", lo=0.0)
+    min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face box resized to 128 px (measured: sharp photos 110-220, Gaussian blur radius 1 gives ~20, radius 2 ~5).", lo=0.0)
     min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
     max_brightness: float = _setting(220.0, "Brightest mean face luminance (0-255).", lo=0.0, hi=255.0)
     max_yaw_degrees: float = _setting(35.0, "Largest estimated head yaw.", lo=0.0, hi=90.0)
-    duplicate_threshold: float = _setting(0.98, "Image similarity above which two selfies are near-duplicates.", lo=0.0, hi=1.0)
-    outlier_distance_dlib: float = _setting(0.6, "dlib descriptor distance from the set's median above which a selfie is another person.", lo=0.0)
+    duplicate_threshold: float = _setting(0.995, "Correlation of 32x32 grey thumbnails above which two selfies are near-duplicates (re-encoded/resized copies score >0.9999, distinct crops/flips of one photo <0.97).", lo=0.0, hi=1.0)
+    outlier_distance_dlib: float = _setting(0.4, "dlib distance (unit-length descriptors) from the set's median above which a selfie is another person; dlib's usual 0.6 on raw descriptors (norm ~1.45) is ~0.41 here.", lo=0.0)
     outlier_distance_arcface: float = _setting(1.0, "ArcFace (normalised) distance from the median above which a selfie is another person.", lo=0.0)
     recommended_selfies: int = _setting(10, "Below this many accepted selfies, warn that likeness improves with more.", lo=1)
+    face_detect_side: int = _setting(640, "Face detection runs on a copy whose longest side is this (dlib HOG; InsightFace det_size).", lo=160, hi=4096)
+    face_crop_size: int = _setting(512, "Side of the aligned face crop given to the IP-Adapter image encoder, px.", lo=64, hi=2048)
+    face_crop_scale: float = _setting(1.8, "Face crop side as a multiple of the detected face box side (context around the face).", lo=1.0, hi=4.0)
+    dlib_min_detect_score: float = _setting(0.5, "Lowest dlib HOG detection score counted as a face (measured: real faces 0.85-1.7, spurious boxes on clothing up to 0.3).", lo=-1.0, hi=5.0)
+    face_threads: int = _setting(2, "Threads decoding and checking the selfies of one upload in parallel (HOG releases the GIL, the descriptor holds it: two threads overlap one with the other).", lo=1, hi=32)
 
     # --- uploads and limits ------------------------------------------------------------------
     max_selfies: int = _setting(50, "Most files in one upload.", lo=1, hi=1000)
@@ -112,6 +130,10 @@ class Settings:
     @property
     def resolved_tiny_model_dir(self) -> Path:
         return self.tiny_model_dir or self.data_dir / "tiny-model"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return self.lora_dir or self.model_dir / "loras"
 
     @property
     def resolved_insightface_dir(self) -> Path:

@@ -1,0 +1,271 @@
+"""Generation latency, measured in one run.
+
+    python bench/bench_generate.py                      # tiny profile latency table (+ full-size when CUDA is present)
+    python bench/bench_generate.py --full-size          # real-size SDXL (random weights) at 1024², 30 steps, CFG
+    python bench/bench_generate.py --full-size --smoke  # same models, 128², 2 steps: checks it runs (CPU ok)
+    python bench/bench_generate.py --full-size --meta   # build the full-size configs on the meta device only
+
+Full-size mode builds the SDXL UNet, VAE, both text encoders, the ViT-H image encoder and an IP-Adapter Plus
+from configs written below (no download), with random weights, and runs them through the same diffusers
+pipeline call as the product. FLOP model (from DESIGN.md): 6.76 TFLOP per image per UNet step at 1024²
+(doubled with CFG), VAE decode 10.5 TFLOP per image, both scaled linearly by pixel count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+UNET_TFLOP_1024 = 6.76
+VAE_TFLOP_1024 = 10.5
+
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
+    norm_eps=1e-5, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
+    sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
+SDXL_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=1024,
+    scaling_factor=0.13025, force_upcast=True, up_block_types=["UpDecoderBlock2D"] * 4)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+             patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
+
+
+def tflop(width: int, height: int, images: int, steps: int, cfg: bool) -> float:
+    scale = width * height / 1024**2
+    return scale * images * (UNET_TFLOP_1024 * steps * (2 if cfg else 1) + VAE_TFLOP_1024)
+
+
+def peak_mem_gb(device: str) -> float:
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB (process peak RSS)
+
+
+# ---------------------------------------------------------------------------------------------------
+def bench_tiny(args) -> None:
+    import torch
+    torch.set_num_threads(args.threads)
+    from generate_twin import DigitalTwinGenerator, GenerationRequest
+    from tests.fixtures.models import arcface_vectors, make_crops
+    from utils.config import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        from model_loader import make_tiny
+        root = make_tiny(Path(tmp) / "tiny")
+        t_build = time.perf_counter() - t0
+        print(f"tiny model build: {t_build:.2f} s, torch threads {torch.get_num_threads()}")
+        configs = [  # (variant, quality_mode, num_images, combine)
+            ("plus-face", "fast", 1, "average"), ("plus-face", "fast", 4, "average"),
+            ("plus-face", "balanced", 1, "average"), ("plus-face", "balanced", 4, "average"),
+            ("plus-face", "balanced", 1, "stack"), ("plus-face", "high_fidelity", 1, "average"),
+            ("plain", "balanced", 1, "average"), ("faceid", "balanced", 1, "average"),
+        ]
+        gens = {}
+        print(f"{'variant':10} {'mode':14} {'n':>2} {'combine':8} {'steps':>5} {'median s':>9} {'min s':>7} "
+              f"{'it/s':>6} {'identity s':>10}")
+        for variant, mode, n, combine in configs:
+            if variant not in gens:
+                s = Settings(data_dir=Path(tmp), model_dir=Path(tmp) / "none", tiny_model_dir=root,
+                             model_profile="tiny", ip_adapter_variant=variant, warmup=True)
+                t0 = time.perf_counter()
+                gens[variant] = DigitalTwinGenerator(s).setup()
+                print(f"  setup {variant}: {time.perf_counter() - t0:.2f} s (incl. warm-up)")
+            g = gens[variant]
+            t0 = time.perf_counter()
+            ident = g.build_identity(make_crops(5), arcface_vectors(5), face_model="bench", combine=combine)
+            t_ident = time.perf_counter() - t0
+            req = GenerationRequest.from_dict({"prompt": "a portrait photo of a person", "num_images": n, "seed": 1,
+                                               "quality_mode": mode}, g.settings).with_identity(ident)
+            times, meta = [], None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                meta = g.generate(req).metadata
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            print(f"{variant:10} {mode:14} {n:>2} {combine:8} {meta['steps']:>5} {med:>9.3f} {min(times):>7.3f} "
+                  f"{meta['steps'] / med:>6.1f} {t_ident:>10.3f}")
+        print(f"peak RSS {peak_mem_gb('cpu'):.2f} GB")
+
+
+# ---------------------------------------------------------------------------------------------------
+def _init_random(module, dtype, device, seed: int) -> None:
+    """Materialise a meta-built module with random weights (norm scales 1, biases 0)."""
+    import torch
+    module.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for name, b in module.named_buffers():
+            if "position_ids" in name:
+                b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+    module.to(dtype)
+
+
+def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+    from model_loader import _tiny_tokenizer
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H))
+    parts = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "image_encoder": enc}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    if meta_only:
+        return None, counts
+    for i, m in enumerate(parts.values()):
+        _init_random(m, dtype, device, seed=i)
+    # A byte-level tokenizer: ids stay inside the real vocab, and prompt length (77 tokens) is what counts.
+    tok, _ = _tiny_tokenizer()
+    tok2, _ = _tiny_tokenizer(pad_token="!")
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=unet, scheduler=sched, image_encoder=enc,
+                                     feature_extractor=CLIPImageProcessor(size=224, crop_size=224))
+    from model_loader import adapter_tensors
+    g = torch.Generator().manual_seed(0)
+    sd = adapter_tensors(unet, "plus-face", g, img_hidden=VIT_H["hidden_size"], img_proj=VIT_H["projection_dim"],
+                         plus_tokens=16, plus_dim=1280)
+    ipa = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in sd.items():
+        top, rest = k.split(".", 1)
+        ipa[top][rest] = v
+    if fuse_qkv:
+        # Before load_ip_adapter: fusing installs FusedAttnProcessor2_0 everywhere and would drop IP-Adapter's.
+        pipe.fuse_qkv_projections()
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name="")
+    counts["ip_adapter"] = sum(v.numel() for v in sd.values())
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, counts
+
+
+def bench_full(args) -> None:
+    import torch
+    from PIL import Image
+    from model_loader import dpmpp_karras, few_step_scheduler
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "bfloat16"))
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv)
+    for k, n in counts.items():
+        print(f"{k:15} {n / 1e9:.3f} B parameters")
+    if args.meta:
+        return
+    print(f"built full-size models on {device}/{str(dtype).replace('torch.', '')} in {time.perf_counter() - t0:.1f} s")
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+    res = 128 if args.smoke else args.resolution
+    steps = 2 if args.smoke else (4 if args.few_step else args.steps)
+    cfg = not args.few_step
+    pipe.scheduler = (few_step_scheduler if args.few_step else dpmpp_karras)(pipe.scheduler.config)
+    with torch.inference_mode():
+        embeds = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
+                                                      device, 1, True)
+    embeds = [e if cfg else e[1:] for e in embeds]
+    pipe.set_ip_adapter_scale(0.7)
+    print(f"{'batch':>5} {'res':>9} {'steps':>5} {'cfg':>3} {'seconds':>8} {'it/s':>6} {'TFLOP/s':>8} "
+          f"{'% peak':>6} {'peak mem GB':>11}")
+    for batch in args.batch:
+        def run():
+            with torch.inference_mode():
+                return pipe(prompt="a portrait photo of a person", negative_prompt="lowres", width=res, height=res,
+                            num_inference_steps=steps, guidance_scale=6.0 if cfg else 0.0,
+                            num_images_per_prompt=batch, ip_adapter_image_embeds=embeds, output_type="pil",
+                            generator=torch.Generator("cpu").manual_seed(0))
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            run()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        sec = statistics.median(times)
+        tf = tflop(res, res, batch, steps, cfg) / sec
+        pct = f"{100 * tf / args.peak_tflops:6.1f}" if args.peak_tflops else "     -"
+        print(f"{batch:>5} {f'{res}x{res}':>9} {steps:>5} {'yes' if cfg else 'no':>3} {sec:>8.2f} {steps / sec:>6.2f} "
+              f"{tf:>8.3g} {pct} {peak_mem_gb(device):>11.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full-size", action="store_true", help="real-size SDXL with random weights")
+    ap.add_argument("--tiny-only", action="store_true", help="skip the full-size run even when CUDA is present")
+    ap.add_argument("--smoke", action="store_true", help="full-size models, 128², 2 steps, batch 1")
+    ap.add_argument("--meta", action="store_true", help="only build the full-size configs on the meta device")
+    ap.add_argument("--device", help="cuda | cpu (default: cuda when present)")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default fp16 on CUDA, bf16 on CPU")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (e.g. 989 for H100 SXM dense fp16)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--fuse-qkv", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up absorbs compile time)")
+    ap.add_argument("--vae-tiling", action="store_true")
+    ap.add_argument("--few-step", action="store_true", help="4 steps, Euler trailing, no CFG (Lightning-style)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from model_loader import quiet_libraries
+    with quiet_libraries():
+        if args.full_size or args.smoke or args.meta:
+            if args.smoke:
+                args.batch, args.repeats, args.warmup = [1], 1, 0
+            bench_full(args)
+        else:
+            bench_tiny(args)
+            import torch
+            if torch.cuda.is_available() and not args.tiny_only:
+                print("\nCUDA present: full-size SDXL (random weights)")
+                bench_full(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

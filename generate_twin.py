@@ -1,0 +1,475 @@
+"""DigitalTwinGenerator: SDXL + IP-Adapter portraits of one person per session.
+
+    gen = DigitalTwinGenerator(settings); gen.setup()
+    identity = gen.build_identity(crops, embeddings, face_model=...)     # once per upload
+    result = gen.generate(GenerationRequest.from_dict(payload, settings).with_identity(identity))
+
+CLI (whole path: faces -> identity -> images)::
+
+    python generate_twin.py --selfies DIR --prompt "a portrait in a forest" --out DIR [--num-images 2] [--seed 1]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from utils.config import Settings
+from utils.errors import InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
+
+log = logging.getLogger("twin.generate")
+
+# Steps, guidance and scheduler per quality mode: the one place they are defined.
+QUALITY_MODES: dict[str, dict[str, Any]] = {
+    # With the few-step LoRA (SDXL-Lightning): Euler, trailing timesteps, no CFG (as distilled).
+    "fast": {"steps": 4, "guidance_scale": 0.0, "scheduler": "euler_trailing", "few_step_lora": True},
+    "balanced": {"steps": 25, "guidance_scale": 6.0, "scheduler": "dpmpp_2m_karras"},
+    "high_fidelity": {"steps": 40, "guidance_scale": 7.0, "scheduler": "dpmpp_2m_karras"},
+}
+# fast mode when no few-step LoRA is present: fewer steps of the normal scheduler.
+FAST_FALLBACK = {"steps": 12, "guidance_scale": 5.0, "scheduler": "dpmpp_2m_karras"}
+
+# Prompt additions per style (positive suffix, negative).
+STYLES: dict[str, tuple[str, str]] = {
+    "none": ("", ""),
+    "photoreal": ("photorealistic portrait photo, natural skin texture, sharp focus, 85mm lens",
+                  "cartoon, illustration, painting, 3d render, deformed face, blurry, lowres"),
+    "cinematic": ("cinematic film still, dramatic lighting, shallow depth of field, film grain",
+                  "cartoon, lowres, oversaturated, deformed face"),
+    "studio": ("professional studio headshot, softbox lighting, plain backdrop",
+               "cluttered background, harsh shadows, lowres, deformed face"),
+    "editorial": ("editorial fashion photograph, magazine quality, styled lighting",
+                  "amateur snapshot, lowres, deformed face"),
+}
+DEFAULT_STYLE = "photoreal"
+BASE_NEGATIVE = "worst quality, low quality, watermark, text"
+
+# Aspect-ratio presets as SDXL's 1024-native training buckets; scaled to the profile's native side.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024), "4:5": (896, 1120), "3:4": (896, 1152), "2:3": (832, 1216), "9:16": (768, 1344),
+    "5:4": (1120, 896), "4:3": (1152, 896), "3:2": (1216, 832), "16:9": (1344, 768),
+}
+MAX_IMAGES = 4
+MAX_SEED = 2**32 - 1
+REQUEST_KEYS = ("prompt", "negative_prompt", "num_images", "seed", "width", "height", "aspect_ratio",
+                "quality_mode", "identity_strength", "style", "lora", "lora_scale")
+
+
+def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
+    w, h = ASPECT_RATIOS[aspect_ratio]
+    f = native / 1024
+
+    def side(x: float) -> int:
+        return int(min(settings.max_image_side, max(settings.min_image_side, round(x * f / 8) * 8)))
+    return side(w), side(h)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(name: str, v: Any, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidRequest(f"{name}={v!r} is not a number")
+    if not math.isfinite(v):
+        raise InvalidRequest(f"{name}={v!r} is not a finite number")
+    if not lo <= v <= hi:
+        raise InvalidRequest(f"{name}={v!r} is not between {lo} and {hi}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    quality_mode: str = "balanced"
+    identity_strength: float = 0.7
+    style: str = DEFAULT_STYLE
+    lora: str | None = None
+    lora_scale: float = 0.8
+    identity: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
+        if not isinstance(payload, dict):
+            raise InvalidRequest(f"request body must be a JSON object, not {type(payload).__name__}")
+        unknown = sorted(set(payload) - set(REQUEST_KEYS))
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(map(str, unknown))}; allowed: {', '.join(REQUEST_KEYS)}")
+        p = {k: v for k, v in payload.items() if v is not None}
+
+        prompt = p.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequest(f"prompt={prompt!r} must be a non-empty string")
+        prompt = prompt.strip()
+        if len(prompt) > settings.max_prompt_chars:
+            raise InvalidRequest(f"prompt has {len(prompt)} characters; at most {settings.max_prompt_chars} are allowed")
+        neg = p.get("negative_prompt")
+        if neg is not None:
+            if not isinstance(neg, str):
+                raise InvalidRequest(f"negative_prompt={neg!r} must be a string")
+            if len(neg) > settings.max_prompt_chars:
+                raise InvalidRequest(f"negative_prompt has {len(neg)} characters; at most {settings.max_prompt_chars} are allowed")
+
+        n = p.get("num_images", 1)
+        if not _is_int(n) or not 1 <= n <= MAX_IMAGES:
+            raise InvalidRequest(f"num_images={n!r} is not between 1 and {MAX_IMAGES}")
+        seed = p.get("seed")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            raise InvalidRequest(f"seed={seed!r} is not an integer between 0 and {MAX_SEED}")
+
+        width, height, ar = p.get("width"), p.get("height"), p.get("aspect_ratio")
+        if (width is None) != (height is None):
+            raise InvalidRequest(f"width={width!r} and height={height!r} must be given together")
+        if width is not None and ar is not None:
+            raise InvalidRequest(f"give either aspect_ratio={ar!r} or width/height, not both")
+        for name, v in (("width", width), ("height", height)):
+            if v is None:
+                continue
+            if not _is_int(v) or v % 8 or not settings.min_image_side <= v <= settings.max_image_side:
+                raise InvalidRequest(f"{name}={v!r} must be a multiple of 8 between {settings.min_image_side} "
+                                     f"and {settings.max_image_side}")
+        if ar is not None and ar not in ASPECT_RATIOS:
+            raise InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECT_RATIOS)}")
+
+        qm = p.get("quality_mode", "balanced")
+        if qm not in QUALITY_MODES:
+            raise InvalidRequest(f"quality_mode={qm!r} is not one of {', '.join(QUALITY_MODES)}")
+        strength = _number("identity_strength", p.get("identity_strength", settings.default_identity_strength), 0.0, 2.0)
+        style = p.get("style", DEFAULT_STYLE)
+        if style not in STYLES:
+            raise InvalidRequest(f"style={style!r} is not one of {', '.join(STYLES)}")
+        lora = p.get("lora")
+        if lora is not None and (not isinstance(lora, str) or not lora or len(lora) > 100):
+            raise InvalidRequest(f"lora={lora!r} must be a LoRA name")
+        lora_scale = _number("lora_scale", p.get("lora_scale", 0.8), 0.0, 2.0)
+        return cls(prompt=prompt, negative_prompt=neg, num_images=n, seed=seed, width=width, height=height,
+                   aspect_ratio=ar, quality_mode=qm, identity_strength=strength, style=style, lora=lora,
+                   lora_scale=lora_scale)
+
+    def with_identity(self, identity: Any) -> "GenerationRequest":
+        return dataclasses.replace(self, identity=identity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in REQUEST_KEYS}
+        d["has_identity"] = self.identity is not None
+        return d
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seeds: list[int]
+    metadata: dict[str, Any]
+
+
+class DigitalTwinGenerator:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.state = "starting"
+        self.error: TwinError | None = None
+        self.models = None
+        self.adapter = None
+        self._setup_lock = threading.Lock()
+        self._gen_lock = threading.Lock()      # one pipeline call at a time (schedulers and adapters are shared)
+        self._null_identity = None
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def setup(self) -> "DigitalTwinGenerator":
+        with self._setup_lock:
+            if self.state == "ready":
+                return self
+            try:
+                self._setup()
+                self.state = "ready"
+            except TwinError as e:
+                self.state, self.error = "setup_failed", e
+                raise
+            except Exception as e:
+                self.state = "setup_failed"
+                self.error = TwinError(f"model set-up failed: {type(e).__name__}: {e}", code="setup_failed",
+                                       http_status=503)
+                raise
+        return self
+
+    def _setup(self) -> None:
+        from ipadapter_manager import AdapterManager
+        from model_loader import dpmpp_karras, few_step_scheduler, load_models
+        t0 = time.perf_counter()
+        self.models = load_models(self.settings)
+        self.adapter = AdapterManager(self.models)
+        self.adapter.load(self.settings.ip_adapter_variant)
+        cfg = self.models.base_scheduler_config
+        self._schedulers = {"dpmpp_2m_karras": dpmpp_karras(cfg), "euler_trailing": few_step_scheduler(cfg)}
+        if self.settings.vae_tiling:
+            self.models.pipe.vae.enable_tiling()
+        self._null_identity = self.adapter.null_identity()
+        self.load_seconds = time.perf_counter() - t0
+        if self.settings.warmup:
+            # The first call pays for lazy initialisation (and torch.compile); pay it here, not in a job.
+            req = GenerationRequest(prompt="warm-up", style="none", quality_mode="fast")
+            self._generate(req, None, None, warmup=True)
+        log.info("generator ready: profile=%s variant=%s device=%s dtype=%s (%.1f s)", self.models.profile,
+                 self.adapter.variant, self.models.device, str(self.models.dtype).replace("torch.", ""),
+                 time.perf_counter() - t0)
+
+    def info(self) -> dict[str, Any]:
+        m = self.models
+        out: dict[str, Any] = {"state": self.state, "profile": None, "is_demo": None,
+                               "variant": self.settings.ip_adapter_variant, "model_name": None,
+                               "device": None, "dtype": None}
+        if self.error is not None:
+            out["error"] = self.error.to_dict()
+        if m is not None:
+            out.update(profile=m.profile, is_demo=m.profile == "tiny", model_name=m.model_name, device=m.device,
+                       dtype=str(m.dtype).replace("torch.", ""), native_resolution=m.native_resolution,
+                       loras=sorted(m.loras), fast_mode="few-step-lora" if m.lightning_adapter else "fallback",
+                       identity_combine=self.settings.identity_combine, notes=list(m.notes))
+            if self.adapter is not None and self.adapter.variant:
+                out["variant"] = self.adapter.variant
+        return out
+
+    def _require_ready(self) -> None:
+        if self.state != "ready":
+            raise ServiceNotReady(f"the generator is {self.state}, not ready")
+
+    # --- identity ---------------------------------------------------------------------------------
+    def build_identity(self, crops: Sequence[Any] | None, face_embeddings: Sequence[Any] | None = None, *,
+                       face_model: str | None = None, combine: str | None = None):
+        """Per-session identity from the accepted selfies. Safe to call while generate() runs."""
+        self._require_ready()
+        return self.adapter.build_identity(crops, face_embeddings, face_model=face_model,
+                                           combine=combine or self.settings.identity_combine)
+
+    # --- generation -------------------------------------------------------------------------------
+    def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
+        if req.width is not None:
+            return req.width, req.height
+        return preset_size(req.aspect_ratio or "1:1", self.models.native_resolution, self.settings)
+
+    def validate(self, req: GenerationRequest) -> dict[str, Any]:
+        """Checks that need the loaded model (LoRA name, identity variant/model), for the service to call at
+        submit time so a job does not fail later; returns the plan (steps, size, scheduler...)."""
+        self._require_ready()
+        if req.identity is not None:
+            self.adapter.check_identity(req.identity)
+        plan = self.plan(req)
+        return {k: v for k, v in plan.items() if k != "adapters"}
+
+    def plan(self, req: GenerationRequest) -> dict[str, Any]:
+        """Steps, guidance, scheduler and adapters for a request; raises for an unknown LoRA."""
+        m = self.models
+        if req.lora is not None and req.lora not in m.loras:
+            raise InvalidRequest(f"lora={req.lora!r} is not installed; available: {', '.join(sorted(m.loras)) or 'none'}")
+        mode = dict(QUALITY_MODES[req.quality_mode])
+        fallback = False
+        if mode.pop("few_step_lora", False) and not m.lightning_adapter:
+            mode, fallback = dict(FAST_FALLBACK), True
+        if self.settings.max_steps:
+            mode["steps"] = min(mode["steps"], self.settings.max_steps)
+        adapters: list[tuple[str, float]] = []
+        if req.identity is not None:
+            adapters += [(n, 1.0) for n in self.adapter.faceid_adapters]
+        if req.lora is not None:
+            adapters.append((m.loras[req.lora], req.lora_scale))
+        if req.quality_mode == "fast" and not fallback:
+            adapters.append((m.lightning_adapter, 1.0))
+        width, height = self.resolve_size(req)
+        return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height}
+
+    def call_kwargs(self, req: GenerationRequest, plan: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+        """Arguments for the diffusers pipeline call (also used by tests to compare against a bare pipeline)."""
+        import torch
+        pos, neg = STYLES[req.style]
+        prompt = f"{req.prompt}, {pos}" if pos else req.prompt
+        negative = ", ".join(x for x in (req.negative_prompt, neg, BASE_NEGATIVE) if x)
+        return dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=req.num_images,
+                    width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
+                    guidance_scale=plan["guidance_scale"],
+                    # CPU generators: the same seed gives the same image on any device.
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+
+    def generate(self, req: GenerationRequest, on_progress: Callable[[int, int], Any] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+        self._require_ready()
+        return self._generate(req, on_progress, should_cancel)
+
+    def _generate(self, req, on_progress, should_cancel, warmup: bool = False) -> GenerationResult:
+        import torch
+        m, pipe = self.models, self.models.pipe
+        plan = self.plan(req)
+        identity = req.identity
+        if identity is not None:
+            self.adapter.check_identity(identity)
+        if req.seed is None:
+            base_seed = secrets.randbelow(MAX_SEED - MAX_IMAGES)
+        else:
+            base_seed = req.seed
+        seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
+        kwargs = self.call_kwargs(req, plan, seeds)
+        if warmup:
+            kwargs["num_inference_steps"] = min(2, kwargs["num_inference_steps"])
+        do_cfg = plan["guidance_scale"] > 1.0  # the pipeline's own rule for classifier-free guidance
+        kwargs["ip_adapter_image_embeds"] = self.adapter.pipeline_embeds(identity or self._null_identity, do_cfg)
+        total = kwargs["num_inference_steps"]
+        marks: dict[str, float] = {}
+
+        def on_step_end(p, step, timestep, cb_kwargs):
+            now = time.perf_counter()
+            marks.setdefault("first_step", now)
+            marks["last_step"] = now
+            if on_progress is not None:
+                on_progress(step + 1, getattr(p, "num_timesteps", total) or total)
+            if should_cancel is not None and should_cancel():
+                # Raising leaves the denoising loop at once; the VAE decode is skipped too.
+                raise JobCanceled(f"canceled after step {step + 1} of {total}")
+            return cb_kwargs
+
+        if should_cancel is not None and should_cancel():
+            raise JobCanceled("canceled before the first step")
+        with self._gen_lock:
+            t_wait = time.perf_counter()
+            pipe.scheduler = self._schedulers[plan["scheduler"]]
+            pipe.set_ip_adapter_scale(req.identity_strength if identity is not None else 0.0)
+            self._set_adapters(plan["adapters"])
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    out = pipe(callback_on_step_end=on_step_end, **kwargs)
+            except torch.OutOfMemoryError:
+                del kwargs
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise OutOfMemory(f"out of GPU memory generating num_images={req.num_images} at "
+                                  f"{plan['width']}x{plan['height']}; try fewer images or a smaller size") from None
+            t1 = time.perf_counter()
+        images = out.images
+        first, last = marks.get("first_step", t0), marks.get("last_step", t1)
+        steps_per_s = (total - 1) / (last - first) if total > 1 and last > first else None
+        meta = {
+            "profile": m.profile, "is_demo": m.profile == "tiny", "model_name": m.model_name,
+            "variant": self.adapter.variant, "device": m.device, "dtype": str(m.dtype).replace("torch.", ""),
+            "steps": total, "guidance_scale": plan["guidance_scale"], "scheduler": plan["scheduler"],
+            "quality_mode": req.quality_mode, "fast_mode_fallback": plan["fast_mode_fallback"],
+            "width": plan["width"], "height": plan["height"], "num_images": req.num_images, "seeds": seeds,
+            "identity_strength": req.identity_strength if identity is not None else 0.0,
+            "identity": None if identity is None else {"variant": identity.variant, "combine": identity.combine,
+                                                       "num_selfies": identity.num_selfies},
+            "style": req.style, "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
+                        "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
+                        "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
+        }
+        if plan["fast_mode_fallback"]:
+            meta["note"] = "few-step LoRA not installed: fast mode used fewer steps of the normal scheduler"
+        return GenerationResult(images=images, seeds=seeds, metadata=meta)
+
+    def _set_adapters(self, adapters: list[tuple[str, float]]) -> None:
+        pipe = self.models.pipe
+        if not getattr(pipe.unet, "peft_config", None):
+            return
+        if adapters:
+            pipe.enable_lora()
+            pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
+        else:
+            pipe.disable_lora()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
+
+
+def _default_face_service(settings: Settings):
+    from utils.faces import FaceService
+    return FaceService(settings)
+
+
+def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits, on the configured model profile.")
+    ap.add_argument("--selfies", type=Path, required=True, help="folder of selfie photos")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--negative-prompt")
+    ap.add_argument("--num-images", type=int, default=1)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--quality", dest="quality_mode", default="balanced", choices=tuple(QUALITY_MODES))
+    ap.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS))
+    ap.add_argument("--strength", dest="identity_strength", type=float)
+    ap.add_argument("--style", choices=tuple(STYLES))
+    ap.add_argument("--lora")
+    ap.add_argument("--lora-scale", type=float)
+    ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
+    ap.add_argument("--profile", choices=("auto", "sdxl", "tiny"), help="override TWIN_MODEL_PROFILE")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
+    settings = Settings.from_env(**overrides)
+    payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
+                                             "aspect_ratio", "identity_strength", "style", "lora", "lora_scale")}
+    t0 = time.perf_counter()
+    try:
+        req = GenerationRequest.from_dict(payload, settings)
+        files = [(p.name, p.read_bytes()) for p in sorted(args.selfies.iterdir())
+                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] if args.selfies.is_dir() else []
+        if not files:
+            raise InvalidRequest(f"no images found in --selfies {str(args.selfies)!r}")
+        print(f"[1/4] loading face service and model ({len(files)} photos)", flush=True)
+        faces = (face_service_factory or _default_face_service)(settings)
+        faces.setup()
+        gen = DigitalTwinGenerator(settings).setup()
+        info = gen.info()
+        print(f"      model: {info['profile']} ({info['model_name']}) on {info['device']}/{info['dtype']}, "
+              f"adapter {info['variant']}" + ("  ** DEMO MODEL: outputs are not portraits **" if info["is_demo"] else ""),
+              flush=True)
+        print("[2/4] checking faces", flush=True)
+        report = faces.validate_selfies(files)
+        for r in report.rejected:
+            print(f"      rejected {r.filename}: {r.message}")
+        if not report.accepted:
+            raise InvalidRequest("no selfie was accepted; nothing to build an identity from")
+        print(f"      accepted {len(report.accepted)} of {len(files)}", flush=True)
+        print("[3/4] building identity", flush=True)
+        identity = gen.build_identity([a.crop for a in report.accepted], [a.embedding for a in report.accepted],
+                                      face_model=report.model_name)
+        args.out.mkdir(parents=True, exist_ok=True)
+        identity.save(args.out / "identity.safetensors")
+        print(f"[4/4] generating {req.num_images} image(s)", flush=True)
+
+        def progress(step: int, total: int) -> None:
+            print(f"      step {step}/{total}", flush=True)
+        result = gen.generate(req.with_identity(identity), on_progress=progress)
+    except TwinError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    paths = []
+    for i, img in enumerate(result.images, 1):
+        p = args.out / f"avatar_{i:03d}.png"
+        img.save(p)
+        paths.append(p)
+    meta = {"request": req.to_dict(), "result": result.metadata, "wall_s": round(time.perf_counter() - t0, 2)}
+    (args.out / "metadata.json").write_text(json.dumps(meta, indent=1))
+    for p, s in zip(paths, result.seeds):
+        print(f"wrote {p} (seed {s})")
+    print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,638 @@
+"""Model profiles: where the SDXL + IP-Adapter weights come from and how they are loaded.
+
+Profiles (``settings.model_profile``):
+
+* ``sdxl``  real SDXL base 1.0 + IP-Adapter weights from ``settings.model_dir`` or the Hugging Face cache.
+* ``tiny``  a deterministic, randomly initialised miniature of the same model family, written to a folder
+  with the same layout as the real repos and loaded through the very same ``from_pretrained`` /
+  ``load_ip_adapter`` / ``load_lora_weights`` calls. Outputs are noise-like pictures, not portraits.
+* ``auto``  ``sdxl`` when its weights are present, else ``tiny`` with a loud warning.
+
+Commands::
+
+    python model_loader.py download [--dir models] [--faceid] [--lightning]   # on a connected machine
+    python model_loader.py make-tiny DIR                                       # offline, < 1 s, ~10 MB
+    python model_loader.py check                                               # which profile would load
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.config import Settings
+from utils.errors import ModelWeightsMissing
+
+log = logging.getLogger("twin.models")
+
+# Folder names inside settings.model_dir (and inside the tiny folder): they mirror the hub repos' names,
+# so `download` writes exactly what `resolve` looks for.
+BASE_DIR = "stable-diffusion-xl-base-1.0"
+IPA_DIR = "IP-Adapter"
+FACEID_DIR = "IP-Adapter-FaceID"
+LIGHTNING_DIR = "SDXL-Lightning"
+LORA_DIR = "loras"
+
+# Per adapter variant: (repo folder, subfolder, weight file, image encoder folder relative to the repo).
+ADAPTER_FILES: dict[str, tuple[str, str, str, str | None]] = {
+    "plus-face": (IPA_DIR, "sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
+    "plain": (IPA_DIR, "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder"),
+    "faceid": (FACEID_DIR, "", "ip-adapter-faceid_sdxl.bin", None),
+}
+TINY_FACEID_WEIGHT = "ip-adapter-faceid_sdxl.safetensors"  # the tiny one is safetensors (same loader branch)
+LIGHTNING_WEIGHT_TINY = "tiny_lightning_4step_lora.safetensors"
+
+BASE_FILES_FP16 = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*", "tokenizer_2/*",
+    "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    """One hub repository the sdxl profile needs: what to fetch and which files must exist locally."""
+    repo_id: str
+    local_name: str
+    allow_patterns: list[str]
+    required: list[str]          # files (relative) that must exist for the profile to load
+    optional: bool = False
+    purpose: str = ""
+
+
+def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: bool = True) -> list[RepoSpec]:
+    """Everything the sdxl profile may use. ``faceid`` defaults to whether that variant is selected."""
+    faceid = settings.ip_adapter_variant == "faceid" if faceid is None else faceid
+    ipa_files = [f"sdxl_models/{ADAPTER_FILES[v][2]}" for v in ("plus-face", "plain")]
+    enc = ["models/image_encoder/config.json", "models/image_encoder/model.safetensors"]
+    base_required = [p for p in BASE_FILES_FP16 if "*" not in p] + ["tokenizer/vocab.json", "tokenizer_2/vocab.json"]
+    specs = [
+        RepoSpec(settings.sdxl_model_id, BASE_DIR, list(BASE_FILES_FP16), base_required,
+                 purpose="SDXL base 1.0 (fp16 variant)"),
+        RepoSpec(settings.ip_adapter_repo, IPA_DIR, ipa_files + enc,
+                 ([f"sdxl_models/{ADAPTER_FILES[settings.ip_adapter_variant][2]}"] + enc)
+                 if settings.ip_adapter_variant != "faceid" else [],
+                 optional=settings.ip_adapter_variant == "faceid",
+                 purpose="IP-Adapter Plus-Face / plain SDXL + ViT-H image encoder"),
+    ]
+    if faceid:
+        specs.append(RepoSpec(settings.faceid_repo, FACEID_DIR, [ADAPTER_FILES["faceid"][2]],
+                              [ADAPTER_FILES["faceid"][2]], optional=settings.ip_adapter_variant != "faceid",
+                              purpose="IP-Adapter FaceID SDXL (non-commercial licence)"))
+    if lightning:
+        specs.append(RepoSpec(settings.lightning_repo, LIGHTNING_DIR, [settings.lightning_weight],
+                              [settings.lightning_weight], optional=True, purpose="SDXL-Lightning few-step LoRA"))
+    return specs
+
+
+def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, snapshot_download=None) -> list[Path]:
+    """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only)."""
+    if snapshot_download is None:
+        from huggingface_hub import snapshot_download
+    out = []
+    for spec in repo_specs(settings, faceid=faceid, lightning=lightning):
+        target = Path(settings.model_dir) / spec.local_name
+        log.info("downloading %s (%s) -> %s", spec.repo_id, spec.purpose, target)
+        snapshot_download(repo_id=spec.repo_id, allow_patterns=spec.allow_patterns, local_dir=str(target))
+        out.append(target)
+    return out
+
+
+def _find_repo(spec: RepoSpec, settings: Settings) -> tuple[Path | None, list[str]]:
+    """Local folder holding all of spec.required, or None, plus the places that were searched."""
+    looked = []
+    local = Path(settings.model_dir) / spec.local_name
+    looked.append(str(local))
+    if all((local / r).is_file() for r in spec.required):
+        return local, looked
+    looked.append(f"Hugging Face cache ({spec.repo_id})")
+    try:
+        from huggingface_hub import snapshot_download
+        cached = Path(snapshot_download(spec.repo_id, allow_patterns=spec.allow_patterns, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or hub offline: both mean "not here"
+        return None, looked
+    if all((cached / r).is_file() for r in spec.required):
+        return cached, looked
+    return None, looked
+
+
+@dataclass
+class ResolvedWeights:
+    base: Path
+    adapter_repo: Path | None
+    lightning: Path | None
+    lora_dir: Path | None
+    missing_optional: list[str] = field(default_factory=list)
+
+
+def resolve_sdxl(settings: Settings) -> ResolvedWeights:
+    """Find the real weights or raise ModelWeightsMissing naming what, where, and the command."""
+    found: dict[str, Path | None] = {}
+    missing = []
+    optional_missing = []
+    for spec in repo_specs(settings):
+        path, looked = _find_repo(spec, settings)
+        found[spec.local_name] = path
+        if path is None:
+            if spec.optional:
+                optional_missing.append(spec.repo_id)
+            else:
+                missing.append(f"{spec.repo_id} [{spec.purpose}: {', '.join(spec.required)}] looked in: {'; '.join(looked)}")
+    if missing:
+        flag = " --faceid" if settings.ip_adapter_variant == "faceid" else ""
+        raise ModelWeightsMissing(
+            "real model weights are missing: " + " | ".join(missing)
+            + f". Download them on a connected machine with: python model_loader.py download --dir {settings.model_dir}{flag}"
+            + " (or set TWIN_MODEL_PROFILE=tiny for the offline demo model)",
+            details={"missing": [m.split(" ")[0] for m in missing]})
+    adapter_name = FACEID_DIR if settings.ip_adapter_variant == "faceid" else IPA_DIR
+    lora_dir = settings.resolved_lora_dir
+    return ResolvedWeights(base=found[BASE_DIR], adapter_repo=found.get(adapter_name),
+                           lightning=found.get(LIGHTNING_DIR), lora_dir=lora_dir if lora_dir.is_dir() else None,
+                           missing_optional=optional_missing)
+
+
+def sdxl_weights_present(settings: Settings) -> bool:
+    try:
+        resolve_sdxl(settings)
+        return True
+    except ModelWeightsMissing:
+        return False
+
+
+def choose_profile(settings: Settings) -> str:
+    if settings.model_profile != "auto":
+        return settings.model_profile
+    if sdxl_weights_present(settings):
+        return "sdxl"
+    log.warning("=" * 70 + "\nNO REAL MODEL WEIGHTS FOUND in %s or the Hugging Face cache: using the TINY DEMO "
+                "model. Its outputs are NOT portraits. Run `python model_loader.py download` for real weights.\n"
+                + "=" * 70, settings.model_dir)
+    return "tiny"
+
+
+def choose_device_dtype(settings: Settings):
+    import torch
+    if settings.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = settings.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelWeightsMissing(f"TWIN_DEVICE={settings.device!r} but no CUDA device is available")
+    if settings.dtype != "auto":
+        dtype = getattr(torch, settings.dtype)
+    elif device.startswith("cuda"):
+        dtype = torch.float16
+    else:
+        dtype = torch.float32  # fp16 matmuls on CPU are slow or unsupported
+    if device == "cpu" and dtype == torch.float16:
+        raise ModelWeightsMissing("TWIN_DTYPE=float16 is not supported on the CPU; use float32 or bfloat16")
+    return device, dtype
+
+
+def dpmpp_karras(config):
+    from diffusers import DPMSolverMultistepScheduler
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                   use_karras_sigmas=True)
+
+
+def few_step_scheduler(config):
+    # SDXL-Lightning was distilled with Euler and "trailing" timestep spacing; other schedulers drift.
+    from diffusers import EulerDiscreteScheduler
+    return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaded model bundle
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModels:
+    pipe: Any
+    profile: str
+    model_name: str
+    native_resolution: int
+    device: str
+    dtype: Any
+    adapter_repo: Path | None            # folder holding ADAPTER_FILES layout for the selected variant
+    adapter_variant: str
+    lightning_adapter: str | None        # peft adapter name of the few-step LoRA, when loaded
+    loras: dict[str, str]                # style LoRA name -> peft adapter name
+    base_scheduler_config: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
+    loras = {}
+    if lora_dir is None or not lora_dir.is_dir():
+        return loras
+    for f in sorted(lora_dir.glob("*.safetensors")):
+        name = f.stem
+        pipe.load_lora_weights(str(lora_dir), weight_name=f.name, adapter_name=f"style_{name}")
+        loras[name] = f"style_{name}"
+    return loras
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """diffusers/transformers print progress bars and benign LoRA-prefix warnings on every load."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    old = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # peft warns on every second LoRA loaded into the same UNet; several adapters is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+            yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def load_models(settings: Settings) -> LoadedModels:
+    """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler."""
+    with quiet_libraries():
+        return _load_models(settings)
+
+
+def _load_models(settings: Settings) -> LoadedModels:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    profile = choose_profile(settings)
+    device, dtype = choose_device_dtype(settings)
+    notes: list[str] = []
+    if profile == "tiny":
+        root = settings.resolved_tiny_model_dir
+        if not (root / "tiny_model.json").is_file():
+            log.warning("building the tiny demo model in %s (outputs are NOT portraits)", root)
+            make_tiny(root)
+        if device == "cpu":
+            # The tiny model's matmuls are too small to gain from threads; one thread is faster and
+            # leaves the other cores to the web server.
+            torch.set_num_threads(1)
+        base = root / BASE_DIR
+        adapter_repo = root / (FACEID_DIR if settings.ip_adapter_variant == "faceid" else IPA_DIR)
+        lightning = root / LIGHTNING_DIR
+        lightning_weight = LIGHTNING_WEIGHT_TINY
+        lora_dir = root / LORA_DIR
+        model_name = "tiny-sdxl"
+        native = TINY_RESOLUTION
+        variant = None
+        log.warning("TINY DEMO MODEL loaded from %s: outputs are NOT portraits", root)
+    else:
+        w = resolve_sdxl(settings)
+        base, adapter_repo, lightning, lora_dir = w.base, w.adapter_repo, w.lightning, w.lora_dir
+        lightning_weight = settings.lightning_weight
+        model_name = settings.sdxl_model_id
+        native = 1024
+        variant = "fp16"
+        if w.missing_optional:
+            notes.append("optional weights not present: " + ", ".join(w.missing_optional))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
+                                                     local_files_only=True, use_safetensors=True)
+    base_config = dict(pipe.scheduler.config)
+    pipe.scheduler = dpmpp_karras(base_config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    lightning_adapter = None
+    if lightning is not None and (lightning / lightning_weight).is_file():
+        pipe.load_lora_weights(str(lightning), weight_name=lightning_weight, adapter_name="lightning")
+        lightning_adapter = "lightning"
+    loras = _load_loras(pipe, lora_dir)
+
+    models = LoadedModels(pipe=pipe, profile=profile, model_name=model_name, native_resolution=native,
+                          device=device, dtype=dtype, adapter_repo=adapter_repo,
+                          adapter_variant=settings.ip_adapter_variant, lightning_adapter=lightning_adapter,
+                          loras=loras, base_scheduler_config=base_config, notes=notes)
+    if device.startswith("cuda"):
+        # Must run before the IP-Adapter is loaded (see fuse_qkv below).
+        notes += apply_cuda_optimisations(pipe, settings, has_lora=bool(loras or lightning_adapter))
+    return models
+
+
+def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False) -> list[str]:
+    """Opt-in speed switches; SDPA attention is diffusers' default with torch 2 and needs nothing.
+    Returns notes for info() about switches that were asked for but not applied."""
+    import torch
+    notes = []
+    if settings.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if settings.fuse_qkv:
+        # fuse_qkv_projections() installs FusedAttnProcessor2_0 everywhere: done after load_ip_adapter it would
+        # drop the IP-Adapter processors (so it runs before), and its fused to_qkv bypasses peft LoRA layers
+        # on to_q/to_k/to_v (so it is skipped when any LoRA, including FaceID's, is in use).
+        if has_lora or settings.ip_adapter_variant == "faceid":
+            notes.append("fuse_qkv skipped: LoRA adapters are loaded and fused projections would bypass them")
+            log.warning(notes[-1])
+        else:
+            pipe.fuse_qkv_projections()
+    if settings.torch_compile:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny profile
+# ---------------------------------------------------------------------------------------------------
+TINY_RESOLUTION = 128      # native side in pixels; latents are 16x16
+TINY_SEED = 20261122
+TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
+TINY_CROSS = TINY_TE1 + TINY_TE2
+TINY_BLOCKS = (32, 64)
+TINY_IMG_HIDDEN, TINY_IMG_PROJ, TINY_IMG_SIZE = 32, 32, 32
+TINY_PLUS_TOKENS, TINY_PLUS_DIM = 16, 64
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+_TINY_VOCAB: list = [{}, []]
+
+
+def _tiny_tokenizer(pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    merges = []
+    for word in ("portrait", "photo", "person", "light"):
+        cur = word[0]
+        for i, ch in enumerate(word[1:], 1):
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            merges.append((cur, nxt))
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    kw = {"pad_token": pad_token} if pad_token else {}
+    _TINY_VOCAB[:] = [vocab, merges]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kw), len(vocab)
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, block_out_channels=TINY_BLOCKS,
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TINY_PROJ,
+        norm_num_groups=16, cross_attention_dim=TINY_CROSS)
+
+
+def _tiny_lora_file(path: Path, seed: int, scale: float) -> None:
+    """A LoRA over the tiny UNet's attention projections, saved in diffusers' own LoRA format."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    torch.manual_seed(seed)
+    unet = _tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.mul_(scale)
+    sd = get_peft_model_state_dict(unet)
+    StableDiffusionXLPipeline.save_lora_weights(str(path.parent), unet_lora_layers=sd, weight_name=path.name)
+
+
+def _cross_attn_hidden_sizes(unet) -> list[tuple[int, str, int | None]]:
+    """(index in attn_processors, name, hidden size) per processor, as diffusers' IP-Adapter loader walks them."""
+    out = []
+    cfg = unet.config
+    for idx, name in enumerate(unet.attn_processors.keys()):
+        if name.startswith("mid_block"):
+            hidden = cfg.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = cfg.block_out_channels[int(name[len("down_blocks.")])]
+        out.append((idx, name, hidden))
+    return out
+
+
+def _tiny_adapter_tensors(unet, variant: str, gen) -> dict[str, Any]:
+    return adapter_tensors(unet, variant, gen, img_hidden=TINY_IMG_HIDDEN, img_proj=TINY_IMG_PROJ,
+                           plus_tokens=TINY_PLUS_TOKENS, plus_dim=TINY_PLUS_DIM)
+
+
+def adapter_tensors(unet, variant: str, gen, *, img_hidden: int, img_proj: int, plus_tokens: int = 16,
+                    plus_dim: int = 1280, dtype=None) -> dict[str, Any]:
+    """Random IP-Adapter weights in the original repos' flat key layout (image_proj.* / ip_adapter.*),
+    shaped for ``unet`` and an image encoder of the given widths (also used by the full-size benchmark)."""
+    import torch
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype or torch.float32)
+
+    C = unet.config.cross_attention_dim
+    t: dict[str, Any] = {}
+    if variant == "plain":
+        t["image_proj.proj.weight"] = rnd(4 * C, img_proj, std=0.2)
+        t["image_proj.proj.bias"] = torch.zeros(4 * C)
+        t["image_proj.norm.weight"] = torch.ones(C)
+        t["image_proj.norm.bias"] = torch.zeros(C)
+    elif variant == "plus-face":
+        D = plus_dim  # the Resampler's head width is fixed at 64, so heads = D // 64
+        t["image_proj.latents"] = rnd(1, plus_tokens, D, std=1.0) / D ** 0.5
+        t["image_proj.proj_in.weight"] = rnd(D, img_hidden, std=0.2)
+        t["image_proj.proj_in.bias"] = torch.zeros(D)
+        t["image_proj.proj_out.weight"] = rnd(C, D, std=0.2)
+        t["image_proj.proj_out.bias"] = torch.zeros(C)
+        t["image_proj.norm_out.weight"] = torch.ones(C)
+        t["image_proj.norm_out.bias"] = torch.zeros(C)
+        for i in range(4):
+            p = f"image_proj.layers.{i}"
+            for n in ("0.norm1", "0.norm2", "1.0"):
+                t[f"{p}.{n}.weight"] = torch.ones(D)
+                t[f"{p}.{n}.bias"] = torch.zeros(D)
+            t[f"{p}.0.to_q.weight"] = rnd(D, D, std=0.1)
+            t[f"{p}.0.to_kv.weight"] = rnd(2 * D, D, std=0.1)
+            t[f"{p}.0.to_out.weight"] = rnd(D, D, std=0.1)
+            t[f"{p}.1.1.weight"] = rnd(4 * D, D, std=0.1)
+            t[f"{p}.1.3.weight"] = rnd(D, 4 * D, std=0.1)
+    elif variant == "faceid":
+        mult = 2
+        t["image_proj.proj.0.weight"] = rnd(mult * 512, 512, std=0.05)
+        t["image_proj.proj.0.bias"] = torch.zeros(mult * 512)
+        t["image_proj.proj.2.weight"] = rnd(4 * C, mult * 512, std=0.05)
+        t["image_proj.proj.2.bias"] = torch.zeros(4 * C)
+        t["image_proj.norm.weight"] = torch.ones(C)
+        t["image_proj.norm.bias"] = torch.zeros(C)
+    key_id = 1
+    for idx, name, hidden in _cross_attn_hidden_sizes(unet):
+        cross = not name.endswith("attn1.processor")
+        if cross:
+            # Large enough that identity strength visibly changes the tiny model's output.
+            t[f"ip_adapter.{key_id}.to_k_ip.weight"] = rnd(hidden, C, std=0.3)
+            t[f"ip_adapter.{key_id}.to_v_ip.weight"] = rnd(hidden, C, std=0.3)
+            key_id += 2
+        if variant == "faceid":
+            # FaceID ships a LoRA on every attention processor; diffusers turns it into a peft adapter.
+            kin = C if cross else hidden
+            r = 4
+            t[f"ip_adapter.{idx}.to_q_lora.down.weight"] = rnd(r, hidden)
+            t[f"ip_adapter.{idx}.to_q_lora.up.weight"] = rnd(hidden, r)
+            t[f"ip_adapter.{idx}.to_k_lora.down.weight"] = rnd(r, kin)
+            t[f"ip_adapter.{idx}.to_k_lora.up.weight"] = rnd(hidden, r)
+            t[f"ip_adapter.{idx}.to_v_lora.down.weight"] = rnd(r, kin)
+            t[f"ip_adapter.{idx}.to_v_lora.up.weight"] = rnd(hidden, r)
+            t[f"ip_adapter.{idx}.to_out_lora.down.weight"] = rnd(r, hidden)
+            t[f"ip_adapter.{idx}.to_out_lora.up.weight"] = rnd(hidden, r)
+    return {k: v.contiguous() for k, v in t.items()}
+
+
+def make_tiny(root: Path | str) -> Path:
+    """Write the deterministic tiny model folder (same layout as the real repos).
+
+    Built in a temporary sibling folder and renamed into place, so a second process starting at the same
+    moment never loads a half-written model.
+    """
+    import os
+    import shutil
+    root = Path(root)
+    if (root / "tiny_model.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with quiet_libraries():
+        _write_tiny(tmp)
+    try:
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / "tiny_model.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
+    return root
+
+
+def _write_tiny(root: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    torch.manual_seed(TINY_SEED)
+    unet = _tiny_unet()
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=8, sample_size=TINY_RESOLUTION,
+                        scaling_factor=0.13025)
+    tok, vocab_size = _tiny_tokenizer()
+    tok2, _ = _tiny_tokenizer(pad_token="!")
+    te_common = dict(intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab_size,
+                     max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                     pad_token_id=vocab_size - 1)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=TINY_TE1, projection_dim=TINY_PROJ, **te_common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=TINY_TE2, projection_dim=TINY_PROJ, **te_common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(root / BASE_DIR), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        # The real repo ships the classic vocab.json + merges.txt (no tokenizer.json): load the same way.
+        folder = root / BASE_DIR / sub
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(_TINY_VOCAB[0], ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_VOCAB[1]),
+                                           encoding="utf-8")
+
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TINY_IMG_HIDDEN, projection_dim=TINY_IMG_PROJ, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, image_size=TINY_IMG_SIZE, patch_size=8))
+    enc.save_pretrained(str(root / IPA_DIR / "models" / "image_encoder"), safe_serialization=True)
+
+    gen = torch.Generator().manual_seed(TINY_SEED + 1)
+    for variant in ("plus-face", "plain", "faceid"):
+        repo, sub, weight, _ = ADAPTER_FILES[variant]
+        if variant == "faceid":
+            weight = TINY_FACEID_WEIGHT
+        out = root / repo / sub / weight
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(_tiny_adapter_tensors(unet, variant, gen), str(out))
+
+    _tiny_lora_file(root / LORA_DIR / "tiny_style.safetensors", TINY_SEED + 2, 0.5)
+    _tiny_lora_file(root / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY, TINY_SEED + 3, 0.3)
+    (root / "tiny_model.json").write_text(json.dumps({
+        "profile": "tiny", "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
+        "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
+
+
+def tiny_adapter_weight(variant: str) -> str:
+    return TINY_FACEID_WEIGHT if variant == "faceid" else ADAPTER_FILES[variant][2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="fetch the sdxl profile's weights (needs network)")
+    d.add_argument("--dir", type=Path, default=None, help="target folder (default TWIN_MODEL_DIR)")
+    d.add_argument("--faceid", action="store_true", help="also fetch IP-Adapter FaceID SDXL (non-commercial)")
+    d.add_argument("--no-lightning", action="store_true", help="skip the SDXL-Lightning few-step LoRA")
+    t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
+    t.add_argument("dir", type=Path)
+    sub.add_parser("check", help="say which profile would load and why")
+    args = ap.parse_args(argv)
+    settings = Settings.from_env()
+    if args.cmd == "download":
+        if args.dir:
+            settings = settings.replace(model_dir=args.dir)
+        for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning):
+            print(p)
+    elif args.cmd == "make-tiny":
+        import time
+        t0 = time.perf_counter()
+        root = make_tiny(args.dir)
+        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        print(f"tiny model written to {root} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)")
+    else:
+        try:
+            resolve_sdxl(settings)
+            print("sdxl weights present")
+        except ModelWeightsMissing as e:
+            print(e.message)
+            print(f"profile {settings.model_profile!r} would load: {choose_profile(settings)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

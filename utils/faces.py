@@ -1,0 +1,408 @@
+"""Selfie validation and identity: the ``FaceService`` entry point (contract: docs/ARCHITECTURE.md "Faces").
+
+``FaceService(settings)`` is cheap; ``setup()`` picks and loads a backend (``utils.face_backends``);
+``validate_selfies(files)`` decodes, checks and embeds a set of uploads and returns a ``SelfieReport``
+that says, per file in upload order, accepted or rejected with a machine-readable code and a human
+sentence. Every threshold is a setting (utils/config.py, "faces").
+
+Biometric data (pixels, crops, embeddings) never reaches a log line, an error message or ``to_json()``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from utils.config import Settings
+from utils.errors import ImageRejected, InvalidRequest, TwinError
+from utils.face_backends import DlibBackend, Detection, FaceBackend, InsightFaceBackend, insightface_pack_files, normalise
+from utils.images import decode_image
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report objects
+@dataclass
+class AcceptedSelfie:
+    index: int
+    filename: str
+    image: Image.Image = field(repr=False)
+    crop: Image.Image = field(repr=False)
+    embedding: np.ndarray = field(repr=False)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RejectedSelfie:
+    index: int
+    filename: str
+    code: str
+    message: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SelfieReport:
+    backend: str
+    model_name: str
+    received: int
+    accepted: list[AcceptedSelfie] = field(default_factory=list)
+    rejected: list[RejectedSelfie] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    template: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe summary: per-file status in upload order, counts, set warnings. No pixels, no embeddings."""
+        entries: list[dict[str, Any]] = []
+        for a in self.accepted:
+            entries.append({"index": a.index, "filename": a.filename, "status": "accepted", "code": None,
+                            "message": None, "warnings": list(a.warnings), "metrics": dict(a.metrics)})
+        for r in self.rejected:
+            entries.append({"index": r.index, "filename": r.filename, "status": "rejected", "code": r.code,
+                            "message": r.message, "warnings": [], "metrics": dict(r.metrics)})
+        entries.sort(key=lambda e: e["index"])
+        return {
+            "backend": self.backend,
+            "model_name": self.model_name,
+            "counts": {"received": self.received, "accepted": len(self.accepted), "rejected": len(self.rejected)},
+            "files": entries,
+            "warnings": list(self.warnings),
+        }
+
+
+class _Reject(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class _Analysed:
+    index: int
+    filename: str
+    image: Image.Image | None = None
+    thumb: np.ndarray | None = None
+    crop: Image.Image | None = None
+    embedding: np.ndarray | None = None
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    reject: _Reject | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements (pure functions, tested directly)
+def laplacian_variance(grey: np.ndarray) -> float:
+    import cv2
+
+    return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F).var())
+
+
+def face_sharpness(rgb: np.ndarray, box: tuple[float, float, float, float], side: int = 128) -> float:
+    """Variance of the Laplacian on the face box resized to ``side`` px, so the value measures blur
+    relative to the face, not the face's size in the photo."""
+    import cv2
+
+    grey = _face_grey(rgb, box)
+    if grey.size == 0:
+        return 0.0
+    return laplacian_variance(cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA
+                                         if grey.shape[0] > side else cv2.INTER_LINEAR))
+
+
+def face_brightness(rgb: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    grey = _face_grey(rgb, box)
+    return float(grey.mean()) if grey.size else 0.0
+
+
+def _face_grey(rgb: np.ndarray, box) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    region = rgb[y0:y1, x0:x1].astype(np.float32)
+    return region @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def estimate_yaw(left_eye, right_eye, nose) -> float:
+    """Head yaw in degrees (sign: towards the image's right is positive) from eye centres and nose tip.
+
+    The nose tip sits in front of the eye plane (depth ≈ 0.6 × the inter-ocular distance on adult
+    faces), so turning the head by θ moves it sideways by ≈ 0.6·IOD·sin θ while the visible IOD
+    shrinks by cos θ: offset / IOD ≈ 0.6·tan θ.
+    """
+    le, re, no = (np.asarray(p, dtype=np.float64) for p in (left_eye, right_eye, nose))
+    axis = re - le
+    iod = float(np.linalg.norm(axis))
+    if iod < 1e-6:
+        return 90.0
+    offset = float(np.dot(no - (le + re) / 2, axis / iod)) / iod
+    return math.degrees(math.atan(offset / 0.6))
+
+
+def image_signature(image: Image.Image, side: int = 32) -> np.ndarray:
+    """A small zero-mean, unit-norm grey thumbnail of the whole image: near-duplicate fingerprint."""
+    thumb = np.asarray(image.convert("L").resize((side, side), Image.BILINEAR), dtype=np.float32).ravel()
+    thumb = thumb - thumb.mean()
+    norm = float(np.linalg.norm(thumb))
+    return thumb / norm if norm > 0 else thumb
+
+
+def aligned_crop(rgb: np.ndarray, det: Detection, *, size: int, scale: float) -> Image.Image:
+    """Square crop around the face, rotated so the eye line is level, ``scale`` × the face box side,
+    resized to ``size``; parts outside the photo repeat the edge pixels."""
+    import cv2
+
+    le, re = np.asarray(det.left_eye), np.asarray(det.right_eye)
+    angle = math.degrees(math.atan2(re[1] - le[1], re[0] - le[0]))
+    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+    side = max(det.width, det.height) * scale
+    m = cv2.getRotationMatrix2D((cx, cy), angle, size / side)
+    m[0, 2] += size / 2 - cx
+    m[1, 2] += size / 2 - cy
+    out = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return Image.fromarray(out)
+
+
+# --------------------------------------------------------------------------------------------------
+class FaceService:
+    """Validates selfie sets and scores identity. Safe to call from several threads after ``setup()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.backend: FaceBackend | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._setup_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name if self.backend else self._choose()[0]
+
+    @property
+    def model_name(self) -> str | None:
+        return self.backend.model_name if self.backend else None
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None
+
+    def _choose(self) -> tuple[str, str]:
+        s = self.settings
+        pack = s.resolved_insightface_dir
+        if s.face_backend != "auto":
+            return s.face_backend, f"TWIN_FACE_BACKEND={s.face_backend}"
+        if insightface_pack_files(pack):
+            return "insightface", f"auto: InsightFace pack found at {pack}"
+        return "dlib", f"auto: no InsightFace pack at {pack}, using the offline dlib models"
+
+    def setup(self) -> "FaceService":
+        with self._setup_lock:
+            if self.backend is not None:
+                return self
+            s = self.settings
+            name, why = self._choose()
+            if name == "insightface":
+                backend: FaceBackend = InsightFaceBackend(
+                    s.resolved_insightface_dir, det_size=s.face_detect_side,
+                    outlier_distance=s.outlier_distance_arcface)
+            else:
+                backend = DlibBackend(detect_side=s.face_detect_side, min_score=s.dlib_min_detect_score,
+                                      outlier_distance=s.outlier_distance_dlib)
+            backend.load()
+            threads = s.face_threads or 1
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="faces") if threads > 1 else None
+            self.backend = backend
+            log.info("face backend %s (model %s) ready, %d thread(s); %s", backend.name, backend.model_name,
+                     threads, why)
+            return self
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _require(self) -> FaceBackend:
+        if self.backend is None:
+            raise TwinError("the face service is not set up yet", code="not_ready", http_status=503)
+        return self.backend
+
+    # ------------------------------------------------------------------ per file
+    def _analyse(self, index: int, filename: str, data: bytes) -> _Analysed:
+        s = self.settings
+        backend = self._require()
+        item = _Analysed(index=index, filename=filename)
+        try:
+            try:
+                image = decode_image(data, filename, max_pixels=s.max_pixels)
+            except ImageRejected as exc:
+                raise _Reject(exc.code, exc.message) from None
+            item.image = image
+            item.thumb = image_signature(image)
+            rgb = np.asarray(image)
+            dets = backend.detect(rgb)
+            if not dets:
+                raise _Reject("no_face", f"{filename}: no face was found; use a photo where your face is clearly visible")
+            if len(dets) > 1:
+                raise _Reject("multiple_faces", f"{filename}: {len(dets)} faces were found; use photos with only you in them")
+            det = dets[0]
+            h, w = rgb.shape[:2]
+            side = min(det.width, det.height)
+            fraction = det.width * det.height / float(w * h)
+            sharp = face_sharpness(rgb, det.box)
+            bright = face_brightness(rgb, det.box)
+            yaw = estimate_yaw(det.left_eye, det.right_eye, det.nose)
+            item.metrics = {"face_px": round(side, 1), "face_fraction": round(fraction, 4),
+                            "sharpness": round(sharp, 1), "brightness": round(bright, 1), "yaw_degrees": round(yaw, 1)}
+            if side < s.min_face_px or fraction < s.min_face_fraction:
+                raise _Reject("face_too_small", (
+                    f"{filename}: the face is too small ({side:.0f} px, {fraction:.1%} of the photo; need at least "
+                    f"{s.min_face_px} px and {s.min_face_fraction:.0%}); move closer or use a larger photo"))
+            # Exposure before sharpness: a dark face has little contrast, hence a low Laplacian variance,
+            # and "too dark" is the reason the user can act on.
+            if bright < s.min_brightness:
+                raise _Reject("too_dark", f"{filename}: the face is too dark (brightness {bright:.0f}, need at least "
+                                          f"{s.min_brightness:.0f}); use more light")
+            if bright > s.max_brightness:
+                raise _Reject("too_bright", f"{filename}: the face is overexposed (brightness {bright:.0f}, at most "
+                                            f"{s.max_brightness:.0f}); avoid direct light or flash")
+            if sharp < s.min_sharpness:
+                raise _Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
+                                        "hold the camera still and focus on your face")
+            if abs(yaw) > s.max_yaw_degrees:
+                raise _Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
+                                             f"{s.max_yaw_degrees:.0f}°); look towards the camera")
+            # Embedded here, in the worker: the descriptor holds the GIL while HOG releases it, so one
+            # thread's descriptor overlaps the other's detection (a copy costs one extra descriptor).
+            item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(rgb, det)])[0],
+                                        dtype=np.float32)
+            item.crop = aligned_crop(rgb, det, size=s.face_crop_size, scale=s.face_crop_scale)
+            if side * s.face_crop_scale < s.face_crop_size / 2:
+                item.warnings.append({"code": "low_resolution", "message": (
+                    f"{filename}: the face is only {side:.0f} px wide; a closer or larger photo gives a sharper likeness")})
+        except _Reject as rej:
+            item.reject = rej
+        except Exception as exc:  # one odd file must not fail the whole upload with a 500
+            log.warning("selfie %d could not be analysed (%s)", index, type(exc).__name__)
+            item.reject = _Reject("analysis_failed", f"{filename}: the photo could not be analysed; try another one")
+        return item
+
+    # ------------------------------------------------------------------ per set
+    def validate_selfies(self, files: list[tuple[str, bytes]]) -> SelfieReport:
+        backend = self._require()
+        s = self.settings
+        if not isinstance(files, (list, tuple)):
+            raise InvalidRequest(f"files must be a list of (filename, bytes), got {type(files).__name__}")
+        for i, pair in enumerate(files):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], (bytes, bytearray))):
+                raise InvalidRequest(f"files[{i}] must be a (filename, bytes) pair")
+        jobs = [(i, str(name or f"file_{i + 1}"), bytes(data)) for i, (name, data) in enumerate(files)]
+        if self._pool is not None and len(jobs) > 1:
+            items = list(self._pool.map(lambda j: self._analyse(*j), jobs))
+        else:
+            items = [self._analyse(*j) for j in jobs]
+
+        self._mark_duplicates(items)
+        set_warnings = self._mark_outliers(items, backend)
+
+        report = SelfieReport(backend=backend.name, model_name=backend.model_name, received=len(items))
+        for it in items:
+            if it.reject is not None:
+                report.rejected.append(RejectedSelfie(it.index, it.filename, it.reject.code, it.reject.message,
+                                                      dict(it.metrics)))
+            else:
+                report.accepted.append(AcceptedSelfie(it.index, it.filename, it.image, it.crop,
+                                                      it.embedding, it.warnings, dict(it.metrics)))
+        if report.accepted:
+            report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
+        n = len(report.accepted)
+        if n == 0:
+            set_warnings.append({"code": "no_usable_selfies",
+                                 "message": "none of the photos could be used; see each file's reason"})
+        elif n < s.recommended_selfies:
+            set_warnings.append({"code": "few_selfies", "message": (
+                f"{n} usable selfie{'s' if n != 1 else ''} (fewer than {s.recommended_selfies}): "
+                "likeness improves with more")})
+        report.warnings = set_warnings
+        log.info("selfies validated: %d received, %d accepted, %d rejected (%s)", len(items), n,
+                 len(report.rejected), ", ".join(sorted({r.code for r in report.rejected})) or "none")
+        return report
+
+    def _mark_duplicates(self, items: list[_Analysed]) -> None:
+        thr = self.settings.duplicate_threshold
+        seen: list[_Analysed] = []
+        for it in items:
+            if it.thumb is None:
+                continue
+            for prev in seen:
+                if float(np.dot(it.thumb, prev.thumb)) >= thr:
+                    if it.reject is None:
+                        it.reject = _Reject("duplicate", f"{it.filename}: a near-duplicate of {prev.filename}; "
+                                                         "use different photos (angles, light, expressions)")
+                    break
+            else:
+                seen.append(it)
+
+    def _mark_outliers(self, items: list[_Analysed], backend: FaceBackend) -> list[dict[str, str]]:
+        warnings: list[dict[str, str]] = []
+        good = [it for it in items if it.reject is None and it.embedding is not None]
+        thr = backend.outlier_distance
+        if len(good) >= 3:
+            embs = np.stack([normalise(it.embedding) for it in good])
+            median = np.median(embs, axis=0)
+            dists = np.linalg.norm(embs - median, axis=1)
+            for it, d in zip(good, dists):
+                it.metrics["identity_distance"] = round(float(d), 3)
+                if d > thr:
+                    it.reject = _Reject("identity_outlier", (
+                        f"{it.filename}: looks like a different person from the rest of the set "
+                        f"(distance {d:.2f}, limit {thr:.2f}); upload photos of one person only"))
+        elif len(good) == 2:
+            d = float(np.linalg.norm(normalise(good[0].embedding) - normalise(good[1].embedding)))
+            if d > thr:
+                warnings.append({"code": "identity_uncertain", "message": (
+                    f"{good[0].filename} and {good[1].filename} may show different people (distance {d:.2f}, "
+                    f"limit {thr:.2f}); add more selfies so the odd one out can be found")})
+        return warnings
+
+    # ------------------------------------------------------------------ scoring
+    def embed_image(self, image: Image.Image) -> np.ndarray | None:
+        """Unit embedding of the largest face in ``image``; None when there is no face."""
+        backend = self._require()
+        rgb = np.asarray(image.convert("RGB"))
+        dets = backend.detect(rgb)
+        if not dets:
+            return None
+        det = max(dets, key=lambda d: d.width * d.height)
+        return backend.embed(rgb, det)
+
+    def identity_distance(self, image: Image.Image, template: np.ndarray) -> float | None:
+        emb = self.embed_image(image)
+        if emb is None:
+            return None
+        template = np.asarray(template, dtype=np.float32).ravel()
+        if template.shape != emb.shape:
+            raise InvalidRequest(f"identity template has {template.shape[0]} values but the {self.model_name} "
+                                 f"model makes {emb.shape[0]}; the session was made with another face model",
+                                 code="embedding_mismatch")
+        return float(np.linalg.norm(emb - normalise(template)))
+
+    def identity_similarity(self, image: Image.Image, template: np.ndarray) -> float | None:
+        """Likeness of the largest face in ``image`` to ``template`` in [0, 1]; None when no face.
+
+        1 - d / (2·threshold), clipped, where d is the distance between unit embeddings and threshold
+        the backend's same-person limit: 0.5 sits exactly on the limit, so the score means the same on
+        dlib and ArcFace even though their raw distances do not.
+        """
+        d = self.identity_distance(image, template)
+        if d is None:
+            return None
+        thr = self._require().outlier_distance
+        return float(min(1.0, max(0.0, 1.0 - d / (2 * thr))))
