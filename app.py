@@ -7,6 +7,7 @@ the models and the job threads live in that one process). Development: ``python 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import traceback
 import uuid
@@ -28,6 +29,8 @@ log = logging.getLogger("twin.app")
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
+    # Request threads must get the GIL back quickly while a job thread runs Python-heavy pipeline code.
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     if not settings.is_loopback_bind and not settings.api_key_list and not settings.allow_anonymous:
         raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
                                  "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
@@ -127,9 +130,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     @app.post("/generate")
     def generate():
-        payload = request.get_json(silent=False) if request.is_json else None
-        if payload is None:
+        if not request.is_json:
             raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
+        try:
+            payload = request.get_json()
+        except RecursionError:  # json.loads on absurdly nested input; not a ValueError
+            raise errors.InvalidRequest("the JSON body is nested too deeply") from None
         job = runtime.submit(payload, caller().owner)
         session_id_var.set(job["session_id"])
         job_id_var.set(job["id"])

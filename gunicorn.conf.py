@@ -14,3 +14,6 @@ keepalive = 5
 accesslog = None  # the app logs every request as a JSON line
 errorlog = "-"
 loglevel = os.environ.get("TWIN_LOG_LEVEL", "info").lower()
+# gunicorn ≥ 24's control socket lives at one path per user (~/.gunicorn/gunicorn.ctl): two servers on
+# one box (tests, a restart overlapping the old process) would fight over it, and nothing here uses it.
+control_socket_disable = True

@@ -5,6 +5,7 @@ import io
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
 from tests.fixtures.service import wait_until
@@ -145,6 +146,7 @@ def test_generate_poll_download(client):
     job = finished(client, r.json["id"])
     assert job["status"] == "succeeded" and job["error"] is None
     assert job["progress"] == {"step": 4, "total": 4, "fraction": 1.0, "eta_seconds": 0.0}
+    assert all("identity_similarity" not in o for o in job["outputs"])  # TWIN_SCORE_OUTPUTS is off by default
     assert [(o["filename"], o["seed"], o["width"], o["height"]) for o in job["outputs"]] == [
         ("avatar_001.png", 7, 64, 128), ("avatar_002.png", 8, 64, 128)]
     png = client.get(job["outputs"][1]["url"])
@@ -183,10 +185,38 @@ def test_generate_rejects_bad_payloads(client, payload, status, code, message):
 @pytest.mark.parametrize("body, content_type, status, code", [
     ("{not json", "application/json", 400, "invalid_request"),
     ("prompt=p", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    ("null", "application/json", 400, "invalid_request"),
+    ("[" * 100_000, "application/json", 400, "invalid_request"),
+    (rb'{"prompt": "\ud800 lone surrogate"}', "application/json", 202, None),
+    (b"\xff\xfe{", "application/json", 400, "invalid_request"),
 ])
 def test_generate_rejects_bad_bodies(client, body, content_type, status, code):
     upload(client)
-    assert_error(client.post("/generate", data=body, content_type=content_type), status, code)
+    r = client.post("/generate", data=body, content_type=content_type)
+    if code is None:
+        assert r.status_code == status
+    else:
+        assert_error(r, status, code)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12)
+fields = st.sampled_from(["prompt", "num_images", "quality_mode", "seed", "width", "height", "aspect_ratio",
+                          "identity_strength", "style", "session_id", "negative_prompt", "other"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.one_of(json_values, st.dictionaries(fields, json_values, max_size=6)))
+def test_generate_never_500s(client, payload):
+    client.post("/upload", data=files_field(image_bytes()), content_type="multipart/form-data") \
+        if not client.get_cookie("twin_client") else None
+    import json
+    r = client.post("/generate", data=json.dumps(payload), content_type="application/json")
+    assert r.status_code in (202, 400, 404, 429), r.data
+    if r.status_code != 202:
+        assert set(r.get_json()["error"]) >= {"code", "message"}
 
 
 def test_generate_queue_full_is_429_with_retry_after(make_app, settings):
@@ -421,3 +451,10 @@ def test_retention_sweep_deletes_old_sessions(app, client):
     assert rt.sweep(now=time.time() + 2 * 3600) == [sid]
     assert not rt.storage.session_dir(sid).exists()
     assert_error(client.post("/generate", json={"prompt": "a"}), 400, "no_session")
+
+
+def test_score_outputs_records_similarity(make_app, settings):
+    c = make_app(settings.replace(score_outputs=True)).test_client()
+    upload(c)
+    job = finished(c, c.post("/generate", json={"prompt": "a", "num_images": 2}).json["id"])
+    assert [o["identity_similarity"] for o in job["outputs"]] == [0.5, 0.5]

@@ -105,6 +105,10 @@ class Settings:
     retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
     warmup: bool = _setting(True, "Run one throw-away generation in setup() so the first request is fast.")
 
+    # --- service -----------------------------------------------------------------------------
+    score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")
+    switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

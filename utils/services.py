@@ -280,11 +280,13 @@ class Runtime:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = request_type(gen).from_dict(job["payload"], self.settings)
         req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
+        t_gen = time.perf_counter()
         result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
+        t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
         template = None
-        if hasattr(self.faces, "identity_similarity"):
+        if self.settings.score_outputs and hasattr(self.faces, "identity_similarity"):
             try:
                 template = self.storage.load_template(session_id)
             except Exception:  # noqa: BLE001 - a score is optional
@@ -305,7 +307,10 @@ class Runtime:
                 except Exception:  # noqa: BLE001
                     output["identity_similarity"] = None
             self.store.add_output(job["id"], output)
-        return _json_safe(getattr(result, "metadata", None))
+        metadata = _json_safe(getattr(result, "metadata", None)) or {}
+        metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
+                                       "write_outputs_s": round(time.perf_counter() - t_write, 4)}
+        return metadata
 
     # --- status ---
     def health(self) -> dict:
