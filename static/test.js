@@ -18,7 +18,7 @@
   const ASPECT_LABELS = { "1:1": "1:1 square", "4:5": "4:5 portrait", "3:4": "3:4 portrait", "2:3": "2:3 portrait",
     "9:16": "9:16 tall", "5:4": "5:4 landscape", "4:3": "4:3 landscape", "3:2": "3:2 landscape", "16:9": "16:9 wide" };
   const CUSTOM = "custom";
-  const POLL_MS = { queued: 500, running: 400 };
+  const POLL_MS = { queued: 500, running: 300 };
   const BACKOFF_MAX_MS = 15000;
 
   const state = {

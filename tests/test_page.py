@@ -19,7 +19,7 @@ from tests.photos import selfie_set
 pytestmark = pytest.mark.slow
 
 BAD_FILE = ("notes.jpg", b"this is a shopping list, not a photo\n")
-REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 96, "height": 64,
+REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 128, "height": 96,
            "quality_mode": "high_fidelity", "seed": 4242}
 PHONE = {"width": 390, "height": 844}
 
