@@ -229,7 +229,7 @@
     }
     if (dropped) {
       showError({ status: 0, code: "too_many_files", title: "Too many photos",
-        message: `At most ${max} photos per upload: ${dropped} of the ones you picked were left out.` });
+        message: `At most ${max} photos per upload: ${dropped} of the photos you picked ${dropped === 1 ? "was" : "were"} left out.` });
     }
     renderSummary(skipped);
     updateButtons();

@@ -294,3 +294,50 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
         assert page.locator("#thumbs .thumb[data-status='pending']").count() == 3
     finally:
         context.close()
+
+
+def test_page_uses_published_options(browser, start_server, tmp_path):
+    """When /system-status publishes `limits` and `options` (the change asked of the service), the
+    form offers exactly those choices; the fields are the ones described in the page's report."""
+    import json
+
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    published = {
+        "limits": {"max_selfies": 12, "max_file_mb": 8, "max_upload_mb": 64, "max_images": 3, "min_side": 64, "max_side": 256},
+        "options": {"quality_modes": ["fast", "balanced"], "aspect_ratios": {"1:1": [128, 128], "3:4": [112, 144]},
+                    "styles": ["none", "studio"], "default_style": "studio", "default_identity_strength": 0.9},
+    }
+
+    def system_status(route):
+        body = {**route.fetch().json(), **published}
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    try:
+        page.route("**/system-status", system_status)
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.wait_for_function("document.getElementById('limit-selfies').textContent === '1–12'")
+        options = lambda sel: page.locator(f"{sel} option").evaluate_all("os => os.map(o => [o.value, o.textContent])")
+        assert options("#quality_mode") == [["fast", "Fast"], ["balanced", "Balanced"]]
+        assert options("#aspect_ratio") == [["1:1", "1:1 square (128×128)"], ["3:4", "3:4 portrait (112×144)"],
+                                            ["custom", "Custom size…"]]
+        assert options("#style") == [["none", "None (prompt only)"], ["studio", "Studio"]]
+        assert page.locator("#style").input_value() == "studio"
+        assert page.locator("#identity_strength").input_value() == "0.9"
+        assert page.locator("#limit-file-mb").inner_text() == "8"
+        assert page.locator("#num_images").get_attribute("max") == "3"
+        assert page.locator("#width").get_attribute("max") == "256"
+        # More files than the published limit: the first 12 are kept and the page says why.
+        paths = []
+        for i in range(13):
+            (tmp_path / f"f{i:02d}.jpg").write_bytes(b"x" * (i + 1))
+            paths.append(str(tmp_path / f"f{i:02d}.jpg"))
+        page.set_input_files("#files", paths)
+        assert page.locator("#thumbs .thumb").count() == 12
+        assert page.locator("#error-title").inner_text() == "Too many photos"
+        assert page.locator("#error-message").inner_text() == "At most 12 photos per upload: 1 of the photos you picked was left out."
+    finally:
+        context.close()
