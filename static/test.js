@@ -200,6 +200,10 @@
     e.preventDefault();
     dropzone.dataset.drag = "false";
   });
+  // The whole zone opens the picker, not only its label (the label and input handle their own clicks).
+  dropzone.addEventListener("click", (e) => {
+    if (!state.uploading && !e.target.closest("label, input")) $("files").click();
+  });
   dropzone.addEventListener("drop", (e) => { if (!state.uploading && e.dataTransfer) addFiles(e.dataTransfer.files); });
   // Dropping outside the zone must not navigate away from the page.
   window.addEventListener("dragover", (e) => e.preventDefault());

@@ -296,7 +296,7 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
         context.close()
 
 
-def test_page_uses_published_options(browser, start_server, tmp_path):
+def test_page_uses_published_options_and_drop(browser, start_server, tmp_path):
     """When /system-status publishes `limits` and `options` (the change asked of the service), the
     form offers exactly those choices; the fields are the ones described in the page's report."""
     import json
@@ -339,5 +339,17 @@ def test_page_uses_published_options(browser, start_server, tmp_path):
         assert page.locator("#thumbs .thumb").count() == 12
         assert page.locator("#error-title").inner_text() == "Too many photos"
         assert page.locator("#error-message").inner_text() == "At most 12 photos per upload: 1 of the photos you picked was left out."
+        # Drag and drop: files dropped on the zone join the selection like picked ones.
+        page.click("#clear-btn")
+        page.evaluate("""() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(['a'], 'dropped_1.jpg', {type: 'image/jpeg'}));
+            dt.items.add(new File(['bb'], 'dropped_2.png', {type: 'image/png'}));
+            const zone = document.getElementById('dropzone');
+            zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+            zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""")
+        assert page.locator("#thumbs .thumb-name").all_inner_texts() == ["dropped_1.jpg", "dropped_2.png"]
+        assert page.locator("#dropzone").get_attribute("data-drag") == "false"
     finally:
         context.close()
