@@ -432,6 +432,8 @@
     $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
     remember();
     updateButtons();
+    // The upload button just got disabled under the keyboard focus: put focus on the report.
+    $("upload-report").focus();
   }
 
   // The thumbnail already names the file: drop a leading "name: " from the API's per-file message.
@@ -695,6 +697,10 @@
     }
     if (changed) $("job-announce").textContent = text.textContent;
     updateButtons();
+    // Generate was disabled (and so lost focus) while the job ran: give focus a sensible home.
+    if (changed && !fresh && !isBusy()) {
+      if (job.status === "succeeded") $("results-heading").focus(); else $("generate-btn").focus();
+    }
     if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
   }
 

@@ -140,6 +140,7 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#upload-counts").inner_text() == "4 of 5 photos accepted · 1 rejected"
     assert page.locator("#upload-progress").evaluate("el => el.value") == 100
     assert page.locator("#thumbs .thumb-remove:enabled").count() == 0  # the uploaded set is fixed now
+    assert page.evaluate("document.activeElement.id") == "upload-report"  # not lost with the disabled button
     shot(page, "1-upload-report", kind)
 
     # --- an API validation error is shown with its message and code; the field is marked ---
@@ -194,6 +195,7 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     # --- gallery: two results with seeds and download links ---
     results = page.locator("#gallery .result")
     assert results.count() == 2
+    assert page.evaluate("document.activeElement.id") == "results-heading"  # focus follows the result
     seeds = [int(results.nth(i).get_attribute("data-seed")) for i in range(2)]
     assert len(set(seeds)) == 2
     if kind == "fake":
