@@ -298,9 +298,10 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
         context.close()
 
 
-def test_page_uses_published_options_and_drop(browser, start_server, tmp_path):
+def test_page_published_options_drop_and_429(browser, start_server, tmp_path):
     """When /system-status publishes `limits` and `options` (the change asked of the service), the
-    form offers exactly those choices; the fields are the ones described in the page's report."""
+    form offers exactly those choices and the file-count limit holds; files can be dropped; a 429
+    shows its message, code and Retry-After. (The options and the 429 are routed responses.)"""
     import json
 
     from tests.fixtures.service import FAKE_APP, server_env
@@ -353,5 +354,15 @@ def test_page_uses_published_options_and_drop(browser, start_server, tmp_path):
         }""")
         assert page.locator("#thumbs .thumb-name").all_inner_texts() == ["dropped_1.jpg", "dropped_2.png"]
         assert page.locator("#dropzone").get_attribute("data-drag") == "false"
+        # 429 as the service sends it (queue full / rate limit): title, message, code, Retry-After.
+        body = {"error": {"code": "queue_full", "message": "the queue is full (32 jobs waiting, TWIN_QUEUE_MAX=32); try again later"}}
+        page.route("**/upload", lambda route: route.fulfill(status=429, headers={"Retry-After": "7"},
+                                                           content_type="application/json", body=json.dumps(body)))
+        page.click("#upload-btn")
+        page.wait_for_function("document.getElementById('error-title').textContent === 'Too many requests'")
+        assert page.locator("#error-message").inner_text() == body["error"]["message"]
+        assert page.locator("#error-code").inner_text() == "queue_full · HTTP 429"
+        assert page.locator("#error-extra").inner_text() == " · try again in 7 s"
+        assert page.locator("#upload-btn").is_enabled()
     finally:
         context.close()
