@@ -1,72 +1,769 @@
-// Minimal client for the API: upload -> generate -> poll /status -> show outputs.
-// The client token comes back as an HttpOnly cookie from /upload, so fetch() sends it automatically.
+// Digital Twin page: upload selfies -> per-photo report -> generate -> live progress -> gallery.
+// Plain browser JavaScript, no dependencies. The client token comes back from /upload as an HttpOnly
+// cookie, so same-origin requests carry it without this script ever seeing it.
 "use strict";
-const $ = (id) => document.getElementById(id);
-let sessionId = null;
-let jobId = null;
 
-async function api(path, options = {}) {
-  const resp = await fetch(path, { credentials: "same-origin", ...options });
-  const body = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
-    const err = body.error || { code: "http_" + resp.status, message: resp.statusText };
-    throw Object.assign(new Error(err.message), { code: err.code, body });
+(() => {
+  const $ = (id) => document.getElementById(id);
+
+  // Built-in choices, used when the service does not publish its own (see loadOptions).
+  const FALLBACK = {
+    limits: { max_selfies: 50, max_file_mb: 20, max_upload_mb: 200, max_images: 4, min_side: 64, max_side: 1536 },
+    quality_modes: ["fast", "balanced", "high_fidelity"],
+    aspect_ratios: ["1:1", "4:5", "3:4", "2:3", "9:16", "5:4", "4:3", "3:2", "16:9"],
+    styles: ["photoreal", "cinematic", "studio", "editorial", "none"],
+    default_style: "photoreal",
+  };
+  const QUALITY_LABELS = { fast: "Fast", balanced: "Balanced", high_fidelity: "High fidelity" };
+  const ASPECT_LABELS = { "1:1": "1:1 square", "4:5": "4:5 portrait", "3:4": "3:4 portrait", "2:3": "2:3 portrait",
+    "9:16": "9:16 tall", "5:4": "5:4 landscape", "4:3": "4:3 landscape", "3:2": "3:2 landscape", "16:9": "16:9 wide" };
+  const CUSTOM = "custom";
+  const POLL_MS = { queued: 500, running: 300 };
+  const BACKOFF_MAX_MS = 15000;
+
+  const state = {
+    limits: { ...FALLBACK.limits },
+    selection: [],        // [{file, li, status}]
+    locked: false,        // true once the selection has been uploaded (its report is on the thumbnails)
+    uploading: false,
+    sessionId: null,
+    job: null,            // the job being watched
+    pollTimer: null,
+    failures: 0,          // consecutive polling failures
+    healthTimer: null,
+    ready: false,
+  };
+
+  // ---------------------------------------------------------------------------------------------
+  // Errors: one persistent area with the API's code and message.
+  const TITLES = {
+    400: "Please check your request", 401: "An API key is needed", 404: "Not found", 409: "Conflict",
+    413: "Upload too large", 415: "Unsupported request", 422: "No usable selfies", 429: "Too many requests",
+    500: "Server error", 503: "The service is not ready", 507: "The server is out of disk space",
+  };
+
+  function showError({ status = 0, code = "error", message = "", retryAfter = null, title = null }) {
+    $("error-title").textContent = title || TITLES[status] || (status ? `Request failed (HTTP ${status})` : "Connection problem");
+    $("error-message").textContent = message;
+    $("error-code").textContent = code + (status ? ` · HTTP ${status}` : "");
+    $("error-extra").textContent = retryAfter ? ` · try again in ${retryAfter} s` : "";
+    $("error-area").hidden = false;
   }
-  return body;
-}
-
-async function checkHealth() {
-  try {
-    const h = await api("/health");
-    $("health").textContent = `service: ${h.state}` + (h.is_demo ? " (demo model)" : "") + (h.error ? ` — ${h.error}` : "");
-    if (h.state === "starting") setTimeout(checkHealth, 2000);
-  } catch (e) { $("health").textContent = "service unreachable"; }
-}
-
-$("upload-form").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const data = new FormData();
-  for (const f of $("files").files) data.append("files", f);
-  $("upload-result").textContent = "uploading…";
-  try {
-    const r = await api("/upload", { method: "POST", body: data });
-    sessionId = r.session_id;
-    $("upload-result").textContent = `accepted ${r.accepted_count} of ${r.total}\n` + JSON.stringify(r.report, null, 2);
-  } catch (e) {
-    $("upload-result").textContent = `${e.code}: ${e.message}\n` + JSON.stringify(e.body, null, 2);
+  function clearError() {
+    $("error-area").hidden = true;
+    for (const el of document.querySelectorAll("[aria-invalid='true']")) {
+      el.removeAttribute("aria-invalid");
+      const ids = (el.getAttribute("aria-describedby") || "").split(" ").filter((x) => x && x !== `${el.id}-error`);
+      if (ids.length) el.setAttribute("aria-describedby", ids.join(" ")); else el.removeAttribute("aria-describedby");
+    }
+    for (const el of document.querySelectorAll(".field-error")) el.remove();
   }
-});
+  $("error-dismiss").addEventListener("click", clearError);
 
-$("generate-form").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const payload = { prompt: $("prompt").value, num_images: Number($("num_images").value), quality_mode: $("quality_mode").value };
-  if (sessionId) payload.session_id = sessionId;
-  $("gallery").innerHTML = "";
-  try {
-    const job = await api("/generate", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
-    jobId = job.id;
-    $("cancel").disabled = false;
-    poll();
-  } catch (e) { $("job-status").textContent = `${e.code}: ${e.message}`; }
-});
-
-$("cancel").addEventListener("click", async () => {
-  if (jobId) { try { await api(`/cancel/${jobId}`, { method: "POST" }); } catch (e) { /* already finished */ } }
-});
-
-async function poll() {
-  const job = await api(`/status/${jobId}`);
-  $("progress").value = job.progress.fraction;
-  const where = job.position ? ` (position ${job.position})` : "";
-  $("job-status").textContent = `${job.status}${where}` + (job.error ? ` — ${job.error.message}` : "");
-  if (["queued", "running"].includes(job.status)) { setTimeout(poll, 500); return; }
-  $("cancel").disabled = true;
-  for (const out of job.outputs) {
-    const img = document.createElement("img");
-    img.src = out.url + "?inline=1";
-    img.alt = out.filename;
-    $("gallery").appendChild(img);
+  class ApiError extends Error {
+    constructor(status, body, headers) {
+      const err = (body && body.error) || {};
+      super(err.message || `the server answered HTTP ${status}`);
+      this.status = status;
+      this.code = err.code || `http_${status}`;
+      this.details = err.details || null;
+      const ra = headers && headers.get ? headers.get("Retry-After") : null;
+      this.retryAfter = ra ? Number(ra) || ra : null;
+    }
   }
-}
+  class NetworkError extends Error {
+    constructor(message) { super(message); this.code = "network_error"; this.status = 0; }
+  }
 
-checkHealth();
+  async function api(path, options = {}) {
+    let resp;
+    try {
+      resp = await fetch(path, { credentials: "same-origin", cache: "no-store", ...options });
+    } catch (e) {
+      throw new NetworkError("the connection to the server was lost; check that it is running and your network is up");
+    }
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    if (!resp.ok) throw new ApiError(resp.status, body, resp.headers);
+    return body;
+  }
+
+  function reportError(e, extra = {}) {
+    showError({ status: e.status || 0, code: e.code || "error", message: e.message, retryAfter: e.retryAfter, ...extra });
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Service health, demo banner, published options.
+  // Live regions re-announce on every write: only write when the text changes.
+  function say(el, text) { if (el.textContent !== text) el.textContent = text; }
+
+  async function checkHealth() {
+    clearTimeout(state.healthTimer);
+    const pill = $("service-state");
+    let next = 15000;
+    try {
+      const h = await api("/health");
+      pill.dataset.state = h.state;
+      if (h.state === "ready") {
+        say(pill, "Service ready" + (h.profile ? ` · ${h.profile} model` : ""));
+        if (!state.ready) { state.ready = true; await loadOptions(); await restore(); updateButtons(); }
+      } else if (h.state === "starting") {
+        say(pill, "Models loading…");
+        next = 2000;
+      } else {
+        say(pill, "Service failed to start");
+        if (state.health !== "setup_failed") {  // once, not again every check after a dismiss
+          showError({ status: 503, code: "setup_failed", message: h.error || "the service failed to start" });
+        }
+        next = 30000;
+      }
+      state.ready = h.state === "ready";
+      state.health = h.state;
+      renderSummary(0);
+      setDemo(h.is_demo === true || h.profile === "tiny", h.profile);
+    } catch (e) {
+      pill.dataset.state = "unreachable";
+      state.health = "unreachable";
+      renderSummary(0);
+      say(pill, "Service unreachable · retrying");
+      state.ready = false;
+      next = 5000;
+    }
+    updateButtons();
+    state.healthTimer = setTimeout(checkHealth, next);
+  }
+
+  function setDemo(on, profile) {
+    $("demo-banner").hidden = !on;
+    if (on && profile) {
+      $("demo-banner").dataset.profile = profile;
+      $("demo-text").textContent = `The service runs the “${profile}” demo profile: results are small test images, ` +
+        "not real portraits. An operator installs the real SDXL weights to get portraits.";
+    }
+  }
+
+  // /system-status may publish `limits` and `options` (choices of the loaded model); without them
+  // the page keeps its built-in lists and the API still validates every request.
+  async function loadOptions() {
+    let sys = {};
+    try { sys = await api("/system-status"); } catch (e) { sys = {}; }
+    applyOptions(sys);
+  }
+
+  function applyOptions(sys) {
+    const lim = sys.limits || {};
+    const opt = sys.options || {};
+    for (const k of Object.keys(state.limits)) if (typeof lim[k] === "number") state.limits[k] = lim[k];
+    if (sys.model && sys.model.is_demo) setDemo(true, sys.model.profile);
+    const modes = Array.isArray(opt.quality_modes) && opt.quality_modes.length ? opt.quality_modes : FALLBACK.quality_modes;
+    const ratios = opt.aspect_ratios && typeof opt.aspect_ratios === "object"
+      ? (Array.isArray(opt.aspect_ratios) ? opt.aspect_ratios : Object.keys(opt.aspect_ratios)) : FALLBACK.aspect_ratios;
+    const styles = Array.isArray(opt.styles) && opt.styles.length ? opt.styles : FALLBACK.styles;
+    fillSelect($("quality_mode"), modes, (m) => QUALITY_LABELS[m] || m, opt.default_quality_mode || "balanced");
+    const sizes = !Array.isArray(opt.aspect_ratios) && opt.aspect_ratios ? opt.aspect_ratios : {};
+    fillSelect($("aspect_ratio"), [...ratios, CUSTOM], (r) => r === CUSTOM ? "Custom size…"
+      : (ASPECT_LABELS[r] || r) + (Array.isArray(sizes[r]) ? ` (${sizes[r][0]}×${sizes[r][1]})` : ""), "1:1");
+    fillSelect($("style"), styles, (s) => s === "none" ? "None (prompt only)" : s[0].toUpperCase() + s.slice(1),
+      opt.default_style || FALLBACK.default_style);
+    $("limit-selfies").textContent = `1–${state.limits.max_selfies}`;
+    $("limit-file-mb").textContent = String(state.limits.max_file_mb);
+    $("num_images").max = String(state.limits.max_images);
+    for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
+    if (typeof opt.default_identity_strength === "number" && !state.touchedStrength) {
+      $("identity_strength").value = String(opt.default_identity_strength);
+      $("identity_strength_out").textContent = opt.default_identity_strength.toFixed(2);
+    }
+    const m = sys.model || {};
+    $("footer-info").textContent = [m.model_name, m.variant && `adapter ${m.variant}`, sys.face_backend && `faces ${sys.face_backend}`,
+      sys.device && sys.device.name].filter(Boolean).join(" · ");
+  }
+
+  function fillSelect(select, values, label, preferred) {
+    const keep = select.value;
+    select.textContent = "";
+    for (const v of values) {
+      const o = document.createElement("option");
+      o.value = v; o.textContent = label(v);
+      select.appendChild(o);
+    }
+    select.value = values.includes(keep) ? keep : (values.includes(preferred) ? preferred : values[0]);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Selection: drag-and-drop or the file picker, thumbnails from object URLs (revoked once drawn).
+  const dropzone = $("dropzone");
+  for (const ev of ["dragenter", "dragover"]) dropzone.addEventListener(ev, (e) => {
+    e.preventDefault();
+    if (!state.uploading) dropzone.dataset.drag = "true";
+  });
+  for (const ev of ["dragleave", "drop"]) dropzone.addEventListener(ev, (e) => {
+    e.preventDefault();
+    dropzone.dataset.drag = "false";
+  });
+  // The whole zone opens the picker, not only its label (the label and input handle their own clicks).
+  dropzone.addEventListener("click", (e) => {
+    if (!state.uploading && !e.target.closest("label, input")) $("files").click();
+  });
+  dropzone.addEventListener("drop", (e) => { if (!state.uploading && e.dataTransfer) addFiles(e.dataTransfer.files); });
+  // Dropping outside the zone must not navigate away from the page.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  $("files").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+
+  function fmtBytes(n) {
+    if (n < 1024) return `${n} B`;
+    if (n < 1048576) return `${(n / 1024).toFixed(0)} KB`;
+    return `${(n / 1048576).toFixed(1)} MB`;
+  }
+
+  function addFiles(list) {
+    if (state.uploading) return;
+    if (state.locked) resetSelection();  // a new pick after an upload starts a new set
+    const files = Array.from(list || []);
+    const max = state.limits.max_selfies;
+    const seen = new Set(state.selection.map((s) => `${s.file.name}|${s.file.size}|${s.file.lastModified}`));
+    let skipped = 0;
+    let dropped = 0;
+    for (const file of files) {
+      const key = `${file.name}|${file.size}|${file.lastModified}`;
+      if (seen.has(key)) { skipped += 1; continue; }
+      if (state.selection.length >= max) { dropped += 1; continue; }
+      seen.add(key);
+      state.selection.push(makeThumb(file));
+    }
+    if (dropped) {
+      showError({ status: 0, code: "too_many_files", title: "Too many photos",
+        message: `At most ${max} photos per upload: ${dropped} of the photos you picked ${dropped === 1 ? "was" : "were"} left out.` });
+    }
+    renderSummary(skipped);
+    updateButtons();
+  }
+
+  function makeThumb(file) {
+    const li = $("thumb-template").content.firstElementChild.cloneNode(true);
+    const entry = { file, li, status: "pending" };
+    li.querySelector(".thumb-name").textContent = file.name;
+    li.querySelector(".thumb-name").title = file.name;
+    li.querySelector(".thumb-size").textContent = fmtBytes(file.size);
+    const tooBig = file.size > state.limits.max_file_mb * 1048576;
+    setThumbStatus(entry, "pending", tooBig ? `Larger than ${state.limits.max_file_mb} MB: the server will refuse it` : "Ready to upload");
+    const img = li.querySelector("img");
+    img.alt = `Preview of ${file.name}`;
+    const url = URL.createObjectURL(file);
+    const done = () => URL.revokeObjectURL(url);  // the decoded picture stays on screen
+    img.addEventListener("load", done, { once: true });
+    img.addEventListener("error", () => {
+      done();
+      const box = li.querySelector(".thumb-img");
+      box.textContent = "";
+      const span = document.createElement("span");
+      span.className = "no-preview";
+      span.textContent = "No preview";
+      box.appendChild(span);
+    }, { once: true });
+    img.src = url;
+    const rm = li.querySelector(".thumb-remove");
+    rm.setAttribute("aria-label", `Remove ${file.name}`);
+    rm.addEventListener("click", () => removeThumb(entry));
+    $("thumbs").appendChild(li);
+    return entry;
+  }
+
+  function setThumbStatus(entry, status, text, warnings = []) {
+    entry.status = status;
+    entry.li.dataset.status = status;
+    const el = entry.li.querySelector(".thumb-status");
+    el.textContent = text;
+    const old = entry.li.querySelector(".thumb-warnings");
+    if (old) old.remove();
+    if (warnings.length) {
+      const ul = document.createElement("ul");
+      ul.className = "thumb-warnings";
+      for (const w of warnings) {
+        const li = document.createElement("li");
+        li.textContent = withoutName(typeof w === "string" ? w : (w.message || w.code), entry.file.name);
+        ul.appendChild(li);
+      }
+      el.after(ul);
+    }
+  }
+
+  function removeThumb(entry) {
+    if (state.uploading || state.locked) return;
+    const i = state.selection.indexOf(entry);
+    if (i < 0) return;
+    state.selection.splice(i, 1);
+    const next = state.selection[i] || state.selection[i - 1];
+    entry.li.remove();
+    // Keep keyboard focus in the list rather than dropping it to the page top.
+    if (next) next.li.querySelector(".thumb-remove").focus(); else $("files").focus();
+    renderSummary(0);
+    updateButtons();
+  }
+
+  function resetSelection() {
+    for (const s of state.selection) s.li.remove();
+    state.selection = [];
+    state.locked = false;
+    $("upload-report").hidden = true;
+    $("upload-progress-wrap").hidden = true;
+    renderSummary(0);
+    updateButtons();
+  }
+  $("clear-btn").addEventListener("click", () => { resetSelection(); $("files").focus(); });
+
+  function renderSummary(skipped) {
+    const n = state.selection.length;
+    const bytes = state.selection.reduce((a, s) => a + s.file.size, 0);
+    let text = n ? `${n} photo${n === 1 ? "" : "s"} selected (${fmtBytes(bytes)})` : "";
+    if (skipped) text += ` · ${skipped} duplicate${skipped === 1 ? "" : "s"} skipped`;
+    if (n && n < 5 && !state.locked) text += " · more photos (10 or so) give a better likeness";
+    if (n && state.locked) text += " · to upload a different set, pick new photos";
+    if (n && !state.ready && !state.locked) text += " · the upload opens once the service is ready";
+    $("selection-summary").textContent = text;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Upload with a progress bar (XMLHttpRequest: fetch cannot report upload progress).
+  $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); upload(); });
+
+  function upload() {
+    if (state.uploading || !state.selection.length || state.locked) return;
+    const total = state.selection.reduce((a, s) => a + s.file.size, 0);
+    if (total > state.limits.max_upload_mb * 1048576) {
+      showError({ status: 413, code: "payload_too_large", title: "Upload too large",
+        message: `These photos add up to ${fmtBytes(total)}; one upload may be at most ${state.limits.max_upload_mb} MB. Remove some and try again.` });
+      return;
+    }
+    clearError();
+    const form = new FormData();
+    for (const s of state.selection) form.append("files", s.file, s.file.name);
+    for (const s of state.selection) setThumbStatus(s, "pending", "Uploading…");
+    state.uploading = true;
+    updateButtons();
+    const bar = $("upload-progress");
+    bar.value = 0;
+    $("upload-progress-label").textContent = "Uploading… 0 %";
+    $("upload-progress-wrap").hidden = false;
+    $("upload-report").hidden = true;
+
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/upload");
+    xhr.responseType = "json";
+    xhr.withCredentials = true;
+    xhr.upload.addEventListener("progress", (ev) => {
+      if (!ev.lengthComputable) return;
+      const pct = Math.round((ev.loaded / ev.total) * 100);
+      bar.value = pct;
+      $("upload-progress-label").textContent = pct >= 100 ? "Checking the faces…" : `Uploading… ${pct} %`;
+    });
+    xhr.upload.addEventListener("load", () => {
+      bar.value = 100;
+      $("upload-progress-label").textContent = "Checking the faces…";
+    });
+    const finish = () => { state.uploading = false; updateButtons(); };
+    xhr.addEventListener("load", () => {
+      finish();
+      const body = xhr.response;
+      if (xhr.status === 200 && body) {
+        onUploaded(body);
+        return;
+      }
+      const hdr = { get: (k) => xhr.getResponseHeader(k) };
+      const err = new ApiError(xhr.status, body, hdr);
+      $("upload-progress-label").textContent = "Upload failed";
+      bar.value = 0;
+      if (err.details && err.details.report) {
+        applyReport(err.details.report);
+        state.locked = true;
+        updateButtons();
+      } else {
+        for (const s of state.selection) setThumbStatus(s, "pending", "Not uploaded");
+      }
+      reportError(err);
+    });
+    const dropped = (why) => () => {
+      finish();
+      $("upload-progress-label").textContent = "Upload failed";
+      bar.value = 0;
+      for (const s of state.selection) setThumbStatus(s, "pending", "Not uploaded");
+      showError({ status: 0, code: "network_error", title: "Connection problem",
+        message: `The upload ${why}. Check that the server is running, then press "Upload and check" again.` +
+          " (A server also drops an upload that is far over its size limit.)" });
+    };
+    xhr.addEventListener("error", dropped("was cut off before the server answered"));
+    xhr.addEventListener("timeout", dropped("timed out"));
+    xhr.send(form);
+  }
+
+  // The session and the last job survive a reload of the tab (the client cookie does too).
+  const STORE_KEY = "twin-page";
+  function remember() {
+    try {
+      sessionStorage.setItem(STORE_KEY, JSON.stringify({ sessionId: state.sessionId, accepted: state.accepted,
+        jobId: state.job ? state.job.id : null }));
+    } catch (e) { /* storage off: nothing to restore later */ }
+  }
+  async function restore() {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(STORE_KEY) || "null"); } catch (e) { saved = null; }
+    if (!saved || !saved.sessionId || state.sessionId) return;
+    state.sessionId = saved.sessionId;
+    state.accepted = saved.accepted;
+    $("delete-session-btn").hidden = false;
+    $("generate-hint").textContent = `Using your earlier upload (${saved.accepted ?? "?"} accepted selfies). Upload new photos to start over.`;
+    if (saved.jobId) {
+      try {
+        const job = await api(`/status/${encodeURIComponent(saved.jobId)}`);
+        $("job-panel").hidden = false;
+        onJob(job);
+      } catch (e) { /* the job is gone (deleted, expired): nothing to show */ }
+    }
+    updateButtons();
+  }
+
+  function onUploaded(body) {
+    state.sessionId = body.session_id;
+    state.accepted = body.accepted_count;
+    state.locked = true;
+    applyReport(body.report || {}, body);
+    $("upload-progress-label").textContent = "Upload complete";
+    $("delete-session-btn").hidden = false;
+    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
+    remember();
+    updateButtons();
+    // The upload button just got disabled under the keyboard focus: put focus on the report.
+    $("upload-report").focus();
+  }
+
+  // The thumbnail already names the file: drop a leading "name: " from the API's per-file message.
+  function withoutName(text, name) {
+    return text.startsWith(`${name}: `) ? text.slice(name.length + 2) : text;
+  }
+
+  function isAccepted(entry) { return entry.accepted === true || entry.status === "accepted"; }
+
+  function applyReport(report, body = {}) {
+    const files = Array.isArray(report.files) ? report.files : [];
+    let accepted = 0;
+    let rejected = 0;
+    files.forEach((f, i) => {
+      const idx = Number.isInteger(f.index) ? f.index : i;
+      const entry = state.selection[idx];
+      const ok = isAccepted(f);
+      if (ok) accepted += 1; else rejected += 1;
+      if (!entry) return;
+      const warnings = Array.isArray(f.warnings) ? f.warnings : [];
+      if (ok) setThumbStatus(entry, "accepted", "✓ Accepted", warnings);
+      else setThumbStatus(entry, "rejected", `✗ Rejected: ${withoutName(f.message || f.code || "not usable", entry.file.name)}`);
+      entry.li.dataset.code = ok ? "" : (f.code || "");
+    });
+    const counts = report.counts || {};
+    accepted = body.accepted_count ?? counts.accepted ?? report.accepted ?? accepted;
+    rejected = body.rejected_count ?? counts.rejected ?? report.rejected ?? rejected;
+    const total = accepted + rejected;
+    $("upload-counts").textContent = `${accepted} of ${total} photo${total === 1 ? "" : "s"} accepted · ${rejected} rejected`;
+    const wl = $("upload-warnings");
+    wl.textContent = "";
+    const warnings = body.warnings || report.warnings || [];
+    for (const w of warnings) {
+      const li = document.createElement("li");
+      li.textContent = typeof w === "string" ? w : (w.message || w.code);
+      wl.appendChild(li);
+    }
+    $("upload-report").hidden = false;
+    renderSummary(0);
+  }
+
+  $("delete-session-btn").addEventListener("click", async () => {
+    if (!state.sessionId) return;
+    if (!window.confirm("Delete your uploaded photos, their face data and all generated images from the server?")) return;
+    const btn = $("delete-session-btn");
+    btn.disabled = true;
+    try {
+      await api(`/sessions/${encodeURIComponent(state.sessionId)}`, { method: "DELETE" });
+      state.sessionId = null;
+      stopPolling();
+      state.job = null;
+      remember();
+      resetSelection();
+      $("gallery").textContent = "";
+      $("gallery-empty").hidden = false;
+      $("job-panel").hidden = true;
+      btn.hidden = true;
+      $("generate-hint").textContent = "Your photos were deleted. Upload selfies to start again.";
+    } catch (e) {
+      reportError(e);
+    } finally {
+      btn.disabled = false;
+      updateButtons();
+    }
+  });
+
+  // ---------------------------------------------------------------------------------------------
+  // Generation form.
+  $("identity_strength").addEventListener("input", (e) => {
+    state.touchedStrength = true;
+    $("identity_strength_out").textContent = Number(e.target.value).toFixed(2);
+  });
+  $("aspect_ratio").addEventListener("change", () => {
+    $("custom-size").hidden = $("aspect_ratio").value !== CUSTOM;
+  });
+
+  // Numbers go as numbers when they are whole; anything else goes as typed, so the API's own
+  // message (which names the value) explains what is wrong.
+  function intOrRaw(v) {
+    const t = String(v).trim();
+    return /^-?\d+$/.test(t) ? Number(t) : t;
+  }
+
+  function buildPayload() {
+    const p = { prompt: $("prompt").value };
+    const neg = $("negative_prompt").value;
+    if (neg.trim()) p.negative_prompt = neg;
+    p.num_images = intOrRaw($("num_images").value);
+    p.quality_mode = $("quality_mode").value;
+    if ($("aspect_ratio").value === CUSTOM) {
+      p.width = intOrRaw($("width").value);
+      p.height = intOrRaw($("height").value);
+    } else {
+      p.aspect_ratio = $("aspect_ratio").value;
+    }
+    p.style = $("style").value;
+    p.identity_strength = Number($("identity_strength").value);
+    const seed = $("seed").value;
+    if (seed.trim() !== "") p.seed = intOrRaw(seed);
+    if (state.sessionId) p.session_id = state.sessionId;
+    return p;
+  }
+
+  // The API's messages start with the offending field ("num_images=7 is not between 1 and 4").
+  function markField(message) {
+    const m = /^([a-z_]+)(=| has )/.exec(message || "");
+    if (!m) return;
+    const el = $(m[1]);
+    if (!el || !el.closest("#generate-form")) return;
+    // The message also goes next to the field: the banner at the top may be scrolled out of view.
+    const note = document.createElement("p");
+    note.className = "field-error small";
+    note.id = `${el.id}-error`;
+    note.textContent = message;
+    (el.closest(".field") || el.parentElement).appendChild(note);
+    el.setAttribute("aria-invalid", "true");
+    el.setAttribute("aria-describedby", [el.getAttribute("aria-describedby"), note.id].filter(Boolean).join(" "));
+    el.focus();
+  }
+
+  $("generate-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (isBusy() || !state.sessionId) return;
+    clearError();
+    const btn = $("generate-btn");
+    btn.disabled = true;
+    btn.setAttribute("aria-busy", "true");
+    try {
+      const job = await api("/generate", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(buildPayload()) });
+      startWatching(job);
+    } catch (err) {
+      reportError(err);
+      if (err.status === 400) markField(err.message);
+      if (err.status === 404 && /^session /.test(err.message)) {
+        state.sessionId = null;  // deleted or expired on the server: a new upload is needed
+        remember();
+        $("delete-session-btn").hidden = true;
+        $("generate-hint").textContent = "Your earlier upload is no longer on the server; upload selfies again.";
+      }
+    } finally {
+      btn.removeAttribute("aria-busy");
+      updateButtons();
+    }
+  });
+
+  $("cancel-btn").addEventListener("click", async () => {
+    if (!state.job) return;
+    const btn = $("cancel-btn");
+    btn.disabled = true;
+    btn.setAttribute("aria-busy", "true");
+    $("job-progress-text").textContent = "Canceling…";
+    try {
+      const job = await api(`/cancel/${encodeURIComponent(state.job.id)}`, { method: "POST" });
+      onJob(job);
+    } catch (err) {
+      if (err.status !== 409) reportError(err);  // 409: it finished meanwhile; the next poll shows how
+      poll();
+    } finally {
+      btn.removeAttribute("aria-busy");
+      updateButtons();
+    }
+  });
+
+  // ---------------------------------------------------------------------------------------------
+  // Watching a job: poll /status, back off on connection errors instead of giving up.
+  function isBusy() { return !!state.job && ["queued", "running"].includes(state.job.status); }
+
+  function startWatching(job) {
+    state.failures = 0;
+    $("net-status").hidden = true;
+    $("job-panel").hidden = false;
+    onJob(job);
+  }
+
+  function stopPolling() { clearTimeout(state.pollTimer); state.pollTimer = null; }
+
+  async function poll() {
+    stopPolling();
+    if (!state.job) return;
+    try {
+      const job = await api(`/status/${encodeURIComponent(state.job.id)}`);
+      if (state.failures) {
+        state.failures = 0;
+        const ns = $("net-status");
+        ns.textContent = "Reconnected.";
+        setTimeout(() => { if (!state.failures) ns.hidden = true; }, 2500);
+      }
+      onJob(job);
+    } catch (err) {
+      if (err instanceof NetworkError || err.status >= 500 || err.status === 429) {
+        state.failures += 1;
+        const wait = Math.min(BACKOFF_MAX_MS, 1000 * 2 ** (state.failures - 1),
+          err.retryAfter ? Number(err.retryAfter) * 1000 || BACKOFF_MAX_MS : BACKOFF_MAX_MS);
+        showNetProblem(err, wait);
+        state.pollTimer = setTimeout(poll, wait);
+      } else {
+        // 404 and the like: the job is gone (session deleted, another client). Stop and say so.
+        state.job = { ...state.job, status: "failed" };
+        reportError(err);
+        $("job-progress-text").textContent = "Stopped watching the job.";
+        updateButtons();
+      }
+    }
+  }
+
+  function showNetProblem(err, wait) {
+    const ns = $("net-status");
+    ns.textContent = "";
+    const what = err instanceof NetworkError ? "Connection to the server lost" : `The server answered ${err.status} (${err.code})`;
+    ns.append(`${what}; retrying in ${Math.round(wait / 1000)} s (attempt ${state.failures}). `);
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "btn btn-small";
+    b.textContent = "Retry now";
+    b.addEventListener("click", () => poll());
+    ns.appendChild(b);
+    ns.hidden = false;
+  }
+
+  function fmtEta(s) {
+    if (s == null) return "estimating…";
+    if (s < 60) return `${Math.max(0, Math.round(s))} s`;
+    return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  }
+
+  function onJob(job) {
+    stopPolling();  // one poll chain at a time, whoever delivered this job state
+    const fresh = !state.job || state.job.id !== job.id;
+    const changed = fresh || state.job.status !== job.status;
+    state.job = job;
+    if (fresh) remember();
+    const bar = $("job-progress");
+    const p = job.progress || {};
+    const total = p.total || 0;
+    const step = p.step || 0;
+    if (total) { bar.max = total; bar.value = step; } else if (job.status === "succeeded") { bar.max = 1; bar.value = 1; } else { bar.max = 1; bar.value = 0; }
+    bar.dataset.step = String(step);
+    bar.dataset.total = String(total);
+    bar.dataset.status = job.status;
+    const text = $("job-progress-text");
+    const n = (job.request && job.request.num_images) || "";
+    if (job.status === "queued") {
+      text.textContent = job.position ? `Queued · position ${job.position} in line` : "Queued…";
+    } else if (job.status === "running") {
+      text.textContent = total
+        ? `Generating ${n ? n + " image" + (n === 1 ? "" : "s") + " · " : ""}step ${step} / ${total} · ETA ${fmtEta(p.eta_seconds)}`
+        : "Starting…";
+    } else if (job.status === "succeeded") {
+      const secs = job.started_at && job.finished_at ? (Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000 : null;
+      text.textContent = `Done: ${job.outputs.length} image${job.outputs.length === 1 ? "" : "s"}` +
+        (total ? ` · ${total} steps` : "") + (secs != null ? ` in ${secs.toFixed(1)} s` : "");
+      renderOutputs(job);
+    } else if (job.status === "canceled") {
+      text.textContent = "Canceled.";
+      if (job.outputs && job.outputs.length) renderOutputs(job);
+    } else if (job.status === "failed") {
+      const er = job.error || {};
+      text.textContent = `Failed: ${er.message || "unknown error"}`;
+      showError({ status: 0, code: er.code || "failed", title: "Generation failed", message: er.message || "the job failed" });
+    }
+    if (changed) $("job-announce").textContent = text.textContent;
+    updateButtons();
+    // Generate was disabled (and so lost focus) while the job ran: give focus a sensible home.
+    if (changed && !fresh && !isBusy()) {
+      if (job.status === "succeeded") $("results-heading").focus(); else $("generate-btn").focus();
+    }
+    if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
+  }
+
+  function renderOutputs(job) {
+    const gallery = $("gallery");
+    if (gallery.querySelector(`[data-job="${CSS.escape(job.id)}"]`)) return;
+    const frag = document.createDocumentFragment();
+    const head = document.createElement("li");
+    head.className = "gallery-job";
+    head.dataset.job = job.id;
+    const r = job.request || {};
+    head.textContent = `“${r.prompt || ""}”` + (r.style ? ` · ${r.style}` : "") + (r.quality_mode ? ` · ${r.quality_mode}` : "");
+    frag.appendChild(head);
+    for (const out of job.outputs || []) {
+      const li = $("result-template").content.firstElementChild.cloneNode(true);
+      li.dataset.filename = out.filename;
+      li.dataset.seed = String(out.seed);
+      const img = li.querySelector("img");
+      img.src = `${out.url}?inline=1`;
+      img.alt = `Generated portrait ${out.filename}, seed ${out.seed}`;
+      if (out.width && out.width < 256) img.classList.add("pixelated");
+      if (out.width && out.height) { img.width = out.width; img.height = out.height; }
+      const view = li.querySelector(".result-view");
+      view.href = `${out.url}?inline=1`;
+      view.setAttribute("aria-label", `Open ${out.filename} full size`);
+      li.querySelector(".result-name").textContent = out.filename;
+      li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
+      const extra = [];
+      if (out.width && out.height) extra.push(`${out.width}×${out.height}`);
+      if (typeof out.identity_similarity === "number") extra.push(`likeness ${out.identity_similarity.toFixed(2)}`);
+      li.querySelector(".result-extra").textContent = extra.join(" · ");
+      const dl = li.querySelector(".result-download");
+      dl.href = out.url;
+      dl.setAttribute("download", out.filename);
+      dl.setAttribute("aria-label", `Download ${out.filename}`);
+      const reuse = li.querySelector(".result-reuse");
+      reuse.setAttribute("aria-label", `Use seed ${out.seed} for the next generation`);
+      reuse.addEventListener("click", () => { $("seed").value = String(out.seed); $("seed").focus(); });
+      frag.appendChild(li);
+    }
+    gallery.prepend(frag);
+    $("gallery-empty").hidden = true;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  function updateButtons() {
+    const busyJob = isBusy();
+    const n = state.selection.length;
+    $("upload-btn").disabled = !state.ready || state.uploading || !n || state.locked;
+    $("upload-btn").setAttribute("aria-busy", state.uploading ? "true" : "false");
+    $("upload-btn").textContent = state.uploading ? "Uploading…" : "Upload and check";
+    $("clear-btn").disabled = state.uploading || !n;
+    $("files").disabled = state.uploading;
+    for (const s of state.selection) s.li.querySelector(".thumb-remove").disabled = state.uploading || state.locked;
+    $("generate-fields").disabled = !state.sessionId;
+    const gen = $("generate-btn");
+    if (gen.getAttribute("aria-busy") !== "true") gen.disabled = !state.ready || !state.sessionId || busyJob;
+    gen.textContent = busyJob ? "Generating…" : "Generate";
+    const cancel = $("cancel-btn");
+    if (cancel.getAttribute("aria-busy") !== "true") cancel.disabled = !busyJob;
+  }
+
+  applyOptions({});
+  checkHealth();
+  updateButtons();
+})();

@@ -1,0 +1,368 @@
+"""The /test page driven end to end in headless Debian chromium (Playwright) against gunicorn.
+
+The "real" case runs the tiny profile with the dlib face service; the "fake" case runs the same
+script on the fakes so the page is covered before the engines are merged. Screenshots go to
+test-artifacts/ (upload report, API error, progress, gallery, phone width).
+
+Run: /work/venv/bin/python -m pytest tests/test_page.py -q
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.page_helpers import ARTIFACTS, CHROMIUM_ARGS, find_chromium, png_size
+from tests.photos import selfie_set
+
+pytestmark = pytest.mark.slow
+
+BAD_FILE = ("notes.jpg", b"this is a shopping list, not a photo\n")
+REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 128, "height": 96,
+           "quality_mode": "high_fidelity", "seed": 4242}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; scripts/setup_system.sh installs Debian's chromium")
+        pytest.skip("chromium is not installed (scripts/setup_system.sh installs it); CI fails instead of skipping")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page_server(server_kind, start_server):
+    kind, app_spec, env = server_kind
+    if kind == "fake":
+        env = {**env, "FAKE_STEP_SECONDS": "0.5"}  # the fake is instant otherwise; progress must be visible
+    else:
+        # CPU on every machine: on a GPU the tiny model finishes 40 steps faster than a person (or a
+        # poll) can watch, and the test is about the page, not the device.
+        env = {**env, "TWIN_DEVICE": "cpu"}
+    return kind, start_server(env, app_spec=app_spec)
+
+
+def shot(page, name: str, kind: str, full_page: bool = True) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"page-{kind}-{name}.png"), full_page=full_page)
+
+
+def test_page_end_to_end(page_server, browser, tmp_path):
+    kind, server = page_server
+    console_errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    try:
+        _drive(page, server, kind, tmp_path)
+    except Exception:
+        shot(page, "failure", kind)
+        raise
+    finally:
+        context.close()
+    # The deliberate 400/422, the cut connection and the probe of revoked object URLs (FILE_NOT_FOUND)
+    # show in the console as failed loads; nothing else may.
+    unexpected = [e for e in console_errors
+                  if not re.search(r"status of (400|422)|ERR_CONNECTION_RESET|ERR_FILE_NOT_FOUND", e)]
+    assert not unexpected, unexpected
+
+
+def _drive(page, server, kind: str, tmp_path) -> None:
+    page.goto(server.url + "/test")
+    page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+
+    # --- demo banner: the tiny profile (and the fakes) report is_demo ---
+    banner = page.locator("#demo-banner")
+    banner.wait_for(state="visible")
+    assert "Demo model" in banner.inner_text()
+    if kind == "real":
+        assert "“tiny” demo profile" in banner.inner_text()
+
+    # --- every form control has a label (visible or aria) ---
+    unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(el => el.type !== 'hidden' && !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+        .map(el => el.id || el.name)""")
+    assert unlabeled == []
+
+    # --- keyboard: Tab from the top reaches the file picker (skip link first) ---
+    reached = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+        if reached[-1] == "files":
+            break
+    assert reached[-1] == "files", reached
+
+    # --- pick 5 files: 4 selfies and one text file named .jpg, in the middle ---
+    files = selfie_set(4)
+    files.insert(2, BAD_FILE)
+    paths = []
+    for name, data in files:
+        p = tmp_path / name
+        p.write_bytes(data)
+        paths.append(str(p))
+    assert page.locator("#upload-btn").is_disabled()
+    page.set_input_files("#files", paths)
+    thumbs = page.locator("#thumbs .thumb")
+    assert thumbs.count() == 5
+    assert page.locator("#upload-btn").is_enabled()
+    # Previews of the four photos load from object URLs; the text file shows "No preview".
+    page.wait_for_function("document.querySelectorAll('#thumbs img').length === 4 && "
+                           "[...document.querySelectorAll('#thumbs img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert thumbs.nth(2).locator(".no-preview").inner_text() == "No preview"
+    # Each object URL is revoked once its preview is drawn (no leak per picked photo).
+    assert page.evaluate("""async () => Promise.all([...document.querySelectorAll('#thumbs img')].map(
+        i => fetch(i.src).then(() => 'alive', () => 'revoked')))""") == ["revoked"] * 4
+
+    with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
+        page.click("#upload-btn")
+    upload = resp_info.value.json()
+    assert resp_info.value.status == 200, upload
+    page.locator("#upload-report").wait_for(state="visible")
+    assert page.locator("#thumbs .thumb[data-status='accepted']").count() == 4
+    rejected = page.locator("#thumbs .thumb[data-status='rejected']")
+    assert rejected.count() == 1
+    assert rejected.locator(".thumb-name").inner_text() == BAD_FILE[0]
+    entry = next(f for f in upload["report"]["files"] if f["filename"] == BAD_FILE[0])
+    assert entry["message"], entry
+    reason = entry["message"].removeprefix(f"{BAD_FILE[0]}: ")  # the thumbnail names the file already
+    assert reason.strip(), entry
+    assert rejected.locator(".thumb-status").inner_text() == f"✗ Rejected: {reason}"
+    assert page.locator("#upload-counts").inner_text() == "4 of 5 photos accepted · 1 rejected"
+    assert page.locator("#upload-progress").evaluate("el => el.value") == 100
+    assert page.locator("#thumbs .thumb-remove:enabled").count() == 0  # the uploaded set is fixed now
+    assert page.evaluate("document.activeElement.id") == "upload-report"  # not lost with the disabled button
+    shot(page, "1-upload-report", kind)
+
+    # --- an API validation error is shown with its message and code; the field is marked ---
+    page.fill("#prompt", "")
+    with page.expect_response(lambda r: r.url.endswith("/generate")) as resp_info:
+        page.click("#generate-btn")
+    assert resp_info.value.status == 400
+    api_error = resp_info.value.json()["error"]
+    page.locator("#error-area").wait_for(state="visible")
+    assert page.locator("#error-message").inner_text() == api_error["message"]
+    assert api_error["code"] in page.locator("#error-code").inner_text()
+    assert page.locator("#prompt").get_attribute("aria-invalid") == "true"
+    assert page.locator("#prompt-error").inner_text() == api_error["message"]  # also next to the field
+    assert "prompt-error" in page.locator("#prompt").get_attribute("aria-describedby")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    shot(page, "2-api-error", kind, full_page=False)
+
+    # --- generate 2 images at a custom size and watch the progress bar advance ---
+    page.fill("#prompt", REQUEST["prompt"])
+    page.fill("#num_images", str(REQUEST["num_images"]))
+    page.select_option("#quality_mode", REQUEST["quality_mode"])
+    page.select_option("#aspect_ratio", "custom")
+    page.fill("#width", str(REQUEST["width"]))
+    page.fill("#height", str(REQUEST["height"]))
+    page.fill("#seed", str(REQUEST["seed"]))
+    # Record every step the page shows (the attribute changes on each poll).
+    page.evaluate("""() => {
+        window.__steps = [];
+        const bar = document.getElementById('job-progress');
+        new MutationObserver(() => window.__steps.push([bar.dataset.status, Number(bar.dataset.step), Number(bar.dataset.total)]))
+            .observe(bar, {attributes: true, attributeFilter: ['data-step', 'data-status']});
+    }""")
+    page.click("#generate-btn")
+    assert page.locator("#error-area").is_hidden()  # a new attempt clears the old error
+    # Two different intermediate steps seen: the bar moves while the job runs.
+    page.wait_for_function("""() => new Set(window.__steps.filter(([st, s, t]) => st === 'running' && s > 0 && s < t)
+                                      .map(([st, s]) => s)).size >= 2""", timeout=60_000, polling=50)
+    text = page.locator("#job-progress-text").inner_text()
+    assert re.search(r"step \d+ / \d+ · ETA (\d+ s|estimating…)", text), text
+    assert page.locator("#generate-btn").is_disabled() and page.locator("#cancel-btn").is_enabled()
+    shot(page, "3-progress", kind)
+
+    page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
+    steps = page.evaluate("window.__steps")
+    running = [s for st, s, total in steps if st == "running"]
+    assert running == sorted(running), steps  # it never went backwards
+    total = steps[-1][2]
+    assert steps[-1] == ["succeeded", total, total]
+    assert page.locator("#job-progress").evaluate("el => el.value / el.max") == 1
+    assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
+
+    # --- gallery: two results with seeds and download links ---
+    results = page.locator("#gallery .result")
+    assert results.count() == 2
+    assert page.evaluate("document.activeElement.id") == "results-heading"  # focus follows the result
+    seeds = [int(results.nth(i).get_attribute("data-seed")) for i in range(2)]
+    assert len(set(seeds)) == 2
+    if kind == "fake":
+        assert seeds == [REQUEST["seed"], REQUEST["seed"] + 1]
+    for i, seed in enumerate(seeds):
+        assert results.nth(i).locator(".result-seed").inner_text() == f"Seed {seed}"
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot(page, "4-gallery", kind)
+
+    with page.expect_download() as dl_info:
+        results.nth(0).locator(".result-download").click()
+    download = dl_info.value
+    assert download.suggested_filename == results.nth(0).get_attribute("data-filename")
+    data = open(download.path(), "rb").read()
+    assert png_size(data) == (REQUEST["width"], REQUEST["height"])
+
+    # --- cancel a running job: it ends canceled, the buttons come back, the gallery is untouched ---
+    page.fill("#num_images", "1")
+    page.click("#generate-btn")
+    page.wait_for_function("""() => { const b = document.getElementById('job-progress');
+        return b.dataset.status === 'running' && Number(b.dataset.step) > 0; }""", timeout=60_000, polling=50)
+    page.focus("#cancel-btn")
+    page.keyboard.press("Enter")  # keyboard works as well as the mouse
+    page.wait_for_selector("#job-progress[data-status='canceled']", timeout=30_000)
+    assert page.locator("#job-progress-text").inner_text() == "Canceled."
+    assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
+    assert page.locator("#gallery .result").count() == 2
+
+    # --- the connection drops while a job runs: the page says so, backs off, and recovers ---
+    page.route("**/status/**", lambda route: route.abort("connectionreset"))
+    page.select_option("#quality_mode", "fast")
+    page.click("#generate-btn")
+    net = page.locator("#net-status")
+    net.wait_for(state="visible", timeout=10_000)
+    assert re.search(r"Connection to the server lost; retrying in \d+ s \(attempt \d+\)", net.inner_text()), net.inner_text()
+    assert net.locator("button", has_text="Retry now").is_visible()
+    assert page.locator("#cancel-btn").is_enabled()  # the job is still ours to cancel
+    page.unroute("**/status/**")
+    page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
+    net.wait_for(state="hidden", timeout=10_000)  # "Reconnected." shows briefly, then goes
+    assert page.locator("#gallery .result").count() == 3
+
+    # --- a new set with no usable face: the API's 422 and each file's reason are shown ---
+    page.click("#clear-btn")
+    assert page.locator("#thumbs .thumb").count() == 0
+    page.set_input_files("#files", [str(tmp_path / BAD_FILE[0])])
+    with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
+        page.click("#upload-btn")
+    assert resp_info.value.status == 422
+    api_error = resp_info.value.json()["error"]
+    page.locator("#error-area").wait_for(state="visible")
+    assert page.locator("#error-title").inner_text() == "No usable selfies"
+    assert page.locator("#error-message").inner_text() == api_error["message"]
+    assert "no_usable_selfies" in page.locator("#error-code").inner_text()
+    assert page.locator("#thumbs .thumb[data-status='rejected'] .thumb-status").inner_text().startswith("✗ Rejected: ")
+    assert page.locator("#upload-counts").inner_text() == "0 of 1 photo accepted · 1 rejected"
+
+    # --- phone width: nothing wider than the screen ---
+    page.set_viewport_size(PHONE)
+    page.evaluate("window.scrollTo(0, 0)")
+    overflow = page.evaluate("document.documentElement.scrollWidth")
+    assert overflow <= PHONE["width"], overflow
+    shot(page, "5-phone", kind)
+
+    # --- a reload keeps the session and the last job (the client cookie and sessionStorage) ---
+    page.reload()
+    page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=30_000)
+    assert page.locator("#gallery .result").count() == 1  # the last job's image is back
+    assert page.locator("#generate-btn").is_enabled()
+    assert page.locator("#generate-hint").inner_text().startswith("Using your earlier upload (4 accepted selfies)")
+
+
+def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
+    """A request over TWIN_MAX_UPLOAD_MB: the page shows the server's 413 message, or says the server
+    cut the upload off (servers may close the connection instead of reading a body that large)."""
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data", TWIN_MAX_UPLOAD_MB="0.1"), app_spec=FAKE_APP)
+    paths = []
+    for name, data in selfie_set(3):
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#error-area").wait_for(state="visible", timeout=30_000)
+        title = page.locator("#error-title").inner_text()
+        code = page.locator("#error-code").inner_text()
+        assert (title, code.split(" ")[0]) in {("Upload too large", "payload_too_large"),
+                                               ("Connection problem", "network_error")}, (title, code)
+        if title == "Upload too large":
+            assert "TWIN_MAX_UPLOAD_MB=0.1" in page.locator("#error-message").inner_text()
+        shot(page, "6-upload-too-large", "fake", full_page=False)
+        assert page.locator("#upload-btn").is_enabled()  # the user can fix the selection and try again
+        assert page.locator("#thumbs .thumb[data-status='pending']").count() == 3
+    finally:
+        context.close()
+
+
+def test_page_published_options_drop_and_429(browser, start_server, tmp_path):
+    """When /system-status publishes `limits` and `options` (the change asked of the service), the
+    form offers exactly those choices and the file-count limit holds; files can be dropped; a 429
+    shows its message, code and Retry-After. (The options and the 429 are routed responses.)"""
+    import json
+
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    published = {
+        "limits": {"max_selfies": 12, "max_file_mb": 8, "max_upload_mb": 64, "max_images": 3, "min_side": 64, "max_side": 256},
+        "options": {"quality_modes": ["fast", "balanced"], "aspect_ratios": {"1:1": [128, 128], "3:4": [112, 144]},
+                    "styles": ["none", "studio"], "default_style": "studio", "default_identity_strength": 0.9},
+    }
+
+    def system_status(route):
+        body = {**route.fetch().json(), **published}
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    try:
+        page.route("**/system-status", system_status)
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.wait_for_function("document.getElementById('limit-selfies').textContent === '1–12'")
+        options = lambda sel: page.locator(f"{sel} option").evaluate_all("os => os.map(o => [o.value, o.textContent])")
+        assert options("#quality_mode") == [["fast", "Fast"], ["balanced", "Balanced"]]
+        assert options("#aspect_ratio") == [["1:1", "1:1 square (128×128)"], ["3:4", "3:4 portrait (112×144)"],
+                                            ["custom", "Custom size…"]]
+        assert options("#style") == [["none", "None (prompt only)"], ["studio", "Studio"]]
+        assert page.locator("#style").input_value() == "studio"
+        assert page.locator("#identity_strength").input_value() == "0.9"
+        assert page.locator("#limit-file-mb").inner_text() == "8"
+        assert page.locator("#num_images").get_attribute("max") == "3"
+        assert page.locator("#width").get_attribute("max") == "256"
+        # More files than the published limit: the first 12 are kept and the page says why.
+        paths = []
+        for i in range(13):
+            (tmp_path / f"f{i:02d}.jpg").write_bytes(b"x" * (i + 1))
+            paths.append(str(tmp_path / f"f{i:02d}.jpg"))
+        page.set_input_files("#files", paths)
+        assert page.locator("#thumbs .thumb").count() == 12
+        assert page.locator("#error-title").inner_text() == "Too many photos"
+        assert page.locator("#error-message").inner_text() == "At most 12 photos per upload: 1 of the photos you picked was left out."
+        # Drag and drop: files dropped on the zone join the selection like picked ones.
+        page.click("#clear-btn")
+        page.evaluate("""() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(['a'], 'dropped_1.jpg', {type: 'image/jpeg'}));
+            dt.items.add(new File(['bb'], 'dropped_2.png', {type: 'image/png'}));
+            const zone = document.getElementById('dropzone');
+            zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+            zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""")
+        assert page.locator("#thumbs .thumb-name").all_inner_texts() == ["dropped_1.jpg", "dropped_2.png"]
+        assert page.locator("#dropzone").get_attribute("data-drag") == "false"
+        # 429 as the service sends it (queue full / rate limit): title, message, code, Retry-After.
+        body = {"error": {"code": "queue_full", "message": "the queue is full (32 jobs waiting, TWIN_QUEUE_MAX=32); try again later"}}
+        page.route("**/upload", lambda route: route.fulfill(status=429, headers={"Retry-After": "7"},
+                                                           content_type="application/json", body=json.dumps(body)))
+        page.click("#upload-btn")
+        page.wait_for_function("document.getElementById('error-title').textContent === 'Too many requests'")
+        assert page.locator("#error-message").inner_text() == body["error"]["message"]
+        assert page.locator("#error-code").inner_text() == "queue_full · HTTP 429"
+        assert page.locator("#error-extra").inner_text() == " · try again in 7 s"
+        assert page.locator("#upload-btn").is_enabled()
+    finally:
+        context.close()
