@@ -73,6 +73,19 @@ def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int
     return side(w), side(h)
 
 
+def published_options(native_resolution: int, settings: Settings) -> dict[str, Any]:
+    """The request choices of the loaded model, for clients (the /test page reads them from /system-status)."""
+    return {
+        "quality_modes": list(QUALITY_MODES),
+        "default_quality_mode": "balanced",
+        "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
+        "styles": list(STYLES),
+        "default_style": DEFAULT_STYLE,
+        "default_identity_strength": settings.default_identity_strength,
+        "max_images": MAX_IMAGES,
+    }
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

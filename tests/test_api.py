@@ -458,3 +458,24 @@ def test_score_outputs_records_similarity(make_app, service_settings):
     upload(c)
     job = finished(c, c.post("/generate", json={"prompt": "a", "num_images": 2}).json["id"])
     assert [o["identity_similarity"] for o in job["outputs"]] == [0.5, 0.5]
+
+
+def test_system_status_publishes_the_loaded_models_choices(tiny_settings, tmp_path):
+    """The /test page builds its form from these: they must be the real engine's choices and limits."""
+    from app import create_app
+    from generate_twin import ASPECT_RATIOS, QUALITY_MODES, STYLES, MAX_IMAGES, preset_size
+    settings = tiny_settings.replace(data_dir=tmp_path / "data")
+    app = create_app(settings)
+    runtime = app.extensions["twin"]
+    try:
+        assert runtime.wait_ready(120), runtime.setup_error
+        body = app.test_client().get("/system-status").get_json()
+        assert body["limits"]["max_images"] == MAX_IMAGES
+        assert body["limits"]["max_selfies"] == settings.max_selfies
+        opts = body["options"]
+        assert opts["quality_modes"] == list(QUALITY_MODES)
+        assert opts["styles"] == list(STYLES)
+        native = runtime.generators[0].info()["native_resolution"]
+        assert opts["aspect_ratios"] == {ar: list(preset_size(ar, native, settings)) for ar in ASPECT_RATIOS}
+    finally:
+        runtime.shutdown()

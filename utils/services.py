@@ -327,6 +327,7 @@ class Runtime:
     def system_status(self) -> dict:
         info = _safe_info(self.generators[0]) if self.state == "ready" else {}
         counts = self.store.counts()
+        options = self._published_options(info)
         return {
             "state": self.state,
             "version": VERSION,
@@ -340,7 +341,21 @@ class Runtime:
             "queue": {"depth": counts["queued"], "max": self.settings.queue_max,
                       "running": counts["running"]},
             "jobs": counts,
+            "limits": {"max_selfies": self.settings.max_selfies, "max_file_mb": self.settings.max_file_mb,
+                       "max_upload_mb": self.settings.max_upload_mb,
+                       "max_images": options["max_images"] if options else None,
+                       "min_side": self.settings.min_image_side, "max_side": self.settings.max_image_side,
+                       "max_prompt_chars": self.settings.max_prompt_chars},
+            "options": options,
         }
+
+    def _published_options(self, info: dict) -> dict | None:
+        """The loaded model's request choices; None until it is ready (or for a test double)."""
+        native = info.get("native_resolution")
+        if not native or getattr(self.generators[0], "request_type", None) is not None:
+            return None
+        from generate_twin import published_options
+        return published_options(int(native), self.settings)
 
 
 def _safe_info(gen) -> dict:
