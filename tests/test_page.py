@@ -268,9 +268,18 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#generate-hint").inner_text().startswith("Using your earlier upload (4 accepted selfies)")
 
 
-def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
-    """A request over TWIN_MAX_UPLOAD_MB: the page shows the server's 413 message, or says the server
-    cut the upload off (servers may close the connection instead of reading a body that large)."""
+@pytest.mark.parametrize("limits_published, expected_message", [
+    # /system-status publishes max_upload_mb: the page refuses before sending a byte
+    (True, "one upload may be at most 0.1 MB"),
+    # an older server that publishes no limits: the request goes out and the server's 413 is shown
+    (False, "TWIN_MAX_UPLOAD_MB=0.1"),
+], ids=["checked-by-page", "refused-by-server"])
+def test_page_upload_over_the_size_limit(browser, start_server, tmp_path, limits_published, expected_message):
+    """A selection over TWIN_MAX_UPLOAD_MB: the page says so (its own check, or the server's 413, or
+    that the server cut the upload off: servers may close the connection instead of reading a body
+    that large), and the user can fix the selection and try again."""
+    import json
+
     from tests.fixtures.service import FAKE_APP, server_env
     server = start_server(server_env(tmp_path / "data", TWIN_MAX_UPLOAD_MB="0.1"), app_spec=FAKE_APP)
     paths = []
@@ -279,7 +288,17 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
         paths.append(str(tmp_path / name))
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     page = context.new_page()
+    uploads_sent = []
+    page.on("request", lambda r: uploads_sent.append(r.url) if r.url.endswith("/upload") else None)
+
+    def without_limits(route):
+        body = route.fetch().json()
+        body.pop("limits", None)
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
     try:
+        if not limits_published:
+            page.route("**/system-status", without_limits)
         page.goto(server.url + "/test")
         page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
         page.set_input_files("#files", paths)
@@ -289,8 +308,12 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path):
         code = page.locator("#error-code").inner_text()
         assert (title, code.split(" ")[0]) in {("Upload too large", "payload_too_large"),
                                                ("Connection problem", "network_error")}, (title, code)
+        if limits_published:
+            assert title == "Upload too large" and uploads_sent == [], (title, uploads_sent)
+        else:
+            assert len(uploads_sent) == 1, uploads_sent
         if title == "Upload too large":
-            assert "TWIN_MAX_UPLOAD_MB=0.1" in page.locator("#error-message").inner_text()
+            assert expected_message in page.locator("#error-message").inner_text()
         shot(page, "6-upload-too-large", "fake", full_page=False)
         assert page.locator("#upload-btn").is_enabled()  # the user can fix the selection and try again
         assert page.locator("#thumbs .thumb[data-status='pending']").count() == 3
