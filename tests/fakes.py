@@ -55,7 +55,7 @@ class FakeGenerationRequest:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
             raise errors.InvalidRequest(f"num_images={n!r} is not between 1 and 4")
         q = payload.get("quality_mode", "balanced")
-        if q not in QUALITY_STEPS:
+        if not isinstance(q, str) or q not in QUALITY_STEPS:
             raise errors.InvalidRequest(f"quality_mode={q!r} is not one of {', '.join(QUALITY_STEPS)}")
         seed = payload.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -63,7 +63,7 @@ class FakeGenerationRequest:
         w, h = payload.get("width", 64), payload.get("height", 64)
         if "aspect_ratio" in payload:
             ar = payload["aspect_ratio"]
-            if ar not in ASPECTS:
+            if not isinstance(ar, str) or ar not in ASPECTS:
                 raise errors.InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECTS)}")
             a, b = ASPECTS[ar]
             w, h = (64 * a // max(a, b)) // 8 * 8, (64 * b // max(a, b)) // 8 * 8

@@ -105,6 +105,10 @@ class Settings:
     retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
     warmup: bool = _setting(True, "Run one throw-away generation in setup() so the first request is fast.")
 
+    # --- security (access control, input limits) ------------------------------------------------
+    max_json_kb: float = _setting(256.0, "Largest JSON request body (/generate), kB; a larger one is 413 before it is parsed.", lo=1.0)
+    trusted_proxies: int = _setting(0, "Reverse proxies in front of the server (RunPod's proxy: 1) whose X-Forwarded-For is trusted to name the client; the rate limit keys anonymous callers by that address.", lo=0, hi=5)
+
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)

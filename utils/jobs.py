@@ -86,6 +86,9 @@ class JobStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Privacy: deleted rows (prompts, output paths of a deleted session) are overwritten with
+            # zeros instead of lingering in free pages of jobs.db.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -132,6 +135,9 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # The WAL still holds the rows' earlier page images: fold it into the (zeroed) main file and
+            # truncate it, so nothing of the session stays readable in jobs.db-wal either.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- jobs ------------------------------------------------------------------------------------
     def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
