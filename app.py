@@ -26,6 +26,8 @@ from utils.storage import is_output_name
 
 log = logging.getLogger("twin.app")
 
+# Error messages name the offending value; a hostile value must not make the answer as large as the request.
+MAX_MESSAGE_CHARS = 500
 # Endpoints that touch a caller's sessions and jobs (API key or client token decides what they see).
 OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "cancel", "download", "delete_session"})
 
@@ -52,6 +54,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
     app.config["MAX_FORM_PARTS"] = settings.max_selfies + 16
     app.json.sort_keys = False
+    # "/download//etc/passwd" (a decoded %2f) must be a plain 404, not a 308 redirect to a cleaned-up path.
+    app.url_map.merge_slashes = False
     if settings.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
@@ -129,6 +133,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             status, headers = 500, {}
             body = {"code": "internal_error", "message": "an internal error occurred; the request id names it in the log"}
             log.error("unhandled error", extra={"traceback": traceback.format_exc()})
+        if len(body.get("message") or "") > MAX_MESSAGE_CHARS:  # e.g. a 100 kB unknown field name, echoed
+            body["message"] = body["message"][:MAX_MESSAGE_CHARS] + "… (truncated)"
         resp = jsonify({"error": body})
         resp.status_code = status
         for k, v in headers.items():

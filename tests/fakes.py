@@ -51,6 +51,9 @@ class FakeGenerationRequest:
             raise errors.InvalidRequest(f"prompt={prompt!r} must be a non-empty string")
         if len(prompt) > settings.max_prompt_chars:
             raise errors.InvalidRequest(f"prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
+        neg = payload.get("negative_prompt", "")
+        if not isinstance(neg, str) or len(neg) > settings.max_prompt_chars:
+            raise errors.InvalidRequest(f"negative_prompt must be a string of at most {settings.max_prompt_chars} characters")
         n = payload.get("num_images", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
             raise errors.InvalidRequest(f"num_images={n!r} is not between 1 and 4")
