@@ -169,7 +169,8 @@ class JobStore:
         """1-based place among queued jobs; None when not queued."""
         if job["status"] != JobStatus.QUEUED.value:
             return None
-        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq <= ?", (job["seq"],))[0]
+        # 0 when a worker claimed the job after ``job`` was read: it is no longer waiting, so no position.
+        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq <= ?", (job["seq"],))[0] or None
 
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self._all("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]
