@@ -28,9 +28,9 @@ EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 25}
 
 
 @pytest.fixture
-def fuzz_app(make_app, settings, tiny_generator, face_service):
+def fuzz_app(make_app, service_settings, tiny_generator, face_service):
     """The app on the real tiny generator and dlib faces; small image sides keep queued jobs cheap."""
-    s = settings.replace(max_image_side=128, queue_max=10_000, max_selfies=4, max_file_mb=1.0, max_upload_mb=4.0)
+    s = service_settings.replace(max_image_side=128, queue_max=10_000, max_selfies=4, max_file_mb=1.0, max_upload_mb=4.0)
     return make_app(s, generator=tiny_generator, faces=face_service)
 
 

@@ -83,10 +83,10 @@ def test_ids_carry_at_least_128_random_bits(client, report_metric):
 
 # --- access control --------------------------------------------------------------------------------
 
-def _two_callers(make_app, settings, mode):
+def _two_callers(make_app, service_settings, mode):
     """(app, alice client, alice headers, alice session id, bob client, bob headers)."""
     if mode == "api_keys":
-        app = make_app(settings.replace(api_keys="key-alice-0123456789,key-bob-9876543210"))
+        app = make_app(service_settings.replace(api_keys="key-alice-0123456789,key-bob-9876543210"))
         ha, hb = {"Authorization": "Bearer key-alice-0123456789"}, {"Authorization": "Bearer key-bob-9876543210"}
     else:
         app = make_app()
@@ -99,8 +99,8 @@ def _two_callers(make_app, settings, mode):
 
 
 @pytest.mark.parametrize("mode", ["api_keys", "tokens"])
-def test_cross_caller_reads_all_fail(make_app, settings, mode, report_metric):
-    app, a, ha, sid, b, hb = _two_callers(make_app, settings, mode)
+def test_cross_caller_reads_all_fail(make_app, service_settings, mode, report_metric):
+    app, a, ha, sid, b, hb = _two_callers(make_app, service_settings, mode)
     done = finished(a, a.post("/generate", json={"prompt": "alice private prompt", "num_images": 2}, headers=ha)
                     .get_json()["id"], ha)
     queued = a.post("/generate", json={"prompt": "alice queued"}, headers=ha).get_json()["id"]
@@ -148,8 +148,8 @@ def test_cross_caller_reads_all_fail(make_app, settings, mode, report_metric):
     assert attempts >= 40 and successes == 0
 
 
-def test_protected_endpoints_answer_401_before_parsing(make_app, settings):
-    c = make_app(settings.replace(api_keys="k-one-abcdefghijklmnop")).test_client()
+def test_protected_endpoints_answer_401_before_parsing(make_app, service_settings):
+    c = make_app(service_settings.replace(api_keys="k-one-abcdefghijklmnop")).test_client()
     for method, path, kw in [("post", "/upload", {"data": "x", "content_type": "application/json"}),
                              ("post", "/generate", {"data": "{bad", "content_type": "application/json"}),
                              ("get", f"/status/{new_id()}", {}), ("post", f"/cancel/{new_id()}", {}),
@@ -167,9 +167,9 @@ def test_protected_endpoints_answer_401_before_parsing(make_app, settings):
     ({}, "authentication off", []),
     ({"host": "0.0.0.0", "allow_anonymous": True}, "non-loopback", []),
 ])
-def test_startup_log_says_whether_auth_is_on(make_app, settings, change, expected, absent, caplog):
+def test_startup_log_says_whether_auth_is_on(make_app, service_settings, change, expected, absent, caplog):
     caplog.set_level(logging.INFO, logger="twin.app")
-    make_app(settings.replace(**change))
+    make_app(service_settings.replace(**change))
     auth = [r for r in caplog.records if r.name == "twin.app" and hasattr(r, "auth")]
     assert len(auth) == 1 and expected in auth[0].getMessage()
     text = caplog.text + " ".join(str(vars(r)) for r in caplog.records)
@@ -421,9 +421,9 @@ BAD_UPLOADS = [
 
 
 @pytest.fixture
-def real_faces_app(make_app, settings, face_service):
+def real_faces_app(make_app, service_settings, face_service):
     """The app on the real (dlib) face service, with small limits so the limit cases stay small."""
-    s = settings.replace(max_selfies=3, max_file_mb=1.0, max_upload_mb=1.5)
+    s = service_settings.replace(max_selfies=3, max_file_mb=1.0, max_upload_mb=1.5)
     return make_app(s, faces=face_service)
 
 
@@ -537,11 +537,11 @@ def test_lone_surrogate_is_refused(client):
 # --- rate limits -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["api_keys", "anonymous"])
-def test_rate_limit_is_429_with_retry_after_per_caller(make_app, settings, mode):
+def test_rate_limit_is_429_with_retry_after_per_caller(make_app, service_settings, mode):
     change = {"rate_limit_upload": "2/minute", "rate_limit_generate": "3/minute"}
     if mode == "api_keys":
         change["api_keys"] = "rl-key-a-1234567890,rl-key-b-1234567890"
-    app = make_app(settings.replace(**change))
+    app = make_app(service_settings.replace(**change))
     if mode == "api_keys":
         a, b = app.test_client(), app.test_client()
         ha, hb = {"Authorization": "Bearer rl-key-a-1234567890"}, {"Authorization": "Bearer rl-key-b-1234567890"}
@@ -561,10 +561,10 @@ def test_rate_limit_is_429_with_retry_after_per_caller(make_app, settings, mode)
     assert a.get("/health").status_code == 200               # health is never limited
 
 
-def test_bad_rate_limit_setting_stops_startup(settings):
+def test_bad_rate_limit_setting_stops_startup(service_settings):
     from app import create_app
     with pytest.raises(errors.ConfigError, match="TWIN_RATE_LIMIT_UPLOAD"):
-        create_app(settings.replace(rate_limit_upload="lots"), generator=FakeGenerator(), faces=FakeFaceService())
+        create_app(service_settings.replace(rate_limit_upload="lots"), generator=FakeGenerator(), faces=FakeFaceService())
 
 
 def test_oversized_json_is_413_before_parsing(client):
@@ -578,10 +578,10 @@ def _all_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_delete_session_leaves_nothing_on_disk_or_in_jobs_db(make_app, settings, face_service):
+def test_delete_session_leaves_nothing_on_disk_or_in_jobs_db(make_app, service_settings, face_service):
     from safetensors.numpy import load_file
     from tests.photos import selfie_set
-    app = make_app(settings, faces=face_service)
+    app = make_app(service_settings, faces=face_service)
     rt = app.extensions["twin"]
     root = rt.storage.root
     alice, bob = app.test_client(), app.test_client()
@@ -621,11 +621,11 @@ def test_delete_session_leaves_nothing_on_disk_or_in_jobs_db(make_app, settings,
     assert rt.store.get_session(sid) is None
 
 
-def test_logs_carry_no_biometrics(make_app, settings, face_service, caplog):
+def test_logs_carry_no_biometrics(make_app, service_settings, face_service, caplog):
     from safetensors.numpy import load_file
     from tests.photos import selfie_set
     caplog.set_level(logging.DEBUG)
-    app = make_app(settings, faces=face_service)
+    app = make_app(service_settings, faces=face_service)
     c = app.test_client()
     photos = selfie_set(2)
     body = c.post("/upload", data=files_field(*photos), content_type="multipart/form-data").get_json()

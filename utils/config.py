@@ -42,8 +42,8 @@ class Settings:
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     api_keys: str = _setting("", "Comma-separated API keys for `Authorization: Bearer`. Required unless bound to loopback.")
     allow_anonymous: bool = _setting(False, "Serve without API keys on a non-loopback bind (per-client tokens only). Off: refuse to start.")
-    rate_limit_upload: str = _setting("30/minute", "Upload rate limit per key or client (flask-limiter syntax).")
-    rate_limit_generate: str = _setting("60/minute", "Generate rate limit per key or client (flask-limiter syntax).")
+    rate_limit_upload: str = _setting("30/minute", "Upload rate limit per API key, or per client address without keys (flask-limiter syntax, e.g. '30/minute;300/hour'); over it: 429 with Retry-After.")
+    rate_limit_generate: str = _setting("60/minute", "Generate rate limit per API key, or per client address without keys (flask-limiter syntax); over it: 429 with Retry-After.")
 
     # --- models ------------------------------------------------------------------------------
     model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
