@@ -659,3 +659,49 @@ def test_openapi_describes_every_route(app):
     body = spec["components"]["schemas"]["GenerateRequest"]
     assert body["properties"]["prompt"]["maxLength"] == app.extensions["twin"].settings.max_prompt_chars
     assert body["additionalProperties"] is False
+
+
+# --- the same over real HTTP (gunicorn parses the raw request line) -----------------------------
+
+@pytest.mark.slow
+def test_traversal_and_hostile_requests_over_real_http(start_server, tmp_path, report_metric):
+    """Raw request lines that no client library would normalise, sent to gunicorn on the fakes."""
+    import http.client
+    import requests
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    s = requests.Session()
+    up = s.post(server.url + "/upload", files=[("files", ("a.png", image_bytes()))]).json()
+    token = {"X-Client-Token": up["client_token"]}
+    job = s.post(server.url + "/generate", json={"prompt": "p"}, headers=token).json()
+    wait_until(lambda: s.get(server.url + f"/status/{job['id']}", headers=token).json()["status"] == "succeeded", 20)
+    good = s.get(server.url + f"/download/{job['id']}/avatar_001.png", headers=token)
+    assert good.status_code == 200
+    secret = tmp_path / "outside.txt"
+    secret.write_bytes(b"OUTSIDE-SECRET-" * 10)
+    needles = [b"root:", b"OUTSIDE-SECRET", b"SQLite format 3", b'"owner"']
+    raw_paths = []
+    for p in _traversal_payloads(new_id(), new_id(), up["session_id"], secret):
+        enc = quote(p, safe="/%;=:~\\")
+        raw_paths += [f"/download/{job['id']}/{enc}", f"/download/{enc}"]
+    raw_paths += ["/download/../../../../etc/passwd", "/../../../../etc/passwd", "/download/%2e%2e/%2e%2e/jobs.db",
+                  f"/download/{job['id']}/..%00/avatar_001.png", "//etc/passwd", "/download/./././" + job["id"]]
+    tried = escapes = 0
+    host, port = server.url.split("//")[1].split(":")
+    for path in raw_paths:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.putheader("X-Client-Token", up["client_token"])
+        conn.endheaders()
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        tried += 1
+        bad = not 400 <= resp.status < 500 or any(n in data for n in needles) or data == good.content
+        escapes += bad
+        assert not bad, (path, resp.status)
+    assert s.get(server.url + "/health").json()["state"] == "ready"
+    assert "authentication off" in server.log_tail(200_000)
+    report_metric("download traversal variants over real HTTP (gunicorn)", tried)
+    report_metric("download traversal escapes over real HTTP", escapes)
+    assert tried >= 200 and escapes == 0
