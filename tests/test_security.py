@@ -267,6 +267,21 @@ def test_download_traversal_variants_never_escape(make_app, tmp_path, report_met
             escapes += 1
         assert 400 <= r.status_code < 500 and not leaked, (url, r.status_code, leaked)
 
+    # The same payloads where the other endpoints take an id.
+    id_tried = id_escapes = 0
+    for p in payloads:
+        enc = quote(p, safe="/%;=:~\\")
+        for method, url in (("get", f"/status/{enc}"), ("post", f"/cancel/{enc}"), ("delete", f"/sessions/{enc}")):
+            r = getattr(alice, method)(url, headers=ta)
+            id_tried += 1
+            leaked = [name for name, needle in secrets_.items() if needle in r.data]
+            id_escapes += bool(not 400 <= r.status_code < 500 or leaked)
+            assert 400 <= r.status_code < 500 and not leaked, (url, r.status_code, leaked)
+    assert alice.get(f"/status/{a_job['id']}", headers=ta).status_code == 200   # nothing was deleted
+    report_metric("id-path traversal variants tried on /status, /cancel, /sessions", id_tried)
+    report_metric("id-path traversal escapes", id_escapes)
+    assert id_escapes == 0
+
     # Symlinks planted inside twin_data: the recorded path must resolve to itself.
     out_dir = root / a_sid / "outputs" / a_job["id"]
     own_file = out_dir / "avatar_001.png"
@@ -376,6 +391,12 @@ BAD_UPLOADS = [
     ("JSON instead of multipart", {"raw": (b'{"files": []}', "application/json")}, 415, "unsupported_media_type", None),
     ("text/plain body", {"raw": (b"hello", "text/plain")}, 415, "unsupported_media_type", None),
     ("multipart without files field", {"fields": {"other": "x"}}, 400, "invalid_request", None),
+    ("multipart without a boundary", {"raw": (b"garbage", "multipart/form-data")}, 400, "invalid_request", None),
+    ("multipart cut inside a part", {"raw": (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"'
+                                             b"\r\n\r\n\x89PNG", "multipart/form-data; boundary=x")},
+     400, "invalid_request", None),
+    ("multipart with a 5000-character boundary", {"raw": (b"\xff" * 100, "multipart/form-data; boundary=" + "b" * 5000)},
+     400, "invalid_request", None),
     ("more files than TWIN_MAX_SELFIES", {"files": lambda: [(f"{i}.png", image_bytes()) for i in range(4)]},
      413, "payload_too_large", None),
     ("form parts beyond the parser's limit", {"files": lambda: [(f"{i}.png", b"x") for i in range(40)]},
