@@ -420,6 +420,8 @@ BAD_UPLOADS = [
      422, "no_usable_selfies", ["too_many_pixels"]),
     ("zTXt chunk inflating to 64 MB", {"files": lambda: [("ztxt.png", _with_chunk(_face_png(), _bomb_chunk(b"zTXt", b"Comment\0\0")))]},
      422, "no_usable_selfies", ["corrupt_image"]),
+    ("iTXt chunk inflating to 64 MB", {"files": lambda: [("itxt.png", _with_chunk(_face_png(), _bomb_chunk(b"iTXt", b"Comment\0\1\0\0\0")))]},
+     422, "no_usable_selfies", ["corrupt_image"]),
     ("iCCP chunk inflating to 64 MB", {"files": lambda: [("iccp.png", _with_chunk(_face_png(), _bomb_chunk(b"iCCP", b"icc\0\0")))]},
      422, "no_usable_selfies", ["corrupt_image"]),
     ("polyglot JPEG+ZIP", {"files": lambda: [("poly.jpg", _face_jpeg() + _zip())]}, 422, "no_usable_selfies",
@@ -463,6 +465,8 @@ def test_bad_uploads_get_their_4xx(real_faces_app, kind, request_, status, code,
     assert (r.status_code, e["code"]) == (status, code), e
     if file_codes is not None:
         assert [f["code"] for f in e["details"]["report"]["files"]] == file_codes
+        if "inflating" in kind:
+            assert "zip bomb" in e["details"]["report"]["files"][0]["message"]
         assert all(f["status"] == "rejected" for f in e["details"]["report"]["files"])
     assert len(e["message"]) < 1000
     # Nothing kept, and the server still serves.

@@ -12,7 +12,7 @@ import logging
 import re
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from utils.errors import ImageRejected
 
@@ -192,6 +192,11 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
         if "truncated" in text or "premature" in text or isinstance(exc, EOFError):
             raise ImageRejected(f"{name}: the {fmt} file is truncated (incomplete upload?)",
                                 code="truncated_image") from None
+        if "decompressed data too large" in text:
+            # PIL's cap on zTXt/iTXt/iCCP chunks fired: a zip-bomb-like metadata chunk, not a damaged photo.
+            raise ImageRejected(f"{name}: a metadata chunk of the {fmt} inflates to more than "
+                                f"{PngImagePlugin.MAX_TEXT_CHUNK // 1048576} MB (a zip bomb?); "
+                                "re-save the photo without it", code="corrupt_image") from None
         raise ImageRejected(f"{name}: the {fmt} data is corrupt and could not be decoded",
                             code="corrupt_image") from None
     try:
