@@ -100,6 +100,11 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     @app.after_request
     def _finish(resp):
         resp.headers["X-Request-Id"] = g.get("request_id", "")
+        # Browsers must not sniff a served file into another type, and no shared cache (RunPod's proxy)
+        # may keep a caller's portraits, job records or session answers.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        if request.endpoint in OWNED_ENDPOINTS:
+            resp.headers["Cache-Control"] = "private, no-store"
         if request.path != "/health" and not request.path.startswith("/static"):
             log.info("request", extra={"method": request.method, "path": request.path, "status": resp.status_code,
                                        "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2)})

@@ -672,6 +672,16 @@ def test_logs_carry_no_biometrics(make_app, service_settings, face_service, capl
     assert b64 not in text
 
 
+def test_private_answers_are_not_cacheable_or_sniffable(client):
+    body = upload(client).get_json()
+    job = finished(client, client.post("/generate", json={"prompt": "p"}).get_json()["id"])
+    for r in (client.get(job["outputs"][0]["url"]), client.get(f"/status/{job['id']}"),
+              client.get(f"/status/{new_id()}"), client.delete(f"/sessions/{body['session_id']}")):
+        assert r.headers["Cache-Control"] == "private, no-store"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get("/health").headers["X-Content-Type-Options"] == "nosniff"
+
+
 def test_openapi_describes_every_route(app):
     c = app.test_client()
     spec = c.get("/openapi.json").get_json()
