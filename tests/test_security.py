@@ -586,6 +586,16 @@ def test_rate_limit_is_429_with_retry_after_per_caller(make_app, service_setting
     assert a.get("/health").status_code == 200               # health is never limited
 
 
+@pytest.mark.parametrize("trusted, second_status", [
+    (0, 429),   # X-Forwarded-For is the client's own word: a forged one buys no new budget
+    (1, 200),   # behind one trusted proxy the forwarded address is the client's
+])
+def test_forwarded_for_counts_only_behind_trusted_proxies(make_app, service_settings, trusted, second_status):
+    c = make_app(service_settings.replace(rate_limit_upload="1/minute", trusted_proxies=trusted)).test_client()
+    assert upload(c, headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
+    assert upload(c, headers={"X-Forwarded-For": "198.51.100.2"}).status_code == second_status
+
+
 def test_bad_rate_limit_setting_stops_startup(service_settings):
     from app import create_app
     with pytest.raises(errors.ConfigError, match="TWIN_RATE_LIMIT_UPLOAD"):
