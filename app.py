@@ -154,7 +154,13 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             raise errors.UnsupportedMedia("send the images as multipart/form-data in field 'files'")
         who = caller(issue=True)
         uploads = request.files.getlist("files") or request.files.getlist("file")
-        files = [(f.filename or f"file_{i}", f.read()) for i, f in enumerate(uploads)]
+        # Read at most one byte past the per-file limit: an oversized file is refused without loading it all.
+        limit = int(settings.max_file_mb * 1024 * 1024)
+        files = [(f.filename or f"file_{i}", f.read(limit + 1)) for i, f in enumerate(uploads)]
+        for name, data in files:
+            if len(data) > limit:
+                raise errors.PayloadTooLarge(f"file {name!r} is larger than the limit per file of "
+                                             f"{settings.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
         body = runtime.upload(files, who.owner)
         session_id_var.set(body["session_id"])
         if who.new_token:
