@@ -15,15 +15,21 @@ import uuid
 from flask import Flask, g, jsonify, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
-from utils import errors
+from utils import errors, security
 from utils.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
+from utils.openapi import build_spec
 from utils.services import Runtime, build_faces, build_generators
 from utils.storage import is_output_name
 
 log = logging.getLogger("twin.app")
+
+# Error messages name the offending value; a hostile value must not make the answer as large as the request.
+MAX_MESSAGE_CHARS = 500
+# Endpoints that touch a caller's sessions and jobs (API key or client token decides what they see).
+OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "cancel", "download", "delete_session"})
 
 
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
@@ -34,6 +40,9 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     if not settings.is_loopback_bind and not settings.api_key_list and not settings.allow_anonymous:
         raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
                                  "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
+    security.check_rate_limits(settings)
+    auth_message, auth_fields = security.describe_auth(settings)
+    log.info(auth_message, extra=auth_fields)
     if generator is None:
         generators = build_generators(settings)
     else:
@@ -45,6 +54,17 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
     app.config["MAX_FORM_PARTS"] = settings.max_selfies + 16
     app.json.sort_keys = False
+    # "/download//etc/passwd" (a decoded %2f) must be a plain 404, not a 308 redirect to a cleaned-up path.
+    app.url_map.merge_slashes = False
+    if settings.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    from flask_limiter import Limiter
+    from flask_limiter.errors import RateLimitExceeded
+    # In-memory counters: one gunicorn worker process serves the app (see gunicorn.conf.py).
+    limiter = Limiter(lambda: security.rate_limit_key(request, settings.api_key_list), app=app,
+                      storage_uri="memory://", headers_enabled=False, default_limits=[])
+    spec = build_spec(settings)
     if settings.cors_origin_list:
         from flask_cors import CORS
         CORS(app, origins=settings.cors_origin_list, supports_credentials=True,
@@ -74,10 +94,17 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         request_id_var.set(rid)
         session_id_var.set(None)
         job_id_var.set(None)
+        if settings.api_key_list and request.endpoint in OWNED_ENDPOINTS:
+            caller()  # 401 before the body is looked at: no parsing work for a caller without a key
 
     @app.after_request
     def _finish(resp):
         resp.headers["X-Request-Id"] = g.get("request_id", "")
+        # Browsers must not sniff a served file into another type, and no shared cache (RunPod's proxy)
+        # may keep a caller's portraits, job records or session answers.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        if request.endpoint in OWNED_ENDPOINTS:
+            resp.headers["Cache-Control"] = "private, no-store"
         if request.path != "/health" and not request.path.startswith("/static"):
             log.info("request", extra={"method": request.method, "path": request.path, "status": resp.status_code,
                                        "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2)})
@@ -87,12 +114,19 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     def _error(e: Exception):
         if isinstance(e, errors.TwinError):
             status, headers, body = e.http_status, dict(e.headers), e.to_dict()
+        elif isinstance(e, RateLimitExceeded):
+            status = 429
+            headers = {"Retry-After": str(security.retry_after_seconds(limiter))}
+            body = {"code": "rate_limited", "message": f"too many requests to {request.path}: the limit is "
+                                                       f"{e.description} per caller; retry after {headers['Retry-After']} s"}
         elif isinstance(e, HTTPException):
             status, headers = e.code or 500, {}
             code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
                     413: "payload_too_large", 415: "unsupported_media_type"}.get(status, "http_error")
             message = e.description or e.name
-            if status == 413:
+            if status == 413 and request.path == "/generate":
+                message = f"the JSON body is larger than TWIN_MAX_JSON_KB={settings.max_json_kb:g} kB"
+            elif status == 413:
                 message = (f"the request is larger than TWIN_MAX_UPLOAD_MB={settings.max_upload_mb:g} MB "
                            f"(or has more than {settings.max_selfies} files)")
             elif status == 400 and request.is_json:
@@ -104,6 +138,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             status, headers = 500, {}
             body = {"code": "internal_error", "message": "an internal error occurred; the request id names it in the log"}
             log.error("unhandled error", extra={"traceback": traceback.format_exc()})
+        if len(body.get("message") or "") > MAX_MESSAGE_CHARS:  # e.g. a 100 kB unknown field name, echoed
+            body["message"] = body["message"][:MAX_MESSAGE_CHARS] + "… (truncated)"
         resp = jsonify({"error": body})
         resp.status_code = status
         for k, v in headers.items():
@@ -112,12 +148,19 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     # --- endpoints ---
     @app.post("/upload")
+    @limiter.limit(settings.rate_limit_upload)
     def upload():
         if not request.mimetype.startswith("multipart/form-data"):
             raise errors.UnsupportedMedia("send the images as multipart/form-data in field 'files'")
         who = caller(issue=True)
         uploads = request.files.getlist("files") or request.files.getlist("file")
-        files = [(f.filename or f"file_{i}", f.read()) for i, f in enumerate(uploads)]
+        # Read at most one byte past the per-file limit: an oversized file is refused without loading it all.
+        limit = int(settings.max_file_mb * 1024 * 1024)
+        files = [(f.filename or f"file_{i}", f.read(limit + 1)) for i, f in enumerate(uploads)]
+        for name, data in files:
+            if len(data) > limit:
+                raise errors.PayloadTooLarge(f"file {name!r} is larger than the limit per file of "
+                                             f"{settings.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
         body = runtime.upload(files, who.owner)
         session_id_var.set(body["session_id"])
         if who.new_token:
@@ -129,14 +172,19 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         return resp
 
     @app.post("/generate")
+    @limiter.limit(settings.rate_limit_generate)
     def generate():
         if not request.is_json:
             raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
+        # A prompt body needs kilobytes; the upload-sized app-wide limit must not apply to parsed JSON.
+        request.max_content_length = int(settings.max_json_kb * 1024)
         try:
             payload = request.get_json()
         except RecursionError:  # json.loads on absurdly nested input; not a ValueError
             raise errors.InvalidRequest("the JSON body is nested too deeply") from None
-        job = runtime.submit(payload, caller().owner)
+        who = caller()
+        security.check_text_fields(payload)
+        job = runtime.submit(payload, who.owner)
         session_id_var.set(job["session_id"])
         job_id_var.set(job["id"])
         body = render_job(job)
@@ -177,13 +225,18 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     def system_status():
         return jsonify(runtime.system_status())
 
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(spec)
+
     @app.get("/test")
     def test_page():
         return render_template("test.html")
 
     @app.get("/")
     def index():
-        return jsonify({"service": "digital-twin", "health": "/health", "test_page": "/test"})
+        return jsonify({"service": "digital-twin", "health": "/health", "test_page": "/test",
+                        "openapi": "/openapi.json"})
 
     return app
 

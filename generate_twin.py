@@ -156,15 +156,15 @@ class GenerationRequest:
             if not _is_int(v) or v % 8 or not settings.min_image_side <= v <= settings.max_image_side:
                 raise InvalidRequest(f"{name}={v!r} must be a multiple of 8 between {settings.min_image_side} "
                                      f"and {settings.max_image_side}")
-        if ar is not None and ar not in ASPECT_RATIOS:
+        if ar is not None and (not isinstance(ar, str) or ar not in ASPECT_RATIOS):
             raise InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECT_RATIOS)}")
 
         qm = p.get("quality_mode", "balanced")
-        if qm not in QUALITY_MODES:
+        if not isinstance(qm, str) or qm not in QUALITY_MODES:  # a list/dict is unhashable: TypeError
             raise InvalidRequest(f"quality_mode={qm!r} is not one of {', '.join(QUALITY_MODES)}")
         strength = _number("identity_strength", p.get("identity_strength", settings.default_identity_strength), 0.0, 2.0)
         style = p.get("style", DEFAULT_STYLE)
-        if style not in STYLES:
+        if not isinstance(style, str) or style not in STYLES:
             raise InvalidRequest(f"style={style!r} is not one of {', '.join(STYLES)}")
         lora = p.get("lora")
         if lora is not None and (not isinstance(lora, str) or not lora or len(lora) > 100):

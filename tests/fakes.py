@@ -51,11 +51,14 @@ class FakeGenerationRequest:
             raise errors.InvalidRequest(f"prompt={prompt!r} must be a non-empty string")
         if len(prompt) > settings.max_prompt_chars:
             raise errors.InvalidRequest(f"prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
+        neg = payload.get("negative_prompt", "")
+        if not isinstance(neg, str) or len(neg) > settings.max_prompt_chars:
+            raise errors.InvalidRequest(f"negative_prompt must be a string of at most {settings.max_prompt_chars} characters")
         n = payload.get("num_images", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
             raise errors.InvalidRequest(f"num_images={n!r} is not between 1 and 4")
         q = payload.get("quality_mode", "balanced")
-        if q not in QUALITY_STEPS:
+        if not isinstance(q, str) or q not in QUALITY_STEPS:
             raise errors.InvalidRequest(f"quality_mode={q!r} is not one of {', '.join(QUALITY_STEPS)}")
         seed = payload.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -63,7 +66,7 @@ class FakeGenerationRequest:
         w, h = payload.get("width", 64), payload.get("height", 64)
         if "aspect_ratio" in payload:
             ar = payload["aspect_ratio"]
-            if ar not in ASPECTS:
+            if not isinstance(ar, str) or ar not in ASPECTS:
                 raise errors.InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECTS)}")
             a, b = ASPECTS[ar]
             w, h = (64 * a // max(a, b)) // 8 * 8, (64 * b // max(a, b)) // 8 * 8

@@ -42,8 +42,8 @@ class Settings:
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     api_keys: str = _setting("", "Comma-separated API keys for `Authorization: Bearer`. Required unless bound to loopback.")
     allow_anonymous: bool = _setting(False, "Serve without API keys on a non-loopback bind (per-client tokens only). Off: refuse to start.")
-    rate_limit_upload: str = _setting("30/minute", "Upload rate limit per key or client (flask-limiter syntax).")
-    rate_limit_generate: str = _setting("60/minute", "Generate rate limit per key or client (flask-limiter syntax).")
+    rate_limit_upload: str = _setting("30/minute", "Upload rate limit per API key, or per client address without keys (flask-limiter syntax, e.g. '30/minute;300/hour'); over it: 429 with Retry-After.")
+    rate_limit_generate: str = _setting("60/minute", "Generate rate limit per API key, or per client address without keys (flask-limiter syntax); over it: 429 with Retry-After.")
 
     # --- models ------------------------------------------------------------------------------
     model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
@@ -104,6 +104,10 @@ class Settings:
     retention_hours: float = _setting(72.0, "Sessions older than this are deleted by the retention sweep; 0 disables it.", lo=0.0)
     retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
     warmup: bool = _setting(True, "Run one throw-away generation in setup() so the first request is fast.")
+
+    # --- security (access control, input limits) ------------------------------------------------
+    max_json_kb: float = _setting(256.0, "Largest JSON request body (/generate), kB; a larger one is 413 before it is parsed.", lo=1.0)
+    trusted_proxies: int = _setting(0, "Reverse proxies in front of the server (RunPod's proxy: 1) whose X-Forwarded-For is trusted to name the client; the rate limit keys anonymous callers by that address.", lo=0, hi=5)
 
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")

@@ -12,7 +12,7 @@ import logging
 import re
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from utils.errors import ImageRejected
 
@@ -30,6 +30,81 @@ _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b
 _AVIF_BRANDS = {b"avif", b"avis"}
 
 _heif_registered: bool | None = None
+
+# Signatures of other file kinds that make an image a polyglot when they follow its end marker: a ZIP
+# (JAR, DOCX, APK) reader or an HTML/script sniffer would take the same bytes as its own format.
+_FOREIGN_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"Rar!\x1a\x07", b"7z\xbc\xaf\x27\x1c",
+                       b"%PDF-", b"\x7fELF", b"\x1f\x8b\x08")
+_FOREIGN_TEXT = (b"<script", b"<html", b"<!doctype", b"<?php", b"<svg", b"<?xml", b"javascript:")
+
+
+def image_end(data: bytes, fmt: str) -> int | None:
+    """Offset just past the image's end marker (PNG IEND chunk, JPEG EOI after the last scan, WebP RIFF
+    size), or None when the structure cannot be followed (PIL decides about such files)."""
+    n = len(data)
+    if fmt == "PNG":
+        i = 8
+        while i + 12 <= n:
+            length = int.from_bytes(data[i:i + 4], "big")
+            kind = data[i + 4:i + 8]
+            i += 12 + length
+            if kind == b"IEND":
+                return i if i <= n else None
+        return None
+    if fmt == "WEBP":
+        end = 8 + int.from_bytes(data[4:8], "little")
+        return end if end <= n else None
+    if fmt == "JPEG":
+        i = 2
+        while i + 2 <= n:
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:            # fill byte
+                i += 1
+                continue
+            if marker == 0xD9:            # EOI
+                return i + 2
+            if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                i += 2
+                continue
+            if i + 4 > n:
+                return None
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:            # a scan: entropy-coded bytes up to the next real marker
+                while True:
+                    i = data.find(b"\xff", i)
+                    if i < 0 or i + 1 >= n:
+                        return None
+                    nxt = data[i + 1]
+                    if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                        i += 1 if nxt == 0xFF else 2
+                        continue
+                    break
+        return None
+    return None
+
+
+def foreign_trailer(data: bytes, fmt: str) -> str | None:
+    """Why the bytes after the image's end make it a polyglot, or None.
+
+    PNG allows nothing after IEND. JPEG trailers are common and harmless (phone "motion photos" append
+    an MP4), so only a trailer carrying another format's signature counts.
+    """
+    end = image_end(data, fmt)
+    if end is None or end >= len(data):
+        return None
+    trailer = data[end:]
+    if fmt == "PNG" and trailer.strip(b"\x00"):
+        return f"{len(trailer):,} bytes follow the PNG's end (IEND)"
+    lowered = trailer.lower()
+    for sig in _FOREIGN_SIGNATURES:
+        if sig in trailer:
+            return f"the data after the image's end holds another file ({sig[:4]!r}...)"
+    for sig in _FOREIGN_TEXT:
+        if sig in lowered:
+            return f"the data after the image's end holds markup or script ({sig.decode()}...)"
+    return None
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -69,7 +144,7 @@ def _register_heif() -> bool:
 def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
     """Decode ``data`` into an upright RGB image or raise ``ImageRejected`` saying why.
 
-    Codes: empty_file, not_an_image, unsupported_format, too_many_pixels, truncated_image,
+    Codes: empty_file, not_an_image, unsupported_format, polyglot, too_many_pixels, truncated_image,
     corrupt_image.
     """
     if max_pixels < 1:
@@ -86,6 +161,9 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
     if fmt not in SUPPORTED_FORMATS:
         raise ImageRejected(f"{name}: {fmt} images are not supported; use JPEG, PNG, WebP or HEIC",
                             code="unsupported_format")
+    why = foreign_trailer(data, fmt)
+    if why:
+        raise ImageRejected(f"{name}: a polyglot file: {why}; upload the photo itself", code="polyglot")
     try:
         with warnings.catch_warnings():
             # Our own limit below is the guard; PIL's global one must not fire first with its own text.
@@ -114,6 +192,11 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
         if "truncated" in text or "premature" in text or isinstance(exc, EOFError):
             raise ImageRejected(f"{name}: the {fmt} file is truncated (incomplete upload?)",
                                 code="truncated_image") from None
+        if "decompressed data too large" in text:
+            # PIL's cap on zTXt/iTXt/iCCP chunks fired: a zip-bomb-like metadata chunk, not a damaged photo.
+            raise ImageRejected(f"{name}: a metadata chunk of the {fmt} inflates to more than "
+                                f"{PngImagePlugin.MAX_TEXT_CHUNK // 1048576} MB (a zip bomb?); "
+                                "re-save the photo without it", code="corrupt_image") from None
         raise ImageRejected(f"{name}: the {fmt} data is corrupt and could not be decoded",
                             code="corrupt_image") from None
     try:

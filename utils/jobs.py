@@ -86,6 +86,9 @@ class JobStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Privacy: deleted rows (prompts, output paths of a deleted session) are overwritten with
+            # zeros instead of lingering in free pages of jobs.db.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -132,6 +135,9 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # The WAL still holds the rows' earlier page images: fold it into the (zeroed) main file and
+            # truncate it, so nothing of the session stays readable in jobs.db-wal either.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- jobs ------------------------------------------------------------------------------------
     def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
@@ -163,7 +169,8 @@ class JobStore:
         """1-based place among queued jobs; None when not queued."""
         if job["status"] != JobStatus.QUEUED.value:
             return None
-        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq <= ?", (job["seq"],))[0]
+        # 0 when a worker claimed the job after ``job`` was read: it is no longer waiting, so no position.
+        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq <= ?", (job["seq"],))[0] or None
 
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self._all("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]

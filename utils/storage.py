@@ -137,8 +137,16 @@ class Storage:
         return str(self._inside(path).relative_to(self.root))
 
     def resolve_relative(self, rel: str) -> Path:
-        """Path of a file recorded in the DB (relative to data_dir)."""
-        return self._inside(self.root / rel)
+        """Path of a file recorded in the DB (relative to data_dir).
+
+        Strict: the path must resolve to itself. A symlink anywhere on the way (planted in twin_data,
+        pointing outside it or at another session's file) makes it NotFound, as does any ``..``.
+        """
+        lexical = Path(os.path.normpath(self.root / rel))
+        resolved = self._inside(lexical)
+        if resolved != lexical:
+            raise NotFound("not found")
+        return resolved
 
     # --- sessions ------------------------------------------------------------------------------
     def staging_dir(self, session_id: str) -> Path:

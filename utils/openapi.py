@@ -1,0 +1,220 @@
+"""The OpenAPI 3.0 description of the HTTP API, built in code from the settings and the generator's
+own tables, served at ``/openapi.json`` and fuzzed by tests/test_fuzz.py (schemathesis).
+
+The request schemas describe what the handlers really accept (limits come from the same settings the
+validators read), so a fuzzer's "valid" example is valid for the server too; the response schemas
+describe every status a handler can answer with, so an undocumented status is a finding.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from utils.config import Settings
+from utils.storage import ID_RE, OUTPUT_NAME_RE
+
+# Control characters refused in prompt fields (utils/security.check_text_fields); tab, CR and LF pass.
+_NO_CONTROLS = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"
+
+
+def _generator_tables() -> dict[str, Any]:
+    """The generator's value tables; importing generate_twin loads no model (torch is imported lazily)."""
+    from generate_twin import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, QUALITY_MODES, STYLES
+    return {"aspect_ratios": list(ASPECT_RATIOS), "max_images": MAX_IMAGES, "max_seed": MAX_SEED,
+            "quality_modes": list(QUALITY_MODES), "styles": list(STYLES)}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str, retry_after: bool = False) -> dict:
+    resp: dict[str, Any] = {"description": description,
+                            "content": {"application/json": {"schema": _ref("Error")}}}
+    if retry_after:
+        resp["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                           "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    return resp
+
+
+def _nullable(schema: dict) -> dict:
+    return {**schema, "nullable": True}
+
+
+def build_spec(settings: Settings) -> dict[str, Any]:
+    t = _generator_tables()
+    s = settings
+    id_param = {"type": "string", "pattern": ID_RE.pattern}
+    keyed = bool(s.api_key_list)
+
+    generate_request = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["prompt"],
+        "description": ("width and height go together and exclude aspect_ratio; without session_id the caller's "
+                        "latest session is used. Unknown fields are refused."),
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars,
+                       "pattern": _NO_CONTROLS.replace("]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f]"
+                                                               "[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")},
+            "negative_prompt": _nullable({"type": "string", "maxLength": s.max_prompt_chars, "pattern": _NO_CONTROLS}),
+            "num_images": _nullable({"type": "integer", "minimum": 1, "maximum": t["max_images"]}),
+            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": t["max_seed"]}),
+            "width": _nullable({"type": "integer", "multipleOf": 8, "minimum": s.min_image_side,
+                                "maximum": s.max_image_side}),
+            "height": _nullable({"type": "integer", "multipleOf": 8, "minimum": s.min_image_side,
+                                 "maximum": s.max_image_side}),
+            "aspect_ratio": _nullable({"type": "string", "enum": t["aspect_ratios"]}),
+            "quality_mode": _nullable({"type": "string", "enum": t["quality_modes"]}),
+            "identity_strength": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+            "style": _nullable({"type": "string", "enum": t["styles"]}),
+            "lora": _nullable({"type": "string", "minLength": 1, "maxLength": 100}),
+            "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+            "session_id": {"type": "string"},
+        },
+    }
+    job = {
+        "type": "object",
+        "required": ["id", "job_id", "status", "session_id", "position", "progress", "created_at", "started_at",
+                     "finished_at", "request", "outputs", "metadata", "error", "status_url"],
+        "properties": {
+            "id": {"type": "string"}, "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+            "session_id": _nullable({"type": "string"}),
+            "position": _nullable({"type": "integer", "minimum": 1}),
+            "progress": {"type": "object", "required": ["step", "total", "fraction", "eta_seconds"], "properties": {
+                "step": {"type": "integer", "minimum": 0}, "total": {"type": "integer", "minimum": 0},
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                "eta_seconds": _nullable({"type": "number", "minimum": 0})}},
+            "created_at": {"type": "string"}, "started_at": _nullable({"type": "string"}),
+            "finished_at": _nullable({"type": "string"}),
+            "request": {"type": "object"},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["filename", "seed", "width", "height", "url"], "properties": {
+                    "filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
+                    "seed": {"type": "integer"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                    "url": {"type": "string"},
+                    "identity_similarity": _nullable({"type": "number"})}}},
+            "metadata": _nullable({"type": "object"}),
+            "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
+            "status_url": _nullable({"type": "string"}),
+        },
+    }
+    schemas = {
+        "Error": {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
+            "error": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}}},
+        "GenerateRequest": generate_request,
+        "Job": job,
+        "UploadResult": {"type": "object",
+                         "required": ["success", "session_id", "total", "accepted_count", "rejected_count",
+                                      "warnings", "report"],
+                         "properties": {
+                             "success": {"type": "boolean"}, "session_id": {"type": "string"},
+                             "total": {"type": "integer", "minimum": 1},
+                             "accepted_count": {"type": "integer", "minimum": 1},
+                             "rejected_count": {"type": "integer", "minimum": 0},
+                             "warnings": {"type": "array", "items": {"type": "object"}},
+                             "report": {"type": "object"},
+                             "client_token": {"type": "string", "description": "Issued to a caller without one "
+                                                                               "(no API keys): send it back as "
+                                                                               "X-Client-Token or the cookie."}}},
+        "Deleted": {"type": "object", "required": ["deleted", "session_id"], "properties": {
+            "deleted": {"type": "boolean", "enum": [True]}, "session_id": {"type": "string"}}},
+        "Health": {"type": "object", "required": ["status", "state", "version", "uptime_seconds"], "properties": {
+            "status": {"type": "string", "enum": ["ok"]},
+            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed"]},
+            "version": {"type": "string"}, "uptime_seconds": {"type": "number"}, "error": {"type": "string"},
+            "profile": _nullable({"type": "string"}), "is_demo": _nullable({"type": "boolean"})}},
+    }
+    owned = {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {}
+    limited = {"429": _error("Rate limit or queue limit reached.", retry_after=True)}
+    not_ready = {"503": _error("The models are still loading or failed to load.", retry_after=True)}
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": id_param}
+
+    paths = {
+        "/upload": {"post": {
+            "operationId": "upload",
+            "summary": "Upload selfies; builds one identity (a session) from the usable ones.",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"], "properties": {
+                    "files": {"type": "array", "minItems": 1, "maxItems": s.max_selfies,
+                              "items": {"type": "string", "format": "binary"}}}}}}},
+            "responses": {
+                "200": {"description": "Session created; per-file report.",
+                        "content": {"application/json": {"schema": _ref("UploadResult")}}},
+                "400": _error("No files."),
+                "413": _error(f"More than {s.max_selfies} files, a file over {s.max_file_mb:g} MB or a request "
+                              f"over {s.max_upload_mb:g} MB."),
+                "415": _error("Not multipart/form-data."),
+                "422": _error("No file has a usable face; details.report says why for each."),
+                "507": _error("The data disk is full."),
+                **owned, **limited, **not_ready}}},
+        "/generate": {"post": {
+            "operationId": "generate",
+            "summary": "Queue a generation job for one of the caller's sessions.",
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
+            "responses": {
+                "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": _ref("Job")}}},
+                "400": _error("Invalid body or values; no session yet."),
+                "404": _error("session_id is not one of the caller's sessions."),
+                "413": _error(f"Body over {s.max_json_kb:g} kB."),
+                "415": _error("Not application/json."),
+                "507": _error("The data disk is full."),
+                **owned, **limited, **not_ready}}},
+        "/status/{job_id}": {"get": {
+            "operationId": "status", "parameters": [job_id],
+            "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
+                          "404": _error("No such job for this caller."), **owned}}},
+        "/cancel/{job_id}": {"post": {
+            "operationId": "cancel", "parameters": [job_id],
+            "responses": {"200": {"description": "Canceled (or stopping).",
+                                  "content": {"application/json": {"schema": _ref("Job")}}},
+                          "404": _error("No such job for this caller."),
+                          "409": _error("The job already finished."), **owned}}},
+        "/download/{job_id}/{filename}": {"get": {
+            "operationId": "download",
+            "parameters": [job_id,
+                           {"name": "filename", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern}},
+                           {"name": "inline", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["0", "1"]}}],
+            "responses": {"200": {"description": "The PNG.",
+                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                          "404": _error("No such job or file for this caller."), **owned}}},
+        "/sessions/{session_id}": {"delete": {
+            "operationId": "delete_session",
+            "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
+            "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": id_param}],
+            "responses": {"200": {"description": "Deleted.", "content": {"application/json": {"schema": _ref("Deleted")}}},
+                          "404": _error("No such session for this caller."), **owned}}},
+        "/health": {"get": {"operationId": "health", "responses": {
+            "200": {"description": "Always 200; state says whether the models are ready.",
+                    "content": {"application/json": {"schema": _ref("Health")}}}}}},
+        "/system-status": {"get": {"operationId": "system_status", "responses": {
+            "200": {"description": "Model, device, queue and job counts.",
+                    "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
+        "/openapi.json": {"get": {"operationId": "openapi", "responses": {
+            "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+    }
+    security_schemes: dict[str, Any] = {
+        "clientToken": {"type": "apiKey", "in": "header", "name": "X-Client-Token",
+                        "description": "Without API keys: the client_token /upload returned (or its cookie)."}}
+    if keyed:
+        security_schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Digital twin API", "version": _version(),
+                 "description": ("Upload selfies, generate portraits. Sessions and jobs belong to the caller "
+                                 "(API key, or the per-client token issued at upload); another caller gets 404.")},
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": security_schemes},
+        "security": [{"bearerAuth": []}] if keyed else [{"clientToken": []}, {}],
+    }
+
+
+def _version() -> str:
+    from utils.services import VERSION
+    return VERSION

@@ -1,0 +1,99 @@
+"""Abuse guards the API applies before a request reaches the runtime: the rate limiter, text-field
+checks, and the start-up line that says how callers are authenticated.
+
+Rate limits are counted per caller: the API key (its hash) when keys are configured, else the client's
+address. Anonymous client tokens are not used as the key on purpose: a caller mints them freely (any
+well-formed token is accepted), so keying on them would let one client reset its own limit at will.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import unicodedata
+from typing import Any
+
+from utils import errors
+from utils.config import Settings
+from utils.storage import hash_secret
+
+log = logging.getLogger("twin.security")
+
+#: Request fields holding free text that reaches the tokenizer, the job record and the logs.
+TEXT_FIELDS = ("prompt", "negative_prompt")
+# Tab, newline and carriage return are ordinary in pasted prompts; every other control character is not.
+_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+
+
+def check_text_fields(payload: Any) -> None:
+    """Reject control characters and unpaired surrogates in prompt fields (400), naming the field,
+    the code point and its position but never echoing the text.
+
+    Unicode letters, emoji, combining marks and right-to-left text (with its direction marks) pass.
+    An unpaired surrogate (JSON ``"\\ud800"``) passes ``json.loads`` but makes the tokenizer raise
+    inside the job, so it must be refused here, at submit time.
+    """
+    if not isinstance(payload, dict):
+        return
+    for name in TEXT_FIELDS:
+        text = payload.get(name)
+        if not isinstance(text, str):
+            continue
+        for pos, ch in enumerate(text):
+            cat = unicodedata.category(ch)
+            if cat == "Cs":
+                raise errors.InvalidRequest(f"{name} contains an unpaired surrogate U+{ord(ch):04X} at position {pos}; "
+                                            "send valid UTF-8 text")
+            if cat == "Cc" and ch not in _ALLOWED_CONTROLS:
+                raise errors.InvalidRequest(f"{name} contains the control character U+{ord(ch):04X} at position {pos}; "
+                                            "remove control characters")
+
+
+def check_rate_limits(settings: Settings) -> None:
+    """Fail start-up on a limit string flask-limiter cannot parse (it would otherwise fail per request)."""
+    from limits import parse_many
+    for name in ("rate_limit_upload", "rate_limit_generate"):
+        value = getattr(settings, name)
+        try:
+            if not parse_many(value):
+                raise ValueError
+        except ValueError:
+            raise errors.ConfigError(f"TWIN_{name.upper()}={value!r} is not a rate limit like '30/minute' or "
+                                     "'10/minute;100/hour'") from None
+
+
+def rate_limit_key(request, api_keys: list[str]) -> str:
+    """The bucket a request counts against: its API key's hash when keys are on, else its address.
+
+    An absent or wrong key still gets a bucket (its address): its request is refused with 401 anyway,
+    but the refusal is counted so key guessing is throttled too.
+    """
+    if api_keys:
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        key = key.strip()
+        # Compared as hashes: equal-length digests, so the comparison time says nothing about the key.
+        if scheme.lower() == "bearer" and key and hash_secret(key) in {hash_secret(k) for k in api_keys}:
+            return "key:" + hash_secret(key)
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def retry_after_seconds(limiter) -> int:
+    """Whole seconds until the breached window resets (at least 1)."""
+    lim = getattr(limiter, "current_limit", None)
+    reset_at = getattr(lim, "reset_at", None)
+    if reset_at is None:
+        return 1
+    return max(1, math.ceil(reset_at - time.time()))
+
+
+def describe_auth(settings: Settings) -> tuple[str, dict]:
+    """The start-up line about authentication: says which mode is on, never the keys themselves."""
+    keys = settings.api_key_list
+    if keys:
+        return ("authentication on: API keys required (Authorization: Bearer)",
+                {"auth": "api_keys", "api_keys": len(keys), "bind": settings.host})
+    if settings.is_loopback_bind:
+        return ("authentication off: no API keys, loopback bind only; callers are told apart by per-client tokens",
+                {"auth": "anonymous_loopback", "bind": settings.host})
+    return ("authentication off on a non-loopback bind (TWIN_ALLOW_ANONYMOUS=1): anyone who reaches the port can "
+            "upload; callers are told apart by per-client tokens", {"auth": "anonymous_public", "bind": settings.host})
