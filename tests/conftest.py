@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.faces",
     "tests.fixtures.service",
+    "tests.fixtures.metrics",
 ]
