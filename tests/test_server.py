@@ -57,3 +57,12 @@ def test_deploy_dry_run_renders_unit():
     for line in ("ExecStart=/srv/twin/.venv/bin/gunicorn -c /srv/twin/gunicorn.conf.py app:create_app()",
                  "EnvironmentFile=/etc/digital-twin/env", "TWIN_DATA_DIR=/srv/twin/twin_data", "WantedBy=multi-user.target"):
         assert line in proc.stdout
+
+
+def test_readme_documents_every_setting_and_starts_with_the_two_commands():
+    from utils.config import Settings
+    readme = (REPO / "README.md").read_text()
+    missing = [var for var, _, _ in Settings.documented() if f"`{var}`" not in readme]
+    assert missing == [], f"README settings table lacks {missing}: regenerate with `python -m utils.config`"
+    block = readme.split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert [line.split()[0] for line in block[:2]] == ["./start_app.sh", "./test.sh"]
