@@ -105,6 +105,10 @@ class Settings:
     retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
     warmup: bool = _setting(True, "Run one throw-away generation in setup() so the first request is fast.")
 
+    # --- faults and shutdown (reliability) -------------------------------------------------------
+    min_free_mb: float = _setting(64.0, "Free space the data volume must keep: an upload or job that would leave less is refused with 507 insufficient_storage (the job database needs headroom to record outcomes). 0 = only a real ENOSPC/EDQUOT stops a write.", lo=0.0)
+    drain_seconds: float = _setting(25.0, "On SIGTERM: how long a running job may keep going to finish; after that it is stopped at its next step and re-queued (it runs again after the restart). gunicorn's graceful_timeout is this + 10 s.", lo=0.0, hi=3600.0)
+
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
