@@ -202,9 +202,16 @@ class Runtime:
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
-        identity = self.generators[0].build_identity([a.crop for a in report.accepted],
-                                                     [a.embedding for a in report.accepted],
-                                                     face_model=report.model_name)
+        try:
+            identity = self.generators[0].build_identity([a.crop for a in report.accepted],
+                                                         [a.embedding for a in report.accepted],
+                                                         face_model=report.model_name)
+        except BaseException as e:
+            if not isinstance(e, errors.TwinError) and is_oom(e):  # the image encoder runs on the GPU
+                _empty_cuda_cache()
+                raise errors.OutOfMemory("the GPU ran out of memory encoding the selfies; retry shortly",
+                                         headers={"Retry-After": "10"}) from None
+            raise
         session_id = new_id()
         created = self.clock()
         with log_context(session_id=session_id):
