@@ -38,10 +38,14 @@ PYEOF
     case $body in
       *'"state":"ready"'*|*'"state": "ready"'*)
         if echo "$body" | grep -q '"is_demo": *true'; then
-          printf '\n%s\n%s\n%s\n\n' "############################################################################" \
-            "# DEMO MODE: no real SDXL weights found - the tiny offline model is serving.  #" \
-            "# Images are NOT real portraits. GPU box: see README 'Model download'.      #" >&2
-          echo "############################################################################" >&2
+          {
+            echo
+            echo "############################################################################"
+            echo "# DEMO MODE: no real SDXL weights found - the tiny offline model is serving. #"
+            echo "# Images are NOT real portraits. GPU box: see README 'Model download'.     #"
+            echo "############################################################################"
+            echo
+          } >&2
         fi
         echo "[start_app] ready: http://$HOST:$PORT/health  test page: http://$HOST:$PORT/test" >&2
         exit 0 ;;

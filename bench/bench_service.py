@@ -106,6 +106,7 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="bench-service-"))
     env = server_env(data)
     env.update(TWIN_WARMUP="0")
+    env.update({k: v for k, v in os.environ.items() if k.startswith("TWIN_")})  # e.g. TWIN_SWITCH_INTERVAL_MS=5
     if args.fake:
         env["FAKE_STEP_SECONDS"] = "0.05"
     env["OMP_NUM_THREADS"] = "1"
@@ -135,11 +136,13 @@ def main() -> int:
         req = services.request_type(gen).from_dict(payload, settings)
         ident = services.identity_type(gen).load(data / session_id / "identity.safetensors")
         req = req.with_identity(ident)
-        gen.generate(req)  # warm-up
+        # Same call shape as the worker's: a progress callback and a cancel check per step.
+        hooks = {"on_progress": lambda step, total: None, "should_cancel": lambda: False}
+        gen.generate(req, **hooks)  # warm-up
         direct = []
         for _ in range(args.reps):
             t = time.perf_counter()
-            gen.generate(req)
+            gen.generate(req, **hooks)
             direct.append(time.perf_counter() - t)
 
         # --- through HTTP ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ import io
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
 from tests.fixtures.service import wait_until
@@ -128,8 +128,8 @@ def test_upload_no_usable_selfie_is_422_and_keeps_nothing(client, app):
     ({"max_file_mb": 0.01}, 1, 20_000, "limit per file"),
     ({"max_upload_mb": 0.02}, 2, 15_000, "TWIN_MAX_UPLOAD_MB"),
 ])
-def test_upload_limits_are_413(make_app, settings, change, n, size_bytes, message):
-    c = make_app(settings.replace(**change)).test_client()
+def test_upload_limits_are_413(make_app, service_settings, change, n, size_bytes, message):
+    c = make_app(service_settings.replace(**change)).test_client()
     blobs = [image_bytes(size=(96, 96)) + b"\0" * size_bytes for _ in range(n)]
     assert_error(c.post("/upload", data=files_field(*blobs), content_type="multipart/form-data"),
                  413, "payload_too_large", message)
@@ -207,7 +207,7 @@ fields = st.sampled_from(["prompt", "num_images", "quality_mode", "seed", "width
                           "identity_strength", "style", "session_id", "negative_prompt", "other"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.one_of(json_values, st.dictionaries(fields, json_values, max_size=6)))
 def test_generate_never_500s(client, payload):
     client.post("/upload", data=files_field(image_bytes()), content_type="multipart/form-data") \
@@ -219,10 +219,10 @@ def test_generate_never_500s(client, payload):
         assert set(r.get_json()["error"]) >= {"code", "message"}
 
 
-def test_generate_queue_full_is_429_with_retry_after(make_app, settings):
+def test_generate_queue_full_is_429_with_retry_after(make_app, service_settings):
     gen = FakeGenerator()
     gen.hold = True
-    c = make_app(settings.replace(queue_max=1), generator=gen).test_client()
+    c = make_app(service_settings.replace(queue_max=1), generator=gen).test_client()
     upload(c)
     assert c.post("/generate", json={"prompt": "a"}).status_code == 202   # taken by the worker
     assert gen.started.wait(5)
@@ -338,8 +338,8 @@ def test_token_header_works_without_cookie(app):
     ({"Authorization": "Basic k1"}, 401),
     ({"Authorization": "Bearer k1"}, 200),
 ])
-def test_api_keys(make_app, settings, headers, status):
-    c = make_app(settings.replace(api_keys="k1,k2")).test_client()
+def test_api_keys(make_app, service_settings, headers, status):
+    c = make_app(service_settings.replace(api_keys="k1,k2")).test_client()
     r = upload(c, headers=headers)
     assert r.status_code == status
     if status == 200:
@@ -348,8 +348,8 @@ def test_api_keys(make_app, settings, headers, status):
         assert r.json["error"]["code"] == "unauthorized"
 
 
-def test_api_key_owner_separation(make_app, settings):
-    c = make_app(settings.replace(api_keys="k1,k2")).test_client()
+def test_api_key_owner_separation(make_app, service_settings):
+    c = make_app(service_settings.replace(api_keys="k1,k2")).test_client()
     k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
     upload(c, headers=k1)
     job_id = c.post("/generate", json={"prompt": "a"}, headers=k1).json["id"]
@@ -357,10 +357,10 @@ def test_api_key_owner_separation(make_app, settings):
     assert c.get(f"/status/{job_id}", headers=k2).status_code == 404
 
 
-def test_non_loopback_without_keys_refuses_to_start(settings):
+def test_non_loopback_without_keys_refuses_to_start(service_settings):
     from app import create_app
     with pytest.raises(errors.ConfigError, match="TWIN_API_KEYS"):
-        create_app(settings.replace(host="0.0.0.0"), generator=FakeGenerator(), faces=FakeFaceService())
+        create_app(service_settings.replace(host="0.0.0.0"), generator=FakeGenerator(), faces=FakeFaceService())
 
 
 # --- delete --------------------------------------------------------------------------------------
@@ -415,9 +415,9 @@ def test_request_id_is_echoed(client):
     assert client.get("/health", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"
 
 
-def test_cors_off_by_default_and_on_when_configured(make_app, settings, client):
+def test_cors_off_by_default_and_on_when_configured(make_app, service_settings, client):
     assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": "http://a.example"}).headers
-    c = make_app(settings.replace(cors_origins="http://a.example")).test_client()
+    c = make_app(service_settings.replace(cors_origins="http://a.example")).test_client()
     r = c.get("/health", headers={"Origin": "http://a.example"})
     assert r.headers["Access-Control-Allow-Origin"] == "http://a.example"
 
@@ -453,8 +453,8 @@ def test_retention_sweep_deletes_old_sessions(app, client):
     assert_error(client.post("/generate", json={"prompt": "a"}), 400, "no_session")
 
 
-def test_score_outputs_records_similarity(make_app, settings):
-    c = make_app(settings.replace(score_outputs=True)).test_client()
+def test_score_outputs_records_similarity(make_app, service_settings):
+    c = make_app(service_settings.replace(score_outputs=True)).test_client()
     upload(c)
     job = finished(c, c.post("/generate", json={"prompt": "a", "num_images": 2}).json["id"])
     assert [o["identity_similarity"] for o in job["outputs"]] == [0.5, 0.5]
