@@ -124,10 +124,10 @@ def big_selfies(n=3):
     (0, 0, 507, "insufficient_storage"),        # not one free block
     (2048, 3, 507, "insufficient_storage"),     # room, but it would eat into TWIN_MIN_FREE_MB
 ])
-def test_upload_on_a_full_volume(volume, make_app, settings, leave_kb, min_free_mb, status, code):
+def test_upload_on_a_full_volume(volume, make_app, service_settings, leave_kb, min_free_mb, status, code):
     vol = volume(4096)
     data = vol.path / "data"
-    c = make_app(settings.replace(data_dir=data, min_free_mb=min_free_mb)).test_client()
+    c = make_app(service_settings.replace(data_dir=data, min_free_mb=min_free_mb)).test_client()
     store = c.application.extensions["twin"].store
     vol.fill(leave_kb)
     used_before = vol.free_bytes()
@@ -151,7 +151,7 @@ def test_upload_on_a_full_volume(volume, make_app, settings, leave_kb, min_free_
     assert job["status"] == "succeeded"
 
 
-def test_upload_over_quota_is_507_and_leaves_nothing(make_app, settings, monkeypatch):
+def test_upload_over_quota_is_507_and_leaves_nothing(make_app, service_settings, monkeypatch):
     """EDQUOT (a user quota) at the write layer: the same 507 and the same clean folder."""
     c = make_app().test_client()
     real_write_bytes = Path.write_bytes
@@ -163,7 +163,7 @@ def test_upload_over_quota_is_507_and_leaves_nothing(make_app, settings, monkeyp
 
     monkeypatch.setattr(Path, "write_bytes", over_quota)
     assert_error(upload(c), 507, "insufficient_storage", "full")
-    assert session_dirs(settings.data_dir) == [] and leftovers(settings.data_dir) == []
+    assert session_dirs(service_settings.data_dir) == [] and leftovers(service_settings.data_dir) == []
     monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
     assert upload(c).status_code == 200
 
@@ -175,10 +175,10 @@ def test_upload_over_quota_is_507_and_leaves_nothing(make_app, settings, monkeyp
     ("reserve refuses", 4096, 6),       # submit refused up front: the outputs would eat the reserve
     ("database full", 0, 0),            # not one block: even the job record cannot be written
 ])
-def test_job_on_a_full_volume(volume, make_app, settings, case, leave_kb, min_free_mb):
+def test_job_on_a_full_volume(volume, make_app, service_settings, case, leave_kb, min_free_mb):
     vol = volume(8192)
     data = vol.path / "data"
-    c = make_app(settings.replace(data_dir=data, min_free_mb=min_free_mb),
+    c = make_app(service_settings.replace(data_dir=data, min_free_mb=min_free_mb),
                  generator=NoisyGenerator()).test_client()
     rt = c.application.extensions["twin"]
     rt.storage.min_free_mb = 0
@@ -209,7 +209,7 @@ def test_job_on_a_full_volume(volume, make_app, settings, case, leave_kb, min_fr
         Image.open(io.BytesIO(c.get(o["url"]).data)).verify()
 
 
-def test_worker_survives_a_database_it_cannot_write(make_app, settings, monkeypatch):
+def test_worker_survives_a_database_it_cannot_write(make_app, service_settings, monkeypatch):
     """The job record cannot be claimed or finished for a while (full volume): the worker waits, the job
     stays queued (not lost), and runs once writes work again."""
     c = make_app().test_client()
@@ -297,8 +297,8 @@ def test_out_of_memory_encoding_selfies_is_503(make_app, tiny_generator, monkeyp
     (0.05, 10.0, "succeeded"),   # the running job fits in the drain window: it finishes
     (0.5, 0.3, "requeued"),      # it does not: stopped at its next step, back in the queue
 ])
-def test_drain_finishes_or_requeues_and_loses_nothing(make_app, settings, step_seconds, drain_seconds, running_ends):
-    s = settings.replace(drain_seconds=drain_seconds)
+def test_drain_finishes_or_requeues_and_loses_nothing(make_app, service_settings, step_seconds, drain_seconds, running_ends):
+    s = service_settings.replace(drain_seconds=drain_seconds)
     gen = FakeGenerator(step_seconds=step_seconds)
     c = make_app(s, generator=gen).test_client()
     assert upload(c).status_code == 200
