@@ -382,7 +382,10 @@ class JobManager:
         return self._draining.is_set()
 
     def running_ids(self) -> list[str]:
-        return [j for j in list(self.running.values()) if j]
+        """Jobs a worker holds, from just before the claim to after the outcome is recorded (wider than
+        ``running``, so a drain cannot slip between a claim and its bookkeeping)."""
+        with self._cancel_lock:
+            return list(self._cancel)
 
     def drain(self, deadline: float, stop_wait: float = 5.0) -> dict[str, list[str]]:
         """Let running jobs finish until ``deadline`` (time.time()); then stop them at their next step and
