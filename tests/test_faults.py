@@ -233,6 +233,25 @@ def test_worker_survives_a_database_it_cannot_write(make_app, service_settings, 
     assert finished(c, job_id, timeout=10)["status"] == "succeeded"
 
 
+def test_delete_on_a_full_database_still_removes_the_files(make_app, service_settings, monkeypatch):
+    """Deleting (user or retention) when the records cannot be written: the biometric files go anyway
+    (and free space), the answer is 507, and a retry removes the records."""
+    c = make_app().test_client()
+    sid = upload(c).json["session_id"]
+    rt = c.application.extensions["twin"]
+    real = rt.store.delete_session_records
+
+    def full(session_id):
+        raise errors.InsufficientStorage("the data volume is full: the job database cannot be written")
+
+    monkeypatch.setattr(rt.store, "delete_session_records", full)
+    assert_error(c.delete(f"/sessions/{sid}"), 507, "insufficient_storage")
+    assert not (service_settings.data_dir / sid).exists()
+    monkeypatch.setattr(rt.store, "delete_session_records", real)
+    assert c.delete(f"/sessions/{sid}").status_code == 200
+    assert rt.store.get_session(sid) is None
+
+
 # --- GPU out of memory inside a real job --------------------------------------------------------
 
 def _oom():

@@ -244,8 +244,12 @@ class Runtime:
         deadline = time.time() + 30
         while time.time() < deadline and self.store.active_ids_for_session(session_id):
             time.sleep(0.02)  # a running job stops within one denoising step
-        self.store.delete_session_records(session_id)
-        self.storage.delete_session(session_id)
+        try:
+            self.store.delete_session_records(session_id)
+        finally:
+            # The faces go even when the records cannot be written (a full volume: this frees space);
+            # the records then go on the next delete or sweep.
+            self.storage.delete_session(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 
