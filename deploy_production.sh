@@ -29,11 +29,16 @@ WorkingDirectory=$PREFIX
 EnvironmentFile=$ENV_DIR/env
 Environment=PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 ExecStart=$PREFIX/.venv/bin/gunicorn -c $PREFIX/gunicorn.conf.py app:create_app()
-# Queued jobs survive a restart (SQLite); running ones end failed/interrupted or re-queue (TWIN_REQUEUE_INTERRUPTED).
+# Stop: SIGTERM to gunicorn's arbiter only (KillMode=mixed); it forwards it to the worker, which refuses
+# new work (503 shutting_down), lets the running job finish for TWIN_DRAIN_SECONDS (25) or re-queues it,
+# keeps queued jobs in SQLite, and exits 0. gunicorn's graceful_timeout is the drain + 10 s (35); systemd
+# SIGKILLs what is left after TimeoutStopSec: keep it above both when you raise TWIN_DRAIN_SECONDS.
+# After a crash or SIGKILL, a job that was running ends failed/interrupted (or re-queues, TWIN_REQUEUE_INTERRUPTED).
 Restart=on-failure
 RestartSec=5
-TimeoutStopSec=40
+KillSignal=SIGTERM
 KillMode=mixed
+TimeoutStopSec=50
 NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=full

@@ -9,7 +9,13 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Model loading happens in a background thread, so the worker answers /health at once; a long
 # generation runs in a job thread and never blocks the heartbeat.
 timeout = 120
-graceful_timeout = 30
+# SIGTERM (systemctl stop, a deploy): the worker stops taking new work, gives the running job
+# TWIN_DRAIN_SECONDS to finish, re-queues it otherwise, and exits 0 (utils/lifecycle.py). The
+# arbiter SIGKILLs a worker still alive after graceful_timeout: keep it above the drain window.
+from utils.config import Settings  # noqa: E402 - light: stdlib only
+
+_drain_seconds = float(os.environ.get("TWIN_DRAIN_SECONDS") or Settings.drain_seconds)
+graceful_timeout = int(_drain_seconds) + 10
 keepalive = 5
 accesslog = None  # the app logs every request as a JSON line
 errorlog = "-"
@@ -17,3 +23,15 @@ loglevel = os.environ.get("TWIN_LOG_LEVEL", "info").lower()
 # gunicorn ≥ 24's control socket lives at one path per user (~/.gunicorn/gunicorn.ctl): two servers on
 # one box (tests, a restart overlapping the old process) would fight over it, and nothing here uses it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    from utils import lifecycle
+    lifecycle.install_sigterm_drain(worker)
+
+
+def worker_exit(server, worker):
+    # Runs in the worker after its request loop ended (and, harmlessly, in the arbiter when it reaps a
+    # worker: no runtime is registered there).
+    from utils import lifecycle
+    lifecycle.drain_all()

@@ -108,6 +108,9 @@ class Settings:
     # --- security (access control, input limits) ------------------------------------------------
     max_json_kb: float = _setting(256.0, "Largest JSON request body (/generate), kB; a larger one is 413 before it is parsed.", lo=1.0)
     trusted_proxies: int = _setting(0, "Reverse proxies in front of the server (RunPod's proxy: 1) whose X-Forwarded-For is trusted to name the client; the rate limit keys anonymous callers by that address.", lo=0, hi=5)
+    # --- faults and shutdown (reliability) -------------------------------------------------------
+    min_free_mb: float = _setting(64.0, "Free space the data volume must keep: an upload or job that would leave less is refused with 507 insufficient_storage (the job database needs headroom to record outcomes). 0 = only a real ENOSPC/EDQUOT stops a write.", lo=0.0)
+    drain_seconds: float = _setting(25.0, "On SIGTERM: how long a running job may keep going to finish; after that it is stopped at its next step and re-queued (it runs again after the restart). gunicorn's graceful_timeout is this + 10 s.", lo=0.0, hi=3600.0)
 
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")

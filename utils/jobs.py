@@ -73,6 +73,25 @@ CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id);
 """
 
 
+class _Connection(sqlite3.Connection):
+    """SQLITE_FULL (the volume ran out of space) becomes InsufficientStorage (507) wherever it happens."""
+
+    def execute(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.OperationalError as e:
+            if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == 13 or "disk is full" in str(e):
+                raise errors.InsufficientStorage("the data volume is full: the job database cannot be "
+                                                 "written; free space under TWIN_DATA_DIR") from e
+            raise
+
+    def rollback_if_open(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL does): a bare ROLLBACK would then
+        # raise and hide the real error.
+        if self.in_transaction:
+            super().execute("ROLLBACK")
+
+
 class JobStore:
     """All SQL lives here. One connection guarded by a lock: statements are short, and a lock is
     simpler and safer than per-thread connections for the dozens of pollers a server sees."""
@@ -81,7 +100,8 @@ class JobStore:
         self.path = Path(db_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30,
+                                   factory=_Connection)
         self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -133,7 +153,7 @@ class JobStore:
                 self._db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback_if_open()
                 raise
             # The WAL still holds the rows' earlier page images: fold it into the (zeroed) main file and
             # truncate it, so nothing of the session stays readable in jobs.db-wal either.
@@ -157,7 +177,7 @@ class JobStore:
                      json.dumps(request), time.time()))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback_if_open()
                 raise
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -217,6 +237,12 @@ class JobStore:
         return self._exec("UPDATE jobs SET status='canceled', finished_at=?, error_code='canceled', "
                           "error_message='canceled by the user' WHERE id=? AND status='queued'",
                           (time.time(), job_id)) == 1
+
+    def requeue(self, job_id: str) -> bool:
+        """running -> queued for a graceful stop: it runs again from the start after the restart. The
+        attempt is given back, so a later crash still gets its one TWIN_REQUEUE_INTERRUPTED retry."""
+        return self._exec("UPDATE jobs SET status='queued', step=0, total=0, started_at=NULL, outputs='[]', "
+                          "attempts=MAX(attempts-1, 0) WHERE id=? AND status='running'", (job_id,)) == 1
 
     def recover(self, requeue: bool) -> dict[str, list[str]]:
         """Settle jobs that were running when the process died. Returns {"requeued": [...], "failed": [...]}."""
@@ -306,6 +332,8 @@ class JobManager:
         self._cancel_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._draining = threading.Event()
+        self._requeue: set[str] = set()  # running jobs stopped by a shutdown: back to queued, not canceled
         self.running: dict[int, str | None] = {}
 
     def start(self, requeue_interrupted: bool = False) -> dict[str, list[str]]:
@@ -325,6 +353,8 @@ class JobManager:
         self._stopping.set()
         self.ready.set()  # release workers still waiting for set-up
         with self._cancel_lock:
+            # A job stopped by a shutdown was not canceled by its user: it goes back to the queue.
+            self._requeue.update(self._cancel)
             for ev in self._cancel.values():
                 ev.set()
         for _ in self._threads:
@@ -349,13 +379,58 @@ class JobManager:
     def depth(self) -> int:
         return self.store.counts()["queued"]
 
+    # --- graceful stop ---------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Take no more jobs from the queue (they stay queued in the database for the next start)."""
+        self._draining.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def running_ids(self) -> list[str]:
+        """Jobs a worker holds, from just before the claim to after the outcome is recorded (wider than
+        ``running``, so a drain cannot slip between a claim and its bookkeeping)."""
+        with self._cancel_lock:
+            return list(self._cancel)
+
+    def drain(self, deadline: float, stop_wait: float = 5.0) -> dict[str, list[str]]:
+        """Let running jobs finish until ``deadline`` (time.time()); then stop them at their next step and
+        re-queue them. Returns {"finished": [...], "requeued": [...]} for the running jobs."""
+        self.begin_drain()
+        started = self.running_ids()
+        while self.running_ids() and time.time() < deadline:
+            time.sleep(0.05)
+        late = self.running_ids()
+        with self._cancel_lock:
+            self._requeue.update(late)
+            for job_id in late:
+                ev = self._cancel.get(job_id)
+                if ev is not None:
+                    ev.set()
+        end = time.time() + stop_wait
+        while self.running_ids() and time.time() < end:
+            time.sleep(0.02)
+        for job_id in self.running_ids():
+            # Stuck inside one long step (a VAE decode): re-queue the record now; the process is exiting.
+            self.store.requeue(job_id)
+        return {"finished": [j for j in started if j not in late], "requeued": late}
+
+    # --- workers ---------------------------------------------------------------------------------
     def _work(self, index: int) -> None:
         self.ready.wait()
         while not self._stopping.is_set():
             job_id = self._queue.get()
-            if job_id is None or self._stopping.is_set():
-                return
-            self._run_one(job_id, index)
+            if job_id is None or self._stopping.is_set() or self._draining.is_set():
+                return  # a job taken off the in-memory queue here is still queued in the database
+            try:
+                self._run_one(job_id, index)
+            except Exception:  # noqa: BLE001 - e.g. the database could not be written (full volume)
+                log.error("worker could not run a job; it stays queued", extra={"job_id": job_id,
+                                                                                "traceback": traceback.format_exc()})
+                if self._stopping.wait(1.0):
+                    return
+                self._queue.put(job_id)
 
     def _run_one(self, job_id: str, index: int) -> None:
         ev = threading.Event()
@@ -383,25 +458,48 @@ class JobManager:
         def on_progress(step: int, total: int) -> None:
             self.store.set_progress(job_id, step, total)
 
+        settle = self._settle
         try:
             metadata = self.runner(job, on_progress, cancel_event.is_set, index)
         except errors.JobCanceled:
-            self.store.finish(job_id, JobStatus.CANCELED, code="canceled", message="canceled by the user")
-            log.info("job canceled")
+            with self._cancel_lock:
+                requeue = job_id in self._requeue
+                self._requeue.discard(job_id)
+            if requeue:
+                settle(lambda: self.store.requeue(job_id))
+                log.info("job re-queued: the server is stopping")
+            else:
+                settle(lambda: self.store.finish(job_id, JobStatus.CANCELED, code="canceled",
+                                                 message="canceled by the user"))
+                log.info("job canceled")
         except errors.TwinError as e:
-            self.store.finish(job_id, JobStatus.FAILED, code=e.code, message=e.message)
+            settle(lambda: self.store.finish(job_id, JobStatus.FAILED, code=e.code, message=e.message))
             log.warning("job failed", extra={"error_code": e.code})
         except BaseException as e:  # noqa: BLE001 - the worker must survive anything a job does
             if self.is_oom(e):
-                self.store.finish(job_id, JobStatus.FAILED, code="out_of_memory",
-                                  message="the GPU ran out of memory; try fewer images or a smaller size")
+                settle(lambda: self.store.finish(job_id, JobStatus.FAILED, code="out_of_memory",
+                                                 message="the GPU ran out of memory; try fewer images or a smaller size"))
                 log.warning("job failed: out of memory")
             else:
-                self.store.finish(job_id, JobStatus.FAILED, code="internal_error",
-                                  message="generation failed because of an internal error")
+                settle(lambda: self.store.finish(job_id, JobStatus.FAILED, code="internal_error",
+                                                 message="generation failed because of an internal error"))
                 log.error("job crashed", extra={"traceback": traceback.format_exc()})
             if not isinstance(e, Exception):
                 raise
         else:
-            self.store.finish(job_id, JobStatus.SUCCEEDED, metadata=metadata)
+            settle(lambda: self.store.finish(job_id, JobStatus.SUCCEEDED, metadata=metadata))
             log.info("job succeeded", extra={"seconds": round(time.perf_counter() - t0, 3)})
+
+    def _settle(self, write: Callable[[], Any]) -> None:
+        """Record a job's outcome, retrying while the database cannot be written (a full volume): the
+        worker waits for space instead of dying, and a stop leaves the job to start-up recovery."""
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except errors.InsufficientStorage:
+                log.error("cannot record a job outcome: the data volume is full; retrying")
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, 5.0)

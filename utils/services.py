@@ -75,9 +75,10 @@ def identity_type(generator):
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, errors.OutOfMemory):
         return True
+    import sys
+    torch = sys.modules.get("torch")  # not imported yet: the exception cannot be torch's (and importing costs seconds)
     try:
-        import torch
-        return isinstance(exc, torch.cuda.OutOfMemoryError)
+        return torch is not None and isinstance(exc, torch.OutOfMemoryError)
     except Exception:  # noqa: BLE001
         return False
 
@@ -89,7 +90,9 @@ class Runtime:
         self.settings = settings
         self.generators = generators
         self.faces = faces
-        self.storage = Storage(settings.data_dir)
+        self.storage = Storage(settings.data_dir, min_free_mb=settings.min_free_mb)
+        self.clock = time.time  # tests swap in a fake clock (retention)
+        self._drain_deadline: float | None = None
         self.store = JobStore(self.storage.db_path)
         self.state = "starting"
         self.setup_error: str | None = None
@@ -100,6 +103,8 @@ class Runtime:
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
+        from utils import lifecycle
+        lifecycle.register(self)
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -137,8 +142,36 @@ class Runtime:
         self._stop.set()
         self.manager.stop()
         self.store.close()
+        from utils import lifecycle
+        lifecycle.unregister(self)
+
+    # --- graceful stop (SIGTERM; see utils/lifecycle.py) ---
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (503 shutting_down + Retry-After); the worker takes no new job.
+        Cheap and lock-free: it runs inside the SIGTERM handler."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.time() + self.settings.drain_seconds
+        self.manager.begin_drain()
+
+    def drain(self) -> dict:
+        """Finish the running job within TWIN_DRAIN_SECONDS of the stop signal, else re-queue it; queued
+        jobs stay queued in the database; then stop the threads and close the database."""
+        self.begin_drain()
+        outcome = self.manager.drain(self._drain_deadline or time.time())
+        counts = self.store.counts()
+        log.info("drained", extra={"finished": len(outcome["finished"]), "requeued": len(outcome["requeued"]),
+                                   "queued_for_restart": counts["queued"]})
+        self.shutdown()
+        return {**outcome, "queued": counts["queued"]}
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise errors.ServiceNotReady("the server is shutting down; retry in a few seconds",
+                                         code="shutting_down", retry_after=10)
         if self.state == "ready":
             return
         if self.state == "setup_failed":
@@ -169,15 +202,26 @@ class Runtime:
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
-        identity = self.generators[0].build_identity([a.crop for a in report.accepted],
-                                                     [a.embedding for a in report.accepted],
-                                                     face_model=report.model_name)
+        try:
+            identity = self.generators[0].build_identity([a.crop for a in report.accepted],
+                                                         [a.embedding for a in report.accepted],
+                                                         face_model=report.model_name)
+        except BaseException as e:
+            if not isinstance(e, errors.TwinError) and is_oom(e):  # the image encoder runs on the GPU
+                _empty_cuda_cache()
+                raise errors.OutOfMemory("the GPU ran out of memory encoding the selfies; retry shortly",
+                                         headers={"Retry-After": "10"}) from None
+            raise
         session_id = new_id()
-        created = time.time()
+        created = self.clock()
         with log_context(session_id=session_id):
             self.storage.write_session(session_id, owner_hash=owner, files=files, report=report,
                                        identity=identity, created_at=created)
-            self.store.add_session(session_id, owner, created)
+            try:
+                self.store.add_session(session_id, owner, created)
+            except BaseException:
+                self.storage.delete_session(session_id)  # no folder without its record
+                raise
             log.info("session created", extra={"files": len(files), "accepted": len(report.accepted)})
         return {
             "success": True,
@@ -200,23 +244,45 @@ class Runtime:
         deadline = time.time() + 30
         while time.time() < deadline and self.store.active_ids_for_session(session_id):
             time.sleep(0.02)  # a running job stops within one denoising step
-        self.store.delete_session_records(session_id)
-        self.storage.delete_session(session_id)
+        try:
+            self.store.delete_session_records(session_id)
+        finally:
+            # The faces go even when the records cannot be written (a full volume: this frees space);
+            # the records then go on the next delete or sweep.
+            self.storage.delete_session(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 
     def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.settings.retention_sweep_minutes * 60):
+        # Once at start-up (a server that was down for days must not keep expired faces until the first
+        # interval ends), then every TWIN_RETENTION_SWEEP_MINUTES.
+        while True:
             try:
-                self.sweep()
+                removed = self.sweep()
+                if removed:
+                    log.info("retention sweep", extra={"sessions_deleted": len(removed)})
             except Exception:  # noqa: BLE001
                 log.error("retention sweep failed", extra={"traceback": traceback.format_exc()})
+            if self._stop.wait(self.settings.retention_sweep_minutes * 60):
+                return
 
     def sweep(self, now: float | None = None) -> list[str]:
-        cutoff = (now or time.time()) - self.settings.retention_hours * 3600
+        """Delete every session created before now - TWIN_RETENTION_HOURS: its jobs are canceled, its
+        records (jobs and their outputs) and its whole folder removed. Folders without a record
+        (an upload cut off between the rename and the insert) go by their meta.json time."""
+        cutoff = (self.clock() if now is None else now) - self.settings.retention_hours * 3600
         old = self.store.sessions_older_than(cutoff)
         for sid in old:
             self._delete_session(sid)
+        for sid in list(self.storage.session_ids_on_disk()):
+            if sid in old or self.store.get_session(sid) is not None:
+                continue
+            try:
+                if self.storage.session_created_at(sid) < cutoff:
+                    self.storage.delete_session(sid)
+                    old.append(sid)
+            except (OSError, errors.TwinError):
+                continue
         return old
 
     # --- jobs ---
@@ -237,6 +303,7 @@ class Runtime:
                                             code="no_session")
         gen = self.generators[0]
         req = request_type(gen).from_dict(payload, self.settings)
+        self.storage.require_space(_output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
         # Parse the identity now, so a broken session fails the request rather than the job.
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
         req = req.with_identity(identity)
@@ -280,8 +347,18 @@ class Runtime:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = request_type(gen).from_dict(job["payload"], self.settings)
         req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
+        # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
+        self.storage.require_space(_output_bytes(req), f"the outputs of job {job['id']!r}")
         t_gen = time.perf_counter()
-        result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
+        try:
+            result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
+        except BaseException as e:
+            if not isinstance(e, errors.TwinError) and is_oom(e):
+                # Raised outside the generator's own handler (e.g. encoding the identity): free the
+                # cached blocks so the next job starts clean.
+                _empty_cuda_cache()
+                raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
+            raise
         t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
@@ -297,7 +374,7 @@ class Runtime:
                 raise errors.NotFound(f"session {session_id!r} was deleted")
             name = output_name(i)
             path = out_dir / name
-            atomic_save_png(path, image)
+            atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
             output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
                       "path": self.storage.relative(path)}
             if template is not None:
@@ -306,7 +383,11 @@ class Runtime:
                     output["identity_similarity"] = None if score is None else round(float(score), 4)
                 except Exception:  # noqa: BLE001
                     output["identity_similarity"] = None
-            self.store.add_output(job["id"], output)
+            try:
+                self.store.add_output(job["id"], output)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
+                raise
         metadata = _json_safe(getattr(result, "metadata", None)) or {}
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
                                        "write_outputs_s": round(time.perf_counter() - t_write, 4)}
@@ -318,6 +399,8 @@ class Runtime:
                                 "uptime_seconds": round(time.time() - self.started_at, 1)}
         if self.setup_error:
             body["error"] = self.setup_error
+        if self.draining:
+            body["draining"] = True
         if self.state == "ready":
             info = _safe_info(self.generators[0])
             body["profile"] = info.get("profile")
@@ -356,6 +439,22 @@ class Runtime:
             return None
         from generate_twin import published_options
         return published_options(int(native), self.settings)
+
+
+def _output_bytes(req) -> int:
+    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that)."""
+    w = getattr(req, "width", None) or 1024
+    h = getattr(req, "height", None) or 1024
+    return int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _safe_info(gen) -> dict:

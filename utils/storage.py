@@ -16,6 +16,7 @@ resolve their path from the job record, not from the URL.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from utils.errors import NotFound
+from utils.errors import InsufficientStorage, NotFound
 
 # secrets.token_urlsafe(18) -> 24 characters, 144 random bits.
 ID_BYTES = 18
@@ -67,21 +68,54 @@ def safe_extension(filename: str | None) -> str:
     return ext if ext in _ORIGINAL_EXTS else "bin"
 
 
+# --- a full volume --------------------------------------------------------------------------
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full", "os error 28",
+               "os error 122")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT, whether raised by the OS or reported by a library that wraps it (SQLite's
+    SQLITE_FULL, safetensors' Rust I/O error, PIL)."""
+    while exc is not None:
+        if isinstance(exc, InsufficientStorage):
+            return True
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+            return True
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == 13:  # SQLITE_FULL
+            return True
+        if any(t in str(exc) for t in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def full_error(what: str) -> InsufficientStorage:
+    return InsufficientStorage(f"the data volume is full: could not write {what}; free space under "
+                               "TWIN_DATA_DIR and retry")
+
+
 # --- atomic writes ---------------------------------------------------------------------------
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=_TMP_SUFFIX)
+    """Write to a temp file in the same folder, fsync, then os.replace: readers see all or nothing.
+    A full volume (ENOSPC/EDQUOT) raises InsufficientStorage and leaves no temp file behind."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=_TMP_SUFFIX)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with _suppress():
+                os.unlink(tmp)
+        if is_disk_full(e) and not isinstance(e, InsufficientStorage):
+            raise full_error(path.name) from e
         raise
 
 
@@ -108,9 +142,24 @@ class _suppress:
 # --- the data folder ---------------------------------------------------------------------------
 
 class Storage:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, min_free_mb: float = 0.0) -> None:
         self.root = Path(data_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.min_free_mb = min_free_mb
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def require_space(self, need_bytes: int, what: str) -> None:
+        """Refuse (507) work that would leave less than TWIN_MIN_FREE_MB free: failing before the write
+        beats failing half-way, and the job database keeps room to record what happened."""
+        if self.min_free_mb <= 0:
+            return
+        free = self.free_bytes()
+        if free - need_bytes < self.min_free_mb * 1048576:
+            raise InsufficientStorage(
+                f"the data volume has {free / 1048576:.1f} MB free; {what} needs about "
+                f"{need_bytes / 1048576:.1f} MB and TWIN_MIN_FREE_MB={self.min_free_mb:g} MB must stay free")
 
     @property
     def db_path(self) -> Path:
@@ -175,7 +224,14 @@ class Storage:
         from safetensors.numpy import save_file
 
         created_at = created_at or time.time()
-        d = self.staging_dir(session_id)
+        # Originals + crops + small files: twice the upload is a safe upper bound.
+        self.require_space(2 * sum(len(data) for _, data in files), f"an upload of {len(files)} files")
+        try:
+            d = self.staging_dir(session_id)
+        except OSError as e:
+            if is_disk_full(e):
+                raise full_error("the upload") from e
+            raise
         try:
             (d / "originals").mkdir()
             (d / "crops").mkdir()
@@ -196,8 +252,10 @@ class Storage:
                     "face_model": str(report.model_name)}
             (d / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             return self.commit_staging(session_id)
-        except BaseException:
+        except BaseException as e:
             self.discard_staging(session_id)
+            if is_disk_full(e) and not isinstance(e, InsufficientStorage):
+                raise full_error(f"the upload of {len(files)} files") from e
             raise
 
     def identity_path(self, session_id: str) -> Path:
@@ -231,3 +289,12 @@ class Storage:
 
     def session_ids_on_disk(self) -> Iterable[str]:
         return (p.name for p in self.root.iterdir() if p.is_dir() and is_valid_id(p.name))
+
+    def session_created_at(self, session_id: str) -> float:
+        """created_at from the session's meta.json, else the folder's mtime (for a folder whose database
+        record was never written, e.g. the process died between the rename and the insert)."""
+        d = self.session_dir(session_id)
+        try:
+            return float(json.loads((d / "meta.json").read_text())["created_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return d.stat().st_mtime
