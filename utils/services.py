@@ -42,12 +42,16 @@ def worker_count(settings: Settings) -> int:
 
 
 def build_generators(settings: Settings) -> list:
-    from generate_twin import DigitalTwinGenerator
+    if settings.generator_process:
+        # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
+        from utils.generator_process import GeneratorProcess as make
+    else:
+        from generate_twin import DigitalTwinGenerator as make
     n = worker_count(settings)
     if n == 1:
-        return [DigitalTwinGenerator(settings)]
+        return [make(settings)]
     # One pipeline per GPU: a diffusers pipeline is not safe to call from two threads at once.
-    return [DigitalTwinGenerator(settings.replace(device=f"cuda:{i}")) for i in range(n)]
+    return [make(settings.replace(device=f"cuda:{i}")) for i in range(n)]
 
 
 def build_faces(settings: Settings):
@@ -137,6 +141,10 @@ class Runtime:
         self._stop.set()
         self.manager.stop()
         self.store.close()
+        for g in self.generators:
+            close = getattr(g, "close", None)  # a generator process: stop the child (no orphan)
+            if callable(close):
+                close()
 
     def require_ready(self) -> None:
         if self.state == "ready":
