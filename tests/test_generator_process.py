@@ -206,7 +206,12 @@ def test_other_exceptions_from_the_child(exc, expected_type, code):
     assert getattr(back, "code", None) == code
 
 
-def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_settings):
+def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_settings, tmp_path):
+    from tests.fakes import FakeFaceService
+    from utils.services import Runtime
+    runtime = Runtime(proc_settings.replace(data_dir=tmp_path), [gen_proc], FakeFaceService())
+    runtime.state = "ready"  # as after set-up; /health then follows the generator process
+    assert runtime.health()["state"] == "ready"
     old_pid = gen_proc.pid
     steps: list[int] = []
 
@@ -219,10 +224,13 @@ def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_setti
         gen_proc.generate(_req(proc_settings, quality_mode="high_fidelity"), on_progress=on_progress)
     assert (ei.value.code, ei.value.http_status) == ("worker_crashed", 503)
     assert gen_proc.info()["process"]["restarts"] == 1
+    assert gen_proc.state == "restarting" and runtime.health()["state"] == "restarting"
     # The next call waits for the restart and succeeds on a fresh child.
     res = gen_proc.generate(_req(proc_settings))
     assert res.images and gen_proc.state == "ready"
     assert gen_proc.pid != old_pid and not _alive(old_pid)
+    assert runtime.health()["state"] == "ready"
+    runtime.store.close()
 
 
 def test_close_leaves_no_child_process(gen_proc):

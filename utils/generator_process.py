@@ -233,16 +233,17 @@ class _Child:
                 q = self.pending.get(msg[1])
             if q is not None:
                 q.put(msg)
-        # EOF: the child died (or we closed the pipe). Fail whatever waits on it.
+        # EOF: the child died (or we closed the pipe). State first (so whoever sees the failed call also
+        # sees "restarting"), then fail whatever waits on it.
         with self.pending_lock:
             self.dead = True
             waiting = list(self.pending.values())
-        self.setup_reply.put(("crashed",))
-        for q in waiting:
-            q.put(("crashed",))
         owner = owner_ref()
         if owner is not None:
             owner._child_died(self)
+        self.setup_reply.put(("crashed",))
+        for q in waiting:
+            q.put(("crashed",))
 
     def register(self, rid: int) -> queue.Queue:
         q: queue.Queue = queue.Queue()

@@ -327,6 +327,16 @@ class Runtime:
         if self.setup_error:
             body["error"] = self.setup_error
         if self.state == "ready":
+            # A generator process that crashed is "restarting" (or "setup_failed" if that failed): say so.
+            for g in self.generators:
+                g_state = getattr(g, "state", "ready")
+                if g_state in ("restarting", "setup_failed"):
+                    body["state"] = g_state
+                    err = getattr(g, "error", None)
+                    if err is not None:
+                        body["error"] = getattr(err, "message", str(err))
+                    break
+        if self.state == "ready":
             info = _safe_info(self.generators[0])
             body["profile"] = info.get("profile")
             body["is_demo"] = info.get("is_demo")
