@@ -20,8 +20,8 @@ again, and the service writes the PNG anyway). Every request carries an id; repl
     child -> parent: ("ready", info) | ("setup_failed", error) | ("progress", id, step, total)
                      | ("ok", id, value) | ("err", id, error)
 
-The child runs generate() in one thread and the short calls (identity, validate, info) in another, so an
-upload never waits for a running generation; its main thread only reads the pipe. It ignores SIGINT and
+The child runs generate() in its main thread and the short calls (identity, validate, info) in another, so
+an upload never waits for a running generation; a third thread reads the pipe. It ignores SIGINT and
 SIGTERM (the parent decides when it ends) and exits when the pipe reaches EOF (parent gone, even by SIGKILL)
 or the parent's pid changes. No PR_SET_PDEATHSIG: it fires when the *thread* that spawned the child exits,
 and the child is (re)started from short-lived threads (the set-up thread, a restart thread).
@@ -139,7 +139,10 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
 
     def gen_loop() -> None:
         while True:
-            _, rid, req, job_id = gen_q.get()
+            msg = gen_q.get()
+            if msg is None:
+                return
+            _, rid, req, job_id = msg
             ev = cancels[rid]
             try:
                 with log_context(job_id=job_id):
@@ -161,29 +164,34 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
             except BaseException as e:  # noqa: BLE001
                 send(("err", rid, _error_payload(e)))
 
-    threading.Thread(target=gen_loop, name="twin-child-generate", daemon=True).start()
+    def read_loop() -> None:
+        while True:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                leave(0)  # the parent is gone (or closed us): nothing to hand a result to
+            tag = msg[0]
+            if tag == "generate":
+                cancels[msg[1]] = threading.Event()
+                gen_q.put(msg)
+            elif tag == "call":
+                call_q.put(msg)
+            elif tag == "cancel":
+                ev = cancels.get(msg[1])
+                if ev is not None:
+                    ev.set()
+            elif tag == "shutdown":
+                clog.info("generation process leaving on request")
+                gen_q.put(None)
+                return
+
+    threading.Thread(target=read_loop, name="twin-child-reader", daemon=True).start()
     threading.Thread(target=call_loop, name="twin-child-calls", daemon=True).start()
-    while True:
-        try:
-            msg = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            leave(0)  # the parent is gone (or closed us): nothing to hand a result to
-        tag = msg[0]
-        if tag == "generate":
-            cancels[msg[1]] = threading.Event()
-            gen_q.put(msg)
-        elif tag == "call":
-            call_q.put(msg)
-        elif tag == "cancel":
-            ev = cancels.get(msg[1])
-            if ev is not None:
-                ev.set()
-        elif tag == "shutdown":
-            clog.info("generation process leaving on request")
-            # A normal return (not os._exit): multiprocessing's finalizers release what libraries registered
-            # (tqdm's semaphore), so the resource tracker has nothing to warn about.
-            sys.stdout.flush()
-            return
+    # generate() in the main thread: measured ~4% faster than in another thread (tiny profile, CPU).
+    # After "shutdown" it returns normally (not os._exit), so multiprocessing's finalizers release what
+    # libraries registered (tqdm's semaphore) and the resource tracker has nothing to warn about.
+    gen_loop()
+    sys.stdout.flush()
 
 
 # --- the parent ------------------------------------------------------------------------------------
