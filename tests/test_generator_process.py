@@ -282,3 +282,17 @@ def test_child_exits_when_its_parent_is_killed(tmp_path, tiny_models):
         parent.kill()
         parent.wait(10)
     wait_until(lambda: not _alive(child_pid), timeout=10)
+
+
+def test_close_during_a_restart_returns_promptly_and_leaves_no_child(proc_settings):
+    g = GeneratorProcess(proc_settings).setup()
+    first = g.pid
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: g.state == "restarting" and g.pid != first, timeout=10)
+    second = g.pid  # loading models now
+    t0 = time.monotonic()
+    g.close()
+    assert time.monotonic() - t0 < 10
+    assert g.state == "stopped" and not _alive(first) and not _alive(second)
+    with pytest.raises(errors.ServiceNotReady):
+        g.validate(None)

@@ -111,6 +111,7 @@ class Settings:
 
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
+    generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
 
     def __post_init__(self) -> None:
         for f in fields(self):

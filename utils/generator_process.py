@@ -120,6 +120,8 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
                 leave(0)
 
     threading.Thread(target=watch_parent, name="twin-parent-watch", daemon=True).start()
+    if settings.generator_nice:
+        os.nice(settings.generator_nice)  # the web process first when both want the CPU
     if torch_threads:
         import torch
         torch.set_num_threads(torch_threads)
@@ -292,7 +294,7 @@ class GeneratorProcess:
         self._info: dict[str, Any] = {}
         self._child: _Child | None = None
         self._lifecycle = threading.Lock()     # start / restart / close, one at a time
-        self._up = threading.Event()           # set while a child is ready
+        self._settled = threading.Event()      # clear while a restart is under way
         self._gen_lock = threading.Lock()      # one generate() at a time, as in-process
         self._ids = itertools.count(1)
         self._closed = False
@@ -319,7 +321,7 @@ class GeneratorProcess:
         if reply[0] == "ready":
             self._info = dict(reply[1])
             self.error, self.state = None, "ready"
-            self._up.set()
+            self._settled.set()
             log.info("generation process ready", extra={"pid": child.proc.pid, "restarts": self.restarts,
                                                         "seconds": round(time.perf_counter() - t0, 2)})
             return
@@ -332,13 +334,14 @@ class GeneratorProcess:
             self.error = WorkerCrashed(f"the generation process (pid {child.proc.pid}) died during set-up "
                                        f"(exit code {_exitcode(child)})", code="setup_failed")
         self.state = "setup_failed"
+        self._settled.set()
         child.stop(grace=1.0)
 
     def _child_died(self, child: _Child) -> None:
         """Reader thread, on EOF: restart in the background unless this was a deliberate close."""
         if self._closed or child is not self._child or self.state != "ready":
             return  # closing, an old incarnation, or a death during set-up (reported by _start_locked)
-        self._up.clear()
+        self._settled.clear()
         self.state = "restarting"
         self.restarts += 1
         log.error("generation process died; restarting it",
@@ -354,18 +357,31 @@ class GeneratorProcess:
                 dead.conn.close()
             except OSError:
                 pass
-            self._start_locked()
+            try:
+                self._start_locked()
+            except BaseException as e:  # noqa: BLE001 - e.g. spawn failed: report it, release the waiters
+                self.error = WorkerCrashed(f"restarting the generation process failed: {type(e).__name__}: {e}",
+                                           code="setup_failed")
+                self.state = "setup_failed"
+                self._settled.set()
 
     def close(self) -> None:
         """Stop the child (no orphan): ask it to leave, SIGKILL after a grace period."""
         self._closed = True
-        self._up.clear()
-        with self._lifecycle:
+        if not self._lifecycle.acquire(timeout=1.0):
+            # A (re)start is loading models: kill that child so its set-up ends now, then take the lock.
+            child = self._child
+            if child is not None and child.proc.is_alive():
+                child.proc.kill()
+            self._lifecycle.acquire()
+        try:
             child, self._child = self._child, None
             if child is not None:
                 child.stop()
-            if self.state == "ready":
-                self.state = "stopped"
+            self.state = "stopped"
+        finally:
+            self._lifecycle.release()
+            self._settled.set()  # release callers waiting for a restart: they see "stopped"
 
     shutdown = close
 
@@ -387,7 +403,7 @@ class GeneratorProcess:
     def _live_child(self) -> _Child:
         if self.state == "restarting":
             # After a crash the next call waits for the restart rather than failing too.
-            self._up.wait(self.restart_wait_s)
+            self._settled.wait(self.restart_wait_s)
         child = self._child
         if self.state != "ready" or child is None:
             if self.state == "setup_failed" and self.error is not None:
