@@ -296,3 +296,19 @@ def test_close_during_a_restart_returns_promptly_and_leaves_no_child(proc_settin
     assert g.state == "stopped" and not _alive(first) and not _alive(second)
     with pytest.raises(errors.ServiceNotReady):
         g.validate(None)
+
+
+@pytest.mark.parametrize("on, expected", [(True, "GeneratorProcess"), (False, "DigitalTwinGenerator")])
+def test_build_generators_picks_the_process_by_setting(tiny_settings, on, expected):
+    from utils.services import build_generators
+    gens = build_generators(tiny_settings.replace(generator_process=on))  # nothing starts before setup()
+    assert [type(g).__name__ for g in gens] == [expected] and gens[0].state == "starting"
+    for g in gens:
+        getattr(g, "close", lambda: None)()
+
+
+@pytest.mark.parametrize("env, expected", [({}, True), ({"TWIN_GENERATOR_PROCESS": "0"}, False),
+                                           ({"TWIN_GENERATOR_PROCESS": "1"}, True)])
+def test_generator_process_setting_from_env(env, expected):
+    from utils.config import Settings
+    assert Settings.from_env(env).generator_process is expected
