@@ -10,6 +10,7 @@
 
     /work/venv/bin/python bench/bench_service.py            # real engines, tiny profile
     /work/venv/bin/python bench/bench_service.py --fake     # fakes (before the engines are merged)
+    /work/venv/bin/python bench/bench_service.py --compare-process --reps 3   # generation thread vs child process
 """
 from __future__ import annotations
 
@@ -99,14 +100,40 @@ def main() -> int:
     ap.add_argument("--poll-seconds", type=float, default=5.0, help="length of the polling window")
     ap.add_argument("--poll-interval", type=float, default=0.25,
                     help="seconds between one poller's requests (the /test page polls every 0.5 s); 0 = flat out")
+    ap.add_argument("--compare-process", action="store_true",
+                    help="run with TWIN_GENERATOR_PROCESS=0 and =1 (alternating, --rounds times) and print both")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the 0/1 comparison")
     args = ap.parse_args()
 
     import torch
     torch.set_num_threads(1)
+    if not args.compare_process:
+        run(args, {})
+        return 0
+    # Thread vs child process, alternating so both see the same load on a shared box.
+    rows = []
+    for rnd in range(args.rounds):
+        for mode in ("0", "1"):
+            print(f"\n=== round {rnd + 1}, TWIN_GENERATOR_PROCESS={mode} ===", flush=True)
+            rows.append(run(args, {"TWIN_GENERATOR_PROCESS": mode}))
+    print("\nside by side (generation in a thread of the web process = 0, in a child process = 1):")
+    print(f"{'proc':>4} {'direct ms':>10} {'server ms':>10} {'ratio':>6} {'client ratio':>12} "
+          f"{'/status p50':>11} {'p99':>7} {'max':>7} {'load':>5}")
+    for r in rows:
+        print(f"{r['mode']:>4} {r['direct_ms']:10.1f} {r['server_ms']:10.1f} {r['server_ratio']:6.3f} "
+              f"{r['client_ratio']:12.3f} {r['status_p50']:11.1f} {r['status_p99']:7.1f} {r['status_max']:7.1f} "
+              f"{r['load']:5.1f}")
+    return 0
+
+
+def run(args, extra_env: dict) -> dict:
+    """One server (the environment plus ``extra_env``): prints its numbers, returns them."""
     data = Path(tempfile.mkdtemp(prefix="bench-service-"))
     env = server_env(data)
     env.update(TWIN_WARMUP="0")
     env.update({k: v for k, v in os.environ.items() if k.startswith("TWIN_")})  # e.g. TWIN_SWITCH_INTERVAL_MS=5
+    env.update(extra_env)
+    out: dict = {"mode": extra_env.get("TWIN_GENERATOR_PROCESS", env.get("TWIN_GENERATOR_PROCESS", "default"))}
     if args.fake:
         env["FAKE_STEP_SECONDS"] = "0.05"
     env["OMP_NUM_THREADS"] = "1"
@@ -131,7 +158,8 @@ def main() -> int:
             from tests.fakes import FakeGenerator
             gen = FakeGenerator(step_seconds=0.05)
         else:
-            gen = services.build_generators(settings)[0]
+            # Always the in-process engine: the baseline is a plain generate() call in this process.
+            gen = services.build_generators(settings.replace(generator_process=False))[0]
         gen.setup()
         req = services.request_type(gen).from_dict(payload, settings)
         ident = services.identity_type(gen).load(data / session_id / "identity.safetensors")
@@ -166,8 +194,10 @@ def main() -> int:
         print(f"HTTP submit->poll, client:    median {w * 1000:8.1f} ms  ratio {w / d:.3f}  ({args.latency_poll * 1000:g} ms polling)")
         print(f"HTTP submit->done, server:    median {sv * 1000:8.1f} ms  ratio {sv / d:.3f}  (goal <= 1.05; "
               "created_at -> finished_at, ms timestamps)")
+        out.update(direct_ms=d * 1000, client_ratio=w / d, server_ms=sv * 1000, server_ratio=sv / d)
         if all(x is not None for x in insides):
             gi = statistics.median(insides)
+            out["inside_ms"] = gi * 1000
             print(f"  of which generate() inside the server: median {gi * 1000:8.1f} ms (timed around the call by the worker); "
                   f"service overhead {(sv - gi) * 1000:.1f} ms")
 
@@ -207,14 +237,16 @@ def main() -> int:
         print(f"/status, {args.pollers} pollers each every {args.poll_interval:g} s, during a job: n={len(ms)}  "
               f"p50 {pct(ms, 50):.1f} ms  p99 {pct(ms, 99):.1f} ms  max {max(ms):.1f} ms  (goal p99 < 25 ms)")
         print(f"  jobs when the window closed: {busy}  (running >= 1: a job ran during the whole window)")
+        out.update(status_p50=pct(ms, 50), status_p99=pct(ms, 99), status_max=max(ms), status_n=len(ms))
         handler = _handler_ms(server.log_path, f"/status/{long_jobs[0]}")
         if handler:
             print(f"/status handler time inside the server (from its JSON log): p50 {pct(handler, 50):.2f} ms  "
                   f"p99 {pct(handler, 99):.2f} ms")
-        print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} (other work on the box skews these numbers)")
+        out["load"] = os.getloadavg()[0]
+        print(f"machine: {os.cpu_count()} CPU cores, load average {out['load']:.1f} (other work on the box skews these numbers)")
     finally:
         server.stop()
-    return 0
+    return out
 
 
 if __name__ == "__main__":

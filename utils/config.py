@@ -116,6 +116,10 @@ class Settings:
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~0.2 s on CPU with dlib).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
 
+    # --- generation process ------------------------------------------------------------------
+    generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
+    generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

@@ -42,12 +42,16 @@ def worker_count(settings: Settings) -> int:
 
 
 def build_generators(settings: Settings) -> list:
-    from generate_twin import DigitalTwinGenerator
+    if settings.generator_process:
+        # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
+        from utils.generator_process import GeneratorProcess as make
+    else:
+        from generate_twin import DigitalTwinGenerator as make
     n = worker_count(settings)
     if n == 1:
-        return [DigitalTwinGenerator(settings)]
+        return [make(settings)]
     # One pipeline per GPU: a diffusers pipeline is not safe to call from two threads at once.
-    return [DigitalTwinGenerator(settings.replace(device=f"cuda:{i}")) for i in range(n)]
+    return [make(settings.replace(device=f"cuda:{i}")) for i in range(n)]
 
 
 def build_faces(settings: Settings):
@@ -142,6 +146,10 @@ class Runtime:
         self._stop.set()
         self.manager.stop()
         self.store.close()
+        for g in self.generators:
+            close = getattr(g, "close", None)  # a generator process: stop the child (no orphan)
+            if callable(close):
+                close()
         from utils import lifecycle
         lifecycle.unregister(self)
 
@@ -401,6 +409,16 @@ class Runtime:
             body["error"] = self.setup_error
         if self.draining:
             body["draining"] = True
+        if self.state == "ready":
+            # A generator process that crashed is "restarting" (or "setup_failed" if that failed): say so.
+            for g in self.generators:
+                g_state = getattr(g, "state", "ready")
+                if g_state in ("restarting", "setup_failed"):
+                    body["state"] = g_state
+                    err = getattr(g, "error", None)
+                    if err is not None:
+                        body["error"] = getattr(err, "message", str(err))
+                    break
         if self.state == "ready":
             info = _safe_info(self.generators[0])
             body["profile"] = info.get("profile")
