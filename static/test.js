@@ -1,6 +1,8 @@
 // Digital Twin page: upload selfies -> per-photo report -> generate -> live progress -> gallery.
 // Plain browser JavaScript, no dependencies. The client token comes back from /upload as an HttpOnly
-// cookie, so same-origin requests carry it without this script ever seeing it.
+// cookie, so same-origin requests carry it without this script ever seeing it. A server with API keys
+// needs `Authorization: Bearer`: the key typed into the page is sent on every request, and images are
+// fetched with it (an <img> or a download link cannot send the header) and shown from blob URLs.
 "use strict";
 
 (() => {
@@ -32,6 +34,7 @@
     failures: 0,          // consecutive polling failures
     healthTimer: null,
     ready: false,
+    apiKey: "",           // in memory only when storage is off
   };
 
   // ---------------------------------------------------------------------------------------------
@@ -75,10 +78,58 @@
     constructor(message) { super(message); this.code = "network_error"; this.status = 0; }
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // API key: kept for this tab (sessionStorage), or in this browser when the user asks (localStorage).
+  const KEY_STORE = "twin-api-key";
+  function apiKey() {
+    try { return sessionStorage.getItem(KEY_STORE) || localStorage.getItem(KEY_STORE) || ""; } catch (e) { return state.apiKey || ""; }
+  }
+  function setApiKey(key, remember) {
+    state.apiKey = key;
+    try {
+      sessionStorage.removeItem(KEY_STORE);
+      localStorage.removeItem(KEY_STORE);
+      if (key) (remember ? localStorage : sessionStorage).setItem(KEY_STORE, key);
+    } catch (e) { /* storage off: the key lives in memory for this page */ }
+  }
+  function authHeaders() {
+    const key = apiKey();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+  function showAuth(problem) {
+    const panel = $("auth-panel");
+    panel.hidden = false;
+    const has = !!apiKey();
+    $("api-key-forget").hidden = !has;
+    say($("auth-state"), problem || (has ? "A key is set for this page." : "This server needs an API key."));
+  }
+  $("auth-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = $("api_key").value.trim();
+    if (!key) {
+      showAuth("Type the key first.");
+      $("api_key").focus();
+      return;
+    }
+    setApiKey(key, $("api_key_remember").checked);
+    $("api_key").value = "";
+    showAuth("Key set. Checking it with the server…");
+    clearError();
+    // Options, the earlier session and its last job load again, now with the key.
+    state.ready = false;
+    checkHealth().then(() => { if (apiKey()) say($("auth-state"), "A key is set for this page."); });
+  });
+  $("api-key-forget").addEventListener("click", () => {
+    setApiKey("", false);
+    showAuth("The key was forgotten.");
+    $("api_key").focus();
+  });
+
   async function api(path, options = {}) {
     let resp;
     try {
-      resp = await fetch(path, { credentials: "same-origin", cache: "no-store", ...options });
+      resp = await fetch(path, { credentials: "same-origin", cache: "no-store", ...options,
+        headers: { ...authHeaders(), ...(options.headers || {}) } });
     } catch (e) {
       throw new NetworkError("the connection to the server was lost; check that it is running and your network is up");
     }
@@ -90,6 +141,10 @@
 
   function reportError(e, extra = {}) {
     showError({ status: e.status || 0, code: e.code || "error", message: e.message, retryAfter: e.retryAfter, ...extra });
+    if (e.status === 401) {
+      showAuth(apiKey() ? "The server did not accept this key; type the right one." : "This server needs an API key.");
+      $("api_key").focus();
+    }
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -117,6 +172,7 @@
         }
         next = 30000;
       }
+      if (h.auth === "api_key") showAuth();
       state.ready = h.state === "ready";
       state.health = h.state;
       renderSummary(0);
@@ -351,6 +407,7 @@
     xhr.open("POST", "/upload");
     xhr.responseType = "json";
     xhr.withCredentials = true;
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.upload.addEventListener("progress", (ev) => {
       if (!ev.lengthComputable) return;
       const pct = Math.round((ev.loaded / ev.total) * 100);
@@ -704,6 +761,21 @@
     if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
   }
 
+  async function fetchImage(url) {
+    let resp;
+    try {
+      resp = await fetch(url, { credentials: "same-origin", cache: "no-store", headers: authHeaders() });
+    } catch (e) {
+      throw new NetworkError("the connection to the server was lost while loading an image");
+    }
+    if (!resp.ok) {
+      let body = null;
+      try { body = await resp.json(); } catch (e) { body = null; }
+      throw new ApiError(resp.status, body, resp.headers);
+    }
+    return URL.createObjectURL(await resp.blob());
+  }
+
   function renderOutputs(job) {
     const gallery = $("gallery");
     if (gallery.querySelector(`[data-job="${CSS.escape(job.id)}"]`)) return;
@@ -719,12 +791,10 @@
       li.dataset.filename = out.filename;
       li.dataset.seed = String(out.seed);
       const img = li.querySelector("img");
-      img.src = `${out.url}?inline=1`;
       img.alt = `Generated portrait ${out.filename}, seed ${out.seed}`;
       if (out.width && out.width < 256) img.classList.add("pixelated");
       if (out.width && out.height) { img.width = out.width; img.height = out.height; }
       const view = li.querySelector(".result-view");
-      view.href = `${out.url}?inline=1`;
       view.setAttribute("aria-label", `Open ${out.filename} full size`);
       li.querySelector(".result-name").textContent = out.filename;
       li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
@@ -733,9 +803,24 @@
       if (typeof out.identity_similarity === "number") extra.push(`likeness ${out.identity_similarity.toFixed(2)}`);
       li.querySelector(".result-extra").textContent = extra.join(" · ");
       const dl = li.querySelector(".result-download");
-      dl.href = out.url;
       dl.setAttribute("download", out.filename);
       dl.setAttribute("aria-label", `Download ${out.filename}`);
+      if (apiKey()) {
+        // The key cannot ride on <img src> or <a href>: fetch the PNG with it, show it from a blob URL.
+        li.dataset.loading = "true";
+        fetchImage(`${out.url}?inline=1`).then((blobUrl) => {
+          img.src = blobUrl; view.href = blobUrl; dl.href = blobUrl;
+          delete li.dataset.loading;
+        }, (err) => {
+          delete li.dataset.loading;
+          li.querySelector(".result-extra").textContent = `could not load: ${err.message}`;
+          reportError(err);
+        });
+      } else {
+        img.src = `${out.url}?inline=1`;
+        view.href = `${out.url}?inline=1`;
+        dl.href = out.url;
+      }
       const reuse = li.querySelector(".result-reuse");
       reuse.setAttribute("aria-label", `Use seed ${out.seed} for the next generation`);
       reuse.addEventListener("click", () => { $("seed").value = String(out.seed); $("seed").focus(); });

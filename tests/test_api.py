@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import pytest
@@ -44,6 +45,13 @@ def test_health_ready(client):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json["status"] == "ok" and r.json["state"] == "ready"
+
+
+@pytest.mark.parametrize("api_keys,auth", [("", "client_token"), ("key-alice-0123456789", "api_key")])
+def test_health_says_which_credential_and_never_the_key(make_app, service_settings, api_keys, auth):
+    body = make_app(service_settings.replace(api_keys=api_keys)).test_client().get("/health").json
+    assert body["auth"] == auth
+    assert "key-alice" not in json.dumps(body)
 
 
 def test_health_starting_then_ready(make_app):

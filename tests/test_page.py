@@ -389,3 +389,77 @@ def test_page_published_options_drop_and_429(browser, start_server, tmp_path):
         assert page.locator("#upload-btn").is_enabled()
     finally:
         context.close()
+
+
+def test_page_with_api_keys(browser, start_server, tmp_path):
+    """A server with TWIN_API_KEYS (what a pod on the internet runs): the page asks for the key, says
+    when the server refuses it, then sends it on every request, shows the portraits it fetched with
+    it (blob URLs: an <img> cannot send the header) and downloads them; a reload in the tab keeps it."""
+    from tests.fixtures.service import FAKE_APP, server_env
+    key = "page-key-0123456789abcdef"
+    server = start_server(server_env(tmp_path / "data", TWIN_API_KEYS=key), app_spec=FAKE_APP)
+    paths = []
+    for name, data in selfie_set(2):
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    context = browser.new_context(viewport={"width": 1000, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.locator("#auth-panel").wait_for(state="visible")
+        assert page.locator("#auth-state").inner_text() == "This server needs an API key."
+
+        # No key yet, then a wrong one: the server's 401 is shown and the key field gets the focus.
+        page.set_input_files("#files", paths)
+        for typed, state_text in [(None, "This server needs an API key."),
+                                  ("wrong-key-0000000000", "The server did not accept this key; type the right one.")]:
+            if typed:
+                page.fill("#api_key", typed)
+                page.click("#api-key-save")
+            with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
+                page.click("#upload-btn")
+            assert resp_info.value.status == 401
+            page.wait_for_function("document.getElementById('error-title').textContent === 'An API key is needed'")
+            assert page.locator("#auth-state").inner_text() == state_text
+            assert page.evaluate("document.activeElement.id") == "api_key"
+            assert page.locator("#upload-btn").is_enabled()
+
+        page.fill("#api_key", key)
+        page.click("#api-key-save")
+        page.wait_for_function("document.getElementById('auth-state').textContent === 'A key is set for this page.'")
+        assert page.locator("#api_key").input_value() == ""  # not left in the field
+        with page.expect_response(lambda r: r.url.endswith("/upload")) as resp_info:
+            page.click("#upload-btn")
+        assert resp_info.value.status == 200
+        assert resp_info.value.request.headers.get("authorization") == f"Bearer {key}"
+        assert page.locator("#thumbs .thumb[data-status='accepted']").count() == 2
+
+        page.fill("#prompt", "portrait")
+        page.select_option("#aspect_ratio", "custom")
+        page.fill("#width", "96")
+        page.fill("#height", "64")
+        page.click("#generate-btn")
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=60_000)
+        page.wait_for_function("""() => { const i = document.querySelector('#gallery img');
+            return i && i.src.startsWith('blob:') && i.complete && i.naturalWidth === 96; }""", timeout=30_000)
+        result = page.locator("#gallery .result").first
+        assert result.locator(".result-download").get_attribute("href").startswith("blob:")
+        with page.expect_download() as dl_info:
+            result.locator(".result-download").click()
+        assert dl_info.value.suggested_filename == result.get_attribute("data-filename")
+        assert png_size(open(dl_info.value.path(), "rb").read()) == (96, 64)
+        shot(page, "7-api-key", "fake")
+        assert key not in page.content()  # the key is never written into the page
+
+        # A reload in the same tab keeps the key (sessionStorage): the session and its job come back.
+        page.reload()
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=30_000)
+        page.wait_for_function("[...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth === 96)")
+        assert page.evaluate("localStorage.getItem('twin-api-key')") is None  # "remember" was not ticked
+
+        page.click("#api-key-forget")
+        assert page.locator("#auth-state").inner_text() == "The key was forgotten."
+        assert page.evaluate("sessionStorage.getItem('twin-api-key')") is None
+    finally:
+        context.close()

@@ -123,9 +123,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "deleted": {"type": "boolean", "enum": [True]}, "session_id": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status", "state", "version", "uptime_seconds"], "properties": {
             "status": {"type": "string", "enum": ["ok"]},
-            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed"]},
+            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed", "restarting"],
+                      "description": "restarting: the generator process crashed and is being started again."},
+            "draining": {"type": "boolean", "description": "true after SIGTERM: no new jobs are accepted."},
             "version": {"type": "string"}, "uptime_seconds": {"type": "number"}, "error": {"type": "string"},
-            "profile": _nullable({"type": "string"}), "is_demo": _nullable({"type": "boolean"})}},
+            "profile": _nullable({"type": "string"}), "is_demo": _nullable({"type": "boolean"}),
+            "auth": {"type": "string", "enum": ["api_key", "client_token"],
+                     "description": "api_key: send Authorization: Bearer <key>; client_token: the token /upload issues."}}},
     }
     owned = {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {}
     limited = {"429": _error("Rate limit or queue limit reached.", retry_after=True)}

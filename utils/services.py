@@ -404,7 +404,10 @@ class Runtime:
     # --- status ---
     def health(self) -> dict:
         body: dict[str, Any] = {"status": "ok", "state": self.state, "version": VERSION,
-                                "uptime_seconds": round(time.time() - self.started_at, 1)}
+                                "uptime_seconds": round(time.time() - self.started_at, 1),
+                                # Which credential the other endpoints want (never the keys themselves):
+                                # the /test page shows its API-key field from this.
+                                "auth": "api_key" if self.settings.api_key_list else "client_token"}
         if self.setup_error:
             body["error"] = self.setup_error
         if self.draining:
