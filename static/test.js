@@ -125,7 +125,8 @@
     $("api_key").focus();
   });
 
-  async function api(path, options = {}) {
+  // Every request but the upload (an XHR, for its progress): the key, no cache, one error shape.
+  async function send(path, options = {}) {
     let resp;
     try {
       resp = await fetch(path, { credentials: "same-origin", cache: "no-store", ...options,
@@ -133,10 +134,16 @@
     } catch (e) {
       throw new NetworkError("the connection to the server was lost; check that it is running and your network is up");
     }
-    let body = null;
-    try { body = await resp.json(); } catch (e) { body = null; }
-    if (!resp.ok) throw new ApiError(resp.status, body, resp.headers);
-    return body;
+    if (!resp.ok) {
+      let body = null;
+      try { body = await resp.json(); } catch (e) { body = null; }
+      throw new ApiError(resp.status, body, resp.headers);
+    }
+    return resp;
+  }
+  async function api(path, options = {}) {
+    const resp = await send(path, options);
+    try { return await resp.json(); } catch (e) { return null; }
   }
 
   function reportError(e, extra = {}) {
@@ -762,18 +769,7 @@
   }
 
   async function fetchImage(url) {
-    let resp;
-    try {
-      resp = await fetch(url, { credentials: "same-origin", cache: "no-store", headers: authHeaders() });
-    } catch (e) {
-      throw new NetworkError("the connection to the server was lost while loading an image");
-    }
-    if (!resp.ok) {
-      let body = null;
-      try { body = await resp.json(); } catch (e) { body = null; }
-      throw new ApiError(resp.status, body, resp.headers);
-    }
-    return URL.createObjectURL(await resp.blob());
+    return URL.createObjectURL(await (await send(url)).blob());
   }
 
   function renderOutputs(job) {

@@ -1,8 +1,8 @@
 """dlib's face-recognition ResNet (``dlib_face_recognition_resnet_model_v1.dat``) run by torch.
 
 Why: the dlib-bin wheel is built without BLAS (``dlib.DLIB_USE_BLAS`` is False), so its descriptor
-net spends ~160 ms per face in dlib's own matrix code — half the time of validating a selfie. The same
-weights in torch's CPU convolutions take ~10-16 ms and release the GIL. The output is dlib's own
+net spends 75-170 ms per face (two 2-core machines) in dlib's own matrix code — most of the time of
+validating a selfie. The same weights in torch's CPU convolutions take 8-16 ms and release the GIL. The output is dlib's own
 128-d descriptor (tests compare the two to 1e-4), so identities made by either engine are
 interchangeable and keep the model name ``dlib-resnet-v1-128``.
 
@@ -117,7 +117,7 @@ def _parse(path: Path) -> tuple[np.ndarray, list[tuple]]:
             pad_y, q = r.int(q)
             pad_x, q = r.int(q)
             per_filter = (params.size - num_filters) // max(1, num_filters)
-            if nr != nc or stride_y != stride_x or pad_y != pad_x or per_filter % (nr * nc):
+            if nr <= 0 or nr != nc or stride_y != stride_x or pad_y != pad_x or per_filter % (nr * nc):
                 raise r.fail(f"convolution {num_filters}x{nr}x{nc} stride {stride_y}/{stride_x} "
                              f"padding {pad_y}/{pad_x} with {params.size} parameters", m.start())
             layers.append(("con", params, num_filters, per_filter // (nr * nc), nr, stride_y, pad_y))
@@ -153,15 +153,16 @@ def _build_ops(layers: list[tuple], path: Path) -> list[_Op]:
         kind = layer[0]
         if kind == "con":
             _, params, nf, k, size, stride, pad = layer
-            w = torch.from_numpy(params[:nf * k * size * size].reshape(nf, k, size, size).copy())
-            b = torch.from_numpy(params[nf * k * size * size:nf * k * size * size + nf].copy())
+            # Views of the array _parse already copied out of the file bytes.
+            w = torch.from_numpy(params[:nf * k * size * size].reshape(nf, k, size, size))
+            b = torch.from_numpy(params[nf * k * size * size:nf * k * size * size + nf])
             ops.append(_Op("con", w, b, stride, pad))
         elif kind == "affine":
             params = torch.from_numpy(layer[1])
             k = params.numel() // 2
             ops.append(_Op("affine", params[:k].view(1, k, 1, 1), params[k:].view(1, k, 1, 1)))
         elif kind == "fc":
-            ops.append(_Op("fc", torch.from_numpy(layer[1].copy())))
+            ops.append(_Op("fc", torch.from_numpy(layer[1])))
         elif kind == "avg_pool":
             # Before an add it pools the block's input for the shortcut; before the linear layer it is
             # dlib's avg_pool_everything.
