@@ -19,7 +19,9 @@ from tests.photos import selfie_set
 pytestmark = pytest.mark.slow
 
 BAD_FILE = ("notes.jpg", b"this is a shopping list, not a photo\n")
-REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 128, "height": 96,
+# 256x192: on the real tiny engine the job must run long enough (~3 s on a 2-core CPU) for the page's
+# 0.3 s polls to show the bar moving; 128x96 took 0.8 s in all on a fast CI machine, too short.
+REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 256, "height": 192,
            "quality_mode": "high_fidelity", "seed": 4242}
 PHONE = {"width": 390, "height": 844}
 
@@ -214,6 +216,10 @@ def _drive(page, server, kind: str, tmp_path) -> None:
 
     # --- cancel a running job: it ends canceled, the buttons come back, the gallery is untouched ---
     page.fill("#num_images", "1")
+    # Large enough that the job is still running when the cancel arrives, even on a fast CPU (the page
+    # sees a step only at its next poll, up to 0.3 s later; 128x96 x 40 steps took ~0.3 s in all).
+    page.fill("#width", "384")
+    page.fill("#height", "384")
     page.click("#generate-btn")
     page.wait_for_function("""() => { const b = document.getElementById('job-progress');
         return b.dataset.status === 'running' && Number(b.dataset.step) > 0; }""", timeout=60_000, polling=50)

@@ -43,18 +43,22 @@ def test_sigterm_drains_then_restart_runs_every_job(server_kind, start_server, p
     drain = {"finish": "20", "requeue": "1"}[policy]
     env = {**env, "TWIN_DRAIN_SECONDS": drain}
     payload = {"prompt": "portrait", "num_images": 2, "quality_mode": "high_fidelity"}
+    first_payload = payload
     if kind == "fake":
         env["FAKE_STEP_SECONDS"] = {"finish": "0.15", "requeue": "1.0"}[policy]
     else:
         payload.update(width=128, height=128)
+        # The job running at SIGTERM must outlast the 1 s window on a fast CPU too: 2 images of 128²
+        # took 0.6 s in all on one CI machine and finished inside it. 4 of 256² is ~8x the work.
+        first_payload = {**payload, "num_images": 4, "width": 256, "height": 256}
     first = start_server(env, app_spec=app_spec)
     s = requests.Session()  # one kept-alive connection: gunicorn still reads it for ~2 s after SIGTERM
     files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
     r = s.post(first.url + "/upload", files=files, timeout=120)
     assert r.status_code == 200, r.text
     ids = []
-    for _ in range(3):
-        r = s.post(first.url + "/generate", json=payload, timeout=30)
+    for i in range(3):
+        r = s.post(first.url + "/generate", json=first_payload if i == 0 else payload, timeout=30)
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
     deadline = time.time() + 120
@@ -100,8 +104,8 @@ def test_sigterm_drains_then_restart_runs_every_job(server_kind, start_server, p
         time.sleep(0.1)
     assert set(final) == set(ids), f"not terminal after restart: {set(ids) - set(final)}"
     assert [final[j]["status"] for j in ids] == ["succeeded"] * 3, final
-    for st in final.values():
-        assert len(st["outputs"]) == 2
+    for j, st in final.items():
+        assert len(st["outputs"]) == (first_payload if j == ids[0] else payload)["num_images"]
         for out in st["outputs"]:
             r = s.get(second.url + out["url"], timeout=10)
             assert r.status_code == 200
