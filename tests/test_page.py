@@ -439,6 +439,7 @@ def test_page_with_api_keys(browser, start_server, tmp_path):
             page.click("#upload-btn")
         assert resp_info.value.status == 200
         assert resp_info.value.request.headers.get("authorization") == f"Bearer {key}"
+        page.locator("#upload-report").wait_for(state="visible")  # the page handles the answer after it arrives
         assert page.locator("#thumbs .thumb[data-status='accepted']").count() == 2
 
         page.fill("#prompt", "portrait")
