@@ -232,7 +232,7 @@ def run(args, extra_env: dict) -> dict:
         long_jobs = [s.post(server.url + "/generate", json={**payload, "session_id": session_id, "num_images": 4,
                                                             "quality_mode": "high_fidelity", "width": 256, "height": 256},
                             timeout=30).json()["id"] for _ in range((15 if args.fake else 3) * len(modes))]
-        handler_all = []
+        handler_seen: dict[str, int] = {}  # job id -> its log lines counted for an earlier window
         for mode in modes:
             results, jobs = ctx.Queue(), ctx.Queue()
             procs = [ctx.Process(target=_poll_process, args=(server.url, jobs, s.cookies.get_dict(), k,
@@ -267,10 +267,9 @@ def run(args, extra_env: dict) -> dict:
             out.update({f"status_p50{key}": pct(ms, 50), f"status_p99{key}": pct(ms, 99),
                         f"status_max{key}": max(ms), f"status_n{key}": len(ms)})
             # The handler times of this window: the job's log lines not counted for an earlier window.
-            handler = _handler_ms(server.log_path, f"/status/{running[0]}")
-            seen = sum(1 for j in handler_all if j == running[0])
-            handler_all.extend([running[0]] * (len(handler) - seen))
-            handler = handler[seen:]
+            lines = _handler_ms(server.log_path, f"/status/{running[0]}")
+            handler = lines[handler_seen.get(running[0], 0):]
+            handler_seen[running[0]] = len(lines)
             if handler:
                 print(f"  /status handler time inside the server (from its JSON log): p50 {pct(handler, 50):.2f} ms  "
                       f"p99 {pct(handler, 99):.2f} ms")

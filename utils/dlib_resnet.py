@@ -2,9 +2,9 @@
 
 Why: the dlib-bin wheel is built without BLAS (``dlib.DLIB_USE_BLAS`` is False), so its descriptor
 net spends 75-170 ms per face (two 2-core machines) in dlib's own matrix code — most of the time of
-validating a selfie. The same weights in torch's CPU convolutions take 8-16 ms and release the GIL. The output is dlib's own
-128-d descriptor (tests compare the two to 1e-4), so identities made by either engine are
-interchangeable and keep the model name ``dlib-resnet-v1-128``.
+validating a selfie. The same weights in torch's CPU convolutions take 8-16 ms and release the GIL.
+The output is dlib's own 128-d descriptor (tests compare the two to 1e-4), so identities made by
+either engine are interchangeable and keep the model name ``dlib-resnet-v1-128``.
 
 The weights are read straight from dlib's serialisation format (no converter, nothing downloaded):
 integers are "compact" (a header byte holding the byte count, 0x80 = negative, then little-endian
@@ -242,4 +242,4 @@ class DlibResNet:
                 if op.kind == "max_pool" or (op.kind == "relu" and prev == "add"):
                     block_in = x
                 prev = op.kind
-            return x.numpy().astype(np.float32, copy=True)
+            return x.numpy()  # float32 already; the array keeps the tensor's memory alive
