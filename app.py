@@ -15,12 +15,13 @@ import uuid
 from flask import Flask, g, jsonify, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
-from utils import errors, security
-from utils.auth import COOKIE_NAME, resolve_caller
+from utils import errors
+from utils.api import security
+from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
-from utils.openapi import build_spec
+from utils.api.openapi import build_spec
 from utils.services import Runtime, build_faces, build_generators
 from utils.storage import is_output_name
 

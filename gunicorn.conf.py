@@ -10,7 +10,7 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # generation runs in a job thread and never blocks the heartbeat.
 timeout = 120
 # SIGTERM (systemctl stop, a deploy): the worker stops taking new work, gives the running job
-# TWIN_DRAIN_SECONDS to finish, re-queues it otherwise, and exits 0 (utils/lifecycle.py). The
+# TWIN_DRAIN_SECONDS to finish, re-queues it otherwise, and exits 0 (utils/jobs/lifecycle.py). The
 # arbiter SIGKILLs a worker still alive after graceful_timeout: keep it above the drain window.
 from utils.config import Settings  # noqa: E402 - light: stdlib only
 
@@ -26,12 +26,12 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    from utils import lifecycle
+    from utils.jobs import lifecycle
     lifecycle.install_sigterm_drain(worker)
 
 
 def worker_exit(server, worker):
     # Runs in the worker after its request loop ended (and, harmlessly, in the arbiter when it reaps a
     # worker: no runtime is registered there).
-    from utils import lifecycle
+    from utils.jobs import lifecycle
     lifecycle.drain_all()

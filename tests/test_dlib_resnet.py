@@ -9,9 +9,9 @@ from PIL import Image
 
 from tests import photos
 from utils.config import Settings
-from utils.dlib_resnet import DlibModelFormatError, DlibResNet
+from utils.faces.dlib_resnet import DlibModelFormatError, DlibResNet
 from utils.errors import ModelWeightsMissing
-from utils.face_backends import DlibBackend
+from utils.faces.backends import DlibBackend
 
 dlib = pytest.importorskip("dlib")
 frm = pytest.importorskip("face_recognition_models")

@@ -19,7 +19,7 @@ import pytest
 from tests.fixtures.models import make_crops
 from tests.fixtures.service import REPO, wait_until
 from utils import errors
-from utils.generator_process import GeneratorProcess, WorkerCrashed, _error_payload, _rebuild_error
+from utils.jobs.generator_process import GeneratorProcess, WorkerCrashed, _error_payload, _rebuild_error
 
 
 def _alive(pid: int) -> bool:
@@ -255,7 +255,7 @@ def test_setup_failure_in_the_child_keeps_the_error_class(tmp_path, proc_setting
 CHILD_OF_KILLED_PARENT = r"""
 import sys, time
 from utils.config import Settings
-from utils.generator_process import GeneratorProcess
+from utils.jobs.generator_process import GeneratorProcess
 if __name__ == "__main__":
     s = Settings(data_dir=sys.argv[1], model_profile="tiny", tiny_model_dir=sys.argv[2], warmup=False)
     g = GeneratorProcess(s).setup()

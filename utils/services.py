@@ -41,12 +41,28 @@ def worker_count(settings: Settings) -> int:
     return 1
 
 
+# The engine modules (generate_twin, ipadapter_manager) are imported only here, lazily: nothing in utils/
+# needs torch or diffusers at import time, and the app runs its tests on doubles without them.
+
+def engine_class():
+    """DigitalTwinGenerator, the in-process engine (the generator child process builds one too)."""
+    from generate_twin import DigitalTwinGenerator
+    return DigitalTwinGenerator
+
+
+def request_tables() -> dict[str, Any]:
+    """The generator's request value tables, for the OpenAPI document (loads no model)."""
+    from generate_twin import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, QUALITY_MODES, STYLES
+    return {"aspect_ratios": list(ASPECT_RATIOS), "max_images": MAX_IMAGES, "max_seed": MAX_SEED,
+            "quality_modes": list(QUALITY_MODES), "styles": list(STYLES)}
+
+
 def build_generators(settings: Settings) -> list:
     if settings.generator_process:
         # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
-        from utils.generator_process import GeneratorProcess as make
+        from utils.jobs.generator_process import GeneratorProcess as make
     else:
-        from generate_twin import DigitalTwinGenerator as make
+        make = engine_class()
     n = worker_count(settings)
     if n == 1:
         return [make(settings)]
@@ -107,7 +123,7 @@ class Runtime:
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
-        from utils import lifecycle
+        from utils.jobs import lifecycle
         lifecycle.register(self)
 
     # --- lifecycle ---
@@ -150,10 +166,10 @@ class Runtime:
             close = getattr(g, "close", None)  # a generator process: stop the child (no orphan)
             if callable(close):
                 close()
-        from utils import lifecycle
+        from utils.jobs import lifecycle
         lifecycle.unregister(self)
 
-    # --- graceful stop (SIGTERM; see utils/lifecycle.py) ---
+    # --- graceful stop (SIGTERM; see utils/jobs/lifecycle.py) ---
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None

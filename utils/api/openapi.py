@@ -16,13 +16,6 @@ from utils.storage import ID_RE, OUTPUT_NAME_RE
 _NO_CONTROLS = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"
 
 
-def _generator_tables() -> dict[str, Any]:
-    """The generator's value tables; importing generate_twin loads no model (torch is imported lazily)."""
-    from generate_twin import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, QUALITY_MODES, STYLES
-    return {"aspect_ratios": list(ASPECT_RATIOS), "max_images": MAX_IMAGES, "max_seed": MAX_SEED,
-            "quality_modes": list(QUALITY_MODES), "styles": list(STYLES)}
-
-
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -41,7 +34,8 @@ def _nullable(schema: dict) -> dict:
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
-    t = _generator_tables()
+    from utils.services import request_tables
+    t = request_tables()
     s = settings
     id_param = {"type": "string", "pattern": ID_RE.pattern}
     keyed = bool(s.api_key_list)

@@ -1,6 +1,6 @@
 """Selfie validation and identity: the ``FaceService`` entry point (contract: docs/ARCHITECTURE.md "Faces").
 
-``FaceService(settings)`` is cheap; ``setup()`` picks and loads a backend (``utils.face_backends``);
+``FaceService(settings)`` is cheap; ``setup()`` picks and loads a backend (``utils.faces.backends``);
 ``validate_selfies(files)`` decodes, checks and embeds a set of uploads and returns a ``SelfieReport``
 that says, per file in upload order, accepted or rejected with a machine-readable code and a human
 sentence. Every threshold is a setting (utils/config.py, "faces").
@@ -21,7 +21,7 @@ from PIL import Image
 
 from utils.config import Settings
 from utils.errors import ImageRejected, InvalidRequest, TwinError
-from utils.face_backends import DlibBackend, Detection, FaceBackend, InsightFaceBackend, insightface_pack_files, normalise
+from utils.faces.backends import DlibBackend, Detection, FaceBackend, InsightFaceBackend, insightface_pack_files, normalise
 from utils.images import decode_image
 
 log = logging.getLogger(__name__)

@@ -85,7 +85,7 @@ class DlibBackend(FaceBackend):
     detect in parallel); dlib's ``compute_face_descriptor`` holds it.
 
     ``descriptor`` picks who runs the 128-d descriptor net: ``torch`` (default; the same weights and
-    output, ~10x faster because the dlib-bin wheel has no BLAS; see ``utils.dlib_resnet``) or ``dlib``.
+    output, ~10x faster because the dlib-bin wheel has no BLAS; see ``utils.faces.dlib_resnet``) or ``dlib``.
     """
 
     name = "dlib"
@@ -121,7 +121,7 @@ class DlibBackend(FaceBackend):
                                           code="face_models_missing")
         self._paths = paths
         if self.descriptor == "torch":
-            from utils.dlib_resnet import DlibModelFormatError, DlibResNet
+            from utils.faces.dlib_resnet import DlibModelFormatError, DlibResNet
 
             try:
                 self._net = DlibResNet(paths[1])

@@ -126,8 +126,8 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
         import torch
         torch.set_num_threads(torch_threads)
 
-    from generate_twin import DigitalTwinGenerator
-    gen = DigitalTwinGenerator(settings)
+    from utils.services import engine_class  # the one place that names the engine
+    gen = engine_class()(settings)
     try:
         gen.setup()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which reports it on /health

@@ -1,0 +1,47 @@
+"""The layers of the code read top-down: nothing in utils/ reaches up to the engine modules (or the app)
+except through the one wiring place, utils/services.py, and only lazily (nothing heavy at import)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_MODULES = {"app", "generate_twin", "ipadapter_manager", "model_loader"}
+WIRING = "utils/services.py"
+UTILS_MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "utils").rglob("*.py"))
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(top-level module imported, at module level?) for every import statement in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name.split(".")[0], id(node) in top_level) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.module.split(".")[0], id(node) in top_level))
+    return found
+
+
+@pytest.mark.parametrize("module", UTILS_MODULES)
+def test_utils_module_reaches_engines_only_through_the_wiring_place(module):
+    ups = [(name, at_import) for name, at_import in imports(ROOT / module) if name in ENGINE_MODULES]
+    assert not [n for n, at_import in ups if at_import], f"{module} imports an engine module at import time: {ups}"
+    if module != WIRING:
+        assert ups == [], f"{module} imports {ups}; go through {WIRING}"
+
+
+def test_the_wiring_place_is_found_and_names_the_engines():
+    # Guards the test above against passing on an empty or misread tree.
+    assert WIRING in UTILS_MODULES and len(UTILS_MODULES) >= 15
+    assert {"generate_twin", "ipadapter_manager"} <= {n for n, _ in imports(ROOT / WIRING)}
+
+
+@pytest.mark.parametrize("package, modules", [
+    ("utils/jobs", {"store.py", "generator_process.py", "lifecycle.py"}),
+    ("utils/faces", {"service.py", "backends.py", "dlib_resnet.py"}),
+    ("utils/api", {"auth.py", "security.py", "openapi.py"}),
+])
+def test_concerns_live_in_their_subpackage(package, modules):
+    assert modules <= {p.name for p in (ROOT / package).glob("*.py")}
