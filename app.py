@@ -12,11 +12,11 @@ import time
 import traceback
 import uuid
 
-from flask import Flask, g, jsonify, render_template, request, send_file, url_for
+from flask import Flask, Response, g, jsonify, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
 from utils import errors
-from utils.api import security
+from utils.api import events as api_events, security
 from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
 from utils.jobs import job_json
@@ -30,7 +30,7 @@ log = logging.getLogger("twin.app")
 # Error messages name the offending value; a hostile value must not make the answer as large as the request.
 MAX_MESSAGE_CHARS = 500
 # Endpoints that touch a caller's sessions and jobs (API key or client token decides what they see).
-OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "cancel", "download", "delete_session"})
+OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "events", "cancel", "download", "delete_session"})
 
 
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
@@ -198,6 +198,36 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     def status(job_id: str):
         job_id_var.set(job_id)
         return jsonify(render_job(runtime.owned_job(job_id, caller().owner)))
+
+    @app.get("/events/<job_id>")
+    def events(job_id: str):
+        job_id_var.set(job_id)
+        job = runtime.owned_job(job_id, caller().owner)
+        after = api_events.parse_last_event_id(request.headers.get("Last-Event-ID",
+                                                                   request.args.get("last_event_id")))
+        if not runtime.stream_slots.acquire(blocking=False):
+            raise api_events.TooManyStreams(f"{settings.max_event_streams} event streams are open "
+                                            "(TWIN_MAX_EVENT_STREAMS); poll /status or retry later")
+        try:
+            # The body is rendered outside the request context (no url_for there): URLs from the root.
+            root = request.script_root
+
+            def out_url(jid: str, filename: str) -> str:
+                return f"{root}/download/{jid}/{filename}"
+
+            def render(ev, current):
+                return api_events.render_event(
+                    ev, current, output_url=out_url,
+                    render_job=lambda j: job_json(j, runtime.store, url_for_output=out_url,
+                                                  status_url=f"{root}/status/{j['id']}"))
+            # EventStream.close() gives the slot back whenever the server closes the response.
+            body = api_events.EventStream(runtime, job, after, render, runtime.stream_slots)
+            resp = Response(body, mimetype="text/event-stream")
+        except BaseException:
+            runtime.stream_slots.release()
+            raise
+        resp.headers["X-Accel-Buffering"] = "no"  # nginx and similar proxies must not buffer the stream
+        return resp
 
     @app.post("/cancel/<job_id>")
     def cancel(job_id: str):

@@ -152,6 +152,29 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "operationId": "status", "parameters": [job_id],
             "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
                           "404": _error("No such job for this caller."), **owned}}},
+        "/events/{job_id}": {"get": {
+            "operationId": "events", "parameters": [
+                job_id,
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+                {"name": "last_event_id", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}],
+            "summary": "The job's live events as Server-Sent Events: status, progress, output, done (then the "
+                       "stream ends). Resume with Last-Event-ID.",
+            "responses": {"200": {
+                "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
+                                "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds; output: "
+                                "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
+                # OpenAPI 3.0: the schema of a text/event-stream describes one event.
+                "content": {"text/event-stream": {"schema": {
+                    "type": "object", "required": ["event", "data"],
+                    "properties": {"event": {"type": "string", "enum": ["status", "progress", "output", "done"]},
+                                   "data": {"type": "string"},
+                                   "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}},
+                          "400": _error("Last-Event-ID is not an event id."),
+                          "404": _error("No such job for this caller."),
+                          "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
+                          **owned}}},
         "/cancel/{job_id}": {"post": {
             "operationId": "cancel", "parameters": [job_id],
             "responses": {"200": {"description": "Canceled (or stopping).",
