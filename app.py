@@ -16,7 +16,8 @@ from flask import Flask, Response, g, jsonify, render_template, request, send_fi
 from werkzeug.exceptions import HTTPException
 
 from utils import errors
-from utils.api import events as api_events, security
+from utils.api import events as api_events, idempotency, security
+from utils.api.idempotency import IdempotencyStore
 from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
 from utils.jobs import job_json
@@ -74,6 +75,35 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     runtime = Runtime(settings, generators, faces)
     app.extensions["twin"] = runtime
     runtime.start()
+
+    idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
+    runtime.session_deleted_hooks.append(idem.forget_session)
+
+    def idempotent(endpoint: str, owner: str | None, fp_parts: tuple, answer):
+        """answer() -> (status, body, headers, session_id); with an Idempotency-Key from a known caller,
+        the first answer is kept and given again for the same request (see utils/api/idempotency.py)."""
+        key = idempotency.parse_key(request.headers.get(idempotency.HEADER))
+        if key is None or owner is None:
+            status, body, headers, _ = answer()
+            return status, body, headers
+        replay = idem.begin(owner, endpoint, key, idempotency.fingerprint(*fp_parts))
+        if replay is not None:
+            status, body, headers = replay
+            return status, body, {**headers, "Idempotent-Replayed": "true"}
+        try:
+            status, body, headers, session_id = answer()
+        except BaseException:
+            idem.abandon(owner, endpoint, key)
+            raise
+        idem.complete(owner, endpoint, key, status, body, headers, session_id)
+        return status, body, headers
+
+    def json_response(status: int, body: dict, headers: dict):
+        resp = jsonify(body)
+        resp.status_code = status
+        for k, v in headers.items():
+            resp.headers[k] = v
+        return resp
 
     def caller(issue: bool = False):
         return resolve_caller(request.headers, request.cookies, settings.api_key_list, issue=issue)
@@ -162,11 +192,17 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             if len(data) > limit:
                 raise errors.PayloadTooLarge(f"file {name!r} is larger than the limit per file of "
                                              f"{settings.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
-        body = runtime.upload(files, who.owner)
+
+        def answer():
+            body = runtime.upload(files, who.owner)
+            return 200, body, {}, body["session_id"]
+        # A caller who just got its first token cannot be repeating itself: no key applies.
+        fp = tuple(x for name, data in files for x in (name, data))
+        status, body, headers = idempotent("upload", None if who.new_token else who.owner, fp, answer)
         session_id_var.set(body["session_id"])
         if who.new_token:
-            body["client_token"] = who.new_token
-        resp = jsonify(body)
+            body = {**body, "client_token": who.new_token}
+        resp = json_response(status, body, headers)
         if who.new_token:
             resp.set_cookie(COOKIE_NAME, who.new_token, httponly=True, samesite="Lax",
                             secure=request.is_secure, max_age=int(settings.retention_hours * 3600) or None)
@@ -185,14 +221,15 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             raise errors.InvalidRequest("the JSON body is nested too deeply") from None
         who = caller()
         security.check_text_fields(payload)
-        job = runtime.submit(payload, who.owner)
-        session_id_var.set(job["session_id"])
-        job_id_var.set(job["id"])
-        body = render_job(job)
-        resp = jsonify(body)
-        resp.status_code = 202
-        resp.headers["Location"] = body["status_url"]
-        return resp
+
+        def answer():
+            job = runtime.submit(payload, who.owner)
+            body = render_job(job)
+            return 202, body, {"Location": body["status_url"]}, job["session_id"]
+        status, body, headers = idempotent("generate", who.owner, (payload,), answer)
+        session_id_var.set(body["session_id"])
+        job_id_var.set(body["id"])
+        return json_response(status, body, headers)
 
     @app.get("/status/<job_id>")
     def status(job_id: str):

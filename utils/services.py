@@ -118,6 +118,7 @@ class Runtime:
         self.events = EventLog()
         self.store.listeners.append(self._job_event)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
         self.state = "starting"
         self.setup_error: str | None = None
         self.started_at = time.time()
@@ -296,6 +297,8 @@ class Runtime:
             # The faces go even when the records cannot be written (a full volume: this frees space);
             # the records then go on the next delete or sweep.
             self.storage.delete_session(session_id)
+        for hook in self.session_deleted_hooks:  # what other parts keep about the session (idempotency records)
+            hook(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from utils.api.idempotency import KEY_RE as IDEMPOTENCY_KEY_RE
 from utils.api.security import TEXT_FIELDS
 from utils.config import Settings
 from utils.request_fields import object_schema
@@ -39,6 +40,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     from utils.services import request_fields
     s = settings
     id_param = {"type": "string", "pattern": ID_RE.pattern}
+    idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "description": ("Repeat a request safely: the same key with the same body from the same caller within "
+                                f"{s.idempotency_hours:g} h answers the first answer again (Idempotent-Replayed: true)."),
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}}
     keyed = bool(s.api_key_list)
 
     generate_request = object_schema(
@@ -118,7 +123,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
 
     paths = {
         "/upload": {"post": {
-            "operationId": "upload",
+            "operationId": "upload", "parameters": [idem_key],
             "summary": "Upload selfies; builds one identity (a session) from the usable ones.",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["files"], "properties": {
@@ -131,11 +136,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "413": _error(f"More than {s.max_selfies} files, a file over {s.max_file_mb:g} MB or a request "
                               f"over {s.max_upload_mb:g} MB."),
                 "415": _error("Not multipart/form-data."),
-                "422": _error("No file has a usable face; details.report says why for each."),
+                "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
+                "422": _error("No file has a usable face (details.report says why for each), or the "
+                              "Idempotency-Key was used with other files."),
                 "507": _error("The data disk is full."),
                 **owned, **limited, **not_ready}}},
         "/generate": {"post": {
-            "operationId": "generate",
+            "operationId": "generate", "parameters": [idem_key],
             "summary": "Queue a generation job for one of the caller's sessions.",
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
@@ -146,6 +153,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "404": _error("session_id is not one of the caller's sessions."),
                 "413": _error(f"Body over {s.max_json_kb:g} kB."),
                 "415": _error("Not application/json."),
+                "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
+                "422": _error("The Idempotency-Key was used with a different body."),
                 "507": _error("The data disk is full."),
                 **owned, **limited, **not_ready}}},
         "/status/{job_id}": {"get": {
