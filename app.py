@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     hooks = WebhookDispatcher(settings, runtime.store)
     runtime.store.listeners.append(hooks.on_job_event)
+    runtime.shutdown_hooks.append(hooks.close)
     idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
     runtime.session_deleted_hooks.append(idem.forget_session)
 
@@ -283,7 +284,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         if not is_output_name(filename):
             raise errors.NotFound(f"file {filename!r} not found")
         path = runtime.output_path(job_id, filename, caller().owner)
-        return send_file(path, mimetype="image/png", as_attachment=request.args.get("inline") != "1",
+        mimetype = "image/jpeg" if filename.endswith(".jpg") else "image/png"
+        return send_file(path, mimetype=mimetype, as_attachment=request.args.get("inline") != "1",
                          download_name=filename, max_age=0)
 
     @app.delete("/sessions/<session_id>")

@@ -209,3 +209,23 @@ def test_real_gunicorn_streams_a_running_job_and_resumes_mid_job(start_server, t
     assert rest[0]["id"] == first[-1]["id"] + 1
     check_complete(first + rest, 1, QUALITY_STEPS["balanced"])
 
+
+
+def test_each_output_has_a_jpeg_thumbnail_served_and_deleted_with_the_session(app, client):
+    import io
+    from PIL import Image
+    upload(client)
+    r = client.post("/generate", json={"prompt": "p", "num_images": 2, "width": 640, "height": 384})
+    job = finished(client, r.json["id"])
+    runtime = app.extensions["twin"]
+    paths = []
+    for o in job["outputs"]:
+        assert o["thumbnail_url"] == f"/download/{job['id']}/{o['filename'][:-4]}.thumb.jpg"
+        got = client.get(o["thumbnail_url"] + "?inline=1")
+        assert got.status_code == 200 and got.mimetype == "image/jpeg"
+        im = Image.open(io.BytesIO(got.data))
+        assert im.format == "JPEG" and max(im.size) == 256 and im.size == (256, 154)
+        paths.append(runtime.output_path(job["id"], o["filename"][:-4] + ".thumb.jpg", runtime.store.get(job["id"])["owner"]))
+    assert all(p.exists() for p in paths)
+    assert client.delete(f"/sessions/{job['session_id']}").status_code == 200
+    assert not any(p.exists() for p in paths)

@@ -128,6 +128,8 @@ class Settings:
     webhook_timeout_seconds: float = _setting(10.0, "Timeout of one webhook delivery attempt.", lo=0.1, hi=120.0)
     idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
 
+    thumbnail_side: int = _setting(256, "Longest side of the JPEG thumbnail written beside each portrait (thumbnail_url in the job JSON).", lo=32, hi=1024)
+
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
     generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)

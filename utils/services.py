@@ -17,7 +17,8 @@ from utils.config import Settings
 from utils.jobs import JobManager, JobStatus, JobStore
 from utils.jobs.events import EventLog
 from utils.logging import log_context
-from utils.storage import Storage, new_id, output_name, atomic_save_png, is_valid_id
+from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_valid_id, new_id, output_name,
+                           thumbnail_name)
 
 log = logging.getLogger("twin.service")
 VERSION = "0.1.0"
@@ -119,6 +120,7 @@ class Runtime:
         self.store.listeners.append(self._job_event)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
         self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
+        self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
         self.state = "starting"
         self.setup_error: str | None = None
         self.started_at = time.time()
@@ -179,6 +181,8 @@ class Runtime:
     def shutdown(self) -> None:
         self._stop.set()
         self.events.wake_all()  # open event streams see the stop and end
+        for hook in self.shutdown_hooks:
+            hook()
         self.manager.stop()
         self.store.close()
         for g in self.generators:
@@ -384,8 +388,10 @@ class Runtime:
     def output_path(self, job_id: str, filename: str, owner: str | None):
         job = self.owned_job(job_id, owner)
         for o in job["outputs"]:
-            if o["filename"] == filename:
-                path = self.storage.resolve_relative(o["path"])
+            recorded = (o["path"] if o["filename"] == filename else
+                        o.get("thumbnail_path") if thumbnail_name(o["filename"]) == filename else None)
+            if recorded:
+                path = self.storage.resolve_relative(recorded)
                 if path.is_file():
                     return path
         raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
@@ -425,8 +431,10 @@ class Runtime:
             name = output_name(i)
             path = out_dir / name
             atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
+            thumb = out_dir / thumbnail_name(name)
+            atomic_save_thumbnail(thumb, image, self.settings.thumbnail_side)
             output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
-                      "path": self.storage.relative(path)}
+                      "path": self.storage.relative(path), "thumbnail_path": self.storage.relative(thumb)}
             if template is not None:
                 try:
                     score = self.faces.identity_similarity(image, template)
@@ -437,6 +445,7 @@ class Runtime:
                 self.store.add_output(job["id"], output)
             except BaseException:
                 path.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
+                thumb.unlink(missing_ok=True)
                 raise
         metadata = _json_safe(getattr(result, "metadata", None)) or {}
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from utils import errors
 from utils.jobs.events import Event, format_sse
+from utils.jobs.store import public_output
 
 # A stream re-checks the job (deleted session, server stop) at least this often while idle.
 _RECHECK_SECONDS = 1.0
@@ -113,7 +114,5 @@ def render_event(ev: Event, job: dict, *, render_job: Callable[[dict], dict],
         return {"job_id": job["id"], "step": step, "total": total,
                 "fraction": round(step / total, 4) if total else 0.0, "eta_seconds": eta}
     if ev.type == "output":
-        out = {k: v for k, v in ev.data.items() if k != "path"}
-        out["url"] = output_url(job["id"], ev.data["filename"])
-        return {"job_id": job["id"], **out}
+        return {"job_id": job["id"], **public_output(job["id"], ev.data, output_url)}
     return dict(ev.data)

@@ -79,7 +79,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "type": "object", "required": ["filename", "seed", "width", "height", "url"], "properties": {
                     "filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
                     "seed": {"type": "integer"}, "width": {"type": "integer"}, "height": {"type": "integer"},
-                    "url": {"type": "string"},
+                    "url": {"type": "string"}, "thumbnail_url": {"type": "string"},
                     "identity_similarity": _nullable({"type": "number"})}}},
             "metadata": _nullable({"type": "object"}),
             "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
@@ -202,8 +202,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern}},
                            {"name": "inline", "in": "query", "required": False,
                             "schema": {"type": "string", "enum": ["0", "1"]}}],
-            "responses": {"200": {"description": "The PNG.",
-                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "The PNG (or, for *.thumb.jpg, its JPEG thumbnail).",
+                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                              "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                           "404": _error("No such job or file for this caller."), **owned}}},
         "/sessions/{session_id}": {"delete": {
             "operationId": "delete_session",

@@ -151,7 +151,8 @@ class WebhookDispatcher:
             event = kind  # progress | output
         if not hook or event is None or event not in hook["events"]:
             return
-        body_data = {"job_id": job_id, **({k: v for k, v in data.items() if k != "path"} if kind != "status"
+        body_data = {"job_id": job_id, **({k: v for k, v in data.items() if k not in ("path", "thumbnail_path")}
+                                          if kind != "status"
                                           else {"status": data["status"], "error": _error(data),
                                                 "outputs": [o["filename"] for o in data["outputs"]]})}
         with self._lock:
@@ -217,7 +218,12 @@ class WebhookDispatcher:
             except requests.RequestException as e:
                 record["error"] = type(e).__name__
                 retry = True
-            self.store.add_webhook_delivery(job_id, record)
+            if self._stop.is_set():
+                return  # the server is stopping: the store is closing; the message stays undelivered
+            try:
+                self.store.add_webhook_delivery(job_id, record)
+            except Exception:  # noqa: BLE001 - the record is a report; delivery goes on
+                log.exception("could not record a webhook delivery")
             if not retry:
                 return
             if attempt < s.webhook_max_attempts:

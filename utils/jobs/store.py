@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from utils import errors
 from utils.logging import log_context
+from utils.storage import thumbnail_name
 
 log = logging.getLogger("twin.jobs")
 
@@ -344,14 +345,22 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "started_at": _iso(job["started_at"]),
         "finished_at": _iso(job["finished_at"]),
         "request": job["request"],
-        "outputs": [dict({k: v for k, v in o.items() if k != "path"},
-                         url=url_for_output(job["id"], o["filename"])) for o in job["outputs"]],
+        "outputs": [public_output(job["id"], o, url_for_output) for o in job["outputs"]],
         "metadata": job["metadata"],
         "error": error,
         "status_url": status_url,
         # The webhook the job reports to and every delivery attempt so far (None: no webhook).
         "webhook": job.get("webhook"),
     }
+
+
+def public_output(job_id: str, output: dict, url_for_output: Callable[[str, str], str]) -> dict:
+    """An output entry as clients see it: download URLs, never a server path."""
+    out = {k: v for k, v in output.items() if k not in ("path", "thumbnail_path")}
+    out["url"] = url_for_output(job_id, output["filename"])
+    if output.get("thumbnail_path"):
+        out["thumbnail_url"] = url_for_output(job_id, thumbnail_name(output["filename"]))
+    return out
 
 
 def _iso(ts: float | None) -> str | None:
