@@ -33,7 +33,7 @@ log = logging.getLogger("twin.app")
 # Error messages name the offending value; a hostile value must not make the answer as large as the request.
 MAX_MESSAGE_CHARS = 500
 # Endpoints that touch a caller's sessions and jobs (API key or client token decides what they see).
-OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "events", "cancel", "download", "delete_session"})
+OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "events", "preview", "cancel", "download", "delete_session"})
 
 
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
@@ -271,6 +271,14 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             runtime.stream_slots.release()
             raise
         resp.headers["X-Accel-Buffering"] = "no"  # nginx and similar proxies must not buffer the stream
+        return resp
+
+    @app.get("/preview/<job_id>")
+    def preview(job_id: str):
+        job_id_var.set(job_id)
+        step, jpeg = runtime.preview(job_id, caller().owner)
+        resp = Response(jpeg, mimetype="image/jpeg")
+        resp.headers["X-Preview-Step"] = str(step)
         return resp
 
     @app.post("/cancel/<job_id>")

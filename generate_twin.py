@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -89,8 +90,41 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
+    Field("preview", "boolean", "Send a small preview of the forming image every few steps "
+          "(GET /preview/<job_id>, preview events).", default=False),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
+
+
+# SDXL latent channels -> RGB, a linear fit of the VAE's decode (the factors ComfyUI and A1111 use for
+# their cheap previews): a few multiply-adds per latent pixel instead of a VAE decode.
+LATENT_RGB_FACTORS = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
+                      (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))
+LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+PREVIEWS_PER_JOB = 8  # previews are sent on about this many evenly spaced steps (and the last one)
+
+
+def latent_preview_jpeg(latents, side: int = 256) -> bytes:
+    """A small JPEG of the first image's latents (channels, h, w), through the linear projection."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    lat = latents[0].detach().float().cpu().numpy()[:4]
+    rgb = np.einsum("chw,cr->hwr", lat, np.asarray(LATENT_RGB_FACTORS, dtype=np.float32)) + np.asarray(LATENT_RGB_BIAS)
+    img = Image.fromarray(np.clip((rgb + 1.0) * 127.5, 0, 255).astype(np.uint8))
+    if max(img.size) < side:  # latents are 1/8 of the image: show them at a viewable size
+        f = side / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=70)
+    return buf.getvalue()
+
+
+def preview_steps(total: int) -> set[int]:
+    """1-based steps that send a preview: evenly spaced, always the last."""
+    every = max(1, math.ceil(total / PREVIEWS_PER_JOB))
+    return {s for s in range(1, total + 1) if s % every == 0} | {total}
 
 
 def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
@@ -130,6 +164,7 @@ class GenerationRequest:
     style: str = DEFAULT_STYLE
     lora: str | None = None
     lora_scale: float = 0.8
+    preview: bool = False
     identity: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -307,6 +342,7 @@ class DigitalTwinGenerator:
         do_cfg = plan["guidance_scale"] > 1.0  # the pipeline's own rule for classifier-free guidance
         kwargs["ip_adapter_image_embeds"] = self.adapter.pipeline_embeds(identity or self._null_identity, do_cfg)
         total = kwargs["num_inference_steps"]
+        wanted_previews = preview_steps(total) if req.preview else set()
         marks: dict[str, float] = {}
 
         def on_step_end(p, step, timestep, cb_kwargs):
@@ -314,7 +350,11 @@ class DigitalTwinGenerator:
             marks.setdefault("first_step", now)
             marks["last_step"] = now
             if on_progress is not None:
-                on_progress(step + 1, getattr(p, "num_timesteps", total) or total)
+                n = getattr(p, "num_timesteps", total) or total
+                if req.preview and step + 1 in wanted_previews and "latents" in cb_kwargs:
+                    on_progress(step + 1, n, latent_preview_jpeg(cb_kwargs["latents"]))
+                else:
+                    on_progress(step + 1, n)
             if should_cancel is not None and should_cancel():
                 # Raising leaves the denoising loop at once; the VAE decode is skipped too.
                 raise JobCanceled(f"canceled after step {step + 1} of {total}")

@@ -125,8 +125,9 @@ class Runtime:
         self.setup_error: str | None = None
         self.started_at = time.time()
         self.ready = threading.Event()
+        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
         self.manager = JobManager(self.store, self._run_job, workers=len(generators), ready=self.ready,
-                                  is_oom=is_oom)
+                                  is_oom=is_oom, on_preview=self._preview)
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -136,10 +137,26 @@ class Runtime:
     def _job_event(self, job_id: str, kind: str, data: dict) -> None:
         if kind == "deleted":
             self.events.forget(job_id)
+            self.previews.pop(job_id, None)
             return
         self.events.publish(job_id, kind, data)
         if kind == "status" and JobStatus(data["status"]).terminal:
+            self.previews.pop(job_id, None)  # the finished portraits replace the preview
             self.events.publish(job_id, "done", data)
+
+    def _preview(self, job_id: str, step: int, jpeg: bytes) -> None:
+        import base64
+        self.previews[job_id] = (step, jpeg)
+        self.events.publish(job_id, "preview", {
+            "step": step, "image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")})
+
+    def preview(self, job_id: str, owner: str | None) -> tuple[int, bytes]:
+        self.owned_job(job_id, owner)
+        got = self.previews.get(job_id)
+        if got is None:
+            raise errors.NotFound(f"job {job_id!r} has no preview now (ask for preview: true; previews exist "
+                                  "while the job runs)")
+        return got
 
     # --- lifecycle ---
     def start(self) -> None:

@@ -113,6 +113,8 @@ def render_event(ev: Event, job: dict, *, render_job: Callable[[dict], dict],
             eta = round(max(0.0, ev.data.get("at", time.time()) - started) / step * (total - step), 2)
         return {"job_id": job["id"], "step": step, "total": total,
                 "fraction": round(step / total, 4) if total else 0.0, "eta_seconds": eta}
+    if ev.type == "preview":
+        return {"job_id": job["id"], **ev.data}
     if ev.type == "output":
         return {"job_id": job["id"], **public_output(job["id"], ev.data, output_url)}
     return dict(ev.data)

@@ -182,13 +182,19 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 # OpenAPI 3.0: the schema of a text/event-stream describes one event.
                 "content": {"text/event-stream": {"schema": {
                     "type": "object", "required": ["event", "data"],
-                    "properties": {"event": {"type": "string", "enum": ["status", "progress", "output", "done"]},
+                    "properties": {"event": {"type": "string", "enum": ["status", "progress", "preview", "output", "done"]},
                                    "data": {"type": "string"},
                                    "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}},
                           "400": _error("Last-Event-ID is not an event id."),
                           "404": _error("No such job for this caller."),
                           "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
                           **owned}}},
+        "/preview/{job_id}": {"get": {
+            "operationId": "preview", "parameters": [job_id],
+            "summary": "The latest live preview of a running job that asked for preview: true.",
+            "responses": {"200": {"description": "A small JPEG of the forming image (header X-Preview-Step).",
+                                  "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                          "404": _error("No such job for this caller, or no preview now."), **owned}}},
         "/cancel/{job_id}": {"post": {
             "operationId": "cancel", "parameters": [job_id],
             "responses": {"200": {"description": "Canceled (or stopping).",

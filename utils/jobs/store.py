@@ -383,8 +383,10 @@ class JobManager:
     """
 
     def __init__(self, store: JobStore, runner: Runner, *, workers: int = 1, ready: threading.Event | None = None,
-                 is_oom: Callable[[BaseException], bool] = lambda e: False) -> None:
+                 is_oom: Callable[[BaseException], bool] = lambda e: False,
+                 on_preview: Callable[[str, int, bytes], None] | None = None) -> None:
         self.store = store
+        self.on_preview = on_preview  # (job_id, step, jpeg) for a request with preview: true
         self.runner = runner
         self.n_workers = max(1, workers)
         self.ready = ready or threading.Event()
@@ -517,8 +519,10 @@ class JobManager:
         t0 = time.perf_counter()
         log.info("job started")
 
-        def on_progress(step: int, total: int) -> None:
+        def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
             self.store.set_progress(job_id, step, total)
+            if preview is not None and self.on_preview is not None:
+                self.on_preview(job_id, step, preview)
 
         settle = self._settle
         try:
