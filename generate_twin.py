@@ -59,7 +59,9 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "5:4": (1120, 896), "4:3": (1152, 896), "3:2": (1216, 832), "16:9": (1344, 768),
 }
 MAX_IMAGES = 4
+MAX_CANDIDATES = 8      # best-of-N: most images generated (in batches of at most MAX_IMAGES) to keep num_images
 MAX_SEED = 2**32 - 1
+RESTORE_MODEL_NAMES = ("gfpgan", "codeformer", "gpen")   # utils.faces.restore.RESTORE_MODELS
 
 # The request, declared once: GenerationRequest.from_dict validates against it, /openapi.json and the
 # /system-status options are rendered from it. A new request field is a row here plus its dataclass field.
@@ -89,6 +91,16 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
+    # Likeness (done by the service after generation, with the face backend; see utils/services.py).
+    Field("candidates", "integer", "Best-of-N: generate this many (num_images to 8), score each against the "
+          "session's faces and keep the num_images most alike, best first; default num_images.",
+          minimum=1, maximum=MAX_CANDIDATES),
+    Field("restore_faces", "boolean", "Restore every face (GFPGAN / CodeFormer / GPEN); the unrestored image "
+          "is kept as avatar_NNN_raw.png.", default=lambda s: s.restore_default),
+    Field("restore_model", "string", "Face restoration model.", default=lambda s: s.restore_model,
+          enum=RESTORE_MODEL_NAMES),
+    Field("restore_fidelity", "number", "CodeFormer's fidelity weight: 0 restores most, 1 stays closest to the "
+          "generated face (other models ignore it).", default=0.5, minimum=0.0, maximum=1.0),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -130,6 +142,10 @@ class GenerationRequest:
     style: str = DEFAULT_STYLE
     lora: str | None = None
     lora_scale: float = 0.8
+    candidates: int | None = None
+    restore_faces: bool = False
+    restore_model: str = "gfpgan"
+    restore_fidelity: float = 0.5
     identity: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -140,7 +156,14 @@ class GenerationRequest:
             raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
         if v["width"] is not None and v["aspect_ratio"] is not None:
             raise InvalidRequest(f"give either aspect_ratio={v['aspect_ratio']!r} or width/height, not both")
+        if v["candidates"] is not None and v["candidates"] < v["num_images"]:
+            raise InvalidRequest(f"candidates={v['candidates']!r} is fewer than num_images={v['num_images']!r}; "
+                                 f"give between {v['num_images']} and {MAX_CANDIDATES}")
         return cls(**v)
+
+    @property
+    def total_candidates(self) -> int:
+        return self.candidates or self.num_images
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
         return dataclasses.replace(self, identity=identity)

@@ -293,12 +293,20 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "started_at": _iso(job["started_at"]),
         "finished_at": _iso(job["finished_at"]),
         "request": job["request"],
-        "outputs": [dict({k: v for k, v in o.items() if k != "path"},
-                         url=url_for_output(job["id"], o["filename"])) for o in job["outputs"]],
+        "outputs": [_output_json(job["id"], o, url_for_output) for o in job["outputs"]],
         "metadata": job["metadata"],
         "error": error,
         "status_url": status_url,
     }
+
+
+def _output_json(job_id: str, o: dict, url_for_output: Callable[[str, str], str]) -> dict:
+    """An output without its stored paths, with the URL of its file (and of its raw original)."""
+    out = {k: v for k, v in o.items() if k not in ("path", "raw_path")}
+    out["url"] = url_for_output(job_id, o["filename"])
+    if o.get("raw_filename"):
+        out["raw_url"] = url_for_output(job_id, o["raw_filename"])
+    return out
 
 
 def _iso(ts: float | None) -> str | None:
