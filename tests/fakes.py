@@ -191,6 +191,23 @@ class FakeGenerator:
         return FakeResult(images=images, seeds=seeds, metadata={"steps": total, "profile": "fake"})
 
 
+class PhotoGenerator(FakeGenerator):
+    """Generates the astronaut photo (a real face, from scikit-image's wheel) at 320², or the flat fake
+    images when ``faces`` is False: restoration and likeness run on real faces without the engine."""
+
+    def __init__(self, faces: bool = True, **kw) -> None:
+        super().__init__(**kw)
+        self.faces = faces
+
+    def generate(self, req, on_progress=None, should_cancel=None):
+        from tests.photos import astronaut_variant
+        result = super().generate(req, on_progress, should_cancel)
+        if self.faces:
+            result = FakeResult(images=[astronaut_variant(s % 4, 320) for s in result.seeds], seeds=result.seeds,
+                                metadata=result.metadata)
+        return result
+
+
 @dataclass
 class FakeAccepted:
     index: int

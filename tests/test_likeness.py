@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from generate_twin import MAX_CANDIDATES, RESTORE_MODEL_NAMES, GenerationRequest
-from tests.fakes import FakeFaceService, FakeGenerator, FakeResult
+from tests.fakes import FakeFaceService, FakeGenerator, PhotoGenerator
 from tests.test_api import assert_error, finished, upload
 from utils import errors
 from utils.config import Settings
@@ -139,22 +139,6 @@ def test_best_of_n_progress_and_cancel_span_the_calls(make_app):
 
 
 # --- restoration in the service ----------------------------------------------------------------
-
-class PhotoGenerator(FakeGenerator):
-    """Generates the astronaut photo (a real face) at 320², or flat images when ``faces`` is False."""
-
-    def __init__(self, faces: bool = True, **kw) -> None:
-        super().__init__(**kw)
-        self.faces = faces
-
-    def generate(self, req, on_progress=None, should_cancel=None):
-        from tests.photos import astronaut_variant
-        result = super().generate(req, on_progress, should_cancel)
-        if self.faces:
-            result = FakeResult(images=[astronaut_variant(s % 4, 320) for s in result.seeds], seeds=result.seeds,
-                                metadata=result.metadata)
-        return result
-
 
 @pytest.fixture(scope="module")
 def restore_dir(tmp_path_factory):
