@@ -295,8 +295,6 @@ class Runtime:
         except Exception:  # noqa: BLE001 - a reference number, never a reason to fail an upload
             return None
 
-
-
     def delete_session(self, session_id: str, owner: str | None) -> dict:
         self.owned_session(session_id, owner)
         return self._delete_session(session_id)
