@@ -123,6 +123,11 @@ class Settings:
     restore_model_dir: Path | None = _setting(None, "Folder of the restoration ONNX files (gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx; `python model_loader.py download --restore NAME`); default <model_dir>/face_restore, with the tiny profile <tiny_model_dir>/face_restore (stand-ins).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
 
+    # --- live progress and integrations ----------------------------------------------------------
+    max_event_streams: int = _setting(50, "Most open GET /events streams at once (each holds one gunicorn thread: keep GUNICORN_THREADS above it); beyond it 429 with Retry-After.", lo=1, hi=1000)
+    event_heartbeat_seconds: float = _setting(15.0, "Seconds between comment heartbeats on an idle event stream (keeps proxies from closing it, and finds closed clients).", lo=0.05, hi=300.0)
+    idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
+
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
     generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)

@@ -15,6 +15,7 @@ from typing import Any
 from utils import errors
 from utils.config import Settings
 from utils.jobs import JobManager, JobStatus, JobStore
+from utils.jobs.events import EventLog
 from utils.logging import log_context
 from utils.storage import Storage, new_id, output_name, raw_output_name, atomic_save_png, is_valid_id
 
@@ -135,6 +136,11 @@ class Runtime:
         self.clock = time.time  # tests swap in a fake clock (retention)
         self._drain_deadline: float | None = None
         self.store = JobStore(self.storage.db_path)
+        # Live events (GET /events): the store reports each change, the log keeps them per job.
+        self.events = EventLog()
+        self.store.listeners.append(self._job_event)
+        self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
         self.state = "starting"
         self.setup_error: str | None = None
         self.started_at = time.time()
@@ -148,12 +154,25 @@ class Runtime:
         from utils.jobs import lifecycle
         lifecycle.register(self)
 
+    def _job_event(self, job_id: str, kind: str, data: dict) -> None:
+        if kind == "deleted":
+            self.events.forget(job_id)
+            return
+        self.events.publish(job_id, kind, data)
+        if kind == "status" and JobStatus(data["status"]).terminal:
+            self.events.publish(job_id, "done", data)
+
     # --- lifecycle ---
     def start(self) -> None:
         removed = self.storage.clean_partial_files()
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
         self.manager.start(self.settings.requeue_interrupted)
+        for job_id in self.store.queued_ids():  # jobs from before a restart get a live event log too
+            if not self.events.known(job_id):
+                job = self.store.get(job_id)
+                if job is not None:
+                    self._job_event(job_id, "status", job)
         self._setup_thread = threading.Thread(target=self._setup, name="twin-setup", daemon=True)
         self._setup_thread.start()
         if self.settings.retention_hours > 0:
@@ -183,6 +202,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.events.wake_all()  # open event streams see the stop and end
         self.manager.stop()
         self.store.close()
         for g in self.generators:
@@ -193,6 +213,10 @@ class Runtime:
         lifecycle.unregister(self)
 
     # --- graceful stop (SIGTERM; see utils/jobs/lifecycle.py) ---
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None
@@ -312,6 +336,8 @@ class Runtime:
             # The faces go even when the records cannot be written (a full volume: this frees space);
             # the records then go on the next delete or sweep.
             self.storage.delete_session(session_id)
+        for hook in self.session_deleted_hooks:  # what other parts keep about the session (idempotency records)
+            hook(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 
