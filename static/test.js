@@ -499,7 +499,9 @@
     applyReport(body.report || {}, body);
     $("upload-progress-label").textContent = "Upload complete";
     $("delete-session-btn").hidden = false;
-    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
+    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).` +
+      // The reference for every likeness score: how much the person's own selfies agree.
+      (typeof body.self_similarity === "number" ? ` Your selfies agree at ${body.self_similarity.toFixed(2)}.` : "");
     remember();
     updateButtons();
     // The upload button just got disabled under the keyboard focus: put focus on the report.

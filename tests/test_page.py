@@ -493,6 +493,7 @@ def test_page_likeness_best_of_and_raw_vs_restored(browser, start_server, tmp_pa
         page.set_input_files("#files", paths)
         page.click("#upload-btn")
         page.locator("#upload-report").wait_for(state="visible")
+        assert re.search(r"Your selfies agree at 0\.\d\d\.", page.locator("#generate-hint").inner_text())
         page.fill("#candidates", "3")
         page.check("#restore_faces")
         page.select_option("#restore_model", "codeformer")
