@@ -18,8 +18,10 @@ from werkzeug.exceptions import HTTPException
 from utils import errors
 from utils.api import events as api_events, idempotency, security
 from utils.api.idempotency import IdempotencyStore
+from utils.api.webhooks import WEBHOOK_FIELDS, WebhookDispatcher
 from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
+from utils.request_fields import published_fields
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
 from utils.api.openapi import build_spec
@@ -76,6 +78,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.extensions["twin"] = runtime
     runtime.start()
 
+    hooks = WebhookDispatcher(settings, runtime.store)
+    runtime.store.listeners.append(hooks.on_job_event)
     idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
     runtime.session_deleted_hooks.append(idem.forget_session)
 
@@ -223,7 +227,9 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         security.check_text_fields(payload)
 
         def answer():
-            job = runtime.submit(payload, who.owner)
+            body_ = dict(payload) if isinstance(payload, dict) else payload
+            webhook = hooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
+            job = runtime.submit(body_, who.owner, webhook=webhook)
             body = render_job(job)
             return 202, body, {"Location": body["status_url"]}, job["session_id"]
         status, body, headers = idempotent("generate", who.owner, (payload,), answer)
@@ -291,7 +297,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     @app.get("/system-status")
     def system_status():
-        return jsonify(runtime.system_status())
+        body = runtime.system_status()
+        if body.get("options"):  # the service's own request fields beside the generator's
+            body["options"]["request_fields"] = {**body["options"].get("request_fields", {}),
+                                                 **published_fields(WEBHOOK_FIELDS, settings)}
+            body["options"]["webhooks"] = bool(settings.webhook_secret)
+        return jsonify(body)
 
     @app.get("/openapi.json")
     def openapi():

@@ -126,6 +126,11 @@ class Settings:
     # --- live progress and integrations ----------------------------------------------------------
     max_event_streams: int = _setting(50, "Most open GET /events streams at once (each holds one gunicorn thread: keep GUNICORN_THREADS above it); beyond it 429 with Retry-After.", lo=1, hi=1000)
     event_heartbeat_seconds: float = _setting(15.0, "Seconds between comment heartbeats on an idle event stream (keeps proxies from closing it, and finds closed clients).", lo=0.05, hi=300.0)
+    webhook_secret: str = _setting("", "Standard Webhooks signing secret (whsec_<base64>); empty turns webhooks off (a request naming one is a 400).")
+    webhook_allow_private: bool = _setting(False, "Allow webhook targets on private, loopback or link-local addresses, and plain http (local receivers while developing). Off: SSRF guard.")
+    webhook_max_attempts: int = _setting(5, "Delivery attempts per webhook message (5xx, 408, 429 and network errors are retried; 4xx never).", lo=1, hi=20)
+    webhook_retry_base_seconds: float = _setting(2.0, "First retry delay; doubles with each attempt (2, 4, 8, 16 s).", lo=0.0, hi=600.0)
+    webhook_timeout_seconds: float = _setting(10.0, "Timeout of one webhook delivery attempt.", lo=0.1, hi=120.0)
     idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
 
     # --- generation process ------------------------------------------------------------------

@@ -374,7 +374,8 @@ class Runtime:
         return old
 
     # --- jobs ---
-    def submit(self, payload: Any, owner: str | None) -> dict:
+    def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
+        """Queue a job. ``webhook``: the checked webhook record (utils/api/webhooks.py) or None."""
         self.require_ready()
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
@@ -398,7 +399,7 @@ class Runtime:
         req = req.with_identity(identity)
         job_id = new_id()
         job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
-                                    request=req.to_dict(), queue_max=self.settings.queue_max)
+                                    request=req.to_dict(), queue_max=self.settings.queue_max, webhook=webhook)
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job

@@ -11,6 +11,7 @@ from typing import Any
 
 from utils.api.idempotency import KEY_RE as IDEMPOTENCY_KEY_RE
 from utils.api.security import TEXT_FIELDS
+from utils.api.webhooks import WEBHOOK_FIELDS
 from utils.config import Settings
 from utils.request_fields import object_schema
 from utils.storage import ID_RE, OUTPUT_NAME_RE
@@ -50,7 +51,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
                      "latest session is used. Unknown fields are refused."),
-        extra_properties={"session_id": {"type": "string"}})
+        extra_properties={"session_id": {"type": "string"},
+                          **{f.name: f.schema(s) for f in WEBHOOK_FIELDS}})
     # The text checks of utils/api/security.check_text_fields, as patterns (a fuzzer's "valid" prompt is valid).
     props = generate_request["properties"]
     for name in TEXT_FIELDS:
@@ -92,6 +94,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
             "status_url": _nullable({"type": "string"}),
+            "webhook": _nullable({"type": "object", "properties": {
+                "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
+                "deliveries": {"type": "array", "items": {"type": "object"}}}}),
         },
     }
     schemas = {

@@ -110,6 +110,10 @@ class JobStore:
             # zeros instead of lingering in free pages of jobs.db.
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
+            # Databases from before webhooks: add the column (NULL = no webhook).
+            cols = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "webhook" not in cols:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
         # Called after each committed change of a job (live events, utils/jobs/events.py):
         # listener(job_id, kind, data) with kind "status" (data: the job record), "progress"
         # ({"step", "total"}) or "output" (the output entry). A failing listener never fails the store.
@@ -181,7 +185,7 @@ class JobStore:
 
     # --- jobs ------------------------------------------------------------------------------------
     def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
-                   request: dict, queue_max: int) -> dict:
+                   request: dict, queue_max: int, webhook: dict | None = None) -> dict:
         """Insert a queued job unless the queue is full (checked in the same transaction)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -191,10 +195,10 @@ class JobStore:
                     raise errors.QueueFull(f"the queue is full ({depth} jobs waiting, TWIN_QUEUE_MAX={queue_max}); "
                                            "try again later", retry_after=max(5, depth * 5))
                 self._db.execute(
-                    "INSERT INTO jobs(id, session_id, owner, status, payload, request, created_at) "
-                    "VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO jobs(id, session_id, owner, status, payload, request, created_at, webhook) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
                     (job_id, session_id, owner, JobStatus.QUEUED.value, json.dumps(payload),
-                     json.dumps(request), time.time()))
+                     json.dumps(request), time.time(), json.dumps(webhook) if webhook else None))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.rollback_if_open()
@@ -248,6 +252,16 @@ class JobStore:
             outs.append(output)
             self._db.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(outs), job_id))
         self._emit(job_id, "output", output)
+
+    def add_webhook_delivery(self, job_id: str, record: dict, keep: int = 50) -> None:
+        """One delivery attempt (event, attempt, status or error, time); the last ``keep`` are kept."""
+        with self._lock:
+            row = self._db.execute("SELECT webhook FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or not row["webhook"]:
+                return
+            hook = json.loads(row["webhook"])
+            hook["deliveries"] = (hook.get("deliveries", []) + [record])[-keep:]
+            self._db.execute("UPDATE jobs SET webhook=? WHERE id=?", (json.dumps(hook), job_id))
 
     def finish(self, job_id: str, status: JobStatus, *, code: str | None = None, message: str | None = None,
                metadata: dict | None = None) -> bool:
@@ -303,6 +317,7 @@ def _row_to_job(row: sqlite3.Row) -> dict:
     job["request"] = json.loads(job["request"])
     job["outputs"] = json.loads(job["outputs"])
     job["metadata"] = json.loads(job["metadata"]) if job["metadata"] else None
+    job["webhook"] = json.loads(job["webhook"]) if job.get("webhook") else None
     return job
 
 
@@ -333,6 +348,8 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "metadata": job["metadata"],
         "error": error,
         "status_url": status_url,
+        # The webhook the job reports to and every delivery attempt so far (None: no webhook).
+        "webhook": job.get("webhook"),
     }
 
 
