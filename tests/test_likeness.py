@@ -236,3 +236,21 @@ def test_best_of_n_on_the_tiny_model_with_the_real_face_backend(make_app, servic
     assert job["progress"]["step"] == job["progress"]["total"] == 2 * job["metadata"]["steps"]
     for o in job["outputs"]:   # the tiny model draws no faces: kept as generated, with the note
         assert o.get("restored") in (True, False) and c.get(o["url"]).status_code == 200
+
+
+@pytest.mark.parametrize("output, expected_keys", [
+    ({"filename": "avatar_001.png", "path": "s/outputs/j/avatar_001.png", "seed": 1},
+     {"job_id", "filename", "seed", "url"}),
+    ({"filename": "avatar_001.png", "path": "s/outputs/j/avatar_001.png", "seed": 1, "restored": True,
+      "raw_filename": "avatar_001_raw.png", "raw_path": "s/outputs/j/avatar_001_raw.png"},
+     {"job_id", "filename", "seed", "url", "restored", "raw_filename", "raw_url"}),
+])
+def test_output_events_never_carry_server_paths(output, expected_keys):
+    """SSE output events (and webhook bodies, same filter) show URLs, never the stored paths."""
+    from utils.api.events import render_event
+    from utils.jobs.events import Event
+    body = render_event(Event(1, "output", output), {"id": "j"}, render_job=lambda j: j,
+                        output_url=lambda job_id, name: f"/download/{job_id}/{name}")
+    assert set(body) == expected_keys
+    if "raw_url" in body:
+        assert body["raw_url"] == "/download/j/avatar_001_raw.png"

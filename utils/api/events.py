@@ -113,7 +113,9 @@ def render_event(ev: Event, job: dict, *, render_job: Callable[[dict], dict],
         return {"job_id": job["id"], "step": step, "total": total,
                 "fraction": round(step / total, 4) if total else 0.0, "eta_seconds": eta}
     if ev.type == "output":
-        out = {k: v for k, v in ev.data.items() if k != "path"}
+        out = {k: v for k, v in ev.data.items() if k not in ("path", "raw_path")}
         out["url"] = output_url(job["id"], ev.data["filename"])
+        if ev.data.get("raw_filename"):   # a restored output's unrestored original
+            out["raw_url"] = output_url(job["id"], ev.data["raw_filename"])
         return {"job_id": job["id"], **out}
     return dict(ev.data)
