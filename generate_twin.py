@@ -4,9 +4,10 @@
     identity = gen.build_identity(crops, embeddings, face_model=...)     # once per upload
     result = gen.generate(GenerationRequest.from_dict(payload, settings).with_identity(identity))
 
-CLI (whole path: faces -> identity -> images)::
+CLI (whole path: faces -> identity -> images; and a likeness report)::
 
     python generate_twin.py --selfies DIR --prompt "a portrait in a forest" --out DIR [--num-images 2] [--seed 1]
+    python generate_twin.py evaluate --selfies DIR --images DIR [--json report.json]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import secrets
+import statistics
 import sys
 import threading
 import time
@@ -60,7 +62,9 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "5:4": (1120, 896), "4:3": (1152, 896), "3:2": (1216, 832), "16:9": (1344, 768),
 }
 MAX_IMAGES = 4
+MAX_CANDIDATES = 8      # best-of-N: most images generated (in batches of at most MAX_IMAGES) to keep num_images
 MAX_SEED = 2**32 - 1
+RESTORE_MODEL_NAMES = ("gfpgan", "codeformer", "gpen")   # utils.faces.restore.RESTORE_MODELS
 
 # The request, declared once: GenerationRequest.from_dict validates against it, /openapi.json and the
 # /system-status options are rendered from it. A new request field is a row here plus its dataclass field.
@@ -92,6 +96,16 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
     Field("preview", "boolean", "Send a small preview of the forming image every few steps "
           "(GET /preview/<job_id>, preview events).", default=False),
+    # Likeness (done by the service after generation, with the face backend; see utils/services.py).
+    Field("candidates", "integer", "Best-of-N: generate this many (num_images to 8), score each against the "
+          "session's faces and keep the num_images most alike, best first; default num_images.",
+          minimum=1, maximum=MAX_CANDIDATES),
+    Field("restore_faces", "boolean", "Restore every face (GFPGAN / CodeFormer / GPEN); the unrestored image "
+          "is kept as avatar_NNN_raw.png.", default=lambda s: s.restore_default),
+    Field("restore_model", "string", "Face restoration model.", default=lambda s: s.restore_model,
+          enum=RESTORE_MODEL_NAMES),
+    Field("restore_fidelity", "number", "CodeFormer's fidelity weight: 0 restores most, 1 stays closest to the "
+          "generated face (other models ignore it).", default=0.5, minimum=0.0, maximum=1.0),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -165,6 +179,10 @@ class GenerationRequest:
     lora: str | None = None
     lora_scale: float = 0.8
     preview: bool = False
+    candidates: int | None = None
+    restore_faces: bool = False
+    restore_model: str = "gfpgan"
+    restore_fidelity: float = 0.5
     identity: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -175,7 +193,14 @@ class GenerationRequest:
             raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
         if v["width"] is not None and v["aspect_ratio"] is not None:
             raise InvalidRequest(f"give either aspect_ratio={v['aspect_ratio']!r} or width/height, not both")
+        if v["candidates"] is not None and v["candidates"] < v["num_images"]:
+            raise InvalidRequest(f"candidates={v['candidates']!r} is fewer than num_images={v['num_images']!r}; "
+                                 f"give between {v['num_images']} and {MAX_CANDIDATES}")
         return cls(**v)
+
+    @property
+    def total_candidates(self) -> int:
+        return self.candidates or self.num_images
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
         return dataclasses.replace(self, identity=identity)
@@ -421,7 +446,88 @@ def _default_face_service(settings: Settings):
     return FaceService(settings)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] \
+        if folder.is_dir() else []
+
+
+def evaluate(selfies: Path, images: Path, settings: Settings, faces) -> dict[str, Any]:
+    """Likeness report: each image's similarity to the selfies' template with the configured face backend,
+    and the selfies' own agreement (median pairwise similarity: the best a portrait can expect)."""
+    from utils.images import decode_image
+    files = [(p.name, p.read_bytes()) for p in _image_files(selfies)]
+    if not files:
+        raise InvalidRequest(f"no images found in --selfies {str(selfies)!r}")
+    targets = _image_files(images)
+    if not targets:
+        raise InvalidRequest(f"no images found in --images {str(images)!r}")
+    report = faces.validate_selfies(files)
+    if report.template is None:
+        raise InvalidRequest(f"none of the {len(files)} selfies in {str(selfies)!r} was accepted: "
+                             + "; ".join(r.message for r in report.rejected[:5]))
+    rows = []
+    for p in targets:
+        row: dict[str, Any] = {"image": p.name, "face_found": False, "identity_similarity": None}
+        try:
+            image = decode_image(p.read_bytes(), p.name, max_pixels=settings.max_pixels)
+            score = faces.identity_similarity(image, report.template)
+        except TwinError as e:
+            row["error"] = e.message
+            score = None
+        if score is not None:
+            row.update(face_found=True, identity_similarity=round(float(score), 4))
+        rows.append(row)
+    found = [r["identity_similarity"] for r in rows if r["face_found"]]
+    self_sim = faces.self_similarity([a.embedding for a in report.accepted])
+    return {
+        "face_backend": report.backend, "face_model": report.model_name,
+        "selfies": {"received": len(files), "accepted": len(report.accepted),
+                    "rejected": {r.filename: r.code for r in report.rejected},
+                    "self_similarity": None if self_sim is None else round(self_sim, 4)},
+        "images": rows,
+        "overall": {"images": len(rows), "faces_found": len(found),
+                    "mean_similarity": round(float(sum(found) / len(found)), 4) if found else None,
+                    "median_similarity": round(float(statistics.median(found)), 4) if found else None,
+                    "min_similarity": min(found) if found else None, "max_similarity": max(found) if found else None},
+        "scale": "identity_similarity in [0, 1]; 0.5 = the backend's same-person distance limit",
+    }
+
+
+def evaluate_main(argv: list[str], face_service_factory: Callable[[Settings], Any] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="generate_twin.py evaluate",
+                                 description="Likeness report: portraits in --images against the selfies in --selfies.")
+    ap.add_argument("--selfies", type=Path, required=True, help="folder of the person's selfies")
+    ap.add_argument("--images", type=Path, required=True, help="folder of portraits to score")
+    ap.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    args = ap.parse_args(argv)
+    settings = Settings.from_env()
+    try:
+        faces = (face_service_factory or _default_face_service)(settings)
+        faces.setup()
+        rep = evaluate(args.selfies, args.images, settings, faces)
+    except TwinError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    sel = rep["selfies"]
+    print(f"face backend: {rep['face_backend']} ({rep['face_model']}); scale: {rep['scale']}")
+    print(f"selfies: {sel['accepted']} of {sel['received']} accepted; they agree at "
+          + ("n/a (one selfie)" if sel["self_similarity"] is None else f"{sel['self_similarity']:.3f}"))
+    for r in rep["images"]:
+        print(f"  {r['image']}: " + (f"likeness {r['identity_similarity']:.3f}" if r["face_found"] else
+                                     "no face found" + (f" ({r['error']})" if r.get("error") else "")))
+    o = rep["overall"]
+    print(f"overall: {o['faces_found']} of {o['images']} images with a face"
+          + (f"; likeness mean {o['mean_similarity']:.3f}, median {o['median_similarity']:.3f}, "
+             f"min {o['min_similarity']:.3f}, max {o['max_similarity']:.3f}" if o["faces_found"] else ""))
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:
+        return evaluate_main(argv[1:], face_service_factory)
     ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits, on the configured model profile.")
     ap.add_argument("--selfies", type=Path, required=True, help="folder of selfie photos")
     ap.add_argument("--prompt", required=True)

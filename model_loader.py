@@ -11,6 +11,7 @@ Profiles (``settings.model_profile``):
 Commands::
 
     python model_loader.py download [--dir models] [--faceid] [--lightning]   # on a connected machine
+    python model_loader.py download --restore gfpgan [--restore codeformer]   # face restoration ONNX only
     python model_loader.py make-tiny DIR                                       # offline, < 1 s, ~10 MB
     python model_loader.py check                                               # which profile would load
 """
@@ -105,6 +106,27 @@ def download(settings: Settings, *, faceid: bool = False, lightning: bool = True
         log.info("downloading %s (%s) -> %s", spec.repo_id, spec.purpose, target)
         snapshot_download(repo_id=spec.repo_id, allow_patterns=spec.allow_patterns, local_dir=str(target))
         out.append(target)
+    return out
+
+
+RESTORE_DIR = "face_restore"   # settings.resolved_restore_dir; the tiny folder holds stand-ins under the same name
+
+
+def download_restore(settings: Settings, names: list[str], hf_hub_download=None) -> list[Path]:
+    """Fetch face restoration models (FaceFusion's ONNX exports, Hugging Face ``facefusion/models-3.0.0``:
+    gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx) into TWIN_RESTORE_MODEL_DIR (default
+    <model_dir>/face_restore). Inputs ``input`` [1,3,512,512] float32 in [-1, 1] RGB (+ CodeFormer's
+    ``weight`` double [1]); the first output is the restored face. Licences: GFPGAN Apache-2.0;
+    CodeFormer S-Lab 1.0 and GPEN non-commercial."""
+    from utils.faces.restore import RESTORE_MODELS, RESTORE_REPO
+    if hf_hub_download is None:
+        from huggingface_hub import hf_hub_download
+    target = settings.resolved_restore_dir
+    out = []
+    for name in names:
+        spec = RESTORE_MODELS[name]
+        log.info("downloading %s/%s (%s, licence %s) -> %s", RESTORE_REPO, spec.filename, name, spec.licence, target)
+        out.append(Path(hf_hub_download(repo_id=RESTORE_REPO, filename=spec.filename, local_dir=str(target))))
     return out
 
 
@@ -591,6 +613,8 @@ def _write_tiny(root: Path) -> None:
 
     _tiny_lora_file(root / LORA_DIR / "tiny_style.safetensors", TINY_SEED + 2, 0.5)
     _tiny_lora_file(root / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY, TINY_SEED + 3, 0.3)
+    from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
+    write_standins(root / RESTORE_DIR)
     (root / "tiny_model.json").write_text(json.dumps({
         "profile": "tiny", "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
@@ -608,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dir", type=Path, default=None, help="target folder (default TWIN_MODEL_DIR)")
     d.add_argument("--faceid", action="store_true", help="also fetch IP-Adapter FaceID SDXL (non-commercial)")
     d.add_argument("--no-lightning", action="store_true", help="skip the SDXL-Lightning few-step LoRA")
+    d.add_argument("--restore", action="append", choices=("gfpgan", "codeformer", "gpen"),
+                   help="fetch only this face restoration ONNX model (repeatable) into TWIN_RESTORE_MODEL_DIR")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
@@ -616,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "download":
         if args.dir:
             settings = settings.replace(model_dir=args.dir)
+        if args.restore:
+            for p in download_restore(settings, args.restore):
+                print(p)
+            return 0
         for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning):
             print(p)
     elif args.cmd == "make-tiny":

@@ -232,6 +232,12 @@
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
+    const fields = opt.request_fields || {};
+    if (fields.restore_faces && typeof fields.restore_faces.default === "boolean" && !state.touchedRestore) {
+      $("restore_faces").checked = fields.restore_faces.default;
+    }
+    if (fields.restore_model && fields.restore_model.default) $("restore_model").value = fields.restore_model.default;
+    if (fields.candidates && typeof fields.candidates.maximum === "number") $("candidates").max = String(fields.candidates.maximum);
     if (typeof opt.default_identity_strength === "number" && !state.touchedStrength) {
       $("identity_strength").value = String(opt.default_identity_strength);
       $("identity_strength_out").textContent = opt.default_identity_strength.toFixed(2);
@@ -493,7 +499,9 @@
     applyReport(body.report || {}, body);
     $("upload-progress-label").textContent = "Upload complete";
     $("delete-session-btn").hidden = false;
-    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
+    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).` +
+      // The reference for every likeness score: how much the person's own selfies agree.
+      (typeof body.self_similarity === "number" ? ` Your selfies agree at ${body.self_similarity.toFixed(2)}.` : "");
     remember();
     updateButtons();
     // The upload button just got disabled under the keyboard focus: put focus on the report.
@@ -570,6 +578,7 @@
     state.touchedStrength = true;
     $("identity_strength_out").textContent = Number(e.target.value).toFixed(2);
   });
+  $("restore_faces").addEventListener("change", () => { state.touchedRestore = true; });
   $("aspect_ratio").addEventListener("change", () => {
     $("custom-size").hidden = $("aspect_ratio").value !== CUSTOM;
   });
@@ -597,6 +606,10 @@
     p.identity_strength = Number($("identity_strength").value);
     const seed = $("seed").value;
     if (seed.trim() !== "") p.seed = intOrRaw(seed);
+    const candidates = $("candidates").value;
+    if (candidates.trim() !== "") p.candidates = intOrRaw(candidates);
+    p.restore_faces = $("restore_faces").checked;
+    if (p.restore_faces) p.restore_model = $("restore_model").value;
     if (state.sessionId) p.session_id = state.sessionId;
     return p;
   }
@@ -768,6 +781,31 @@
     if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
   }
 
+  // Raw vs restored: one button swaps the picture (and its download) between the two files.
+  function wireRawToggle(li, img, out) {
+    const btn = li.querySelector(".result-raw");
+    const dl = li.querySelector(".result-download");
+    btn.hidden = false;
+    btn.setAttribute("aria-label", `Show the unrestored original of ${out.filename}`);
+    const urls = { restored: null, raw: null };
+    btn.addEventListener("click", async () => {
+      const showRaw = btn.getAttribute("aria-pressed") !== "true";
+      const key = showRaw ? "raw" : "restored";
+      try {
+        if (!urls[key]) {
+          const u = showRaw ? out.raw_url : out.url;
+          urls[key] = apiKey() ? await fetchImage(`${u}?inline=1`) : `${u}?inline=1`;
+        }
+      } catch (err) { reportError(err); return; }
+      img.src = urls[key];
+      dl.href = apiKey() ? urls[key] : (showRaw ? out.raw_url : out.url);
+      dl.setAttribute("download", showRaw ? out.raw_filename : out.filename);
+      btn.setAttribute("aria-pressed", showRaw ? "true" : "false");
+      btn.textContent = showRaw ? "Show restored" : "Show raw";
+      li.dataset.showing = key;
+    });
+  }
+
   async function fetchImage(url) {
     return URL.createObjectURL(await (await send(url)).blob());
   }
@@ -796,8 +834,18 @@
       li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
       const extra = [];
       if (out.width && out.height) extra.push(`${out.width}×${out.height}`);
-      if (typeof out.identity_similarity === "number") extra.push(`likeness ${out.identity_similarity.toFixed(2)}`);
+      if (out.candidate) extra.push(`candidate ${out.candidate} of ${(job.metadata && job.metadata.candidates || []).length}`);
+      if (out.restored) extra.push(`restored (${out.restore_model})`);
       li.querySelector(".result-extra").textContent = extra.join(" · ");
+      // The score beside its reference: how much the person's own selfies agree with each other.
+      const likeness = [];
+      if (typeof out.identity_similarity === "number") likeness.push(`likeness ${out.identity_similarity.toFixed(2)}`);
+      else if (out.note) likeness.push(out.note);
+      if (typeof out.self_similarity === "number" && typeof out.identity_similarity === "number") {
+        likeness.push(`your selfies agree at ${out.self_similarity.toFixed(2)}`);
+      }
+      if (typeof out.identity_similarity_raw === "number") likeness.push(`raw ${out.identity_similarity_raw.toFixed(2)}`);
+      li.querySelector(".result-likeness").textContent = likeness.join(" · ");
       const dl = li.querySelector(".result-download");
       dl.setAttribute("download", out.filename);
       dl.setAttribute("aria-label", `Download ${out.filename}`);
@@ -817,6 +865,7 @@
         view.href = `${out.url}?inline=1`;
         dl.href = out.url;
       }
+      if (out.raw_url) wireRawToggle(li, img, out);
       const reuse = li.querySelector(".result-reuse");
       reuse.setAttribute("aria-label", `Use seed ${out.seed} for the next generation`);
       reuse.addEventListener("click", () => { $("seed").value = String(out.seed); $("seed").focus(); });

@@ -1,5 +1,7 @@
 """gunicorn entry point on the fakes (``tests.fake_server_app:create()``), so the real-server tests run
-before the engines exist. ``FAKE_STEP_SECONDS`` slows each denoising step (restart tests)."""
+before the engines exist. ``FAKE_STEP_SECONDS`` slows each denoising step (restart tests).
+``create_likeness()``: the real dlib face service and a generator that returns a real face photo, for
+the page's likeness / restoration controls."""
 import os
 
 from app import create_app
@@ -9,3 +11,11 @@ from tests.fakes import FakeFaceService, FakeGenerator
 def create():
     return create_app(generator=FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
                       faces=FakeFaceService())
+
+
+def create_likeness():
+    from tests.fakes import PhotoGenerator
+    from utils.config import Settings
+    from utils.faces import FaceService
+    return create_app(generator=PhotoGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
+                      faces=FaceService(Settings.from_env()))

@@ -470,3 +470,54 @@ def test_page_with_api_keys(browser, start_server, tmp_path):
         assert page.evaluate("sessionStorage.getItem('twin-api-key')") is None
     finally:
         context.close()
+
+
+def test_page_likeness_best_of_and_raw_vs_restored(browser, start_server, tmp_path):
+    """Best-of and restoration from the page: each portrait shows its likeness beside the selfies' own
+    agreement, and one button swaps the restored picture for its raw original."""
+    from tests.fixtures.service import server_env
+    from utils.faces.restore import write_standins
+    models = tmp_path / "restore"
+    write_standins(models)
+    server = start_server({**server_env(tmp_path / "data"), "TWIN_RESTORE_MODEL_DIR": str(models)},
+                          app_spec="tests.fake_server_app:create_likeness()")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        paths = []
+        for name, data in selfie_set(3):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#upload-report").wait_for(state="visible")
+        assert re.search(r"Your selfies agree at 0\.\d\d\.", page.locator("#generate-hint").inner_text())
+        page.fill("#candidates", "3")
+        page.check("#restore_faces")
+        page.select_option("#restore_model", "codeformer")
+        with page.expect_response(lambda r: r.url.endswith("/generate")) as resp_info:
+            page.click("#generate-btn")
+        sent = resp_info.value.request.post_data_json
+        assert (sent["candidates"], sent["restore_faces"], sent["restore_model"]) == (3, True, "codeformer")
+        result = page.locator("#gallery .result").first
+        result.wait_for(state="visible", timeout=60_000)
+        text = result.locator(".result-likeness").inner_text()
+        assert re.fullmatch(r"likeness 0\.\d\d · your selfies agree at 0\.\d\d · raw 0\.\d\d", text), text
+        assert "restored (codeformer)" in result.locator(".result-extra").inner_text()
+        page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth > 0")
+        raw = result.locator(".result-raw")
+        raw.click()
+        page.wait_for_function("document.querySelector('#gallery .result').dataset.showing === 'raw'")
+        assert "avatar_001_raw.png" in result.locator("img").get_attribute("src")
+        assert raw.get_attribute("aria-pressed") == "true"
+        shot(page, "likeness", "fake")
+        raw.click()
+        page.wait_for_function("document.querySelector('#gallery .result').dataset.showing === 'restored'")
+        assert "avatar_001.png" in result.locator("img").get_attribute("src")
+    except Exception:
+        shot(page, "likeness-failure", "fake")
+        raise
+    finally:
+        context.close()

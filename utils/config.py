@@ -116,6 +116,11 @@ class Settings:
 
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~40 ms on a 2-core CPU with the dlib backend, torch descriptor).")
+    # --- likeness: face restoration, best-of-N -------------------------------------------------
+    restore_default: bool = _setting(False, "Restore faces (GFPGAN / CodeFormer / GPEN through onnxruntime) when a request does not say restore_faces; the unrestored original is kept beside it as avatar_NNN_raw.png.")
+    restore_model: str = _setting("gfpgan", "Face restoration model when a request names none: gfpgan (GFPGAN 1.4, Apache-2.0), codeformer (non-commercial licence, has restore_fidelity), gpen (GPEN-BFR-512, non-commercial).",
+                                  choices=("gfpgan", "codeformer", "gpen"))
+    restore_model_dir: Path | None = _setting(None, "Folder of the restoration ONNX files (gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx; `python model_loader.py download --restore NAME`); default <model_dir>/face_restore, with the tiny profile <tiny_model_dir>/face_restore (stand-ins).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
 
     # --- live progress and integrations ----------------------------------------------------------
@@ -159,6 +164,10 @@ class Settings:
     @property
     def resolved_tiny_model_dir(self) -> Path:
         return self.tiny_model_dir or self.data_dir / "tiny-model"
+
+    @property
+    def resolved_restore_dir(self) -> Path:
+        return self.restore_model_dir or self.model_dir / "face_restore"
 
     @property
     def resolved_lora_dir(self) -> Path:

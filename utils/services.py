@@ -18,7 +18,7 @@ from utils.jobs import JobManager, JobStatus, JobStore
 from utils.jobs.events import EventLog
 from utils.logging import log_context
 from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_valid_id, new_id, output_name,
-                           thumbnail_name)
+                           raw_output_name, thumbnail_name)
 
 log = logging.getLogger("twin.service")
 VERSION = "0.1.0"
@@ -76,6 +76,28 @@ def build_faces(settings: Settings):
     return FaceService(settings)
 
 
+def build_restorer(settings: Settings, profile: str | None):
+    """Face restoration runs in this (web) process, beside the face service whose detections it aligns:
+    the generator child has no face backend, a second one there would cost memory (and a GPU context for
+    InsightFace), and onnxruntime releases the GIL while it runs, so /status stays fast."""
+    from utils.faces.restore import FaceRestorer
+    if settings.restore_model_dir is not None:
+        return FaceRestorer(settings.restore_model_dir)
+    if profile == "tiny":
+        # The demo profile restores with ONNX stand-ins (real names and shapes), written on demand.
+        return FaceRestorer(settings.resolved_tiny_model_dir / "face_restore", standins=True)
+    return FaceRestorer(settings.resolved_restore_dir, model_dir_hint=settings.model_dir)
+
+
+def per_call_images(generator) -> int:
+    """Most images one generate() call makes (best-of-N generates its candidates in calls of this size)."""
+    n = getattr(generator, "max_images_per_call", None)
+    if n:
+        return int(n)
+    from generate_twin import MAX_IMAGES
+    return MAX_IMAGES
+
+
 def request_type(generator):
     """GenerationRequest; a test double may carry its own as ``generator.request_type``."""
     t = getattr(generator, "request_type", None)
@@ -128,6 +150,7 @@ class Runtime:
         self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
         self.manager = JobManager(self.store, self._run_job, workers=len(generators), ready=self.ready,
                                   is_oom=is_oom, on_preview=self._preview)
+        self.restorer = None   # built once the generator says which profile it loaded
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -181,6 +204,7 @@ class Runtime:
             self.faces.setup()
             for g in self.generators:
                 g.setup()
+            self.restorer = build_restorer(self.settings, _safe_info(self.generators[0]).get("profile"))
             self.state = "ready"
             self.ready.set()
             log.info("set-up finished", extra={"seconds": round(time.perf_counter() - t0, 2),
@@ -267,6 +291,10 @@ class Runtime:
                                              f"is {s.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
         report = self.faces.validate_selfies(files)
         body = report.to_json()
+        self_sim = self._self_similarity(report)
+        if self_sim is not None:
+            # The likeness a portrait can hope for: how much the person's own selfies agree.
+            body["self_similarity"] = round(self_sim, 4)
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
@@ -284,7 +312,8 @@ class Runtime:
         created = self.clock()
         with log_context(session_id=session_id):
             self.storage.write_session(session_id, owner_hash=owner, files=files, report=report,
-                                       identity=identity, created_at=created)
+                                       identity=identity, created_at=created,
+                                       self_similarity=body.get("self_similarity"))
             try:
                 self.store.add_session(session_id, owner, created)
             except BaseException:
@@ -298,8 +327,18 @@ class Runtime:
             "accepted_count": len(report.accepted),
             "rejected_count": len(report.rejected),
             "warnings": body.get("warnings", []),
+            "self_similarity": body.get("self_similarity"),
             "report": body,
         }
+
+    def _self_similarity(self, report) -> float | None:
+        fn = getattr(self.faces, "self_similarity", None)
+        if fn is None:
+            return None
+        try:
+            return fn([a.embedding for a in report.accepted])
+        except Exception:  # noqa: BLE001 - a reference number, never a reason to fail an upload
+            return None
 
     def delete_session(self, session_id: str, owner: str | None) -> dict:
         self.owned_session(session_id, owner)
@@ -374,6 +413,7 @@ class Runtime:
                                             code="no_session")
         gen = self.generators[0]
         req = request_type(gen).from_dict(payload, self.settings)
+        self._check_likeness(req)
         self.storage.require_space(_output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
         # Parse the identity now, so a broken session fails the request rather than the job.
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
@@ -384,6 +424,19 @@ class Runtime:
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job
+
+    def _check_likeness(self, req) -> None:
+        """Restoration and best-of-N need the face service (and restoration its model file): refuse the
+        request now (400, naming the file and the download command) rather than fail the job later."""
+        best_of = (getattr(req, "candidates", None) or 0) > getattr(req, "num_images", 1)
+        if best_of and not hasattr(self.faces, "identity_similarity"):
+            raise errors.InvalidRequest(f"candidates={req.candidates} needs the face service to score candidates")
+        if getattr(req, "restore_faces", False):
+            if not hasattr(self.faces, "detect_faces"):
+                raise errors.InvalidRequest("restore_faces=true needs a face backend with face detection")
+            if self.restorer is None:
+                raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
+            self.restorer.check(req.restore_model)
 
     def owned_job(self, job_id: str, owner: str | None) -> dict:
         job = self.store.get(job_id) if is_valid_id(job_id) else None
@@ -405,12 +458,15 @@ class Runtime:
     def output_path(self, job_id: str, filename: str, owner: str | None):
         job = self.owned_job(job_id, owner)
         for o in job["outputs"]:
-            recorded = (o["path"] if o["filename"] == filename else
-                        o.get("thumbnail_path") if thumbnail_name(o["filename"]) == filename else None)
-            if recorded:
-                path = self.storage.resolve_relative(recorded)
+            if thumbnail_name(o["filename"]) == filename and o.get("thumbnail_path"):
+                path = self.storage.resolve_relative(o["thumbnail_path"])
                 if path.is_file():
                     return path
+            for name_key, path_key in (("filename", "path"), ("raw_filename", "raw_path")):
+                if o.get(name_key) == filename and o.get(path_key):
+                    path = self.storage.resolve_relative(o[path_key])
+                    if path.is_file():
+                        return path
         raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
 
     def _run_job(self, job: dict, on_progress, should_cancel, index: int) -> dict | None:
@@ -422,52 +478,150 @@ class Runtime:
         req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
         self.storage.require_space(_output_bytes(req), f"the outputs of job {job['id']!r}")
+        keep = int(getattr(req, "num_images", 1) or 1)
+        total = int(getattr(req, "candidates", None) or keep)
+        restore = bool(getattr(req, "restore_faces", False))
         t_gen = time.perf_counter()
-        try:
-            result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
-        except BaseException as e:
-            if not isinstance(e, errors.TwinError) and is_oom(e):
-                # Raised outside the generator's own handler (e.g. encoding the identity): free the
-                # cached blocks so the next job starts clean.
-                _empty_cuda_cache()
-                raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
-            raise
+        images, seeds, result_meta = self._generate_candidates(gen, req, total, on_progress, should_cancel)
         t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
         template = None
-        if self.settings.score_outputs and hasattr(self.faces, "identity_similarity"):
+        if (self.settings.score_outputs or total > keep or restore) and hasattr(self.faces, "identity_similarity"):
             try:
                 template = self.storage.load_template(session_id)
             except Exception:  # noqa: BLE001 - a score is optional
                 template = None
+        if total > keep and template is None:
+            raise errors.TwinError("best-of-N needs the session's face template, which is missing; upload again",
+                                   code="no_template", http_status=409)
+        candidates: list[dict] | None = None
+        scores: list[float | None] = [None] * len(images)
+        if total > keep:
+            from utils.faces.likeness import candidate_table, keep_best
+            for i, image in enumerate(images):
+                if should_cancel():
+                    raise errors.JobCanceled("canceled by the user")
+                scores[i] = self._score(image, template)
+            order = keep_best(scores, keep)
+            candidates = candidate_table(seeds, scores, order)
+        else:
+            order = list(range(len(images)))
         out_dir = self.storage.output_dir(session_id, job["id"])
-        for i, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
+        self_sim = self.storage.session_self_similarity(session_id)
+        t_restore = 0.0
+        for rank, ci in enumerate(order, start=1):
             if self.store.get_session(session_id) is None:
                 raise errors.NotFound(f"session {session_id!r} was deleted")
-            name = output_name(i)
-            path = out_dir / name
-            atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
-            thumb = out_dir / thumbnail_name(name)
-            atomic_save_thumbnail(thumb, image, self.settings.thumbnail_side)
-            output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
-                      "path": self.storage.relative(path), "thumbnail_path": self.storage.relative(thumb)}
-            if template is not None:
-                try:
-                    score = self.faces.identity_similarity(image, template)
-                    output["identity_similarity"] = None if score is None else round(float(score), 4)
-                except Exception:  # noqa: BLE001
-                    output["identity_similarity"] = None
+            if should_cancel():
+                raise errors.JobCanceled("canceled by the user")
+            image, seed = images[ci], seeds[ci]
+            name = output_name(rank)
+            output: dict[str, Any] = {"filename": name, "seed": int(seed), "width": image.width,
+                                      "height": image.height}
+            if candidates is not None:
+                output["candidate"] = ci + 1
+            written: list = []
             try:
+                if restore:
+                    t0 = time.perf_counter()
+                    image = self._restore_output(req, image, output, out_dir, rank, template, written)
+                    t_restore += time.perf_counter() - t0
+                elif template is not None:
+                    output["identity_similarity"] = scores[ci] if candidates is not None else self._score(image, template)
+                    if output["identity_similarity"] is None:
+                        output["note"] = "no face was found in this image, so it has no likeness score"
+                if "identity_similarity" in output and self_sim is not None:
+                    output["self_similarity"] = self_sim   # the reference the score is read against
+                path = out_dir / name
+                atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
+                written.append(path)
+                output["path"] = self.storage.relative(path)
+                thumb = out_dir / thumbnail_name(name)
+                atomic_save_thumbnail(thumb, image, self.settings.thumbnail_side)
+                written.append(thumb)
+                output["thumbnail_path"] = self.storage.relative(thumb)
                 self.store.add_output(job["id"], output)
             except BaseException:
-                path.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
-                thumb.unlink(missing_ok=True)
+                for p in written:
+                    p.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
                 raise
-        metadata = _json_safe(getattr(result, "metadata", None)) or {}
+        metadata = _json_safe(result_meta) or {}
+        if candidates is not None:
+            metadata["candidates"] = candidates
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
                                        "write_outputs_s": round(time.perf_counter() - t_write, 4)}
+        if restore:
+            metadata["service_timings"]["restore_s"] = round(t_restore, 4)
         return metadata
+
+    def _generate_candidates(self, gen, req, total: int, on_progress, should_cancel):
+        """``total`` images in calls of at most per_call_images(gen); progress spans all of them."""
+        import dataclasses
+        from utils.faces.likeness import batches
+        plan = batches(total, per_call_images(gen))
+        if len(plan) == 1 and total == req.num_images:
+            calls = [(req, on_progress)]
+        else:
+            base = req.seed
+            if base is None:
+                import secrets
+                base = secrets.randbelow(2**32 - 1 - total)
+            calls = []
+            for b, (offset, count) in enumerate(plan):
+                sub = dataclasses.replace(req, num_images=count, seed=(base + offset) % 2**32)
+                calls.append((sub, _batch_progress(on_progress, b, len(plan))))
+        images: list = []
+        seeds: list[int] = []
+        meta = None
+        for sub, progress in calls:
+            if should_cancel():
+                raise errors.JobCanceled("canceled by the user")
+            try:
+                result = gen.generate(sub, on_progress=progress, should_cancel=should_cancel)
+            except BaseException as e:
+                if not isinstance(e, errors.TwinError) and is_oom(e):
+                    # Raised outside the generator's own handler (e.g. encoding the identity): free the
+                    # cached blocks so the next job starts clean.
+                    _empty_cuda_cache()
+                    raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
+                raise
+            images += list(result.images)
+            seeds += [int(x) for x in result.seeds]
+            meta = meta if meta is not None else getattr(result, "metadata", None)
+        if meta is not None and len(calls) > 1:
+            meta = dict(meta, seeds=seeds, num_images=len(images), generate_calls=len(calls))
+        return images, seeds, meta
+
+    def _score(self, image, template) -> float | None:
+        try:
+            score = self.faces.identity_similarity(image, template)
+        except Exception:  # noqa: BLE001 - a score is optional
+            return None
+        return None if score is None else round(float(score), 4)
+
+    def _restore_output(self, req, image, output: dict, out_dir, rank: int, template, written: list):
+        """Restore every face of one output; keep the generated image as avatar_NNN_raw.png. Returns the
+        image to save as the output (the original when no face was found)."""
+        try:
+            dets = self.faces.detect_faces(image)
+        except Exception:  # noqa: BLE001
+            dets = []
+        if not dets:
+            output.update(restored=False, identity_similarity=None,
+                          note="no face was found in this image: kept as generated, not restored")
+            return image
+        result = self.restorer.restore(image, dets, model=req.restore_model, fidelity=req.restore_fidelity)
+        raw_name = raw_output_name(rank)
+        raw_path = out_dir / raw_name
+        atomic_save_png(raw_path, image)
+        written.append(raw_path)
+        output.update(restored=True, restore_model=req.restore_model, faces_restored=result.faces,
+                      raw_filename=raw_name, raw_path=self.storage.relative(raw_path))
+        if template is not None:
+            output["identity_similarity"] = self._score(result.image, template)
+            output["identity_similarity_raw"] = self._score(image, template)
+        return result.image
 
     # --- status ---
     def health(self) -> dict:
@@ -531,10 +685,20 @@ class Runtime:
 
 
 def _output_bytes(req) -> int:
-    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that)."""
+    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that); a restored
+    output keeps its raw original too."""
     w = getattr(req, "width", None) or 1024
     h = getattr(req, "height", None) or 1024
-    return int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+    copies = 2 if getattr(req, "restore_faces", False) else 1
+    return copies * int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+
+
+def _batch_progress(on_progress, batch: int, batches: int):
+    """Progress of one generate() call of several, reported as steps of the whole job (so the ETA
+    covers every candidate)."""
+    def report(step: int, total: int) -> None:
+        on_progress(batch * total + step, batches * total)
+    return report
 
 
 def _empty_cuda_cache() -> None:

@@ -80,7 +80,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
                     "seed": {"type": "integer"}, "width": {"type": "integer"}, "height": {"type": "integer"},
                     "url": {"type": "string"}, "thumbnail_url": {"type": "string"},
-                    "identity_similarity": _nullable({"type": "number"})}}},
+                    "identity_similarity": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+                    "self_similarity": _nullable({"type": "number", "description": "the session's selfies' "
+                                                  "median pairwise likeness: the reference for the score"}),
+                    "note": {"type": "string"},
+                    "candidate": {"type": "integer", "description": "best-of-N: which candidate this is"},
+                    "restored": {"type": "boolean"}, "restore_model": {"type": "string"},
+                    "faces_restored": {"type": "integer"},
+                    "raw_filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
+                    "raw_url": {"type": "string", "description": "the unrestored original"},
+                    "identity_similarity_raw": _nullable({"type": "number", "minimum": 0, "maximum": 1})}}},
             "metadata": _nullable({"type": "object"}),
             "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
@@ -106,6 +115,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                              "rejected_count": {"type": "integer", "minimum": 0},
                              "warnings": {"type": "array", "items": {"type": "object"}},
                              "report": {"type": "object"},
+                             "self_similarity": _nullable({"type": "number", "description": "median pairwise "
+                                                           "likeness of the accepted selfies (null with one)"}),
                              "client_token": {"type": "string", "description": "Issued to a caller without one "
                                                                                "(no API keys): send it back as "
                                                                                "X-Client-Token or the cookie."}}},

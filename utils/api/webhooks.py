@@ -151,7 +151,7 @@ class WebhookDispatcher:
             event = kind  # progress | output
         if not hook or event is None or event not in hook["events"]:
             return
-        body_data = {"job_id": job_id, **({k: v for k, v in data.items() if k not in ("path", "thumbnail_path")}
+        body_data = {"job_id": job_id, **({k: v for k, v in data.items() if k not in ("path", "raw_path", "thumbnail_path")}
                                           if kind != "status"
                                           else {"status": data["status"], "error": _error(data),
                                                 "outputs": [o["filename"] for o in data["outputs"]]})}

@@ -34,6 +34,8 @@ class Detection:
     right_eye: tuple[float, float]
     nose: tuple[float, float]
     embedding: np.ndarray | None = None              # filled by backends that embed while detecting
+    embedding_norm: float | None = None              # length of the raw ArcFace vector (InstantID feeds it raw)
+    kps: np.ndarray | None = None                    # [5, 2] eyes, nose, mouth corners (InsightFace only)
     extra: object = field(default=None, repr=False)  # backend-private (dlib shape), never serialised
 
     @property
@@ -294,9 +296,11 @@ class InsightFaceBackend(FaceBackend):
             e1, e2 = kps[0], kps[1]
             left, right = (e1, e2) if e1[0] <= e2[0] else (e2, e1)
             emb = normalise(f.embedding) if f.embedding is not None else None
+            norm = float(np.linalg.norm(f.embedding)) if f.embedding is not None else None
             out.append(Detection(box=(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)),
                                  score=float(f.det_score), left_eye=tuple(left), right_eye=tuple(right),
-                                 nose=tuple(kps[2]), embedding=emb))
+                                 nose=tuple(kps[2]), embedding=emb, embedding_norm=norm,
+                                 kps=kps[:5].astype(np.float32).copy()))
         return out
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:

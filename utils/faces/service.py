@@ -373,6 +373,25 @@ class FaceService:
         return warnings
 
     # ------------------------------------------------------------------ scoring
+    def detect_faces(self, image: Image.Image) -> list[Detection]:
+        """Every face in ``image`` with its key points (face restoration aligns each of them)."""
+        return self._require().detect(np.asarray(image.convert("RGB")))
+
+    def distance_to_similarity(self, d: float) -> float:
+        """1 - d / (2·threshold), clipped to [0, 1]: 0.5 sits on the backend's same-person limit."""
+        thr = self._require().outlier_distance
+        return float(min(1.0, max(0.0, 1.0 - d / (2 * thr))))
+
+    def self_similarity(self, embeddings: list[np.ndarray]) -> float | None:
+        """Median pairwise similarity of a person's own selfies (same scale as ``identity_similarity``):
+        the likeness a portrait can hope for. None with fewer than two embeddings."""
+        embs = [normalise(e) for e in embeddings]
+        if len(embs) < 2:
+            return None
+        sims = [self.distance_to_similarity(float(np.linalg.norm(embs[i] - embs[j])))
+                for i in range(len(embs)) for j in range(i + 1, len(embs))]
+        return float(np.median(sims))
+
     def embed_image(self, image: Image.Image) -> np.ndarray | None:
         """Unit embedding of the largest face in ``image``; None when there is no face."""
         backend = self._require()
@@ -404,5 +423,4 @@ class FaceService:
         d = self.identity_distance(image, template)
         if d is None:
             return None
-        thr = self._require().outlier_distance
-        return float(min(1.0, max(0.0, 1.0 - d / (2 * thr))))
+        return self.distance_to_similarity(d)

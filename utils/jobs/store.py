@@ -355,9 +355,12 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
 
 
 def public_output(job_id: str, output: dict, url_for_output: Callable[[str, str], str]) -> dict:
-    """An output entry as clients see it: download URLs, never a server path."""
-    out = {k: v for k, v in output.items() if k not in ("path", "thumbnail_path")}
+    """An output entry as clients see it: download URLs (its file, its thumbnail, a restored output's raw
+    original), never a stored server path."""
+    out = {k: v for k, v in output.items() if k not in ("path", "raw_path", "thumbnail_path")}
     out["url"] = url_for_output(job_id, output["filename"])
+    if output.get("raw_filename"):
+        out["raw_url"] = url_for_output(job_id, output["raw_filename"])
     if output.get("thumbnail_path"):
         out["thumbnail_url"] = url_for_output(job_id, thumbnail_name(output["filename"]))
     return out
