@@ -34,6 +34,8 @@ class Detection:
     right_eye: tuple[float, float]
     nose: tuple[float, float]
     embedding: np.ndarray | None = None              # filled by backends that embed while detecting
+    embedding_norm: float | None = None              # length of the raw ArcFace vector (InstantID feeds it raw)
+    kps: np.ndarray | None = None                    # [5, 2] eyes, nose, mouth corners (InsightFace only)
     extra: object = field(default=None, repr=False)  # backend-private (dlib shape), never serialised
 
     @property
@@ -223,7 +225,18 @@ class DlibBackend(FaceBackend):
 
 
 # --------------------------------------------------------------------------------------------------
+def resolve_pack_dir(folder: Path) -> Path:
+    """The folder that holds the pack's .onnx files. The antelopev2 zip unpacks one level too deep
+    (``antelopev2/antelopev2/*.onnx``, a known InsightFace install problem): that nesting is accepted."""
+    folder = Path(folder)
+    nested = folder / folder.name
+    if folder.is_dir() and not any(folder.glob("*.onnx")) and nested.is_dir() and any(nested.glob("*.onnx")):
+        return nested
+    return folder
+
+
 def insightface_pack_files(folder: Path) -> list[Path]:
+    folder = resolve_pack_dir(folder)
     return sorted(folder.glob("*.onnx")) if folder.is_dir() else []
 
 
@@ -234,7 +247,10 @@ class InsightFaceBackend(FaceBackend):
 
     def __init__(self, model_dir: Path, *, det_size: int = 640, det_thresh: float = 0.5,
                  outlier_distance: float = 1.0, providers: list[str] | None = None) -> None:
-        self.model_dir = Path(model_dir)
+        if resolve_pack_dir(Path(model_dir)) != Path(model_dir):
+            log.warning("InsightFace pack %s is nested one folder too deep (%s/%s/*.onnx); using the inner folder",
+                        model_dir, Path(model_dir).name, Path(model_dir).name)
+        self.model_dir = resolve_pack_dir(Path(model_dir))
         self.det_size = det_size
         self.det_thresh = det_thresh
         self.outlier_distance = outlier_distance
@@ -294,9 +310,11 @@ class InsightFaceBackend(FaceBackend):
             e1, e2 = kps[0], kps[1]
             left, right = (e1, e2) if e1[0] <= e2[0] else (e2, e1)
             emb = normalise(f.embedding) if f.embedding is not None else None
+            norm = float(np.linalg.norm(f.embedding)) if f.embedding is not None else None
             out.append(Detection(box=(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)),
                                  score=float(f.det_score), left_eye=tuple(left), right_eye=tuple(right),
-                                 nose=tuple(kps[2]), embedding=emb))
+                                 nose=tuple(kps[2]), embedding=emb, embedding_norm=norm,
+                                 kps=kps[:5].astype(np.float32).copy()))
         return out
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:
