@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import secrets
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from utils.config import Settings
 from utils.errors import InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
+from utils.request_fields import Field, published_fields, validate_payload
 
 log = logging.getLogger("twin.generate")
 
@@ -60,8 +60,37 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 }
 MAX_IMAGES = 4
 MAX_SEED = 2**32 - 1
-REQUEST_KEYS = ("prompt", "negative_prompt", "num_images", "seed", "width", "height", "aspect_ratio",
-                "quality_mode", "identity_strength", "style", "lora", "lora_scale")
+
+# The request, declared once: GenerationRequest.from_dict validates against it, /openapi.json and the
+# /system-status options are rendered from it. A new request field is a row here plus its dataclass field.
+REQUEST_FIELDS: tuple[Field, ...] = (
+    Field("prompt", "string", "What to portray; the identity comes from the session's selfies.", required=True,
+          strip=True, min_length=1, max_length=lambda s: s.max_prompt_chars),
+    Field("negative_prompt", "string", "What to avoid; added to the style's negative.",
+          max_length=lambda s: s.max_prompt_chars),
+    Field("num_images", "integer", "Portraits to make.", default=1, minimum=1, maximum=MAX_IMAGES,
+          message="{name}={value!r} is not between {minimum} and {maximum}"),
+    Field("seed", "integer", "Random seed of the first image (image i uses seed + i); random when absent.",
+          minimum=0, maximum=MAX_SEED),
+    Field("width", "integer", "Output width; with height, instead of aspect_ratio.", multiple_of=8,
+          minimum=lambda s: s.min_image_side, maximum=lambda s: s.max_image_side,
+          message="{name}={value!r} must be a multiple of 8 between {minimum} and {maximum}"),
+    Field("height", "integer", "Output height; with width.", multiple_of=8,
+          minimum=lambda s: s.min_image_side, maximum=lambda s: s.max_image_side,
+          message="{name}={value!r} must be a multiple of 8 between {minimum} and {maximum}"),
+    Field("aspect_ratio", "string", "A preset size (SDXL training buckets scaled to the model).",
+          enum=tuple(ASPECT_RATIOS)),
+    Field("quality_mode", "string", "Steps / guidance / scheduler preset.", default="balanced",
+          enum=tuple(QUALITY_MODES)),
+    Field("identity_strength", "number", "Identity adapter scale.",
+          default=lambda s: s.default_identity_strength, minimum=0.0, maximum=2.0),
+    Field("style", "string", "Prompt additions (positive and negative).", default=DEFAULT_STYLE,
+          enum=tuple(STYLES)),
+    Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
+          message="{name}={value!r} must be a LoRA name"),
+    Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
+)
+REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
 
 def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
@@ -83,21 +112,8 @@ def published_options(native_resolution: int, settings: Settings) -> dict[str, A
         "default_style": DEFAULT_STYLE,
         "default_identity_strength": settings.default_identity_strength,
         "max_images": MAX_IMAGES,
+        "request_fields": published_fields(REQUEST_FIELDS, settings),
     }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(name: str, v: Any, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InvalidRequest(f"{name}={v!r} is not a number")
-    if not math.isfinite(v):
-        raise InvalidRequest(f"{name}={v!r} is not a finite number")
-    if not lo <= v <= hi:
-        raise InvalidRequest(f"{name}={v!r} is not between {lo} and {hi}")
-    return float(v)
 
 
 @dataclass(frozen=True)
@@ -118,61 +134,13 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
-        if not isinstance(payload, dict):
-            raise InvalidRequest(f"request body must be a JSON object, not {type(payload).__name__}")
-        unknown = sorted(set(payload) - set(REQUEST_KEYS))
-        if unknown:
-            raise InvalidRequest(f"unknown field(s): {', '.join(map(str, unknown))}; allowed: {', '.join(REQUEST_KEYS)}")
-        p = {k: v for k, v in payload.items() if v is not None}
-
-        prompt = p.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidRequest(f"prompt={prompt!r} must be a non-empty string")
-        prompt = prompt.strip()
-        if len(prompt) > settings.max_prompt_chars:
-            raise InvalidRequest(f"prompt has {len(prompt)} characters; at most {settings.max_prompt_chars} are allowed")
-        neg = p.get("negative_prompt")
-        if neg is not None:
-            if not isinstance(neg, str):
-                raise InvalidRequest(f"negative_prompt={neg!r} must be a string")
-            if len(neg) > settings.max_prompt_chars:
-                raise InvalidRequest(f"negative_prompt has {len(neg)} characters; at most {settings.max_prompt_chars} are allowed")
-
-        n = p.get("num_images", 1)
-        if not _is_int(n) or not 1 <= n <= MAX_IMAGES:
-            raise InvalidRequest(f"num_images={n!r} is not between 1 and {MAX_IMAGES}")
-        seed = p.get("seed")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-            raise InvalidRequest(f"seed={seed!r} is not an integer between 0 and {MAX_SEED}")
-
-        width, height, ar = p.get("width"), p.get("height"), p.get("aspect_ratio")
-        if (width is None) != (height is None):
-            raise InvalidRequest(f"width={width!r} and height={height!r} must be given together")
-        if width is not None and ar is not None:
-            raise InvalidRequest(f"give either aspect_ratio={ar!r} or width/height, not both")
-        for name, v in (("width", width), ("height", height)):
-            if v is None:
-                continue
-            if not _is_int(v) or v % 8 or not settings.min_image_side <= v <= settings.max_image_side:
-                raise InvalidRequest(f"{name}={v!r} must be a multiple of 8 between {settings.min_image_side} "
-                                     f"and {settings.max_image_side}")
-        if ar is not None and (not isinstance(ar, str) or ar not in ASPECT_RATIOS):
-            raise InvalidRequest(f"aspect_ratio={ar!r} is not one of {', '.join(ASPECT_RATIOS)}")
-
-        qm = p.get("quality_mode", "balanced")
-        if not isinstance(qm, str) or qm not in QUALITY_MODES:  # a list/dict is unhashable: TypeError
-            raise InvalidRequest(f"quality_mode={qm!r} is not one of {', '.join(QUALITY_MODES)}")
-        strength = _number("identity_strength", p.get("identity_strength", settings.default_identity_strength), 0.0, 2.0)
-        style = p.get("style", DEFAULT_STYLE)
-        if not isinstance(style, str) or style not in STYLES:
-            raise InvalidRequest(f"style={style!r} is not one of {', '.join(STYLES)}")
-        lora = p.get("lora")
-        if lora is not None and (not isinstance(lora, str) or not lora or len(lora) > 100):
-            raise InvalidRequest(f"lora={lora!r} must be a LoRA name")
-        lora_scale = _number("lora_scale", p.get("lora_scale", 0.8), 0.0, 2.0)
-        return cls(prompt=prompt, negative_prompt=neg, num_images=n, seed=seed, width=width, height=height,
-                   aspect_ratio=ar, quality_mode=qm, identity_strength=strength, style=style, lora=lora,
-                   lora_scale=lora_scale)
+        v = validate_payload(REQUEST_FIELDS, payload, settings)
+        # Rules between fields; each value alone is already valid.
+        if (v["width"] is None) != (v["height"] is None):
+            raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
+        if v["width"] is not None and v["aspect_ratio"] is not None:
+            raise InvalidRequest(f"give either aspect_ratio={v['aspect_ratio']!r} or width/height, not both")
+        return cls(**v)
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
         return dataclasses.replace(self, identity=identity)

@@ -50,11 +50,10 @@ def engine_class():
     return DigitalTwinGenerator
 
 
-def request_tables() -> dict[str, Any]:
-    """The generator's request value tables, for the OpenAPI document (loads no model)."""
-    from generate_twin import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, QUALITY_MODES, STYLES
-    return {"aspect_ratios": list(ASPECT_RATIOS), "max_images": MAX_IMAGES, "max_seed": MAX_SEED,
-            "quality_modes": list(QUALITY_MODES), "styles": list(STYLES)}
+def request_fields() -> tuple:
+    """The declared request fields (generate_twin.REQUEST_FIELDS), for the OpenAPI document (loads no model)."""
+    from generate_twin import REQUEST_FIELDS
+    return REQUEST_FIELDS
 
 
 def build_generators(settings: Settings) -> list:

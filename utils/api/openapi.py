@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from utils.api.security import TEXT_FIELDS
 from utils.config import Settings
+from utils.request_fields import object_schema
 from utils.storage import ID_RE, OUTPUT_NAME_RE
 
 # Control characters refused in prompt fields (utils/security.check_text_fields); tab, CR and LF pass.
@@ -34,38 +36,22 @@ def _nullable(schema: dict) -> dict:
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
-    from utils.services import request_tables
-    t = request_tables()
+    from utils.services import request_fields
     s = settings
     id_param = {"type": "string", "pattern": ID_RE.pattern}
     keyed = bool(s.api_key_list)
 
-    generate_request = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["prompt"],
-        "description": ("width and height go together and exclude aspect_ratio; without session_id the caller's "
-                        "latest session is used. Unknown fields are refused."),
-        "properties": {
-            "prompt": {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars,
-                       "pattern": _NO_CONTROLS.replace("]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f]"
-                                                               "[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")},
-            "negative_prompt": _nullable({"type": "string", "maxLength": s.max_prompt_chars, "pattern": _NO_CONTROLS}),
-            "num_images": _nullable({"type": "integer", "minimum": 1, "maximum": t["max_images"]}),
-            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": t["max_seed"]}),
-            "width": _nullable({"type": "integer", "multipleOf": 8, "minimum": s.min_image_side,
-                                "maximum": s.max_image_side}),
-            "height": _nullable({"type": "integer", "multipleOf": 8, "minimum": s.min_image_side,
-                                 "maximum": s.max_image_side}),
-            "aspect_ratio": _nullable({"type": "string", "enum": t["aspect_ratios"]}),
-            "quality_mode": _nullable({"type": "string", "enum": t["quality_modes"]}),
-            "identity_strength": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "style": _nullable({"type": "string", "enum": t["styles"]}),
-            "lora": _nullable({"type": "string", "minLength": 1, "maxLength": 100}),
-            "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "session_id": {"type": "string"},
-        },
-    }
+    generate_request = object_schema(
+        request_fields(), s,
+        description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
+                     "latest session is used. Unknown fields are refused."),
+        extra_properties={"session_id": {"type": "string"}})
+    # The text checks of utils/api/security.check_text_fields, as patterns (a fuzzer's "valid" prompt is valid).
+    props = generate_request["properties"]
+    for name in TEXT_FIELDS:
+        props[name]["pattern"] = _NO_CONTROLS
+    props["prompt"]["pattern"] = _NO_CONTROLS.replace(
+        "]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")
     job = {
         "type": "object",
         "required": ["id", "job_id", "status", "session_id", "position", "progress", "created_at", "started_at",
