@@ -276,16 +276,6 @@ class AdapterManager:
         proj.shortcut_scale = FACEID_PLUSV2_SHORTCUT_SCALE
 
 
-def _tight_crops(crops):
-    """FaceID Plus v2 saw InsightFace's tight 224 px face crops (norm_crop); the service's crops carry
-    context around the face box (TWIN_FACE_CROP_SCALE, 1.8 by default): keep the middle 70 %."""
-    out = []
-    for c in crops or []:
-        w, h = c.size
-        dx, dy = round(w * 0.15), round(h * 0.15)
-        out.append(c.crop((dx, dy, w - dx, h - dy)))
-    return out
-
     def _probe_shape(self) -> tuple[int, ...]:
         if self.variant == "faceid":
             return (2, 1, FACEID_DIM)
@@ -295,3 +285,13 @@ def _tight_crops(crops):
         e = self.per_image_embeds([Image.new("RGB", (8, 8))], None, None)
         return (2, 1) + tuple(e.shape[2:])
 
+
+def _tight_crops(crops):
+    """FaceID Plus v2 saw InsightFace's tight 224 px face crops (norm_crop); the service's crops carry
+    context around the face box (TWIN_FACE_CROP_SCALE, 1.8 by default): keep the middle 70 %."""
+    out = []
+    for c in crops or []:
+        w, h = c.size
+        dx, dy = round(w * 0.15), round(h * 0.15)
+        out.append(c.crop((dx, dy, w - dx, h - dy)))
+    return out

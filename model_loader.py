@@ -632,7 +632,7 @@ def tiny_identitynet(unet, gen):
     with torch.no_grad():
         for name, p in cn.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return cn
 
 

@@ -64,6 +64,16 @@ class SelfieReport:
     warnings: list[dict[str, str]] = field(default_factory=list)
     template: np.ndarray | None = field(default=None, repr=False)
 
+    def identity_inputs(self) -> dict[str, Any]:
+        """What ArcFace adapters need beyond the unit embeddings, for ``build_identity(**...)``: the raw
+        vectors' lengths (InstantID), each accepted selfie's 5 key points and upload index (pose selfie:N).
+        Empty with backends that have neither (dlib)."""
+        if not any(a.kps is not None or a.embedding_norm is not None for a in self.accepted):
+            return {}
+        return {"embedding_norms": [a.embedding_norm for a in self.accepted],
+                "keypoints": [a.kps for a in self.accepted],
+                "keypoint_index": [a.index for a in self.accepted]}
+
     def to_json(self) -> dict[str, Any]:
         """JSON-safe summary: per-file status in upload order, counts, set warnings. No pixels, no embeddings."""
         entries: list[dict[str, Any]] = []
