@@ -193,6 +193,13 @@ class GenerationRequest:
         return cls(**v)
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
+        if identity is not None and self.pose.startswith("selfie:"):
+            # selfie:N must name an accepted selfie of this session: checked here, when the request meets
+            # the session (the service does this at submit time, so it is a 400, not a failed job).
+            from instantid import resolve_pose
+            ex = getattr(identity, "extras", None) or {}
+            kps, idx = ex.get("keypoints"), ex.get("keypoint_index")
+            resolve_pose(self.pose, None if kps is None else kps.numpy(), None if idx is None else idx.tolist())
         return dataclasses.replace(self, identity=identity)
 
     def to_dict(self) -> dict[str, Any]:
