@@ -742,6 +742,231 @@ def tiny_adapter_weight(variant: str) -> str:
     return TINY_FACEID_WEIGHT if variant == "faceid" else ADAPTER_FILES[variant][2]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Preflight: open every weight file the configured variant needs (headers only) and compare it with
+# what the code will build.
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class FileCheck:
+    path: str                 # relative to the folder it was looked for in (or absolute for the face pack)
+    status: str               # ok | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def line(self) -> str:
+        return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "")
+
+
+_FLOATS = ("F16", "BF16", "F32", "torch.float16", "torch.bfloat16", "torch.float32")
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype)} without reading the tensors: the safetensors header, or torch.load with
+    weights_only + mmap for a .bin (nested {"image_proj": .., "ip_adapter": ..} keys are flattened)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+    import torch
+    sd = torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
+    flat: dict[str, Any] = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in flat.items()}
+
+
+def _compare(rel: str, path: Path, expected: dict[str, tuple], wildcard: set[tuple[str, int]] = frozenset()) -> FileCheck:
+    """expected: {key: shape}; wildcard: (key, dim) pairs whose size is free (LoRA rank)."""
+    if not path.is_file():
+        return FileCheck(rel, "missing")
+    try:
+        got = _read_header(path)
+    except Exception as e:  # truncated / not a weight file: every loader error means "corrupt"
+        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+    for key in sorted(expected):
+        if key not in got:
+            extra = sorted(set(got) - set(expected))
+            hint = f" (file has unexpected {extra[0]!r})" if extra else ""
+            return FileCheck(rel, "missing_key", f"key {key!r} not in file{hint}")
+        shape, want = got[key][0], tuple(expected[key])
+        same = len(shape) == len(want) and all(a == b or (key, i) in wildcard for i, (a, b) in enumerate(zip(shape, want)))
+        if not same:
+            return FileCheck(rel, "wrong_shape", f"key {key!r} has shape {list(shape)}, expected {list(want)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        return FileCheck(rel, "unexpected_key", f"key {extra[0]!r} is not built by the code ({len(extra)} such keys)")
+    bad = sorted(k for k, (_, dt) in got.items() if dt not in _FLOATS)
+    if bad:
+        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {got[bad[0]][1]}, expected a float type")
+    dtypes = sorted({dt.replace("torch.", "").upper().replace("FLOAT", "F").replace("BF", "BF") for _, dt in got.values()})
+    return FileCheck(rel, "ok", f"{len(got)} tensors, {'/'.join(dtypes)}")
+
+
+def _meta_state(build) -> dict[str, tuple]:
+    import torch
+    with torch.device("meta"):
+        model = build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _weight_file(folder: Path, stem: str, fp16: bool) -> Path:
+    for name in ([f"{stem}.fp16.safetensors"] if fp16 else []) + [f"{stem}.safetensors"]:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / (f"{stem}.fp16.safetensors" if fp16 else f"{stem}.safetensors")
+
+
+def verify(settings: Settings) -> list[FileCheck]:
+    """One FileCheck per weight file the configured profile and variant load."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+    variant = settings.ip_adapter_variant
+    profile = choose_profile(settings)
+    checks: list[FileCheck] = []
+    if profile == "tiny":
+        root = settings.resolved_tiny_model_dir
+        if not tiny_is_current(root):
+            make_tiny(root)   # what the first start would do; then its files are checked like any others
+        base, adapter_repo, encoder_repo = root / BASE_DIR, root / ADAPTER_FILES[variant][0], root / IPA_DIR
+        fp16, tiny = False, True
+    else:
+        model_dir = Path(settings.model_dir)
+        base, adapter_repo, encoder_repo = (model_dir / BASE_DIR, model_dir / ADAPTER_FILES[variant][0],
+                                            model_dir / IPA_DIR)
+        with contextlib.suppress(ModelWeightsMissing):
+            w = resolve_sdxl(settings)
+            base, adapter_repo = w.base, w.adapter_repo or adapter_repo
+            encoder_repo = w.encoder_repo or encoder_repo
+        fp16, tiny = True, False
+
+    def rel(p: Path, top: Path) -> str:
+        try:
+            return f"{top.name}/{p.relative_to(top).as_posix()}"
+        except ValueError:
+            return str(p)
+
+    # SDXL components: built from their config.json on the meta device, compared key by key.
+    unet_cfg = None
+    components = [("unet", "diffusion_pytorch_model", lambda c: UNet2DConditionModel.from_config(c), UNet2DConditionModel),
+                  ("vae", "diffusion_pytorch_model", lambda c: AutoencoderKL.from_config(c), AutoencoderKL),
+                  ("text_encoder", "model", lambda c: CLIPTextModel(c), CLIPTextConfig),
+                  ("text_encoder_2", "model", lambda c: CLIPTextModelWithProjection(c), CLIPTextConfig)]
+    with quiet_libraries():
+        for sub, stem, build, cfg_cls in components:
+            folder = base / sub
+            path = _weight_file(folder, stem, fp16)
+            if not (folder / "config.json").is_file():
+                checks.append(FileCheck(rel(folder / "config.json", base), "missing"))
+                continue
+            cfg = cfg_cls.load_config(str(folder)) if cfg_cls in (UNet2DConditionModel, AutoencoderKL) \
+                else cfg_cls.from_pretrained(str(folder))
+            if sub == "unet":
+                unet_cfg = cfg
+            checks.append(_compare(rel(path, base), path, _meta_state(lambda: build(cfg))))
+        if unet_cfg is None:
+            return checks
+        import torch
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+
+        # The ViT-H image encoder (plus-face, plain, faceid-plusv2).
+        img_hidden, img_proj = (TINY_IMG_HIDDEN, TINY_IMG_PROJ) if tiny else (VIT_H_HIDDEN, VIT_H_PROJ)
+        if variant in ("plus-face", "plain", "faceid-plusv2"):
+            enc = Path(encoder_repo) / ENCODER_SUB
+            if not (enc / "config.json").is_file():
+                checks.append(FileCheck(rel(enc / "config.json", Path(encoder_repo)), "missing"))
+            else:
+                vcfg = CLIPVisionConfig.from_pretrained(str(enc))
+                img_hidden, img_proj = vcfg.hidden_size, vcfg.projection_dim
+                path = enc / "model.safetensors"
+                checks.append(_compare(rel(path, Path(encoder_repo)), path,
+                                       _meta_state(lambda: CLIPVisionModelWithProjection(vcfg))))
+
+        # The adapter file: the names and shapes adapter_tensors() writes for this UNet and encoder.
+        _, sub, weight, _ = ADAPTER_FILES[variant]
+        if tiny:
+            weight = tiny_adapter_weight(variant)
+        expected = adapter_tensors(unet, variant, None, img_hidden=img_hidden, img_proj=img_proj,
+                                   plus_tokens=TINY_PLUS_TOKENS if tiny else (INSTANTID_TOKENS if variant == "instantid" else 16),
+                                   plus_dim=TINY_PLUS_DIM if tiny else (INSTANTID_DIM if variant == "instantid" else 1280),
+                                   meta=True, faceid_mult=1 if tiny else 2)
+        # LoRA rank is the file's choice (FaceID: 128); everything else is fixed by the UNet.
+        wild = {(k, 0 if ".down." in k else 1) for k in expected if "_lora." in k}
+        path = Path(adapter_repo) / sub / weight
+        checks.append(_compare(rel(path, Path(adapter_repo)), path, {k: tuple(v.shape) for k, v in expected.items()}, wild))
+
+        # InstantID's IdentityNet: a ControlNet built from its config; it must fit this UNet.
+        if variant == "instantid":
+            folder = Path(adapter_repo) / CONTROLNET_SUB
+            if not (folder / "config.json").is_file():
+                checks.append(FileCheck(rel(folder / "config.json", Path(adapter_repo)), "missing"))
+            else:
+                ccfg = ControlNetModel.load_config(str(folder))
+                path = _weight_file(folder, "diffusion_pytorch_model", False)
+                if ccfg.get("cross_attention_dim") != unet.config.cross_attention_dim:
+                    checks.append(FileCheck(rel(folder / "config.json", Path(adapter_repo)), "wrong_shape",
+                                            f"cross_attention_dim {ccfg.get('cross_attention_dim')}, the UNet's is "
+                                            f"{unet.config.cross_attention_dim}"))
+                else:
+                    checks.append(_compare(rel(path, Path(adapter_repo)), path,
+                                           _meta_state(lambda: ControlNetModel.from_config(ccfg))))
+    if variant in ARCFACE_VARIANTS:
+        pack = settings.insightface_model_dir
+        if pack is None:
+            default = settings.resolved_insightface_dir
+            pack = default if profile != "tiny" or any(default.glob("*.onnx")) or (default / default.name).is_dir() \
+                else settings.resolved_tiny_model_dir / ANTELOPE_DIR
+        checks += verify_face_pack(Path(pack))
+    return checks
+
+
+def verify_face_pack(folder: Path) -> list[FileCheck]:
+    """The InsightFace pack: a detector (SCRFD: >= 5 outputs) and a 512-d ArcFace recogniser (112x112 in),
+    found by the same input/output routing insightface uses. Graph headers only (no session)."""
+    from utils.faces.backends import resolve_pack_dir
+    inner = resolve_pack_dir(folder)
+    note = f" (nested {folder.name}/{folder.name}/ accepted; to flatten: mv {inner}/*.onnx {folder}/)" if inner != folder else ""
+    files = sorted(inner.glob("*.onnx")) if inner.is_dir() else []
+    if not files:
+        return [FileCheck(str(folder), "missing", "no .onnx files (put the antelopev2 pack here, or set "
+                                                  "TWIN_INSIGHTFACE_MODEL_DIR)")]
+    import onnx
+    found: dict[str, Path] = {}
+    out: list[FileCheck] = []
+    for f in files:
+        try:
+            m = onnx.load(str(f), load_external_data=False)
+        except Exception as e:
+            out.append(FileCheck(str(f), "corrupt", f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        ins = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input]
+        outs = [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in m.graph.output]
+        if len(outs) >= 5:
+            found.setdefault("detection", f)
+        elif ins and ins[0][2:4] == [112, 112]:
+            if outs and outs[0][-1] != 512:
+                out.append(FileCheck(str(f), "wrong_shape", f"recognition output {outs[0]}, expected [1, 512]"))
+                continue
+            found.setdefault("recognition", f)
+    for task in ("detection", "recognition"):
+        if task in found:
+            out.append(FileCheck(str(found[task]), "ok", task + note))
+        elif not any(c.status == "corrupt" or c.status == "wrong_shape" for c in out):
+            out.append(FileCheck(str(inner), "missing", f"no {task} model among {[f.name for f in files]}"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -750,16 +975,34 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dir", type=Path, default=None, help="target folder (default TWIN_MODEL_DIR)")
     d.add_argument("--faceid", action="store_true", help="also fetch IP-Adapter FaceID SDXL (non-commercial)")
     d.add_argument("--no-lightning", action="store_true", help="skip the SDXL-Lightning few-step LoRA")
+    d.add_argument("--instantid", action="store_true",
+                   help="only InstantID's files (IdentityNet + ip-adapter.bin; weights research-only) + the base model")
+    d.add_argument("--faceid-plusv2", action="store_true",
+                   help="only FaceID Plus v2 SDXL (non-commercial) + the ViT-H encoder + the base model")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
+    sub.add_parser("verify", help="open every weight file the configured variant needs (headers only), compare "
+                                  "names / shapes / dtypes with what the code builds; exit 1 on any problem")
     args = ap.parse_args(argv)
     settings = Settings.from_env()
     if args.cmd == "download":
         if args.dir:
             settings = settings.replace(model_dir=args.dir)
-        for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning):
+        for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning, instantid=args.instantid,
+                          faceid_plusv2=args.faceid_plusv2):
             print(p)
+        if args.instantid or settings.ip_adapter_variant in ("instantid", "faceid-plusv2") or args.faceid_plusv2:
+            print(f"InsightFace antelopev2 pack (non-commercial) is not on the hub: unzip antelopev2.zip from "
+                  f"https://github.com/deepinsight/insightface/releases into {Path(settings.model_dir) / ANTELOPE_DIR}")
+    elif args.cmd == "verify":
+        checks = verify(settings)
+        for c in checks:
+            print(c.line())
+        bad = [c for c in checks if not c.ok]
+        print(f"verify: {len(checks) - len(bad)} ok, {len(bad)} problem(s) "
+              f"(profile {choose_profile(settings)}, variant {settings.ip_adapter_variant})")
+        return 1 if bad else 0
     elif args.cmd == "make-tiny":
         import time
         t0 = time.perf_counter()
