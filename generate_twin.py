@@ -521,8 +521,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
             raise InvalidRequest("no selfie was accepted; nothing to build an identity from")
         print(f"      accepted {len(report.accepted)} of {len(files)}", flush=True)
         print("[3/4] building identity", flush=True)
+        from utils.services import identity_inputs
         identity = gen.build_identity([a.crop for a in report.accepted], [a.embedding for a in report.accepted],
-                                      face_model=report.model_name, **report.identity_inputs())
+                                      face_model=report.model_name, **identity_inputs(report))
         args.out.mkdir(parents=True, exist_ok=True)
         identity.save(args.out / "identity.safetensors")
         print(f"[4/4] generating {req.num_images} image(s)", flush=True)

@@ -109,6 +109,13 @@ def check_face_backend(settings: Settings, faces) -> None:
             f"TWIN_FACE_BACKEND=insightface (or auto)", code="face_models_missing")
 
 
+def identity_inputs(report) -> dict:
+    """``report.identity_inputs()`` (raw ArcFace lengths, key points); {} for a report without it (a face
+    service double written against the earlier contract)."""
+    f = getattr(report, "identity_inputs", None)
+    return f() if callable(f) else {}
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
     return FaceService(face_settings(settings))
@@ -270,7 +277,7 @@ class Runtime:
         try:
             identity = self.generators[0].build_identity([a.crop for a in report.accepted],
                                                          [a.embedding for a in report.accepted],
-                                                         face_model=report.model_name, **report.identity_inputs())
+                                                         face_model=report.model_name, **identity_inputs(report))
         except BaseException as e:
             if not isinstance(e, errors.TwinError) and is_oom(e):  # the image encoder runs on the GPU
                 _empty_cuda_cache()
