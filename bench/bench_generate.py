@@ -254,7 +254,8 @@ def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool 
     if fuse_qkv:
         # Before load_ip_adapter: fusing installs FusedAttnProcessor2_0 everywhere and would drop IP-Adapter's.
         pipe.fuse_qkv_projections()
-    pipe.load_ip_adapter(ipa, subfolder="", weight_name="")
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name="",
+                         image_encoder_folder="image_encoder" if VARIANT_ENCODER[variant] else None)
     counts["ip_adapter"] = sum(v.numel() for v in sd.values())
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
