@@ -808,7 +808,8 @@ def _compare(rel: str, path: Path, expected: dict[str, tuple], wildcard: set[tup
     bad = sorted(k for k, (_, dt) in got.items() if dt not in _FLOATS)
     if bad:
         return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {got[bad[0]][1]}, expected a float type")
-    dtypes = sorted({dt.replace("torch.", "").upper().replace("FLOAT", "F").replace("BF", "BF") for _, dt in got.values()})
+    names = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
+    dtypes = sorted({names.get(dt, dt) for _, dt in got.values()})
     return FileCheck(rel, "ok", f"{len(got)} tensors, {'/'.join(dtypes)}")
 
 
