@@ -196,3 +196,20 @@ def test_sdxl_layout_with_instantid_resolves_from_model_dir(tmp_path, empty_hf_c
     assert w.adapter_repo == tmp_path / "m" / ml.INSTANTID_DIR
     assert not (tmp_path / "m" / ml.IPA_DIR).exists()   # InstantID needs no IP-Adapter repo
     shutil.rmtree(tmp_path / "m")
+
+
+def test_start_app_runs_the_preflight_and_stops_on_a_broken_file(tiny_models, tmp_path):
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    root = clone(tiny_models, tmp_path / "tiny")
+    truncate(root / NET)
+    venv = Path(sys.executable).parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    env.update({"VENV": str(venv), "SKIP_VENV_SETUP": "1", "TWIN_MODEL_PROFILE": "tiny", "TWIN_TINY_MODEL_DIR": str(root),
+                "TWIN_DATA_DIR": str(tmp_path / "d"), "TWIN_IP_ADAPTER_VARIANT": "instantid",
+                "TWIN_MODEL_DIR": str(tmp_path / "none"), "TWIN_PORT": "1"})
+    proc = subprocess.run([str(repo / "start_app.sh")], cwd=repo, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"CORRUPT         InstantID/{ml.CONTROLNET_SUB}/diffusion_pytorch_model.safetensors" in proc.stdout
+    assert "weights preflight failed" in proc.stderr
