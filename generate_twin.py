@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from utils.config import Settings
 from utils.errors import InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
+from instantid import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH_RANGE, parse_pose
 
 log = logging.getLogger("twin.generate")
 
@@ -40,6 +41,39 @@ QUALITY_MODES: dict[str, dict[str, Any]] = {
 }
 # fast mode when no few-step LoRA is present: fewer steps of the normal scheduler.
 FAST_FALLBACK = {"steps": 12, "guidance_scale": 5.0, "scheduler": "dpmpp_2m_karras"}
+# Per adapter variant, on top of the rows above (same keys; "fast_fallback" overrides FAST_FALLBACK), plus
+# the default scales when a request names none. ArcFace adapters burn (over-saturated, over-sharpened faces)
+# at SDXL's usual CFG 7: InstantID's reference settings are 30 steps, CFG 5, adapter and ControlNet scale
+# 0.8; FaceID Plus v2 gets the same lower CFG. The few-step LoRA row (CFG 0) is unchanged.
+VARIANT_TUNING: dict[str, dict[str, Any]] = {
+    "instantid": {"balanced": {"steps": 30, "guidance_scale": 5.0},
+                  "high_fidelity": {"steps": 40, "guidance_scale": 5.0},
+                  "fast_fallback": {"guidance_scale": 4.0},
+                  "identity_strength": 0.8, "pose_strength": 0.8},
+    "faceid-plusv2": {"balanced": {"guidance_scale": 5.0}, "high_fidelity": {"guidance_scale": 5.5},
+                      "fast_fallback": {"guidance_scale": 4.0}, "identity_strength": 0.8},
+}
+DEFAULT_POSE_STRENGTH = 0.8
+
+
+def quality_row(quality_mode: str, variant: str) -> dict[str, Any]:
+    """Steps / guidance / scheduler of a quality mode for an adapter variant (QUALITY_MODES + VARIANT_TUNING)."""
+    row = dict(QUALITY_MODES[quality_mode])
+    row.update(VARIANT_TUNING.get(variant, {}).get(quality_mode, {}))
+    return row
+
+
+def fast_fallback_row(variant: str) -> dict[str, Any]:
+    return {**FAST_FALLBACK, **VARIANT_TUNING.get(variant, {}).get("fast_fallback", {})}
+
+
+def default_identity_strength(settings: Settings) -> float:
+    return float(VARIANT_TUNING.get(settings.ip_adapter_variant, {}).get("identity_strength",
+                                                                         settings.default_identity_strength))
+
+
+def default_pose_strength(settings: Settings) -> float:
+    return float(VARIANT_TUNING.get(settings.ip_adapter_variant, {}).get("pose_strength", DEFAULT_POSE_STRENGTH))
 
 # Prompt additions per style (positive suffix, negative).
 STYLES: dict[str, tuple[str, str]] = {
@@ -87,8 +121,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           enum=tuple(ASPECT_RATIOS)),
     Field("quality_mode", "string", "Steps / guidance / scheduler preset.", default="balanced",
           enum=tuple(QUALITY_MODES)),
-    Field("identity_strength", "number", "Identity adapter scale.",
-          default=lambda s: s.default_identity_strength, minimum=0.0, maximum=2.0),
+    Field("identity_strength", "number", "Identity adapter scale (default per adapter variant: instantid and "
+          "faceid-plusv2 0.8, else TWIN_DEFAULT_IDENTITY_STRENGTH).",
+          default=default_identity_strength, minimum=0.0, maximum=2.0),
     Field("style", "string", "Prompt additions (positive and negative).", default=DEFAULT_STYLE,
           enum=tuple(STYLES)),
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
@@ -106,6 +141,15 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           enum=RESTORE_MODEL_NAMES),
     Field("restore_fidelity", "number", "CodeFormer's fidelity weight: 0 restores most, 1 stays closest to the "
           "generated face (other models ignore it).", default=0.5, minimum=0.0, maximum=1.0),
+    Field("pose", "string", "Head pose of the portrait (instantid variant): auto (frontal, with the person's "
+          "own proportions from the selfies), a preset (" + ", ".join(POSE_PRESETS) + "), or selfie:N (the "
+          "pose of accepted selfie N, N = its index in the upload report).", default="auto",
+          check=lambda v, s: parse_pose(v),
+          schema_extra={"pattern": "^(" + "|".join(c for c in POSE_CHOICES if c != "selfie:N")
+                        + r"|selfie:[0-9]{1,6})$"}),
+    Field("pose_strength", "number", "How strongly the pose keypoints steer the image (instantid's "
+          "IdentityNet ControlNet scale; 0 = no pose control).", default=default_pose_strength,
+          minimum=POSE_STRENGTH_RANGE[0], maximum=POSE_STRENGTH_RANGE[1]),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -158,8 +202,12 @@ def published_options(native_resolution: int, settings: Settings) -> dict[str, A
         "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
         "styles": list(STYLES),
         "default_style": DEFAULT_STYLE,
-        "default_identity_strength": settings.default_identity_strength,
+        "default_identity_strength": default_identity_strength(settings),
         "max_images": MAX_IMAGES,
+        "variant": settings.ip_adapter_variant,
+        # Pose control needs the IdentityNet (instantid); clients show the pose choice only then.
+        "pose_control": settings.ip_adapter_variant == "instantid",
+        "poses": list(POSE_CHOICES),
         "request_fields": published_fields(REQUEST_FIELDS, settings),
     }
 
@@ -183,6 +231,8 @@ class GenerationRequest:
     restore_faces: bool = False
     restore_model: str = "gfpgan"
     restore_fidelity: float = 0.5
+    pose: str = "auto"
+    pose_strength: float = DEFAULT_POSE_STRENGTH
     identity: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -203,6 +253,13 @@ class GenerationRequest:
         return self.candidates or self.num_images
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
+        if identity is not None and self.pose.startswith("selfie:"):
+            # selfie:N must name an accepted selfie of this session: checked here, when the request meets
+            # the session (the service does this at submit time, so it is a 400, not a failed job).
+            from instantid import resolve_pose
+            ex = getattr(identity, "extras", None) or {}
+            kps, idx = ex.get("keypoints"), ex.get("keypoint_index")
+            resolve_pose(self.pose, None if kps is None else kps.numpy(), None if idx is None else idx.tolist())
         return dataclasses.replace(self, identity=identity)
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,11 +347,15 @@ class DigitalTwinGenerator:
 
     # --- identity ---------------------------------------------------------------------------------
     def build_identity(self, crops: Sequence[Any] | None, face_embeddings: Sequence[Any] | None = None, *,
-                       face_model: str | None = None, combine: str | None = None):
-        """Per-session identity from the accepted selfies. Safe to call while generate() runs."""
+                       face_model: str | None = None, combine: str | None = None, embedding_norms=None,
+                       keypoints=None, keypoint_index=None):
+        """Per-session identity from the accepted selfies. Safe to call while generate() runs.
+        ``embedding_norms`` / ``keypoints`` / ``keypoint_index``: ``SelfieReport.identity_inputs()``."""
         self._require_ready()
         return self.adapter.build_identity(crops, face_embeddings, face_model=face_model,
-                                           combine=combine or self.settings.identity_combine)
+                                           combine=combine or self.settings.identity_combine,
+                                           embedding_norms=embedding_norms, keypoints=keypoints,
+                                           keypoint_index=keypoint_index)
 
     # --- generation -------------------------------------------------------------------------------
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
@@ -309,17 +370,27 @@ class DigitalTwinGenerator:
         if req.identity is not None:
             self.adapter.check_identity(req.identity)
         plan = self.plan(req)
+        if self.adapter.variant == "instantid":
+            self._pose_image(req, plan)   # selfie:N must name an accepted selfie of this session: 400 now
         return {k: v for k, v in plan.items() if k != "adapters"}
+
+    def _pose_image(self, req: GenerationRequest, plan: dict[str, Any]):
+        from instantid import pose_image
+        ex = req.identity.extras if req.identity is not None else {}
+        kps, idx = ex.get("keypoints"), ex.get("keypoint_index")
+        return pose_image(req.pose, plan["width"], plan["height"],
+                          None if kps is None else kps.numpy(), None if idx is None else idx.tolist())
 
     def plan(self, req: GenerationRequest) -> dict[str, Any]:
         """Steps, guidance, scheduler and adapters for a request; raises for an unknown LoRA."""
         m = self.models
         if req.lora is not None and req.lora not in m.loras:
             raise InvalidRequest(f"lora={req.lora!r} is not installed; available: {', '.join(sorted(m.loras)) or 'none'}")
-        mode = dict(QUALITY_MODES[req.quality_mode])
+        variant = self.adapter.variant or ""
+        mode = quality_row(req.quality_mode, variant)
         fallback = False
         if mode.pop("few_step_lora", False) and not m.lightning_adapter:
-            mode, fallback = dict(FAST_FALLBACK), True
+            mode, fallback = fast_fallback_row(variant), True
         if self.settings.max_steps:
             mode["steps"] = min(mode["steps"], self.settings.max_steps)
         adapters: list[tuple[str, float]] = []
@@ -365,7 +436,14 @@ class DigitalTwinGenerator:
         if warmup:
             kwargs["num_inference_steps"] = min(2, kwargs["num_inference_steps"])
         do_cfg = plan["guidance_scale"] > 1.0  # the pipeline's own rule for classifier-free guidance
-        kwargs["ip_adapter_image_embeds"] = self.adapter.pipeline_embeds(identity or self._null_identity, do_cfg)
+        ident = identity or self._null_identity
+        kwargs["ip_adapter_image_embeds"] = self.adapter.pipeline_embeds(ident, do_cfg)
+        instantid = self.adapter.variant == "instantid"
+        if instantid:
+            from instantid import identity_tokens
+            kwargs["image"] = self._pose_image(req, plan)
+            kwargs["controlnet_conditioning_scale"] = req.pose_strength
+            tokens = identity_tokens(pipe.unet, ident.embeds, req.num_images, do_cfg)
         total = kwargs["num_inference_steps"]
         wanted_previews = preview_steps(total) if req.preview else set()
         marks: dict[str, float] = {}
@@ -392,6 +470,10 @@ class DigitalTwinGenerator:
             pipe.scheduler = self._schedulers[plan["scheduler"]]
             pipe.set_ip_adapter_scale(req.identity_strength if identity is not None else 0.0)
             self._set_adapters(plan["adapters"])
+            self.adapter.prepare_call(ident, req.num_images, do_cfg)
+            if instantid:
+                # The IdentityNet reads these in place of the text (instantid.IdentityNet).
+                pipe.controlnet.identity_tokens = tokens
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
@@ -402,6 +484,9 @@ class DigitalTwinGenerator:
                     torch.cuda.empty_cache()
                 raise OutOfMemory(f"out of GPU memory generating num_images={req.num_images} at "
                                   f"{plan['width']}x{plan['height']}; try fewer images or a smaller size") from None
+            finally:
+                if instantid:
+                    pipe.controlnet.identity_tokens = None
             t1 = time.perf_counter()
         images = out.images
         first, last = marks.get("first_step", t0), marks.get("last_step", t1)
@@ -416,6 +501,7 @@ class DigitalTwinGenerator:
             "identity": None if identity is None else {"variant": identity.variant, "combine": identity.combine,
                                                        "num_selfies": identity.num_selfies},
             "style": req.style, "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "pose": req.pose if instantid else None, "pose_strength": req.pose_strength if instantid else None,
             "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
                         "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
                         "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
@@ -443,7 +529,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".
 
 def _default_face_service(settings: Settings):
     from utils.faces import FaceService
-    return FaceService(settings)
+    from utils.services import face_settings, prepare_face_models
+    fs = face_settings(settings)       # ArcFace variants on the tiny profile: the tiny stand-in pack
+    prepare_face_models(fs)
+    return FaceService(fs)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -542,6 +631,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     ap.add_argument("--lora")
     ap.add_argument("--lora-scale", type=float)
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
+    ap.add_argument("--pose", help="instantid: auto, a preset (" + ", ".join(POSE_PRESETS) + ") or selfie:N")
+    ap.add_argument("--pose-strength", type=float, help="instantid: IdentityNet scale 0-1.5")
     ap.add_argument("--profile", choices=("auto", "sdxl", "tiny"), help="override TWIN_MODEL_PROFILE")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -549,7 +640,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
     settings = Settings.from_env(**overrides)
     payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
-                                             "aspect_ratio", "identity_strength", "style", "lora", "lora_scale")}
+                                             "aspect_ratio", "identity_strength", "style", "lora", "lora_scale",
+                                             "pose", "pose_strength")}
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)
@@ -560,6 +652,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         print(f"[1/4] loading face service and model ({len(files)} photos)", flush=True)
         faces = (face_service_factory or _default_face_service)(settings)
         faces.setup()
+        from utils.services import check_face_backend
+        check_face_backend(settings, faces)
         gen = DigitalTwinGenerator(settings).setup()
         info = gen.info()
         print(f"      model: {info['profile']} ({info['model_name']}) on {info['device']}/{info['dtype']}, "
@@ -573,8 +667,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
             raise InvalidRequest("no selfie was accepted; nothing to build an identity from")
         print(f"      accepted {len(report.accepted)} of {len(files)}", flush=True)
         print("[3/4] building identity", flush=True)
+        from utils.services import identity_inputs
         identity = gen.build_identity([a.crop for a in report.accepted], [a.embedding for a in report.accepted],
-                                      face_model=report.model_name)
+                                      face_model=report.model_name, **identity_inputs(report))
         args.out.mkdir(parents=True, exist_ok=True)
         identity.save(args.out / "identity.safetensors")
         print(f"[4/4] generating {req.num_images} image(s)", flush=True)

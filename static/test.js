@@ -242,9 +242,30 @@
       $("identity_strength").value = String(opt.default_identity_strength);
       $("identity_strength_out").textContent = opt.default_identity_strength.toFixed(2);
     }
+    // Pose control (InstantID's IdentityNet): shown only when the loaded adapter has it.
+    state.poseControl = opt.pose_control === true;
+    state.poses = Array.isArray(opt.poses) ? opt.poses.filter((p) => p !== "selfie:N") : [];
+    $("pose-field").hidden = $("pose-strength-field").hidden = !state.poseControl;
+    const ps = (opt.request_fields || {}).pose_strength || {};
+    if (typeof ps.default === "number" && !state.touchedPoseStrength) {
+      $("pose_strength").value = String(ps.default);
+      $("pose_strength_out").textContent = ps.default.toFixed(2);
+    }
+    fillPoses();
     const m = sys.model || {};
     $("footer-info").textContent = [m.model_name, m.variant && `adapter ${m.variant}`, sys.face_backend && `faces ${sys.face_backend}`,
       sys.device && sys.device.name].filter(Boolean).join(" · ");
+  }
+
+  // Presets, then one entry per accepted selfie of this upload (selfie:N, N = its index in the report).
+  const POSE_LABELS = { auto: "Auto (facing the camera)", frontal: "Frontal", three_quarter_left: "Three-quarter left",
+    three_quarter_right: "Three-quarter right", tilt_left: "Head tilted left", tilt_right: "Head tilted right",
+    look_up: "Looking up", look_down: "Looking down" };
+  function fillPoses() {
+    if (!state.poseControl) return;
+    const selfies = (state.acceptedIndices || []).map((i) => `selfie:${i}`);
+    fillSelect($("pose"), [...state.poses, ...selfies], (p) => POSE_LABELS[p]
+      || (p.startsWith("selfie:") ? `Like selfie ${Number(p.slice(7)) + 1}` : p), "auto");
   }
 
   function fillSelect(select, values, label, preferred) {
@@ -530,6 +551,8 @@
       else setThumbStatus(entry, "rejected", `✗ Rejected: ${withoutName(f.message || f.code || "not usable", entry.file.name)}`);
       entry.li.dataset.code = ok ? "" : (f.code || "");
     });
+    state.acceptedIndices = files.filter(isAccepted).map((f, i) => (Number.isInteger(f.index) ? f.index : i));
+    fillPoses();
     const counts = report.counts || {};
     accepted = body.accepted_count ?? counts.accepted ?? report.accepted ?? accepted;
     rejected = body.rejected_count ?? counts.rejected ?? report.rejected ?? rejected;
@@ -579,6 +602,10 @@
     $("identity_strength_out").textContent = Number(e.target.value).toFixed(2);
   });
   $("restore_faces").addEventListener("change", () => { state.touchedRestore = true; });
+  $("pose_strength").addEventListener("input", (e) => {
+    state.touchedPoseStrength = true;
+    $("pose_strength_out").textContent = Number(e.target.value).toFixed(2);
+  });
   $("aspect_ratio").addEventListener("change", () => {
     $("custom-size").hidden = $("aspect_ratio").value !== CUSTOM;
   });
@@ -604,6 +631,10 @@
     }
     p.style = $("style").value;
     p.identity_strength = Number($("identity_strength").value);
+    if (state.poseControl && $("pose").value) {
+      p.pose = $("pose").value;
+      p.pose_strength = Number($("pose_strength").value);
+    }
     const seed = $("seed").value;
     if (seed.trim() !== "") p.seed = intOrRaw(seed);
     const candidates = $("candidates").value;

@@ -165,7 +165,7 @@ class FakeGenerator:
         return {"profile": "fake", "is_demo": True, "variant": "fake", "model_name": "fake-generator",
                 "device": "cpu", "dtype": "float32"}
 
-    def build_identity(self, crops, face_embeddings, face_model: str) -> FakeSessionIdentity:
+    def build_identity(self, crops, face_embeddings, face_model: str, **face_inputs) -> FakeSessionIdentity:
         assert len(crops) == len(face_embeddings) >= 1
         vec = np.mean([np.asarray(e, dtype=np.float32) for e in face_embeddings], axis=0)
         return FakeSessionIdentity(vec, face_model, len(crops))

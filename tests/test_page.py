@@ -521,3 +521,40 @@ def test_page_likeness_best_of_and_raw_vs_restored(browser, start_server, tmp_pa
         raise
     finally:
         context.close()
+
+
+def test_page_pose_choice_with_instantid(browser, start_server, tmp_path, tiny_models):
+    """instantid on the tiny profile (real server, real engines, the tiny stand-in antelopev2 pack): the
+    form offers the pose presets plus one entry per accepted selfie, and sends pose / pose_strength."""
+    from tests.fixtures.service import server_env
+    env = server_env(tmp_path / "data", tiny_models, TWIN_IP_ADAPTER_VARIANT="instantid", TWIN_FACE_BACKEND="auto",
+                     TWIN_MIN_FACE_PX="20", TWIN_MODEL_DIR=str(tmp_path / "no-models"), TWIN_DEVICE="cpu",
+                     TWIN_MAX_STEPS="2", TWIN_WARMUP="0")
+    server = start_server(env)
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=60_000)
+        assert page.locator("#pose-field").is_visible() and page.locator("#pose_strength").input_value() == "0.8"
+        paths = []
+        for name, data in selfie_set(2):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#upload-report").wait_for(state="visible")
+        values = page.locator("#pose option").evaluate_all("os => os.map(o => o.value)")
+        assert values == ["auto", "frontal", "three_quarter_left", "three_quarter_right", "tilt_left", "tilt_right",
+                          "look_up", "look_down", "selfie:0", "selfie:1"]
+        assert page.locator("#pose").input_value() == "auto"
+        page.fill("#prompt", "a portrait")
+        page.select_option("#pose", "selfie:1")
+        page.locator("#pose_strength").fill("1.2")
+        with page.expect_request(lambda r: r.url.endswith("/generate")) as req_info:
+            page.click("#generate-btn")
+        sent = req_info.value.post_data_json
+        assert (sent["pose"], sent["pose_strength"]) == ("selfie:1", 1.2)
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
+    finally:
+        context.close()

@@ -48,7 +48,8 @@ class Settings:
     # --- models ------------------------------------------------------------------------------
     model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
                                   choices=("auto", "sdxl", "tiny"))
-    ip_adapter_variant: str = _setting("plus-face", "IP-Adapter variant.", choices=("plus-face", "plain", "faceid"))
+    ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
+                                       choices=("plus-face", "plain", "faceid", "faceid-plusv2", "instantid"))
     identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=("average", "stack"))
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
@@ -60,7 +61,8 @@ class Settings:
     # --- generation ----------------------------------------------------------------------------
     sdxl_model_id: str = _setting("stabilityai/stable-diffusion-xl-base-1.0", "Hub id of the SDXL base model (fp16 variant is used).")
     ip_adapter_repo: str = _setting("h94/IP-Adapter", "Hub id holding the Plus-Face / plain SDXL adapters and the ViT-H image encoder.")
-    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID SDXL adapter (non-commercial licence).")
+    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID / FaceID Plus v2 SDXL adapters (non-commercial licence).")
+    instantid_repo: str = _setting("InstantX/InstantID", "Hub id of InstantID (IdentityNet ControlNet + ip-adapter.bin; weights marked research-only).")
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
     lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
@@ -73,7 +75,7 @@ class Settings:
     # --- faces -------------------------------------------------------------------------------
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
-    insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack (buffalo_l); default <model_dir>/insightface/buffalo_l.")
+    insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack; default <model_dir>/insightface/antelopev2 for instantid / faceid-plusv2 (the nested antelopev2/antelopev2/*.onnx unzip is accepted), else <model_dir>/insightface/buffalo_l. Tiny profile without a pack: the tiny stand-in pack.")
     min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
     min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
     min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face box resized to 128 px (measured: sharp photos 110-220, Gaussian blur radius 1 gives ~20, radius 2 ~5).", lo=0.0)
@@ -175,7 +177,8 @@ class Settings:
 
     @property
     def resolved_insightface_dir(self) -> Path:
-        return self.insightface_model_dir or self.model_dir / "insightface" / "buffalo_l"
+        pack = "antelopev2" if self.ip_adapter_variant in ("instantid", "faceid-plusv2") else "buffalo_l"
+        return self.insightface_model_dir or self.model_dir / "insightface" / pack
 
     @property
     def api_key_list(self) -> list[str]:

@@ -71,9 +71,56 @@ def build_generators(settings: Settings) -> list:
     return [make(settings.replace(device=f"cuda:{i}")) for i in range(n)]
 
 
+ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")   # adapters fed 512-d ArcFace embeddings
+
+
+def face_settings(settings: Settings) -> Settings:
+    """The settings the face service runs with. An ArcFace variant on the tiny profile, with no InsightFace
+    pack configured or present, uses the tiny stand-in antelopev2 pack that the tiny builder writes (real
+    pack I/O, tiny graphs), so the tiny profile runs these variants end to end offline."""
+    from utils.faces.backends import insightface_pack_files
+    if (settings.ip_adapter_variant not in ARCFACE_VARIANTS or settings.face_backend == "dlib"
+            or settings.insightface_model_dir is not None or insightface_pack_files(settings.resolved_insightface_dir)):
+        return settings
+    from model_loader import ANTELOPE_DIR, choose_profile
+    if choose_profile(settings) != "tiny":
+        return settings
+    return settings.replace(insightface_model_dir=settings.resolved_tiny_model_dir / ANTELOPE_DIR)
+
+
+def prepare_face_models(settings: Settings) -> None:
+    """Builds the tiny folder (and so its stand-in face pack) when the face service is to use it."""
+    pack = settings.insightface_model_dir
+    tiny = settings.resolved_tiny_model_dir
+    if pack is not None and tiny in pack.parents:
+        from model_loader import make_tiny
+        make_tiny(tiny)
+
+
+def check_face_backend(settings: Settings, faces) -> None:
+    """An ArcFace adapter with the dlib backend (128-d descriptors) cannot work: stop at start-up with what
+    to install, rather than at every upload."""
+    variant = settings.ip_adapter_variant
+    if variant in ARCFACE_VARIANTS and getattr(faces, "backend_name", None) == "dlib":
+        raise errors.ModelWeightsMissing(
+            f"TWIN_IP_ADAPTER_VARIANT={variant} needs 512-d ArcFace face embeddings, but the face backend is dlib "
+            f"(128-d). Install the InsightFace backend: pip install --no-deps insightface==2.1 and "
+            f"pip install onnxruntime (onnxruntime-gpu on a GPU box), put the "
+            f"{'antelopev2' if variant != 'faceid' else 'buffalo_l'} pack's .onnx files in "
+            f"{settings.resolved_insightface_dir} (or set TWIN_INSIGHTFACE_MODEL_DIR), and set "
+            f"TWIN_FACE_BACKEND=insightface (or auto)", code="face_models_missing")
+
+
+def identity_inputs(report) -> dict:
+    """``report.identity_inputs()`` (raw ArcFace lengths, key points); {} for a report without it (a face
+    service double written against the earlier contract)."""
+    f = getattr(report, "identity_inputs", None)
+    return f() if callable(f) else {}
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
-    return FaceService(settings)
+    return FaceService(face_settings(settings))
 
 
 def build_restorer(settings: Settings, profile: str | None):
@@ -201,7 +248,9 @@ class Runtime:
     def _setup(self) -> None:
         try:
             t0 = time.perf_counter()
+            prepare_face_models(getattr(self.faces, "settings", self.settings))
             self.faces.setup()
+            check_face_backend(self.settings, self.faces)
             for g in self.generators:
                 g.setup()
             self.restorer = build_restorer(self.settings, _safe_info(self.generators[0]).get("profile"))
@@ -301,7 +350,7 @@ class Runtime:
         try:
             identity = self.generators[0].build_identity([a.crop for a in report.accepted],
                                                          [a.embedding for a in report.accepted],
-                                                         face_model=report.model_name)
+                                                         face_model=report.model_name, **identity_inputs(report))
         except BaseException as e:
             if not isinstance(e, errors.TwinError) and is_oom(e):  # the image encoder runs on the GPU
                 _empty_cuda_cache()

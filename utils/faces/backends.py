@@ -225,7 +225,18 @@ class DlibBackend(FaceBackend):
 
 
 # --------------------------------------------------------------------------------------------------
+def resolve_pack_dir(folder: Path) -> Path:
+    """The folder that holds the pack's .onnx files. The antelopev2 zip unpacks one level too deep
+    (``antelopev2/antelopev2/*.onnx``, a known InsightFace install problem): that nesting is accepted."""
+    folder = Path(folder)
+    nested = folder / folder.name
+    if folder.is_dir() and not any(folder.glob("*.onnx")) and nested.is_dir() and any(nested.glob("*.onnx")):
+        return nested
+    return folder
+
+
 def insightface_pack_files(folder: Path) -> list[Path]:
+    folder = resolve_pack_dir(folder)
     return sorted(folder.glob("*.onnx")) if folder.is_dir() else []
 
 
@@ -236,7 +247,10 @@ class InsightFaceBackend(FaceBackend):
 
     def __init__(self, model_dir: Path, *, det_size: int = 640, det_thresh: float = 0.5,
                  outlier_distance: float = 1.0, providers: list[str] | None = None) -> None:
-        self.model_dir = Path(model_dir)
+        if resolve_pack_dir(Path(model_dir)) != Path(model_dir):
+            log.warning("InsightFace pack %s is nested one folder too deep (%s/%s/*.onnx); using the inner folder",
+                        model_dir, Path(model_dir).name, Path(model_dir).name)
+        self.model_dir = resolve_pack_dir(Path(model_dir))
         self.det_size = det_size
         self.det_thresh = det_thresh
         self.outlier_distance = outlier_distance

@@ -38,6 +38,11 @@ class AcceptedSelfie:
     embedding: np.ndarray = field(repr=False)
     warnings: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # InsightFace only: the raw ArcFace vector's length (embedding * norm = the raw vector InstantID wants)
+    # and the 5 key points [5, 2] in image pixels (eyes, nose, mouth corners) for pose="selfie:N".
+    # Never logged, never in to_json().
+    embedding_norm: float | None = field(default=None, repr=False)
+    kps: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -58,6 +63,16 @@ class SelfieReport:
     rejected: list[RejectedSelfie] = field(default_factory=list)
     warnings: list[dict[str, str]] = field(default_factory=list)
     template: np.ndarray | None = field(default=None, repr=False)
+
+    def identity_inputs(self) -> dict[str, Any]:
+        """What ArcFace adapters need beyond the unit embeddings, for ``build_identity(**...)``: the raw
+        vectors' lengths (InstantID), each accepted selfie's 5 key points and upload index (pose selfie:N).
+        Empty with backends that have neither (dlib)."""
+        if not any(a.kps is not None or a.embedding_norm is not None for a in self.accepted):
+            return {}
+        return {"embedding_norms": [a.embedding_norm for a in self.accepted],
+                "keypoints": [a.kps for a in self.accepted],
+                "keypoint_index": [a.index for a in self.accepted]}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe summary: per-file status in upload order, counts, set warnings. No pixels, no embeddings."""
@@ -95,6 +110,8 @@ class _Analysed:
     warnings: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     reject: _Reject | None = None
+    embedding_norm: float | None = None
+    kps: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +300,7 @@ class FaceService:
             # (a duplicate costs one extra descriptor, ~10 ms with the torch engine).
             item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(rgb, det)])[0],
                                         dtype=np.float32)
+            item.embedding_norm, item.kps = det.embedding_norm, det.kps
             item.crop = aligned_crop(rgb, det, size=s.face_crop_size, scale=s.face_crop_scale)
             if side * s.face_crop_scale < s.face_crop_size / 2:
                 item.warnings.append({"code": "low_resolution", "message": (
@@ -319,7 +337,8 @@ class FaceService:
                                                       dict(it.metrics)))
             else:
                 report.accepted.append(AcceptedSelfie(it.index, it.filename, it.image, it.crop,
-                                                      it.embedding, it.warnings, dict(it.metrics)))
+                                                      it.embedding, it.warnings, dict(it.metrics),
+                                                      embedding_norm=it.embedding_norm, kps=it.kps))
         if report.accepted:
             report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
         n = len(report.accepted)

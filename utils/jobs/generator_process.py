@@ -453,11 +453,12 @@ class GeneratorProcess:
         return self._wait(child, rid, q)
 
     def build_identity(self, crops, face_embeddings=None, *, face_model: str | None = None,
-                       combine: str | None = None):
-        """Thread-safe; served by the child's call thread, so it does not wait for a running generate()."""
+                       combine: str | None = None, **face_inputs):
+        """Thread-safe; served by the child's call thread, so it does not wait for a running generate().
+        ``face_inputs``: embedding_norms / keypoints / keypoint_index (SelfieReport.identity_inputs())."""
         return self._call("build_identity", list(crops) if crops is not None else None,
                           list(face_embeddings) if face_embeddings is not None else None,
-                          face_model=face_model, combine=combine)
+                          face_model=face_model, combine=combine, **face_inputs)
 
     def validate(self, req) -> dict[str, Any]:
         return self._call("validate", req)
