@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from utils.config import Settings
-from utils.errors import InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
+from utils.errors import ConfigError, InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
+from utils.styles import Style, apply_style, load_styles
 
 log = logging.getLogger("twin.generate")
 
@@ -38,18 +39,6 @@ QUALITY_MODES: dict[str, dict[str, Any]] = {
 # fast mode when no few-step LoRA is present: fewer steps of the normal scheduler.
 FAST_FALLBACK = {"steps": 12, "guidance_scale": 5.0, "scheduler": "dpmpp_2m_karras"}
 
-# Prompt additions per style (positive suffix, negative).
-STYLES: dict[str, tuple[str, str]] = {
-    "none": ("", ""),
-    "photoreal": ("photorealistic portrait photo, natural skin texture, sharp focus, 85mm lens",
-                  "cartoon, illustration, painting, 3d render, deformed face, blurry, lowres"),
-    "cinematic": ("cinematic film still, dramatic lighting, shallow depth of field, film grain",
-                  "cartoon, lowres, oversaturated, deformed face"),
-    "studio": ("professional studio headshot, softbox lighting, plain backdrop",
-               "cluttered background, harsh shadows, lowres, deformed face"),
-    "editorial": ("editorial fashion photograph, magazine quality, styled lighting",
-                  "amateur snapshot, lowres, deformed face"),
-}
 DEFAULT_STYLE = "photoreal"
 BASE_NEGATIVE = "worst quality, low quality, watermark, text"
 
@@ -84,13 +73,32 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           enum=tuple(QUALITY_MODES)),
     Field("identity_strength", "number", "Identity adapter scale.",
           default=lambda s: s.default_identity_strength, minimum=0.0, maximum=2.0),
-    Field("style", "string", "Prompt additions (positive and negative).", default=DEFAULT_STYLE,
-          enum=tuple(STYLES)),
+    Field("style", "string", "A preset of the style library (GET /styles): prompt template, negative, defaults.",
+          default=DEFAULT_STYLE, enum=lambda s: tuple(style_library(s))),
+    Field("style_strength", "number", "How much of the style's text is applied (prompt weighting; 1 = as written).",
+          default=1.0, minimum=0.0, maximum=1.0),
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
+
+
+def style_library(settings: Settings) -> dict[str, Style]:
+    """The style presets (styles/styles.json or TWIN_STYLES_FILE), read once per process."""
+    styles = load_styles(settings.resolved_styles_file, tuple(ASPECT_RATIOS))
+    missing = [n for n in (DEFAULT_STYLE, "none") if n not in styles]
+    if missing:  # the request default and the warm-up use them
+        raise ConfigError(f"style library {settings.resolved_styles_file}: style(s) {', '.join(missing)} "
+                          "must be defined")
+    return styles
+
+
+def __getattr__(name: str) -> Any:
+    # STYLES was a dict in this module; the presets now live in a data file (the default one here).
+    if name == "STYLES":
+        return style_library(Settings())
+    raise AttributeError(name)
 
 
 def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
@@ -108,7 +116,7 @@ def published_options(native_resolution: int, settings: Settings) -> dict[str, A
         "quality_modes": list(QUALITY_MODES),
         "default_quality_mode": "balanced",
         "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
-        "styles": list(STYLES),
+        "styles": list(style_library(settings)),
         "default_style": DEFAULT_STYLE,
         "default_identity_strength": settings.default_identity_strength,
         "max_images": MAX_IMAGES,
@@ -128,6 +136,7 @@ class GenerationRequest:
     quality_mode: str = "balanced"
     identity_strength: float = 0.7
     style: str = DEFAULT_STYLE
+    style_strength: float = 1.0
     lora: str | None = None
     lora_scale: float = 0.8
     identity: Any = field(default=None, compare=False, repr=False)
@@ -168,6 +177,7 @@ class DigitalTwinGenerator:
         self._setup_lock = threading.Lock()
         self._gen_lock = threading.Lock()      # one pipeline call at a time (schedulers and adapters are shared)
         self._null_identity = None
+        self._compel = None                    # built on the first weighted prompt (style_strength < 1)
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -191,6 +201,7 @@ class DigitalTwinGenerator:
         from ipadapter_manager import AdapterManager
         from model_loader import dpmpp_karras, few_step_scheduler, load_models
         t0 = time.perf_counter()
+        style_library(self.settings)  # a broken style file fails set-up, naming the line
         self.models = load_models(self.settings)
         self.adapter = AdapterManager(self.models)
         self.adapter.load(self.settings.ip_adapter_variant)
@@ -240,7 +251,8 @@ class DigitalTwinGenerator:
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
         if req.width is not None:
             return req.width, req.height
-        return preset_size(req.aspect_ratio or "1:1", self.models.native_resolution, self.settings)
+        aspect = req.aspect_ratio or style_library(self.settings)[req.style].aspect_ratio or "1:1"
+        return preset_size(aspect, self.models.native_resolution, self.settings)
 
     def validate(self, req: GenerationRequest) -> dict[str, Any]:
         """Checks that need the loaded model (LoRA name, identity variant/model), for the service to call at
@@ -260,6 +272,16 @@ class DigitalTwinGenerator:
         fallback = False
         if mode.pop("few_step_lora", False) and not m.lightning_adapter:
             mode, fallback = dict(FAST_FALLBACK), True
+        # A style's own defaults: its guidance unless the few-step LoRA runs (distilled without CFG), its
+        # steps in the balanced mode only (fast and high_fidelity are the caller's explicit trade-off).
+        style = style_library(self.settings)[req.style]
+        style_defaults: dict[str, Any] = {}
+        if style.guidance_scale is not None and not (req.quality_mode == "fast" and not fallback):
+            mode["guidance_scale"] = style_defaults["guidance_scale"] = style.guidance_scale
+        if style.steps is not None and req.quality_mode == "balanced":
+            mode["steps"] = style_defaults["steps"] = style.steps
+        if style.aspect_ratio is not None and req.width is None and req.aspect_ratio is None:
+            style_defaults["aspect_ratio"] = style.aspect_ratio
         if self.settings.max_steps:
             mode["steps"] = min(mode["steps"], self.settings.max_steps)
         adapters: list[tuple[str, float]] = []
@@ -270,19 +292,36 @@ class DigitalTwinGenerator:
         if req.quality_mode == "fast" and not fallback:
             adapters.append((m.lightning_adapter, 1.0))
         width, height = self.resolve_size(req)
-        return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height}
+        return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height,
+                "style_defaults": style_defaults}
 
     def call_kwargs(self, req: GenerationRequest, plan: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         """Arguments for the diffusers pipeline call (also used by tests to compare against a bare pipeline)."""
         import torch
-        pos, neg = STYLES[req.style]
-        prompt = f"{req.prompt}, {pos}" if pos else req.prompt
-        negative = ", ".join(x for x in (req.negative_prompt, neg, BASE_NEGATIVE) if x)
-        return dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=req.num_images,
+        style = style_library(self.settings)[req.style]
+        prompt, negative, weighted = apply_style(style, req.prompt, req.negative_prompt, BASE_NEGATIVE,
+                                                 req.style_strength)
+        plan["prompt"], plan["negative_prompt"] = prompt, negative
+        plan["prompt_weighting"] = "compel" if weighted else None
+        texts: dict[str, Any] = (self.weighted_embeds(prompt, negative) if weighted
+                                 else dict(prompt=prompt, negative_prompt=negative))
+        return dict(**texts, num_images_per_prompt=req.num_images,
                     width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
                     guidance_scale=plan["guidance_scale"],
                     # CPU generators: the same seed gives the same image on any device.
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+
+    def weighted_embeds(self, prompt: str, negative: str) -> dict[str, Any]:
+        """Pipeline embeddings for compel-syntax texts, from both SDXL text encoders (compel's SDXL recipe:
+        penultimate hidden states, not normalised; the pooled output of the second encoder)."""
+        import torch
+        if self._compel is None:
+            from compel import CompelForSDXL
+            self._compel = CompelForSDXL(self.models.pipe)
+        with torch.no_grad():
+            c = self._compel(prompt, negative_prompt=negative)
+        return dict(prompt_embeds=c.embeds, pooled_prompt_embeds=c.pooled_embeds,
+                    negative_prompt_embeds=c.negative_embeds, negative_pooled_prompt_embeds=c.negative_pooled_embeds)
 
     def generate(self, req: GenerationRequest, on_progress: Callable[[int, int], Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
@@ -350,7 +389,9 @@ class DigitalTwinGenerator:
             "identity_strength": req.identity_strength if identity is not None else 0.0,
             "identity": None if identity is None else {"variant": identity.variant, "combine": identity.combine,
                                                        "num_selfies": identity.num_selfies},
-            "style": req.style, "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "style": req.style, "style_strength": req.style_strength, "style_defaults": plan["style_defaults"],
+            "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
+            "prompt_weighting": plan["prompt_weighting"], "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
             "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
                         "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
                         "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
@@ -392,7 +433,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     ap.add_argument("--quality", dest="quality_mode", default="balanced", choices=tuple(QUALITY_MODES))
     ap.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS))
     ap.add_argument("--strength", dest="identity_strength", type=float)
-    ap.add_argument("--style", choices=tuple(STYLES))
+    ap.add_argument("--style", help="a preset of the style library (styles/styles.json)")
+    ap.add_argument("--style-strength", type=float)
     ap.add_argument("--lora")
     ap.add_argument("--lora-scale", type=float)
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
@@ -403,7 +445,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
     settings = Settings.from_env(**overrides)
     payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
-                                             "aspect_ratio", "identity_strength", "style", "lora", "lora_scale")}
+                                             "aspect_ratio", "identity_strength", "style", "style_strength", "lora",
+                                             "lora_scale")}
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)

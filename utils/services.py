@@ -56,6 +56,13 @@ def request_fields() -> tuple:
     return REQUEST_FIELDS
 
 
+def style_catalogue(settings: Settings) -> dict:
+    """The style library (GET /styles). Read at start-up: a broken file raises ConfigError naming the line."""
+    from generate_twin import DEFAULT_STYLE, style_library
+    from utils.styles import catalogue
+    return {"default_style": DEFAULT_STYLE, "styles": catalogue(style_library(settings))}
+
+
 def build_generators(settings: Settings) -> list:
     if settings.generator_process:
         # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
