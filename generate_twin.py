@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from utils.config import Settings
 from utils.errors import ConfigError, InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
+from utils.prompts import attributes_schema, build_prompt, check_attributes, check_persona, persona_schema
 from utils.styles import Style, apply_style, load_styles
 
 log = logging.getLogger("twin.generate")
@@ -77,6 +78,11 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           default=DEFAULT_STYLE, enum=lambda s: tuple(style_library(s))),
     Field("style_strength", "number", "How much of the style's text is applied (prompt weighting; 1 = as written).",
           default=1.0, minimum=0.0, maximum=1.0),
+    Field("persona", "object", "Who is portrayed: {name, age (18-100), traits[]}; built into the prompt, identity first.",
+          check=check_persona, schema_extra=persona_schema()),
+    Field("attributes", "object", "Visual attributes: gender, age_group, ethnicity, hair, eyes, skin_tone, outfit, "
+          "expression, background; built into the prompt, identity first.",
+          check=check_attributes, schema_extra=attributes_schema()),
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
@@ -137,6 +143,8 @@ class GenerationRequest:
     identity_strength: float = 0.7
     style: str = DEFAULT_STYLE
     style_strength: float = 1.0
+    persona: dict | None = None
+    attributes: dict | None = None
     lora: str | None = None
     lora_scale: float = 0.8
     identity: Any = field(default=None, compare=False, repr=False)
@@ -299,8 +307,12 @@ class DigitalTwinGenerator:
         """Arguments for the diffusers pipeline call (also used by tests to compare against a bare pipeline)."""
         import torch
         style = style_library(self.settings)[req.style]
-        prompt, negative, weighted = apply_style(style, req.prompt, req.negative_prompt, BASE_NEGATIVE,
+        built = self.build_prompt(req, style)
+        base_negative = ", ".join(x for x in (built.negative, BASE_NEGATIVE) if x)
+        prompt, negative, weighted = apply_style(style, built.text, req.negative_prompt, base_negative,
                                                  req.style_strength)
+        if req.persona or req.attributes:
+            plan["prompt_builder"] = built.to_json()
         plan["prompt"], plan["negative_prompt"] = prompt, negative
         plan["prompt_weighting"] = "compel" if weighted else None
         texts: dict[str, Any] = (self.weighted_embeds(prompt, negative) if weighted
@@ -310,6 +322,17 @@ class DigitalTwinGenerator:
                     guidance_scale=plan["guidance_scale"],
                     # CPU generators: the same seed gives the same image on any device.
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for the first CLIP tokenizer (its start/end tokens not counted)."""
+        return len(self.models.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def build_prompt(self, req: GenerationRequest, style: Style):
+        """The persona / attribute prompt, fitted into what the 77-token window leaves beside the style text."""
+        window = (getattr(self.models.pipe.tokenizer, "model_max_length", 77) or 77) - 2  # start/end tokens
+        style_tokens = self.count_tokens((style.prefix + " " + style.suffix).strip(" ,"))
+        return build_prompt(req.prompt, req.persona, req.attributes, count_tokens=self.count_tokens,
+                            max_tokens=max(window - style_tokens, 1))
 
     def weighted_embeds(self, prompt: str, negative: str) -> dict[str, Any]:
         """Pipeline embeddings for compel-syntax texts, from both SDXL text encoders (compel's SDXL recipe:
@@ -391,7 +414,8 @@ class DigitalTwinGenerator:
                                                        "num_selfies": identity.num_selfies},
             "style": req.style, "style_strength": req.style_strength, "style_defaults": plan["style_defaults"],
             "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
-            "prompt_weighting": plan["prompt_weighting"], "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "prompt_weighting": plan["prompt_weighting"], "prompt_builder": plan.get("prompt_builder"),
+            "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
             "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
                         "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
                         "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
