@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 from utils.config import Settings
 from utils.errors import ConfigError, InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
+from utils.init_image import check_init_image, fit_image, max_chars as max_init_chars, parse_init_image
 from utils.prompts import attributes_schema, build_prompt, check_attributes, check_persona, persona_schema
 from utils.styles import Style, apply_style, load_styles
 
@@ -83,6 +85,11 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("attributes", "object", "Visual attributes: gender, age_group, ethnicity, hair, eyes, skin_tone, outfit, "
           "expression, background; built into the prompt, identity first.",
           check=check_attributes, schema_extra=attributes_schema()),
+    Field("init_image", "string", "img2img start picture: \"selfie:N\" (accepted selfie N of the session), "
+          "\"<job_id>/<filename>\" (one of your outputs) or base64 image data (data:image/...;base64,...).",
+          min_length=1, max_length=max_init_chars, check=check_init_image),
+    Field("strength", "number", "img2img: how far from init_image the picture may move (1 = ignore it).",
+          default=0.6, minimum=0.05, maximum=1.0),
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
@@ -145,9 +152,12 @@ class GenerationRequest:
     style_strength: float = 1.0
     persona: dict | None = None
     attributes: dict | None = None
+    init_image: str | None = None
+    strength: float = 0.6
     lora: str | None = None
     lora_scale: float = 0.8
     identity: Any = field(default=None, compare=False, repr=False)
+    init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
@@ -157,13 +167,22 @@ class GenerationRequest:
             raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
         if v["width"] is not None and v["aspect_ratio"] is not None:
             raise InvalidRequest(f"give either aspect_ratio={v['aspect_ratio']!r} or width/height, not both")
+        if v["init_image"] is None and payload.get("strength") is not None:
+            raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
         return cls(**v)
 
     def with_identity(self, identity: Any) -> "GenerationRequest":
         return dataclasses.replace(self, identity=identity)
 
+    def with_init_image(self, image: Any) -> "GenerationRequest":
+        return dataclasses.replace(self, init_pixels=image)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in REQUEST_KEYS}
+        if self.init_image is not None:  # inline image data is not echoed into every job JSON
+            d["init_image"] = parse_init_image(self.init_image, len(self.init_image)).describe()
+        else:
+            d["strength"] = None
         d["has_identity"] = self.identity is not None
         return d
 
@@ -186,6 +205,7 @@ class DigitalTwinGenerator:
         self._gen_lock = threading.Lock()      # one pipeline call at a time (schedulers and adapters are shared)
         self._null_identity = None
         self._compel = None                    # built on the first weighted prompt (style_strength < 1)
+        self._img2img = None                   # built on the first img2img request, sharing self.models.pipe
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -317,11 +337,36 @@ class DigitalTwinGenerator:
         plan["prompt_weighting"] = "compel" if weighted else None
         texts: dict[str, Any] = (self.weighted_embeds(prompt, negative) if weighted
                                  else dict(prompt=prompt, negative_prompt=negative))
-        return dict(**texts, num_images_per_prompt=req.num_images,
-                    width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
-                    guidance_scale=plan["guidance_scale"],
-                    # CPU generators: the same seed gives the same image on any device.
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+        kwargs = dict(**texts, num_images_per_prompt=req.num_images,
+                      width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
+                      guidance_scale=plan["guidance_scale"],
+                      # CPU generators: the same seed gives the same image on any device.
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+        if req.init_image is not None:
+            # img2img takes its size from the image: fit the start picture to the request's size. The
+            # pipeline denoises int(steps * strength) steps; at least one must remain.
+            del kwargs["width"], kwargs["height"]
+            kwargs.update(image=fit_image(self._init_pixels(req), plan["width"], plan["height"]),
+                          strength=req.strength,
+                          num_inference_steps=max(plan["steps"], math.ceil(1 / req.strength)))
+        return kwargs
+
+    def _init_pixels(self, req: GenerationRequest):
+        if req.init_pixels is not None:
+            return req.init_pixels
+        ref = parse_init_image(req.init_image, int(self.settings.max_file_mb * 1024 * 1024))
+        if ref.kind != "upload":  # selfies and outputs live in the service's storage
+            raise InvalidRequest(f"init_image={req.init_image!r} must be resolved by the service before generate()")
+        from utils.images import decode_image
+        return decode_image(ref.data, "init_image", max_pixels=self.settings.max_pixels)
+
+    def img2img_pipe(self):
+        """StableDiffusionXLImg2ImgPipeline over the loaded pipeline's own modules (from_pipe: no second
+        copy of the UNet, VAE, encoders or adapters; LoRA and IP-Adapter state is the UNet's, so shared)."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+            self._img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.models.pipe)
+        return self._img2img
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` for the first CLIP tokenizer (its start/end tokens not counted)."""
@@ -364,6 +409,8 @@ class DigitalTwinGenerator:
             base_seed = req.seed
         seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
         kwargs = self.call_kwargs(req, plan, seeds)
+        if "image" in kwargs:
+            pipe = self.img2img_pipe()
         if warmup:
             kwargs["num_inference_steps"] = min(2, kwargs["num_inference_steps"])
         do_cfg = plan["guidance_scale"] > 1.0  # the pipeline's own rule for classifier-free guidance
@@ -416,6 +463,9 @@ class DigitalTwinGenerator:
             "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
             "prompt_weighting": plan["prompt_weighting"], "prompt_builder": plan.get("prompt_builder"),
             "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "img2img": None if req.init_image is None else {
+                "init_image": req.to_dict()["init_image"], "strength": req.strength,
+                "denoise_steps": getattr(pipe, "num_timesteps", None)},
             "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
                         "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
                         "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
@@ -459,6 +509,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     ap.add_argument("--strength", dest="identity_strength", type=float)
     ap.add_argument("--style", help="a preset of the style library (styles/styles.json)")
     ap.add_argument("--style-strength", type=float)
+    ap.add_argument("--init-image", type=Path, help="img2img: start from this picture")
+    ap.add_argument("--img2img-strength", dest="strength", type=float, help="img2img strength (0.05-1)")
     ap.add_argument("--lora")
     ap.add_argument("--lora-scale", type=float)
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
@@ -471,6 +523,13 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
                                              "aspect_ratio", "identity_strength", "style", "style_strength", "lora",
                                              "lora_scale")}
+    if args.init_image is not None:  # the same inline form the API takes
+        import base64
+        if not args.init_image.is_file():
+            print(f"error: --init-image {str(args.init_image)!r} is not a file", file=sys.stderr)
+            return 2
+        payload["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode()
+    payload["strength"] = args.strength
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)
