@@ -27,7 +27,7 @@ from utils.config import Settings
 from utils.errors import ConfigError, InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
 from utils.init_image import check_init_image, fit_image, max_chars as max_init_chars, parse_init_image
-from utils.prompts import attributes_schema, build_prompt, check_attributes, check_persona, persona_schema
+from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, build_prompt, check_attributes, check_persona, persona_schema
 from utils.styles import Style, apply_style, load_styles
 
 log = logging.getLogger("twin.generate")
@@ -132,6 +132,7 @@ def published_options(native_resolution: int, settings: Settings) -> dict[str, A
         "styles": list(style_library(settings)),
         "default_style": DEFAULT_STYLE,
         "default_identity_strength": settings.default_identity_strength,
+        "attribute_choices": {k: list(v) for k, v in ENUM_ATTRIBUTES.items()},
         "max_images": MAX_IMAGES,
         "request_fields": published_fields(REQUEST_FIELDS, settings),
     }
