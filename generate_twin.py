@@ -336,9 +336,9 @@ class DigitalTwinGenerator:
             plan["prompt_builder"] = built.to_json()
         plan["prompt"], plan["negative_prompt"] = prompt, negative
         plan["prompt_weighting"] = "compel" if weighted else None
-        texts: dict[str, Any] = (self.weighted_embeds(prompt, negative) if weighted
-                                 else dict(prompt=prompt, negative_prompt=negative))
-        kwargs = dict(**texts, num_images_per_prompt=req.num_images,
+        # Weighted (compel-syntax) texts become embeddings in _generate, under the lock and after the LoRA
+        # adapters are set: a style LoRA may patch the text encoders too.
+        kwargs = dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=req.num_images,
                       width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
                       guidance_scale=plan["guidance_scale"],
                       # CPU generators: the same seed gives the same image on any device.
@@ -439,6 +439,8 @@ class DigitalTwinGenerator:
             self._set_adapters(plan["adapters"])
             t0 = time.perf_counter()
             try:
+                if plan["prompt_weighting"]:
+                    kwargs.update(self.weighted_embeds(kwargs.pop("prompt"), kwargs.pop("negative_prompt")))
                 with torch.inference_mode():
                     out = pipe(callback_on_step_end=on_step_end, **kwargs)
             except torch.OutOfMemoryError:
