@@ -119,6 +119,18 @@ class Settings:
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~40 ms on a 2-core CPU with the dlib backend, torch descriptor).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
 
+    # --- live progress and integrations ----------------------------------------------------------
+    max_event_streams: int = _setting(50, "Most open GET /events streams at once (each holds one gunicorn thread: keep GUNICORN_THREADS above it); beyond it 429 with Retry-After.", lo=1, hi=1000)
+    event_heartbeat_seconds: float = _setting(15.0, "Seconds between comment heartbeats on an idle event stream (keeps proxies from closing it, and finds closed clients).", lo=0.05, hi=300.0)
+    webhook_secret: str = _setting("", "Standard Webhooks signing secret (whsec_<base64>); empty turns webhooks off (a request naming one is a 400).")
+    webhook_allow_private: bool = _setting(False, "Allow webhook targets on private, loopback or link-local addresses, and plain http (local receivers while developing). Off: SSRF guard.")
+    webhook_max_attempts: int = _setting(5, "Delivery attempts per webhook message (5xx, 408, 429 and network errors are retried; 4xx never).", lo=1, hi=20)
+    webhook_retry_base_seconds: float = _setting(2.0, "First retry delay; doubles with each attempt (2, 4, 8, 16 s).", lo=0.0, hi=600.0)
+    webhook_timeout_seconds: float = _setting(10.0, "Timeout of one webhook delivery attempt.", lo=0.1, hi=120.0)
+    idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
+
+    thumbnail_side: int = _setting(256, "Longest side of the JPEG thumbnail written beside each portrait (thumbnail_url in the job JSON).", lo=32, hi=1024)
+
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
     generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)

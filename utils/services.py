@@ -15,8 +15,10 @@ from typing import Any
 from utils import errors
 from utils.config import Settings
 from utils.jobs import JobManager, JobStatus, JobStore
+from utils.jobs.events import EventLog
 from utils.logging import log_context
-from utils.storage import Storage, new_id, output_name, atomic_save_png, is_valid_id
+from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_valid_id, new_id, output_name,
+                           thumbnail_name)
 
 log = logging.getLogger("twin.service")
 STORED_INIT_NAME = "init_image.png"   # beside a job's outputs; not an output name, so never served
@@ -121,6 +123,12 @@ class Runtime:
         self.clock = time.time  # tests swap in a fake clock (retention)
         self._drain_deadline: float | None = None
         self.store = JobStore(self.storage.db_path)
+        # Live events (GET /events): the store reports each change, the log keeps them per job.
+        self.events = EventLog()
+        self.store.listeners.append(self._job_event)
+        self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
+        self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
         self.state = "starting"
         self.setup_error: str | None = None
         self.started_at = time.time()
@@ -133,12 +141,25 @@ class Runtime:
         from utils.jobs import lifecycle
         lifecycle.register(self)
 
+    def _job_event(self, job_id: str, kind: str, data: dict) -> None:
+        if kind == "deleted":
+            self.events.forget(job_id)
+            return
+        self.events.publish(job_id, kind, data)
+        if kind == "status" and JobStatus(data["status"]).terminal:
+            self.events.publish(job_id, "done", data)
+
     # --- lifecycle ---
     def start(self) -> None:
         removed = self.storage.clean_partial_files()
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
         self.manager.start(self.settings.requeue_interrupted)
+        for job_id in self.store.queued_ids():  # jobs from before a restart get a live event log too
+            if not self.events.known(job_id):
+                job = self.store.get(job_id)
+                if job is not None:
+                    self._job_event(job_id, "status", job)
         self._setup_thread = threading.Thread(target=self._setup, name="twin-setup", daemon=True)
         self._setup_thread.start()
         if self.settings.retention_hours > 0:
@@ -167,6 +188,9 @@ class Runtime:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.events.wake_all()  # open event streams see the stop and end
+        for hook in self.shutdown_hooks:
+            hook()
         self.manager.stop()
         self.store.close()
         for g in self.generators:
@@ -177,6 +201,10 @@ class Runtime:
         lifecycle.unregister(self)
 
     # --- graceful stop (SIGTERM; see utils/jobs/lifecycle.py) ---
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None
@@ -281,6 +309,8 @@ class Runtime:
             # The faces go even when the records cannot be written (a full volume: this frees space);
             # the records then go on the next delete or sweep.
             self.storage.delete_session(session_id)
+        for hook in self.session_deleted_hooks:  # what other parts keep about the session (idempotency records)
+            hook(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 
@@ -317,7 +347,8 @@ class Runtime:
         return old
 
     # --- jobs ---
-    def submit(self, payload: Any, owner: str | None) -> dict:
+    def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
+        """Queue a job. ``webhook``: the checked webhook record (utils/api/webhooks.py) or None."""
         self.require_ready()
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
@@ -347,7 +378,8 @@ class Runtime:
             atomic_save_png(init_path, self._init_image(req.init_image, session["id"], owner))
         try:
             job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
-                                        request=req.to_dict(), queue_max=self.settings.queue_max)
+                                        request=req.to_dict(), queue_max=self.settings.queue_max,
+                                        webhook=webhook)
         except BaseException:
             if init_path is not None:
                 init_path.unlink(missing_ok=True)
@@ -398,8 +430,10 @@ class Runtime:
     def output_path(self, job_id: str, filename: str, owner: str | None):
         job = self.owned_job(job_id, owner)
         for o in job["outputs"]:
-            if o["filename"] == filename:
-                path = self.storage.resolve_relative(o["path"])
+            recorded = (o["path"] if o["filename"] == filename else
+                        o.get("thumbnail_path") if thumbnail_name(o["filename"]) == filename else None)
+            if recorded:
+                path = self.storage.resolve_relative(recorded)
                 if path.is_file():
                     return path
         raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
@@ -446,8 +480,10 @@ class Runtime:
             name = output_name(i)
             path = out_dir / name
             atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
+            thumb = out_dir / thumbnail_name(name)
+            atomic_save_thumbnail(thumb, image, self.settings.thumbnail_side)
             output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
-                      "path": self.storage.relative(path)}
+                      "path": self.storage.relative(path), "thumbnail_path": self.storage.relative(thumb)}
             if template is not None:
                 try:
                     score = self.faces.identity_similarity(image, template)
@@ -458,6 +494,7 @@ class Runtime:
                 self.store.add_output(job["id"], output)
             except BaseException:
                 path.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
+                thumb.unlink(missing_ok=True)
                 raise
         metadata = _json_safe(getattr(result, "metadata", None)) or {}
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),

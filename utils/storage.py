@@ -33,7 +33,7 @@ from utils.errors import InsufficientStorage, NotFound
 # secrets.token_urlsafe(18) -> 24 characters, 144 random bits.
 ID_BYTES = 18
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
-OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}\.png$")
+OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}(?:\.png|\.thumb\.jpg)$")  # a portrait, or its thumbnail
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 _STAGING_PREFIX = ".staging-"
 _TMP_SUFFIX = ".part"
@@ -56,6 +56,11 @@ def is_output_name(value: str | None) -> bool:
 def output_name(index: int) -> str:
     """1-based: avatar_001.png, avatar_002.png, ..."""
     return f"avatar_{index:03d}.png"
+
+
+def thumbnail_name(output: str) -> str:
+    """avatar_001.png -> avatar_001.thumb.jpg"""
+    return output.rsplit(".", 1)[0] + ".thumb.jpg"
 
 
 def hash_secret(secret: str) -> str:
@@ -128,6 +133,16 @@ def atomic_save_png(path: Path, image) -> None:
     buf = io.BytesIO()
     # compress_level 1: a 1024² portrait encodes several times faster than at the default 6, for ~10% more bytes.
     image.save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_thumbnail(path: Path, image, side: int) -> None:
+    """A JPEG no larger than side × side (aspect kept) for galleries; written like every output."""
+    import io
+    thumb = image.convert("RGB")
+    thumb.thumbnail((side, side))  # reduce() first, then a filtered resize: cheap even from 1024²
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85, optimize=True)
     atomic_write_bytes(path, buf.getvalue())
 
 
