@@ -94,7 +94,7 @@ CINE = Style("cine", "film still of {prompt}, dramatic light", "cartoon, lowres"
     # The caller's words stay literal: compel's syntax in them is escaped.
     (CINE, "a (tall)1.5 man", "x-", 0.25, r"(film still of)0.25 a \(tall\)1.5 man (dramatic light)0.25",
      "x -, (cartoon, lowres)0.25, BASE", True),
-    (Style("none", "{prompt}"), "a man", None, 0.5, "a man", "BASE", True),
+    (Style("none", "{prompt}"), "a (tall) man", None, 0.5, "a (tall) man", "BASE", False),   # no style text
 ])
 def test_style_text_per_strength(style, prompt, neg, strength, positive, negative, weighted):
     assert apply_style(style, prompt, neg, "BASE", strength) == (positive, negative, weighted)

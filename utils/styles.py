@@ -166,7 +166,8 @@ def apply_style(style: Style, prompt: str, user_negative: str | None, base_negat
     style's, then the base negative. With strength 1 they are plain text (the template filled in); below 1
     they are compel syntax in which only the style's text is weighted by ``strength`` (the caller's words
     and the base negative stay literal, at weight 1)."""
-    if strength >= 1.0:
+    has_text = bool((style.prefix + style.suffix).strip(" ,") or style.negative)
+    if strength >= 1.0 or not has_text:  # nothing to weight: plain text, no compel pass
         positive = style.positive.replace(PLACEHOLDER, prompt)
         negative = ", ".join(x for x in (user_negative, style.negative, base_negative) if x)
         return positive, negative, False
