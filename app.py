@@ -25,7 +25,7 @@ from utils.request_fields import published_fields
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
 from utils.api.openapi import build_spec
-from utils.services import Runtime, build_faces, build_generators
+from utils.services import Runtime, build_faces, build_generators, style_catalogue
 from utils.storage import is_output_name
 
 log = logging.getLogger("twin.app")
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
                                  "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
     security.check_rate_limits(settings)
+    styles = style_catalogue(settings)  # read now: a broken style file stops start-up, naming the line
     auth_message, auth_fields = security.describe_auth(settings)
     log.info(auth_message, extra=auth_fields)
     if generator is None:
@@ -314,6 +315,10 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             body["options"]["webhooks"] = bool(settings.webhook_secret)
         return jsonify(body)
 
+    @app.get("/styles")
+    def list_styles():
+        return jsonify(styles)
+
     @app.get("/openapi.json")
     def openapi():
         return jsonify(spec)
@@ -325,7 +330,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     @app.get("/")
     def index():
         return jsonify({"service": "digital-twin", "health": "/health", "test_page": "/test",
-                        "openapi": "/openapi.json"})
+                        "openapi": "/openapi.json", "styles": "/styles"})
 
     return app
 

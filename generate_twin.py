@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from utils.config import Settings
-from utils.errors import InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
+from utils.errors import ConfigError, InvalidRequest, JobCanceled, OutOfMemory, ServiceNotReady, TwinError
 from utils.request_fields import Field, published_fields, validate_payload
 from instantid import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH_RANGE, parse_pose
+from utils.init_image import check_init_image, fit_image, max_chars as max_init_chars, parse_init_image
+from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, build_prompt, check_attributes, check_persona, persona_schema
+from utils.styles import Style, apply_style, load_styles
 
 log = logging.getLogger("twin.generate")
 
@@ -75,18 +78,6 @@ def default_identity_strength(settings: Settings) -> float:
 def default_pose_strength(settings: Settings) -> float:
     return float(VARIANT_TUNING.get(settings.ip_adapter_variant, {}).get("pose_strength", DEFAULT_POSE_STRENGTH))
 
-# Prompt additions per style (positive suffix, negative).
-STYLES: dict[str, tuple[str, str]] = {
-    "none": ("", ""),
-    "photoreal": ("photorealistic portrait photo, natural skin texture, sharp focus, 85mm lens",
-                  "cartoon, illustration, painting, 3d render, deformed face, blurry, lowres"),
-    "cinematic": ("cinematic film still, dramatic lighting, shallow depth of field, film grain",
-                  "cartoon, lowres, oversaturated, deformed face"),
-    "studio": ("professional studio headshot, softbox lighting, plain backdrop",
-               "cluttered background, harsh shadows, lowres, deformed face"),
-    "editorial": ("editorial fashion photograph, magazine quality, styled lighting",
-                  "amateur snapshot, lowres, deformed face"),
-}
 DEFAULT_STYLE = "photoreal"
 BASE_NEGATIVE = "worst quality, low quality, watermark, text"
 
@@ -124,8 +115,20 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("identity_strength", "number", "Identity adapter scale (default per adapter variant: instantid and "
           "faceid-plusv2 0.8, else TWIN_DEFAULT_IDENTITY_STRENGTH).",
           default=default_identity_strength, minimum=0.0, maximum=2.0),
-    Field("style", "string", "Prompt additions (positive and negative).", default=DEFAULT_STYLE,
-          enum=tuple(STYLES)),
+    Field("style", "string", "A preset of the style library (GET /styles): prompt template, negative, defaults.",
+          default=DEFAULT_STYLE, enum=lambda s: tuple(style_library(s))),
+    Field("style_strength", "number", "How much of the style's text is applied (prompt weighting; 1 = as written).",
+          default=1.0, minimum=0.0, maximum=1.0),
+    Field("persona", "object", "Who is portrayed: {name, age (18-100), traits[]}; built into the prompt, identity first.",
+          check=check_persona, schema_extra=persona_schema()),
+    Field("attributes", "object", "Visual attributes: gender, age_group, ethnicity, hair, eyes, skin_tone, outfit, "
+          "expression, background; built into the prompt, identity first.",
+          check=check_attributes, schema_extra=attributes_schema()),
+    Field("init_image", "string", "img2img start picture: \"selfie:N\" (accepted selfie N of the session), "
+          "\"<job_id>/<filename>\" (one of your outputs) or base64 image data (data:image/...;base64,...).",
+          min_length=1, max_length=max_init_chars, check=check_init_image),
+    Field("strength", "number", "img2img: how far from init_image the picture may move (1 = ignore it).",
+          default=0.6, minimum=0.05, maximum=1.0),
     Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
           message="{name}={value!r} must be a LoRA name"),
     Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
@@ -183,6 +186,21 @@ def preview_steps(total: int) -> set[int]:
     """1-based steps that send a preview: evenly spaced, always the last."""
     every = max(1, math.ceil(total / PREVIEWS_PER_JOB))
     return {s for s in range(1, total + 1) if s % every == 0} | {total}
+def style_library(settings: Settings) -> dict[str, Style]:
+    """The style presets (styles/styles.json or TWIN_STYLES_FILE), read once per process."""
+    styles = load_styles(settings.resolved_styles_file, tuple(ASPECT_RATIOS))
+    missing = [n for n in (DEFAULT_STYLE, "none") if n not in styles]
+    if missing:  # the request default and the warm-up use them
+        raise ConfigError(f"style library {settings.resolved_styles_file}: style(s) {', '.join(missing)} "
+                          "must be defined")
+    return styles
+
+
+def __getattr__(name: str) -> Any:
+    # STYLES was a dict in this module; the presets now live in a data file (the default one here).
+    if name == "STYLES":
+        return style_library(Settings())
+    raise AttributeError(name)
 
 
 def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
@@ -200,9 +218,10 @@ def published_options(native_resolution: int, settings: Settings) -> dict[str, A
         "quality_modes": list(QUALITY_MODES),
         "default_quality_mode": "balanced",
         "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
-        "styles": list(STYLES),
+        "styles": list(style_library(settings)),
         "default_style": DEFAULT_STYLE,
         "default_identity_strength": default_identity_strength(settings),
+        "attribute_choices": {k: list(v) for k, v in ENUM_ATTRIBUTES.items()},
         "max_images": MAX_IMAGES,
         "variant": settings.ip_adapter_variant,
         # Pose control needs the IdentityNet (instantid); clients show the pose choice only then.
@@ -224,6 +243,11 @@ class GenerationRequest:
     quality_mode: str = "balanced"
     identity_strength: float = 0.7
     style: str = DEFAULT_STYLE
+    style_strength: float = 1.0
+    persona: dict | None = None
+    attributes: dict | None = None
+    init_image: str | None = None
+    strength: float = 0.6
     lora: str | None = None
     lora_scale: float = 0.8
     preview: bool = False
@@ -234,6 +258,7 @@ class GenerationRequest:
     pose: str = "auto"
     pose_strength: float = DEFAULT_POSE_STRENGTH
     identity: Any = field(default=None, compare=False, repr=False)
+    init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
@@ -246,6 +271,8 @@ class GenerationRequest:
         if v["candidates"] is not None and v["candidates"] < v["num_images"]:
             raise InvalidRequest(f"candidates={v['candidates']!r} is fewer than num_images={v['num_images']!r}; "
                                  f"give between {v['num_images']} and {MAX_CANDIDATES}")
+        if v["init_image"] is None and payload.get("strength") is not None:
+            raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
         return cls(**v)
 
     @property
@@ -262,8 +289,15 @@ class GenerationRequest:
             resolve_pose(self.pose, None if kps is None else kps.numpy(), None if idx is None else idx.tolist())
         return dataclasses.replace(self, identity=identity)
 
+    def with_init_image(self, image: Any) -> "GenerationRequest":
+        return dataclasses.replace(self, init_pixels=image)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in REQUEST_KEYS}
+        if self.init_image is not None:  # inline image data is not echoed into every job JSON
+            d["init_image"] = parse_init_image(self.init_image, len(self.init_image)).describe()
+        else:
+            d["strength"] = None
         d["has_identity"] = self.identity is not None
         return d
 
@@ -285,6 +319,8 @@ class DigitalTwinGenerator:
         self._setup_lock = threading.Lock()
         self._gen_lock = threading.Lock()      # one pipeline call at a time (schedulers and adapters are shared)
         self._null_identity = None
+        self._compel = None                    # built on the first weighted prompt (style_strength < 1)
+        self._img2img = None                   # built on the first img2img request, sharing self.models.pipe
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -308,6 +344,7 @@ class DigitalTwinGenerator:
         from ipadapter_manager import AdapterManager
         from model_loader import dpmpp_karras, few_step_scheduler, load_models
         t0 = time.perf_counter()
+        style_library(self.settings)  # a broken style file fails set-up, naming the line
         self.models = load_models(self.settings)
         self.adapter = AdapterManager(self.models)
         self.adapter.load(self.settings.ip_adapter_variant)
@@ -361,7 +398,8 @@ class DigitalTwinGenerator:
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
         if req.width is not None:
             return req.width, req.height
-        return preset_size(req.aspect_ratio or "1:1", self.models.native_resolution, self.settings)
+        aspect = req.aspect_ratio or style_library(self.settings)[req.style].aspect_ratio or "1:1"
+        return preset_size(aspect, self.models.native_resolution, self.settings)
 
     def validate(self, req: GenerationRequest) -> dict[str, Any]:
         """Checks that need the loaded model (LoRA name, identity variant/model), for the service to call at
@@ -391,6 +429,16 @@ class DigitalTwinGenerator:
         fallback = False
         if mode.pop("few_step_lora", False) and not m.lightning_adapter:
             mode, fallback = fast_fallback_row(variant), True
+        # A style's own defaults: its guidance unless the few-step LoRA runs (distilled without CFG), its
+        # steps in the balanced mode only (fast and high_fidelity are the caller's explicit trade-off).
+        style = style_library(self.settings)[req.style]
+        style_defaults: dict[str, Any] = {}
+        if style.guidance_scale is not None and not (req.quality_mode == "fast" and not fallback):
+            mode["guidance_scale"] = style_defaults["guidance_scale"] = style.guidance_scale
+        if style.steps is not None and req.quality_mode == "balanced":
+            mode["steps"] = style_defaults["steps"] = style.steps
+        if style.aspect_ratio is not None and req.width is None and req.aspect_ratio is None:
+            style_defaults["aspect_ratio"] = style.aspect_ratio
         if self.settings.max_steps:
             mode["steps"] = min(mode["steps"], self.settings.max_steps)
         adapters: list[tuple[str, float]] = []
@@ -401,19 +449,76 @@ class DigitalTwinGenerator:
         if req.quality_mode == "fast" and not fallback:
             adapters.append((m.lightning_adapter, 1.0))
         width, height = self.resolve_size(req)
-        return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height}
+        return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height,
+                "style_defaults": style_defaults}
 
     def call_kwargs(self, req: GenerationRequest, plan: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         """Arguments for the diffusers pipeline call (also used by tests to compare against a bare pipeline)."""
         import torch
-        pos, neg = STYLES[req.style]
-        prompt = f"{req.prompt}, {pos}" if pos else req.prompt
-        negative = ", ".join(x for x in (req.negative_prompt, neg, BASE_NEGATIVE) if x)
-        return dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=req.num_images,
-                    width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
-                    guidance_scale=plan["guidance_scale"],
-                    # CPU generators: the same seed gives the same image on any device.
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+        style = style_library(self.settings)[req.style]
+        built = self.build_prompt(req, style)
+        base_negative = ", ".join(x for x in (built.negative, BASE_NEGATIVE) if x)
+        prompt, negative, weighted = apply_style(style, built.text, req.negative_prompt, base_negative,
+                                                 req.style_strength)
+        if req.persona or req.attributes:
+            plan["prompt_builder"] = built.to_json()
+        plan["prompt"], plan["negative_prompt"] = prompt, negative
+        plan["prompt_weighting"] = "compel" if weighted else None
+        # Weighted (compel-syntax) texts become embeddings in _generate, under the lock and after the LoRA
+        # adapters are set: a style LoRA may patch the text encoders too.
+        kwargs = dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=req.num_images,
+                      width=plan["width"], height=plan["height"], num_inference_steps=plan["steps"],
+                      guidance_scale=plan["guidance_scale"],
+                      # CPU generators: the same seed gives the same image on any device.
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+        if req.init_image is not None:
+            # img2img takes its size from the image: fit the start picture to the request's size. The
+            # pipeline denoises int(steps * strength) steps; at least one must remain.
+            del kwargs["width"], kwargs["height"]
+            kwargs.update(image=fit_image(self._init_pixels(req), plan["width"], plan["height"]),
+                          strength=req.strength,
+                          num_inference_steps=max(plan["steps"], math.ceil(1 / req.strength)))
+        return kwargs
+
+    def _init_pixels(self, req: GenerationRequest):
+        if req.init_pixels is not None:
+            return req.init_pixels
+        ref = parse_init_image(req.init_image, int(self.settings.max_file_mb * 1024 * 1024))
+        if ref.kind != "upload":  # selfies and outputs live in the service's storage
+            raise InvalidRequest(f"init_image={req.init_image!r} must be resolved by the service before generate()")
+        from utils.images import decode_image
+        return decode_image(ref.data, "init_image", max_pixels=self.settings.max_pixels)
+
+    def img2img_pipe(self):
+        """StableDiffusionXLImg2ImgPipeline over the loaded pipeline's own modules (from_pipe: no second
+        copy of the UNet, VAE, encoders or adapters; LoRA and IP-Adapter state is the UNet's, so shared)."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+            self._img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.models.pipe)
+        return self._img2img
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for the first CLIP tokenizer (its start/end tokens not counted)."""
+        return len(self.models.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def build_prompt(self, req: GenerationRequest, style: Style):
+        """The persona / attribute prompt, fitted into what the 77-token window leaves beside the style text."""
+        window = (getattr(self.models.pipe.tokenizer, "model_max_length", 77) or 77) - 2  # start/end tokens
+        style_tokens = self.count_tokens((style.prefix + " " + style.suffix).strip(" ,"))
+        return build_prompt(req.prompt, req.persona, req.attributes, count_tokens=self.count_tokens,
+                            max_tokens=max(window - style_tokens, 1))
+
+    def weighted_embeds(self, prompt: str, negative: str) -> dict[str, Any]:
+        """Pipeline embeddings for compel-syntax texts, from both SDXL text encoders (compel's SDXL recipe:
+        penultimate hidden states, not normalised; the pooled output of the second encoder)."""
+        import torch
+        if self._compel is None:
+            from compel import CompelForSDXL
+            self._compel = CompelForSDXL(self.models.pipe)
+        with torch.no_grad():
+            c = self._compel(prompt, negative_prompt=negative)
+        return dict(prompt_embeds=c.embeds, pooled_prompt_embeds=c.pooled_embeds,
+                    negative_prompt_embeds=c.negative_embeds, negative_pooled_prompt_embeds=c.negative_pooled_embeds)
 
     def generate(self, req: GenerationRequest, on_progress: Callable[[int, int], Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
@@ -433,6 +538,8 @@ class DigitalTwinGenerator:
             base_seed = req.seed
         seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
         kwargs = self.call_kwargs(req, plan, seeds)
+        if "image" in kwargs:
+            pipe = self.img2img_pipe()
         if warmup:
             kwargs["num_inference_steps"] = min(2, kwargs["num_inference_steps"])
         do_cfg = plan["guidance_scale"] > 1.0  # the pipeline's own rule for classifier-free guidance
@@ -476,6 +583,8 @@ class DigitalTwinGenerator:
                 pipe.controlnet.identity_tokens = tokens
             t0 = time.perf_counter()
             try:
+                if plan["prompt_weighting"]:
+                    kwargs.update(self.weighted_embeds(kwargs.pop("prompt"), kwargs.pop("negative_prompt")))
                 with torch.inference_mode():
                     out = pipe(callback_on_step_end=on_step_end, **kwargs)
             except torch.OutOfMemoryError:
@@ -500,8 +609,14 @@ class DigitalTwinGenerator:
             "identity_strength": req.identity_strength if identity is not None else 0.0,
             "identity": None if identity is None else {"variant": identity.variant, "combine": identity.combine,
                                                        "num_selfies": identity.num_selfies},
-            "style": req.style, "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+            "style": req.style, "style_strength": req.style_strength, "style_defaults": plan["style_defaults"],
+            "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
+            "prompt_weighting": plan["prompt_weighting"], "prompt_builder": plan.get("prompt_builder"),
+            "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
             "pose": req.pose if instantid else None, "pose_strength": req.pose_strength if instantid else None,
+            "img2img": None if req.init_image is None else {
+                "init_image": req.to_dict()["init_image"], "strength": req.strength,
+                "denoise_steps": getattr(pipe, "num_timesteps", None)},
             "timings": {"queue_lock_s": round(t0 - t_wait, 4), "total_s": round(t1 - t0, 4),
                         "denoise_s": round(last - t0, 4), "decode_s": round(t1 - last, 4),
                         "steps_per_s": round(steps_per_s, 2) if steps_per_s else None},
@@ -627,7 +742,10 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     ap.add_argument("--quality", dest="quality_mode", default="balanced", choices=tuple(QUALITY_MODES))
     ap.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS))
     ap.add_argument("--strength", dest="identity_strength", type=float)
-    ap.add_argument("--style", choices=tuple(STYLES))
+    ap.add_argument("--style", help="a preset of the style library (styles/styles.json)")
+    ap.add_argument("--style-strength", type=float)
+    ap.add_argument("--init-image", type=Path, help="img2img: start from this picture")
+    ap.add_argument("--img2img-strength", dest="strength", type=float, help="img2img strength (0.05-1)")
     ap.add_argument("--lora")
     ap.add_argument("--lora-scale", type=float)
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
@@ -640,8 +758,15 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
     settings = Settings.from_env(**overrides)
     payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
-                                             "aspect_ratio", "identity_strength", "style", "lora", "lora_scale",
-                                             "pose", "pose_strength")}
+                                             "aspect_ratio", "identity_strength", "style", "style_strength", "lora",
+                                             "lora_scale", "pose", "pose_strength")}
+    if args.init_image is not None:  # the same inline form the API takes
+        import base64
+        if not args.init_image.is_file():
+            print(f"error: --init-image {str(args.init_image)!r} is not a file", file=sys.stderr)
+            return 2
+        payload["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode()
+    payload["strength"] = args.strength
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)

@@ -15,6 +15,13 @@
     aspect_ratios: ["1:1", "4:5", "3:4", "2:3", "9:16", "5:4", "4:3", "3:2", "16:9"],
     styles: ["photoreal", "cinematic", "studio", "editorial", "none"],
     default_style: "photoreal",
+    // utils/prompts.py's value sets; /system-status publishes them as options.attribute_choices.
+    attribute_choices: {
+      gender: ["female", "male", "non_binary"],
+      age_group: ["young_adult", "adult", "middle_aged", "senior"],
+      skin_tone: ["fair", "light", "medium", "olive", "tan", "brown", "dark"],
+      expression: ["neutral", "smiling", "laughing", "serious", "confident", "thoughtful", "surprised", "calm"],
+    },
   };
   const QUALITY_LABELS = { fast: "Fast", balanced: "Balanced", high_fidelity: "High fidelity" };
   const ASPECT_LABELS = { "1:1": "1:1 square", "4:5": "4:5 portrait", "3:4": "3:4 portrait", "2:3": "2:3 portrait",
@@ -226,8 +233,14 @@
     const sizes = !Array.isArray(opt.aspect_ratios) && opt.aspect_ratios ? opt.aspect_ratios : {};
     fillSelect($("aspect_ratio"), [...ratios, CUSTOM], (r) => r === CUSTOM ? "Custom size…"
       : (ASPECT_LABELS[r] || r) + (Array.isArray(sizes[r]) ? ` (${sizes[r][0]}×${sizes[r][1]})` : ""), "1:1");
-    fillSelect($("style"), styles, (s) => s === "none" ? "None (prompt only)" : s[0].toUpperCase() + s.slice(1),
+    fillSelect($("style"), styles, (s) => s === "none" ? "None (prompt only)" : (s[0].toUpperCase() + s.slice(1)).replace(/_/g, " "),
       opt.default_style || FALLBACK.default_style);
+    const choices = opt.attribute_choices && typeof opt.attribute_choices === "object" ? opt.attribute_choices : FALLBACK.attribute_choices;
+    for (const sel of document.querySelectorAll("select[data-attr]")) {
+      const values = Array.isArray(choices[sel.dataset.attr]) ? choices[sel.dataset.attr] : [];
+      fillSelect(sel, ["", ...values], (v) => v === "" ? "Any" : v.replace(/_/g, " "), "");
+    }
+    loadStyleDescriptions();
     $("limit-selfies").textContent = `1–${state.limits.max_selfies}`;
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);
@@ -266,6 +279,18 @@
     const selfies = (state.acceptedIndices || []).map((i) => `selfie:${i}`);
     fillSelect($("pose"), [...state.poses, ...selfies], (p) => POSE_LABELS[p]
       || (p.startsWith("selfie:") ? `Like selfie ${Number(p.slice(7)) + 1}` : p), "auto");
+  // GET /styles: each preset's description, shown under the style strength slider.
+  async function loadStyleDescriptions() {
+    if (state.styleInfo) return;
+    try {
+      const body = await api("/styles");
+      state.styleInfo = Object.fromEntries((body.styles || []).map((st) => [st.name, st.description || ""]));
+      showStyleDescription();
+    } catch (e) { state.styleInfo = {}; }
+  }
+
+  function showStyleDescription() {
+    $("style-description").textContent = (state.styleInfo || {})[$("style").value] || "";
   }
 
   function fillSelect(select, values, label, preferred) {
@@ -537,6 +562,7 @@
   function isAccepted(entry) { return entry.accepted === true || entry.status === "accepted"; }
 
   function applyReport(report, body = {}) {
+    $("init_selfie").textContent = "";  // a new upload is a new session: its own selfies only
     const files = Array.isArray(report.files) ? report.files : [];
     let accepted = 0;
     let rejected = 0;
@@ -547,6 +573,7 @@
       if (ok) accepted += 1; else rejected += 1;
       if (!entry) return;
       const warnings = Array.isArray(f.warnings) ? f.warnings : [];
+      if (ok) addInitOption($("init_selfie"), `selfie:${idx}`, `Selfie ${idx + 1}` + (f.filename ? ` (${f.filename})` : ""));
       if (ok) setThumbStatus(entry, "accepted", "✓ Accepted", warnings);
       else setThumbStatus(entry, "rejected", `✗ Rejected: ${withoutName(f.message || f.code || "not usable", entry.file.name)}`);
       entry.li.dataset.code = ok ? "" : (f.code || "");
@@ -606,6 +633,58 @@
     state.touchedPoseStrength = true;
     $("pose_strength_out").textContent = Number(e.target.value).toFixed(2);
   });
+  $("style").addEventListener("change", showStyleDescription);
+  for (const id of ["style_strength", "strength"]) {
+    $(id).addEventListener("input", (e) => { $(`${id}_out`).textContent = Number(e.target.value).toFixed(2); });
+  }
+  $("init_source").addEventListener("change", () => {
+    const src = $("init_source").value;
+    $("init-selfie-field").hidden = src !== "selfie";
+    $("init-output-field").hidden = src !== "output";
+    $("init-file-field").hidden = src !== "file";
+  });
+  // The picture file goes inline (base64 data URL); the server decodes it like a selfie.
+  $("init_file").addEventListener("change", () => {
+    state.initData = null;
+    const f = $("init_file").files[0];
+    if (!f) return;
+    const reader = new FileReader();
+    reader.onload = () => { state.initData = String(reader.result); };
+    reader.readAsDataURL(f);
+  });
+
+  // Selfies in upload order; portraits newest first (and the newest is picked).
+  function addInitOption(select, value, label, newestFirst = false) {
+    if ([...select.options].some((o) => o.value === value)) return;
+    const o = document.createElement("option");
+    o.value = value; o.textContent = label;
+    if (newestFirst) { select.prepend(o); select.value = value; } else select.appendChild(o);
+  }
+
+  // Persona / attributes: only what was filled in is sent (the API refuses empty texts).
+  function personaPayload(p) {
+    const persona = {};
+    if ($("persona_name").value.trim()) persona.name = $("persona_name").value;
+    if ($("persona_age").value.trim()) persona.age = intOrRaw($("persona_age").value);
+    const traits = $("persona_traits").value.split(",").map((t) => t.trim()).filter(Boolean);
+    if (traits.length) persona.traits = traits;
+    if (Object.keys(persona).length) p.persona = persona;
+    const attributes = {};
+    for (const el of document.querySelectorAll("#persona-box [data-attr]")) {
+      if (el.value.trim()) attributes[el.dataset.attr] = el.value;
+    }
+    if (Object.keys(attributes).length) p.attributes = attributes;
+  }
+
+  function img2imgPayload(p) {
+    const src = $("init_source").value;
+    const value = src === "selfie" ? $("init_selfie").value : src === "output" ? $("init_output").value
+      : src === "file" ? state.initData : null;
+    if (src === "none") return;
+    p.init_image = value || "";   // empty: the API names what is missing
+    p.strength = Number($("strength").value);
+  }
+
   $("aspect_ratio").addEventListener("change", () => {
     $("custom-size").hidden = $("aspect_ratio").value !== CUSTOM;
   });
@@ -630,11 +709,14 @@
       p.aspect_ratio = $("aspect_ratio").value;
     }
     p.style = $("style").value;
+    if (Number($("style_strength").value) < 1) p.style_strength = Number($("style_strength").value);
     p.identity_strength = Number($("identity_strength").value);
     if (state.poseControl && $("pose").value) {
       p.pose = $("pose").value;
       p.pose_strength = Number($("pose_strength").value);
     }
+    personaPayload(p);
+    img2imgPayload(p);
     const seed = $("seed").value;
     if (seed.trim() !== "") p.seed = intOrRaw(seed);
     const candidates = $("candidates").value;
@@ -897,6 +979,7 @@
         dl.href = out.url;
       }
       if (out.raw_url) wireRawToggle(li, img, out);
+      addInitOption($("init_output"), `${job.id}/${out.filename}`, `${out.filename} · seed ${out.seed} · “${(r.prompt || "").slice(0, 30)}”`, true);
       const reuse = li.querySelector(".result-reuse");
       reuse.setAttribute("aria-label", `Use seed ${out.seed} for the next generation`);
       reuse.addEventListener("click", () => { $("seed").value = String(out.seed); $("seed").focus(); });

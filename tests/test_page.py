@@ -558,3 +558,68 @@ def test_page_pose_choice_with_instantid(browser, start_server, tmp_path, tiny_m
         page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
     finally:
         context.close()
+
+
+def test_page_creative_controls_send_style_persona_and_img2img(browser, start_server, tmp_path):
+    """Style strength (with the preset's description from GET /styles), the persona / look form and the
+    img2img picker reach /generate as the API's fields; untouched controls send nothing. The /generate
+    answer is routed (the fake engine does not take these fields) and its error lands next to the field."""
+    import json
+
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    sent: list[dict] = []
+
+    def generate(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=400, content_type="application/json", body=json.dumps(
+            {"error": {"code": "invalid_request", "message": "strength=0.35 is routed by the test"}}))
+
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        paths = []
+        for name, data in selfie_set(2):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        with page.expect_response(lambda r: r.url.endswith("/upload")):
+            page.click("#upload-btn")
+        page.wait_for_function("document.querySelectorAll('#init_selfie option').length === 2")
+        page.select_option("#style", "cinematic")
+        page.wait_for_function("document.getElementById('style-description').textContent === 'Film still with dramatic light.'")
+        page.route("**/generate", generate)
+
+        with page.expect_request("**/generate"):
+            page.click("#generate-btn")                          # defaults: none of the new fields
+        page.wait_for_function("document.querySelector('.field-error') !== null")
+        assert not {"style_strength", "persona", "attributes", "init_image", "strength"} & set(sent[0])
+
+        page.fill("#style_strength", "0.4")
+        page.dispatch_event("#style_strength", "input")
+        assert page.locator("#style_strength_out").inner_text() == "0.40"
+        page.click("#persona-box > summary")
+        page.fill("#persona_age", "34")
+        page.fill("#persona_traits", "confident,  warm ,")
+        page.select_option("#attr_gender", "female")
+        page.fill("#attr_hair", "short black")
+        page.click("#img2img-box > summary")
+        page.select_option("#init_source", "selfie")
+        assert page.locator("#init-selfie-field").is_visible()
+        page.select_option("#init_selfie", "selfie:1")
+        page.fill("#strength", "0.35")
+        page.dispatch_event("#strength", "input")
+        with page.expect_request("**/generate"):
+            page.click("#generate-btn")
+        page.wait_for_function("document.getElementById('strength').getAttribute('aria-invalid') === 'true'")
+        assert len(sent) == 2
+        p = sent[-1]
+        assert p["style"] == "cinematic" and p["style_strength"] == 0.4
+        assert p["persona"] == {"age": 34, "traits": ["confident", "warm"]}
+        assert p["attributes"] == {"gender": "female", "hair": "short black"}
+        assert p["init_image"] == "selfie:1" and p["strength"] == 0.35
+        shot(page, "creative-controls", "fake")
+    finally:
+        context.close()

@@ -66,6 +66,7 @@ class Settings:
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
     lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
+    styles_file: Path | None = _setting(None, "Style presets (JSON, see styles/styles.json); default styles/styles.json beside the code. Read at start-up: a broken file stops it.")
     channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
     fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")
     torch_compile: bool = _setting(False, "CUDA: torch.compile the UNet (slow first call; setup() warms it up when warmup is on).")
@@ -174,6 +175,10 @@ class Settings:
     @property
     def resolved_lora_dir(self) -> Path:
         return self.lora_dir or self.model_dir / "loras"
+
+    @property
+    def resolved_styles_file(self) -> Path:
+        return self.styles_file or Path(__file__).resolve().parent.parent / "styles" / "styles.json"
 
     @property
     def resolved_insightface_dir(self) -> Path:

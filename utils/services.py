@@ -21,6 +21,7 @@ from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_v
                            raw_output_name, thumbnail_name)
 
 log = logging.getLogger("twin.service")
+STORED_INIT_NAME = "init_image.png"   # beside a job's outputs; not an output name, so never served
 VERSION = "0.1.0"
 
 
@@ -56,6 +57,13 @@ def request_fields() -> tuple:
     """The declared request fields (generate_twin.REQUEST_FIELDS), for the OpenAPI document (loads no model)."""
     from generate_twin import REQUEST_FIELDS
     return REQUEST_FIELDS
+
+
+def style_catalogue(settings: Settings) -> dict:
+    """The style library (GET /styles). Read at start-up: a broken file raises ConfigError naming the line."""
+    from generate_twin import DEFAULT_STYLE, style_library
+    from utils.styles import catalogue
+    return {"default_style": DEFAULT_STYLE, "styles": catalogue(style_library(settings))}
 
 
 def build_generators(settings: Settings) -> list:
@@ -468,8 +476,20 @@ class Runtime:
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
         req = req.with_identity(identity)
         job_id = new_id()
-        job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
-                                    request=req.to_dict(), queue_max=self.settings.queue_max, webhook=webhook)
+        init_path = None
+        if getattr(req, "init_image", None) is not None:
+            # Resolved and checked once, now: the job runs on these pixels even if the source goes away.
+            init_path = self.storage.output_dir(session["id"], job_id) / STORED_INIT_NAME
+            init_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_png(init_path, self._init_image(req.init_image, session["id"], owner))
+        try:
+            job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
+                                        request=req.to_dict(), queue_max=self.settings.queue_max,
+                                        webhook=webhook)
+        except BaseException:
+            if init_path is not None:
+                init_path.unlink(missing_ok=True)
+            raise
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job
@@ -486,6 +506,27 @@ class Runtime:
             if self.restorer is None:
                 raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
             self.restorer.check(req.restore_model)
+    def _init_image(self, value: str, session_id: str, owner: str | None):
+        """The pixels an img2img ``init_image`` names (utils/init_image.py): an accepted selfie of the
+        session, one of the caller's outputs (another caller's: 404), or inline data (the selfie decoder)."""
+        from PIL import Image
+        from utils.images import decode_image
+        from utils.init_image import parse_init_image
+        s = self.settings
+        ref = parse_init_image(value, int(s.max_file_mb * 1024 * 1024))
+        if ref.kind == "upload":
+            return decode_image(ref.data, "init_image", max_pixels=s.max_pixels)
+        if ref.kind == "output":
+            path = self.output_path(ref.job_id, ref.filename, owner)   # NotFound for another caller's
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        session_dir = self.storage.session_dir(session_id)
+        accepted = (session_dir / "crops" / f"{ref.index:03d}.png").is_file()
+        originals = sorted((session_dir / "originals").glob(f"{ref.index:03d}.*")) if accepted else []
+        if not originals:
+            raise errors.NotFound(f"init_image='selfie:{ref.index}' is not an accepted selfie of session "
+                                  f"{session_id!r} (use the index from the upload report)")
+        return decode_image(originals[0].read_bytes(), originals[0].name, max_pixels=s.max_pixels)
 
     def owned_job(self, job_id: str, owner: str | None) -> dict:
         job = self.store.get(job_id) if is_valid_id(job_id) else None
@@ -525,6 +566,13 @@ class Runtime:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = request_type(gen).from_dict(job["payload"], self.settings)
         req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
+        if getattr(req, "init_image", None) is not None:
+            from PIL import Image
+            init_path = self.storage.output_dir(session_id, job["id"]) / STORED_INIT_NAME
+            if not init_path.is_file():
+                raise errors.NotFound(f"the init_image of job {job['id']!r} is gone")
+            with Image.open(init_path) as im:
+                req = req.with_init_image(im.convert("RGB"))
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
         self.storage.require_space(_output_bytes(req), f"the outputs of job {job['id']!r}")
         keep = int(getattr(req, "num_images", 1) or 1)

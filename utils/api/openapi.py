@@ -235,6 +235,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "/system-status": {"get": {"operationId": "system_status", "responses": {
             "200": {"description": "Model, device, queue and job counts.",
                     "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
+        "/styles": {"get": {"operationId": "styles", "responses": {
+            "200": {"description": "The style library (styles/styles.json): each preset's template, negative and defaults.",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["default_style", "styles"], "properties": {
+                            "default_style": {"type": "string"},
+                            "styles": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "positive", "negative", "defaults"],
+                                "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                                               "positive": {"type": "string"}, "negative": {"type": "string"},
+                                               "defaults": {"type": "object"}}}}}}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "responses": {
             "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }
