@@ -98,7 +98,7 @@ class Settings:
     max_upload_mb: float = _setting(200.0, "Largest whole upload request, MB.", lo=0.01)
     max_pixels: int = _setting(40_000_000, "Largest decoded image, pixels (decompression-bomb guard).", lo=1)
     max_concurrent_uploads: int = _setting(2, "Uploads whose photos are decoded and checked at once, server-wide (photos are decoded only as large as the checks need, ~5 MB each for a 12 MP JPEG, face_threads at a time; each upload keeps its crops). A further upload waits up to upload_wait_seconds, then gets 503 busy with Retry-After.", lo=1, hi=64)
-    upload_wait_seconds: float = _setting(10.0, "How long an upload waits for one of max_concurrent_uploads before 503 busy.", lo=0.0, hi=120.0)
+    upload_wait_seconds: float = _setting(30.0, "How long an upload waits for one of max_concurrent_uploads before 503 busy (a waiting upload holds a gunicorn thread and its request body; 50 phone photos take ~3-10 s to check on 2 cores).", lo=0.0, hi=110.0)
     max_prompt_chars: int = _setting(2000, "Longest prompt accepted.", lo=1)
 
     # --- jobs --------------------------------------------------------------------------------

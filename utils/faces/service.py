@@ -359,7 +359,7 @@ class FaceService:
         if not self._uploads.acquire(timeout=wait):
             raise ServerBusy(f"{s.max_concurrent_uploads} upload(s) are being checked already "
                              f"(TWIN_MAX_CONCURRENT_UPLOADS) and none finished within {wait:g} s; retry shortly",
-                             retry_after=max(1, math.ceil(wait)))
+                             retry_after=5)  # a slot frees within one upload's time: seconds, not minutes
         try:
             # Photos go through the shared pool (face_threads at a time, whatever the number of uploads)
             # or one at a time; each _analyse drops its decoded pixels before returning.
