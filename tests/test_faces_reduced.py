@@ -17,7 +17,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from tests import photos
 from tests.full_resolution import FullResolutionFaceService
 from tests.test_images import exif_rotated_jpeg
-from utils.errors import ServerBusy
+from utils.errors import ImageRejected, ServerBusy
 from utils.faces import FaceService
 from utils.images import decode_image, decode_reduced
 
@@ -229,3 +229,39 @@ def test_uploads_beyond_the_bound_get_503_busy_with_retry_after(make_app, servic
 def test_busy_is_a_twin_error_with_retry_after():
     err = ServerBusy("x", retry_after=7)
     assert (err.http_status, err.code, err.headers) == (503, "busy", {"Retry-After": "7"})
+
+
+def _jpeg(mode: str = "RGB", **kw) -> bytes:
+    buf = io.BytesIO()
+    photos.phone_photo(0, (2016, 1512)).convert(mode).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+REDUCED_DECODES = [
+    # (case, bytes, expected code or None): the reduced decode refuses exactly what the full one refuses
+    ("baseline", lambda: _jpeg(quality=90), None),
+    ("progressive", lambda: _jpeg(quality=90, progressive=True), None),
+    ("cmyk", lambda: _jpeg("CMYK"), None),
+    ("grey", lambda: _jpeg("L"), None),
+    ("truncated", lambda: _jpeg(quality=90)[:60_000], "truncated_image"),
+    ("truncated progressive", lambda: _jpeg(quality=90, progressive=True)[:60_000], "truncated_image"),
+    ("over the pixel limit", lambda: _jpeg(quality=90), "too_many_pixels"),
+]
+
+
+@pytest.mark.parametrize("case,make,code", REDUCED_DECODES, ids=[c[0] for c in REDUCED_DECODES])
+def test_reduced_decode_accepts_and_refuses_like_the_full_decode(case, make, code):
+    data = make()
+    limit = 2016 * 1512 - 1 if case == "over the pixel limit" else 40_000_000
+    if code:
+        for decode in (lambda: decode_image(data, "p.jpg", max_pixels=limit),
+                       lambda: decode_reduced(data, "p.jpg", max_pixels=limit, min_side=800)):
+            with pytest.raises(ImageRejected) as info:
+                decode()
+            assert info.value.code == code
+        return
+    full = decode_image(data, "p.jpg", max_pixels=limit)
+    photo = decode_reduced(data, "p.jpg", max_pixels=limit, min_side=800)
+    assert (photo.factor, photo.image.size, photo.image.mode, photo.size) == (2, (1008, 756), "RGB", full.size)
+    ref = np.asarray(full.reduce(2), np.float32)
+    assert np.abs(np.asarray(photo.image, np.float32) - ref).mean() < 2
