@@ -74,7 +74,7 @@ class Settings:
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
     insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack (buffalo_l); default <model_dir>/insightface/buffalo_l.")
-    min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
+    min_face_px: int = _setting(80, "Smallest face box side in pixels of the uploaded photo (large photos are checked on a reduced copy; the side is scaled back to the photo's pixels).", lo=1)
     min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
     min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face box resized to 128 px (measured: sharp photos 110-220, Gaussian blur radius 1 gives ~20, radius 2 ~5).", lo=0.0)
     min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
