@@ -184,7 +184,7 @@ class ReducedImage:
 
     def region(self, box: tuple[float, float, float, float], max_factor: int) -> tuple[Image.Image, tuple[int, int], int]:
         """The upright RGB pixels of ``box`` (original upright coordinates, clipped to the photo) at the
-        coarsest scale ``f <= max_factor`` this format decodes cheaply (JPEG: 1, 2 or 4; others: any
+        coarsest scale ``f <= max_factor`` this format decodes cheaply (JPEG: 1, 2, 4 or 8; others: any
         whole number). Returns (image, origin of its top-left pixel in original coordinates, f)."""
         f = max(1, min(int(max_factor), self.factor))
         w, h = self.size
