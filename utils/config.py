@@ -77,7 +77,7 @@ class Settings:
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
     insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack; default <model_dir>/insightface/antelopev2 for instantid / faceid-plusv2 (the nested antelopev2/antelopev2/*.onnx unzip is accepted), else <model_dir>/insightface/buffalo_l. Tiny profile without a pack: the tiny stand-in pack.")
-    min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
+    min_face_px: int = _setting(80, "Smallest face box side in pixels of the uploaded photo (large photos are checked on a reduced copy; the side is scaled back to the photo's pixels).", lo=1)
     min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
     min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face box resized to 128 px (measured: sharp photos 110-220, Gaussian blur radius 1 gives ~20, radius 2 ~5).", lo=0.0)
     min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
@@ -100,6 +100,8 @@ class Settings:
     max_file_mb: float = _setting(20.0, "Largest single uploaded file, MB.", lo=0.01)
     max_upload_mb: float = _setting(200.0, "Largest whole upload request, MB.", lo=0.01)
     max_pixels: int = _setting(40_000_000, "Largest decoded image, pixels (decompression-bomb guard).", lo=1)
+    max_concurrent_uploads: int = _setting(2, "Uploads whose photos are decoded and checked at once, server-wide (photos are decoded only as large as the checks need, ~5 MB each for a 12 MP JPEG, face_threads at a time; each upload keeps its crops). A further upload waits up to upload_wait_seconds, then gets 503 busy with Retry-After.", lo=1, hi=64)
+    upload_wait_seconds: float = _setting(30.0, "How long an upload waits for one of max_concurrent_uploads before 503 busy (a waiting upload holds a gunicorn thread and its request body; 50 phone photos take ~3-10 s to check on 2 cores).", lo=0.0, hi=110.0)
     max_prompt_chars: int = _setting(2000, "Longest prompt accepted.", lo=1)
 
     # --- jobs --------------------------------------------------------------------------------

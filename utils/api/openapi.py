@@ -156,7 +156,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "422": _error("No file has a usable face (details.report says why for each), or the "
                               "Idempotency-Key was used with other files."),
                 "507": _error("The data disk is full."),
-                **owned, **limited, **not_ready}}},
+                **owned, **limited,
+                "503": _error("The models are still loading or failed to load (not_ready), or "
+                              f"{s.max_concurrent_uploads} upload(s) are being checked already and none finished "
+                              f"within {s.upload_wait_seconds:g} s (busy).", retry_after=True)}}},
         "/generate": {"post": {
             "operationId": "generate", "parameters": [idem_key],
             "summary": "Queue a generation job for one of the caller's sessions.",
