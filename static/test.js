@@ -246,6 +246,7 @@
     $("num_images").max = String(state.limits.max_images);
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
     const fields = opt.request_fields || {};
+    state.canPreview = !!fields.preview;  // the loaded engine declares live previews
     if (fields.restore_faces && typeof fields.restore_faces.default === "boolean" && !state.touchedRestore) {
       $("restore_faces").checked = fields.restore_faces.default;
     }
@@ -279,6 +280,8 @@
     const selfies = (state.acceptedIndices || []).map((i) => `selfie:${i}`);
     fillSelect($("pose"), [...state.poses, ...selfies], (p) => POSE_LABELS[p]
       || (p.startsWith("selfie:") ? `Like selfie ${Number(p.slice(7)) + 1}` : p), "auto");
+  }
+
   // GET /styles: each preset's description, shown under the style strength slider.
   async function loadStyleDescriptions() {
     if (state.styleInfo) return;
@@ -724,6 +727,7 @@
     p.restore_faces = $("restore_faces").checked;
     if (p.restore_faces) p.restore_model = $("restore_model").value;
     if (state.sessionId) p.session_id = state.sessionId;
+    if (canStream() && state.canPreview) p.preview = true;   // the forming image arrives with the live events
     return p;
   }
 
@@ -801,6 +805,49 @@
 
   function stopPolling() { clearTimeout(state.pollTimer); state.pollTimer = null; }
 
+  // Live events (GET /events/<id>, Server-Sent Events): every step, previews of the forming image and
+  // the final job as they happen. EventSource cannot send an Authorization header, so with an API key
+  // (and in browsers without EventSource) the page polls /status instead; it also falls back to
+  // polling for the rest of the job as soon as the stream fails (429 past the server's stream limit,
+  // a proxy that cuts it, a lost connection): the polling path knows how to back off and recover.
+  function canStream() { return !!window.EventSource && !apiKey(); }
+
+  function closeEvents() {
+    if (state.events) { state.events.close(); state.events = null; }
+  }
+
+  function watchEvents(job) {
+    if (state.events || !canStream() || state.noStreamFor === job.id) return !!state.events;
+    const es = new EventSource(`/events/${encodeURIComponent(job.id)}`);
+    state.events = es;
+    $("job-panel").dataset.live = "events";
+    const data = (e) => JSON.parse(e.data);
+    es.addEventListener("status", (e) => { if (state.job && state.job.id === job.id) onJob(data(e)); });
+    es.addEventListener("done", (e) => { closeEvents(); if (state.job && state.job.id === job.id) onJob(data(e)); });
+    es.addEventListener("progress", (e) => {
+      const p = data(e);
+      if (!state.job || state.job.id !== job.id || !isBusy()) return;
+      onJob({ ...state.job, status: "running", position: null,
+        progress: { step: p.step, total: p.total, fraction: p.fraction, eta_seconds: p.eta_seconds } });
+    });
+    es.addEventListener("preview", (e) => {
+      const p = data(e);
+      if (!state.job || state.job.id !== job.id || !isBusy()) return;
+      const img = $("job-preview");
+      img.src = p.image;
+      img.dataset.step = String(p.step);
+      img.hidden = false;
+    });
+    es.onerror = () => {
+      if (state.events !== es) return;
+      closeEvents();
+      state.noStreamFor = job.id;
+      $("job-panel").dataset.live = "polling";
+      if (isBusy()) poll();
+    };
+    return true;
+  }
+
   async function poll() {
     stopPolling();
     if (!state.job) return;
@@ -855,7 +902,11 @@
     const fresh = !state.job || state.job.id !== job.id;
     const changed = fresh || state.job.status !== job.status;
     state.job = job;
-    if (fresh) remember();
+    if (fresh) {
+      remember();
+      closeEvents();               // a stream belongs to one job
+      $("job-preview").hidden = true;
+    }
     const bar = $("job-progress");
     const p = job.progress || {};
     const total = p.total || 0;
@@ -891,7 +942,13 @@
     if (changed && !fresh && !isBusy()) {
       if (job.status === "succeeded") $("results-heading").focus(); else $("generate-btn").focus();
     }
-    if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
+    if (!isBusy()) {
+      closeEvents();
+      $("job-preview").hidden = true;
+    } else if (!watchEvents(job)) {
+      $("job-panel").dataset.live = "polling";
+      state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
+    }
   }
 
   // Raw vs restored: one button swaps the picture (and its download) between the two files.
@@ -974,7 +1031,8 @@
           reportError(err);
         });
       } else {
-        img.src = `${out.url}?inline=1`;
+        // The gallery shows the small JPEG thumbnail; the link opens the full PNG.
+        img.src = out.thumbnail_url ? `${out.thumbnail_url}?inline=1` : `${out.url}?inline=1`;
         view.href = `${out.url}?inline=1`;
         dl.href = out.url;
       }

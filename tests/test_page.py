@@ -182,6 +182,12 @@ def _drive(page, server, kind: str, tmp_path) -> None:
                                       .map(([st, s]) => s)).size >= 2""", timeout=60_000, polling=50)
     text = page.locator("#job-progress-text").inner_text()
     assert re.search(r"step \d+ / \d+ · ETA (\d+ s|estimating…)", text), text
+    # The steps arrive over the live event stream (GET /events), not by polling.
+    assert page.locator("#job-panel").get_attribute("data-live") == "events"
+    if kind == "real":  # the tiny engine sends previews of the forming image (the fakes have none)
+        page.wait_for_function("""() => { const i = document.getElementById('job-preview');
+            return !i.hidden && i.src.startsWith('data:image/jpeg;base64,') && i.naturalWidth > 0; }""",
+                               timeout=60_000, polling=50)
     assert page.locator("#generate-btn").is_disabled() and page.locator("#cancel-btn").is_enabled()
     shot(page, "3-progress", kind)
 
@@ -193,6 +199,7 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert steps[-1] == ["succeeded", total, total]
     assert page.locator("#job-progress").evaluate("el => el.value / el.max") == 1
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
+    assert page.locator("#job-preview").is_hidden()  # the portraits replace the preview
 
     # --- gallery: two results with seeds and download links ---
     results = page.locator("#gallery .result")
@@ -205,6 +212,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     for i, seed in enumerate(seeds):
         assert results.nth(i).locator(".result-seed").inner_text() == f"Seed {seed}"
     page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    # The gallery shows each portrait's JPEG thumbnail; its link opens the full PNG.
+    assert all(".thumb.jpg" in results.nth(i).locator("img").get_attribute("src") for i in range(2))
+    assert all(results.nth(i).locator(".result-view").get_attribute("href").endswith(".png?inline=1") for i in range(2))
     shot(page, "4-gallery", kind)
 
     with page.expect_download() as dl_info:
@@ -230,7 +240,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
     assert page.locator("#gallery .result").count() == 2
 
-    # --- the connection drops while a job runs: the page says so, backs off, and recovers ---
+    # --- the connection drops while a job runs: the event stream fails, the page falls back to polling,
+    # says so, backs off, and recovers ---
+    page.route("**/events/**", lambda route: route.abort("connectionreset"))
     page.route("**/status/**", lambda route: route.abort("connectionreset"))
     page.select_option("#quality_mode", "fast")
     page.click("#generate-btn")
@@ -239,7 +251,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert re.search(r"Connection to the server lost; retrying in \d+ s \(attempt \d+\)", net.inner_text()), net.inner_text()
     assert net.locator("button", has_text="Retry now").is_visible()
     assert page.locator("#cancel-btn").is_enabled()  # the job is still ours to cancel
+    assert page.locator("#job-panel").get_attribute("data-live") == "polling"
     page.unroute("**/status/**")
+    page.unroute("**/events/**")
     page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
     net.wait_for(state="hidden", timeout=10_000)  # "Reconnected." shows briefly, then goes
     assert page.locator("#gallery .result").count() == 3
