@@ -165,7 +165,7 @@ LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 PREVIEWS_PER_JOB = 8  # previews are sent on about this many evenly spaced steps (and the last one)
 
 
-def latent_preview_jpeg(latents, side: int = 256) -> bytes:
+def latent_preview_jpeg(latents, side: int = 128) -> bytes:
     """A small JPEG of the first image's latents (channels, h, w), through the linear projection."""
     import io
 

@@ -54,11 +54,50 @@ def poll_status(url: str, cookies, seconds: float, interval: float = 0.02) -> li
     return out
 
 
+def preview_cost(reps: int = 5) -> None:
+    import torch
+
+    from generate_twin import DigitalTwinGenerator, GenerationRequest, latent_preview_jpeg
+    from model_loader import TINY_RESOLUTION
+    from utils.config import Settings
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = Settings(data_dir=Path(tmp), model_profile="tiny", tiny_model_dir=Path(tmp) / "tiny", warmup=False,
+                     device="cpu")
+        gen = DigitalTwinGenerator(s).setup()
+        lat = torch.randn(1, 4, TINY_RESOLUTION // 8, TINY_RESOLUTION // 8)
+        latent_preview_jpeg(lat)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            latent_preview_jpeg(lat)
+        per_preview = (time.perf_counter() - t0) / 200
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        steps = 0
+        for _ in range(reps):
+            for want in (False, True):
+                req = GenerationRequest.from_dict({"prompt": "a portrait", "seed": 1, "preview": want,
+                                                   "quality_mode": "high_fidelity"}, s)
+                seen = []
+                t0 = time.perf_counter()
+                gen.generate(req, on_progress=lambda st, tot, *p: seen.append(st))
+                runs[want].append(time.perf_counter() - t0)
+                steps = len(seen)
+    plain, with_p = statistics.median(runs[False]), statistics.median(runs[True])
+    per_step = plain / steps
+    print(f"preview (tiny, {TINY_RESOLUTION}px, latents {TINY_RESOLUTION // 8}²): {per_preview * 1000:.2f} ms per preview; "
+          f"one denoising step {per_step * 1000:.1f} ms -> {per_preview / per_step * 100:.2f} % of a step (goal <= 2 %)")
+    print(f"whole generation, {steps} steps: {plain:.3f} s without previews, {with_p:.3f} s with (ratio {with_p / plain:.3f}, "
+          f"median of {reps} alternating runs)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=50)
     ap.add_argument("--step-seconds", type=float, default=0.5)
+    ap.add_argument("--preview-cost", action="store_true", help="also measure previews on the tiny engine")
     args = ap.parse_args()
+    if args.preview_cost:
+        preview_cost()
     mode, steps = "high_fidelity", QUALITY_STEPS["high_fidelity"]
     with tempfile.TemporaryDirectory() as tmp:
         env = server_env(Path(tmp) / "data", FAKE_STEP_SECONDS=str(args.step_seconds),
