@@ -1,13 +1,13 @@
 """Selfie validation + embedding, end to end on CPU: 15 selfies of 1024 px (JPEG variants of the test photos).
 
-    /work/venv/bin/python bench/bench_faces.py [--backend dlib|insightface] [--threads 1 2] [--repeat 3]
+    .venv/bin/python bench/bench_faces.py [--backend dlib|insightface] [--threads 1 2] [--repeat 3]
                                                [--descriptor torch dlib] [--stages]
 
 Prints set-up time, then for each descriptor engine (dlib backend) and thread count the best-of-``repeat``
 total seconds for the 15 files and the per-image milliseconds, and the ratio of each run to the dlib
 engine's best, all measured in this one run. Goal: ≤ 3 s for 15 on a 2-core machine (dlib backend).
 
-    /work/venv/bin/python bench/bench_faces.py --phone [--repeat 3] [--skip-gunicorn] [--gunicorn-old]
+    .venv/bin/python bench/bench_faces.py --phone [--repeat 3] [--skip-gunicorn] [--gunicorn-old]
 
 Phone photos (issue 15): every row of the issue's table, each against the full-resolution path as it was
 before (tests/full_resolution.py), old and new alternating in this one run (the machine is shared:

@@ -11,9 +11,9 @@
    the pollers starting at random points of their interval (independent clients) and once all together
    (every interval a burst of 50 requests at the same instant).
 
-    /work/venv/bin/python bench/bench_service.py            # real engines, tiny profile
-    /work/venv/bin/python bench/bench_service.py --fake     # fakes (before the engines are merged)
-    /work/venv/bin/python bench/bench_service.py --compare-process --reps 3   # generation thread vs child process
+    .venv/bin/python bench/bench_service.py            # real engines, tiny profile
+    .venv/bin/python bench/bench_service.py --fake     # fakes (before the engines are merged)
+    .venv/bin/python bench/bench_service.py --compare-process --reps 3   # generation thread vs child process
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ Playwright (never `playwright install`), reading PNG headers, and a development 
 
 Development server (no engines needed; slow steps so progress is visible)::
 
-    /work/venv/bin/python -m tests.page_helpers --port 5055 --step-seconds 0.3
+    .venv/bin/python -m tests.page_helpers --port 5055 --step-seconds 0.3
 """
 from __future__ import annotations
 

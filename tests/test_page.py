@@ -4,7 +4,7 @@ The "real" case runs the tiny profile with the dlib face service; the "fake" cas
 script on the fakes so the page is covered before the engines are merged. Screenshots go to
 test-artifacts/ (upload report, API error, progress, gallery, phone width).
 
-Run: /work/venv/bin/python -m pytest tests/test_page.py -q
+Run: .venv/bin/python -m pytest tests/test_page.py -q
 """
 from __future__ import annotations
 
