@@ -298,6 +298,10 @@ class LoadedModels:
     base_scheduler_config: dict
     notes: list[str] = field(default_factory=list)
     encoder_repo: Path | None = None     # IPA_DIR, for the ViT-H encoder of faceid-plusv2
+    # What a session identity is bound to: the base model family. A single-file fine-tune of the same base
+    # (same shapes, same image encoder and adapter files) takes the same identities, so a base-model switch
+    # does not invalidate every uploaded session.
+    identity_model: str = ""
 
 
 def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
@@ -334,13 +338,36 @@ def quiet_libraries():
         tlog.enable_progress_bar()
 
 
-def load_models(settings: Settings) -> LoadedModels:
-    """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler."""
+def load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedModels:
+    """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler.
+    ``checkpoint``: a single-file SDXL ``.safetensors`` (see ``list_checkpoints``) in place of the diffusers
+    base folder's weights; the folder still gives the configs and tokenizers (offline, no hub)."""
     with quiet_libraries():
-        return _load_models(settings)
+        return _load_models(settings, checkpoint)
 
 
-def _load_models(settings: Settings) -> LoadedModels:
+def checkpoint_dir(settings: Settings) -> Path:
+    """Where single-file base checkpoints live: <tiny>/checkpoints on the tiny profile, else <model_dir>/checkpoints."""
+    if choose_profile(settings) == "tiny":
+        return settings.resolved_tiny_model_dir / CHECKPOINT_DIR
+    return settings.model_dir / CHECKPOINT_DIR
+
+
+def base_model_name(settings: Settings) -> str:
+    return "tiny-sdxl" if choose_profile(settings) == "tiny" else settings.sdxl_model_id
+
+
+def list_checkpoints(settings: Settings) -> dict[str, Path | None]:
+    """Base models available locally: name -> single-file path (None: the diffusers base folder itself)."""
+    out: dict[str, Path | None] = {base_model_name(settings): None}
+    folder = checkpoint_dir(settings)
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            out.setdefault(f.stem, f)
+    return out
+
+
+def _load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedModels:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -388,12 +415,24 @@ def _load_models(settings: Settings) -> LoadedModels:
                                       f"download --instantid --dir {settings.model_dir}")
         controlnet = IdentityNet.from_pretrained(str(net_dir), dtype=dtype, local_files_only=True,
                                                  use_safetensors=True)
-        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-            str(base), controlnet=controlnet, dtype=dtype, variant=variant, local_files_only=True,
-            use_safetensors=True)
+        if checkpoint is not None:
+            pipe = StableDiffusionXLControlNetPipeline.from_single_file(
+                str(checkpoint), config=str(base), controlnet=controlnet, torch_dtype=dtype, local_files_only=True)
+        else:
+            pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+                str(base), controlnet=controlnet, dtype=dtype, variant=variant, local_files_only=True,
+                use_safetensors=True)
+    elif checkpoint is not None:
+        # A fine-tune shipped as one file (RealVisXL, Juggernaut XL): the local base folder is the config,
+        # so nothing is fetched from the hub.
+        pipe = StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(base), torch_dtype=dtype,
+                                                          local_files_only=True)
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
                                                          local_files_only=True, use_safetensors=True)
+    identity_model = model_name
+    if checkpoint is not None:
+        model_name = Path(checkpoint).stem
     base_config = dict(pipe.scheduler.config)
     pipe.scheduler = dpmpp_karras(base_config)
     pipe.to(device)
@@ -409,7 +448,7 @@ def _load_models(settings: Settings) -> LoadedModels:
                           device=device, dtype=dtype, adapter_repo=adapter_repo,
                           adapter_variant=settings.ip_adapter_variant, lightning_adapter=lightning_adapter,
                           loras=loras, base_scheduler_config=base_config, notes=notes,
-                          encoder_repo=encoder_repo)
+                          encoder_repo=encoder_repo, identity_model=identity_model)
     if device.startswith("cuda"):
         # Must run before the IP-Adapter is loaded (see fuse_qkv below).
         notes += apply_cuda_optimisations(pipe, settings, has_lora=bool(loras or lightning_adapter))

@@ -781,6 +781,28 @@ class Runtime:
         return published_options(int(native), self.settings)
 
 
+    # --- base-model registry (GET /models, /loras, POST /models/load) ---------------------------------
+    def models_catalogue(self) -> dict:
+        self.require_ready()
+        gen = self.generators[0]
+        if not hasattr(gen, "models_catalogue"):
+            raise errors.InvalidRequest("this generator has no model registry", code="not_supported", http_status=501)
+        return gen.models_catalogue()
+
+    def load_model(self, name: Any) -> dict:
+        """Every generator loads ``name`` beside its model and switches between jobs (see
+        DigitalTwinGenerator.load_model). The first failure stops: the generators not reached keep theirs."""
+        self.require_ready()
+        if not isinstance(name, str) or not name.strip():
+            raise errors.InvalidRequest(f"model={name!r} must be a base model name (GET /models)")
+        t0 = time.perf_counter()
+        results = [g.load_model(name) for g in self.generators]
+        out = dict(results[0])
+        out["swap_s"] = round(time.perf_counter() - t0, 3)
+        out["workers"] = len(results)
+        return out
+
+
 def _output_bytes(req) -> int:
     """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that); a restored
     output keeps its raw original too."""
