@@ -222,3 +222,20 @@ def test_hot_swap_under_load(make_app, service_settings, swap_generator, face_se
     assert set(used) <= {BASE, ALT} and used[-1] == ALT
     assert used == sorted(used, key=lambda m: m == ALT)   # once switched, never back: BASE..., ALT...
     swap_generator.load_model(BASE)   # leave the module generator as the other tests expect
+
+
+def test_the_generator_process_forwards_the_registry_calls(swap_settings):
+    """The same contract through the child: load beside, switch, errors come back with their code."""
+    from utils.jobs.generator_process import GeneratorProcess
+    gen = GeneratorProcess(swap_settings).setup()
+    try:
+        assert gen.models_catalogue()["active"] == BASE
+        with pytest.raises(InvalidRequest) as e:
+            gen.load_model("broken")
+        assert e.value.code == "model_load_failed" and "broken.safetensors" in e.value.message
+        assert gen.load_model(ALT)["switched"] and gen.info()["model_name"] == ALT
+        req = GenerationRequest.from_dict({"prompt": "p", "style": "none", "width": 64, "height": 64, "seed": 1},
+                                          swap_settings)
+        assert gen.generate(req).metadata["model"] == ALT
+    finally:
+        gen.close()
