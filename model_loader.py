@@ -956,7 +956,9 @@ def _write_tiny_checkpoint(root: Path, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (p.std() if p.numel() > 1 else 1.0))
     out = root / CHECKPOINT_DIR / TINY_ALT_CHECKPOINT
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_single_file(pipe), str(out))
+    # fp16, as the fine-tunes are published (and half the size: the tiny folder stays small); from_single_file
+    # casts it to the pipeline's dtype.
+    save_file({k: v.half() for k, v in to_single_file(pipe).items()}, str(out))
 
 
 def tiny_adapter_weight(variant: str) -> str:
