@@ -219,6 +219,7 @@ def test_hot_swap_under_load(make_app, service_settings, swap_generator, face_se
         done.append(job)
     assert [j["status"] for j in done] == ["succeeded"] * len(done), [j.get("error") for j in done]
     used = [j["metadata"]["model"] for j in done]
+    print("models used in order:", used)
     assert set(used) <= {BASE, ALT} and used[-1] == ALT
     assert used == sorted(used, key=lambda m: m == ALT)   # once switched, never back: BASE..., ALT...
     swap_generator.load_model(BASE)   # leave the module generator as the other tests expect
@@ -239,3 +240,24 @@ def test_the_generator_process_forwards_the_registry_calls(swap_settings):
         assert gen.generate(req).metadata["model"] == ALT
     finally:
         gen.close()
+
+
+@pytest.mark.parametrize("model, status, code", [
+    (BASE, 202, None),
+    (ALT, 409, "model_not_loaded"),          # known, not active: said at submit, naming both
+    ("nope", 400, "unknown_model"),
+    ("", 400, "invalid_request"),
+    (7, 400, "invalid_request"),
+])
+def test_generate_with_model_field(make_app, service_settings, swap_generator, face_service, model, status, code):
+    app = make_app(service_settings.replace(max_image_side=128), generator=swap_generator, faces=face_service)
+    c = app.test_client()
+    token = _upload(c)
+    r = c.post("/generate", json={"prompt": "p", "style": "none", "width": 64, "height": 64, "model": model},
+               headers=token)
+    assert r.status_code == status, r.get_json()
+    if code:
+        err = r.get_json()["error"]
+        assert err["code"] == code and repr(model) in err["message"]
+        if code == "model_not_loaded":
+            assert repr(BASE) in err["message"]

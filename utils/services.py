@@ -471,6 +471,7 @@ class Runtime:
         gen = self.generators[0]
         req = request_type(gen).from_dict(payload, self.settings)
         self._check_likeness(req)
+        self._check_model(gen, req)
         self.storage.require_space(_output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
         # Parse the identity now, so a broken session fails the request rather than the job.
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
@@ -493,6 +494,21 @@ class Runtime:
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job
+
+    def _check_model(self, gen, req) -> None:
+        """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
+        generator checks again: a switch in between fails the job with the same code)."""
+        want = getattr(req, "model", None)
+        if want is None or not hasattr(gen, "models_catalogue"):
+            return
+        cat = gen.models_catalogue()
+        names = [m["name"] for m in cat["models"]]
+        if want not in names:
+            raise errors.InvalidRequest(f"model={want!r} is not a local base model; available: {', '.join(names)}",
+                                        code="unknown_model")
+        if want != cat["active"]:
+            raise errors.InvalidRequest(f"model={want!r} is not loaded; the active base model is {cat['active']!r}",
+                                        code="model_not_loaded", http_status=409)
 
     def _check_likeness(self, req) -> None:
         """Restoration and best-of-N need the face service (and restoration its model file): refuse the
