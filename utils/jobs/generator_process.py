@@ -157,12 +157,24 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
             finally:
                 cancels.pop(rid, None)
 
+    def run_call(rid, method, args, kwargs) -> None:
+        try:
+            send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001
+            send(("err", rid, _error_payload(e)))
+
     def call_loop() -> None:
         while True:
             _, rid, method, args, kwargs = call_q.get()
             try:
                 if method not in ("build_identity", "validate", "info", "models_catalogue", "load_model"):
                     raise errors.InvalidRequest(f"method={method!r} is not served by the generation process")
+                if method == "load_model":
+                    # A real SDXL load takes a minute: in its own thread, so uploads (build_identity) and
+                    # validate calls are not queued behind it.
+                    threading.Thread(target=run_call, args=(rid, method, args, kwargs), name="twin-child-load",
+                                     daemon=True).start()
+                    continue
                 send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
             except BaseException as e:  # noqa: BLE001
                 send(("err", rid, _error_payload(e)))
