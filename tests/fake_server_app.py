@@ -9,3 +9,9 @@ from tests.fakes import FakeFaceService, FakeGenerator
 def create():
     return create_app(generator=FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
                       faces=FakeFaceService())
+
+
+def worker_components(settings):
+    """``python -m utils.jobs.rq_worker --components tests.fake_server_app:worker_components``: a cluster
+    GPU worker on the doubles (FAKE_STEP_SECONDS per step)."""
+    return FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))), FakeFaceService()
