@@ -183,3 +183,211 @@ def test_happy_path_upload_on_a_generate_on_b_status_and_download_on_either(api_
         assert node.get(f"/status/{job['id']}", headers={TOKEN_HEADER: "x" * 32}).status_code == 404
     # Same JSON shape as local mode (values differ; keys and types do not).
     assert shape(done) == shape(local_job_shape(make_app))
+
+
+# --- 3. cancel -----------------------------------------------------------------------------------
+
+def test_cancel_queued_job_never_starts_and_the_worker_takes_the_next(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    job = generate(a, tok)
+    r = b.post(f"/cancel/{job['id']}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 200 and r.json["status"] == "canceled"
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    nxt = generate(b, tok)
+    assert wait_status(a, tok, nxt["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    after = status(a, tok, job["id"])
+    assert after["status"] == "canceled" and after["started_at"] is None and after["attempt"] == 0
+
+
+@pytest.mark.parametrize("how", ["api", "key_only"])
+def test_cancel_running_job_stops_within_one_step_not_retried(api_nodes, workers, redis_server, how):
+    """``key_only``: the pub/sub stop command is never sent (as if the message were lost); the Redis key
+    the step callback reads still stops the job."""
+    step = 0.4
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0", step_seconds=step)
+    workers.wait_registered(redis_server.client(), ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")  # 8 steps
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
+    t0 = time.time()
+    if how == "api":
+        r = b.post(f"/cancel/{job['id']}", headers={TOKEN_HEADER: tok})
+        assert r.status_code == 200
+    else:
+        b.application.extensions["twin"].store.request_cancel(job["id"])
+    done = wait_status(a, tok, job["id"], {"canceled", "succeeded", "failed"}, 10)
+    took = time.time() - t0
+    assert done["status"] == "canceled" and done["error"]["code"] == "canceled"
+    assert took < step * 2 + 0.5, f"stopped after {took:.2f}s; one step is {step}s"
+    assert done["progress"]["step"] < 8
+    # Not retried, and the worker takes the next job.
+    nxt = generate(b, tok)
+    assert wait_status(a, tok, nxt["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert status(a, tok, job["id"])["status"] == "canceled" and status(a, tok, job["id"])["attempt"] == 1
+
+
+# --- 2. a worker killed mid-job ----------------------------------------------------------------------
+
+def _holder(conn, job_id: str, procs) -> subprocess.Popen | None:
+    from rq import Worker
+
+    from utils.jobs.rq_queue import make_queue
+    for w in Worker.all(queue=make_queue(conn)):
+        if w.get_current_job_id() == job_id:
+            return next((p for p in procs if p.name == w.name and p.poll() is None), None)
+    return None
+
+
+def test_sigkilled_worker_job_reruns_on_another_worker_with_attempt_2(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    conn = redis_server.client()
+    for n in ("w0", "w1"):
+        workers.start(settings, name=n, step_seconds=0.3)
+    workers.wait_registered(conn, ["w0", "w1"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 2, 30, 0.02)
+    victim = wait_until(lambda: _holder(conn, job["id"], workers.procs), 10, 0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    t_kill = time.time()
+    done = wait_status(b, tok, job["id"], {"succeeded", "failed", "canceled"}, 30)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] == 2
+    assert time.time() - t_kill < 30
+    assert [o["filename"] for o in done["outputs"]] == ["avatar_001.png"]
+
+
+def test_job_killed_on_every_attempt_fails_with_a_reason(api_nodes, workers, redis_server):
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")
+    for attempt in (1, 2, 3):
+        p = workers.start(settings, name=f"w{attempt}", step_seconds=0.3)
+        wait_until(lambda: (lambda j: j["status"] == "running" and j["attempt"] == attempt
+                            and j["progress"]["step"] >= 1)(status(a, tok, job["id"])), 40, 0.02)
+        p.send_signal(signal.SIGKILL)
+        p.wait(5)
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed", "canceled"}, 30)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "worker_lost" and "3 attempts" in done["error"]["message"]
+    assert done["attempt"] == 3
+
+
+# --- 6. success wins -------------------------------------------------------------------------------
+
+def test_success_wins_over_a_late_rerun_or_cleanup(api_nodes, workers, redis_server):
+    from utils.jobs import JobStatus
+    from utils.jobs.rq_queue import Maintenance, enqueue, make_queue
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    workers.start(settings, name="w0")
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok)
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+    store = a.application.extensions["twin"].store
+    # A late failure write (what a registry cleanup's verdict would become) does not take.
+    assert store.finish(job["id"], JobStatus.FAILED, code="worker_lost", message="x") is False
+    # RQ re-running the job (rq#2424: abandoned after success, then retried): the attempt does nothing.
+    enqueue(make_queue(conn), job["id"], settings)
+    wait_until(lambda: len(make_queue(conn)) == 0, 10, 0.05)
+    time.sleep(0.5)
+    Maintenance(store, settings).run_once()
+    assert status(a, tok, job["id"]) == done
+
+
+# --- 5. Redis down and back ------------------------------------------------------------------------
+
+def test_redis_down_answers_503_then_restart_keeps_queued_jobs(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    job = generate(a, tok)
+    redis_server.stop()
+    r = a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
+    assert int(r.headers["Retry-After"]) > 0
+    r = b.post("/generate", json={"prompt": "x"}, headers={TOKEN_HEADER: tok})
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable"
+    h = a.get("/health")
+    assert h.status_code == 200 and h.json["state"] == "queue_unavailable" and "Redis" in h.json["error"]
+    redis_server.start()
+    # Both nodes reconnect by themselves; the queued job and the session survived (AOF).
+    assert wait_until(lambda: b.get("/health").json["state"] == "ready", 15, 0.1)
+    assert status(b, tok, job["id"])["status"] == "queued"
+    workers.start(settings, name="w0")
+    assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+
+
+# --- 4. SIGTERM drains a worker ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("drain_seconds,want", [(25.0, "finished"), (0.5, "requeued")])
+def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(api_nodes, workers, redis_server, drain_seconds,
+                                                                 want):
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    p = workers.start(settings.replace(drain_seconds=drain_seconds), name="w0", step_seconds=0.3)
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")  # 8 x 0.3 s
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0, workers.log(p)
+    after = status(a, tok, job["id"])
+    if want == "finished":
+        assert after["status"] == "succeeded" and after["attempt"] == 1
+        return
+    assert after["status"] == "queued" and after["attempt"] == 0, after
+    workers.start(settings, name="w1")
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["attempt"] == 1
+
+
+# --- 8. /system-status ---------------------------------------------------------------------------
+
+def test_system_status_lists_workers_and_queue_depth(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    conn = redis_server.client()
+    workers.start(settings, name="w0", step_seconds=0.3)
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    running = generate(a, tok, quality_mode="high_fidelity")
+    waiting = generate(a, tok)
+    wait_until(lambda: status(a, tok, running["id"])["status"] == "running", 20, 0.02)
+    body = b.get("/system-status").json
+    assert body["mode"] == "cluster" and body["workers"] == 1
+    assert body["queue"]["depth"] == 1 and body["queue"]["running"] == 1
+    (w,) = body["cluster"]["workers"]
+    assert w["name"] == "w0" and w["host"] and w["gpu_name"] == "CPU" and w["current_job"] == running["id"]
+    assert 0 <= w["heartbeat_age_s"] < 5
+    assert status(a, tok, waiting["id"])["position"] == 1
+
+
+# --- 7. rate limits, deletes and the sweep across nodes ---------------------------------------------
+
+def test_rate_limit_holds_across_api_nodes(api_nodes):
+    settings, (a, b) = api_nodes(rate_limit_generate="2/minute")
+    _, tok = upload(a)
+    codes = [node.post("/generate", json={"prompt": "x"}, headers={TOKEN_HEADER: tok}).status_code
+             for node in (a, b, a)]
+    assert codes == [202, 202, 429]
+
+
+def test_delete_session_on_b_removes_files_and_records_of_jobs_run_by_a_worker(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    session_id, tok = upload(a)
+    job = generate(a, tok)
+    assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert (settings.data_dir / session_id).is_dir()
+    r = b.delete(f"/sessions/{session_id}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 200
+    assert not (settings.data_dir / session_id).exists()
+    assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
+    assert not [k for k in redis_server.client().keys("twin:*") if job["id"].encode() in k or session_id.encode() in k]

@@ -102,6 +102,14 @@ class TwinWorker(SimpleWorker):
                 except Exception:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
                     pass
 
+    def subscribe(self):
+        """RQ's, with a 1 s read timeout instead of 60 s: closing the pub/sub at exit waits for the
+        listener's read to return, and a worker stopped by SIGTERM must exit promptly."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=1, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
+
     # --- cancel and stop ---
     def kill_horse(self, sig=signal.SIGTERM):
         """RQ's stop-job command lands here; there is no horse: stop this job at its next step."""
