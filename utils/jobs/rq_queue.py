@@ -169,7 +169,10 @@ def _failed():
 def enqueue(queue: Queue, job_id: str, settings: Settings) -> None:
     retry = None
     if settings.job_attempts > 1:
-        retry = Retry(max=settings.job_attempts - 1, interval=settings.retry_backoff_list)
+        n = settings.job_attempts - 1
+        # RQ picks interval[len - retries_left]: pad with the last value so it is the one that repeats.
+        backoff = (settings.retry_backoff_list + [settings.retry_backoff_list[-1]] * n)[:n]
+        retry = Retry(max=n, interval=backoff)
     queue.enqueue(JOB_FUNC, job_id, job_id=job_id, retry=retry, job_timeout=JOB_TIMEOUT_S,
                   result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S, description=f"twin job {job_id}")
 
