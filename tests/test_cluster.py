@@ -391,3 +391,20 @@ def test_delete_session_on_b_removes_files_and_records_of_jobs_run_by_a_worker(a
     assert not (settings.data_dir / session_id).exists()
     assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
     assert not [k for k in redis_server.client().keys("twin:*") if job["id"].encode() in k or session_id.encode() in k]
+
+
+def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes(retention_hours=1.0)
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    old_session, tok = upload(a)
+    job = generate(a, tok, session_id=old_session)
+    assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    runtime_b = b.application.extensions["twin"]
+    assert runtime_b.sweep(now=time.time() + 3601) == [old_session]
+    assert not (settings.data_dir / old_session).exists()
+    assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
+    assert runtime_b.store.get_session(old_session) is None
+    # The sweep loop runs once per interval cluster-wide: the second node's turn is refused.
+    assert a.application.extensions["twin"].manager.acquire_singleton("probe", 60) is True
+    assert runtime_b.manager.acquire_singleton("probe", 60) is False
