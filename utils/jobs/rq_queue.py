@@ -127,7 +127,8 @@ class Maintenance:
         with r.pipeline() as p:
             for job in Job.fetch_many(job_ids, connection=r, serializer=JSONSerializer):
                 if job is not None:
-                    self.queue._enqueue_job(job, pipeline=p)
+                    # At the front: a job re-run after its worker died (or a drain) has waited its turn.
+                    self.queue._enqueue_job(job, pipeline=p, at_front=True)
             for job_id in job_ids:
                 registry.remove(job_id, pipeline=p)
             p.execute()
