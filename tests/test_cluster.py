@@ -52,13 +52,18 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, settings, *, step_seconds: float = 0.0, name: str | None = None, **env_extra) -> subprocess.Popen:
+        return self.start_env({**settings_env(settings), "FAKE_STEP_SECONDS": str(step_seconds), **env_extra}, name=name)
+
+    def start_env(self, twin_env: dict[str, str], *, name: str | None = None,
+                  components: str | None = "tests.fake_server_app:worker_components") -> subprocess.Popen:
+        """A worker with exactly these TWIN_* variables; ``components=None``: the real engines."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
-        env.update(settings_env(settings))
-        env.update({"FAKE_STEP_SECONDS": str(step_seconds), "PYTHONUNBUFFERED": "1"}, **env_extra)
+        env.update(twin_env)
+        env["PYTHONUNBUFFERED"] = "1"
         name = name or f"w{len(self.procs)}"
         log = open(self.tmp / f"worker-{name}.log", "wb")
-        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", name,
-                              "--components", "tests.fake_server_app:worker_components"],
+        extra = ["--components", components] if components else []
+        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", name, *extra],
                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         p.name = name  # type: ignore[attr-defined]
         self.procs.append(p)
@@ -408,3 +413,30 @@ def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes,
     # The sweep loop runs once per interval cluster-wide: the second node's turn is refused.
     assert a.application.extensions["twin"].manager.acquire_singleton("probe", 60) is True
     assert runtime_b.manager.acquire_singleton("probe", 60) is False
+
+
+# --- the real commands: gunicorn API node + worker process, test_api.sh against the cluster ---------
+
+@pytest.mark.slow
+def test_test_api_sh_against_a_cluster(server_kind, start_server, workers, redis_server, tmp_path):
+    """The documented API walk-through (test_api.sh) against a gunicorn API node in cluster mode with one
+    worker process: on the doubles, and on the real tiny-profile engines (the worker runs
+    DigitalTwinGenerator in-process, the API node encodes the upload's identity)."""
+    import requests
+    kind, app_spec, env = server_kind
+    env = {**env, "TWIN_QUEUE_URL": redis_server.url, "TWIN_WORKER_HEARTBEAT_SECONDS": "0.5"}
+    server = start_server(env, app_spec=app_spec)
+    worker_env = {k: v for k, v in env.items() if k.startswith("TWIN_")}
+    workers.start_env(worker_env, name="w0", components=None if kind == "real" else
+                      "tests.fake_server_app:worker_components")
+    workers.wait_registered(redis_server.client(), ["w0"], timeout=180)
+    out = tmp_path / "downloads"
+    proc = subprocess.run([str(REPO / "test_api.sh"), server.url], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT_DIR": str(out), "POLL_TIMEOUT": "300",
+                                            "PYTHON": sys.executable})
+    assert proc.returncode == 0, (f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
+                                  f"\nworker:\n{workers.log(workers.procs[0])}")
+    assert len(list(out.glob("avatar_*.png"))) == 1
+    body = requests.get(server.url + "/system-status", timeout=5).json()
+    assert body["mode"] == "cluster" and body["cluster"]["workers"][0]["name"] == "w0"
+    assert body["jobs"]["succeeded"] >= 1
