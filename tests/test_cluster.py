@@ -450,3 +450,12 @@ def test_test_api_sh_against_a_cluster(server_kind, start_server, workers, redis
     body = requests.get(server.url + "/system-status", timeout=5).json()
     assert body["mode"] == "cluster" and body["cluster"]["workers"][0]["name"] == "w0"
     assert body["jobs"]["succeeded"] >= 1
+
+
+def test_sigterm_to_an_idle_worker_exits_0(api_nodes, workers, redis_server):
+    settings, _ = api_nodes(1)
+    p = workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0, workers.log(p)

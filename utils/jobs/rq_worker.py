@@ -32,6 +32,7 @@ import traceback
 
 from rq import get_current_job
 from rq.serializers import JSONSerializer
+from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
 from utils import errors
@@ -67,6 +68,7 @@ class TwinWorker(SimpleWorker):
         self._cancel = threading.Event()
         self._drain_requeue = False
         self._drain_timer: threading.Timer | None = None
+        self.stop_asked = False
 
     # --- heartbeats ---
     def get_heartbeat_ttl(self, job) -> int:
@@ -116,6 +118,8 @@ class TwinWorker(SimpleWorker):
         self._cancel.set()
 
     def request_stop(self, signum, frame):
+        # RQ sets _stop_requested only when busy (idle, it raises StopRequested): main() must know either way.
+        self.stop_asked = True
         super().request_stop(signum, frame)
         if self._drain_timer is None and self.get_state() == WorkerStatus.BUSY:
             self._drain_timer = threading.Timer(self.runtime.settings.drain_seconds, self._drain_now)
@@ -236,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        "gpu_name": info.get("name", "CPU")})
                 conn.expire(WORKER_INFO + name, 7 * 24 * 3600)
                 worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
+            except StopRequested:
+                break  # SIGTERM while RQ was setting up (before its own handler caught it)
             except Exception as e:  # noqa: BLE001 - Redis away at start: wait and reconnect
                 log.error("worker lost Redis; reconnecting", extra={"error": f"{type(e).__name__}: {e}"})
-            if worker._stop_requested or args.burst:
+            if worker.stop_asked or worker._stop_requested or args.burst:
                 break
             time.sleep(2)
     finally:
