@@ -12,17 +12,20 @@ import time
 import traceback
 import uuid
 
-from flask import Flask, g, jsonify, render_template, request, send_file, url_for
+from flask import Flask, Response, g, jsonify, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
 from utils import errors
-from utils.api import security
+from utils.api import events as api_events, idempotency, security
+from utils.api.idempotency import IdempotencyStore
+from utils.api.webhooks import WEBHOOK_FIELDS, WebhookDispatcher
 from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
+from utils.request_fields import published_fields
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
 from utils.api.openapi import build_spec
-from utils.services import Runtime, build_faces, build_generators
+from utils.services import Runtime, build_faces, build_generators, style_catalogue
 from utils.storage import is_output_name
 
 log = logging.getLogger("twin.app")
@@ -30,7 +33,7 @@ log = logging.getLogger("twin.app")
 # Error messages name the offending value; a hostile value must not make the answer as large as the request.
 MAX_MESSAGE_CHARS = 500
 # Endpoints that touch a caller's sessions and jobs (API key or client token decides what they see).
-OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "cancel", "download", "delete_session"})
+OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "events", "preview", "cancel", "download", "delete_session"})
 
 
 def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
@@ -42,6 +45,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
                                  "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
     security.check_rate_limits(settings)
+    styles = style_catalogue(settings)  # read now: a broken style file stops start-up, naming the line
     auth_message, auth_fields = security.describe_auth(settings)
     log.info(auth_message, extra=auth_fields)
     if generator is None:
@@ -77,6 +81,38 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     runtime = Runtime(settings, generators, faces)
     app.extensions["twin"] = runtime
     runtime.start()
+
+    hooks = WebhookDispatcher(settings, runtime.store)
+    runtime.store.listeners.append(hooks.on_job_event)
+    runtime.shutdown_hooks.append(hooks.close)
+    idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
+    runtime.session_deleted_hooks.append(idem.forget_session)
+
+    def idempotent(endpoint: str, owner: str | None, fp_parts: tuple, answer):
+        """answer() -> (status, body, headers, session_id); with an Idempotency-Key from a known caller,
+        the first answer is kept and given again for the same request (see utils/api/idempotency.py)."""
+        key = idempotency.parse_key(request.headers.get(idempotency.HEADER))
+        if key is None or owner is None:
+            status, body, headers, _ = answer()
+            return status, body, headers
+        replay = idem.begin(owner, endpoint, key, idempotency.fingerprint(*fp_parts))
+        if replay is not None:
+            status, body, headers = replay
+            return status, body, {**headers, "Idempotent-Replayed": "true"}
+        try:
+            status, body, headers, session_id = answer()
+        except BaseException:
+            idem.abandon(owner, endpoint, key)
+            raise
+        idem.complete(owner, endpoint, key, status, body, headers, session_id)
+        return status, body, headers
+
+    def json_response(status: int, body: dict, headers: dict):
+        resp = jsonify(body)
+        resp.status_code = status
+        for k, v in headers.items():
+            resp.headers[k] = v
+        return resp
 
     def caller(issue: bool = False):
         return resolve_caller(request.headers, request.cookies, settings.api_key_list, issue=issue)
@@ -165,11 +201,17 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             if len(data) > limit:
                 raise errors.PayloadTooLarge(f"file {name!r} is larger than the limit per file of "
                                              f"{settings.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
-        body = runtime.upload(files, who.owner)
+
+        def answer():
+            body = runtime.upload(files, who.owner)
+            return 200, body, {}, body["session_id"]
+        # A caller who just got its first token cannot be repeating itself: no key applies.
+        fp = tuple(x for name, data in files for x in (name, data))
+        status, body, headers = idempotent("upload", None if who.new_token else who.owner, fp, answer)
         session_id_var.set(body["session_id"])
         if who.new_token:
-            body["client_token"] = who.new_token
-        resp = jsonify(body)
+            body = {**body, "client_token": who.new_token}
+        resp = json_response(status, body, headers)
         if who.new_token:
             resp.set_cookie(COOKIE_NAME, who.new_token, httponly=True, samesite="Lax",
                             secure=request.is_secure, max_age=int(settings.retention_hours * 3600) or None)
@@ -188,19 +230,60 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             raise errors.InvalidRequest("the JSON body is nested too deeply") from None
         who = caller()
         security.check_text_fields(payload)
-        job = runtime.submit(payload, who.owner)
-        session_id_var.set(job["session_id"])
-        job_id_var.set(job["id"])
-        body = render_job(job)
-        resp = jsonify(body)
-        resp.status_code = 202
-        resp.headers["Location"] = body["status_url"]
-        return resp
+
+        def answer():
+            body_ = dict(payload) if isinstance(payload, dict) else payload
+            webhook = hooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
+            job = runtime.submit(body_, who.owner, webhook=webhook)
+            body = render_job(job)
+            return 202, body, {"Location": body["status_url"]}, job["session_id"]
+        status, body, headers = idempotent("generate", who.owner, (payload,), answer)
+        session_id_var.set(body["session_id"])
+        job_id_var.set(body["id"])
+        return json_response(status, body, headers)
 
     @app.get("/status/<job_id>")
     def status(job_id: str):
         job_id_var.set(job_id)
         return jsonify(render_job(runtime.owned_job(job_id, caller().owner)))
+
+    @app.get("/events/<job_id>")
+    def events(job_id: str):
+        job_id_var.set(job_id)
+        job = runtime.owned_job(job_id, caller().owner)
+        after = api_events.parse_last_event_id(request.headers.get("Last-Event-ID",
+                                                                   request.args.get("last_event_id")))
+        if not runtime.stream_slots.acquire(blocking=False):
+            raise api_events.TooManyStreams(f"{settings.max_event_streams} event streams are open "
+                                            "(TWIN_MAX_EVENT_STREAMS); poll /status or retry later")
+        try:
+            # The body is rendered outside the request context (no url_for there): URLs from the root.
+            root = request.script_root
+
+            def out_url(jid: str, filename: str) -> str:
+                return f"{root}/download/{jid}/{filename}"
+
+            def render(ev, current):
+                return api_events.render_event(
+                    ev, current, output_url=out_url,
+                    render_job=lambda j: job_json(j, runtime.store, url_for_output=out_url,
+                                                  status_url=f"{root}/status/{j['id']}"))
+            # EventStream.close() gives the slot back whenever the server closes the response.
+            body = api_events.EventStream(runtime, job, after, render, runtime.stream_slots)
+            resp = Response(body, mimetype="text/event-stream")
+        except BaseException:
+            runtime.stream_slots.release()
+            raise
+        resp.headers["X-Accel-Buffering"] = "no"  # nginx and similar proxies must not buffer the stream
+        return resp
+
+    @app.get("/preview/<job_id>")
+    def preview(job_id: str):
+        job_id_var.set(job_id)
+        step, jpeg = runtime.preview(job_id, caller().owner)
+        resp = Response(jpeg, mimetype="image/jpeg")
+        resp.headers["X-Preview-Step"] = str(step)
+        return resp
 
     @app.post("/cancel/<job_id>")
     def cancel(job_id: str):
@@ -213,7 +296,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         if not is_output_name(filename):
             raise errors.NotFound(f"file {filename!r} not found")
         path = runtime.output_path(job_id, filename, caller().owner)
-        return send_file(path, mimetype="image/png", as_attachment=request.args.get("inline") != "1",
+        mimetype = "image/jpeg" if filename.endswith(".jpg") else "image/png"
+        return send_file(path, mimetype=mimetype, as_attachment=request.args.get("inline") != "1",
                          download_name=filename, max_age=0)
 
     @app.delete("/sessions/<session_id>")
@@ -227,7 +311,16 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
     @app.get("/system-status")
     def system_status():
-        return jsonify(runtime.system_status())
+        body = runtime.system_status()
+        if body.get("options"):  # the service's own request fields beside the generator's
+            body["options"]["request_fields"] = {**body["options"].get("request_fields", {}),
+                                                 **published_fields(WEBHOOK_FIELDS, settings)}
+            body["options"]["webhooks"] = bool(settings.webhook_secret)
+        return jsonify(body)
+
+    @app.get("/styles")
+    def list_styles():
+        return jsonify(styles)
 
     @app.get("/openapi.json")
     def openapi():
@@ -240,7 +333,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     @app.get("/")
     def index():
         return jsonify({"service": "digital-twin", "health": "/health", "test_page": "/test",
-                        "openapi": "/openapi.json"})
+                        "openapi": "/openapi.json", "styles": "/styles"})
 
     return app
 

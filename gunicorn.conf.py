@@ -5,7 +5,6 @@ import os
 bind = f"{os.environ.get('TWIN_HOST', '127.0.0.1')}:{os.environ.get('TWIN_PORT', '5000')}"
 workers = 1
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Model loading happens in a background thread, so the worker answers /health at once; a long
 # generation runs in a job thread and never blocks the heartbeat.
 timeout = 120
@@ -15,6 +14,10 @@ timeout = 120
 from utils.config import Settings  # noqa: E402 - light: stdlib only
 
 _drain_seconds = float(os.environ.get("TWIN_DRAIN_SECONDS") or Settings.drain_seconds)
+# Each open GET /events stream holds a thread for its lifetime (a blocked thread costs no CPU): keep 8
+# threads for ordinary requests above the stream limit, so open streams never starve /status.
+_max_streams = int(os.environ.get("TWIN_MAX_EVENT_STREAMS") or Settings.max_event_streams)
+threads = int(os.environ.get("GUNICORN_THREADS") or _max_streams + 8)
 graceful_timeout = int(_drain_seconds) + 10
 keepalive = 5
 accesslog = None  # the app logs every request as a JSON line

@@ -11,6 +11,15 @@ Identity tensor layout (what diffusers' ``prepare_ip_adapter_image_embeds`` prod
   states ``[K, 257, 1280]`` (tiny: ``[K, 17, 32]``); plain the projected embedding ``[K, 1024]`` (tiny
   ``[K, 32]``). The negative half is the encoder's output for a black image (diffusers computes it).
 * faceid: L2-normalised 512-d ArcFace vectors ``[K, 512]``; the negative half is zeros.
+* faceid-plusv2: L2-normalised ArcFace ``[K, 1, 512]`` (zeros negative) plus, in ``extras["clip_embeds"]``,
+  the CLIP ViT-H penultimate hidden states of the face crops ``[2, K, 257, 1280]``; both go to the adapter's
+  ``IPAdapterFaceIDPlusImageProjection`` (``clip_embeds``, ``shortcut``, ``shortcut_scale``) per call.
+* instantid: the average of the selfies' raw (not normalised) ArcFace vectors ``[1, 1, 512]`` (zeros
+  negative), as InstantID's maintainers do for several photos; always averaged.
+
+``extras["keypoints"]`` ``[K, 5, 2]`` / ``extras["keypoint_index"]`` ``[K]``: each accepted selfie's 5 face
+points (normalised layout, see instantid.py) and its upload index, for ``pose="selfie:N"``. Geometry, not
+an embedding; never logged.
 """
 from __future__ import annotations
 
@@ -26,7 +35,10 @@ from model_loader import ADAPTER_FILES, LoadedModels, tiny_adapter_weight
 from utils.errors import Conflict, InvalidRequest
 
 FORMAT = "twin-identity-1"
-VARIANTS = ("plus-face", "plain", "faceid")
+VARIANTS = ("plus-face", "plain", "faceid", "faceid-plusv2", "instantid")
+ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")
+# FaceID Plus v2: weight of the CLIP-structure branch added to the ArcFace tokens (the model card's s_scale).
+FACEID_PLUSV2_SHORTCUT_SCALE = 1.0
 COMBINES = ("average", "stack")
 FACEID_DIM = 512
 
@@ -40,6 +52,7 @@ class SessionIdentity:
     num_selfies: int
     face_model: str | None = None
     created: float = field(default_factory=time.time)
+    extras: dict[str, Any] = field(default_factory=dict)   # clip_embeds, keypoints, keypoint_index (CPU tensors)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,8 +68,10 @@ class SessionIdentity:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({"ip_adapter_image_embeds": self.embeds.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata=self.metadata())
+        tensors = {"ip_adapter_image_embeds": self.embeds.detach().float().cpu().contiguous()}
+        for k, v in self.extras.items():
+            tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
+        save_file(tensors, str(tmp), metadata=self.metadata())
         tmp.replace(path)  # atomic: a job never reads a half-written identity
         return path
 
@@ -70,6 +85,7 @@ class SessionIdentity:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 embeds = f.get_tensor("ip_adapter_image_embeds")
+                extras = {k[len("extra."):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
         except Exception as e:
             raise InvalidRequest(f"identity file {path.name!r} is unreadable ({type(e).__name__})",
                                  code="identity_invalid") from None
@@ -78,7 +94,8 @@ class SessionIdentity:
                                  f"variant {meta.get('variant')!r}; expected {FORMAT}", code="identity_invalid")
         return cls(embeds=embeds, variant=meta["variant"], model_name=meta.get("model_name", ""),
                    combine=meta.get("combine", "average"), num_selfies=int(meta.get("num_selfies", "0")),
-                   face_model=meta.get("face_model") or None, created=float(meta.get("created", "0")))
+                   face_model=meta.get("face_model") or None, created=float(meta.get("created", "0")),
+                   extras=extras)
 
 
 def combine_embeds(per_image, combine: str):
@@ -111,12 +128,24 @@ class AdapterManager:
         if self.models.profile == "tiny":
             weight = tiny_adapter_weight(variant)
         root = self.models.adapter_repo
+        from model_loader import ENCODER_SUB, download_flag, quiet_libraries
+        from utils.errors import ModelWeightsMissing
         if root is None or not (Path(root) / sub / weight).is_file():
-            from utils.errors import ModelWeightsMissing
             raise ModelWeightsMissing(f"IP-Adapter weight {weight!r} for variant {variant!r} not found in {root}; "
-                                      f"run: python model_loader.py download" + (" --faceid" if variant == "faceid" else ""))
+                                      f"run: python model_loader.py download" + download_flag(variant))
+        if variant == "faceid-plusv2":
+            # Its ViT-H encoder lives in the other repo (h94/IP-Adapter): registered first, so that
+            # load_ip_adapter keeps it (it only loads an encoder when the pipeline has none).
+            enc_dir = Path(self.models.encoder_repo or "") / ENCODER_SUB
+            if not (enc_dir / "config.json").is_file():
+                raise ModelWeightsMissing(f"ViT-H image encoder for faceid-plusv2 not found in {enc_dir}; run: "
+                                          "python model_loader.py download --faceid-plusv2")
+            from transformers import CLIPVisionModelWithProjection
+            with quiet_libraries():
+                enc = CLIPVisionModelWithProjection.from_pretrained(str(enc_dir), dtype=self.models.dtype,
+                                                                    local_files_only=True)
+            pipe.register_modules(image_encoder=enc.to(self.models.device))
         before = set(getattr(pipe.unet, "peft_config", {}) or {})
-        from model_loader import quiet_libraries
         with quiet_libraries():
             pipe.load_ip_adapter(str(root), subfolder=sub, weight_name=weight, image_encoder_folder=encoder,
                                  local_files_only=True)
@@ -126,26 +155,48 @@ class AdapterManager:
         self.models.adapter_variant = variant
 
     # --- identity ---------------------------------------------------------------------------------
+    def _arcface(self, face_embeddings, face_model, norms=None) -> np.ndarray:
+        """[N, 512] unit ArcFace vectors, or raw ones (unit x the detector's norm) when ``norms`` are given."""
+        if face_embeddings is None or len(face_embeddings) == 0:
+            raise InvalidRequest(f"the {self.variant} adapter needs face embeddings; none were given")
+        vecs = []
+        for i, e in enumerate(face_embeddings):
+            a = np.asarray(e, dtype=np.float32).reshape(-1)
+            if a.shape[0] != FACEID_DIM:
+                raise InvalidRequest(
+                    f"the {self.variant} adapter needs {FACEID_DIM}-d ArcFace embeddings; selfie {i} has a "
+                    f"{a.shape[0]}-d embedding from face model {face_model!r}. Use the insightface face backend "
+                    f"or a variant without ArcFace (plus-face, plain)", code="embedding_mismatch")
+            if not np.all(np.isfinite(a)) or not np.linalg.norm(a) > 0:
+                raise InvalidRequest(f"face embedding of selfie {i} is not a finite non-zero vector")
+            a = a / np.linalg.norm(a)
+            if norms is not None:
+                n = norms[i]
+                if n is None or not np.isfinite(n) or n <= 0:
+                    raise InvalidRequest(f"selfie {i} has no raw ArcFace length; upload the selfies again with "
+                                         "the insightface face backend", code="embedding_mismatch")
+                a = a * np.float32(n)
+            vecs.append(a)
+        return np.stack(vecs)
+
     def per_image_embeds(self, crops: Sequence[Any] | None, face_embeddings: Sequence[Any] | None,
-                         face_model: str | None):
+                         face_model: str | None, embedding_norms: Sequence[Any] | None = None):
         """[2, N, ...] float32 CPU tensor: negative and positive half per selfie."""
         import torch
-        if self.variant == "faceid":
-            if face_embeddings is None or len(face_embeddings) == 0:
-                raise InvalidRequest("the faceid adapter needs face embeddings; none were given")
-            vecs = []
-            for i, e in enumerate(face_embeddings):
-                a = np.asarray(e, dtype=np.float32).reshape(-1)
-                if a.shape[0] != FACEID_DIM:
-                    raise InvalidRequest(
-                        f"the faceid adapter needs {FACEID_DIM}-d ArcFace embeddings; selfie {i} has a "
-                        f"{a.shape[0]}-d embedding from face model {face_model!r}. Use the insightface face backend "
-                        f"or a non-faceid adapter variant", code="embedding_mismatch")
-                if not np.all(np.isfinite(a)) or not np.linalg.norm(a) > 0:
-                    raise InvalidRequest(f"face embedding of selfie {i} is not a finite non-zero vector")
-                vecs.append(a / np.linalg.norm(a))
-            pos = torch.from_numpy(np.stack(vecs))[None]          # [1, N, 512]
+        if self.variant in ("faceid", "faceid-plusv2", "instantid"):
+            raw = self.variant == "instantid"   # InstantID was trained on the raw vectors, FaceID on unit ones
+            if raw and embedding_norms is None:
+                raise InvalidRequest("the instantid adapter needs raw ArcFace embeddings (embedding_norms); none "
+                                     "were given", code="embedding_mismatch")
+            pos = torch.from_numpy(self._arcface(face_embeddings, face_model, embedding_norms if raw else None))[None]
+            if self.variant != "faceid":
+                pos = pos[:, :, None, :]      # [1, N, 1, 512]: the Resampler projections take a token axis
             return torch.cat([torch.zeros_like(pos), pos], dim=0)
+        return self.clip_embeds(crops)
+
+    def clip_embeds(self, crops):
+        """[2, N, ...] CLIP image embeds of the face crops (negative: the encoder's own unconditional)."""
+        import torch
         if not crops:
             raise InvalidRequest("no face crops were given to build an identity from")
         from PIL import Image
@@ -159,12 +210,27 @@ class AdapterManager:
             out = pipe.prepare_ip_adapter_image_embeds([imgs], None, self.models.device, 1, True)
         return out[0].float().cpu()
 
-    def build_identity(self, crops, face_embeddings, *, face_model: str | None, combine: str) -> SessionIdentity:
-        per_image = self.per_image_embeds(crops, face_embeddings, face_model)
+    def build_identity(self, crops, face_embeddings, *, face_model: str | None, combine: str,
+                       embedding_norms=None, keypoints=None, keypoint_index=None) -> SessionIdentity:
+        import torch
+        per_image = self.per_image_embeds(crops, face_embeddings, face_model, embedding_norms)
         n = per_image.shape[1]
+        if self.variant == "instantid":
+            combine = "average"   # one identity vector: the IdentityNet reads one set of 16 tokens
+        extras: dict[str, Any] = {}
+        if self.variant == "faceid-plusv2":
+            extras["clip_embeds"] = combine_embeds(self.clip_embeds(_tight_crops(crops)), combine).contiguous()
+        if keypoints is not None:
+            from instantid import normalise_selfie_kps
+            kept = [(i, k) for i, k in zip(keypoint_index if keypoint_index is not None else range(len(keypoints)),
+                                           keypoints) if k is not None]
+            if kept:
+                extras["keypoints"] = torch.tensor(np.stack([normalise_selfie_kps(k) for _, k in kept]),
+                                                   dtype=torch.float32)
+                extras["keypoint_index"] = torch.tensor([int(i) for i, _ in kept], dtype=torch.int64)
         return SessionIdentity(embeds=combine_embeds(per_image, combine).contiguous(), variant=self.variant or "",
                                model_name=self.models.model_name, combine=combine, num_selfies=int(n),
-                               face_model=face_model)
+                               face_model=face_model, extras=extras)
 
     def check_identity(self, identity: SessionIdentity) -> None:
         if identity.variant != self.variant:
@@ -188,13 +254,44 @@ class AdapterManager:
         UNet with an adapter loaded needs image embeds, and scale 0 makes their contribution exactly 0."""
         import torch
         shape = self._probe_shape()
+        extras = {}
+        if self.variant == "faceid-plusv2":
+            from PIL import Image
+            extras["clip_embeds"] = torch.zeros_like(self.clip_embeds([Image.new("RGB", (8, 8))]))
         return SessionIdentity(embeds=torch.zeros(shape), variant=self.variant or "", model_name=self.models.model_name,
-                               combine="average", num_selfies=0)
+                               combine="average", num_selfies=0, extras=extras)
+
+    def prepare_call(self, identity: SessionIdentity, num_images: int, do_cfg: bool) -> None:
+        """Per-call state the pipeline arguments cannot carry: FaceID Plus v2's CLIP branch on its projection
+        layer. Called under the generator's lock, right before the pipeline call."""
+        if self.variant != "faceid-plusv2":
+            return
+        import torch
+        proj = self.models.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        clip = identity.extras["clip_embeds"].to(device=self.models.device, dtype=self.models.dtype)
+        neg, pos = clip[:1].repeat(num_images, 1, 1, 1), clip[1:2].repeat(num_images, 1, 1, 1)
+        # Same batch layout as the pipeline gives the id embeds: [neg x n; pos x n] under CFG.
+        proj.clip_embeds = torch.cat([neg, pos]) if do_cfg else pos
+        proj.shortcut = True
+        proj.shortcut_scale = FACEID_PLUSV2_SHORTCUT_SCALE
+
 
     def _probe_shape(self) -> tuple[int, ...]:
         if self.variant == "faceid":
             return (2, 1, FACEID_DIM)
+        if self.variant in ("faceid-plusv2", "instantid"):
+            return (2, 1, 1, FACEID_DIM)
         from PIL import Image
         e = self.per_image_embeds([Image.new("RGB", (8, 8))], None, None)
         return (2, 1) + tuple(e.shape[2:])
 
+
+def _tight_crops(crops):
+    """FaceID Plus v2 saw InsightFace's tight 224 px face crops (norm_crop); the service's crops carry
+    context around the face box (TWIN_FACE_CROP_SCALE, 1.8 by default): keep the middle 70 %."""
+    out = []
+    for c in crops or []:
+        w, h = c.size
+        dx, dy = round(w * 0.15), round(h * 0.15)
+        out.append(c.crop((dx, dy, w - dx, h - dy)))
+    return out

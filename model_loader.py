@@ -10,9 +10,12 @@ Profiles (``settings.model_profile``):
 
 Commands::
 
-    python model_loader.py download [--dir models] [--faceid] [--lightning]   # on a connected machine
-    python model_loader.py make-tiny DIR                                       # offline, < 1 s, ~10 MB
+    python model_loader.py download [--dir models] [--faceid] [--no-lightning]  # on a connected machine
+    python model_loader.py download --instantid | --faceid-plusv2              # only that variant's files
+    python model_loader.py download --restore gfpgan [--restore codeformer]    # face restoration ONNX only
+    python model_loader.py make-tiny DIR                                       # offline, ~2 s, ~20 MB
     python model_loader.py check                                               # which profile would load
+    python model_loader.py verify                                              # preflight of every weight file
 """
 from __future__ import annotations
 
@@ -38,13 +41,26 @@ IPA_DIR = "IP-Adapter"
 FACEID_DIR = "IP-Adapter-FaceID"
 LIGHTNING_DIR = "SDXL-Lightning"
 LORA_DIR = "loras"
+INSTANTID_DIR = "InstantID"
+CONTROLNET_SUB = "ControlNetModel"          # InstantID's IdentityNet, a ControlNet, inside INSTANTID_DIR
+ENCODER_SUB = "models/image_encoder"        # the ViT-H image encoder inside IPA_DIR
+ANTELOPE_DIR = "insightface/antelopev2"     # InsightFace pack InstantID was trained with (inside model_dir)
 
 # Per adapter variant: (repo folder, subfolder, weight file, image encoder folder relative to the repo).
 ADAPTER_FILES: dict[str, tuple[str, str, str, str | None]] = {
     "plus-face": (IPA_DIR, "sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
     "plain": (IPA_DIR, "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder"),
     "faceid": (FACEID_DIR, "", "ip-adapter-faceid_sdxl.bin", None),
+    # FaceID Plus v2 also needs the ViT-H encoder, which lives in the other repo (IPA_DIR/ENCODER_SUB):
+    # it is registered on the pipeline before load_ip_adapter (see ipadapter_manager).
+    "faceid-plusv2": (FACEID_DIR, "", "ip-adapter-faceid-plusv2_sdxl.bin", None),
+    # InstantID: a Resampler image_proj over the 512-d ArcFace vector; no CLIP encoder.
+    "instantid": (INSTANTID_DIR, "", "ip-adapter.bin", None),
 }
+# Variants that need 512-d ArcFace embeddings (the InsightFace face backend).
+ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")
+INSTANTID_FILES = [f"{CONTROLNET_SUB}/config.json", f"{CONTROLNET_SUB}/diffusion_pytorch_model.safetensors",
+                   ADAPTER_FILES["instantid"][2]]
 TINY_FACEID_WEIGHT = "ip-adapter-faceid_sdxl.safetensors"  # the tiny one is safetensors (same loader branch)
 LIGHTNING_WEIGHT_TINY = "tiny_lightning_4step_lora.safetensors"
 
@@ -70,41 +86,92 @@ class RepoSpec:
     purpose: str = ""
 
 
-def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: bool = True) -> list[RepoSpec]:
+def wanted_variants(settings: Settings, *, faceid: bool | None = None, instantid: bool = False,
+                    faceid_plusv2: bool = False) -> set[str]:
+    """Variants whose files to fetch/look for: the configured one, plus the ones asked for. ``--instantid`` /
+    ``--faceid-plusv2`` alone select only that variant (plus the base model), so nothing else is fetched."""
+    only = {v for v, on in (("instantid", instantid), ("faceid-plusv2", faceid_plusv2)) if on}
+    out = set(only) if only else {settings.ip_adapter_variant}
+    if faceid or (faceid is None and settings.ip_adapter_variant == "faceid"):
+        out.add("faceid")
+    return out
+
+
+def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: bool = True,
+               instantid: bool = False, faceid_plusv2: bool = False) -> list[RepoSpec]:
     """Everything the sdxl profile may use. ``faceid`` defaults to whether that variant is selected."""
-    faceid = settings.ip_adapter_variant == "faceid" if faceid is None else faceid
-    ipa_files = [f"sdxl_models/{ADAPTER_FILES[v][2]}" for v in ("plus-face", "plain")]
-    enc = ["models/image_encoder/config.json", "models/image_encoder/model.safetensors"]
+    variants = wanted_variants(settings, faceid=faceid, instantid=instantid, faceid_plusv2=faceid_plusv2)
+    selected = settings.ip_adapter_variant
+    enc = [f"{ENCODER_SUB}/config.json", f"{ENCODER_SUB}/model.safetensors"]
     base_required = [p for p in BASE_FILES_FP16 if "*" not in p] + ["tokenizer/vocab.json", "tokenizer_2/vocab.json"]
-    specs = [
-        RepoSpec(settings.sdxl_model_id, BASE_DIR, list(BASE_FILES_FP16), base_required,
-                 purpose="SDXL base 1.0 (fp16 variant)"),
-        RepoSpec(settings.ip_adapter_repo, IPA_DIR, ipa_files + enc,
-                 ([f"sdxl_models/{ADAPTER_FILES[settings.ip_adapter_variant][2]}"] + enc)
-                 if settings.ip_adapter_variant != "faceid" else [],
-                 optional=settings.ip_adapter_variant == "faceid",
-                 purpose="IP-Adapter Plus-Face / plain SDXL + ViT-H image encoder"),
-    ]
-    if faceid:
-        specs.append(RepoSpec(settings.faceid_repo, FACEID_DIR, [ADAPTER_FILES["faceid"][2]],
-                              [ADAPTER_FILES["faceid"][2]], optional=settings.ip_adapter_variant != "faceid",
-                              purpose="IP-Adapter FaceID SDXL (non-commercial licence)"))
+    specs = [RepoSpec(settings.sdxl_model_id, BASE_DIR, list(BASE_FILES_FP16), base_required,
+                      purpose="SDXL base 1.0 (fp16 variant)")]
+    ipa_files = []
+    if variants & {"plus-face", "plain"}:
+        ipa_files += [f"sdxl_models/{ADAPTER_FILES[v][2]}" for v in ("plus-face", "plain")]
+    if variants & {"plus-face", "plain", "faceid-plusv2"}:
+        ipa_files += enc
+    if ipa_files:
+        if selected in ("plus-face", "plain"):
+            required = [f"sdxl_models/{ADAPTER_FILES[selected][2]}"] + enc
+        else:
+            required = enc if selected == "faceid-plusv2" else []
+        specs.append(RepoSpec(settings.ip_adapter_repo, IPA_DIR, ipa_files, required,
+                              optional=not required,
+                              purpose="IP-Adapter Plus-Face / plain SDXL + ViT-H image encoder"))
+    faceid_files = [ADAPTER_FILES[v][2] for v in ("faceid", "faceid-plusv2") if v in variants]
+    if faceid_files:
+        required = [ADAPTER_FILES[selected][2]] if selected in ("faceid", "faceid-plusv2") else []
+        specs.append(RepoSpec(settings.faceid_repo, FACEID_DIR, faceid_files, required or faceid_files,
+                              optional=not required,
+                              purpose="IP-Adapter FaceID / FaceID Plus v2 SDXL (non-commercial licence)"))
+    if "instantid" in variants:
+        specs.append(RepoSpec(settings.instantid_repo, INSTANTID_DIR, list(INSTANTID_FILES), list(INSTANTID_FILES),
+                              optional=selected != "instantid",
+                              purpose="InstantID IdentityNet + adapter (weights: research use only)"))
     if lightning:
         specs.append(RepoSpec(settings.lightning_repo, LIGHTNING_DIR, [settings.lightning_weight],
                               [settings.lightning_weight], optional=True, purpose="SDXL-Lightning few-step LoRA"))
     return specs
 
 
-def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, snapshot_download=None) -> list[Path]:
+def download_flag(variant: str) -> str:
+    return {"faceid": " --faceid", "faceid-plusv2": " --faceid-plusv2", "instantid": " --instantid"}.get(variant, "")
+
+
+def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, instantid: bool = False,
+             faceid_plusv2: bool = False, snapshot_download=None) -> list[Path]:
     """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only)."""
     if snapshot_download is None:
         from huggingface_hub import snapshot_download
     out = []
-    for spec in repo_specs(settings, faceid=faceid, lightning=lightning):
+    for spec in repo_specs(settings, faceid=faceid, lightning=lightning, instantid=instantid,
+                           faceid_plusv2=faceid_plusv2):
         target = Path(settings.model_dir) / spec.local_name
         log.info("downloading %s (%s) -> %s", spec.repo_id, spec.purpose, target)
         snapshot_download(repo_id=spec.repo_id, allow_patterns=spec.allow_patterns, local_dir=str(target))
         out.append(target)
+    return out
+
+
+RESTORE_DIR = "face_restore"   # settings.resolved_restore_dir; the tiny folder holds stand-ins under the same name
+
+
+def download_restore(settings: Settings, names: list[str], hf_hub_download=None) -> list[Path]:
+    """Fetch face restoration models (FaceFusion's ONNX exports, Hugging Face ``facefusion/models-3.0.0``:
+    gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx) into TWIN_RESTORE_MODEL_DIR (default
+    <model_dir>/face_restore). Inputs ``input`` [1,3,512,512] float32 in [-1, 1] RGB (+ CodeFormer's
+    ``weight`` double [1]); the first output is the restored face. Licences: GFPGAN Apache-2.0;
+    CodeFormer S-Lab 1.0 and GPEN non-commercial."""
+    from utils.faces.restore import RESTORE_MODELS, RESTORE_REPO
+    if hf_hub_download is None:
+        from huggingface_hub import hf_hub_download
+    target = settings.resolved_restore_dir
+    out = []
+    for name in names:
+        spec = RESTORE_MODELS[name]
+        log.info("downloading %s/%s (%s, licence %s) -> %s", RESTORE_REPO, spec.filename, name, spec.licence, target)
+        out.append(Path(hf_hub_download(repo_id=RESTORE_REPO, filename=spec.filename, local_dir=str(target))))
     return out
 
 
@@ -133,6 +200,7 @@ class ResolvedWeights:
     lightning: Path | None
     lora_dir: Path | None
     missing_optional: list[str] = field(default_factory=list)
+    encoder_repo: Path | None = None     # IPA_DIR (ViT-H encoder) when the adapter lives in another repo
 
 
 def resolve_sdxl(settings: Settings) -> ResolvedWeights:
@@ -149,17 +217,17 @@ def resolve_sdxl(settings: Settings) -> ResolvedWeights:
             else:
                 missing.append(f"{spec.repo_id} [{spec.purpose}: {', '.join(spec.required)}] looked in: {'; '.join(looked)}")
     if missing:
-        flag = " --faceid" if settings.ip_adapter_variant == "faceid" else ""
+        flag = download_flag(settings.ip_adapter_variant)
         raise ModelWeightsMissing(
             "real model weights are missing: " + " | ".join(missing)
             + f". Download them on a connected machine with: python model_loader.py download --dir {settings.model_dir}{flag}"
             + " (or set TWIN_MODEL_PROFILE=tiny for the offline demo model)",
             details={"missing": [m.split(" ")[0] for m in missing]})
-    adapter_name = FACEID_DIR if settings.ip_adapter_variant == "faceid" else IPA_DIR
+    adapter_name = ADAPTER_FILES[settings.ip_adapter_variant][0]
     lora_dir = settings.resolved_lora_dir
     return ResolvedWeights(base=found[BASE_DIR], adapter_repo=found.get(adapter_name),
                            lightning=found.get(LIGHTNING_DIR), lora_dir=lora_dir if lora_dir.is_dir() else None,
-                           missing_optional=optional_missing)
+                           missing_optional=optional_missing, encoder_repo=found.get(IPA_DIR))
 
 
 def sdxl_weights_present(settings: Settings) -> bool:
@@ -229,6 +297,7 @@ class LoadedModels:
     loras: dict[str, str]                # style LoRA name -> peft adapter name
     base_scheduler_config: dict
     notes: list[str] = field(default_factory=list)
+    encoder_repo: Path | None = None     # IPA_DIR, for the ViT-H encoder of faceid-plusv2
 
 
 def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
@@ -280,7 +349,7 @@ def _load_models(settings: Settings) -> LoadedModels:
     notes: list[str] = []
     if profile == "tiny":
         root = settings.resolved_tiny_model_dir
-        if not (root / "tiny_model.json").is_file():
+        if not tiny_is_current(root):
             log.warning("building the tiny demo model in %s (outputs are NOT portraits)", root)
             make_tiny(root)
         if device == "cpu":
@@ -288,7 +357,8 @@ def _load_models(settings: Settings) -> LoadedModels:
             # leaves the other cores to the web server.
             torch.set_num_threads(1)
         base = root / BASE_DIR
-        adapter_repo = root / (FACEID_DIR if settings.ip_adapter_variant == "faceid" else IPA_DIR)
+        adapter_repo = root / ADAPTER_FILES[settings.ip_adapter_variant][0]
+        encoder_repo = root / IPA_DIR
         lightning = root / LIGHTNING_DIR
         lightning_weight = LIGHTNING_WEIGHT_TINY
         lora_dir = root / LORA_DIR
@@ -299,6 +369,7 @@ def _load_models(settings: Settings) -> LoadedModels:
     else:
         w = resolve_sdxl(settings)
         base, adapter_repo, lightning, lora_dir = w.base, w.adapter_repo, w.lightning, w.lora_dir
+        encoder_repo = w.encoder_repo
         lightning_weight = settings.lightning_weight
         model_name = settings.sdxl_model_id
         native = 1024
@@ -306,8 +377,23 @@ def _load_models(settings: Settings) -> LoadedModels:
         if w.missing_optional:
             notes.append("optional weights not present: " + ", ".join(w.missing_optional))
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
-                                                     local_files_only=True, use_safetensors=True)
+    if settings.ip_adapter_variant == "instantid":
+        # InstantID: the same SDXL components in the ControlNet pipeline, with the IdentityNet (a ControlNet
+        # that reads the identity tokens instead of the text, see instantid.py) as its controlnet.
+        from diffusers import StableDiffusionXLControlNetPipeline
+        from instantid import IdentityNet
+        net_dir = adapter_repo / CONTROLNET_SUB if adapter_repo is not None else None
+        if net_dir is None or not (net_dir / "config.json").is_file():
+            raise ModelWeightsMissing(f"InstantID IdentityNet not found in {net_dir}; run: python model_loader.py "
+                                      f"download --instantid --dir {settings.model_dir}")
+        controlnet = IdentityNet.from_pretrained(str(net_dir), dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True)
+        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+            str(base), controlnet=controlnet, dtype=dtype, variant=variant, local_files_only=True,
+            use_safetensors=True)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
+                                                         local_files_only=True, use_safetensors=True)
     base_config = dict(pipe.scheduler.config)
     pipe.scheduler = dpmpp_karras(base_config)
     pipe.to(device)
@@ -322,7 +408,8 @@ def _load_models(settings: Settings) -> LoadedModels:
     models = LoadedModels(pipe=pipe, profile=profile, model_name=model_name, native_resolution=native,
                           device=device, dtype=dtype, adapter_repo=adapter_repo,
                           adapter_variant=settings.ip_adapter_variant, lightning_adapter=lightning_adapter,
-                          loras=loras, base_scheduler_config=base_config, notes=notes)
+                          loras=loras, base_scheduler_config=base_config, notes=notes,
+                          encoder_repo=encoder_repo)
     if device.startswith("cuda"):
         # Must run before the IP-Adapter is loaded (see fuse_qkv below).
         notes += apply_cuda_optimisations(pipe, settings, has_lora=bool(loras or lightning_adapter))
@@ -341,7 +428,7 @@ def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False
         # fuse_qkv_projections() installs FusedAttnProcessor2_0 everywhere: done after load_ip_adapter it would
         # drop the IP-Adapter processors (so it runs before), and its fused to_qkv bypasses peft LoRA layers
         # on to_q/to_k/to_v (so it is skipped when any LoRA, including FaceID's, is in use).
-        if has_lora or settings.ip_adapter_variant == "faceid":
+        if has_lora or settings.ip_adapter_variant in ("faceid", "faceid-plusv2"):
             notes.append("fuse_qkv skipped: LoRA adapters are loaded and fused projections would bypass them")
             log.warning(notes[-1])
         else:
@@ -355,6 +442,7 @@ def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False
 # Tiny profile
 # ---------------------------------------------------------------------------------------------------
 TINY_RESOLUTION = 128      # native side in pixels; latents are 16x16
+TINY_VERSION = 2           # bump when make_tiny writes new files: an older folder is rebuilt on start
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -444,53 +532,84 @@ def _cross_attn_hidden_sizes(unet) -> list[tuple[int, str, int | None]]:
 
 
 def _tiny_adapter_tensors(unet, variant: str, gen) -> dict[str, Any]:
+    # faceid_mult=1 keeps the tiny folder small (the loader reads the multiplier from the shapes); Plus v2's
+    # projection is built with a fixed multiplier of 2 by diffusers, so its file keeps the real one.
     return adapter_tensors(unet, variant, gen, img_hidden=TINY_IMG_HIDDEN, img_proj=TINY_IMG_PROJ,
-                           plus_tokens=TINY_PLUS_TOKENS, plus_dim=TINY_PLUS_DIM)
+                           plus_tokens=TINY_PLUS_TOKENS, plus_dim=TINY_PLUS_DIM, faceid_mult=1)
+
+
+# InstantID's Resampler (from its ip-adapter.bin): 16 queries of width 1280 (20 heads x 64) over the 512-d
+# ArcFace vector. The tiny one keeps 16 queries and input 512; its width is TINY_PLUS_DIM.
+INSTANTID_TOKENS, INSTANTID_DIM, ARCFACE_DIM = 16, 1280, 512
+VIT_H_HIDDEN, VIT_H_PROJ = 1280, 1024
 
 
 def adapter_tensors(unet, variant: str, gen, *, img_hidden: int, img_proj: int, plus_tokens: int = 16,
-                    plus_dim: int = 1280, dtype=None) -> dict[str, Any]:
-    """Random IP-Adapter weights in the original repos' flat key layout (image_proj.* / ip_adapter.*),
-    shaped for ``unet`` and an image encoder of the given widths (also used by the full-size benchmark)."""
+                    plus_dim: int = 1280, dtype=None, meta: bool = False, faceid_mult: int = 2) -> dict[str, Any]:
+    """Random IP-Adapter weights in the original repos' key layout (image_proj.* / ip_adapter.*), shaped
+    for ``unet`` and an image encoder of the given widths (also used by the full-size benchmark, and with
+    ``meta=True`` by ``verify`` as the list of names and shapes the code will build)."""
     import torch
 
     def rnd(*shape, std=0.02):
+        if meta:
+            return torch.empty(*shape, device="meta")
         return (torch.randn(*shape, generator=gen) * std).to(dtype or torch.float32)
+
+    def zeros(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.zeros(*shape)
+
+    def ones(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.ones(*shape)
+
+    def resampler(prefix: str, D: int, n_in: int, n_out: int, inner: int, latents: int | None) -> None:
+        # IP-Adapter's Resampler / FacePerceiverResampler: 4 layers of (PerceiverAttention, FeedForward).
+        if latents:
+            t[f"{prefix}latents"] = rnd(1, latents, D, std=1.0) / D ** 0.5
+        t[f"{prefix}proj_in.weight"] = rnd(D, n_in, std=0.2)
+        t[f"{prefix}proj_in.bias"] = zeros(D)
+        t[f"{prefix}proj_out.weight"] = rnd(n_out, D, std=0.2)
+        t[f"{prefix}proj_out.bias"] = zeros(n_out)
+        t[f"{prefix}norm_out.weight"] = ones(n_out)
+        t[f"{prefix}norm_out.bias"] = zeros(n_out)
+        for i in range(4):
+            p = f"{prefix}layers.{i}"
+            for n in ("0.norm1", "0.norm2", "1.0"):
+                t[f"{p}.{n}.weight"] = ones(D)
+                t[f"{p}.{n}.bias"] = zeros(D)
+            t[f"{p}.0.to_q.weight"] = rnd(inner, D, std=0.1)
+            t[f"{p}.0.to_kv.weight"] = rnd(2 * inner, D, std=0.1)
+            t[f"{p}.0.to_out.weight"] = rnd(D, inner, std=0.1)
+            t[f"{p}.1.1.weight"] = rnd(4 * D, D, std=0.1)
+            t[f"{p}.1.3.weight"] = rnd(D, 4 * D, std=0.1)
+
+    def faceid_proj(mult: int = 2) -> None:
+        t["image_proj.proj.0.weight"] = rnd(mult * ARCFACE_DIM, ARCFACE_DIM, std=0.05)
+        t["image_proj.proj.0.bias"] = zeros(mult * ARCFACE_DIM)
+        t["image_proj.proj.2.weight"] = rnd(4 * C, mult * ARCFACE_DIM, std=0.05)
+        t["image_proj.proj.2.bias"] = zeros(4 * C)
+        t["image_proj.norm.weight"] = ones(C)
+        t["image_proj.norm.bias"] = zeros(C)
 
     C = unet.config.cross_attention_dim
     t: dict[str, Any] = {}
     if variant == "plain":
         t["image_proj.proj.weight"] = rnd(4 * C, img_proj, std=0.2)
-        t["image_proj.proj.bias"] = torch.zeros(4 * C)
-        t["image_proj.norm.weight"] = torch.ones(C)
-        t["image_proj.norm.bias"] = torch.zeros(C)
-    elif variant == "plus-face":
-        D = plus_dim  # the Resampler's head width is fixed at 64, so heads = D // 64
-        t["image_proj.latents"] = rnd(1, plus_tokens, D, std=1.0) / D ** 0.5
-        t["image_proj.proj_in.weight"] = rnd(D, img_hidden, std=0.2)
-        t["image_proj.proj_in.bias"] = torch.zeros(D)
-        t["image_proj.proj_out.weight"] = rnd(C, D, std=0.2)
-        t["image_proj.proj_out.bias"] = torch.zeros(C)
-        t["image_proj.norm_out.weight"] = torch.ones(C)
-        t["image_proj.norm_out.bias"] = torch.zeros(C)
-        for i in range(4):
-            p = f"image_proj.layers.{i}"
-            for n in ("0.norm1", "0.norm2", "1.0"):
-                t[f"{p}.{n}.weight"] = torch.ones(D)
-                t[f"{p}.{n}.bias"] = torch.zeros(D)
-            t[f"{p}.0.to_q.weight"] = rnd(D, D, std=0.1)
-            t[f"{p}.0.to_kv.weight"] = rnd(2 * D, D, std=0.1)
-            t[f"{p}.0.to_out.weight"] = rnd(D, D, std=0.1)
-            t[f"{p}.1.1.weight"] = rnd(4 * D, D, std=0.1)
-            t[f"{p}.1.3.weight"] = rnd(D, 4 * D, std=0.1)
+        t["image_proj.proj.bias"] = zeros(4 * C)
+        t["image_proj.norm.weight"] = ones(C)
+        t["image_proj.norm.bias"] = zeros(C)
+    elif variant in ("plus-face", "instantid"):
+        # The Resampler's head width is fixed at 64, so heads = D // 64 and the inner width is D.
+        n_in = ARCFACE_DIM if variant == "instantid" else img_hidden
+        resampler("image_proj.", plus_dim, n_in, C, plus_dim, plus_tokens)
     elif variant == "faceid":
-        mult = 2
-        t["image_proj.proj.0.weight"] = rnd(mult * 512, 512, std=0.05)
-        t["image_proj.proj.0.bias"] = torch.zeros(mult * 512)
-        t["image_proj.proj.2.weight"] = rnd(4 * C, mult * 512, std=0.05)
-        t["image_proj.proj.2.bias"] = torch.zeros(4 * C)
-        t["image_proj.norm.weight"] = torch.ones(C)
-        t["image_proj.norm.bias"] = torch.zeros(C)
+        faceid_proj(faceid_mult)
+    elif variant == "faceid-plusv2":
+        faceid_proj()
+        # FacePerceiverResampler: width C, heads C // 64 of 64, over the CLIP hidden states (img_hidden).
+        resampler("image_proj.perceiver_resampler.", C, img_hidden, C, 64 * max(1, C // 64), None)
+    else:
+        raise ValueError(f"unknown adapter variant {variant!r}")
     key_id = 1
     for idx, name, hidden in _cross_attn_hidden_sizes(unet):
         cross = not name.endswith("attn1.processor")
@@ -499,7 +618,7 @@ def adapter_tensors(unet, variant: str, gen, *, img_hidden: int, img_proj: int, 
             t[f"ip_adapter.{key_id}.to_k_ip.weight"] = rnd(hidden, C, std=0.3)
             t[f"ip_adapter.{key_id}.to_v_ip.weight"] = rnd(hidden, C, std=0.3)
             key_id += 2
-        if variant == "faceid":
+        if variant in ("faceid", "faceid-plusv2"):
             # FaceID ships a LoRA on every attention processor; diffusers turns it into a peft adapter.
             kin = C if cross else hidden
             r = 4
@@ -511,7 +630,32 @@ def adapter_tensors(unet, variant: str, gen, *, img_hidden: int, img_proj: int, 
             t[f"ip_adapter.{idx}.to_v_lora.up.weight"] = rnd(hidden, r)
             t[f"ip_adapter.{idx}.to_out_lora.down.weight"] = rnd(r, hidden)
             t[f"ip_adapter.{idx}.to_out_lora.up.weight"] = rnd(hidden, r)
-    return {k: v.contiguous() for k, v in t.items()}
+    return t if meta else {k: v.contiguous() for k, v in t.items()}
+
+
+def save_nested_bin(tensors: dict[str, Any], path: Path) -> None:
+    """The original repos' .bin layout: ``{"image_proj": {...}, "ip_adapter": {...}}`` (torch.save)."""
+    import torch
+    nested: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in tensors.items():
+        head, rest = k.split(".", 1)
+        nested[head][rest] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(nested, str(path))
+
+
+def tiny_identitynet(unet, gen):
+    """A ControlNet shaped like the tiny UNet (as InstantID's IdentityNet is shaped like SDXL's UNet). Its
+    zero-initialised output convolutions get small random weights, so pose and identity tokens visibly
+    steer the tiny model (a real trained IdentityNet is not zero there either)."""
+    import torch
+    from diffusers import ControlNetModel
+    cn = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return cn
 
 
 def make_tiny(root: Path | str) -> Path:
@@ -523,8 +667,14 @@ def make_tiny(root: Path | str) -> Path:
     import os
     import shutil
     root = Path(root)
-    if (root / "tiny_model.json").is_file():
+    if tiny_is_current(root):
         return root
+    if (root / "tiny_model.json").is_file():
+        # An older tiny folder (written before the current file set): move it aside and build anew.
+        shutil.rmtree(root.parent / f".{root.name}.old-{os.getpid()}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.replace(root, root.parent / f".{root.name}.old-{os.getpid()}")
+        shutil.rmtree(root.parent / f".{root.name}.old-{os.getpid()}", ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -536,10 +686,17 @@ def make_tiny(root: Path | str) -> Path:
             root.rmdir()
         os.replace(tmp, root)
     except OSError:
-        if not (root / "tiny_model.json").is_file():
+        if not tiny_is_current(root):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
     return root
+
+
+def tiny_is_current(root: Path) -> bool:
+    try:
+        return json.loads((Path(root) / "tiny_model.json").read_text()).get("version") == TINY_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _write_tiny(root: Path) -> None:
@@ -581,23 +738,258 @@ def _write_tiny(root: Path) -> None:
     enc.save_pretrained(str(root / IPA_DIR / "models" / "image_encoder"), safe_serialization=True)
 
     gen = torch.Generator().manual_seed(TINY_SEED + 1)
-    for variant in ("plus-face", "plain", "faceid"):
+    for variant in ("plus-face", "plain", "faceid", "faceid-plusv2", "instantid"):
         repo, sub, weight, _ = ADAPTER_FILES[variant]
         if variant == "faceid":
             weight = TINY_FACEID_WEIGHT
         out = root / repo / sub / weight
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_tiny_adapter_tensors(unet, variant, gen), str(out))
+        tensors = _tiny_adapter_tensors(unet, variant, gen)
+        if weight.endswith(".bin"):
+            save_nested_bin(tensors, out)  # the real file names and the real nested layout
+        else:
+            save_file(tensors, str(out))
+    tiny_identitynet(unet, gen).save_pretrained(str(root / INSTANTID_DIR / CONTROLNET_SUB), safe_serialization=True)
+    from utils.faces.standins import build_antelopev2_pack
+    build_antelopev2_pack(root / ANTELOPE_DIR)
 
     _tiny_lora_file(root / LORA_DIR / "tiny_style.safetensors", TINY_SEED + 2, 0.5)
     _tiny_lora_file(root / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY, TINY_SEED + 3, 0.3)
+    from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
+    write_standins(root / RESTORE_DIR)
     (root / "tiny_model.json").write_text(json.dumps({
-        "profile": "tiny", "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
+        "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
 
 
 def tiny_adapter_weight(variant: str) -> str:
     return TINY_FACEID_WEIGHT if variant == "faceid" else ADAPTER_FILES[variant][2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preflight: open every weight file the configured variant needs (headers only) and compare it with
+# what the code will build.
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class FileCheck:
+    path: str                 # relative to the folder it was looked for in (or absolute for the face pack)
+    status: str               # ok | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def line(self) -> str:
+        return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "")
+
+
+_FLOATS = ("F16", "BF16", "F32", "torch.float16", "torch.bfloat16", "torch.float32")
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype)} without reading the tensors: the safetensors header, or torch.load with
+    weights_only + mmap for a .bin (nested {"image_proj": .., "ip_adapter": ..} keys are flattened)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+    import torch
+    sd = torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
+    flat: dict[str, Any] = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in flat.items()}
+
+
+def _compare(rel: str, path: Path, expected: dict[str, tuple], wildcard: set[tuple[str, int]] = frozenset()) -> FileCheck:
+    """expected: {key: shape}; wildcard: (key, dim) pairs whose size is free (LoRA rank)."""
+    if not path.is_file():
+        return FileCheck(rel, "missing")
+    try:
+        got = _read_header(path)
+    except Exception as e:  # truncated / not a weight file: every loader error means "corrupt"
+        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+    for key in sorted(expected):
+        if key not in got:
+            extra = sorted(set(got) - set(expected))
+            hint = f" (file has unexpected {extra[0]!r})" if extra else ""
+            return FileCheck(rel, "missing_key", f"key {key!r} not in file{hint}")
+        shape, want = got[key][0], tuple(expected[key])
+        same = len(shape) == len(want) and all(a == b or (key, i) in wildcard for i, (a, b) in enumerate(zip(shape, want)))
+        if not same:
+            return FileCheck(rel, "wrong_shape", f"key {key!r} has shape {list(shape)}, expected {list(want)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        return FileCheck(rel, "unexpected_key", f"key {extra[0]!r} is not built by the code ({len(extra)} such keys)")
+    bad = sorted(k for k, (_, dt) in got.items() if dt not in _FLOATS)
+    if bad:
+        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {got[bad[0]][1]}, expected a float type")
+    names = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
+    dtypes = sorted({names.get(dt, dt) for _, dt in got.values()})
+    return FileCheck(rel, "ok", f"{len(got)} tensors, {'/'.join(dtypes)}")
+
+
+def _meta_state(build) -> dict[str, tuple]:
+    import torch
+    with torch.device("meta"):
+        model = build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _weight_file(folder: Path, stem: str, fp16: bool) -> Path:
+    for name in ([f"{stem}.fp16.safetensors"] if fp16 else []) + [f"{stem}.safetensors"]:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / (f"{stem}.fp16.safetensors" if fp16 else f"{stem}.safetensors")
+
+
+def verify(settings: Settings) -> list[FileCheck]:
+    """One FileCheck per weight file the configured profile and variant load."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+    variant = settings.ip_adapter_variant
+    profile = choose_profile(settings)
+    checks: list[FileCheck] = []
+    if profile == "tiny":
+        root = settings.resolved_tiny_model_dir
+        if not tiny_is_current(root):
+            make_tiny(root)   # what the first start would do; then its files are checked like any others
+        base, adapter_repo, encoder_repo = root / BASE_DIR, root / ADAPTER_FILES[variant][0], root / IPA_DIR
+        fp16, tiny = False, True
+    else:
+        model_dir = Path(settings.model_dir)
+        base, adapter_repo, encoder_repo = (model_dir / BASE_DIR, model_dir / ADAPTER_FILES[variant][0],
+                                            model_dir / IPA_DIR)
+        with contextlib.suppress(ModelWeightsMissing):
+            w = resolve_sdxl(settings)
+            base, adapter_repo = w.base, w.adapter_repo or adapter_repo
+            encoder_repo = w.encoder_repo or encoder_repo
+        fp16, tiny = True, False
+
+    def rel(p: Path, top: Path) -> str:
+        try:
+            return f"{top.name}/{p.relative_to(top).as_posix()}"
+        except ValueError:
+            return str(p)
+
+    # SDXL components: built from their config.json on the meta device, compared key by key.
+    unet_cfg = None
+    components = [("unet", "diffusion_pytorch_model", lambda c: UNet2DConditionModel.from_config(c), UNet2DConditionModel),
+                  ("vae", "diffusion_pytorch_model", lambda c: AutoencoderKL.from_config(c), AutoencoderKL),
+                  ("text_encoder", "model", lambda c: CLIPTextModel(c), CLIPTextConfig),
+                  ("text_encoder_2", "model", lambda c: CLIPTextModelWithProjection(c), CLIPTextConfig)]
+    with quiet_libraries():
+        for sub, stem, build, cfg_cls in components:
+            folder = base / sub
+            path = _weight_file(folder, stem, fp16)
+            if not (folder / "config.json").is_file():
+                checks.append(FileCheck(rel(folder / "config.json", base), "missing"))
+                continue
+            cfg = cfg_cls.load_config(str(folder)) if cfg_cls in (UNet2DConditionModel, AutoencoderKL) \
+                else cfg_cls.from_pretrained(str(folder))
+            if sub == "unet":
+                unet_cfg = cfg
+            checks.append(_compare(rel(path, base), path, _meta_state(lambda: build(cfg))))
+        if unet_cfg is None:
+            return checks
+        import torch
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+
+        # The ViT-H image encoder (plus-face, plain, faceid-plusv2).
+        img_hidden, img_proj = (TINY_IMG_HIDDEN, TINY_IMG_PROJ) if tiny else (VIT_H_HIDDEN, VIT_H_PROJ)
+        if variant in ("plus-face", "plain", "faceid-plusv2"):
+            enc = Path(encoder_repo) / ENCODER_SUB
+            if not (enc / "config.json").is_file():
+                checks.append(FileCheck(rel(enc / "config.json", Path(encoder_repo)), "missing"))
+            else:
+                vcfg = CLIPVisionConfig.from_pretrained(str(enc))
+                img_hidden, img_proj = vcfg.hidden_size, vcfg.projection_dim
+                path = enc / "model.safetensors"
+                checks.append(_compare(rel(path, Path(encoder_repo)), path,
+                                       _meta_state(lambda: CLIPVisionModelWithProjection(vcfg))))
+
+        # The adapter file: the names and shapes adapter_tensors() writes for this UNet and encoder.
+        _, sub, weight, _ = ADAPTER_FILES[variant]
+        if tiny:
+            weight = tiny_adapter_weight(variant)
+        expected = adapter_tensors(unet, variant, None, img_hidden=img_hidden, img_proj=img_proj,
+                                   plus_tokens=TINY_PLUS_TOKENS if tiny else (INSTANTID_TOKENS if variant == "instantid" else 16),
+                                   plus_dim=TINY_PLUS_DIM if tiny else (INSTANTID_DIM if variant == "instantid" else 1280),
+                                   meta=True, faceid_mult=1 if tiny else 2)
+        # LoRA rank is the file's choice (FaceID: 128); everything else is fixed by the UNet.
+        wild = {(k, 0 if ".down." in k else 1) for k in expected if "_lora." in k}
+        path = Path(adapter_repo) / sub / weight
+        checks.append(_compare(rel(path, Path(adapter_repo)), path, {k: tuple(v.shape) for k, v in expected.items()}, wild))
+
+        # InstantID's IdentityNet: a ControlNet built from its config; it must fit this UNet.
+        if variant == "instantid":
+            folder = Path(adapter_repo) / CONTROLNET_SUB
+            if not (folder / "config.json").is_file():
+                checks.append(FileCheck(rel(folder / "config.json", Path(adapter_repo)), "missing"))
+            else:
+                ccfg = ControlNetModel.load_config(str(folder))
+                path = _weight_file(folder, "diffusion_pytorch_model", False)
+                if ccfg.get("cross_attention_dim") != unet.config.cross_attention_dim:
+                    checks.append(FileCheck(rel(folder / "config.json", Path(adapter_repo)), "wrong_shape",
+                                            f"cross_attention_dim {ccfg.get('cross_attention_dim')}, the UNet's is "
+                                            f"{unet.config.cross_attention_dim}"))
+                else:
+                    checks.append(_compare(rel(path, Path(adapter_repo)), path,
+                                           _meta_state(lambda: ControlNetModel.from_config(ccfg))))
+    if variant in ARCFACE_VARIANTS:
+        pack = settings.insightface_model_dir
+        if pack is None:
+            default = settings.resolved_insightface_dir
+            pack = default if profile != "tiny" or any(default.glob("*.onnx")) or (default / default.name).is_dir() \
+                else settings.resolved_tiny_model_dir / ANTELOPE_DIR
+        checks += verify_face_pack(Path(pack))
+    return checks
+
+
+def verify_face_pack(folder: Path) -> list[FileCheck]:
+    """The InsightFace pack: a detector (SCRFD: >= 5 outputs) and a 512-d ArcFace recogniser (112x112 in),
+    found by the same input/output routing insightface uses. Graph headers only (no session)."""
+    from utils.faces.backends import resolve_pack_dir
+    inner = resolve_pack_dir(folder)
+    note = f" (nested {folder.name}/{folder.name}/ accepted; to flatten: mv {inner}/*.onnx {folder}/)" if inner != folder else ""
+    files = sorted(inner.glob("*.onnx")) if inner.is_dir() else []
+    if not files:
+        return [FileCheck(str(folder), "missing", "no .onnx files (put the antelopev2 pack here, or set "
+                                                  "TWIN_INSIGHTFACE_MODEL_DIR)")]
+    import onnx
+    found: dict[str, Path] = {}
+    out: list[FileCheck] = []
+    for f in files:
+        try:
+            m = onnx.load(str(f), load_external_data=False)
+        except Exception as e:
+            out.append(FileCheck(str(f), "corrupt", f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        ins = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input]
+        outs = [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in m.graph.output]
+        if len(outs) >= 5:
+            found.setdefault("detection", f)
+        elif ins and ins[0][2:4] == [112, 112]:
+            if outs and outs[0][-1] != 512:
+                out.append(FileCheck(str(f), "wrong_shape", f"recognition output {outs[0]}, expected [1, 512]"))
+                continue
+            found.setdefault("recognition", f)
+    for task in ("detection", "recognition"):
+        if task in found:
+            out.append(FileCheck(str(found[task]), "ok", task + note))
+        elif not any(c.status == "corrupt" or c.status == "wrong_shape" for c in out):
+            out.append(FileCheck(str(inner), "missing", f"no {task} model among {[f.name for f in files]}"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -608,16 +1000,40 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dir", type=Path, default=None, help="target folder (default TWIN_MODEL_DIR)")
     d.add_argument("--faceid", action="store_true", help="also fetch IP-Adapter FaceID SDXL (non-commercial)")
     d.add_argument("--no-lightning", action="store_true", help="skip the SDXL-Lightning few-step LoRA")
+    d.add_argument("--restore", action="append", choices=("gfpgan", "codeformer", "gpen"),
+                   help="fetch only this face restoration ONNX model (repeatable) into TWIN_RESTORE_MODEL_DIR")
+    d.add_argument("--instantid", action="store_true",
+                   help="only InstantID's files (IdentityNet + ip-adapter.bin; weights research-only) + the base model")
+    d.add_argument("--faceid-plusv2", action="store_true",
+                   help="only FaceID Plus v2 SDXL (non-commercial) + the ViT-H encoder + the base model")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
+    sub.add_parser("verify", help="open every weight file the configured variant needs (headers only), compare "
+                                  "names / shapes / dtypes with what the code builds; exit 1 on any problem")
     args = ap.parse_args(argv)
     settings = Settings.from_env()
     if args.cmd == "download":
         if args.dir:
             settings = settings.replace(model_dir=args.dir)
-        for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning):
+        if args.restore:
+            for p in download_restore(settings, args.restore):
+                print(p)
+            return 0
+        for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning, instantid=args.instantid,
+                          faceid_plusv2=args.faceid_plusv2):
             print(p)
+        if args.instantid or settings.ip_adapter_variant in ("instantid", "faceid-plusv2") or args.faceid_plusv2:
+            print(f"InsightFace antelopev2 pack (non-commercial) is not on the hub: unzip antelopev2.zip from "
+                  f"https://github.com/deepinsight/insightface/releases into {Path(settings.model_dir) / ANTELOPE_DIR}")
+    elif args.cmd == "verify":
+        checks = verify(settings)
+        for c in checks:
+            print(c.line())
+        bad = [c for c in checks if not c.ok]
+        print(f"verify: {len(checks) - len(bad)} ok, {len(bad)} problem(s) "
+              f"(profile {choose_profile(settings)}, variant {settings.ip_adapter_variant})")
+        return 1 if bad else 0
     elif args.cmd == "make-tiny":
         import time
         t0 = time.perf_counter()

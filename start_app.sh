@@ -5,6 +5,7 @@
 # script says so loudly once the service is up. All TWIN_* settings: see README "Settings".
 #   VENV=/path/to/venv      use another virtualenv (default .venv)
 #   SKIP_VENV_SETUP=1       do not install/refresh requirements (the venv is already complete)
+#   SKIP_VERIFY=1           do not run the weights preflight (python model_loader.py verify) before loading
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -30,6 +31,12 @@ if not s.is_loopback_bind and not s.api_key_list and not s.allow_anonymous:
              "(or TWIN_ALLOW_ANONYMOUS=1 to serve without keys)")
 print(f"[start_app] data in {s.data_dir.resolve()}, model profile {s.model_profile}, face backend {s.face_backend}")
 PYEOF
+
+# Preflight: every weight file the configured profile / variant loads is opened (headers only) and checked
+# against what the code builds; one line per file; a missing, truncated or mismatched file stops here.
+if [ "${SKIP_VERIFY:-0}" != 1 ]; then
+  "$PY" model_loader.py verify || { echo "[start_app] weights preflight failed (see the lines above); fix the files or run: python model_loader.py download" >&2; exit 2; }
+fi
 
 # Once the service is ready, say loudly whether it runs real weights or the tiny demo model.
 (

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
+export VENV  # test_api.sh (run by the tests) uses the same venv
 scripts/setup_venv.sh "$VENV" dev
 scripts/setup_system.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -8,16 +8,20 @@
 #   API_KEY=...       send 'Authorization: Bearer ...' (when the server has TWIN_API_KEYS)
 #   OUT_DIR=...       where the downloaded PNG goes (default: a temp folder)
 #   POLL_TIMEOUT=600  seconds to wait for the job
+#   PYTHON=...        the python that reads JSON and makes the test selfies (needs Pillow + scikit-image);
+#                     default: $VENV/bin/python (VENV as in ./test.sh, default .venv), else python3
 set -euo pipefail
 cd "$(dirname "$0")"
 BASE=${1:-http://${TWIN_HOST:-127.0.0.1}:${TWIN_PORT:-5000}}
 [ $# -gt 0 ] && shift
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
-  for c in .venv/bin/python /work/venv/bin/python python3; do
+  for c in "${VENV:-.venv}/bin/python" python3; do
     if command -v "$c" >/dev/null 2>&1 || [ -x "$c" ]; then PY=$c; break; fi
   done
 fi
+"$PY" -c 'import PIL, skimage' 2>/dev/null \
+  || { echo "FAIL: $PY cannot import Pillow and scikit-image: set VENV (as for ./test.sh) or PYTHON" >&2; exit 1; }
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 OUT_DIR=${OUT_DIR:-$WORK/out}

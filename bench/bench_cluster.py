@@ -63,11 +63,13 @@ class Cluster:
     def start_worker(self) -> subprocess.Popen:
         import os
         env = {**os.environ, **self.env, "FAKE_STEP_SECONDS": str(self.step), "PYTHONUNBUFFERED": "1"}
+        self.procs = getattr(self, "procs", {})
         self._n += 1
         p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", f"bench{self._n}",
                               "--components", "tests.fake_server_app:worker_components"], cwd=REPO, env=env,
                              stdout=open(self.tmp / f"worker{self._n}.log", "wb"), stderr=subprocess.STDOUT)
         self.workers.append(p)
+        self.procs[f"bench{self._n}"] = p
         return p
 
     def live_workers(self) -> list[dict]:
@@ -138,7 +140,8 @@ def throughput(c: Cluster, jobs: int) -> None:
         c.stop_workers()
 
 
-def chaos(c: Cluster, jobs: int, every: float) -> None:
+def chaos(c: Cluster, jobs: int, every: float, step: float) -> None:
+    c.step = step
     print(f"== chaos: {jobs} jobs (6 steps x {c.step}s), 3 workers, one SIGKILLed and replaced every ~{every:g}s")
     for _ in range(3):
         c.start_worker()
@@ -152,7 +155,7 @@ def chaos(c: Cluster, jobs: int, every: float) -> None:
     def killer():
         while not stop.wait(every * random.uniform(0.8, 1.2)):
             busy = [w for w in c.live_workers() if w["current_job"]]
-            procs = {f"bench{i + 1}": p for i, p in enumerate(c.workers_all)}
+            procs = c.procs
             if not busy:
                 continue
             w = random.choice(busy)
@@ -163,9 +166,7 @@ def chaos(c: Cluster, jobs: int, every: float) -> None:
             p.send_signal(signal.SIGKILL)
             kills.append((time.time(), w["current_job"], job.get("attempt", 1)))
             c.start_worker()
-            c.workers_all.append(c.workers[-1])
 
-    c.workers_all = list(c.workers)  # type: ignore[attr-defined]
     th = threading.Thread(target=killer, daemon=True)
     t0 = time.time()
     th.start()
@@ -243,6 +244,7 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.1)
     ap.add_argument("--chaos-jobs", type=int, default=100)
     ap.add_argument("--kill-every", type=float, default=10.0)
+    ap.add_argument("--chaos-step", type=float, default=0.3, help="step time in the chaos run (long enough for kills)")
     ap.add_argument("--pollers", type=int, default=50)
     ap.add_argument("--poll-seconds", type=float, default=10.0)
     ap.add_argument("--only", choices=("throughput", "chaos", "status"), default=None)
@@ -253,7 +255,7 @@ def main() -> None:
         if a.only in (None, "throughput"):
             throughput(c, a.jobs)
         if a.only in (None, "chaos"):
-            chaos(c, a.chaos_jobs, a.kill_every)
+            chaos(c, a.chaos_jobs, a.kill_every, a.chaos_step)
         if a.only in (None, "status"):
             status_latency(c, a.pollers, a.poll_seconds)
     finally:

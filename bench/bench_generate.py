@@ -4,6 +4,8 @@
     python bench/bench_generate.py --full-size          # real-size SDXL (random weights) at 1024², 30 steps, CFG
     python bench/bench_generate.py --full-size --smoke  # same models, 128², 2 steps: checks it runs (CPU ok)
     python bench/bench_generate.py --full-size --meta   # build the full-size configs on the meta device only
+    python bench/bench_generate.py --full-size --variant instantid   # + SDXL-sized IdentityNet ControlNet
+    python bench/bench_generate.py --variants           # per variant: tiny CPU s/image + full-size parameters
 
 Full-size mode builds the SDXL UNet, VAE, both text encoders, the ViT-H image encoder and an IP-Adapter Plus
 from configs written below (no download), with random weights, and runs them through the same diffusers
@@ -77,6 +79,8 @@ def bench_tiny(args) -> None:
             ("plus-face", "balanced", 1, "average"), ("plus-face", "balanced", 4, "average"),
             ("plus-face", "balanced", 1, "stack"), ("plus-face", "high_fidelity", 1, "average"),
             ("plain", "balanced", 1, "average"), ("faceid", "balanced", 1, "average"),
+            ("faceid-plusv2", "balanced", 1, "average"), ("instantid", "balanced", 1, "average"),
+            ("instantid", "fast", 1, "average"),
         ]
         gens = {}
         print(f"{'variant':10} {'mode':14} {'n':>2} {'combine':8} {'steps':>5} {'median s':>9} {'min s':>7} "
@@ -90,7 +94,8 @@ def bench_tiny(args) -> None:
                 print(f"  setup {variant}: {time.perf_counter() - t0:.2f} s (incl. warm-up)")
             g = gens[variant]
             t0 = time.perf_counter()
-            ident = g.build_identity(make_crops(5), arcface_vectors(5), face_model="bench", combine=combine)
+            ident = g.build_identity(make_crops(5), arcface_vectors(5), face_model="bench", combine=combine,
+                                     embedding_norms=[20.0] * 5)
             t_ident = time.perf_counter() - t0
             req = GenerationRequest.from_dict({"prompt": "a portrait photo of a person", "num_images": n, "seed": 1,
                                                "quality_mode": mode}, g.settings).with_identity(ident)
@@ -125,7 +130,82 @@ def _init_random(module, dtype, device, seed: int) -> None:
     module.to(dtype)
 
 
-def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False):
+# What each identity variant adds at full size (InstantID: 16 tokens of width 1280 over the 512-d ArcFace
+# vector, and an IdentityNet ControlNet shaped like SDXL's UNet encoder).
+VARIANT_ADAPTER = {"plus-face": dict(plus_tokens=16, plus_dim=1280), "plain": {}, "faceid": {},
+                   "faceid-plusv2": {}, "instantid": dict(plus_tokens=16, plus_dim=1280)}
+VARIANT_ENCODER = {"plus-face": True, "plain": True, "faceid": False, "faceid-plusv2": True, "instantid": False}
+FACEID_LORA_RANK = 128   # h94's FaceID SDXL LoRAs
+
+
+def variant_param_counts(variant: str) -> dict[str, int]:
+    """Full-size parameter counts for one variant, built on the meta device (no memory, no download)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from model_loader import adapter_tensors
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        counts = {"unet": sum(p.numel() for p in unet.parameters())}
+        if VARIANT_ENCODER[variant]:
+            enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H))
+            counts["image_encoder"] = sum(p.numel() for p in enc.parameters())
+        if variant == "instantid":
+            net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+            counts["identitynet"] = sum(p.numel() for p in net.parameters())
+    sd = adapter_tensors(unet, variant, None, img_hidden=VIT_H["hidden_size"], img_proj=VIT_H["projection_dim"],
+                         meta=True, **VARIANT_ADAPTER[variant])
+    n = 0
+    for k, v in sd.items():
+        # The file's LoRA rank (128) instead of the builder's 4.
+        n += v.numel() // 4 * FACEID_LORA_RANK if "_lora." in k else v.numel()
+    counts["adapter"] = n
+    return counts
+
+
+def bench_variants(args) -> None:
+    """Side by side per identity variant: tiny CPU seconds per image (balanced) and full-size size."""
+    import torch
+    torch.set_num_threads(args.threads)
+    from generate_twin import DigitalTwinGenerator, GenerationRequest
+    from model_loader import make_tiny
+    from tests.fixtures.models import arcface_vectors, make_crops
+    from utils.config import Settings
+    fixed = {}
+    with torch.device("meta"):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        for k, m in (("vae", AutoencoderKL(**SDXL_VAE)), ("te1", CLIPTextModel(CLIPTextConfig(**CLIP_L))),
+                     ("te2", CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)))):
+            fixed[k] = sum(p.numel() for p in m.parameters())
+    base_rest = sum(fixed.values())
+    print(f"{'variant':14} {'tiny s/img':>10} {'steps':>5} {'cfg':>4} {'adapter M':>9} {'encoder M':>9} "
+          f"{'ControlNet M':>12} {'total B':>7} {'fp16 weights GB':>15} {'UNet-side B/step':>16}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_tiny(Path(tmp) / "tiny")
+        for variant in ("plus-face", "faceid", "faceid-plusv2", "instantid"):
+            s = Settings(data_dir=Path(tmp), model_dir=Path(tmp) / "none", tiny_model_dir=root, model_profile="tiny",
+                         ip_adapter_variant=variant, warmup=True)
+            g = DigitalTwinGenerator(s).setup()
+            ident = g.build_identity(make_crops(3), arcface_vectors(3), face_model="bench", embedding_norms=[20.0] * 3)
+            req = GenerationRequest.from_dict({"prompt": "a portrait photo of a person", "seed": 1}, s).with_identity(ident)
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                meta = g.generate(req).metadata
+                times.append(time.perf_counter() - t0)
+            c = variant_param_counts(variant)
+            total = sum(c.values()) + base_rest
+            # Parameters run per denoising step (per CFG half): the UNet plus the IdentityNet for InstantID.
+            per_step = c["unet"] + c.get("identitynet", 0)
+            print(f"{variant:14} {statistics.median(times):>10.3f} {meta['steps']:>5} {meta['guidance_scale']:>4} "
+                  f"{c['adapter'] / 1e6:>9.1f} {c.get('image_encoder', 0) / 1e6:>9.1f} "
+                  f"{c.get('identitynet', 0) / 1e6:>12.1f} {total / 1e9:>7.3f} {total * 2 / 1e9:>15.2f} "
+                  f"{per_step / 1e9:>16.3f}")
+    print("fp16 weights GB = parameters x 2 bytes (activations come on top: measure with --full-size on a GPU)")
+
+
+def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False, variant: str = "plus-face"):
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
@@ -138,7 +218,13 @@ def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool 
         te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
         enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H))
-    parts = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "image_encoder": enc}
+    parts = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
+    if VARIANT_ENCODER[variant]:
+        parts["image_encoder"] = enc
+    if variant == "instantid":
+        from instantid import IdentityNet
+        with torch.device("meta"):
+            parts["identitynet"] = IdentityNet.from_unet(unet, load_weights_from_unet=False)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     if meta_only:
         return None, counts
@@ -149,13 +235,18 @@ def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool 
     tok2, _ = _tiny_tokenizer(pad_token="!")
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
-                                     unet=unet, scheduler=sched, image_encoder=enc,
-                                     feature_extractor=CLIPImageProcessor(size=224, crop_size=224))
+    common = dict(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
+                  scheduler=sched, image_encoder=parts.get("image_encoder"),
+                  feature_extractor=CLIPImageProcessor(size=224, crop_size=224))
+    if variant == "instantid":
+        from diffusers import StableDiffusionXLControlNetPipeline
+        pipe = StableDiffusionXLControlNetPipeline(controlnet=parts["identitynet"], **common)
+    else:
+        pipe = StableDiffusionXLPipeline(**common)
     from model_loader import adapter_tensors
     g = torch.Generator().manual_seed(0)
-    sd = adapter_tensors(unet, "plus-face", g, img_hidden=VIT_H["hidden_size"], img_proj=VIT_H["projection_dim"],
-                         plus_tokens=16, plus_dim=1280)
+    sd = adapter_tensors(unet, variant, g, img_hidden=VIT_H["hidden_size"], img_proj=VIT_H["projection_dim"],
+                         dtype=dtype, **VARIANT_ADAPTER[variant])
     ipa = {"image_proj": {}, "ip_adapter": {}}
     for k, v in sd.items():
         top, rest = k.split(".", 1)
@@ -163,7 +254,8 @@ def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool 
     if fuse_qkv:
         # Before load_ip_adapter: fusing installs FusedAttnProcessor2_0 everywhere and would drop IP-Adapter's.
         pipe.fuse_qkv_projections()
-    pipe.load_ip_adapter(ipa, subfolder="", weight_name="")
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name="",
+                         image_encoder_folder="image_encoder" if VARIANT_ENCODER[variant] else None)
     counts["ip_adapter"] = sum(v.numel() for v in sd.values())
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -179,7 +271,7 @@ def bench_full(args) -> None:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv)
+    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv, variant=args.variant)
     for k, n in counts.items():
         print(f"{k:15} {n / 1e9:.3f} B parameters")
     if args.meta:
@@ -196,20 +288,41 @@ def bench_full(args) -> None:
     steps = 2 if args.smoke else (4 if args.few_step else args.steps)
     cfg = not args.few_step
     pipe.scheduler = (few_step_scheduler if args.few_step else dpmpp_karras)(pipe.scheduler.config)
-    with torch.inference_mode():
-        embeds = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
-                                                      device, 1, True)
+    extra = {}
+    if args.variant in ("plus-face", "plain"):
+        with torch.inference_mode():
+            embeds = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
+                                                          device, 1, True)
+    else:   # ArcFace variants: [zeros; a 512-d vector]
+        v = torch.randn(1, 1, 1, 512, generator=torch.Generator().manual_seed(1)) * 20
+        e = torch.cat([torch.zeros_like(v), v]).to(device=device, dtype=dtype)
+        embeds = [e if args.variant != "faceid" else e[:, :, 0]]
+    if args.variant == "faceid-plusv2":
+        with torch.inference_mode():
+            clip = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
+                                                        device, 1, True)[0]
+        proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        proj.shortcut, proj.shortcut_scale = True, 1.0
     embeds = [e if cfg else e[1:] for e in embeds]
     pipe.set_ip_adapter_scale(0.7)
     print(f"{'batch':>5} {'res':>9} {'steps':>5} {'cfg':>3} {'seconds':>8} {'it/s':>6} {'TFLOP/s':>8} "
           f"{'% peak':>6} {'peak mem GB':>11}")
     for batch in args.batch:
+        if args.variant == "instantid":
+            from instantid import identity_tokens, pose_image
+            pipe.controlnet.identity_tokens = identity_tokens(pipe.unet, embeds[0] if cfg else torch.cat(
+                [torch.zeros_like(embeds[0]), embeds[0]]), batch, cfg)
+            extra = {"image": pose_image("frontal", res, res), "controlnet_conditioning_scale": 0.8}
+        if args.variant == "faceid-plusv2":
+            neg, pos = clip[:1].repeat(batch, 1, 1, 1), clip[1:2].repeat(batch, 1, 1, 1)
+            proj.clip_embeds = torch.cat([neg, pos]) if cfg else pos
+
         def run():
             with torch.inference_mode():
                 return pipe(prompt="a portrait photo of a person", negative_prompt="lowres", width=res, height=res,
                             num_inference_steps=steps, guidance_scale=6.0 if cfg else 0.0,
                             num_images_per_prompt=batch, ip_adapter_image_embeds=embeds, output_type="pil",
-                            generator=torch.Generator("cpu").manual_seed(0))
+                            generator=torch.Generator("cpu").manual_seed(0), **extra)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
@@ -250,11 +363,17 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up absorbs compile time)")
     ap.add_argument("--vae-tiling", action="store_true")
     ap.add_argument("--few-step", action="store_true", help="4 steps, Euler trailing, no CFG (Lightning-style)")
+    ap.add_argument("--variant", default="plus-face", choices=tuple(VARIANT_ADAPTER),
+                    help="identity variant of the full-size run (instantid adds the SDXL-sized IdentityNet)")
+    ap.add_argument("--variants", action="store_true",
+                    help="per variant: tiny CPU s/image and full-size parameter counts / fp16 weight memory")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from model_loader import quiet_libraries
     with quiet_libraries():
-        if args.full_size or args.smoke or args.meta:
+        if args.variants:
+            bench_variants(args)
+        elif args.full_size or args.smoke or args.meta:
             if args.smoke:
                 args.batch, args.repeats, args.warmup = [1], 1, 0
             bench_full(args)

@@ -15,6 +15,13 @@
     aspect_ratios: ["1:1", "4:5", "3:4", "2:3", "9:16", "5:4", "4:3", "3:2", "16:9"],
     styles: ["photoreal", "cinematic", "studio", "editorial", "none"],
     default_style: "photoreal",
+    // utils/prompts.py's value sets; /system-status publishes them as options.attribute_choices.
+    attribute_choices: {
+      gender: ["female", "male", "non_binary"],
+      age_group: ["young_adult", "adult", "middle_aged", "senior"],
+      skin_tone: ["fair", "light", "medium", "olive", "tan", "brown", "dark"],
+      expression: ["neutral", "smiling", "laughing", "serious", "confident", "thoughtful", "surprised", "calm"],
+    },
   };
   const QUALITY_LABELS = { fast: "Fast", balanced: "Balanced", high_fidelity: "High fidelity" };
   const ASPECT_LABELS = { "1:1": "1:1 square", "4:5": "4:5 portrait", "3:4": "3:4 portrait", "2:3": "2:3 portrait",
@@ -226,19 +233,67 @@
     const sizes = !Array.isArray(opt.aspect_ratios) && opt.aspect_ratios ? opt.aspect_ratios : {};
     fillSelect($("aspect_ratio"), [...ratios, CUSTOM], (r) => r === CUSTOM ? "Custom size…"
       : (ASPECT_LABELS[r] || r) + (Array.isArray(sizes[r]) ? ` (${sizes[r][0]}×${sizes[r][1]})` : ""), "1:1");
-    fillSelect($("style"), styles, (s) => s === "none" ? "None (prompt only)" : s[0].toUpperCase() + s.slice(1),
+    fillSelect($("style"), styles, (s) => s === "none" ? "None (prompt only)" : (s[0].toUpperCase() + s.slice(1)).replace(/_/g, " "),
       opt.default_style || FALLBACK.default_style);
+    const choices = opt.attribute_choices && typeof opt.attribute_choices === "object" ? opt.attribute_choices : FALLBACK.attribute_choices;
+    for (const sel of document.querySelectorAll("select[data-attr]")) {
+      const values = Array.isArray(choices[sel.dataset.attr]) ? choices[sel.dataset.attr] : [];
+      fillSelect(sel, ["", ...values], (v) => v === "" ? "Any" : v.replace(/_/g, " "), "");
+    }
+    loadStyleDescriptions();
     $("limit-selfies").textContent = `1–${state.limits.max_selfies}`;
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
+    const fields = opt.request_fields || {};
+    state.canPreview = !!fields.preview;  // the loaded engine declares live previews
+    if (fields.restore_faces && typeof fields.restore_faces.default === "boolean" && !state.touchedRestore) {
+      $("restore_faces").checked = fields.restore_faces.default;
+    }
+    if (fields.restore_model && fields.restore_model.default) $("restore_model").value = fields.restore_model.default;
+    if (fields.candidates && typeof fields.candidates.maximum === "number") $("candidates").max = String(fields.candidates.maximum);
     if (typeof opt.default_identity_strength === "number" && !state.touchedStrength) {
       $("identity_strength").value = String(opt.default_identity_strength);
       $("identity_strength_out").textContent = opt.default_identity_strength.toFixed(2);
     }
+    // Pose control (InstantID's IdentityNet): shown only when the loaded adapter has it.
+    state.poseControl = opt.pose_control === true;
+    state.poses = Array.isArray(opt.poses) ? opt.poses.filter((p) => p !== "selfie:N") : [];
+    $("pose-field").hidden = $("pose-strength-field").hidden = !state.poseControl;
+    const ps = (opt.request_fields || {}).pose_strength || {};
+    if (typeof ps.default === "number" && !state.touchedPoseStrength) {
+      $("pose_strength").value = String(ps.default);
+      $("pose_strength_out").textContent = ps.default.toFixed(2);
+    }
+    fillPoses();
     const m = sys.model || {};
     $("footer-info").textContent = [m.model_name, m.variant && `adapter ${m.variant}`, sys.face_backend && `faces ${sys.face_backend}`,
       sys.device && sys.device.name].filter(Boolean).join(" · ");
+  }
+
+  // Presets, then one entry per accepted selfie of this upload (selfie:N, N = its index in the report).
+  const POSE_LABELS = { auto: "Auto (facing the camera)", frontal: "Frontal", three_quarter_left: "Three-quarter left",
+    three_quarter_right: "Three-quarter right", tilt_left: "Head tilted left", tilt_right: "Head tilted right",
+    look_up: "Looking up", look_down: "Looking down" };
+  function fillPoses() {
+    if (!state.poseControl) return;
+    const selfies = (state.acceptedIndices || []).map((i) => `selfie:${i}`);
+    fillSelect($("pose"), [...state.poses, ...selfies], (p) => POSE_LABELS[p]
+      || (p.startsWith("selfie:") ? `Like selfie ${Number(p.slice(7)) + 1}` : p), "auto");
+  }
+
+  // GET /styles: each preset's description, shown under the style strength slider.
+  async function loadStyleDescriptions() {
+    if (state.styleInfo) return;
+    try {
+      const body = await api("/styles");
+      state.styleInfo = Object.fromEntries((body.styles || []).map((st) => [st.name, st.description || ""]));
+      showStyleDescription();
+    } catch (e) { state.styleInfo = {}; }
+  }
+
+  function showStyleDescription() {
+    $("style-description").textContent = (state.styleInfo || {})[$("style").value] || "";
   }
 
   function fillSelect(select, values, label, preferred) {
@@ -493,7 +548,9 @@
     applyReport(body.report || {}, body);
     $("upload-progress-label").textContent = "Upload complete";
     $("delete-session-btn").hidden = false;
-    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).`;
+    $("generate-hint").textContent = `Using ${body.accepted_count} accepted selfie${body.accepted_count === 1 ? "" : "s"} (session ${String(body.session_id).slice(0, 8)}…).` +
+      // The reference for every likeness score: how much the person's own selfies agree.
+      (typeof body.self_similarity === "number" ? ` Your selfies agree at ${body.self_similarity.toFixed(2)}.` : "");
     remember();
     updateButtons();
     // The upload button just got disabled under the keyboard focus: put focus on the report.
@@ -508,6 +565,7 @@
   function isAccepted(entry) { return entry.accepted === true || entry.status === "accepted"; }
 
   function applyReport(report, body = {}) {
+    $("init_selfie").textContent = "";  // a new upload is a new session: its own selfies only
     const files = Array.isArray(report.files) ? report.files : [];
     let accepted = 0;
     let rejected = 0;
@@ -518,10 +576,13 @@
       if (ok) accepted += 1; else rejected += 1;
       if (!entry) return;
       const warnings = Array.isArray(f.warnings) ? f.warnings : [];
+      if (ok) addInitOption($("init_selfie"), `selfie:${idx}`, `Selfie ${idx + 1}` + (f.filename ? ` (${f.filename})` : ""));
       if (ok) setThumbStatus(entry, "accepted", "✓ Accepted", warnings);
       else setThumbStatus(entry, "rejected", `✗ Rejected: ${withoutName(f.message || f.code || "not usable", entry.file.name)}`);
       entry.li.dataset.code = ok ? "" : (f.code || "");
     });
+    state.acceptedIndices = files.filter(isAccepted).map((f, i) => (Number.isInteger(f.index) ? f.index : i));
+    fillPoses();
     const counts = report.counts || {};
     accepted = body.accepted_count ?? counts.accepted ?? report.accepted ?? accepted;
     rejected = body.rejected_count ?? counts.rejected ?? report.rejected ?? rejected;
@@ -570,6 +631,63 @@
     state.touchedStrength = true;
     $("identity_strength_out").textContent = Number(e.target.value).toFixed(2);
   });
+  $("restore_faces").addEventListener("change", () => { state.touchedRestore = true; });
+  $("pose_strength").addEventListener("input", (e) => {
+    state.touchedPoseStrength = true;
+    $("pose_strength_out").textContent = Number(e.target.value).toFixed(2);
+  });
+  $("style").addEventListener("change", showStyleDescription);
+  for (const id of ["style_strength", "strength"]) {
+    $(id).addEventListener("input", (e) => { $(`${id}_out`).textContent = Number(e.target.value).toFixed(2); });
+  }
+  $("init_source").addEventListener("change", () => {
+    const src = $("init_source").value;
+    $("init-selfie-field").hidden = src !== "selfie";
+    $("init-output-field").hidden = src !== "output";
+    $("init-file-field").hidden = src !== "file";
+  });
+  // The picture file goes inline (base64 data URL); the server decodes it like a selfie.
+  $("init_file").addEventListener("change", () => {
+    state.initData = null;
+    const f = $("init_file").files[0];
+    if (!f) return;
+    const reader = new FileReader();
+    reader.onload = () => { state.initData = String(reader.result); };
+    reader.readAsDataURL(f);
+  });
+
+  // Selfies in upload order; portraits newest first (and the newest is picked).
+  function addInitOption(select, value, label, newestFirst = false) {
+    if ([...select.options].some((o) => o.value === value)) return;
+    const o = document.createElement("option");
+    o.value = value; o.textContent = label;
+    if (newestFirst) { select.prepend(o); select.value = value; } else select.appendChild(o);
+  }
+
+  // Persona / attributes: only what was filled in is sent (the API refuses empty texts).
+  function personaPayload(p) {
+    const persona = {};
+    if ($("persona_name").value.trim()) persona.name = $("persona_name").value;
+    if ($("persona_age").value.trim()) persona.age = intOrRaw($("persona_age").value);
+    const traits = $("persona_traits").value.split(",").map((t) => t.trim()).filter(Boolean);
+    if (traits.length) persona.traits = traits;
+    if (Object.keys(persona).length) p.persona = persona;
+    const attributes = {};
+    for (const el of document.querySelectorAll("#persona-box [data-attr]")) {
+      if (el.value.trim()) attributes[el.dataset.attr] = el.value;
+    }
+    if (Object.keys(attributes).length) p.attributes = attributes;
+  }
+
+  function img2imgPayload(p) {
+    const src = $("init_source").value;
+    const value = src === "selfie" ? $("init_selfie").value : src === "output" ? $("init_output").value
+      : src === "file" ? state.initData : null;
+    if (src === "none") return;
+    p.init_image = value || "";   // empty: the API names what is missing
+    p.strength = Number($("strength").value);
+  }
+
   $("aspect_ratio").addEventListener("change", () => {
     $("custom-size").hidden = $("aspect_ratio").value !== CUSTOM;
   });
@@ -594,10 +712,22 @@
       p.aspect_ratio = $("aspect_ratio").value;
     }
     p.style = $("style").value;
+    if (Number($("style_strength").value) < 1) p.style_strength = Number($("style_strength").value);
     p.identity_strength = Number($("identity_strength").value);
+    if (state.poseControl && $("pose").value) {
+      p.pose = $("pose").value;
+      p.pose_strength = Number($("pose_strength").value);
+    }
+    personaPayload(p);
+    img2imgPayload(p);
     const seed = $("seed").value;
     if (seed.trim() !== "") p.seed = intOrRaw(seed);
+    const candidates = $("candidates").value;
+    if (candidates.trim() !== "") p.candidates = intOrRaw(candidates);
+    p.restore_faces = $("restore_faces").checked;
+    if (p.restore_faces) p.restore_model = $("restore_model").value;
     if (state.sessionId) p.session_id = state.sessionId;
+    if (canStream() && state.canPreview) p.preview = true;   // the forming image arrives with the live events
     return p;
   }
 
@@ -675,6 +805,49 @@
 
   function stopPolling() { clearTimeout(state.pollTimer); state.pollTimer = null; }
 
+  // Live events (GET /events/<id>, Server-Sent Events): every step, previews of the forming image and
+  // the final job as they happen. EventSource cannot send an Authorization header, so with an API key
+  // (and in browsers without EventSource) the page polls /status instead; it also falls back to
+  // polling for the rest of the job as soon as the stream fails (429 past the server's stream limit,
+  // a proxy that cuts it, a lost connection): the polling path knows how to back off and recover.
+  function canStream() { return !!window.EventSource && !apiKey(); }
+
+  function closeEvents() {
+    if (state.events) { state.events.close(); state.events = null; }
+  }
+
+  function watchEvents(job) {
+    if (state.events || !canStream() || state.noStreamFor === job.id) return !!state.events;
+    const es = new EventSource(`/events/${encodeURIComponent(job.id)}`);
+    state.events = es;
+    $("job-panel").dataset.live = "events";
+    const data = (e) => JSON.parse(e.data);
+    es.addEventListener("status", (e) => { if (state.job && state.job.id === job.id) onJob(data(e)); });
+    es.addEventListener("done", (e) => { closeEvents(); if (state.job && state.job.id === job.id) onJob(data(e)); });
+    es.addEventListener("progress", (e) => {
+      const p = data(e);
+      if (!state.job || state.job.id !== job.id || !isBusy()) return;
+      onJob({ ...state.job, status: "running", position: null,
+        progress: { step: p.step, total: p.total, fraction: p.fraction, eta_seconds: p.eta_seconds } });
+    });
+    es.addEventListener("preview", (e) => {
+      const p = data(e);
+      if (!state.job || state.job.id !== job.id || !isBusy()) return;
+      const img = $("job-preview");
+      img.src = p.image;
+      img.dataset.step = String(p.step);
+      img.hidden = false;
+    });
+    es.onerror = () => {
+      if (state.events !== es) return;
+      closeEvents();
+      state.noStreamFor = job.id;
+      $("job-panel").dataset.live = "polling";
+      if (isBusy()) poll();
+    };
+    return true;
+  }
+
   async function poll() {
     stopPolling();
     if (!state.job) return;
@@ -729,7 +902,11 @@
     const fresh = !state.job || state.job.id !== job.id;
     const changed = fresh || state.job.status !== job.status;
     state.job = job;
-    if (fresh) remember();
+    if (fresh) {
+      remember();
+      closeEvents();               // a stream belongs to one job
+      $("job-preview").hidden = true;
+    }
     const bar = $("job-progress");
     const p = job.progress || {};
     const total = p.total || 0;
@@ -765,7 +942,38 @@
     if (changed && !fresh && !isBusy()) {
       if (job.status === "succeeded") $("results-heading").focus(); else $("generate-btn").focus();
     }
-    if (isBusy()) state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
+    if (!isBusy()) {
+      closeEvents();
+      $("job-preview").hidden = true;
+    } else if (!watchEvents(job)) {
+      $("job-panel").dataset.live = "polling";
+      state.pollTimer = setTimeout(poll, POLL_MS[job.status] || 1000);
+    }
+  }
+
+  // Raw vs restored: one button swaps the picture (and its download) between the two files.
+  function wireRawToggle(li, img, out) {
+    const btn = li.querySelector(".result-raw");
+    const dl = li.querySelector(".result-download");
+    btn.hidden = false;
+    btn.setAttribute("aria-label", `Show the unrestored original of ${out.filename}`);
+    const urls = { restored: null, raw: null };
+    btn.addEventListener("click", async () => {
+      const showRaw = btn.getAttribute("aria-pressed") !== "true";
+      const key = showRaw ? "raw" : "restored";
+      try {
+        if (!urls[key]) {
+          const u = showRaw ? out.raw_url : out.url;
+          urls[key] = apiKey() ? await fetchImage(`${u}?inline=1`) : `${u}?inline=1`;
+        }
+      } catch (err) { reportError(err); return; }
+      img.src = urls[key];
+      dl.href = apiKey() ? urls[key] : (showRaw ? out.raw_url : out.url);
+      dl.setAttribute("download", showRaw ? out.raw_filename : out.filename);
+      btn.setAttribute("aria-pressed", showRaw ? "true" : "false");
+      btn.textContent = showRaw ? "Show restored" : "Show raw";
+      li.dataset.showing = key;
+    });
   }
 
   async function fetchImage(url) {
@@ -796,8 +1004,18 @@
       li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
       const extra = [];
       if (out.width && out.height) extra.push(`${out.width}×${out.height}`);
-      if (typeof out.identity_similarity === "number") extra.push(`likeness ${out.identity_similarity.toFixed(2)}`);
+      if (out.candidate) extra.push(`candidate ${out.candidate} of ${(job.metadata && job.metadata.candidates || []).length}`);
+      if (out.restored) extra.push(`restored (${out.restore_model})`);
       li.querySelector(".result-extra").textContent = extra.join(" · ");
+      // The score beside its reference: how much the person's own selfies agree with each other.
+      const likeness = [];
+      if (typeof out.identity_similarity === "number") likeness.push(`likeness ${out.identity_similarity.toFixed(2)}`);
+      else if (out.note) likeness.push(out.note);
+      if (typeof out.self_similarity === "number" && typeof out.identity_similarity === "number") {
+        likeness.push(`your selfies agree at ${out.self_similarity.toFixed(2)}`);
+      }
+      if (typeof out.identity_similarity_raw === "number") likeness.push(`raw ${out.identity_similarity_raw.toFixed(2)}`);
+      li.querySelector(".result-likeness").textContent = likeness.join(" · ");
       const dl = li.querySelector(".result-download");
       dl.setAttribute("download", out.filename);
       dl.setAttribute("aria-label", `Download ${out.filename}`);
@@ -813,10 +1031,13 @@
           reportError(err);
         });
       } else {
-        img.src = `${out.url}?inline=1`;
+        // The gallery shows the small JPEG thumbnail; the link opens the full PNG.
+        img.src = out.thumbnail_url ? `${out.thumbnail_url}?inline=1` : `${out.url}?inline=1`;
         view.href = `${out.url}?inline=1`;
         dl.href = out.url;
       }
+      if (out.raw_url) wireRawToggle(li, img, out);
+      addInitOption($("init_output"), `${job.id}/${out.filename}`, `${out.filename} · seed ${out.seed} · “${(r.prompt || "").slice(0, 30)}”`, true);
       const reuse = li.querySelector(".result-reuse");
       reuse.setAttribute("aria-label", `Use seed ${out.seed} for the next generation`);
       reuse.addEventListener("click", () => { $("seed").value = String(out.seed); $("seed").focus(); });

@@ -23,7 +23,8 @@ from PIL import Image, ImageStat
 from utils import errors
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "num_images", "seed", "width", "height", "aspect_ratio",
-                "quality_mode", "identity_strength", "style", "lora", "lora_scale"}
+                "quality_mode", "identity_strength", "style", "lora", "lora_scale",
+                "candidates", "restore_faces", "restore_model", "restore_fidelity"}
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
 QUALITY_STEPS = {"fast": 4, "balanced": 6, "high_fidelity": 8}
 
@@ -39,6 +40,10 @@ class FakeGenerationRequest:
     quality_mode: str = "balanced"
     identity_strength: float = 0.7
     style: str | None = None
+    candidates: int | None = None
+    restore_faces: bool = False
+    restore_model: str = "gfpgan"
+    restore_fidelity: float = 0.5
     identity: Any = None
 
     @classmethod
@@ -77,8 +82,21 @@ class FakeGenerationRequest:
         s = payload.get("identity_strength", settings.default_identity_strength)
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 2:
             raise errors.InvalidRequest(f"identity_strength={s!r} is not between 0 and 2")
+        c = payload.get("candidates")
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or not n <= c <= 8):
+            raise errors.InvalidRequest(f"candidates={c!r} is not between num_images={n} and 8")
+        restore = payload.get("restore_faces", settings.restore_default)
+        if not isinstance(restore, bool):
+            raise errors.InvalidRequest(f"restore_faces={restore!r} is not true or false")
+        model = payload.get("restore_model", settings.restore_model)
+        if model not in ("gfpgan", "codeformer", "gpen"):
+            raise errors.InvalidRequest(f"restore_model={model!r} is not one of gfpgan, codeformer, gpen")
+        fidelity = payload.get("restore_fidelity", 0.5)
+        if not isinstance(fidelity, (int, float)) or isinstance(fidelity, bool) or not 0 <= fidelity <= 1:
+            raise errors.InvalidRequest(f"restore_fidelity={fidelity!r} is not between 0 and 1")
         return cls(prompt=prompt, negative_prompt=payload.get("negative_prompt", ""), num_images=n, seed=seed,
-                   width=w, height=h, quality_mode=q, identity_strength=float(s), style=payload.get("style"))
+                   width=w, height=h, quality_mode=q, identity_strength=float(s), style=payload.get("style"),
+                   candidates=c, restore_faces=restore, restore_model=model, restore_fidelity=float(fidelity))
 
     def with_identity(self, identity) -> "FakeGenerationRequest":
         return replace(self, identity=identity)
@@ -86,7 +104,9 @@ class FakeGenerationRequest:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "num_images": self.num_images,
                 "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
-                "identity_strength": self.identity_strength, "style": self.style,
+                "identity_strength": self.identity_strength, "style": self.style, "candidates": self.candidates,
+                "restore_faces": self.restore_faces, "restore_model": self.restore_model,
+                "restore_fidelity": self.restore_fidelity,
                 "identity": None if self.identity is None else self.identity.describe()}
 
 
@@ -145,7 +165,7 @@ class FakeGenerator:
         return {"profile": "fake", "is_demo": True, "variant": "fake", "model_name": "fake-generator",
                 "device": "cpu", "dtype": "float32"}
 
-    def build_identity(self, crops, face_embeddings, face_model: str) -> FakeSessionIdentity:
+    def build_identity(self, crops, face_embeddings, face_model: str, **face_inputs) -> FakeSessionIdentity:
         assert len(crops) == len(face_embeddings) >= 1
         vec = np.mean([np.asarray(e, dtype=np.float32) for e in face_embeddings], axis=0)
         return FakeSessionIdentity(vec, face_model, len(crops))
@@ -169,6 +189,23 @@ class FakeGenerator:
         seeds = [base + i for i in range(req.num_images)]
         images = [Image.new("RGB", (req.width, req.height), ((s * 37) % 256, (s * 91) % 256, 128)) for s in seeds]
         return FakeResult(images=images, seeds=seeds, metadata={"steps": total, "profile": "fake"})
+
+
+class PhotoGenerator(FakeGenerator):
+    """Generates the astronaut photo (a real face, from scikit-image's wheel) at 320², or the flat fake
+    images when ``faces`` is False: restoration and likeness run on real faces without the engine."""
+
+    def __init__(self, faces: bool = True, **kw) -> None:
+        super().__init__(**kw)
+        self.faces = faces
+
+    def generate(self, req, on_progress=None, should_cancel=None):
+        from tests.photos import astronaut_variant
+        result = super().generate(req, on_progress, should_cancel)
+        if self.faces:
+            result = FakeResult(images=[astronaut_variant(s % 4, 320) for s in result.seeds], seeds=result.seeds,
+                                metadata=result.metadata)
+        return result
 
 
 @dataclass

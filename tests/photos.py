@@ -82,3 +82,18 @@ def astronaut_variant(i: int, size: int | None = None) -> Image.Image:
 def selfie_set(n: int, size: int | None = None) -> list[tuple[str, bytes]]:
     """n (filename, JPEG bytes) pairs of the same person, all distinct."""
     return [(f"selfie_{i:02d}.jpg", to_bytes(astronaut_variant(i, size))) for i in range(n)]
+
+
+def phone_photo(i: int, size: tuple[int, int] = (4032, 3024)) -> Image.Image:
+    """The i-th astronaut variant as a phone camera frames it (see ``phone_frame``), e.g. 12 MP 4032x3024."""
+    return phone_frame(astronaut_variant(i), size)
+
+
+def phone_frame(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``im`` scaled to cover ``size`` and cropped from the top centre (where a selfie has the head), so
+    the face keeps its shape and a selfie-like share of the frame."""
+    w, h = size
+    scale = max(w / im.width, h / im.height)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)  # LANCZOS: seconds per 12 MP
+    left = (im.width - w) // 2
+    return im.crop((left, 0, left + w, h))

@@ -63,9 +63,14 @@ def test_single_selfie_rules(face_service, name, data, status, code, words):
 
 
 def test_exif_rotated_selfie_is_decoded_upright(face_service):
-    report = face_service.validate_selfies([("phone.jpg", exif_rotated_jpeg(photos.astronaut().crop((0, 0, 512, 400)), 6))])
+    upright = photos.astronaut().crop((0, 0, 512, 400))
+    report = face_service.validate_selfies([("phone.jpg", exif_rotated_jpeg(upright, 6))])
     (acc,) = report.accepted
-    assert acc.image.size == (512, 400)  # upright landscape, not the stored portrait
+    assert acc.size == (512, 400)  # upright landscape, not the stored portrait
+    # The kept preview (the photo itself is not kept) is upright too: close to the upright original.
+    assert acc.preview.size == (256, 200)
+    ref = np.asarray(upright.resize(acc.preview.size, Image.BILINEAR), np.float32)
+    assert np.abs(np.asarray(acc.preview, np.float32) - ref).mean() < 6
     assert abs(acc.metrics["yaw_degrees"]) < 10
 
 

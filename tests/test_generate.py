@@ -131,7 +131,7 @@ def test_cancel_stops_within_one_step(tiny_generator, tiny_settings, identity, c
     ({"seed": -1}, "seed=-1"),
     ({"seed": "42"}, "seed='42'"),
     ({"quality_mode": "ultra"}, "quality_mode='ultra'"),
-    ({"style": "anime"}, "style='anime'"),
+    ({"style": "claymation"}, "style='claymation'"),
     ({"lora": ""}, "lora=''"),
     ({"colour": "red", "steps": 3}, "colour, steps"),
     ({"prompt": "x" * 3000}, "3000 characters"),

@@ -129,3 +129,43 @@ def test_cli_in_a_fresh_process_builds_the_tiny_model(tmp_path):
     assert (tmp_path / "data" / "tiny-model" / "tiny_model.json").is_file()
     assert (tmp_path / "out" / "avatar_001.png").is_file()
     print(f"fresh-process CLI wall time: {wall:.1f} s")  # the number is reported by bench, not asserted
+
+
+# --- evaluate: the likeness report -------------------------------------------------------------
+
+def test_evaluate_reports_each_image_and_the_selfies_agreement(tmp_path, face_service, capsys):
+    """Real dlib backend on photos from the wheels: the same person scores above another person, a
+    picture without a face says so, and the selfies' self-similarity is the reference line."""
+    from tests.photos import astronaut_variant, selfie_set, to_bytes, tom_hanks
+    selfies, images = tmp_path / "selfies", tmp_path / "images"
+    selfies.mkdir()
+    images.mkdir()
+    for name, data in selfie_set(4):
+        (selfies / name).write_bytes(data)
+    (images / "a_same_person.png").write_bytes(to_bytes(astronaut_variant(7), "PNG"))
+    (images / "b_other_person.png").write_bytes(to_bytes(tom_hanks(), "PNG"))
+    (images / "c_no_face.png").write_bytes(to_bytes(Image.new("RGB", (200, 200), (90, 120, 150)), "PNG"))
+    report_path = tmp_path / "report.json"
+    rc = generate_twin.main(["evaluate", "--selfies", str(selfies), "--images", str(images), "--json", str(report_path)],
+                            face_service_factory=lambda s: face_service)
+    assert rc == 0
+    rep = json.loads(report_path.read_text())
+    rows = {r["image"]: r for r in rep["images"]}
+    assert rows["a_same_person.png"]["face_found"] and rows["b_other_person.png"]["face_found"]
+    assert rows["a_same_person.png"]["identity_similarity"] > 0.5 > rows["b_other_person.png"]["identity_similarity"]
+    assert rows["c_no_face.png"] == {"image": "c_no_face.png", "face_found": False, "identity_similarity": None}
+    assert rep["overall"]["faces_found"] == 2 and rep["selfies"]["accepted"] == 4
+    assert 0.5 < rep["selfies"]["self_similarity"] <= 1
+    out = capsys.readouterr().out
+    assert "they agree at" in out and "c_no_face.png: no face found" in out and "a_same_person.png: likeness" in out
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda root: (root / "selfies").mkdir(), "no images found in --selfies"),
+])
+def test_evaluate_bad_folders_exit_2_naming_them(tmp_path, capsys, face_service, make, needle):
+    make(tmp_path)
+    (tmp_path / "images").mkdir()
+    rc = generate_twin.main(["evaluate", "--selfies", str(tmp_path / "selfies"), "--images", str(tmp_path / "images")],
+                            face_service_factory=lambda s: face_service)
+    assert rc == 2 and needle in capsys.readouterr().err

@@ -35,6 +35,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _png_b64() -> str:
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.indices((48, 48)).sum(0) * 3 % 256).astype(np.uint8)).convert("RGB").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_INIT_PNG = _png_b64()
+
+
 @pytest.fixture(scope="module")
 def proc_settings(tiny_settings):
     # Uncapped steps: cancel and concurrency need a generation that lasts a while.
@@ -77,6 +89,10 @@ def test_settings_request_and_identity_pickle(proc_settings, identity):
     {"quality_mode": "fast"},
     {"quality_mode": "balanced", "num_images": 2, "seed": 123},
     {"quality_mode": "fast", "style": "none", "aspect_ratio": "3:4", "width": None, "height": None},
+    # Issue 14's controls cross the pipe too: compel weighting, the persona builder, img2img.
+    {"quality_mode": "fast", "style": "cinematic", "style_strength": 0.5},
+    {"quality_mode": "fast", "persona": {"age": 40}, "attributes": {"gender": "male", "hair": "grey"}},
+    {"quality_mode": "fast", "init_image": _INIT_PNG, "strength": 0.5},
 ])
 @pytest.mark.parametrize("with_identity", [False, True])
 def test_same_seed_gives_the_same_images_as_in_process(gen_proc, local_gen, proc_settings, identity, payload,

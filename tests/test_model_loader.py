@@ -23,6 +23,9 @@ from utils.errors import ModelWeightsMissing
     "IP-Adapter-FaceID/ip-adapter-faceid_sdxl.safetensors",
     "SDXL-Lightning/tiny_lightning_4step_lora.safetensors",
     "loras/tiny_style.safetensors",
+    "face_restore/gfpgan_1.4.onnx",          # restoration stand-ins, named as the public exports
+    "face_restore/codeformer.onnx",
+    "face_restore/gpen_bfr_512.onnx",
 ])
 def test_tiny_folder_mirrors_real_repo_layout(tiny_models, relpath):
     assert (tiny_models / relpath).is_file()
@@ -41,6 +44,21 @@ def test_tiny_build_is_deterministic(tiny_models, tmp_path):
         a, b = load_file(tiny_models / rel), load_file(again / rel)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), rel
+
+
+@pytest.mark.parametrize("names, files", [
+    (["gfpgan"], ["gfpgan_1.4.onnx"]),
+    (["codeformer", "gpen"], ["codeformer.onnx", "gpen_bfr_512.onnx"]),
+])
+def test_download_restore_fetches_the_named_onnx_exports(tiny_settings, tmp_path, names, files):
+    calls = []
+
+    def fake_hf_hub_download(*, repo_id, filename, local_dir):
+        calls.append((repo_id, filename, local_dir))
+        return f"{local_dir}/{filename}"
+    settings = tiny_settings.replace(model_dir=tmp_path)
+    ml.download_restore(settings, names, hf_hub_download=fake_hf_hub_download)
+    assert calls == [("facefusion/models-3.0.0", f, str(tmp_path / "face_restore")) for f in files]
 
 
 @pytest.mark.parametrize("variant, projection, faceid_lora", [

@@ -182,6 +182,12 @@ def _drive(page, server, kind: str, tmp_path) -> None:
                                       .map(([st, s]) => s)).size >= 2""", timeout=60_000, polling=50)
     text = page.locator("#job-progress-text").inner_text()
     assert re.search(r"step \d+ / \d+ · ETA (\d+ s|estimating…)", text), text
+    # The steps arrive over the live event stream (GET /events), not by polling.
+    assert page.locator("#job-panel").get_attribute("data-live") == "events"
+    if kind == "real":  # the tiny engine sends previews of the forming image (the fakes have none)
+        page.wait_for_function("""() => { const i = document.getElementById('job-preview');
+            return !i.hidden && i.src.startsWith('data:image/jpeg;base64,') && i.naturalWidth > 0; }""",
+                               timeout=60_000, polling=50)
     assert page.locator("#generate-btn").is_disabled() and page.locator("#cancel-btn").is_enabled()
     shot(page, "3-progress", kind)
 
@@ -193,6 +199,7 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert steps[-1] == ["succeeded", total, total]
     assert page.locator("#job-progress").evaluate("el => el.value / el.max") == 1
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
+    assert page.locator("#job-preview").is_hidden()  # the portraits replace the preview
 
     # --- gallery: two results with seeds and download links ---
     results = page.locator("#gallery .result")
@@ -205,6 +212,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     for i, seed in enumerate(seeds):
         assert results.nth(i).locator(".result-seed").inner_text() == f"Seed {seed}"
     page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    # The gallery shows each portrait's JPEG thumbnail; its link opens the full PNG.
+    assert all(".thumb.jpg" in results.nth(i).locator("img").get_attribute("src") for i in range(2))
+    assert all(results.nth(i).locator(".result-view").get_attribute("href").endswith(".png?inline=1") for i in range(2))
     shot(page, "4-gallery", kind)
 
     with page.expect_download() as dl_info:
@@ -230,7 +240,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert page.locator("#generate-btn").is_enabled() and page.locator("#cancel-btn").is_disabled()
     assert page.locator("#gallery .result").count() == 2
 
-    # --- the connection drops while a job runs: the page says so, backs off, and recovers ---
+    # --- the connection drops while a job runs: the event stream fails, the page falls back to polling,
+    # says so, backs off, and recovers ---
+    page.route("**/events/**", lambda route: route.abort("connectionreset"))
     page.route("**/status/**", lambda route: route.abort("connectionreset"))
     page.select_option("#quality_mode", "fast")
     page.click("#generate-btn")
@@ -239,7 +251,9 @@ def _drive(page, server, kind: str, tmp_path) -> None:
     assert re.search(r"Connection to the server lost; retrying in \d+ s \(attempt \d+\)", net.inner_text()), net.inner_text()
     assert net.locator("button", has_text="Retry now").is_visible()
     assert page.locator("#cancel-btn").is_enabled()  # the job is still ours to cancel
+    assert page.locator("#job-panel").get_attribute("data-live") == "polling"
     page.unroute("**/status/**")
+    page.unroute("**/events/**")
     page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
     net.wait_for(state="hidden", timeout=10_000)  # "Reconnected." shows briefly, then goes
     assert page.locator("#gallery .result").count() == 3
@@ -468,5 +482,158 @@ def test_page_with_api_keys(browser, start_server, tmp_path):
         page.click("#api-key-forget")
         assert page.locator("#auth-state").inner_text() == "The key was forgotten."
         assert page.evaluate("sessionStorage.getItem('twin-api-key')") is None
+    finally:
+        context.close()
+
+
+def test_page_likeness_best_of_and_raw_vs_restored(browser, start_server, tmp_path):
+    """Best-of and restoration from the page: each portrait shows its likeness beside the selfies' own
+    agreement, and one button swaps the restored picture for its raw original."""
+    from tests.fixtures.service import server_env
+    from utils.faces.restore import write_standins
+    models = tmp_path / "restore"
+    write_standins(models)
+    server = start_server({**server_env(tmp_path / "data"), "TWIN_RESTORE_MODEL_DIR": str(models)},
+                          app_spec="tests.fake_server_app:create_likeness()")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        paths = []
+        for name, data in selfie_set(3):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#upload-report").wait_for(state="visible")
+        assert re.search(r"Your selfies agree at 0\.\d\d\.", page.locator("#generate-hint").inner_text())
+        page.fill("#candidates", "3")
+        page.check("#restore_faces")
+        page.select_option("#restore_model", "codeformer")
+        with page.expect_response(lambda r: r.url.endswith("/generate")) as resp_info:
+            page.click("#generate-btn")
+        sent = resp_info.value.request.post_data_json
+        assert (sent["candidates"], sent["restore_faces"], sent["restore_model"]) == (3, True, "codeformer")
+        result = page.locator("#gallery .result").first
+        result.wait_for(state="visible", timeout=60_000)
+        text = result.locator(".result-likeness").inner_text()
+        assert re.fullmatch(r"likeness 0\.\d\d · your selfies agree at 0\.\d\d · raw 0\.\d\d", text), text
+        assert "restored (codeformer)" in result.locator(".result-extra").inner_text()
+        page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth > 0")
+        raw = result.locator(".result-raw")
+        raw.click()
+        page.wait_for_function("document.querySelector('#gallery .result').dataset.showing === 'raw'")
+        assert "avatar_001_raw.png" in result.locator("img").get_attribute("src")
+        assert raw.get_attribute("aria-pressed") == "true"
+        shot(page, "likeness", "fake")
+        raw.click()
+        page.wait_for_function("document.querySelector('#gallery .result').dataset.showing === 'restored'")
+        assert "avatar_001.png" in result.locator("img").get_attribute("src")
+    except Exception:
+        shot(page, "likeness-failure", "fake")
+        raise
+    finally:
+        context.close()
+
+
+def test_page_pose_choice_with_instantid(browser, start_server, tmp_path, tiny_models):
+    """instantid on the tiny profile (real server, real engines, the tiny stand-in antelopev2 pack): the
+    form offers the pose presets plus one entry per accepted selfie, and sends pose / pose_strength."""
+    from tests.fixtures.service import server_env
+    env = server_env(tmp_path / "data", tiny_models, TWIN_IP_ADAPTER_VARIANT="instantid", TWIN_FACE_BACKEND="auto",
+                     TWIN_MIN_FACE_PX="20", TWIN_MODEL_DIR=str(tmp_path / "no-models"), TWIN_DEVICE="cpu",
+                     TWIN_MAX_STEPS="2", TWIN_WARMUP="0")
+    server = start_server(env)
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=60_000)
+        assert page.locator("#pose-field").is_visible() and page.locator("#pose_strength").input_value() == "0.8"
+        paths = []
+        for name, data in selfie_set(2):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        page.click("#upload-btn")
+        page.locator("#upload-report").wait_for(state="visible")
+        values = page.locator("#pose option").evaluate_all("os => os.map(o => o.value)")
+        assert values == ["auto", "frontal", "three_quarter_left", "three_quarter_right", "tilt_left", "tilt_right",
+                          "look_up", "look_down", "selfie:0", "selfie:1"]
+        assert page.locator("#pose").input_value() == "auto"
+        page.fill("#prompt", "a portrait")
+        page.select_option("#pose", "selfie:1")
+        page.locator("#pose_strength").fill("1.2")
+        with page.expect_request(lambda r: r.url.endswith("/generate")) as req_info:
+            page.click("#generate-btn")
+        sent = req_info.value.post_data_json
+        assert (sent["pose"], sent["pose_strength"]) == ("selfie:1", 1.2)
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=120_000)
+    finally:
+        context.close()
+
+
+def test_page_creative_controls_send_style_persona_and_img2img(browser, start_server, tmp_path):
+    """Style strength (with the preset's description from GET /styles), the persona / look form and the
+    img2img picker reach /generate as the API's fields; untouched controls send nothing. The /generate
+    answer is routed (the fake engine does not take these fields) and its error lands next to the field."""
+    import json
+
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    sent: list[dict] = []
+
+    def generate(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=400, content_type="application/json", body=json.dumps(
+            {"error": {"code": "invalid_request", "message": "strength=0.35 is routed by the test"}}))
+
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        paths = []
+        for name, data in selfie_set(2):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        with page.expect_response(lambda r: r.url.endswith("/upload")):
+            page.click("#upload-btn")
+        page.wait_for_function("document.querySelectorAll('#init_selfie option').length === 2")
+        page.select_option("#style", "cinematic")
+        page.wait_for_function("document.getElementById('style-description').textContent === 'Film still with dramatic light.'")
+        page.route("**/generate", generate)
+
+        with page.expect_request("**/generate"):
+            page.click("#generate-btn")                          # defaults: none of the new fields
+        page.wait_for_function("document.querySelector('.field-error') !== null")
+        assert not {"style_strength", "persona", "attributes", "init_image", "strength"} & set(sent[0])
+
+        page.fill("#style_strength", "0.4")
+        page.dispatch_event("#style_strength", "input")
+        assert page.locator("#style_strength_out").inner_text() == "0.40"
+        page.click("#persona-box > summary")
+        page.fill("#persona_age", "34")
+        page.fill("#persona_traits", "confident,  warm ,")
+        page.select_option("#attr_gender", "female")
+        page.fill("#attr_hair", "short black")
+        page.click("#img2img-box > summary")
+        page.select_option("#init_source", "selfie")
+        assert page.locator("#init-selfie-field").is_visible()
+        page.select_option("#init_selfie", "selfie:1")
+        page.fill("#strength", "0.35")
+        page.dispatch_event("#strength", "input")
+        with page.expect_request("**/generate"):
+            page.click("#generate-btn")
+        page.wait_for_function("document.getElementById('strength').getAttribute('aria-invalid') === 'true'")
+        assert len(sent) == 2
+        p = sent[-1]
+        assert p["style"] == "cinematic" and p["style_strength"] == 0.4
+        assert p["persona"] == {"age": 34, "traits": ["confident", "warm"]}
+        assert p["attributes"] == {"gender": "female", "hair": "short black"}
+        assert p["init_image"] == "selfie:1" and p["strength"] == 0.35
+        shot(page, "creative-controls", "fake")
     finally:
         context.close()

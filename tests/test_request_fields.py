@@ -61,12 +61,15 @@ def test_invalid_payloads_name_the_value(payload, message):
 def test_the_request_dataclass_and_the_table_agree():
     import dataclasses
     declared = [f.name for f in REQUEST_FIELDS]
-    assert declared == [f.name for f in dataclasses.fields(GenerationRequest) if f.name != "identity"]
+    # identity and init_pixels are attached after validation (with_identity / with_init_image), not request fields.
+    attached = ("identity", "init_pixels")
+    assert declared == [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in attached]
 
 
 def test_openapi_and_published_options_come_from_the_table():
     spec = build_spec(S)["components"]["schemas"]["GenerateRequest"]
-    assert set(spec["properties"]) == {f.name for f in REQUEST_FIELDS} | {"session_id"}
+    from utils.api.webhooks import WEBHOOK_FIELDS
+    assert set(spec["properties"]) == {f.name for f in REQUEST_FIELDS + WEBHOOK_FIELDS} | {"session_id"}
     assert spec["required"] == ["prompt"]
     assert spec["properties"]["width"] == {
         "type": "integer", "minimum": S.min_image_side, "maximum": S.max_image_side, "multipleOf": 8,

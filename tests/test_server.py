@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -28,6 +29,21 @@ def test_test_api_sh_against_gunicorn(server_kind, start_server, tmp_path):
     assert health["state"] == "ready"
     if kind == "real":
         assert health["profile"] == "tiny" and health["is_demo"] is True
+
+
+def test_test_api_sh_uses_the_callers_venv(tmp_path):
+    """VENV=/elsewhere ./test.sh must not fall back to a venv path of one machine: the script runs $VENV's python."""
+    venv = tmp_path / "elsewhere"
+    (venv / "bin").mkdir(parents=True)
+    marker = tmp_path / "used"
+    fake = venv / "bin" / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run([str(REPO / "test_api.sh"), "http://127.0.0.1:9"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**env, "VENV": str(venv)})
+    assert proc.returncode != 0 and "FAIL" in proc.stderr  # nothing listens there
+    assert marker.exists() and "import" in marker.read_text(), proc.stderr
 
 
 def test_test_api_sh_fails_when_server_is_down(tmp_path):

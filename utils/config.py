@@ -48,7 +48,8 @@ class Settings:
     # --- models ------------------------------------------------------------------------------
     model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
                                   choices=("auto", "sdxl", "tiny"))
-    ip_adapter_variant: str = _setting("plus-face", "IP-Adapter variant.", choices=("plus-face", "plain", "faceid"))
+    ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
+                                       choices=("plus-face", "plain", "faceid", "faceid-plusv2", "instantid"))
     identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=("average", "stack"))
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
@@ -60,10 +61,12 @@ class Settings:
     # --- generation ----------------------------------------------------------------------------
     sdxl_model_id: str = _setting("stabilityai/stable-diffusion-xl-base-1.0", "Hub id of the SDXL base model (fp16 variant is used).")
     ip_adapter_repo: str = _setting("h94/IP-Adapter", "Hub id holding the Plus-Face / plain SDXL adapters and the ViT-H image encoder.")
-    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID SDXL adapter (non-commercial licence).")
+    faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID / FaceID Plus v2 SDXL adapters (non-commercial licence).")
+    instantid_repo: str = _setting("InstantX/InstantID", "Hub id of InstantID (IdentityNet ControlNet + ip-adapter.bin; weights marked research-only).")
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
     lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
+    styles_file: Path | None = _setting(None, "Style presets (JSON, see styles/styles.json); default styles/styles.json beside the code. Read at start-up: a broken file stops it.")
     channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
     fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")
     torch_compile: bool = _setting(False, "CUDA: torch.compile the UNet (slow first call; setup() warms it up when warmup is on).")
@@ -73,8 +76,8 @@ class Settings:
     # --- faces -------------------------------------------------------------------------------
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
                                  choices=("auto", "dlib", "insightface"))
-    insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack (buffalo_l); default <model_dir>/insightface/buffalo_l.")
-    min_face_px: int = _setting(80, "Smallest face box side in pixels.", lo=1)
+    insightface_model_dir: Path | None = _setting(None, "Folder of the InsightFace model pack; default <model_dir>/insightface/antelopev2 for instantid / faceid-plusv2 (the nested antelopev2/antelopev2/*.onnx unzip is accepted), else <model_dir>/insightface/buffalo_l. Tiny profile without a pack: the tiny stand-in pack.")
+    min_face_px: int = _setting(80, "Smallest face box side in pixels of the uploaded photo (large photos are checked on a reduced copy; the side is scaled back to the photo's pixels).", lo=1)
     min_face_fraction: float = _setting(0.02, "Smallest face box area as a share of the image.", lo=0.0, hi=1.0)
     min_sharpness: float = _setting(40.0, "Smallest variance of the Laplacian on the face box resized to 128 px (measured: sharp photos 110-220, Gaussian blur radius 1 gives ~20, radius 2 ~5).", lo=0.0)
     min_brightness: float = _setting(40.0, "Darkest mean face luminance (0-255).", lo=0.0, hi=255.0)
@@ -97,6 +100,8 @@ class Settings:
     max_file_mb: float = _setting(20.0, "Largest single uploaded file, MB.", lo=0.01)
     max_upload_mb: float = _setting(200.0, "Largest whole upload request, MB.", lo=0.01)
     max_pixels: int = _setting(40_000_000, "Largest decoded image, pixels (decompression-bomb guard).", lo=1)
+    max_concurrent_uploads: int = _setting(2, "Uploads whose photos are decoded and checked at once, server-wide (photos are decoded only as large as the checks need, ~5 MB each for a 12 MP JPEG, face_threads at a time; each upload keeps its crops). A further upload waits up to upload_wait_seconds, then gets 503 busy with Retry-After.", lo=1, hi=64)
+    upload_wait_seconds: float = _setting(30.0, "How long an upload waits for one of max_concurrent_uploads before 503 busy (a waiting upload holds a gunicorn thread and its request body; 50 phone photos take ~3-10 s to check on 2 cores).", lo=0.0, hi=110.0)
     max_prompt_chars: int = _setting(2000, "Longest prompt accepted.", lo=1)
 
     # --- jobs --------------------------------------------------------------------------------
@@ -122,7 +127,24 @@ class Settings:
 
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~40 ms on a 2-core CPU with the dlib backend, torch descriptor).")
+    # --- likeness: face restoration, best-of-N -------------------------------------------------
+    restore_default: bool = _setting(False, "Restore faces (GFPGAN / CodeFormer / GPEN through onnxruntime) when a request does not say restore_faces; the unrestored original is kept beside it as avatar_NNN_raw.png.")
+    restore_model: str = _setting("gfpgan", "Face restoration model when a request names none: gfpgan (GFPGAN 1.4, Apache-2.0), codeformer (non-commercial licence, has restore_fidelity), gpen (GPEN-BFR-512, non-commercial).",
+                                  choices=("gfpgan", "codeformer", "gpen"))
+    restore_model_dir: Path | None = _setting(None, "Folder of the restoration ONNX files (gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx; `python model_loader.py download --restore NAME`); default <model_dir>/face_restore, with the tiny profile <tiny_model_dir>/face_restore (stand-ins).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
+
+    # --- live progress and integrations ----------------------------------------------------------
+    max_event_streams: int = _setting(50, "Most open GET /events streams at once (each holds one gunicorn thread: keep GUNICORN_THREADS above it); beyond it 429 with Retry-After.", lo=1, hi=1000)
+    event_heartbeat_seconds: float = _setting(15.0, "Seconds between comment heartbeats on an idle event stream (keeps proxies from closing it, and finds closed clients).", lo=0.05, hi=300.0)
+    webhook_secret: str = _setting("", "Standard Webhooks signing secret (whsec_<base64>); empty turns webhooks off (a request naming one is a 400).")
+    webhook_allow_private: bool = _setting(False, "Allow webhook targets on private, loopback or link-local addresses, and plain http (local receivers while developing). Off: SSRF guard.")
+    webhook_max_attempts: int = _setting(5, "Delivery attempts per webhook message (5xx, 408, 429 and network errors are retried; 4xx never).", lo=1, hi=20)
+    webhook_retry_base_seconds: float = _setting(2.0, "First retry delay; doubles with each attempt (2, 4, 8, 16 s).", lo=0.0, hi=600.0)
+    webhook_timeout_seconds: float = _setting(10.0, "Timeout of one webhook delivery attempt.", lo=0.1, hi=120.0)
+    idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
+
+    thumbnail_side: int = _setting(256, "Longest side of the JPEG thumbnail written beside each portrait (thumbnail_url in the job JSON).", lo=32, hi=1024)
 
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
@@ -158,12 +180,21 @@ class Settings:
         return self.tiny_model_dir or self.data_dir / "tiny-model"
 
     @property
+    def resolved_restore_dir(self) -> Path:
+        return self.restore_model_dir or self.model_dir / "face_restore"
+
+    @property
     def resolved_lora_dir(self) -> Path:
         return self.lora_dir or self.model_dir / "loras"
 
     @property
+    def resolved_styles_file(self) -> Path:
+        return self.styles_file or Path(__file__).resolve().parent.parent / "styles" / "styles.json"
+
+    @property
     def resolved_insightface_dir(self) -> Path:
-        return self.insightface_model_dir or self.model_dir / "insightface" / "buffalo_l"
+        pack = "antelopev2" if self.ip_adapter_variant in ("instantid", "faceid-plusv2") else "buffalo_l"
+        return self.insightface_model_dir or self.model_dir / "insightface" / pack
 
     @property
     def cluster(self) -> bool:

@@ -91,6 +91,15 @@ class ServiceNotReady(TwinError):
         super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
 
 
+class ServerBusy(TwinError):
+    """Too many uploads are being decoded at once (TWIN_MAX_CONCURRENT_UPLOADS): retry, not a failure."""
+    code = "busy"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 5, **kw: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
+
+
 class InsufficientStorage(TwinError):
     code = "insufficient_storage"
     http_status = 507

@@ -12,7 +12,7 @@ import logging
 import re
 import warnings
 
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from utils.errors import ImageRejected
 
@@ -142,10 +142,94 @@ def _register_heif() -> bool:
 
 
 def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an upright RGB image or raise ``ImageRejected`` saying why.
+    """Decode ``data`` into an upright full-resolution RGB image or raise ``ImageRejected`` saying why.
 
     Codes: empty_file, not_an_image, unsupported_format, polyglot, too_many_pixels, truncated_image,
-    corrupt_image.
+    corrupt_image. ``decode_reduced`` applies the same checks and decodes only as large as asked.
+    """
+    return decode_reduced(data, filename, max_pixels=max_pixels, min_side=None).image
+
+
+# EXIF Orientation -> the transpose that makes the stored pixels upright (as ImageOps.exif_transpose).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _upright_to_stored(rect: tuple[int, int, int, int], orientation: int, stored: tuple[int, int]):
+    """The rectangle of the stored pixels that ``orientation``'s transpose turns into ``rect`` of the upright
+    image (both at the same scale; ``stored`` is the stored image's size)."""
+    sw, sh = stored
+    x0, y0, x1, y1 = rect
+    inverse = {  # upright (u, v) -> stored (x, y), the inverse of each transpose
+        1: lambda u, v: (u, v), 2: lambda u, v: (sw - u, v), 3: lambda u, v: (sw - u, sh - v),
+        4: lambda u, v: (u, sh - v), 5: lambda u, v: (v, u), 6: lambda u, v: (v, sh - u),
+        7: lambda u, v: (sw - v, sh - u), 8: lambda u, v: (sw - v, u)}[orientation]
+    (ax, ay), (bx, by) = inverse(x0, y0), inverse(x1, y1)
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
+
+
+class ReducedImage:
+    """An upload decoded only as large as needed: ``image`` is upright RGB whose pixels each stand for
+    ``factor`` x ``factor`` pixels of the original (``size``, upright). ``region()`` gives part of the
+    photo at a finer scale (the face, when it is small in ``image``) without an upright full-size copy.
+    Holds the upload's bytes (JPEG: re-decoded for a region) or the decoded original (other formats:
+    they have no scaled decoding), so drop it as soon as the photo is analysed."""
+
+    def __init__(self, image: Image.Image, *, size: tuple[int, int], factor: int, orientation: int,
+                 data: bytes, fmt: str, full: Image.Image | None) -> None:
+        self.image, self.size, self.factor, self.orientation = image, size, factor, orientation
+        self.format = fmt
+        self._data, self._full = data, full
+
+    def region(self, box: tuple[float, float, float, float], max_factor: int) -> tuple[Image.Image, tuple[int, int], int]:
+        """The upright RGB pixels of ``box`` (original upright coordinates, clipped to the photo) at the
+        coarsest scale ``f <= max_factor`` this format decodes cheaply (JPEG: 1, 2, 4 or 8; others: any
+        whole number). Returns (image, origin of its top-left pixel in original coordinates, f)."""
+        f = max(1, min(int(max_factor), self.factor))
+        w, h = self.size
+        if self.factor == 1:  # ``image`` is the upright original already
+            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+            x1, y1 = min(w, int(-(-box[2] // 1))), min(h, int(-(-box[3] // 1)))
+            return self.image.crop((x0, y0, max(x0 + 1, x1), max(y0 + 1, y1))), (x0, y0), 1
+        swap = self.orientation in (5, 6, 7, 8)
+        stored_full = (h, w) if swap else (w, h)
+        if self.format == "JPEG":
+            f = next(d for d in (8, 4, 2, 1) if d <= f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                src = Image.open(io.BytesIO(self._data))
+                if f > 1:
+                    mode_box = src.draft("RGB", (max(1, stored_full[0] // f), max(1, stored_full[1] // f)))
+                    f = round(stored_full[0] / mode_box[1][2]) if mode_box else 1
+                src.load()
+        else:
+            src = self._full
+        # Whole pixels of the upright image at scale 1/f, then the same pixels of the stored one.
+        fw, fh = -(-w // f), -(-h // f)
+        rect = (max(0, int(box[0] // f)), max(0, int(box[1] // f)),
+                min(fw, int(-(-box[2] // f))), min(fh, int(-(-box[3] // f))))
+        rect = (rect[0], rect[1], max(rect[0] + 1, rect[2]), max(rect[1] + 1, rect[3]))
+        stored_scaled = (fh, fw) if swap else (fw, fh)
+        sx0, sy0, sx1, sy1 = _upright_to_stored(rect, self.orientation, stored_scaled)
+        if self.format == "JPEG" or f == 1:
+            part = src.crop((sx0, sy0, sx1, sy1))
+        else:  # crop the original, then reduce: the same pixels as reducing the whole photo, for a fraction of it
+            sw, sh = stored_full
+            part = src.crop((sx0 * f, sy0 * f, min(sw, sx1 * f), min(sh, sy1 * f))).reduce(f)
+        if self.orientation in _ORIENTATION:
+            part = part.transpose(_ORIENTATION[self.orientation])
+        return _to_rgb(part), (rect[0] * f, rect[1] * f), f
+
+
+def decode_reduced(data: bytes, filename: str, *, max_pixels: int, min_side: int | None) -> ReducedImage:
+    """Decode ``data`` with the checks of ``decode_image`` (same codes, same messages), but only as large
+    as needed: the longest side of ``.image`` is at least ``min_side`` (None: full resolution).
+
+    JPEG decodes at 1/2, 1/4 or 1/8 scale in libjpeg (draft mode: less work, no full-size buffer);
+    other formats decode fully and are then reduced by a whole factor (the original is kept in the
+    result for ``region()``). EXIF orientation is applied to the reduced image only, and only when the
+    photo has one other than 1.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels={max_pixels} must be positive")
@@ -164,6 +248,7 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
     why = foreign_trailer(data, fmt)
     if why:
         raise ImageRejected(f"{name}: a polyglot file: {why}; upload the photo itself", code="polyglot")
+    factor = 1
     try:
         with warnings.catch_warnings():
             # Our own limit below is the guard; PIL's global one must not fire first with its own text.
@@ -175,6 +260,13 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
             if w * h > max_pixels:
                 raise ImageRejected(f"{name}: {w}x{h} = {w * h:,} pixels is more than the limit of {max_pixels:,}",
                                     code="too_many_pixels")
+            if min_side and fmt == "JPEG":
+                # The coarsest libjpeg scale whose longest side still reaches min_side. PIL picks
+                # min(w // req_w, h // req_h) rounded down to 8, 4, 2 or 1, so ask for floor(side / d).
+                d = next((d for d in (8, 4, 2) if max(w, h) // d >= min_side), 1)
+                if d > 1:
+                    mode_box = im.draft("RGB", (max(1, w // d), max(1, h // d)))
+                    factor = round(w / mode_box[1][2]) if mode_box else 1
             im.load()
     except ImageRejected:
         raise
@@ -200,10 +292,24 @@ def decode_image(data: bytes, filename: str, *, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"{name}: the {fmt} data is corrupt and could not be decoded",
                             code="corrupt_image") from None
     try:
-        im = ImageOps.exif_transpose(im)
+        orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1) or 1)
     except Exception:  # a broken EXIF block must not cost the user the photo
         log.info("EXIF orientation of an upload could not be applied; using the stored orientation")
-    return _to_rgb(im)
+        orientation = 1
+    if orientation not in _ORIENTATION:
+        orientation = 1
+    full = None
+    if min_side and factor == 1 and max(w, h) // min_side >= 2:
+        # No scaled decoding for this format: reduce by a whole factor (box filter, like libjpeg's
+        # scaling) and keep the decoded original for region().
+        factor = max(w, h) // min_side
+        full = _to_rgb(im)  # the same object for RGB photos; palette/16-bit ones cannot be reduced as stored
+        im = full.reduce(factor)
+    if orientation != 1:
+        im = im.transpose(_ORIENTATION[orientation])  # a copy of the reduced image only
+    uw, uh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return ReducedImage(_to_rgb(im), size=(uw, uh), factor=factor, orientation=orientation, data=data, fmt=fmt,
+                        full=full)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

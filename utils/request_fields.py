@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from utils.errors import InvalidRequest
 
-_KINDS = ("string", "integer", "number", "boolean", "object")
+_KINDS = ("string", "integer", "number", "boolean", "object", "array")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Field:
     minimum: Any = None                        # number or callable(settings)
     maximum: Any = None
     multiple_of: int | None = None
-    enum: Sequence[str] | Callable[[Any], Sequence[str]] | None = None
+    enum: Sequence[str] | Callable[[Any], Sequence[str]] | None = None  # arrays: the allowed items
+    max_items: int | None = None               # arrays of strings (unique items)
     min_length: int | None = None              # strings, after stripping
     max_length: Any = None                     # strings: number or callable(settings)
     strip: bool = False                        # strings: surrounding white space is dropped first
@@ -100,6 +101,17 @@ class Field:
         elif self.kind == "boolean":
             if not isinstance(value, bool):
                 raise self._fail(value, settings, "{name}={value!r} is not true or false")
+        elif self.kind == "array":
+            choices = self.choices(settings)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self._fail(value, settings, "{name}={value!r} is not a list of strings")
+            bad = [v for v in value if choices is not None and v not in choices]
+            if bad:
+                raise self._fail(value, settings, "{name}: " + ", ".join(map(repr, bad[:5]))
+                                 + " not one of " + ", ".join(choices or ()))
+            if len(set(value)) != len(value) or (self.max_items is not None and len(value) > self.max_items):
+                raise self._fail(value, settings, "{name}={value!r} must list each item once"
+                                 + (f", at most {self.max_items}" if self.max_items is not None else ""))
         elif self.kind == "object":
             if not isinstance(value, dict):
                 raise self._fail(value, settings, "{name}={value!r} is not a JSON object")
@@ -119,7 +131,12 @@ class Field:
         if self.multiple_of:
             s["multipleOf"] = self.multiple_of
         choices = self.choices(settings)
-        if choices is not None:
+        if self.kind == "array":
+            s["items"] = {"type": "string", **({"enum": choices} if choices is not None else {})}
+            s["uniqueItems"] = True
+            if self.max_items is not None:
+                s["maxItems"] = self.max_items
+        elif choices is not None:
             s["enum"] = choices
         max_len = self._resolve(self.max_length, settings)
         if max_len is not None:

@@ -15,10 +15,13 @@ from typing import Any
 from utils import errors
 from utils.config import Settings
 from utils.jobs import JobManager, JobStatus, JobStore
+from utils.jobs.events import EventLog
 from utils.logging import log_context
-from utils.storage import Storage, new_id, output_name, atomic_save_png, is_valid_id
+from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_valid_id, new_id, output_name,
+                           raw_output_name, thumbnail_name)
 
 log = logging.getLogger("twin.service")
+STORED_INIT_NAME = "init_image.png"   # beside a job's outputs; not an output name, so never served
 VERSION = "0.1.0"
 
 
@@ -56,6 +59,13 @@ def request_fields() -> tuple:
     return REQUEST_FIELDS
 
 
+def style_catalogue(settings: Settings) -> dict:
+    """The style library (GET /styles). Read at start-up: a broken file raises ConfigError naming the line."""
+    from generate_twin import DEFAULT_STYLE, style_library
+    from utils.styles import catalogue
+    return {"default_style": DEFAULT_STYLE, "styles": catalogue(style_library(settings))}
+
+
 def build_generators(settings: Settings) -> list:
     if settings.generator_process:
         # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
@@ -69,7 +79,54 @@ def build_generators(settings: Settings) -> list:
     return [make(settings.replace(device=f"cuda:{i}")) for i in range(n)]
 
 
-def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threading.Event):
+ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")   # adapters fed 512-d ArcFace embeddings
+
+
+def face_settings(settings: Settings) -> Settings:
+    """The settings the face service runs with. An ArcFace variant on the tiny profile, with no InsightFace
+    pack configured or present, uses the tiny stand-in antelopev2 pack that the tiny builder writes (real
+    pack I/O, tiny graphs), so the tiny profile runs these variants end to end offline."""
+    from utils.faces.backends import insightface_pack_files
+    if (settings.ip_adapter_variant not in ARCFACE_VARIANTS or settings.face_backend == "dlib"
+            or settings.insightface_model_dir is not None or insightface_pack_files(settings.resolved_insightface_dir)):
+        return settings
+    from model_loader import ANTELOPE_DIR, choose_profile
+    if choose_profile(settings) != "tiny":
+        return settings
+    return settings.replace(insightface_model_dir=settings.resolved_tiny_model_dir / ANTELOPE_DIR)
+
+
+def prepare_face_models(settings: Settings) -> None:
+    """Builds the tiny folder (and so its stand-in face pack) when the face service is to use it."""
+    pack = settings.insightface_model_dir
+    tiny = settings.resolved_tiny_model_dir
+    if pack is not None and tiny in pack.parents:
+        from model_loader import make_tiny
+        make_tiny(tiny)
+
+
+def check_face_backend(settings: Settings, faces) -> None:
+    """An ArcFace adapter with the dlib backend (128-d descriptors) cannot work: stop at start-up with what
+    to install, rather than at every upload."""
+    variant = settings.ip_adapter_variant
+    if variant in ARCFACE_VARIANTS and getattr(faces, "backend_name", None) == "dlib":
+        raise errors.ModelWeightsMissing(
+            f"TWIN_IP_ADAPTER_VARIANT={variant} needs 512-d ArcFace face embeddings, but the face backend is dlib "
+            f"(128-d). Install the InsightFace backend: pip install --no-deps insightface==2.1 and "
+            f"pip install onnxruntime (onnxruntime-gpu on a GPU box), put the "
+            f"{'antelopev2' if variant != 'faceid' else 'buffalo_l'} pack's .onnx files in "
+            f"{settings.resolved_insightface_dir} (or set TWIN_INSIGHTFACE_MODEL_DIR), and set "
+            f"TWIN_FACE_BACKEND=insightface (or auto)", code="face_models_missing")
+
+
+def identity_inputs(report) -> dict:
+    """``report.identity_inputs()`` (raw ArcFace lengths, key points); {} for a report without it (a face
+    service double written against the earlier contract)."""
+    f = getattr(report, "identity_inputs", None)
+    return f() if callable(f) else {}
+
+
+def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threading.Event, on_preview=None):
     """(store, manager) of the job backend TWIN_QUEUE_URL picks: local mode's SQLite store + worker
     threads, or cluster mode's Redis records + RQ queue (the jobs run in ./start_worker.sh processes)."""
     if settings.cluster:
@@ -78,12 +135,34 @@ def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threadi
         store = RedisJobStore(settings.queue_url)
         return store, RqJobManager(store, settings)
     store = JobStore(db_path)
-    return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom)
+    return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
 
 
 def build_faces(settings: Settings):
     from utils.faces import FaceService
-    return FaceService(settings)
+    return FaceService(face_settings(settings))
+
+
+def build_restorer(settings: Settings, profile: str | None):
+    """Face restoration runs in this (web) process, beside the face service whose detections it aligns:
+    the generator child has no face backend, a second one there would cost memory (and a GPU context for
+    InsightFace), and onnxruntime releases the GIL while it runs, so /status stays fast."""
+    from utils.faces.restore import FaceRestorer
+    if settings.restore_model_dir is not None:
+        return FaceRestorer(settings.restore_model_dir)
+    if profile == "tiny":
+        # The demo profile restores with ONNX stand-ins (real names and shapes), written on demand.
+        return FaceRestorer(settings.resolved_tiny_model_dir / "face_restore", standins=True)
+    return FaceRestorer(settings.resolved_restore_dir, model_dir_hint=settings.model_dir)
+
+
+def per_call_images(generator) -> int:
+    """Most images one generate() call makes (best-of-N generates its candidates in calls of this size)."""
+    n = getattr(generator, "max_images_per_call", None)
+    if n:
+        return int(n)
+    from generate_twin import MAX_IMAGES
+    return MAX_IMAGES
 
 
 def request_type(generator):
@@ -128,13 +207,45 @@ class Runtime:
         self.setup_error: str | None = None
         self.started_at = time.time()
         self.ready = threading.Event()
-        self.store, self.manager = build_jobs(settings, self.storage.db_path, self._run_job,
-                                                len(generators), self.ready)
+        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
+        self.store, self.manager = build_jobs(settings, self.storage.db_path, self._run_job, len(generators),
+                                              self.ready, on_preview=self._preview)
+        # Live events (GET /events): the store reports each change, the log keeps them per job.
+        self.events = EventLog()
+        self.store.listeners.append(self._job_event)
+        self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
+        self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
+        self.restorer = None   # built once the generator says which profile it loaded
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         from utils.jobs import lifecycle
         lifecycle.register(self)
+
+    def _job_event(self, job_id: str, kind: str, data: dict) -> None:
+        if kind == "deleted":
+            self.events.forget(job_id)
+            self.previews.pop(job_id, None)
+            return
+        self.events.publish(job_id, kind, data)
+        if kind == "status" and JobStatus(data["status"]).terminal:
+            self.previews.pop(job_id, None)  # the finished portraits replace the preview
+            self.events.publish(job_id, "done", data)
+
+    def _preview(self, job_id: str, step: int, jpeg: bytes) -> None:
+        import base64
+        self.previews[job_id] = (step, jpeg)
+        self.events.publish(job_id, "preview", {
+            "step": step, "image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")})
+
+    def preview(self, job_id: str, owner: str | None) -> tuple[int, bytes]:
+        self.owned_job(job_id, owner)
+        got = self.previews.get(job_id)
+        if got is None:
+            raise errors.NotFound(f"job {job_id!r} has no preview now (ask for preview: true; previews exist "
+                                  "while the job runs)")
+        return got
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -143,6 +254,11 @@ class Runtime:
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
         self.manager.start(self.settings.requeue_interrupted)
+        for job_id in self.store.queued_ids():  # jobs from before a restart get a live event log too
+            if not self.events.known(job_id):
+                job = self.store.get(job_id)
+                if job is not None:
+                    self._job_event(job_id, "status", job)
         self._setup_thread = threading.Thread(target=self._setup, name="twin-setup", daemon=True)
         self._setup_thread.start()
         if self.settings.retention_hours > 0:
@@ -152,9 +268,12 @@ class Runtime:
     def _setup(self) -> None:
         try:
             t0 = time.perf_counter()
+            prepare_face_models(getattr(self.faces, "settings", self.settings))
             self.faces.setup()
+            check_face_backend(self.settings, self.faces)
             for g in self.generators:
                 g.setup()
+            self.restorer = build_restorer(self.settings, _safe_info(self.generators[0]).get("profile"))
             self.state = "ready"
             self.ready.set()
             log.info("set-up finished", extra={"seconds": round(time.perf_counter() - t0, 2),
@@ -171,6 +290,9 @@ class Runtime:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.events.wake_all()  # open event streams see the stop and end
+        for hook in self.shutdown_hooks:
+            hook()
         self.manager.stop()
         self.store.close()
         for g in self.generators:
@@ -181,6 +303,10 @@ class Runtime:
         lifecycle.unregister(self)
 
     # --- graceful stop (SIGTERM; see utils/jobs/lifecycle.py) ---
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None
@@ -234,13 +360,17 @@ class Runtime:
                                              f"is {s.max_file_mb:g} MB (TWIN_MAX_FILE_MB)")
         report = self.faces.validate_selfies(files)
         body = report.to_json()
+        self_sim = self._self_similarity(report)
+        if self_sim is not None:
+            # The likeness a portrait can hope for: how much the person's own selfies agree.
+            body["self_similarity"] = round(self_sim, 4)
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
         try:
             identity = self.generators[0].build_identity([a.crop for a in report.accepted],
                                                          [a.embedding for a in report.accepted],
-                                                         face_model=report.model_name)
+                                                         face_model=report.model_name, **identity_inputs(report))
         except BaseException as e:
             if not isinstance(e, errors.TwinError) and is_oom(e):  # the image encoder runs on the GPU
                 _empty_cuda_cache()
@@ -251,7 +381,8 @@ class Runtime:
         created = self.clock()
         with log_context(session_id=session_id):
             self.storage.write_session(session_id, owner_hash=owner, files=files, report=report,
-                                       identity=identity, created_at=created)
+                                       identity=identity, created_at=created,
+                                       self_similarity=body.get("self_similarity"))
             try:
                 self.store.add_session(session_id, owner, created)
             except BaseException:
@@ -265,8 +396,18 @@ class Runtime:
             "accepted_count": len(report.accepted),
             "rejected_count": len(report.rejected),
             "warnings": body.get("warnings", []),
+            "self_similarity": body.get("self_similarity"),
             "report": body,
         }
+
+    def _self_similarity(self, report) -> float | None:
+        fn = getattr(self.faces, "self_similarity", None)
+        if fn is None:
+            return None
+        try:
+            return fn([a.embedding for a in report.accepted])
+        except Exception:  # noqa: BLE001 - a reference number, never a reason to fail an upload
+            return None
 
     def delete_session(self, session_id: str, owner: str | None) -> dict:
         self.owned_session(session_id, owner)
@@ -285,6 +426,8 @@ class Runtime:
             # The faces go even when the records cannot be written (a full volume: this frees space);
             # the records then go on the next delete or sweep.
             self.storage.delete_session(session_id)
+        for hook in self.session_deleted_hooks:  # what other parts keep about the session (idempotency records)
+            hook(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
         return {"deleted": True, "session_id": session_id}
 
@@ -324,7 +467,8 @@ class Runtime:
         return old
 
     # --- jobs ---
-    def submit(self, payload: Any, owner: str | None) -> dict:
+    def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
+        """Queue a job. ``webhook``: the checked webhook record (utils/api/webhooks.py) or None."""
         self.require_ready()
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
@@ -341,16 +485,63 @@ class Runtime:
                                             code="no_session")
         gen = self.generators[0]
         req = request_type(gen).from_dict(payload, self.settings)
+        self._check_likeness(req)
         self.storage.require_space(_output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
         # Parse the identity now, so a broken session fails the request rather than the job.
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
         req = req.with_identity(identity)
         job_id = new_id()
-        job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
-                                    request=req.to_dict(), queue_max=self.settings.queue_max)
+        init_path = None
+        if getattr(req, "init_image", None) is not None:
+            # Resolved and checked once, now: the job runs on these pixels even if the source goes away.
+            init_path = self.storage.output_dir(session["id"], job_id) / STORED_INIT_NAME
+            init_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_png(init_path, self._init_image(req.init_image, session["id"], owner))
+        try:
+            job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
+                                        request=req.to_dict(), queue_max=self.settings.queue_max,
+                                        webhook=webhook)
+        except BaseException:
+            if init_path is not None:
+                init_path.unlink(missing_ok=True)
+            raise
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job
+
+    def _check_likeness(self, req) -> None:
+        """Restoration and best-of-N need the face service (and restoration its model file): refuse the
+        request now (400, naming the file and the download command) rather than fail the job later."""
+        best_of = (getattr(req, "candidates", None) or 0) > getattr(req, "num_images", 1)
+        if best_of and not hasattr(self.faces, "identity_similarity"):
+            raise errors.InvalidRequest(f"candidates={req.candidates} needs the face service to score candidates")
+        if getattr(req, "restore_faces", False):
+            if not hasattr(self.faces, "detect_faces"):
+                raise errors.InvalidRequest("restore_faces=true needs a face backend with face detection")
+            if self.restorer is None:
+                raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
+            self.restorer.check(req.restore_model)
+    def _init_image(self, value: str, session_id: str, owner: str | None):
+        """The pixels an img2img ``init_image`` names (utils/init_image.py): an accepted selfie of the
+        session, one of the caller's outputs (another caller's: 404), or inline data (the selfie decoder)."""
+        from PIL import Image
+        from utils.images import decode_image
+        from utils.init_image import parse_init_image
+        s = self.settings
+        ref = parse_init_image(value, int(s.max_file_mb * 1024 * 1024))
+        if ref.kind == "upload":
+            return decode_image(ref.data, "init_image", max_pixels=s.max_pixels)
+        if ref.kind == "output":
+            path = self.output_path(ref.job_id, ref.filename, owner)   # NotFound for another caller's
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        session_dir = self.storage.session_dir(session_id)
+        accepted = (session_dir / "crops" / f"{ref.index:03d}.png").is_file()
+        originals = sorted((session_dir / "originals").glob(f"{ref.index:03d}.*")) if accepted else []
+        if not originals:
+            raise errors.NotFound(f"init_image='selfie:{ref.index}' is not an accepted selfie of session "
+                                  f"{session_id!r} (use the index from the upload report)")
+        return decode_image(originals[0].read_bytes(), originals[0].name, max_pixels=s.max_pixels)
 
     def owned_job(self, job_id: str, owner: str | None) -> dict:
         job = self.store.get(job_id) if is_valid_id(job_id) else None
@@ -372,10 +563,15 @@ class Runtime:
     def output_path(self, job_id: str, filename: str, owner: str | None):
         job = self.owned_job(job_id, owner)
         for o in job["outputs"]:
-            if o["filename"] == filename:
-                path = self.storage.resolve_relative(o["path"])
+            if thumbnail_name(o["filename"]) == filename and o.get("thumbnail_path"):
+                path = self.storage.resolve_relative(o["thumbnail_path"])
                 if path.is_file():
                     return path
+            for name_key, path_key in (("filename", "path"), ("raw_filename", "raw_path")):
+                if o.get(name_key) == filename and o.get(path_key):
+                    path = self.storage.resolve_relative(o[path_key])
+                    if path.is_file():
+                        return path
         raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
 
     def _run_job(self, job: dict, on_progress, should_cancel, index: int) -> dict | None:
@@ -385,51 +581,159 @@ class Runtime:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = request_type(gen).from_dict(job["payload"], self.settings)
         req = req.with_identity(identity_type(gen).load(self.storage.identity_path(session_id)))
+        if getattr(req, "init_image", None) is not None:
+            from PIL import Image
+            init_path = self.storage.output_dir(session_id, job["id"]) / STORED_INIT_NAME
+            if not init_path.is_file():
+                raise errors.NotFound(f"the init_image of job {job['id']!r} is gone")
+            with Image.open(init_path) as im:
+                req = req.with_init_image(im.convert("RGB"))
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
         self.storage.require_space(_output_bytes(req), f"the outputs of job {job['id']!r}")
+        keep = int(getattr(req, "num_images", 1) or 1)
+        total = int(getattr(req, "candidates", None) or keep)
+        restore = bool(getattr(req, "restore_faces", False))
         t_gen = time.perf_counter()
-        try:
-            result = gen.generate(req, on_progress=on_progress, should_cancel=should_cancel)
-        except BaseException as e:
-            if not isinstance(e, errors.TwinError) and is_oom(e):
-                # Raised outside the generator's own handler (e.g. encoding the identity): free the
-                # cached blocks so the next job starts clean.
-                _empty_cuda_cache()
-                raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
-            raise
+        images, seeds, result_meta = self._generate_candidates(gen, req, total, on_progress, should_cancel)
         t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
         template = None
-        if self.settings.score_outputs and hasattr(self.faces, "identity_similarity"):
+        if (self.settings.score_outputs or total > keep or restore) and hasattr(self.faces, "identity_similarity"):
             try:
                 template = self.storage.load_template(session_id)
             except Exception:  # noqa: BLE001 - a score is optional
                 template = None
+        if total > keep and template is None:
+            raise errors.TwinError("best-of-N needs the session's face template, which is missing; upload again",
+                                   code="no_template", http_status=409)
+        candidates: list[dict] | None = None
+        scores: list[float | None] = [None] * len(images)
+        if total > keep:
+            from utils.faces.likeness import candidate_table, keep_best
+            for i, image in enumerate(images):
+                if should_cancel():
+                    raise errors.JobCanceled("canceled by the user")
+                scores[i] = self._score(image, template)
+            order = keep_best(scores, keep)
+            candidates = candidate_table(seeds, scores, order)
+        else:
+            order = list(range(len(images)))
         out_dir = self.storage.output_dir(session_id, job["id"])
-        for i, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
+        self_sim = self.storage.session_self_similarity(session_id)
+        t_restore = 0.0
+        for rank, ci in enumerate(order, start=1):
             if self.store.get_session(session_id) is None:
                 raise errors.NotFound(f"session {session_id!r} was deleted")
-            name = output_name(i)
-            path = out_dir / name
-            atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
-            output = {"filename": name, "seed": int(seed), "width": image.width, "height": image.height,
-                      "path": self.storage.relative(path)}
-            if template is not None:
-                try:
-                    score = self.faces.identity_similarity(image, template)
-                    output["identity_similarity"] = None if score is None else round(float(score), 4)
-                except Exception:  # noqa: BLE001
-                    output["identity_similarity"] = None
+            if should_cancel():
+                raise errors.JobCanceled("canceled by the user")
+            image, seed = images[ci], seeds[ci]
+            name = output_name(rank)
+            output: dict[str, Any] = {"filename": name, "seed": int(seed), "width": image.width,
+                                      "height": image.height}
+            if candidates is not None:
+                output["candidate"] = ci + 1
+            written: list = []
             try:
+                if restore:
+                    t0 = time.perf_counter()
+                    image = self._restore_output(req, image, output, out_dir, rank, template, written)
+                    t_restore += time.perf_counter() - t0
+                elif template is not None:
+                    output["identity_similarity"] = scores[ci] if candidates is not None else self._score(image, template)
+                    if output["identity_similarity"] is None:
+                        output["note"] = "no face was found in this image, so it has no likeness score"
+                if "identity_similarity" in output and self_sim is not None:
+                    output["self_similarity"] = self_sim   # the reference the score is read against
+                path = out_dir / name
+                atomic_save_png(path, image)  # a full volume: InsufficientStorage, no temp file left
+                written.append(path)
+                output["path"] = self.storage.relative(path)
+                thumb = out_dir / thumbnail_name(name)
+                atomic_save_thumbnail(thumb, image, self.settings.thumbnail_side)
+                written.append(thumb)
+                output["thumbnail_path"] = self.storage.relative(thumb)
                 self.store.add_output(job["id"], output)
             except BaseException:
-                path.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
+                for p in written:
+                    p.unlink(missing_ok=True)  # not recorded -> not served; do not keep it on a full volume
                 raise
-        metadata = _json_safe(getattr(result, "metadata", None)) or {}
+        metadata = _json_safe(result_meta) or {}
+        if candidates is not None:
+            metadata["candidates"] = candidates
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
                                        "write_outputs_s": round(time.perf_counter() - t_write, 4)}
+        if restore:
+            metadata["service_timings"]["restore_s"] = round(t_restore, 4)
         return metadata
+
+    def _generate_candidates(self, gen, req, total: int, on_progress, should_cancel):
+        """``total`` images in calls of at most per_call_images(gen); progress spans all of them."""
+        import dataclasses
+        from utils.faces.likeness import batches
+        plan = batches(total, per_call_images(gen))
+        if len(plan) == 1 and total == req.num_images:
+            calls = [(req, on_progress)]
+        else:
+            base = req.seed
+            if base is None:
+                import secrets
+                base = secrets.randbelow(2**32 - 1 - total)
+            calls = []
+            for b, (offset, count) in enumerate(plan):
+                sub = dataclasses.replace(req, num_images=count, seed=(base + offset) % 2**32)
+                calls.append((sub, _batch_progress(on_progress, b, len(plan))))
+        images: list = []
+        seeds: list[int] = []
+        meta = None
+        for sub, progress in calls:
+            if should_cancel():
+                raise errors.JobCanceled("canceled by the user")
+            try:
+                result = gen.generate(sub, on_progress=progress, should_cancel=should_cancel)
+            except BaseException as e:
+                if not isinstance(e, errors.TwinError) and is_oom(e):
+                    # Raised outside the generator's own handler (e.g. encoding the identity): free the
+                    # cached blocks so the next job starts clean.
+                    _empty_cuda_cache()
+                    raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
+                raise
+            images += list(result.images)
+            seeds += [int(x) for x in result.seeds]
+            meta = meta if meta is not None else getattr(result, "metadata", None)
+        if meta is not None and len(calls) > 1:
+            meta = dict(meta, seeds=seeds, num_images=len(images), generate_calls=len(calls))
+        return images, seeds, meta
+
+    def _score(self, image, template) -> float | None:
+        try:
+            score = self.faces.identity_similarity(image, template)
+        except Exception:  # noqa: BLE001 - a score is optional
+            return None
+        return None if score is None else round(float(score), 4)
+
+    def _restore_output(self, req, image, output: dict, out_dir, rank: int, template, written: list):
+        """Restore every face of one output; keep the generated image as avatar_NNN_raw.png. Returns the
+        image to save as the output (the original when no face was found)."""
+        try:
+            dets = self.faces.detect_faces(image)
+        except Exception:  # noqa: BLE001
+            dets = []
+        if not dets:
+            output.update(restored=False, identity_similarity=None,
+                          note="no face was found in this image: kept as generated, not restored")
+            return image
+        result = self.restorer.restore(image, dets, model=req.restore_model, fidelity=req.restore_fidelity)
+        raw_name = raw_output_name(rank)
+        raw_path = out_dir / raw_name
+        atomic_save_png(raw_path, image)
+        written.append(raw_path)
+        output.update(restored=True, restore_model=req.restore_model, faces_restored=result.faces,
+                      raw_filename=raw_name, raw_path=self.storage.relative(raw_path))
+        if template is not None:
+            output["identity_similarity"] = self._score(result.image, template)
+            output["identity_similarity_raw"] = self._score(image, template)
+        return result.image
 
     # --- status ---
     def health(self) -> dict:
@@ -505,10 +809,20 @@ class Runtime:
 
 
 def _output_bytes(req) -> int:
-    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that)."""
+    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that); a restored
+    output keeps its raw original too."""
     w = getattr(req, "width", None) or 1024
     h = getattr(req, "height", None) or 1024
-    return int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+    copies = 2 if getattr(req, "restore_faces", False) else 1
+    return copies * int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+
+
+def _batch_progress(on_progress, batch: int, batches: int):
+    """Progress of one generate() call of several, reported as steps of the whole job (so the ETA
+    covers every candidate)."""
+    def report(step: int, total: int) -> None:
+        on_progress(batch * total + step, batches * total)
+    return report
 
 
 def _empty_cuda_cache() -> None:

@@ -33,7 +33,7 @@ from utils.errors import InsufficientStorage, NotFound
 # secrets.token_urlsafe(18) -> 24 characters, 144 random bits.
 ID_BYTES = 18
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
-OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}\.png$")
+OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}(?:_raw\.png|\.png|\.thumb\.jpg)$")  # a portrait, its unrestored original, its thumbnail
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 _STAGING_PREFIX = ".staging-"
 _TMP_SUFFIX = ".part"
@@ -56,6 +56,14 @@ def is_output_name(value: str | None) -> bool:
 def output_name(index: int) -> str:
     """1-based: avatar_001.png, avatar_002.png, ..."""
     return f"avatar_{index:03d}.png"
+
+
+def thumbnail_name(output: str) -> str:
+    """avatar_001.png -> avatar_001.thumb.jpg"""
+    return output.rsplit(".", 1)[0] + ".thumb.jpg"
+def raw_output_name(index: int) -> str:
+    """The unrestored original kept beside a face-restored output: avatar_001_raw.png."""
+    return f"avatar_{index:03d}_raw.png"
 
 
 def hash_secret(secret: str) -> str:
@@ -128,6 +136,16 @@ def atomic_save_png(path: Path, image) -> None:
     buf = io.BytesIO()
     # compress_level 1: a 1024² portrait encodes several times faster than at the default 6, for ~10% more bytes.
     image.save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_thumbnail(path: Path, image, side: int) -> None:
+    """A JPEG no larger than side × side (aspect kept) for galleries; written like every output."""
+    import io
+    thumb = image.convert("RGB")
+    thumb.thumbnail((side, side))  # reduce() first, then a filtered resize: cheap even from 1024²
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85, optimize=True)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -215,7 +233,7 @@ class Storage:
         shutil.rmtree(self.root / (_STAGING_PREFIX + session_id), ignore_errors=True)
 
     def write_session(self, session_id: str, *, owner_hash: str, files: list[tuple[str, bytes]], report,
-                      identity, created_at: float | None = None) -> Path:
+                      identity, created_at: float | None = None, self_similarity: float | None = None) -> Path:
         """Store an accepted upload: originals, crops, embeddings, identity, report, meta.
 
         Everything goes into a staging folder first; a crash half-way leaves no session behind.
@@ -246,10 +264,13 @@ class Storage:
                 tensors["template"] = np.asarray(report.template, dtype=np.float32)
             save_file(tensors, str(d / "embeddings.safetensors"), metadata={"model_name": str(report.model_name)})
             identity.save(d / "identity.safetensors")
-            (d / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
+            report_json = report.to_json()
+            if self_similarity is not None:
+                report_json["self_similarity"] = self_similarity
+            (d / "report.json").write_text(json.dumps(report_json, indent=2, sort_keys=True))
             meta = {"session_id": session_id, "owner": owner_hash, "created_at": created_at,
                     "files": len(files), "accepted": len(report.accepted), "rejected": len(report.rejected),
-                    "face_model": str(report.model_name)}
+                    "face_model": str(report.model_name), "self_similarity": self_similarity}
             (d / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             return self.commit_staging(session_id)
         except BaseException as e:
@@ -268,6 +289,14 @@ class Storage:
         if not p.exists():
             return None
         return load_file(str(p)).get("template")
+
+    def session_self_similarity(self, session_id: str) -> float | None:
+        """Median pairwise likeness of the session's accepted selfies (meta.json), or None."""
+        try:
+            value = json.loads((self.session_dir(session_id) / "meta.json").read_text()).get("self_similarity")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None if value is None else float(value)
 
     def delete_session(self, session_id: str) -> bool:
         d = self.session_dir(session_id)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from utils.api.idempotency import KEY_RE as IDEMPOTENCY_KEY_RE
 from utils.api.security import TEXT_FIELDS
+from utils.api.webhooks import WEBHOOK_FIELDS
 from utils.config import Settings
 from utils.request_fields import object_schema
 from utils.storage import ID_RE, OUTPUT_NAME_RE
@@ -39,13 +41,18 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     from utils.services import request_fields
     s = settings
     id_param = {"type": "string", "pattern": ID_RE.pattern}
+    idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "description": ("Repeat a request safely: the same key with the same body from the same caller within "
+                                f"{s.idempotency_hours:g} h answers the first answer again (Idempotent-Replayed: true)."),
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}}
     keyed = bool(s.api_key_list)
 
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
                      "latest session is used. Unknown fields are refused."),
-        extra_properties={"session_id": {"type": "string"}})
+        extra_properties={"session_id": {"type": "string"},
+                          **{f.name: f.schema(s) for f in WEBHOOK_FIELDS}})
     # The text checks of utils/api/security.check_text_fields, as patterns (a fuzzer's "valid" prompt is valid).
     props = generate_request["properties"]
     for name in TEXT_FIELDS:
@@ -72,12 +79,24 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "type": "object", "required": ["filename", "seed", "width", "height", "url"], "properties": {
                     "filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
                     "seed": {"type": "integer"}, "width": {"type": "integer"}, "height": {"type": "integer"},
-                    "url": {"type": "string"},
-                    "identity_similarity": _nullable({"type": "number"})}}},
+                    "url": {"type": "string"}, "thumbnail_url": {"type": "string"},
+                    "identity_similarity": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+                    "self_similarity": _nullable({"type": "number", "description": "the session's selfies' "
+                                                  "median pairwise likeness: the reference for the score"}),
+                    "note": {"type": "string"},
+                    "candidate": {"type": "integer", "description": "best-of-N: which candidate this is"},
+                    "restored": {"type": "boolean"}, "restore_model": {"type": "string"},
+                    "faces_restored": {"type": "integer"},
+                    "raw_filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
+                    "raw_url": {"type": "string", "description": "the unrestored original"},
+                    "identity_similarity_raw": _nullable({"type": "number", "minimum": 0, "maximum": 1})}}},
             "metadata": _nullable({"type": "object"}),
             "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
             "status_url": _nullable({"type": "string"}),
+            "webhook": _nullable({"type": "object", "properties": {
+                "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
+                "deliveries": {"type": "array", "items": {"type": "object"}}}}),
         },
     }
     schemas = {
@@ -96,6 +115,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                              "rejected_count": {"type": "integer", "minimum": 0},
                              "warnings": {"type": "array", "items": {"type": "object"}},
                              "report": {"type": "object"},
+                             "self_similarity": _nullable({"type": "number", "description": "median pairwise "
+                                                           "likeness of the accepted selfies (null with one)"}),
                              "client_token": {"type": "string", "description": "Issued to a caller without one "
                                                                                "(no API keys): send it back as "
                                                                                "X-Client-Token or the cookie."}}},
@@ -118,7 +139,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
 
     paths = {
         "/upload": {"post": {
-            "operationId": "upload",
+            "operationId": "upload", "parameters": [idem_key],
             "summary": "Upload selfies; builds one identity (a session) from the usable ones.",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["files"], "properties": {
@@ -131,11 +152,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "413": _error(f"More than {s.max_selfies} files, a file over {s.max_file_mb:g} MB or a request "
                               f"over {s.max_upload_mb:g} MB."),
                 "415": _error("Not multipart/form-data."),
-                "422": _error("No file has a usable face; details.report says why for each."),
+                "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
+                "422": _error("No file has a usable face (details.report says why for each), or the "
+                              "Idempotency-Key was used with other files."),
                 "507": _error("The data disk is full."),
-                **owned, **limited, **not_ready}}},
+                **owned, **limited,
+                "503": _error("The models are still loading or failed to load (not_ready), or "
+                              f"{s.max_concurrent_uploads} upload(s) are being checked already and none finished "
+                              f"within {s.upload_wait_seconds:g} s (busy).", retry_after=True)}}},
         "/generate": {"post": {
-            "operationId": "generate",
+            "operationId": "generate", "parameters": [idem_key],
             "summary": "Queue a generation job for one of the caller's sessions.",
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
@@ -146,12 +172,43 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "404": _error("session_id is not one of the caller's sessions."),
                 "413": _error(f"Body over {s.max_json_kb:g} kB."),
                 "415": _error("Not application/json."),
+                "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
+                "422": _error("The Idempotency-Key was used with a different body."),
                 "507": _error("The data disk is full."),
                 **owned, **limited, **not_ready}}},
         "/status/{job_id}": {"get": {
             "operationId": "status", "parameters": [job_id],
             "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
                           "404": _error("No such job for this caller."), **owned}}},
+        "/events/{job_id}": {"get": {
+            "operationId": "events", "parameters": [
+                job_id,
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+                {"name": "last_event_id", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}],
+            "summary": "The job's live events as Server-Sent Events: status, progress, output, done (then the "
+                       "stream ends). Resume with Last-Event-ID.",
+            "responses": {"200": {
+                "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
+                                "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds; output: "
+                                "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
+                # OpenAPI 3.0: the schema of a text/event-stream describes one event.
+                "content": {"text/event-stream": {"schema": {
+                    "type": "object", "required": ["event", "data"],
+                    "properties": {"event": {"type": "string", "enum": ["status", "progress", "preview", "output", "done"]},
+                                   "data": {"type": "string"},
+                                   "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}},
+                          "400": _error("Last-Event-ID is not an event id."),
+                          "404": _error("No such job for this caller."),
+                          "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
+                          **owned}}},
+        "/preview/{job_id}": {"get": {
+            "operationId": "preview", "parameters": [job_id],
+            "summary": "The latest live preview of a running job that asked for preview: true.",
+            "responses": {"200": {"description": "A small JPEG of the forming image (header X-Preview-Step).",
+                                  "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                          "404": _error("No such job for this caller, or no preview now."), **owned}}},
         "/cancel/{job_id}": {"post": {
             "operationId": "cancel", "parameters": [job_id],
             "responses": {"200": {"description": "Canceled (or stopping).",
@@ -165,8 +222,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern}},
                            {"name": "inline", "in": "query", "required": False,
                             "schema": {"type": "string", "enum": ["0", "1"]}}],
-            "responses": {"200": {"description": "The PNG.",
-                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "The PNG (or, for *.thumb.jpg, its JPEG thumbnail).",
+                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                              "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                           "404": _error("No such job or file for this caller."), **owned}}},
         "/sessions/{session_id}": {"delete": {
             "operationId": "delete_session",
@@ -180,6 +238,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "/system-status": {"get": {"operationId": "system_status", "responses": {
             "200": {"description": "Model, device, queue and job counts.",
                     "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
+        "/styles": {"get": {"operationId": "styles", "responses": {
+            "200": {"description": "The style library (styles/styles.json): each preset's template, negative and defaults.",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["default_style", "styles"], "properties": {
+                            "default_style": {"type": "string"},
+                            "styles": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "positive", "negative", "defaults"],
+                                "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                                               "positive": {"type": "string"}, "negative": {"type": "string"},
+                                               "defaults": {"type": "object"}}}}}}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "responses": {
             "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }

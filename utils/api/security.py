@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-import unicodedata
 from typing import Any
 
 from utils import errors
 from utils.config import Settings
+from utils.prompts import check_text
 from utils.storage import hash_secret
 
 log = logging.getLogger("twin.security")
 
 #: Request fields holding free text that reaches the tokenizer, the job record and the logs.
 TEXT_FIELDS = ("prompt", "negative_prompt")
-# Tab, newline and carriage return are ordinary in pasted prompts; every other control character is not.
-_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+# The per-character rule lives in utils/prompts.check_text (the persona / attribute texts obey it too).
 
 
 def check_text_fields(payload: Any) -> None:
@@ -39,14 +38,7 @@ def check_text_fields(payload: Any) -> None:
         text = payload.get(name)
         if not isinstance(text, str):
             continue
-        for pos, ch in enumerate(text):
-            cat = unicodedata.category(ch)
-            if cat == "Cs":
-                raise errors.InvalidRequest(f"{name} contains an unpaired surrogate U+{ord(ch):04X} at position {pos}; "
-                                            "send valid UTF-8 text")
-            if cat == "Cc" and ch not in _ALLOWED_CONTROLS:
-                raise errors.InvalidRequest(f"{name} contains the control character U+{ord(ch):04X} at position {pos}; "
-                                            "remove control characters")
+        check_text(name, text)
 
 
 def check_rate_limits(settings: Settings) -> None:

@@ -34,6 +34,8 @@ class Detection:
     right_eye: tuple[float, float]
     nose: tuple[float, float]
     embedding: np.ndarray | None = None              # filled by backends that embed while detecting
+    embedding_norm: float | None = None              # length of the raw ArcFace vector (InstantID feeds it raw)
+    kps: np.ndarray | None = None                    # [5, 2] eyes, nose, mouth corners (InsightFace only)
     extra: object = field(default=None, repr=False)  # backend-private (dlib shape), never serialised
 
     @property
@@ -57,8 +59,17 @@ class FaceBackend:
     #: Euclidean distance between unit embeddings above which two faces are different people.
     outlier_distance = 1.0
 
+    #: Longest side a photo must keep for ``detect`` to find the same faces as on the full-resolution
+    #: photo (uploads are decoded only this large, see utils.images.decode_reduced).
+    decode_side = 640
+
     def load(self) -> None:
         raise NotImplementedError
+
+    def relocate(self, rgb: np.ndarray, det: Detection) -> Detection:
+        """``det`` (already mapped into ``rgb``, a finer view of the face's part of the photo) made ready
+        for ``prepare_embedding`` on ``rgb``: backends with landmark state redo it there."""
+        return det
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         raise NotImplementedError
@@ -104,6 +115,8 @@ class DlibBackend(FaceBackend):
         self.outlier_distance = outlier_distance
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._paths: tuple[str, str] | None = None
+        # _detect's second pass looks at a 1.25x larger copy: the decode must keep that much.
+        self.decode_side = round(detect_side * 1.25) if upsample_retry else detect_side
 
     def load(self) -> None:
         try:
@@ -155,8 +168,6 @@ class DlibBackend(FaceBackend):
             return self._detect(rgb, detector, predictor)
 
     def _detect(self, rgb: np.ndarray, detector, predictor) -> list[Detection]:
-        import dlib
-
         h, w = rgb.shape[:2]
         kept, scale = self._run(detector, rgb, self.detect_side, 0)
         if len(kept) != 1 and self.upsample_retry:
@@ -173,15 +184,26 @@ class DlibBackend(FaceBackend):
         for b, s in kept:
             x0, y0 = max(0.0, b.left() / scale), max(0.0, b.top() / scale)
             x1, y1 = min(float(w), (b.right() + 1) / scale), min(float(h), (b.bottom() + 1) / scale)
-            rect = dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
-            shape = predictor(rgb, rect)
-            pts = np.array([(shape.part(i).x, shape.part(i).y) for i in range(5)], dtype=np.float64)
-            # 5-point model: 0-1 one eye's corners, 2-3 the other's, 4 the bottom of the nose.
-            e1, e2 = pts[0:2].mean(axis=0), pts[2:4].mean(axis=0)
-            left, right = (e1, e2) if e1[0] <= e2[0] else (e2, e1)
-            out.append(Detection(box=(x0, y0, x1, y1), score=float(s), left_eye=tuple(left),
-                                 right_eye=tuple(right), nose=tuple(pts[4]), extra=shape))
+            out.append(self._landmarks(rgb, predictor, (x0, y0, x1, y1), float(s)))
         return out
+
+    @staticmethod
+    def _landmarks(rgb: np.ndarray, predictor, box, score: float) -> Detection:
+        import dlib
+
+        rect = dlib.rectangle(int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+        shape = predictor(rgb, rect)
+        pts = np.array([(shape.part(i).x, shape.part(i).y) for i in range(5)], dtype=np.float64)
+        # 5-point model: 0-1 one eye's corners, 2-3 the other's, 4 the bottom of the nose.
+        e1, e2 = pts[0:2].mean(axis=0), pts[2:4].mean(axis=0)
+        left, right = (e1, e2) if e1[0] <= e2[0] else (e2, e1)
+        return Detection(box=tuple(box), score=score, left_eye=tuple(left), right_eye=tuple(right),
+                         nose=tuple(pts[4]), extra=shape)
+
+    def relocate(self, rgb: np.ndarray, det: Detection) -> Detection:
+        # The descriptor's face chip follows the landmark shape: find it again on the finer pixels.
+        with self._models() as (_, predictor, _):
+            return self._landmarks(rgb, predictor, det.box, det.score)
 
     def _run(self, detector, rgb: np.ndarray, side: int, upsample: int, min_score: float | None = None):
         import cv2
@@ -223,7 +245,18 @@ class DlibBackend(FaceBackend):
 
 
 # --------------------------------------------------------------------------------------------------
+def resolve_pack_dir(folder: Path) -> Path:
+    """The folder that holds the pack's .onnx files. The antelopev2 zip unpacks one level too deep
+    (``antelopev2/antelopev2/*.onnx``, a known InsightFace install problem): that nesting is accepted."""
+    folder = Path(folder)
+    nested = folder / folder.name
+    if folder.is_dir() and not any(folder.glob("*.onnx")) and nested.is_dir() and any(nested.glob("*.onnx")):
+        return nested
+    return folder
+
+
 def insightface_pack_files(folder: Path) -> list[Path]:
+    folder = resolve_pack_dir(folder)
     return sorted(folder.glob("*.onnx")) if folder.is_dir() else []
 
 
@@ -234,12 +267,16 @@ class InsightFaceBackend(FaceBackend):
 
     def __init__(self, model_dir: Path, *, det_size: int = 640, det_thresh: float = 0.5,
                  outlier_distance: float = 1.0, providers: list[str] | None = None) -> None:
-        self.model_dir = Path(model_dir)
+        if resolve_pack_dir(Path(model_dir)) != Path(model_dir):
+            log.warning("InsightFace pack %s is nested one folder too deep (%s/%s/*.onnx); using the inner folder",
+                        model_dir, Path(model_dir).name, Path(model_dir).name)
+        self.model_dir = resolve_pack_dir(Path(model_dir))
         self.det_size = det_size
         self.det_thresh = det_thresh
         self.outlier_distance = outlier_distance
         self.providers = providers
         self.model_name = f"insightface-{self.model_dir.name}"
+        self.decode_side = det_size  # FaceAnalysis resizes every photo to fit det_size x det_size
         self._app = None
         # ORT sessions may run concurrently, but insightface's detector mutates Python-side caches.
         self._lock = threading.Lock()
@@ -294,9 +331,11 @@ class InsightFaceBackend(FaceBackend):
             e1, e2 = kps[0], kps[1]
             left, right = (e1, e2) if e1[0] <= e2[0] else (e2, e1)
             emb = normalise(f.embedding) if f.embedding is not None else None
+            norm = float(np.linalg.norm(f.embedding)) if f.embedding is not None else None
             out.append(Detection(box=(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)),
                                  score=float(f.det_score), left_eye=tuple(left), right_eye=tuple(right),
-                                 nose=tuple(kps[2]), embedding=emb))
+                                 nose=tuple(kps[2]), embedding=emb, embedding_norm=norm,
+                                 kps=kps[:5].astype(np.float32).copy()))
         return out
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:

@@ -20,11 +20,16 @@ import numpy as np
 from PIL import Image
 
 from utils.config import Settings
-from utils.errors import ImageRejected, InvalidRequest, TwinError
+from utils.errors import ImageRejected, InvalidRequest, ServerBusy, TwinError
 from utils.faces.backends import DlibBackend, Detection, FaceBackend, InsightFaceBackend, insightface_pack_files, normalise
-from utils.images import decode_image
+from utils.images import decode_reduced
 
 log = logging.getLogger(__name__)
+
+#: Longest side of the small upright copy an accepted selfie keeps (the photo itself is not kept).
+PREVIEW_SIDE = 256
+#: Side the face box is resized to before its sharpness is measured (``face_sharpness``).
+SHARPNESS_SIDE = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,11 +38,17 @@ log = logging.getLogger(__name__)
 class AcceptedSelfie:
     index: int
     filename: str
-    image: Image.Image = field(repr=False)
+    preview: Image.Image = field(repr=False)         # upright, longest side PREVIEW_SIDE: not the photo
     crop: Image.Image = field(repr=False)
     embedding: np.ndarray = field(repr=False)
     warnings: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)                   # upright size of the uploaded photo, px
+    # InsightFace only: the raw ArcFace vector's length (embedding * norm = the raw vector InstantID wants)
+    # and the 5 key points [5, 2] in image pixels (eyes, nose, mouth corners) for pose="selfie:N".
+    # Never logged, never in to_json().
+    embedding_norm: float | None = field(default=None, repr=False)
+    kps: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -58,6 +69,16 @@ class SelfieReport:
     rejected: list[RejectedSelfie] = field(default_factory=list)
     warnings: list[dict[str, str]] = field(default_factory=list)
     template: np.ndarray | None = field(default=None, repr=False)
+
+    def identity_inputs(self) -> dict[str, Any]:
+        """What ArcFace adapters need beyond the unit embeddings, for ``build_identity(**...)``: the raw
+        vectors' lengths (InstantID), each accepted selfie's 5 key points and upload index (pose selfie:N).
+        Empty with backends that have neither (dlib)."""
+        if not any(a.kps is not None or a.embedding_norm is not None for a in self.accepted):
+            return {}
+        return {"embedding_norms": [a.embedding_norm for a in self.accepted],
+                "keypoints": [a.kps for a in self.accepted],
+                "keypoint_index": [a.index for a in self.accepted]}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe summary: per-file status in upload order, counts, set warnings. No pixels, no embeddings."""
@@ -88,13 +109,16 @@ class _Reject(Exception):
 class _Analysed:
     index: int
     filename: str
-    image: Image.Image | None = None
+    preview: Image.Image | None = None
+    size: tuple[int, int] = (0, 0)
     thumb: np.ndarray | None = None
     crop: Image.Image | None = None
     embedding: np.ndarray | None = None
     warnings: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     reject: _Reject | None = None
+    embedding_norm: float | None = None
+    kps: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +129,7 @@ def laplacian_variance(grey: np.ndarray) -> float:
     return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F).var())
 
 
-def face_sharpness(rgb: np.ndarray, box: tuple[float, float, float, float], side: int = 128) -> float:
+def face_sharpness(rgb: np.ndarray, box: tuple[float, float, float, float], side: int = SHARPNESS_SIDE) -> float:
     """Variance of the Laplacian on the face box resized to ``side`` px, so the value measures blur
     relative to the face, not the face's size in the photo."""
     import cv2
@@ -180,6 +204,9 @@ class FaceService:
         self.backend: FaceBackend | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._setup_lock = threading.Lock()
+        # Server-wide bound on uploads being decoded at once (one FaceService per process): each holds
+        # its photos' crops, and its decodes compete for memory and the pool's threads.
+        self._uploads = threading.BoundedSemaphore(settings.max_concurrent_uploads)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -229,6 +256,11 @@ class FaceService:
             self._pool.shutdown(wait=False)
             self._pool = None
 
+    @property
+    def face_need(self) -> float:
+        """Face box side, px, from which the sharpness measure and the aligned crop only downscale."""
+        return max(SHARPNESS_SIDE, self.settings.face_crop_size / self.settings.face_crop_scale)
+
     def _require(self) -> FaceBackend:
         if self.backend is None:
             raise TwinError("the face service is not set up yet", code="not_ready", http_status=503)
@@ -236,16 +268,34 @@ class FaceService:
 
     # ------------------------------------------------------------------ per file
     def _analyse(self, index: int, filename: str, data: bytes) -> _Analysed:
+        """Check one photo, keeping only what the session needs (crop, embedding, preview, signature).
+
+        The photo is decoded only as large as detection needs (``backend.decode_side``; a 12 MP JPEG at
+        1/4 scale), and the face's part of it again at a finer scale when the face is smaller there than
+        the sharpness measure and the aligned crop use (``face_need``). So every measurement sees the
+        pixels it saw at full resolution, only downscaled to what it would downscale them to anyway:
+        - face_px is reported in the original photo's pixels (box side x ``factor``), so
+          min_face_px means what it meant; face_fraction, brightness and yaw are ratios or means;
+        - sharpness resizes the face box to SHARPNESS_SIDE px: from a view where the box is at least
+          that large, as it was from the full photo (or the full photo itself when the face is smaller);
+        - the aligned crop and the descriptor's chip downscale the face from at least face_crop_size
+          / face_crop_scale px, as before, so they are as sharp as from the full photo.
+        tests/test_faces_reduced.py checks the verdicts against the full-resolution path.
+        """
         s = self.settings
         backend = self._require()
         item = _Analysed(index=index, filename=filename)
         try:
             try:
-                image = decode_image(data, filename, max_pixels=s.max_pixels)
+                photo = decode_reduced(data, filename, max_pixels=s.max_pixels, min_side=backend.decode_side)
             except ImageRejected as exc:
                 raise _Reject(exc.code, exc.message) from None
-            item.image = image
+            image, k = photo.image, photo.factor
+            item.size = photo.size
             item.thumb = image_signature(image)
+            ratio = min(1.0, PREVIEW_SIDE / max(image.size))
+            item.preview = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+                                        Image.BILINEAR)
             rgb = np.asarray(image)
             dets = backend.detect(rgb)
             if not dets:
@@ -254,11 +304,29 @@ class FaceService:
                 raise _Reject("multiple_faces", f"{filename}: {len(dets)} faces were found; use photos with only you in them")
             det = dets[0]
             h, w = rgb.shape[:2]
-            side = min(det.width, det.height)
+            side = min(det.width, det.height) * k          # in the original photo's pixels
             fraction = det.width * det.height / float(w * h)
-            sharp = face_sharpness(rgb, det.box)
-            bright = face_brightness(rgb, det.box)
             yaw = estimate_yaw(det.left_eye, det.right_eye, det.nose)
+            view, vdet = rgb, det
+            need = self.face_need
+            if k > 1 and min(det.width, det.height) < need:
+                # The face is small at this scale: decode its part of the photo at the coarsest scale
+                # that keeps ``need`` px (full resolution when the face is smaller than that).
+                half = max(det.width, det.height) * k * s.face_crop_scale * 0.75  # > crop half-diagonal
+                cx, cy = (det.box[0] + det.box[2]) / 2 * k, (det.box[1] + det.box[3]) / 2 * k
+                part, (ox, oy), f = photo.region((cx - half, cy - half, cx + half, cy + half),
+                                                 max(1, int(side // need)))
+                view = np.asarray(part)
+                moved = lambda p: ((p[0] * k - ox) / f, (p[1] * k - oy) / f)  # noqa: E731
+                x0, y0 = moved(det.box[:2])
+                x1, y1 = moved(det.box[2:])
+                vdet = backend.relocate(view, Detection(
+                    box=(x0, y0, x1, y1), score=det.score, left_eye=moved(det.left_eye),
+                    right_eye=moved(det.right_eye), nose=moved(det.nose), embedding=det.embedding))
+                yaw = estimate_yaw(vdet.left_eye, vdet.right_eye, vdet.nose)
+            del photo, image, rgb  # from here on only the face's view is needed
+            sharp = face_sharpness(view, vdet.box)
+            bright = face_brightness(view, vdet.box)
             item.metrics = {"face_px": round(side, 1), "face_fraction": round(fraction, 4),
                             "sharpness": round(sharp, 1), "brightness": round(bright, 1), "yaw_degrees": round(yaw, 1)}
             if side < s.min_face_px or fraction < s.min_face_fraction:
@@ -281,9 +349,10 @@ class FaceService:
                                              f"{s.max_yaw_degrees:.0f}°); look towards the camera")
             # Embedded here, in the worker, so that one thread's descriptor overlaps another's detection
             # (a duplicate costs one extra descriptor, ~10 ms with the torch engine).
-            item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(rgb, det)])[0],
+            item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(view, vdet)])[0],
                                         dtype=np.float32)
-            item.crop = aligned_crop(rgb, det, size=s.face_crop_size, scale=s.face_crop_scale)
+            item.embedding_norm, item.kps = det.embedding_norm, det.kps
+            item.crop = aligned_crop(view, vdet, size=s.face_crop_size, scale=s.face_crop_scale)
             if side * s.face_crop_scale < s.face_crop_size / 2:
                 item.warnings.append({"code": "low_resolution", "message": (
                     f"{filename}: the face is only {side:.0f} px wide; a closer or larger photo gives a sharper likeness")})
@@ -304,10 +373,20 @@ class FaceService:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], (bytes, bytearray))):
                 raise InvalidRequest(f"files[{i}] must be a (filename, bytes) pair")
         jobs = [(i, str(name or f"file_{i + 1}"), bytes(data)) for i, (name, data) in enumerate(files)]
-        if self._pool is not None and len(jobs) > 1:
-            items = list(self._pool.map(lambda j: self._analyse(*j), jobs))
-        else:
-            items = [self._analyse(*j) for j in jobs]
+        wait = s.upload_wait_seconds
+        if not self._uploads.acquire(timeout=wait):
+            raise ServerBusy(f"{s.max_concurrent_uploads} upload(s) are being checked already "
+                             f"(TWIN_MAX_CONCURRENT_UPLOADS) and none finished within {wait:g} s; retry shortly",
+                             retry_after=5)  # a slot frees within one upload's time: seconds, not minutes
+        try:
+            # Photos go through the shared pool (face_threads at a time, whatever the number of uploads)
+            # or one at a time; each _analyse drops its decoded pixels before returning.
+            if self._pool is not None and len(jobs) > 1:
+                items = list(self._pool.map(lambda j: self._analyse(*j), jobs))
+            else:
+                items = [self._analyse(*j) for j in jobs]
+        finally:
+            self._uploads.release()
 
         self._mark_duplicates(items)
         set_warnings = self._mark_outliers(items, backend)
@@ -318,8 +397,9 @@ class FaceService:
                 report.rejected.append(RejectedSelfie(it.index, it.filename, it.reject.code, it.reject.message,
                                                       dict(it.metrics)))
             else:
-                report.accepted.append(AcceptedSelfie(it.index, it.filename, it.image, it.crop,
-                                                      it.embedding, it.warnings, dict(it.metrics)))
+                report.accepted.append(AcceptedSelfie(it.index, it.filename, it.preview, it.crop,
+                                                      it.embedding, it.warnings, dict(it.metrics), it.size,
+                                                      embedding_norm=it.embedding_norm, kps=it.kps))
         if report.accepted:
             report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
         n = len(report.accepted)
@@ -373,6 +453,25 @@ class FaceService:
         return warnings
 
     # ------------------------------------------------------------------ scoring
+    def detect_faces(self, image: Image.Image) -> list[Detection]:
+        """Every face in ``image`` with its key points (face restoration aligns each of them)."""
+        return self._require().detect(np.asarray(image.convert("RGB")))
+
+    def distance_to_similarity(self, d: float) -> float:
+        """1 - d / (2·threshold), clipped to [0, 1]: 0.5 sits on the backend's same-person limit."""
+        thr = self._require().outlier_distance
+        return float(min(1.0, max(0.0, 1.0 - d / (2 * thr))))
+
+    def self_similarity(self, embeddings: list[np.ndarray]) -> float | None:
+        """Median pairwise similarity of a person's own selfies (same scale as ``identity_similarity``):
+        the likeness a portrait can hope for. None with fewer than two embeddings."""
+        embs = [normalise(e) for e in embeddings]
+        if len(embs) < 2:
+            return None
+        sims = [self.distance_to_similarity(float(np.linalg.norm(embs[i] - embs[j])))
+                for i in range(len(embs)) for j in range(i + 1, len(embs))]
+        return float(np.median(sims))
+
     def embed_image(self, image: Image.Image) -> np.ndarray | None:
         """Unit embedding of the largest face in ``image``; None when there is no face."""
         backend = self._require()
@@ -404,5 +503,4 @@ class FaceService:
         d = self.identity_distance(image, template)
         if d is None:
             return None
-        thr = self._require().outlier_distance
-        return float(min(1.0, max(0.0, 1.0 - d / (2 * thr))))
+        return self.distance_to_similarity(d)

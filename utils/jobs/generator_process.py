@@ -17,7 +17,7 @@ again, and the service writes the PNG anyway). Every request carries an id; repl
 
     parent -> child: ("generate", id, request, job_id) | ("call", id, method, args, kwargs) | ("cancel", id)
                      | ("shutdown",)
-    child -> parent: ("ready", info) | ("setup_failed", error) | ("progress", id, step, total)
+    child -> parent: ("ready", info) | ("setup_failed", error) | ("progress", id, step, total, preview_jpeg | None)
                      | ("ok", id, value) | ("err", id, error)
 
 The child runs generate() in its main thread and the short calls (identity, validate, info) in another, so
@@ -148,7 +148,7 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
             ev = cancels[rid]
             try:
                 with log_context(job_id=job_id):
-                    res = gen.generate(req, on_progress=lambda s, t: send(("progress", rid, s, t)),
+                    res = gen.generate(req, on_progress=lambda s, t, preview=None: send(("progress", rid, s, t, preview)),
                                        should_cancel=ev.is_set)
                 send(("ok", rid, res))
             except BaseException as e:  # noqa: BLE001
@@ -422,7 +422,10 @@ class GeneratorProcess:
                     msg = None
                 if msg is None or msg[0] == "progress":
                     if msg is not None and on_progress is not None:
-                        on_progress(msg[2], msg[3])
+                        if len(msg) > 4 and msg[4] is not None:
+                            on_progress(msg[2], msg[3], msg[4])  # with a preview JPEG
+                        else:
+                            on_progress(msg[2], msg[3])
                     if not canceled and should_cancel is not None and should_cancel():
                         canceled = True
                         try:
@@ -450,11 +453,12 @@ class GeneratorProcess:
         return self._wait(child, rid, q)
 
     def build_identity(self, crops, face_embeddings=None, *, face_model: str | None = None,
-                       combine: str | None = None):
-        """Thread-safe; served by the child's call thread, so it does not wait for a running generate()."""
+                       combine: str | None = None, **face_inputs):
+        """Thread-safe; served by the child's call thread, so it does not wait for a running generate().
+        ``face_inputs``: embedding_norms / keypoints / keypoint_index (SelfieReport.identity_inputs())."""
         return self._call("build_identity", list(crops) if crops is not None else None,
                           list(face_embeddings) if face_embeddings is not None else None,
-                          face_model=face_model, combine=combine)
+                          face_model=face_model, combine=combine, **face_inputs)
 
     def validate(self, req) -> dict[str, Any]:
         return self._call("validate", req)

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from typing import Any
 
 from utils import errors
 from utils.jobs.store import JobStatus
 
+log = logging.getLogger("twin.jobs")
+
 PREFIX = "twin:"
 ACTIVE = ("queued", "running")
 CANCEL_TTL_S = 24 * 3600
 RETRY_AFTER_S = 5
 _FIELDS = ("seq", "id", "session_id", "owner", "status", "payload", "request", "created_at", "started_at",
-           "finished_at", "step", "total", "metadata", "error_code", "error_message", "attempts")
+           "finished_at", "step", "total", "metadata", "error_code", "error_message", "attempts", "webhook")
 
 # KEYS: none (one Redis; keys built from ARGV[1] = prefix). ARGV: prefix, id, new_status, allowed_from
 # (comma list), attempts_delta, expect_attempts ('' = any), clear_outputs ('1'/'0'), then field/value pairs.
@@ -119,6 +122,25 @@ class RedisJobStore:
         self._transition = self.redis.register_script(_TRANSITION)
         self._create = self.redis.register_script(_CREATE)
         self._add_output = self.redis.register_script(_ADD_OUTPUT)
+        # As JobStore.listeners (live events, webhooks): called after each change made through THIS
+        # store object. Cluster mode: changes a worker makes reach the worker's listeners only.
+        self.listeners: list = []
+
+    def _emit(self, job_id: str, kind: str, data: dict | None = None) -> None:
+        if not self.listeners:
+            return
+        try:
+            if data is None:
+                data = self.get(job_id)
+                if data is None:
+                    return
+        except errors.TwinError:
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(job_id, kind, data)
+            except Exception:  # noqa: BLE001 - events are a view; the record is the truth
+                log.exception("job event listener failed")
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -176,12 +198,14 @@ class RedisJobStore:
             if sess is not None:
                 p.zrem(self.k("owner", sess["owner"]), session_id)
             p.execute()
+        for job_id in job_ids:
+            self._emit(job_id, "deleted", {})
 
     # --- jobs ------------------------------------------------------------------------------------
     @redis_guard
     def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
-                   request: dict, queue_max: int) -> dict:
-        row = {"id": job_id, "session_id": session_id, "owner": owner, "status": JobStatus.QUEUED.value,
+                   request: dict, queue_max: int, webhook: dict | None = None) -> dict:
+        row = {"webhook": webhook or None, "id": job_id, "session_id": session_id, "owner": owner, "status": JobStatus.QUEUED.value,
                "payload": payload, "request": request, "created_at": time.time(), "started_at": None,
                "finished_at": None, "step": 0, "total": 0, "metadata": None, "error_code": None,
                "error_message": None}
@@ -194,6 +218,7 @@ class RedisJobStore:
             depth = -seq - 1
             raise errors.QueueFull(f"the queue is full ({depth} jobs waiting, TWIN_QUEUE_MAX={queue_max}); "
                                    "try again later", retry_after=max(5, depth * 5))
+        self._emit(job_id, "status")
         return self.get(job_id)  # type: ignore[return-value]
 
     @redis_guard
@@ -252,7 +277,10 @@ class RedisJobStore:
                            "" if expect_attempts is None else str(expect_attempts), "1" if clear_outputs else "0"]
         for name, value in fields.items():
             args += [name, json.dumps(value)]
-        return self._transition(args=args) == 1
+        moved = self._transition(args=args) == 1
+        if moved:
+            self._emit(job_id, "status")
+        return moved
 
     @redis_guard
     def claim(self, job_id: str) -> bool:
@@ -267,10 +295,22 @@ class RedisJobStore:
         key = self.k("job", job_id)
         if self.redis.exists(key):
             self.redis.hset(key, mapping={"step": json.dumps(int(step)), "total": json.dumps(int(total))})
+            self._emit(job_id, "progress", {"step": int(step), "total": int(total), "at": time.time()})
 
     @redis_guard
     def add_output(self, job_id: str, output: dict) -> None:
-        self._add_output(args=[self.prefix, job_id, json.dumps(output)])
+        if self._add_output(args=[self.prefix, job_id, json.dumps(output)]):
+            self._emit(job_id, "output", output)
+
+    @redis_guard
+    def add_webhook_delivery(self, job_id: str, record: dict, keep: int = 50) -> None:
+        key = self.k("job", job_id)
+        raw = self.redis.hget(key, "webhook")
+        hook = json.loads(raw) if raw else None
+        if not hook:
+            return
+        hook["deliveries"] = (hook.get("deliveries", []) + [record])[-keep:]
+        self.redis.hset(key, "webhook", json.dumps(hook))
 
     @redis_guard
     def finish(self, job_id: str, status: JobStatus, *, code: str | None = None, message: str | None = None,

@@ -145,11 +145,13 @@ class TwinWorker(SimpleWorker):
             return None
         log.info("job started", extra={"job_id": job_id, "attempt": job["attempts"]})
 
-        def on_progress(step: int, total: int) -> None:
+        def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
             try:
                 store.set_progress(job_id, step, total)
             except errors.ServiceNotReady:
                 pass  # progress is best effort while Redis restarts
+            if preview is not None:
+                rt._preview(job_id, step, preview)  # kept in this worker only (see ARCHITECTURE: not done)
 
         def should_cancel() -> bool:
             return self._cancel.is_set() or store.cancel_requested(job_id)

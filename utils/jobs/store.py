@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from utils import errors
 from utils.logging import log_context
+from utils.storage import thumbnail_name
 
 log = logging.getLogger("twin.jobs")
 
@@ -110,6 +111,27 @@ class JobStore:
             # zeros instead of lingering in free pages of jobs.db.
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
+            # Databases from before webhooks: add the column (NULL = no webhook).
+            cols = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "webhook" not in cols:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+        # Called after each committed change of a job (live events, utils/jobs/events.py):
+        # listener(job_id, kind, data) with kind "status" (data: the job record), "progress"
+        # ({"step", "total"}) or "output" (the output entry). A failing listener never fails the store.
+        self.listeners: list[Callable[[str, str, dict], None]] = []
+
+    def _emit(self, job_id: str, kind: str, data: dict | None = None) -> None:
+        if not self.listeners:
+            return
+        if data is None:  # a status change: listeners get the whole record as it is now
+            data = self.get(job_id)
+            if data is None:
+                return
+        for listener in list(self.listeners):
+            try:
+                listener(job_id, kind, data)
+            except Exception:  # noqa: BLE001 - events are a view; the job record is the truth
+                log.exception("job event listener failed")
 
     def close(self) -> None:
         with self._lock:
@@ -147,6 +169,7 @@ class JobStore:
 
     def delete_session_records(self, session_id: str) -> None:
         with self._lock:
+            job_ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE session_id=?", (session_id,))]
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM jobs WHERE session_id=?", (session_id,))
@@ -158,10 +181,12 @@ class JobStore:
             # The WAL still holds the rows' earlier page images: fold it into the (zeroed) main file and
             # truncate it, so nothing of the session stays readable in jobs.db-wal either.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for job_id in job_ids:  # listeners drop what they hold of these jobs (kind "deleted")
+            self._emit(job_id, "deleted", {})
 
     # --- jobs ------------------------------------------------------------------------------------
     def create_job(self, job_id: str, *, session_id: str | None, owner: str, payload: dict,
-                   request: dict, queue_max: int) -> dict:
+                   request: dict, queue_max: int, webhook: dict | None = None) -> dict:
         """Insert a queued job unless the queue is full (checked in the same transaction)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -171,14 +196,15 @@ class JobStore:
                     raise errors.QueueFull(f"the queue is full ({depth} jobs waiting, TWIN_QUEUE_MAX={queue_max}); "
                                            "try again later", retry_after=max(5, depth * 5))
                 self._db.execute(
-                    "INSERT INTO jobs(id, session_id, owner, status, payload, request, created_at) "
-                    "VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO jobs(id, session_id, owner, status, payload, request, created_at, webhook) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
                     (job_id, session_id, owner, JobStatus.QUEUED.value, json.dumps(payload),
-                     json.dumps(request), time.time()))
+                     json.dumps(request), time.time(), json.dumps(webhook) if webhook else None))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.rollback_if_open()
                 raise
+        self._emit(job_id, "status")
         return self.get(job_id)  # type: ignore[return-value]
 
     def get(self, job_id: str) -> dict | None:
@@ -207,11 +233,15 @@ class JobStore:
 
     def claim(self, job_id: str) -> bool:
         """queued -> running; False if it was canceled (or taken) meanwhile."""
-        return self._exec("UPDATE jobs SET status='running', started_at=?, attempts=attempts+1 "
-                          "WHERE id=? AND status='queued'", (time.time(), job_id)) == 1
+        ok = self._exec("UPDATE jobs SET status='running', started_at=?, attempts=attempts+1 "
+                        "WHERE id=? AND status='queued'", (time.time(), job_id)) == 1
+        if ok:
+            self._emit(job_id, "status")
+        return ok
 
     def set_progress(self, job_id: str, step: int, total: int) -> None:
         self._exec("UPDATE jobs SET step=?, total=? WHERE id=?", (int(step), int(total), job_id))
+        self._emit(job_id, "progress", {"step": int(step), "total": int(total), "at": time.time()})
 
     def add_output(self, job_id: str, output: dict) -> None:
         """Called only after the file is in place (atomic rename)."""
@@ -222,27 +252,47 @@ class JobStore:
             outs = json.loads(row["outputs"])
             outs.append(output)
             self._db.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(outs), job_id))
+        self._emit(job_id, "output", output)
+
+    def add_webhook_delivery(self, job_id: str, record: dict, keep: int = 50) -> None:
+        """One delivery attempt (event, attempt, status or error, time); the last ``keep`` are kept."""
+        with self._lock:
+            row = self._db.execute("SELECT webhook FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or not row["webhook"]:
+                return
+            hook = json.loads(row["webhook"])
+            hook["deliveries"] = (hook.get("deliveries", []) + [record])[-keep:]
+            self._db.execute("UPDATE jobs SET webhook=? WHERE id=?", (json.dumps(hook), job_id))
 
     def finish(self, job_id: str, status: JobStatus, *, code: str | None = None, message: str | None = None,
                metadata: dict | None = None) -> bool:
         """Move a non-terminal job to a terminal state (never overwrites a terminal one)."""
         assert status.terminal
-        return self._exec(
+        ok = self._exec(
             "UPDATE jobs SET status=?, finished_at=?, error_code=?, error_message=?, "
             "metadata=COALESCE(?, metadata) WHERE id=? AND status IN ('queued','running')",
             (status.value, time.time(), code, message, json.dumps(metadata) if metadata is not None else None,
              job_id)) == 1
+        if ok:
+            self._emit(job_id, "status")
+        return ok
 
     def cancel_queued(self, job_id: str) -> bool:
-        return self._exec("UPDATE jobs SET status='canceled', finished_at=?, error_code='canceled', "
-                          "error_message='canceled by the user' WHERE id=? AND status='queued'",
-                          (time.time(), job_id)) == 1
+        ok = self._exec("UPDATE jobs SET status='canceled', finished_at=?, error_code='canceled', "
+                        "error_message='canceled by the user' WHERE id=? AND status='queued'",
+                        (time.time(), job_id)) == 1
+        if ok:
+            self._emit(job_id, "status")
+        return ok
 
     def requeue(self, job_id: str) -> bool:
         """running -> queued for a graceful stop: it runs again from the start after the restart. The
         attempt is given back, so a later crash still gets its one TWIN_REQUEUE_INTERRUPTED retry."""
-        return self._exec("UPDATE jobs SET status='queued', step=0, total=0, started_at=NULL, outputs='[]', "
-                          "attempts=MAX(attempts-1, 0) WHERE id=? AND status='running'", (job_id,)) == 1
+        ok = self._exec("UPDATE jobs SET status='queued', step=0, total=0, started_at=NULL, outputs='[]', "
+                        "attempts=MAX(attempts-1, 0) WHERE id=? AND status='running'", (job_id,)) == 1
+        if ok:
+            self._emit(job_id, "status")
+        return ok
 
     def recover(self, requeue: bool) -> dict[str, list[str]]:
         """Settle jobs that were running when the process died. Returns {"requeued": [...], "failed": [...]}."""
@@ -253,6 +303,7 @@ class JobStore:
             if requeue and r["attempts"] <= 1:
                 self._exec("UPDATE jobs SET status='queued', step=0, total=0, started_at=NULL, outputs='[]' "
                            "WHERE id=? AND status='running'", (r["id"],))
+                self._emit(r["id"], "status")
                 out["requeued"].append(r["id"])
             else:
                 self.finish(r["id"], JobStatus.FAILED, code="interrupted",
@@ -267,6 +318,7 @@ def _row_to_job(row: sqlite3.Row) -> dict:
     job["request"] = json.loads(job["request"])
     job["outputs"] = json.loads(job["outputs"])
     job["metadata"] = json.loads(job["metadata"]) if job["metadata"] else None
+    job["webhook"] = json.loads(job["webhook"]) if job.get("webhook") else None
     return job
 
 
@@ -304,12 +356,25 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "started_at": _iso(job["started_at"]),
         "finished_at": _iso(job["finished_at"]),
         "request": job["request"],
-        "outputs": [dict({k: v for k, v in o.items() if k != "path"},
-                         url=url_for_output(job["id"], o["filename"])) for o in job["outputs"]],
+        "outputs": [public_output(job["id"], o, url_for_output) for o in job["outputs"]],
         "metadata": job["metadata"],
         "error": error,
         "status_url": status_url,
+        # The webhook the job reports to and every delivery attempt so far (None: no webhook).
+        "webhook": job.get("webhook"),
     }
+
+
+def public_output(job_id: str, output: dict, url_for_output: Callable[[str, str], str]) -> dict:
+    """An output entry as clients see it: download URLs (its file, its thumbnail, a restored output's raw
+    original), never a stored server path."""
+    out = {k: v for k, v in output.items() if k not in ("path", "raw_path", "thumbnail_path")}
+    out["url"] = url_for_output(job_id, output["filename"])
+    if output.get("raw_filename"):
+        out["raw_url"] = url_for_output(job_id, output["raw_filename"])
+    if output.get("thumbnail_path"):
+        out["thumbnail_url"] = url_for_output(job_id, thumbnail_name(output["filename"]))
+    return out
 
 
 def _iso(ts: float | None) -> str | None:
@@ -332,8 +397,10 @@ class JobManager:
     """
 
     def __init__(self, store: JobStore, runner: Runner, *, workers: int = 1, ready: threading.Event | None = None,
-                 is_oom: Callable[[BaseException], bool] = lambda e: False) -> None:
+                 is_oom: Callable[[BaseException], bool] = lambda e: False,
+                 on_preview: Callable[[str, int, bytes], None] | None = None) -> None:
         self.store = store
+        self.on_preview = on_preview  # (job_id, step, jpeg) for a request with preview: true
         self.runner = runner
         self.n_workers = max(1, workers)
         self.ready = ready or threading.Event()
@@ -466,8 +533,10 @@ class JobManager:
         t0 = time.perf_counter()
         log.info("job started")
 
-        def on_progress(step: int, total: int) -> None:
+        def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
             self.store.set_progress(job_id, step, total)
+            if preview is not None and self.on_preview is not None:
+                self.on_preview(job_id, step, preview)
 
         settle = self._settle
         try:

@@ -1,0 +1,127 @@
+"""Idempotency-Key on POST /generate and POST /upload: a repeated request answers the first answer."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.fakes import image_bytes
+from tests.test_api import assert_error, files_field, upload
+
+KEY = {"Idempotency-Key": "order-7f3a-0001"}
+
+
+def gen(client, key=KEY, **payload):
+    return client.post("/generate", json={"prompt": "a portrait", **payload}, headers=key or {})
+
+
+def job_count(app) -> int:
+    return sum(app.extensions["twin"].store.counts().values())
+
+
+def test_same_key_same_body_answers_the_first_job_and_makes_no_second(app, client):
+    upload(client)
+    first = gen(client, seed=1)
+    again = gen(client, seed=1)
+    assert first.status_code == again.status_code == 202
+    assert again.json["id"] == first.json["id"] and again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert job_count(app) == 1
+
+
+@pytest.mark.parametrize("second, status, code", [
+    ({"seed": 2}, 422, "idempotency_key_reused"),              # same key, other body
+    ({"seed": 1, "num_images": 2}, 422, "idempotency_key_reused"),
+])
+def test_same_key_other_body_is_refused_naming_the_key(app, client, second, status, code):
+    upload(client)
+    assert gen(client, seed=1).status_code == 202
+    assert_error(gen(client, **second), status, code, "order-7f3a-0001")
+    assert job_count(app) == 1
+
+
+def test_key_order_of_json_fields_does_not_matter(app, client):
+    upload(client)
+    a = client.post("/generate", data='{"prompt": "p", "seed": 3}', content_type="application/json", headers=KEY)
+    b = client.post("/generate", data='{"seed": 3, "prompt": "p"}', content_type="application/json", headers=KEY)
+    assert a.json["id"] == b.json["id"]
+
+
+def test_keys_belong_to_their_caller(app):
+    alice, bob = app.test_client(), app.test_client()
+    upload(alice)
+    upload(bob)
+    a, b = gen(alice, seed=1), gen(bob, seed=1)
+    assert a.status_code == b.status_code == 202 and a.json["id"] != b.json["id"]
+    assert "Idempotent-Replayed" not in b.headers
+
+
+def test_a_request_in_flight_with_the_key_gets_409(app, client, monkeypatch):
+    upload(client)
+    runtime = app.extensions["twin"]
+    entered, release = threading.Event(), threading.Event()
+    real_submit = runtime.submit
+
+    def slow_submit(*a, **kw):
+        entered.set()
+        release.wait(10)
+        return real_submit(*a, **kw)
+    monkeypatch.setattr(runtime, "submit", slow_submit)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(r=gen(client, seed=5)))
+    t.start()
+    assert entered.wait(10)
+    r = gen(client, seed=5)
+    assert_error(r, 409, "idempotency_in_flight")
+    assert r.headers["Retry-After"] == "1"
+    release.set()
+    t.join(10)
+    assert got["r"].status_code == 202 and gen(client, seed=5).json["id"] == got["r"].json["id"]
+
+
+def test_a_failed_request_keeps_nothing_so_the_key_can_be_retried(app, client):
+    upload(client)
+    assert_error(gen(client, num_images=9), 400, "invalid_request", "num_images=9")
+    assert gen(client, num_images=1).status_code == 202  # the same key, now with a valid body
+
+
+@pytest.mark.parametrize("value", ["", " lead", "trail ", "x" * 256, "tab\there", "caf\u00e9"])
+def test_malformed_keys_are_a_400(client, value):
+    upload(client)
+    r = client.post("/generate", json={"prompt": "p"}, headers={"Idempotency-Key": value.encode("utf-8").decode("latin-1")})
+    assert_error(r, 400, "invalid_request", "Idempotency-Key")
+
+
+def test_upload_with_the_same_key_and_files_answers_the_first_session(app, client):
+    upload(client)  # the caller gets its token first: a brand-new caller cannot be repeating itself
+    blobs = [image_bytes(color=(i * 10, 100, 50)) for i in range(2)]
+    send = lambda bl: client.post("/upload", data=files_field(*bl), content_type="multipart/form-data", headers=KEY)
+    a, b = send(blobs), send(blobs)
+    assert a.status_code == b.status_code == 200 and a.json["session_id"] == b.json["session_id"]
+    assert b.headers["Idempotent-Replayed"] == "true"
+    assert_error(send(blobs[:1]), 422, "idempotency_key_reused")
+
+
+def test_deleting_the_session_deletes_its_records(app, client):
+    upload(client)
+    first = gen(client, seed=1).json
+    db = app.extensions["twin"].storage.db_path
+    import sqlite3
+    rows = lambda: sqlite3.connect(str(db)).execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
+    assert rows() == 1
+    assert client.delete(f"/sessions/{first['session_id']}").status_code == 200
+    assert rows() == 0
+    upload(client)
+    assert gen(client, seed=1).json["id"] != first["id"]
+
+
+def test_records_expire_after_the_configured_hours(tmp_path):
+    from utils.api.idempotency import IdempotencyStore
+    now = [1000.0]
+    store = IdempotencyStore(tmp_path / "jobs.db", hours=1, clock=lambda: now[0])
+    assert store.begin("owner", "generate", "k", "fp1") is None
+    store.complete("owner", "generate", "k", 202, {"id": "j1"}, {}, "s1")
+    assert store.begin("owner", "generate", "k", "fp1") == (202, {"id": "j1"}, {})
+    now[0] += 3601
+    assert store.begin("owner", "generate", "k", "fp2") is None  # expired: the key is free again
+    store.close()
