@@ -194,7 +194,9 @@ def chaos(c: Cluster, jobs: int, every: float, step: float) -> None:
     data = Path(c.env["TWIN_DATA_DIR"])
     for d in ok:
         names = [o["filename"] for o in d["outputs"]]
-        on_disk = sorted(p.name for p in (data / d["session_id"] / "outputs" / d["id"]).glob("*"))
+        # Portraits only (thumbnails and raw copies lie beside them); a temp file left behind counts too.
+        on_disk = sorted(p.name for p in (data / d["session_id"] / "outputs" / d["id"]).glob("*")
+                         if not p.name.endswith((".thumb.jpg", "_raw.png")))
         if names != ["avatar_001.png"] or on_disk != names:
             bad_outputs += 1
     print(f"   {len(ok)}/{jobs} succeeded, {jobs - len(done)} lost, "
