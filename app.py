@@ -66,9 +66,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     from flask_limiter import Limiter
     from flask_limiter.errors import RateLimitExceeded
-    # In-memory counters: one gunicorn worker process serves the app (see gunicorn.conf.py).
+    # Local mode: in-memory counters (one gunicorn worker process serves the app, see gunicorn.conf.py).
+    # Cluster mode: counters in the shared Redis, so a limit holds across API nodes; while Redis is away
+    # the limiter lets requests through (they get 503 queue_unavailable from the job store instead of a 500).
     limiter = Limiter(lambda: security.rate_limit_key(request, settings.api_key_list), app=app,
-                      storage_uri="memory://", headers_enabled=False, default_limits=[])
+                      storage_uri=settings.queue_url or "memory://", headers_enabled=False, default_limits=[],
+                      swallow_errors=settings.cluster)
     spec = build_spec(settings)
     if settings.cors_origin_list:
         from flask_cors import CORS

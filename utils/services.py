@@ -126,6 +126,18 @@ def identity_inputs(report) -> dict:
     return f() if callable(f) else {}
 
 
+def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threading.Event, on_preview=None):
+    """(store, manager) of the job backend TWIN_QUEUE_URL picks: local mode's SQLite store + worker
+    threads, or cluster mode's Redis records + RQ queue (the jobs run in ./start_worker.sh processes)."""
+    if settings.cluster:
+        from utils.jobs.redis_store import RedisJobStore
+        from utils.jobs.rq_queue import RqJobManager
+        store = RedisJobStore(settings.queue_url)
+        return store, RqJobManager(store, settings)
+    store = JobStore(db_path)
+    return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
     return FaceService(face_settings(settings))
@@ -191,20 +203,19 @@ class Runtime:
         self.storage = Storage(settings.data_dir, min_free_mb=settings.min_free_mb)
         self.clock = time.time  # tests swap in a fake clock (retention)
         self._drain_deadline: float | None = None
-        self.store = JobStore(self.storage.db_path)
+        self.state = "starting"
+        self.setup_error: str | None = None
+        self.started_at = time.time()
+        self.ready = threading.Event()
+        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
+        self.store, self.manager = build_jobs(settings, self.storage.db_path, self._run_job, len(generators),
+                                              self.ready, on_preview=self._preview)
         # Live events (GET /events): the store reports each change, the log keeps them per job.
         self.events = EventLog()
         self.store.listeners.append(self._job_event)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
         self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
         self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
-        self.state = "starting"
-        self.setup_error: str | None = None
-        self.started_at = time.time()
-        self.ready = threading.Event()
-        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
-        self.manager = JobManager(self.store, self._run_job, workers=len(generators), ready=self.ready,
-                                  is_oom=is_oom, on_preview=self._preview)
         self.restorer = None   # built once the generator says which profile it loaded
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
@@ -238,7 +249,8 @@ class Runtime:
 
     # --- lifecycle ---
     def start(self) -> None:
-        removed = self.storage.clean_partial_files()
+        # Cluster mode: TWIN_DATA_DIR is shared, and a worker elsewhere may be writing its temp files now.
+        removed = 0 if self.settings.cluster else self.storage.clean_partial_files()
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
         self.manager.start(self.settings.requeue_interrupted)
@@ -424,7 +436,10 @@ class Runtime:
         # interval ends), then every TWIN_RETENTION_SWEEP_MINUTES.
         while True:
             try:
-                removed = self.sweep()
+                # Cluster mode: every API node and worker runs this loop; one of them sweeps per interval.
+                once = getattr(self.manager, "acquire_singleton", None)
+                interval = self.settings.retention_sweep_minutes * 60
+                removed = self.sweep() if once is None or once("retention-sweep", interval * 0.9) else []
                 if removed:
                     log.info("retention sweep", extra={"sessions_deleted": len(removed)})
             except Exception:  # noqa: BLE001
@@ -741,6 +756,14 @@ class Runtime:
                     if err is not None:
                         body["error"] = getattr(err, "message", str(err))
                     break
+        if self.settings.cluster:
+            # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
+            try:
+                self.store.ping()
+                body["queue"] = {"backend": "redis", "reachable": True}
+            except errors.TwinError as e:
+                body["queue"] = {"backend": "redis", "reachable": False}
+                body["state"], body["error"] = "queue_unavailable", e.message
         if self.state == "ready":
             info = _safe_info(self.generators[0])
             body["profile"] = info.get("profile")
@@ -751,16 +774,19 @@ class Runtime:
         info = _safe_info(self.generators[0]) if self.state == "ready" else {}
         counts = self.store.counts()
         options = self._published_options(info)
+        cluster = self.manager.cluster_status() if self.settings.cluster else None
         return {
             "state": self.state,
             "version": VERSION,
+            "mode": "cluster" if cluster else "local",
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "model": {"profile": info.get("profile"), "variant": info.get("variant"),
                       "model_name": info.get("model_name"), "is_demo": info.get("is_demo"),
                       "dtype": info.get("dtype")},
             "face_backend": getattr(self.faces, "backend_name", None),
             "device": _device_info(info.get("device")),
-            "workers": len(self.generators),
+            # Local mode: generation threads here; cluster mode: live GPU workers (listed under "cluster").
+            "workers": len(cluster["workers"]) if cluster else len(self.generators),
             "queue": {"depth": counts["queued"], "max": self.settings.queue_max,
                       "running": counts["running"]},
             "jobs": counts,
@@ -770,6 +796,7 @@ class Runtime:
                        "min_side": self.settings.min_image_side, "max_side": self.settings.max_image_side,
                        "max_prompt_chars": self.settings.max_prompt_chars},
             "options": options,
+            **({"cluster": cluster} if cluster else {}),
         }
 
     def _published_options(self, info: dict) -> dict | None:
