@@ -459,3 +459,28 @@ def test_sigterm_to_an_idle_worker_exits_0(api_nodes, workers, redis_server):
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     assert p.wait(15) == 0, workers.log(p)
+
+
+# --- live events through Redis streams (issue 13 in cluster mode) -------------------------------
+
+def test_events_of_a_job_run_by_a_worker_stream_from_any_api_node(api_nodes, workers, redis_server):
+    from tests.fakes import QUALITY_STEPS
+    from tests.test_events import parse_sse
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    _, tok = upload(a)
+    job = generate(b, tok, num_images=2, quality_mode="fast")
+    r = a.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok})  # buffered: until `done`
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = parse_sse(r.get_data(as_text=True))[0]
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["data"]["status"] for e in events if e["event"] == "status"] == ["queued", "running", "succeeded"]
+    assert [e["data"]["step"] for e in events if e["event"] == "progress"] == list(range(1, QUALITY_STEPS["fast"] + 1))
+    assert [e["data"]["filename"] for e in events if e["event"] == "output"] == ["avatar_001.png", "avatar_002.png"]
+    assert events[-1]["event"] == "done" and events[-1]["data"]["status"] == "succeeded"
+    # Resume on the other node from the middle: the rest, once each.
+    mid = events[len(events) // 2]["id"]
+    rest = parse_sse(b.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok, "Last-Event-ID": str(mid)})
+                     .get_data(as_text=True))[0]
+    assert [e["id"] for e in rest] == [e["id"] for e in events if e["id"] > mid]

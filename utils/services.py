@@ -138,6 +138,15 @@ def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threadi
     return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
 
 
+def build_events(settings: Settings, store):
+    """The live event source: in-process for local mode, Redis streams (beside the job records) for
+    cluster mode, where the worker that runs a job and the node that streams it are different processes."""
+    if settings.cluster:
+        from utils.jobs.redis_events import RedisEventLog
+        return RedisEventLog(store.redis, prefix=store.prefix)
+    return EventLog()
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
     return FaceService(face_settings(settings))
@@ -207,11 +216,11 @@ class Runtime:
         self.setup_error: str | None = None
         self.started_at = time.time()
         self.ready = threading.Event()
-        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
         self.store, self.manager = build_jobs(settings, self.storage.db_path, self._run_job, len(generators),
                                               self.ready, on_preview=self._preview)
-        # Live events (GET /events): the store reports each change, the log keeps them per job.
-        self.events = EventLog()
+        # Live events (GET /events): the store reports each change, the log keeps them per job (in this
+        # process in local mode; in Redis streams in cluster mode, so any node streams any job).
+        self.events = build_events(settings, self.store)
         self.store.listeners.append(self._job_event)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
         self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
@@ -226,22 +235,21 @@ class Runtime:
     def _job_event(self, job_id: str, kind: str, data: dict) -> None:
         if kind == "deleted":
             self.events.forget(job_id)
-            self.previews.pop(job_id, None)
             return
         self.events.publish(job_id, kind, data)
         if kind == "status" and JobStatus(data["status"]).terminal:
-            self.previews.pop(job_id, None)  # the finished portraits replace the preview
+            self.events.drop_preview(job_id)  # the finished portraits replace the preview
             self.events.publish(job_id, "done", data)
 
     def _preview(self, job_id: str, step: int, jpeg: bytes) -> None:
         import base64
-        self.previews[job_id] = (step, jpeg)
+        self.events.set_preview(job_id, step, jpeg)
         self.events.publish(job_id, "preview", {
             "step": step, "image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")})
 
     def preview(self, job_id: str, owner: str | None) -> tuple[int, bytes]:
         self.owned_job(job_id, owner)
-        got = self.previews.get(job_id)
+        got = self.events.get_preview(job_id)
         if got is None:
             raise errors.NotFound(f"job {job_id!r} has no preview now (ask for preview: true; previews exist "
                                   "while the job runs)")
