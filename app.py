@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from utils import errors
 from utils.api import events as api_events, idempotency, security
 from utils.api.idempotency import IdempotencyStore
-from utils.api.webhooks import WEBHOOK_FIELDS, WebhookDispatcher
+from utils.jobs.webhooks import WEBHOOK_FIELDS
 from utils.api.auth import COOKIE_NAME, resolve_caller
 from utils.config import Settings
 from utils.request_fields import published_fields
@@ -82,9 +82,6 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.extensions["twin"] = runtime
     runtime.start()
 
-    hooks = WebhookDispatcher(settings, runtime.store)
-    runtime.store.listeners.append(hooks.on_job_event)
-    runtime.shutdown_hooks.append(hooks.close)
     idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
     runtime.session_deleted_hooks.append(idem.forget_session)
 
@@ -233,7 +230,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
         def answer():
             body_ = dict(payload) if isinstance(payload, dict) else payload
-            webhook = hooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
+            webhook = runtime.webhooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
             job = runtime.submit(body_, who.owner, webhook=webhook)
             body = render_job(job)
             return 202, body, {"Location": body["status_url"]}, job["session_id"]

@@ -36,7 +36,8 @@ def cluster_settings(tmp_path: Path, redis_url: str, **kw):
 def settings_env(settings) -> dict[str, str]:
     from utils.config import env_name
     names = ("data_dir", "queue_url", "retention_hours", "warmup", "worker_heartbeat_seconds", "retry_backoff",
-             "job_attempts", "drain_seconds", "log_level")
+             "job_attempts", "drain_seconds", "log_level", "webhook_secret", "webhook_allow_private",
+             "webhook_retry_base_seconds")
     out = {}
     for n in names:
         v = getattr(settings, n)
@@ -484,3 +485,25 @@ def test_events_of_a_job_run_by_a_worker_stream_from_any_api_node(api_nodes, wor
     rest = parse_sse(b.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok, "Last-Event-ID": str(mid)})
                      .get_data(as_text=True))[0]
     assert [e["id"] for e in rest] == [e["id"] for e in events if e["id"] > mid]
+
+
+def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, workers, redis_server):
+    from tests.test_webhooks import SECRET, Receiver, readme_verify
+    rec = Receiver()
+    try:
+        settings, (a, b) = api_nodes(webhook_secret=SECRET, webhook_allow_private=True, webhook_retry_base_seconds=0.01)
+        workers.start(settings, name="w0")
+        workers.wait_registered(redis_server.client(), ["w0"])
+        _, tok = upload(a)
+        job = generate(b, tok, webhook=rec.url, webhook_events=["start", "output", "completed"])
+        wait_until(lambda: "job.completed" in rec.events(), timeout=30)
+        assert rec.events() == ["job.start", "job.output", "job.completed"]
+        verify, _ = readme_verify()
+        assert all(verify(SECRET, r["body"], r["headers"])["data"]["job_id"] == job["id"] for r in rec.received)
+        ids = [r["headers"]["webhook-id"] for r in rec.received]
+        assert len(set(ids)) == 3 and all(i.startswith(f"msg_{job['id']}_1_") for i in ids)  # attempt 1
+        done = wait_until(lambda: (lambda j: j if len(j["webhook"]["deliveries"]) == 3 else None)(
+            status(a, tok, job["id"])), timeout=10)
+        assert [d["status"] for d in done["webhook"]["deliveries"]] == [204, 204, 204]
+    finally:
+        rec.close()

@@ -223,6 +223,11 @@ class Runtime:
         self.events = build_events(settings, self.store)
         self.store.listeners.append(self._job_event)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        # Webhooks: another listener of the store, in whichever process changes the job (in cluster mode
+        # the worker sends running/progress/output/completed, the API node a cancel of a queued job).
+        from utils.jobs.webhooks import WebhookDispatcher
+        self.webhooks = WebhookDispatcher(settings, self.store)
+        self.store.listeners.append(self.webhooks.on_job_event)
         self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
         self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
         self.restorer = None   # built once the generator says which profile it loaded
@@ -299,6 +304,7 @@ class Runtime:
     def shutdown(self) -> None:
         self._stop.set()
         self.events.wake_all()  # open event streams see the stop and end
+        self.webhooks.close()
         for hook in self.shutdown_hooks:
             hook()
         self.manager.stop()
@@ -476,7 +482,7 @@ class Runtime:
 
     # --- jobs ---
     def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
-        """Queue a job. ``webhook``: the checked webhook record (utils/api/webhooks.py) or None."""
+        """Queue a job. ``webhook``: the checked webhook record (utils/jobs/webhooks.py) or None."""
         self.require_ready()
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
