@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from utils import errors
 from utils.api import events as api_events, idempotency, security
 from utils.api.idempotency import IdempotencyStore
-from utils.api.webhooks import WEBHOOK_FIELDS, WebhookDispatcher
+from utils.jobs.webhooks import WEBHOOK_FIELDS
 from utils.api.auth import COOKIE_NAME, require_admin, resolve_caller
 from utils.config import Settings
 from utils.request_fields import published_fields
@@ -66,9 +66,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     from flask_limiter import Limiter
     from flask_limiter.errors import RateLimitExceeded
-    # In-memory counters: one gunicorn worker process serves the app (see gunicorn.conf.py).
+    # Local mode: in-memory counters (one gunicorn worker process serves the app, see gunicorn.conf.py).
+    # Cluster mode: counters in the shared Redis, so a limit holds across API nodes; while Redis is away
+    # the limiter lets requests through (they get 503 queue_unavailable from the job store instead of a 500).
     limiter = Limiter(lambda: security.rate_limit_key(request, settings.api_key_list), app=app,
-                      storage_uri="memory://", headers_enabled=False, default_limits=[])
+                      storage_uri=settings.queue_url or "memory://", headers_enabled=False, default_limits=[],
+                      swallow_errors=settings.cluster)
     spec = build_spec(settings)
     if settings.cors_origin_list:
         from flask_cors import CORS
@@ -79,9 +82,6 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.extensions["twin"] = runtime
     runtime.start()
 
-    hooks = WebhookDispatcher(settings, runtime.store)
-    runtime.store.listeners.append(hooks.on_job_event)
-    runtime.shutdown_hooks.append(hooks.close)
     idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
     runtime.session_deleted_hooks.append(idem.forget_session)
 
@@ -230,7 +230,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
 
         def answer():
             body_ = dict(payload) if isinstance(payload, dict) else payload
-            webhook = hooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
+            webhook = runtime.webhooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
             job = runtime.submit(body_, who.owner, webhook=webhook)
             body = render_job(job)
             return 202, body, {"Location": body["status_url"]}, job["session_id"]

@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.faces",
     "tests.fixtures.service",
     "tests.fixtures.metrics",
+    "tests.fixtures.redis_server",
 ]

@@ -13,6 +13,11 @@ def create():
                       faces=FakeFaceService())
 
 
+def worker_components(settings):
+    """``python -m utils.jobs.rq_worker --components tests.fake_server_app:worker_components``: a cluster
+    GPU worker on the doubles (FAKE_STEP_SECONDS per step)."""
+    return FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))), FakeFaceService()
+
 def create_likeness():
     from tests.fakes import PhotoGenerator
     from utils.config import Settings

@@ -68,7 +68,7 @@ def test_the_request_dataclass_and_the_table_agree():
 
 def test_openapi_and_published_options_come_from_the_table():
     spec = build_spec(S)["components"]["schemas"]["GenerateRequest"]
-    from utils.api.webhooks import WEBHOOK_FIELDS
+    from utils.jobs.webhooks import WEBHOOK_FIELDS
     assert set(spec["properties"]) == {f.name for f in REQUEST_FIELDS + WEBHOOK_FIELDS} | {"session_id"}
     assert spec["required"] == ["prompt"]
     assert spec["properties"]["width"] == {

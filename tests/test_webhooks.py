@@ -12,7 +12,7 @@ import pytest
 from tests.fakes import FakeGenerator
 from tests.fixtures.service import wait_until
 from tests.test_api import assert_error, finished, upload
-from utils.api.webhooks import check_target, WebhookRefused
+from utils.jobs.webhooks import check_target, WebhookRefused
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes length!").decode()
 

@@ -120,6 +120,12 @@ class Settings:
     min_free_mb: float = _setting(64.0, "Free space the data volume must keep: an upload or job that would leave less is refused with 507 insufficient_storage (the job database needs headroom to record outcomes). 0 = only a real ENOSPC/EDQUOT stops a write.", lo=0.0)
     drain_seconds: float = _setting(25.0, "On SIGTERM: how long a running job may keep going to finish; after that it is stopped at its next step and re-queued (it runs again after the restart). gunicorn's graceful_timeout is this + 10 s.", lo=0.0, hi=3600.0)
 
+    # --- cluster mode (Redis + RQ; docs/ARCHITECTURE.md "Cluster mode") ---------------------------
+    queue_url: str = _setting("", "Cluster mode: redis://HOST:PORT/DB of the Redis shared by every API node (./start_app.sh) and GPU worker (./start_worker.sh): job queue (RQ), job records, progress, rate limits. Empty: local mode (SQLite + in-process worker threads).")
+    job_attempts: int = _setting(3, "Cluster: runs of a job whose worker died (SIGKILL, crash, lost machine) before it ends failed/worker_lost; a job that fails or is canceled is never re-run.", lo=1, hi=10)
+    retry_backoff: str = _setting("5,20", "Cluster: seconds to wait before attempt 2, 3, ... of a job whose worker died (comma-separated; the last value repeats).")
+    worker_heartbeat_seconds: float = _setting(2.0, "Cluster: how often a GPU worker renews its job's heartbeat; a job without one for 4x this is re-run elsewhere (RQ's own default is minutes).", lo=0.5, hi=60.0)
+
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~40 ms on a 2-core CPU with the dlib backend, torch descriptor).")
     # --- likeness: face restoration, best-of-N -------------------------------------------------
@@ -163,6 +169,9 @@ class Settings:
             raise ConfigError(f"TWIN_MIN_BRIGHTNESS={self.min_brightness} must be below TWIN_MAX_BRIGHTNESS={self.max_brightness}")
         if self.max_image_side % 8:
             raise ConfigError(f"TWIN_MAX_IMAGE_SIDE={self.max_image_side} must be a multiple of 8")
+        if self.queue_url and not self.queue_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"TWIN_QUEUE_URL={self.queue_url!r} is not a redis://HOST:PORT/DB URL")
+        self.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigError(f"TWIN_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
 
@@ -187,6 +196,22 @@ class Settings:
     def resolved_insightface_dir(self) -> Path:
         pack = "antelopev2" if self.ip_adapter_variant in ("instantid", "faceid-plusv2") else "buffalo_l"
         return self.insightface_model_dir or self.model_dir / "insightface" / pack
+
+    @property
+    def cluster(self) -> bool:
+        """Cluster mode: jobs on RQ in the Redis at TWIN_QUEUE_URL (else local mode)."""
+        return bool(self.queue_url)
+
+    @property
+    def retry_backoff_list(self) -> list[int]:
+        try:
+            out = [int(x) for x in self.retry_backoff.split(",") if x.strip()]
+        except ValueError:
+            out = [-1]
+        if not out or min(out) < 0:
+            raise ConfigError(f"TWIN_RETRY_BACKOFF={self.retry_backoff!r} is not a comma-separated list of "
+                              "non-negative whole seconds")
+        return out
 
     @property
     def api_key_list(self) -> list[str]:

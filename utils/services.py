@@ -126,6 +126,27 @@ def identity_inputs(report) -> dict:
     return f() if callable(f) else {}
 
 
+def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threading.Event, on_preview=None):
+    """(store, manager) of the job backend TWIN_QUEUE_URL picks: local mode's SQLite store + worker
+    threads, or cluster mode's Redis records + RQ queue (the jobs run in ./start_worker.sh processes)."""
+    if settings.cluster:
+        from utils.jobs.redis_store import RedisJobStore
+        from utils.jobs.rq_queue import RqJobManager
+        store = RedisJobStore(settings.queue_url)
+        return store, RqJobManager(store, settings)
+    store = JobStore(db_path)
+    return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
+
+
+def build_events(settings: Settings, store):
+    """The live event source: in-process for local mode, Redis streams (beside the job records) for
+    cluster mode, where the worker that runs a job and the node that streams it are different processes."""
+    if settings.cluster:
+        from utils.jobs.redis_events import RedisEventLog
+        return RedisEventLog(store.redis, prefix=store.prefix)
+    return EventLog()
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
     return FaceService(face_settings(settings))
@@ -191,20 +212,24 @@ class Runtime:
         self.storage = Storage(settings.data_dir, min_free_mb=settings.min_free_mb)
         self.clock = time.time  # tests swap in a fake clock (retention)
         self._drain_deadline: float | None = None
-        self.store = JobStore(self.storage.db_path)
-        # Live events (GET /events): the store reports each change, the log keeps them per job.
-        self.events = EventLog()
-        self.store.listeners.append(self._job_event)
-        self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
-        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
-        self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
         self.state = "starting"
         self.setup_error: str | None = None
         self.started_at = time.time()
         self.ready = threading.Event()
-        self.previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
-        self.manager = JobManager(self.store, self._run_job, workers=len(generators), ready=self.ready,
-                                  is_oom=is_oom, on_preview=self._preview)
+        self.store, self.manager = build_jobs(settings, self.storage.db_path, self._run_job, len(generators),
+                                              self.ready, on_preview=self._preview)
+        # Live events (GET /events): the store reports each change, the log keeps them per job (in this
+        # process in local mode; in Redis streams in cluster mode, so any node streams any job).
+        self.events = build_events(settings, self.store)
+        self.store.listeners.append(self._job_event)
+        self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
+        # Webhooks: another listener of the store, in whichever process changes the job (in cluster mode
+        # the worker sends running/progress/output/completed, the API node a cancel of a queued job).
+        from utils.jobs.webhooks import WebhookDispatcher
+        self.webhooks = WebhookDispatcher(settings, self.store)
+        self.store.listeners.append(self.webhooks.on_job_event)
+        self.session_deleted_hooks: list = []  # called with the session id after a session is deleted
+        self.shutdown_hooks: list = []  # called first in shutdown() (webhook delivery threads stop)
         self.restorer = None   # built once the generator says which profile it loaded
         self._setup_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
@@ -215,22 +240,21 @@ class Runtime:
     def _job_event(self, job_id: str, kind: str, data: dict) -> None:
         if kind == "deleted":
             self.events.forget(job_id)
-            self.previews.pop(job_id, None)
             return
         self.events.publish(job_id, kind, data)
         if kind == "status" and JobStatus(data["status"]).terminal:
-            self.previews.pop(job_id, None)  # the finished portraits replace the preview
+            self.events.drop_preview(job_id)  # the finished portraits replace the preview
             self.events.publish(job_id, "done", data)
 
     def _preview(self, job_id: str, step: int, jpeg: bytes) -> None:
         import base64
-        self.previews[job_id] = (step, jpeg)
+        self.events.set_preview(job_id, step, jpeg)
         self.events.publish(job_id, "preview", {
             "step": step, "image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")})
 
     def preview(self, job_id: str, owner: str | None) -> tuple[int, bytes]:
         self.owned_job(job_id, owner)
-        got = self.previews.get(job_id)
+        got = self.events.get_preview(job_id)
         if got is None:
             raise errors.NotFound(f"job {job_id!r} has no preview now (ask for preview: true; previews exist "
                                   "while the job runs)")
@@ -238,7 +262,8 @@ class Runtime:
 
     # --- lifecycle ---
     def start(self) -> None:
-        removed = self.storage.clean_partial_files()
+        # Cluster mode: TWIN_DATA_DIR is shared, and a worker elsewhere may be writing its temp files now.
+        removed = 0 if self.settings.cluster else self.storage.clean_partial_files()
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
         self.manager.start(self.settings.requeue_interrupted)
@@ -279,6 +304,7 @@ class Runtime:
     def shutdown(self) -> None:
         self._stop.set()
         self.events.wake_all()  # open event streams see the stop and end
+        self.webhooks.close()
         for hook in self.shutdown_hooks:
             hook()
         self.manager.stop()
@@ -424,7 +450,10 @@ class Runtime:
         # interval ends), then every TWIN_RETENTION_SWEEP_MINUTES.
         while True:
             try:
-                removed = self.sweep()
+                # Cluster mode: every API node and worker runs this loop; one of them sweeps per interval.
+                once = getattr(self.manager, "acquire_singleton", None)
+                interval = self.settings.retention_sweep_minutes * 60
+                removed = self.sweep() if once is None or once("retention-sweep", interval * 0.9) else []
                 if removed:
                     log.info("retention sweep", extra={"sessions_deleted": len(removed)})
             except Exception:  # noqa: BLE001
@@ -453,7 +482,7 @@ class Runtime:
 
     # --- jobs ---
     def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
-        """Queue a job. ``webhook``: the checked webhook record (utils/api/webhooks.py) or None."""
+        """Queue a job. ``webhook``: the checked webhook record (utils/jobs/webhooks.py) or None."""
         self.require_ready()
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
@@ -499,7 +528,7 @@ class Runtime:
         """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
         generator checks again: a switch in between fails the job with the same code)."""
         want = getattr(req, "model", None)
-        if want is None or not hasattr(gen, "models_catalogue"):
+        if want is None or self.settings.cluster or not hasattr(gen, "models_catalogue"):
             return
         cat = gen.models_catalogue()
         names = [m["name"] for m in cat["models"]]
@@ -757,6 +786,14 @@ class Runtime:
                     if err is not None:
                         body["error"] = getattr(err, "message", str(err))
                     break
+        if self.settings.cluster:
+            # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
+            try:
+                self.store.ping()
+                body["queue"] = {"backend": "redis", "reachable": True}
+            except errors.TwinError as e:
+                body["queue"] = {"backend": "redis", "reachable": False}
+                body["state"], body["error"] = "queue_unavailable", e.message
         if self.state == "ready":
             info = _safe_info(self.generators[0])
             body["profile"] = info.get("profile")
@@ -767,16 +804,19 @@ class Runtime:
         info = _safe_info(self.generators[0]) if self.state == "ready" else {}
         counts = self.store.counts()
         options = self._published_options(info)
+        cluster = self.manager.cluster_status() if self.settings.cluster else None
         return {
             "state": self.state,
             "version": VERSION,
+            "mode": "cluster" if cluster else "local",
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "model": {"profile": info.get("profile"), "variant": info.get("variant"),
                       "model_name": info.get("model_name"), "is_demo": info.get("is_demo"),
                       "dtype": info.get("dtype")},
             "face_backend": getattr(self.faces, "backend_name", None),
             "device": _device_info(info.get("device")),
-            "workers": len(self.generators),
+            # Local mode: generation threads here; cluster mode: live GPU workers (listed under "cluster").
+            "workers": len(cluster["workers"]) if cluster else len(self.generators),
             "queue": {"depth": counts["queued"], "max": self.settings.queue_max,
                       "running": counts["running"]},
             "jobs": counts,
@@ -786,6 +826,7 @@ class Runtime:
                        "min_side": self.settings.min_image_side, "max_side": self.settings.max_image_side,
                        "max_prompt_chars": self.settings.max_prompt_chars},
             "options": options,
+            **({"cluster": cluster} if cluster else {}),
         }
 
     def _published_options(self, info: dict) -> dict | None:
@@ -800,7 +841,12 @@ class Runtime:
     # --- base-model registry (GET /models, /loras, POST /models/load) ---------------------------------
     def models_catalogue(self) -> dict:
         self.require_ready()
-        gen = self.generators[0]
+        gen = self.generators[0] if self.generators else None
+        if self.settings.cluster or gen is None:
+            # Cluster mode (issue 17): each GPU worker would say which model it holds and jobs route to one
+            # that has it; not built yet, so say so rather than answer for one process.
+            raise errors.InvalidRequest("the base-model registry is not available in cluster mode yet",
+                                        code="not_supported", http_status=501)
         if not hasattr(gen, "models_catalogue"):
             raise errors.InvalidRequest("this generator has no model registry", code="not_supported", http_status=501)
         return gen.models_catalogue()
@@ -809,6 +855,9 @@ class Runtime:
         """Every generator loads ``name`` beside its model and switches between jobs (see
         DigitalTwinGenerator.load_model). The first failure stops: the generators not reached keep theirs."""
         self.require_ready()
+        if self.settings.cluster or not self.generators:
+            raise errors.InvalidRequest("switching the base model is not available in cluster mode yet",
+                                        code="not_supported", http_status=501)
         if not isinstance(name, str) or not name.strip():
             raise errors.InvalidRequest(f"model={name!r} must be a base model name (GET /models)")
         t0 = time.perf_counter()

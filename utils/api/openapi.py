@@ -11,7 +11,7 @@ from typing import Any
 
 from utils.api.idempotency import KEY_RE as IDEMPOTENCY_KEY_RE
 from utils.api.security import TEXT_FIELDS
-from utils.api.webhooks import WEBHOOK_FIELDS
+from utils.jobs.webhooks import WEBHOOK_FIELDS
 from utils.config import Settings
 from utils.request_fields import object_schema
 from utils.storage import ID_RE, OUTPUT_NAME_RE

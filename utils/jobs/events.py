@@ -39,6 +39,7 @@ class _JobLog:
 class EventLog:
     def __init__(self, *, max_events_per_job: int = 2000, keep_seconds: float = 600.0, clock=time.monotonic) -> None:
         self._logs: dict[str, _JobLog] = {}
+        self._previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview
         self._cond = threading.Condition()
         self.max_events_per_job = max_events_per_job
         self.keep_seconds = keep_seconds
@@ -88,7 +89,18 @@ class EventLog:
         """Drop a job's events (its session was deleted: prompts and outputs must not linger here)."""
         with self._cond:
             self._logs.pop(job_id, None)
+            self._previews.pop(job_id, None)
             self._cond.notify_all()
+
+    # --- the latest live preview of a running job (GET /preview) ---
+    def set_preview(self, job_id: str, step: int, jpeg: bytes) -> None:
+        self._previews[job_id] = (step, jpeg)
+
+    def get_preview(self, job_id: str) -> tuple[int, bytes] | None:
+        return self._previews.get(job_id)
+
+    def drop_preview(self, job_id: str) -> None:
+        self._previews.pop(job_id, None)
 
     def wake_all(self) -> None:
         with self._cond:

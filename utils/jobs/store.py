@@ -322,6 +322,15 @@ def _row_to_job(row: sqlite3.Row) -> dict:
     return job
 
 
+def failure_outcome(exc: BaseException, oom: bool) -> tuple[str, str]:
+    """(error code, message) a failed job records: the TwinError's own, OOM's, or a generic one."""
+    if isinstance(exc, errors.TwinError):
+        return exc.code, exc.message
+    if oom:
+        return "out_of_memory", "the GPU ran out of memory; try fewer images or a smaller size"
+    return "internal_error", "generation failed because of an internal error"
+
+
 def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str], str],
              status_url: str | None = None) -> dict:
     """The one JSON shape of a job, used by every endpoint that returns a job."""
@@ -338,6 +347,8 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "id": job["id"],
         "job_id": job["id"],
         "status": job["status"],
+        # Runs of this job so far (1 once it started; 2+ when a cluster worker died and it ran again).
+        "attempt": job.get("attempts", 0),
         "session_id": job["session_id"],
         "position": store.position(job),
         "progress": {"step": step, "total": total, "fraction": round(fraction, 4), "eta_seconds": eta},

@@ -105,6 +105,7 @@ class WebhookDispatcher:
         self._threads: dict[str, threading.Thread] = {}
         self._seq: dict[str, int] = collections.defaultdict(int)   # message ids stay unique per job
         self._hooks: dict[str, dict | None] = {}
+        self._attempt: dict[str, int] = {}   # message ids carry the attempt: a re-run (another worker) never reuses one
         self._stop = threading.Event()
         self._signer = None
         if settings.webhook_secret:
@@ -135,11 +136,13 @@ class WebhookDispatcher:
                 self._queues.pop(job_id, None)
                 self._hooks.pop(job_id, None)
                 self._seq.pop(job_id, None)
+                self._attempt.pop(job_id, None)
             return
         if kind == "status":
             hook = data.get("webhook")
             with self._lock:
                 self._hooks[job_id] = hook
+                self._attempt[job_id] = int(data.get("attempts") or 0)
             event = {"running": "start", "succeeded": "completed", "failed": "completed",
                      "canceled": "completed"}.get(data["status"])
         else:
@@ -157,7 +160,8 @@ class WebhookDispatcher:
                                                 "outputs": [o["filename"] for o in data["outputs"]]})}
         with self._lock:
             self._seq[job_id] += 1
-            msg = {"id": f"msg_{job_id}_{self._seq[job_id]}", "event": event, "url": hook["url"],
+            msg = {"id": f"msg_{job_id}_{self._attempt.get(job_id, 0)}_{self._seq[job_id]}", "event": event,
+                   "url": hook["url"],
                    "body": {"type": f"job.{event}", "timestamp": _now_iso(), "data": body_data}}
             self._queues.setdefault(job_id, collections.deque()).append(msg)
             t = self._threads.get(job_id)
@@ -192,6 +196,7 @@ class WebhookDispatcher:
                 if msg["event"] == "completed":  # the job's last message: nothing more will come
                     self._hooks.pop(job_id, None)
                     self._seq.pop(job_id, None)
+                    self._attempt.pop(job_id, None)
 
     def _deliver(self, job_id: str, msg: dict) -> None:
         import requests

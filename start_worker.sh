@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Cluster mode: one GPU worker (README "Scale-out"). Loads the models once, then runs jobs from the RQ
+# queue in the Redis at TWIN_QUEUE_URL (required); run one per GPU, on any number of machines that
+# mount the same TWIN_DATA_DIR. Pick the GPU with CUDA_VISIBLE_DEVICES=N (or TWIN_DEVICE=cuda:N).
+# SIGTERM: the running job finishes (or is re-queued after TWIN_DRAIN_SECONDS), then exit 0.
+#   VENV=/path/to/venv      use another virtualenv (default .venv)
+#   SKIP_VENV_SETUP=1       do not install/refresh requirements (the venv is already complete)
+#   extra arguments go to `python -m utils.jobs.rq_worker` (--name NAME, --burst)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+if [ "${SKIP_VENV_SETUP:-0}" != 1 ]; then
+  scripts/setup_venv.sh "$VENV" runtime
+fi
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
+if [ -z "${TWIN_QUEUE_URL:-}" ]; then
+  echo "[start_worker] set TWIN_QUEUE_URL=redis://HOST:PORT/DB (the Redis every API node uses)" >&2
+  exit 2
+fi
+"$VENV/bin/python" - <<'PYEOF' || exit 2
+import sys
+from utils.config import Settings
+from utils.errors import ConfigError
+try:
+    s = Settings.from_env()
+except ConfigError as e:
+    sys.exit(f"[start_worker] invalid setting: {e.message}")
+print(f"[start_worker] queue {s.queue_url.split('@')[-1]}, data in {s.data_dir.resolve()}, "
+      f"model profile {s.model_profile}, device {s.device}")
+PYEOF
+exec "$VENV/bin/python" -m utils.jobs.rq_worker "$@"

@@ -1,0 +1,509 @@
+"""Cluster mode (TWIN_QUEUE_URL) on a real redis-server: two API app instances (Flask test clients of
+two create_app() calls, as two API nodes behind a load balancer would be) and GPU workers as real
+subprocesses (``python -m utils.jobs.rq_worker`` on the generator double, FAKE_STEP_SECONDS per step).
+Each test starts its own redis-server on a free port in a temp dir (tests/fixtures/redis_server.py).
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
+from tests.fixtures.service import REPO, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+TOKEN_HEADER = "X-Client-Token"
+
+
+def cluster_settings(tmp_path: Path, redis_url: str, **kw):
+    from utils.config import Settings
+    base = dict(data_dir=tmp_path / "data", queue_url=redis_url, retention_hours=0, warmup=False,
+                rate_limit_upload="100000/minute", rate_limit_generate="100000/minute",
+                worker_heartbeat_seconds=0.5, retry_backoff="1", job_attempts=3, drain_seconds=25.0)
+    base.update(kw)
+    return Settings(**base)
+
+
+def settings_env(settings) -> dict[str, str]:
+    from utils.config import env_name
+    names = ("data_dir", "queue_url", "retention_hours", "warmup", "worker_heartbeat_seconds", "retry_backoff",
+             "job_attempts", "drain_seconds", "log_level", "webhook_secret", "webhook_allow_private",
+             "webhook_retry_base_seconds")
+    out = {}
+    for n in names:
+        v = getattr(settings, n)
+        out[env_name(n)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+    return out
+
+
+class Workers:
+    """GPU worker subprocesses on the doubles; all are killed at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, settings, *, step_seconds: float = 0.0, name: str | None = None, **env_extra) -> subprocess.Popen:
+        return self.start_env({**settings_env(settings), "FAKE_STEP_SECONDS": str(step_seconds), **env_extra}, name=name)
+
+    def start_env(self, twin_env: dict[str, str], *, name: str | None = None,
+                  components: str | None = "tests.fake_server_app:worker_components") -> subprocess.Popen:
+        """A worker with exactly these TWIN_* variables; ``components=None``: the real engines."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+        env.update(twin_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        name = name or f"w{len(self.procs)}"
+        log = open(self.tmp / f"worker-{name}.log", "wb")
+        extra = ["--components", components] if components else []
+        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", name, *extra],
+                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        p.name = name  # type: ignore[attr-defined]
+        self.procs.append(p)
+        return p
+
+    def wait_registered(self, conn, names: list[str], timeout: float = 60.0) -> None:
+        from rq import Worker
+
+        from utils.jobs.rq_queue import make_queue
+
+        def up():
+            have = {w.name for w in Worker.all(queue=make_queue(conn))}
+            for p in self.procs:
+                if p.poll() is not None and p.name in names:  # type: ignore[attr-defined]
+                    raise AssertionError(f"worker {p.name} exited {p.returncode}: {self.log(p)}")  # type: ignore[attr-defined]
+            return set(names) <= have
+        wait_until(up, timeout, 0.1)
+
+    def log(self, p) -> str:
+        return (self.tmp / f"worker-{p.name}.log").read_text(errors="replace")[-3000:]
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    w = Workers(tmp_path)
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture
+def api_nodes(tmp_path, redis_server):
+    """api_nodes(n=2, **settings) -> (settings, [test clients]): n API nodes on one Redis and data dir."""
+    from app import create_app
+    apps = []
+
+    def _make(n: int = 2, **kw):
+        settings = cluster_settings(tmp_path, redis_server.url, **kw)
+        clients = []
+        for _ in range(n):
+            a = create_app(settings, generator=FakeGenerator(), faces=FakeFaceService())
+            a.extensions["twin"].wait_ready(10)
+            apps.append(a)
+            clients.append(a.test_client())
+        return settings, clients
+
+    yield _make
+    for a in apps:
+        a.extensions["twin"].shutdown()
+
+
+def upload(client, token: str | None = None) -> tuple[str, str]:
+    headers = {TOKEN_HEADER: token} if token else {}
+    r = client.post("/upload", data={"files": [(io.BytesIO(image_bytes((10 * i, 90, 40))), f"s{i}.png")
+                                               for i in range(3)]},
+                    content_type="multipart/form-data", headers=headers)
+    assert r.status_code == 200, r.json
+    return r.json["session_id"], token or r.json["client_token"]
+
+
+def generate(client, token: str, **body) -> dict:
+    r = client.post("/generate", json={"prompt": "a portrait", **body}, headers={TOKEN_HEADER: token})
+    assert r.status_code == 202, r.json
+    return r.json
+
+
+def status(client, token: str, job_id: str) -> dict:
+    r = client.get(f"/status/{job_id}", headers={TOKEN_HEADER: token})
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def wait_status(client, token, job_id, want: set[str], timeout: float = 30.0) -> dict:
+    return wait_until(lambda: (lambda j: j if j["status"] in want else None)(status(client, token, job_id)),
+                      timeout, 0.05)
+
+
+def local_job_shape(make_app) -> dict:
+    """The job JSON of local mode, for the shape comparison."""
+    app = make_app()
+    c = app.test_client()
+    _, tok = upload(c)
+    job = generate(c, tok)
+    return wait_status(c, tok, job["id"], {"succeeded"}, 10)
+
+
+def shape(obj):
+    if isinstance(obj, dict):
+        return {k: shape(v) for k, v in obj.items() if k not in ("metadata", "request")}
+    if isinstance(obj, list):
+        return [shape(obj[0])] if obj else []
+    return type(obj).__name__ if obj is not None else None
+
+
+# --- 1. happy path over HTTP on two API nodes ------------------------------------------------------
+
+def test_happy_path_upload_on_a_generate_on_b_status_and_download_on_either(api_nodes, workers, redis_server,
+                                                                            make_app):
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    session_id, tok = upload(a)
+    job = generate(b, tok, session_id=session_id, num_images=2)
+    assert job["status"] == "queued" and job["session_id"] == session_id
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed", "canceled"})
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] == 1
+    assert done["progress"]["step"] == done["progress"]["total"] > 0
+    assert status(b, tok, job["id"]) == done
+    assert [o["filename"] for o in done["outputs"]] == ["avatar_001.png", "avatar_002.png"]
+    for node in (a, b):
+        r = node.get(done["outputs"][1]["url"], headers={TOKEN_HEADER: tok})
+        assert r.status_code == 200
+        assert Image.open(io.BytesIO(r.data)).size == (64, 64)
+    # Ownership holds across nodes: another caller sees nothing on either.
+    for node in (a, b):
+        assert node.get(f"/status/{job['id']}", headers={TOKEN_HEADER: "x" * 32}).status_code == 404
+    # Same JSON shape as local mode (values differ; keys and types do not).
+    assert shape(done) == shape(local_job_shape(make_app))
+
+
+# --- 3. cancel -----------------------------------------------------------------------------------
+
+def test_cancel_queued_job_never_starts_and_the_worker_takes_the_next(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    job = generate(a, tok)
+    r = b.post(f"/cancel/{job['id']}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 200 and r.json["status"] == "canceled"
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    nxt = generate(b, tok)
+    assert wait_status(a, tok, nxt["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    after = status(a, tok, job["id"])
+    assert after["status"] == "canceled" and after["started_at"] is None and after["attempt"] == 0
+
+
+@pytest.mark.parametrize("how", ["api", "key_only"])
+def test_cancel_running_job_stops_within_one_step_not_retried(api_nodes, workers, redis_server, how):
+    """``key_only``: the pub/sub stop command is never sent (as if the message were lost); the Redis key
+    the step callback reads still stops the job."""
+    step = 0.4
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0", step_seconds=step)
+    workers.wait_registered(redis_server.client(), ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")  # 8 steps
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
+    t0 = time.time()
+    if how == "api":
+        r = b.post(f"/cancel/{job['id']}", headers={TOKEN_HEADER: tok})
+        assert r.status_code == 200
+    else:
+        b.application.extensions["twin"].store.request_cancel(job["id"])
+    done = wait_status(a, tok, job["id"], {"canceled", "succeeded", "failed"}, 10)
+    took = time.time() - t0
+    assert done["status"] == "canceled" and done["error"]["code"] == "canceled"
+    assert took < step * 2 + 0.5, f"stopped after {took:.2f}s; one step is {step}s"
+    assert done["progress"]["step"] < 8
+    # Not retried, and the worker takes the next job.
+    nxt = generate(b, tok)
+    assert wait_status(a, tok, nxt["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert status(a, tok, job["id"])["status"] == "canceled" and status(a, tok, job["id"])["attempt"] == 1
+
+
+# --- 2. a worker killed mid-job ----------------------------------------------------------------------
+
+def _holder(conn, job_id: str, procs) -> subprocess.Popen | None:
+    from rq import Worker
+
+    from utils.jobs.rq_queue import make_queue
+    for w in Worker.all(queue=make_queue(conn)):
+        if w.get_current_job_id() == job_id:
+            return next((p for p in procs if p.name == w.name and p.poll() is None), None)
+    return None
+
+
+def test_sigkilled_worker_job_reruns_on_another_worker_with_attempt_2(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    conn = redis_server.client()
+    for n in ("w0", "w1"):
+        workers.start(settings, name=n, step_seconds=0.3)
+    workers.wait_registered(conn, ["w0", "w1"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 2, 30, 0.02)
+    victim = wait_until(lambda: _holder(conn, job["id"], workers.procs), 10, 0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    t_kill = time.time()
+    done = wait_status(b, tok, job["id"], {"succeeded", "failed", "canceled"}, 30)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] == 2
+    assert time.time() - t_kill < 30
+    assert [o["filename"] for o in done["outputs"]] == ["avatar_001.png"]
+
+
+def test_job_killed_on_every_attempt_fails_with_a_reason(api_nodes, workers, redis_server):
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")
+    for attempt in (1, 2, 3):
+        p = workers.start(settings, name=f"w{attempt}", step_seconds=0.3)
+        wait_until(lambda: (lambda j: j["status"] == "running" and j["attempt"] == attempt
+                            and j["progress"]["step"] >= 1)(status(a, tok, job["id"])), 40, 0.02)
+        p.send_signal(signal.SIGKILL)
+        p.wait(5)
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed", "canceled"}, 30)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "worker_lost" and "3 attempts" in done["error"]["message"]
+    assert done["attempt"] == 3
+
+
+# --- 6. success wins -------------------------------------------------------------------------------
+
+def test_success_wins_over_a_late_rerun_or_cleanup(api_nodes, workers, redis_server):
+    from utils.jobs import JobStatus
+    from utils.jobs.rq_queue import Maintenance, enqueue, make_queue
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    workers.start(settings, name="w0")
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok)
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+    store = a.application.extensions["twin"].store
+    # A late failure write (what a registry cleanup's verdict would become) does not take.
+    assert store.finish(job["id"], JobStatus.FAILED, code="worker_lost", message="x") is False
+    # RQ re-running the job (rq#2424: abandoned after success, then retried): the attempt does nothing.
+    enqueue(make_queue(conn), job["id"], settings)
+    wait_until(lambda: len(make_queue(conn)) == 0, 10, 0.05)
+    time.sleep(0.5)
+    Maintenance(store, settings).run_once()
+    assert status(a, tok, job["id"]) == done
+
+
+# --- 5. Redis down and back ------------------------------------------------------------------------
+
+def test_redis_down_answers_503_then_restart_keeps_queued_jobs(api_nodes, workers, redis_server):
+    """Redis stops while a worker runs one job and another waits: the API answers 503 + Retry-After and
+    /health says why; after the restart (AOF) both nodes and the same worker reconnect by themselves and
+    both jobs end succeeded (the one cut off mid-run may run again: attempt 1 or 2)."""
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0", step_seconds=0.3)
+    workers.wait_registered(redis_server.client(), ["w0"])
+    _, tok = upload(a)
+    cut = generate(a, tok, quality_mode="high_fidelity")
+    waiting = generate(a, tok)
+    wait_until(lambda: status(a, tok, cut["id"])["progress"]["step"] >= 1, 30, 0.02)
+    redis_server.stop()
+    r = a.get(f"/status/{waiting['id']}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
+    assert int(r.headers["Retry-After"]) > 0
+    r = b.post("/generate", json={"prompt": "x"}, headers={TOKEN_HEADER: tok})
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable"
+    h = a.get("/health")
+    assert h.status_code == 200 and h.json["state"] == "queue_unavailable" and "Redis" in h.json["error"]
+    time.sleep(1.0)
+    redis_server.start()
+    assert wait_until(lambda: b.get("/health").json["state"] == "ready", 15, 0.1)
+    assert status(b, tok, waiting["id"])["status"] in ("queued", "running", "succeeded")
+    for job in (waiting, cut):
+        done = wait_status(b, tok, job["id"], {"succeeded", "failed", "canceled"}, 60)
+        assert done["status"] == "succeeded", done
+        assert done["attempt"] in (1, 2)
+    assert workers.procs[0].poll() is None  # the same worker, still up
+
+
+# --- 4. SIGTERM drains a worker ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("drain_seconds,want", [(25.0, "finished"), (0.5, "requeued")])
+def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(api_nodes, workers, redis_server, drain_seconds,
+                                                                 want):
+    settings, (a,) = api_nodes(1)
+    conn = redis_server.client()
+    p = workers.start(settings.replace(drain_seconds=drain_seconds), name="w0", step_seconds=0.3)
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    job = generate(a, tok, quality_mode="high_fidelity")  # 8 x 0.3 s
+    wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0, workers.log(p)
+    after = status(a, tok, job["id"])
+    if want == "finished":
+        assert after["status"] == "succeeded" and after["attempt"] == 1
+        return
+    assert after["status"] == "queued" and after["attempt"] == 0, after
+    workers.start(settings, name="w1")
+    done = wait_status(a, tok, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["attempt"] == 1
+
+
+# --- 8. /system-status ---------------------------------------------------------------------------
+
+def test_system_status_lists_workers_and_queue_depth(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    conn = redis_server.client()
+    workers.start(settings, name="w0", step_seconds=0.3)
+    workers.wait_registered(conn, ["w0"])
+    _, tok = upload(a)
+    running = generate(a, tok, quality_mode="high_fidelity")
+    waiting = generate(a, tok)
+    wait_until(lambda: status(a, tok, running["id"])["status"] == "running", 20, 0.02)
+    body = b.get("/system-status").json
+    assert body["mode"] == "cluster" and body["workers"] == 1
+    assert body["queue"]["depth"] == 1 and body["queue"]["running"] == 1
+    (w,) = body["cluster"]["workers"]
+    assert w["name"] == "w0" and w["host"] and w["gpu_name"] == "CPU" and w["current_job"] == running["id"]
+    assert 0 <= w["heartbeat_age_s"] < 5
+    assert status(a, tok, waiting["id"])["position"] == 1
+
+
+# --- 7. rate limits, deletes and the sweep across nodes ---------------------------------------------
+
+def test_rate_limit_holds_across_api_nodes(api_nodes):
+    settings, (a, b) = api_nodes(rate_limit_generate="2/minute")
+    _, tok = upload(a)
+    codes = [node.post("/generate", json={"prompt": "x"}, headers={TOKEN_HEADER: tok}).status_code
+             for node in (a, b, a)]
+    assert codes == [202, 202, 429]
+
+
+def test_delete_session_on_b_removes_files_and_records_of_jobs_run_by_a_worker(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    session_id, tok = upload(a)
+    job = generate(a, tok)
+    assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert (settings.data_dir / session_id).is_dir()
+    r = b.delete(f"/sessions/{session_id}", headers={TOKEN_HEADER: tok})
+    assert r.status_code == 200
+    assert not (settings.data_dir / session_id).exists()
+    assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
+    assert not [k for k in redis_server.client().keys("twin:*") if job["id"].encode() in k or session_id.encode() in k]
+
+
+def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes, workers, redis_server):
+    settings, (a, b) = api_nodes(retention_hours=1.0)
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    old_session, tok = upload(a)
+    job = generate(a, tok, session_id=old_session)
+    assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    runtime_b = b.application.extensions["twin"]
+    assert runtime_b.sweep(now=time.time() + 3601) == [old_session]
+    assert not (settings.data_dir / old_session).exists()
+    assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
+    assert runtime_b.store.get_session(old_session) is None
+    # The sweep loop runs once per interval cluster-wide: the second node's turn is refused.
+    assert a.application.extensions["twin"].manager.acquire_singleton("probe", 60) is True
+    assert runtime_b.manager.acquire_singleton("probe", 60) is False
+
+
+# --- the real commands: gunicorn API node + worker process, test_api.sh against the cluster ---------
+
+@pytest.mark.slow
+def test_test_api_sh_against_a_cluster(server_kind, start_server, workers, redis_server, tmp_path):
+    """The documented API walk-through (test_api.sh) against a gunicorn API node in cluster mode with one
+    worker process: on the doubles, and on the real tiny-profile engines (the worker runs
+    DigitalTwinGenerator in-process, the API node encodes the upload's identity)."""
+    import requests
+    kind, app_spec, env = server_kind
+    env = {**env, "TWIN_QUEUE_URL": redis_server.url, "TWIN_WORKER_HEARTBEAT_SECONDS": "0.5"}
+    server = start_server(env, app_spec=app_spec)
+    worker_env = {k: v for k, v in env.items() if k.startswith("TWIN_")}
+    workers.start_env(worker_env, name="w0", components=None if kind == "real" else
+                      "tests.fake_server_app:worker_components")
+    workers.wait_registered(redis_server.client(), ["w0"], timeout=180)
+    out = tmp_path / "downloads"
+    proc = subprocess.run([str(REPO / "test_api.sh"), server.url], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT_DIR": str(out), "POLL_TIMEOUT": "300",
+                                            "PYTHON": sys.executable})
+    assert proc.returncode == 0, (f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
+                                  f"\nworker:\n{workers.log(workers.procs[0])}")
+    assert len(list(out.glob("avatar_*.png"))) == 1
+    body = requests.get(server.url + "/system-status", timeout=5).json()
+    assert body["mode"] == "cluster" and body["cluster"]["workers"][0]["name"] == "w0"
+    assert body["jobs"]["succeeded"] >= 1
+
+
+def test_sigterm_to_an_idle_worker_exits_0(api_nodes, workers, redis_server):
+    settings, _ = api_nodes(1)
+    p = workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0, workers.log(p)
+
+
+# --- live events through Redis streams (issue 13 in cluster mode) -------------------------------
+
+def test_events_of_a_job_run_by_a_worker_stream_from_any_api_node(api_nodes, workers, redis_server):
+    from tests.fakes import QUALITY_STEPS
+    from tests.test_events import parse_sse
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    _, tok = upload(a)
+    job = generate(b, tok, num_images=2, quality_mode="fast")
+    r = a.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok})  # buffered: until `done`
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = parse_sse(r.get_data(as_text=True))[0]
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["data"]["status"] for e in events if e["event"] == "status"] == ["queued", "running", "succeeded"]
+    assert [e["data"]["step"] for e in events if e["event"] == "progress"] == list(range(1, QUALITY_STEPS["fast"] + 1))
+    assert [e["data"]["filename"] for e in events if e["event"] == "output"] == ["avatar_001.png", "avatar_002.png"]
+    assert events[-1]["event"] == "done" and events[-1]["data"]["status"] == "succeeded"
+    # Resume on the other node from the middle: the rest, once each.
+    mid = events[len(events) // 2]["id"]
+    rest = parse_sse(b.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok, "Last-Event-ID": str(mid)})
+                     .get_data(as_text=True))[0]
+    assert [e["id"] for e in rest] == [e["id"] for e in events if e["id"] > mid]
+
+
+def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, workers, redis_server):
+    from tests.test_webhooks import SECRET, Receiver, readme_verify
+    rec = Receiver()
+    try:
+        settings, (a, b) = api_nodes(webhook_secret=SECRET, webhook_allow_private=True, webhook_retry_base_seconds=0.01)
+        workers.start(settings, name="w0")
+        workers.wait_registered(redis_server.client(), ["w0"])
+        _, tok = upload(a)
+        job = generate(b, tok, webhook=rec.url, webhook_events=["start", "output", "completed"])
+        wait_until(lambda: "job.completed" in rec.events(), timeout=30)
+        assert rec.events() == ["job.start", "job.output", "job.completed"]
+        verify, _ = readme_verify()
+        assert all(verify(SECRET, r["body"], r["headers"])["data"]["job_id"] == job["id"] for r in rec.received)
+        ids = [r["headers"]["webhook-id"] for r in rec.received]
+        assert len(set(ids)) == 3 and all(i.startswith(f"msg_{job['id']}_1_") for i in ids)  # attempt 1
+        done = wait_until(lambda: (lambda j: j if len(j["webhook"]["deliveries"]) == 3 else None)(
+            status(a, tok, job["id"])), timeout=10)
+        assert [d["status"] for d in done["webhook"]["deliveries"]] == [204, 204, 204]
+    finally:
+        rec.close()
