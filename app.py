@@ -19,7 +19,7 @@ from utils import errors
 from utils.api import events as api_events, idempotency, security
 from utils.api.idempotency import IdempotencyStore
 from utils.jobs.webhooks import WEBHOOK_FIELDS
-from utils.api.auth import COOKIE_NAME, resolve_caller
+from utils.api.auth import COOKIE_NAME, require_admin, resolve_caller
 from utils.config import Settings
 from utils.request_fields import published_fields
 from utils.jobs import job_json
@@ -318,6 +318,23 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     @app.get("/styles")
     def list_styles():
         return jsonify(styles)
+
+    @app.get("/models")
+    def list_models():
+        body = runtime.models_catalogue()
+        return jsonify({"active": body["active"], "models": body["models"]})
+
+    @app.get("/loras")
+    def list_loras():
+        return jsonify({"loras": runtime.models_catalogue()["loras"]})
+
+    @app.post("/models/load")
+    def load_model():
+        require_admin(request.headers, settings.api_key_list, settings.admin_key_list)
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or set(body) - {"model"} or "model" not in body:
+            raise errors.InvalidRequest('the body must be {"model": "<name from GET /models>"}')
+        return jsonify(runtime.load_model(body["model"]))
 
     @app.get("/openapi.json")
     def openapi():

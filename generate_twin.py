@@ -153,6 +153,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("pose_strength", "number", "How strongly the pose keypoints steer the image (instantid's "
           "IdentityNet ControlNet scale; 0 = no pose control).", default=default_pose_strength,
           minimum=POSE_STRENGTH_RANGE[0], maximum=POSE_STRENGTH_RANGE[1]),
+    Field("model", "string", "The base model (GET /models) this job is meant for: when another one is active "
+          "when the job runs, it fails with model_not_loaded (409) naming both. Absent: the active model.",
+          min_length=1, max_length=200, message="{name}={value!r} must be a base model name"),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -257,6 +260,7 @@ class GenerationRequest:
     restore_fidelity: float = 0.5
     pose: str = "auto"
     pose_strength: float = DEFAULT_POSE_STRENGTH
+    model: str | None = None
     identity: Any = field(default=None, compare=False, repr=False)
     init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
 
@@ -321,6 +325,10 @@ class DigitalTwinGenerator:
         self._null_identity = None
         self._compel = None                    # built on the first weighted prompt (style_strength < 1)
         self._img2img = None                   # built on the first img2img request, sharing self.models.pipe
+        # Held for a whole generate(), and by load_model() only to swap the model in: a switch happens
+        # between jobs, never inside one (the new model is loaded beside the old without it).
+        self._model_lock = threading.RLock()
+        self._load_lock = threading.Lock()      # one load_model() at a time
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -373,10 +381,79 @@ class DigitalTwinGenerator:
             out.update(profile=m.profile, is_demo=m.profile == "tiny", model_name=m.model_name, device=m.device,
                        dtype=str(m.dtype).replace("torch.", ""), native_resolution=m.native_resolution,
                        loras=sorted(m.loras), fast_mode="few-step-lora" if m.lightning_adapter else "fallback",
-                       identity_combine=self.settings.identity_combine, notes=list(m.notes))
+                       identity_combine=self.settings.identity_combine, notes=list(m.notes),
+                       active_model=m.model_name)
             if self.adapter is not None and self.adapter.variant:
                 out["variant"] = self.adapter.variant
         return out
+
+    # --- base-model registry ----------------------------------------------------------------------
+    def models_catalogue(self) -> dict[str, Any]:
+        """The base checkpoints available locally, the active one and the loaded LoRAs (GET /models, /loras)."""
+        from model_loader import list_checkpoints
+        found = list_checkpoints(self.settings)
+        active = self.models.model_name if self.models is not None else None
+        return {"active": active,
+                "models": [{"name": n, "kind": "diffusers-folder" if p is None else "single-file",
+                            "file": None if p is None else p.name, "active": n == active} for n, p in found.items()],
+                "loras": sorted(self.models.loras) if self.models is not None else []}
+
+    def load_model(self, name: str) -> dict[str, Any]:
+        """Load base model ``name`` beside the active one, switch to it between jobs, then free the old one.
+        A file that does not load raises InvalidRequest naming it; the active model keeps serving."""
+        import gc
+        from ipadapter_manager import AdapterManager
+        from model_loader import dpmpp_karras, few_step_scheduler, list_checkpoints, load_models
+        self._require_ready()
+        found = list_checkpoints(self.settings)
+        if not isinstance(name, str) or name not in found:
+            raise InvalidRequest(f"model={name!r} is not a local base model; available: {', '.join(found)}",
+                                 code="unknown_model", http_status=404)
+        with self._load_lock:
+            old_name = self.models.model_name
+            if name == old_name:
+                return {"model": name, "previous": old_name, "switched": False, "load_s": 0.0, "swap_wait_s": 0.0}
+            t0 = time.perf_counter()
+            try:
+                models = load_models(self.settings, checkpoint=found[name])
+                adapter = AdapterManager(models)
+                adapter.load(self.settings.ip_adapter_variant)
+            except TwinError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of a file is a failed load, not a dead service
+                where = found[name] if found[name] is not None else "the diffusers base folder"
+                raise InvalidRequest(f"model={name!r} failed to load from {where}: {type(e).__name__}: {e}; "
+                                     f"{old_name!r} stays active", code="model_load_failed", http_status=422) from None
+            cfg = models.base_scheduler_config
+            schedulers = {"dpmpp_2m_karras": dpmpp_karras(cfg), "euler_trailing": few_step_scheduler(cfg)}
+            if self.settings.vae_tiling:
+                models.pipe.vae.enable_tiling()
+            null_identity = adapter.null_identity()
+            t1 = time.perf_counter()
+            with self._model_lock:       # waits for a running job to finish
+                t2 = time.perf_counter()
+                old = self.models
+                self.models, self.adapter, self._schedulers = models, adapter, schedulers
+                self._null_identity, self._compel, self._img2img = null_identity, None, None
+            del old, models, adapter
+            gc.collect()
+            try:
+                import torch
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+            log.info("base model switched: %s -> %s (load %.2f s, waited %.2f s for the running job)",
+                     old_name, name, t1 - t0, t2 - t1)
+            return {"model": name, "previous": old_name, "switched": True, "load_s": round(t1 - t0, 3),
+                    "swap_wait_s": round(t2 - t1, 3)}
+
+    def _check_model(self, req: GenerationRequest) -> None:
+        want = getattr(req, "model", None)
+        if want is not None and self.models is not None and want != self.models.model_name:
+            raise InvalidRequest(f"model={want!r} was requested but the active base model is "
+                                 f"{self.models.model_name!r}; resubmit without model or load {want!r} first",
+                                 code="model_not_loaded", http_status=409)
 
     def _require_ready(self) -> None:
         if self.state != "ready":
@@ -408,6 +485,7 @@ class DigitalTwinGenerator:
         if req.identity is not None:
             self.adapter.check_identity(req.identity)
         plan = self.plan(req)
+        self._check_model(req)
         if self.adapter.variant == "instantid":
             self._pose_image(req, plan)   # selfie:N must name an accepted selfie of this session: 400 now
         return {k: v for k, v in plan.items() if k != "adapters"}
@@ -523,7 +601,9 @@ class DigitalTwinGenerator:
     def generate(self, req: GenerationRequest, on_progress: Callable[[int, int], Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
         self._require_ready()
-        return self._generate(req, on_progress, should_cancel)
+        with self._model_lock:   # the model in use cannot be switched under a running job
+            self._check_model(req)
+            return self._generate(req, on_progress, should_cancel)
 
     def _generate(self, req, on_progress, should_cancel, warmup: bool = False) -> GenerationResult:
         import torch
@@ -601,7 +681,7 @@ class DigitalTwinGenerator:
         first, last = marks.get("first_step", t0), marks.get("last_step", t1)
         steps_per_s = (total - 1) / (last - first) if total > 1 and last > first else None
         meta = {
-            "profile": m.profile, "is_demo": m.profile == "tiny", "model_name": m.model_name,
+            "profile": m.profile, "is_demo": m.profile == "tiny", "model_name": m.model_name, "model": m.model_name,
             "variant": self.adapter.variant, "device": m.device, "dtype": str(m.dtype).replace("torch.", ""),
             "steps": total, "guidance_scale": plan["guidance_scale"], "scheduler": plan["scheduler"],
             "quality_mode": req.quality_mode, "fast_mode_fallback": plan["fast_mode_fallback"],

@@ -229,16 +229,18 @@ class AdapterManager:
                                                    dtype=torch.float32)
                 extras["keypoint_index"] = torch.tensor([int(i) for i, _ in kept], dtype=torch.int64)
         return SessionIdentity(embeds=combine_embeds(per_image, combine).contiguous(), variant=self.variant or "",
-                               model_name=self.models.model_name, combine=combine, num_selfies=int(n),
+                               model_name=self.models.identity_model or self.models.model_name,
+                               combine=combine, num_selfies=int(n),
                                face_model=face_model, extras=extras)
 
     def check_identity(self, identity: SessionIdentity) -> None:
         if identity.variant != self.variant:
             raise Conflict(f"this session's identity was built for adapter variant {identity.variant!r}, but the "
                            f"loaded adapter is {self.variant!r}; upload the selfies again", code="identity_mismatch")
-        if identity.model_name != self.models.model_name:
+        family = self.models.identity_model or self.models.model_name
+        if identity.model_name != family:
             raise Conflict(f"this session's identity was built for model {identity.model_name!r}, but the loaded "
-                           f"model is {self.models.model_name!r}; upload the selfies again", code="identity_mismatch")
+                           f"model is {family!r}; upload the selfies again", code="identity_mismatch")
         if identity.embeds.ndim not in (3, 4) or identity.embeds.shape[0] != 2:
             raise Conflict(f"identity tensor has shape {list(identity.embeds.shape)}; expected [2, K, ...]",
                            code="identity_mismatch")
@@ -258,7 +260,8 @@ class AdapterManager:
         if self.variant == "faceid-plusv2":
             from PIL import Image
             extras["clip_embeds"] = torch.zeros_like(self.clip_embeds([Image.new("RGB", (8, 8))]))
-        return SessionIdentity(embeds=torch.zeros(shape), variant=self.variant or "", model_name=self.models.model_name,
+        return SessionIdentity(embeds=torch.zeros(shape), variant=self.variant or "",
+                               model_name=self.models.identity_model or self.models.model_name,
                                combine="average", num_selfies=0, extras=extras)
 
     def prepare_call(self, identity: SessionIdentity, num_images: int, do_cfg: bool) -> None:

@@ -298,6 +298,10 @@ class LoadedModels:
     base_scheduler_config: dict
     notes: list[str] = field(default_factory=list)
     encoder_repo: Path | None = None     # IPA_DIR, for the ViT-H encoder of faceid-plusv2
+    # What a session identity is bound to: the base model family. A single-file fine-tune of the same base
+    # (same shapes, same image encoder and adapter files) takes the same identities, so a base-model switch
+    # does not invalidate every uploaded session.
+    identity_model: str = ""
 
 
 def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
@@ -334,13 +338,36 @@ def quiet_libraries():
         tlog.enable_progress_bar()
 
 
-def load_models(settings: Settings) -> LoadedModels:
-    """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler."""
+def load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedModels:
+    """Load the pipeline for the chosen profile, with its IP-Adapter variant, LoRAs and scheduler.
+    ``checkpoint``: a single-file SDXL ``.safetensors`` (see ``list_checkpoints``) in place of the diffusers
+    base folder's weights; the folder still gives the configs and tokenizers (offline, no hub)."""
     with quiet_libraries():
-        return _load_models(settings)
+        return _load_models(settings, checkpoint)
 
 
-def _load_models(settings: Settings) -> LoadedModels:
+def checkpoint_dir(settings: Settings) -> Path:
+    """Where single-file base checkpoints live: <tiny>/checkpoints on the tiny profile, else <model_dir>/checkpoints."""
+    if choose_profile(settings) == "tiny":
+        return settings.resolved_tiny_model_dir / CHECKPOINT_DIR
+    return settings.model_dir / CHECKPOINT_DIR
+
+
+def base_model_name(settings: Settings) -> str:
+    return "tiny-sdxl" if choose_profile(settings) == "tiny" else settings.sdxl_model_id
+
+
+def list_checkpoints(settings: Settings) -> dict[str, Path | None]:
+    """Base models available locally: name -> single-file path (None: the diffusers base folder itself)."""
+    out: dict[str, Path | None] = {base_model_name(settings): None}
+    folder = checkpoint_dir(settings)
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            out.setdefault(f.stem, f)
+    return out
+
+
+def _load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedModels:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -388,12 +415,24 @@ def _load_models(settings: Settings) -> LoadedModels:
                                       f"download --instantid --dir {settings.model_dir}")
         controlnet = IdentityNet.from_pretrained(str(net_dir), dtype=dtype, local_files_only=True,
                                                  use_safetensors=True)
-        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-            str(base), controlnet=controlnet, dtype=dtype, variant=variant, local_files_only=True,
-            use_safetensors=True)
+        if checkpoint is not None:
+            pipe = StableDiffusionXLControlNetPipeline.from_single_file(
+                str(checkpoint), config=str(base), controlnet=controlnet, torch_dtype=dtype, local_files_only=True)
+        else:
+            pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+                str(base), controlnet=controlnet, dtype=dtype, variant=variant, local_files_only=True,
+                use_safetensors=True)
+    elif checkpoint is not None:
+        # A fine-tune shipped as one file (RealVisXL, Juggernaut XL): the local base folder is the config,
+        # so nothing is fetched from the hub.
+        pipe = StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(base), torch_dtype=dtype,
+                                                          local_files_only=True)
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(base), dtype=dtype, variant=variant,
                                                          local_files_only=True, use_safetensors=True)
+    identity_model = model_name
+    if checkpoint is not None:
+        model_name = Path(checkpoint).stem
     base_config = dict(pipe.scheduler.config)
     pipe.scheduler = dpmpp_karras(base_config)
     pipe.to(device)
@@ -409,7 +448,7 @@ def _load_models(settings: Settings) -> LoadedModels:
                           device=device, dtype=dtype, adapter_repo=adapter_repo,
                           adapter_variant=settings.ip_adapter_variant, lightning_adapter=lightning_adapter,
                           loras=loras, base_scheduler_config=base_config, notes=notes,
-                          encoder_repo=encoder_repo)
+                          encoder_repo=encoder_repo, identity_model=identity_model)
     if device.startswith("cuda"):
         # Must run before the IP-Adapter is loaded (see fuse_qkv below).
         notes += apply_cuda_optimisations(pipe, settings, has_lora=bool(loras or lightning_adapter))
@@ -442,7 +481,7 @@ def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False
 # Tiny profile
 # ---------------------------------------------------------------------------------------------------
 TINY_RESOLUTION = 128      # native side in pixels; latents are 16x16
-TINY_VERSION = 2           # bump when make_tiny writes new files: an older folder is rebuilt on start
+TINY_VERSION = 3           # bump when make_tiny writes new files: an older folder is rebuilt on start
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -754,12 +793,172 @@ def _write_tiny(root: Path) -> None:
     build_antelopev2_pack(root / ANTELOPE_DIR)
 
     _tiny_lora_file(root / LORA_DIR / "tiny_style.safetensors", TINY_SEED + 2, 0.5)
+    _write_tiny_checkpoint(root, TINY_SEED + 4)
     _tiny_lora_file(root / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY, TINY_SEED + 3, 0.3)
     from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
     write_standins(root / RESTORE_DIR)
     (root / "tiny_model.json").write_text(json.dumps({
         "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-file checkpoints (the layout of RealVisXL / Juggernaut XL `.safetensors` files)
+# ---------------------------------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoints"
+TINY_ALT_CHECKPOINT = "tiny-alt.safetensors"
+
+
+def _ldm_unet_names(unet) -> dict[str, str]:
+    """diffusers UNet key -> original (LDM) key, from the UNet's own geometry.
+
+    The inverse of diffusers' ``convert_ldm_unet_checkpoint`` for any block layout (the tiny UNet has two
+    levels, SDXL three), so the tiny checkpoint has the real key layout and ``from_single_file`` converts it
+    with the same code path as a downloaded fine-tune."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    cfg = unet.config
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+              ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    prefixes: list[tuple[str, str, bool]] = []     # (diffusers prefix, ldm prefix, is a resnet)
+    lpb = cfg.layers_per_block
+    k = 1
+    for i, kind in enumerate(cfg.down_block_types):
+        for j in range(lpb):
+            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.", True))
+            if "CrossAttn" in kind:
+                prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1.", False))
+            k += 1
+        if i < len(cfg.down_block_types) - 1:
+            prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.0.op.", False))
+            k += 1
+    prefixes += [("mid_block.resnets.0.", "middle_block.0.", True), ("mid_block.attentions.0.", "middle_block.1.", False),
+                 ("mid_block.resnets.1.", "middle_block.2.", True)]
+    k = 0
+    for i, kind in enumerate(cfg.up_block_types):
+        attn = "CrossAttn" in kind
+        for j in range(lpb + 1):
+            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0.", True))
+            if attn:
+                prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1.", False))
+            if j == lpb and i < len(cfg.up_block_types) - 1:
+                prefixes.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{k}.{2 if attn else 1}.", False))
+            k += 1
+    names = {}
+    for key in unet.state_dict():
+        if key in fixed:
+            names[key] = fixed[key]
+            continue
+        for hf, ldm, is_res in prefixes:
+            if key.startswith(hf):
+                rest = key[len(hf):]
+                if is_res:
+                    for a, b in resnet:
+                        if rest.startswith(a + "."):
+                            rest = b + rest[len(a):]
+                            break
+                names[key] = ldm + rest
+                break
+        else:
+            raise ValueError(f"no original-layout name for UNet key {key}")
+    return names
+
+
+def _ldm_vae_names(vae) -> dict[str, str]:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    n_up = len(vae.config.up_block_types)
+    attn = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+    names = {}
+    for key in vae.state_dict():
+        if key in fixed:
+            names[key] = fixed[key]
+            continue
+        side, rest = key.split(".", 1)
+        parts = rest.split(".")
+        if parts[0] == "down_blocks":
+            i, sub = parts[1], parts[2]
+            tail = ".".join(parts[4:]) if sub == "resnets" else ".".join(parts[4:])
+            new = f"down.{i}.block.{parts[3]}.{tail}" if sub == "resnets" else f"down.{i}.downsample.{tail}"
+        elif parts[0] == "up_blocks":
+            i, sub = 3 if False else n_up - 1 - int(parts[1]), parts[2]
+            tail = ".".join(parts[4:])
+            new = f"up.{i}.block.{parts[3]}.{tail}" if sub == "resnets" else f"up.{i}.upsample.{tail}"
+        elif parts[0] == "mid_block" and parts[1] == "resnets":
+            new = f"mid.block_{int(parts[2]) + 1}." + ".".join(parts[3:])
+        elif parts[0] == "mid_block" and parts[1] == "attentions":
+            tail = ".".join(parts[3:]) + ""
+            for a, b in attn.items():
+                if tail.startswith(a):
+                    tail = b + tail[len(a):]
+                    break
+            new = "mid.attn_1." + tail
+        else:
+            raise ValueError(f"no original-layout name for VAE key {key}")
+        names[key] = f"{side}." + new.replace("conv_shortcut", "nin_shortcut")
+    return names
+
+
+def to_single_file(pipe) -> dict[str, Any]:
+    """An SDXL pipeline's weights as one state dict in the original (LDM / SGM) single-file layout."""
+    import torch
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    out: dict[str, Any] = {}
+    sd = pipe.unet.state_dict()
+    for k, v in _ldm_unet_names(pipe.unet).items():
+        out["model.diffusion_model." + v] = sd[k]
+    sd = pipe.vae.state_dict()
+    for k, v in _ldm_vae_names(pipe.vae).items():
+        # The original VAE attention projections are 1x1 convolutions.
+        out["first_stage_model." + v] = sd[k][..., None, None] if ".attn_1." in v and sd[k].ndim == 2 else sd[k]
+    for k, v in pipe.text_encoder.state_dict().items():
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the original files keep the prefix.
+        out["conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    # The second encoder is OpenCLIP's layout: fused q/k/v in_proj, transposed text projection.
+    oc = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    pre = "conditioner.embedders.1.model."
+    sd = pipe.text_encoder_2.state_dict()
+    qkv: dict[str, dict[str, Any]] = {}
+    for k, v in sd.items():
+        if k in oc["layers"]:
+            out[pre + oc["layers"][k]] = v.T.contiguous() if k == "text_projection.weight" else v
+            continue
+        if k.endswith("position_ids"):
+            continue
+        if not k.startswith("text_model.encoder.layers."):
+            raise ValueError(f"no original-layout name for text encoder 2 key {k}")
+        name = k
+        for new, old in oc["transformer"].items():
+            name = name.replace(new, old)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            if f".{proj}." in name:
+                base, kind = name.split(f".{proj}.")
+                qkv.setdefault(f"{base}.in_proj_{kind}", {})[proj] = v
+                break
+        else:
+            out[pre + "transformer." + name] = v
+    for name, parts in qkv.items():
+        out[pre + "transformer." + name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _write_tiny_checkpoint(root: Path, seed: int) -> None:
+    """A second tiny SDXL as ONE single-file checkpoint: the tiny base's shapes, different random weights."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(root / BASE_DIR), local_files_only=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            for _, p in module.named_parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (p.std() if p.numel() > 1 else 1.0))
+    out = root / CHECKPOINT_DIR / TINY_ALT_CHECKPOINT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # fp16, as the fine-tunes are published (and half the size: the tiny folder stays small); from_single_file
+    # casts it to the pipeline's dtype.
+    save_file({k: v.half() for k, v in to_single_file(pipe).items()}, str(out))
 
 
 def tiny_adapter_weight(variant: str) -> str:

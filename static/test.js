@@ -241,6 +241,7 @@
       fillSelect(sel, ["", ...values], (v) => v === "" ? "Any" : v.replace(/_/g, " "), "");
     }
     loadStyleDescriptions();
+    loadModels();
     $("limit-selfies").textContent = `1–${state.limits.max_selfies}`;
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);
@@ -280,6 +281,33 @@
     const selfies = (state.acceptedIndices || []).map((i) => `selfie:${i}`);
     fillSelect($("pose"), [...state.poses, ...selfies], (p) => POSE_LABELS[p]
       || (p.startsWith("selfie:") ? `Like selfie ${Number(p.slice(7)) + 1}` : p), "auto");
+  }
+
+  // GET /models: the base models; POST /models/load switches (admin key only: the server says 401 / 403).
+  async function loadModels() {
+    try {
+      const body = await api("/models");
+      const names = (body.models || []).map((m) => m.name);
+      fillSelect($("base_model"), names, (n) => n, body.active);   // keeps a choice being made
+      $("models-panel").hidden = false;
+      if (!$("model-state").textContent) say($("model-state"), `Active: ${body.active}`);
+    } catch (e) { $("models-panel").hidden = true; }
+  }
+
+  async function switchModel() {
+    const name = $("base_model").value;
+    $("model-load-btn").disabled = true;
+    say($("model-state"), `Loading ${name}…`);
+    try {
+      const out = await api("/models/load", { method: "POST", headers: { "Content-Type": "application/json" },
+                                              body: JSON.stringify({ model: name }) });
+      say($("model-state"), `Active: ${out.model}` + (out.switched ? ` (switched from ${out.previous} in ${out.swap_s} s)` : ""));
+    } catch (e) {
+      say($("model-state"), `Not switched: ${e.message}`);
+      await loadModels();
+    } finally {
+      $("model-load-btn").disabled = false;
+    }
   }
 
   // GET /styles: each preset's description, shown under the style strength slider.
@@ -429,6 +457,7 @@
     updateButtons();
   }
   $("clear-btn").addEventListener("click", () => { resetSelection(); $("files").focus(); });
+  $("model-load-btn").addEventListener("click", switchModel);
 
   function renderSummary(skipped) {
     const n = state.selection.length;

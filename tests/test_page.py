@@ -637,3 +637,36 @@ def test_page_creative_controls_send_style_persona_and_img2img(browser, start_se
         shot(page, "creative-controls", "fake")
     finally:
         context.close()
+
+
+def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny_models):
+    """The base-model panel (tiny profile, real server): lists GET /models, a non-admin key is refused
+    with the server's 403 text, the admin key switches and the panel says so."""
+    from tests.fixtures.service import server_env
+    env = server_env(tmp_path / "data", tiny_models, TWIN_MODEL_DIR=str(tmp_path / "no-models"), TWIN_DEVICE="cpu",
+                     TWIN_MAX_STEPS="2", TWIN_WARMUP="0", TWIN_API_KEYS="user-key,admin-key", TWIN_ADMIN_KEYS="admin-key")
+    server = start_server(env)
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+
+    def state_has(text: str) -> None:
+        try:
+            page.wait_for_function("n => document.querySelector('#model-state').textContent.includes(n)",
+                                   arg=text, timeout=60_000)
+        except Exception:
+            raise AssertionError(f"{text!r} not in {page.locator('#model-state').text_content()!r}") from None
+
+    try:
+        page.goto(server.url + "/test")
+        page.locator("#auth-panel").wait_for(state="visible")
+        for key, needle in [("user-key", "admin key"), ("admin-key", "Active: tiny-alt (switched from tiny-sdxl")]:
+            page.fill("#api_key", key)
+            page.click("#api-key-save")
+            page.wait_for_selector("#models-panel:not([hidden])", timeout=60_000)
+            page.wait_for_load_state("networkidle")   # the key's reload of the options has landed
+            assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["tiny-sdxl", "tiny-alt"]
+            page.select_option("#base_model", "tiny-alt")
+            page.click("#model-load-btn")
+            state_has(needle)
+    finally:
+        context.close()

@@ -41,6 +41,7 @@ class Settings:
     cors_origins: str = _setting("", "Comma-separated origins allowed by CORS; empty disables CORS.")
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     api_keys: str = _setting("", "Comma-separated API keys for `Authorization: Bearer`. Required unless bound to loopback.")
+    admin_keys: str = _setting("", "Comma-separated admin keys (`Authorization: Bearer`) allowed to switch the base model (POST /models/load); empty: switching is off (403).")
     allow_anonymous: bool = _setting(False, "Serve without API keys on a non-loopback bind (per-client tokens only). Off: refuse to start.")
     rate_limit_upload: str = _setting("30/minute", "Upload rate limit per API key, or per client address without keys (flask-limiter syntax, e.g. '30/minute;300/hour'); over it: 429 with Retry-After.")
     rate_limit_generate: str = _setting("60/minute", "Generate rate limit per API key, or per client address without keys (flask-limiter syntax); over it: 429 with Retry-After.")
@@ -215,6 +216,10 @@ class Settings:
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -44,6 +44,11 @@ class InvalidRequest(TwinError):
     http_status = 400
 
 
+class Forbidden(TwinError):
+    code = "forbidden"
+    http_status = 403
+
+
 class Unauthorized(TwinError):
     code = "unauthorized"
     http_status = 401

@@ -500,6 +500,7 @@ class Runtime:
         gen = self.generators[0]
         req = request_type(gen).from_dict(payload, self.settings)
         self._check_likeness(req)
+        self._check_model(gen, req)
         self.storage.require_space(_output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
         # Parse the identity now, so a broken session fails the request rather than the job.
         identity = identity_type(gen).load(self.storage.identity_path(session["id"]))
@@ -522,6 +523,21 @@ class Runtime:
         self.manager.submit(job_id)
         log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
         return job
+
+    def _check_model(self, gen, req) -> None:
+        """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
+        generator checks again: a switch in between fails the job with the same code)."""
+        want = getattr(req, "model", None)
+        if want is None or self.settings.cluster or not hasattr(gen, "models_catalogue"):
+            return
+        cat = gen.models_catalogue()
+        names = [m["name"] for m in cat["models"]]
+        if want not in names:
+            raise errors.InvalidRequest(f"model={want!r} is not a local base model; available: {', '.join(names)}",
+                                        code="unknown_model")
+        if want != cat["active"]:
+            raise errors.InvalidRequest(f"model={want!r} is not loaded; the active base model is {cat['active']!r}",
+                                        code="model_not_loaded", http_status=409)
 
     def _check_likeness(self, req) -> None:
         """Restoration and best-of-N need the face service (and restoration its model file): refuse the
@@ -820,6 +836,36 @@ class Runtime:
             return None
         from generate_twin import published_options
         return published_options(int(native), self.settings)
+
+
+    # --- base-model registry (GET /models, /loras, POST /models/load) ---------------------------------
+    def models_catalogue(self) -> dict:
+        self.require_ready()
+        gen = self.generators[0] if self.generators else None
+        if self.settings.cluster or gen is None:
+            # Cluster mode (issue 17): each GPU worker would say which model it holds and jobs route to one
+            # that has it; not built yet, so say so rather than answer for one process.
+            raise errors.InvalidRequest("the base-model registry is not available in cluster mode yet",
+                                        code="not_supported", http_status=501)
+        if not hasattr(gen, "models_catalogue"):
+            raise errors.InvalidRequest("this generator has no model registry", code="not_supported", http_status=501)
+        return gen.models_catalogue()
+
+    def load_model(self, name: Any) -> dict:
+        """Every generator loads ``name`` beside its model and switches between jobs (see
+        DigitalTwinGenerator.load_model). The first failure stops: the generators not reached keep theirs."""
+        self.require_ready()
+        if self.settings.cluster or not self.generators:
+            raise errors.InvalidRequest("switching the base model is not available in cluster mode yet",
+                                        code="not_supported", http_status=501)
+        if not isinstance(name, str) or not name.strip():
+            raise errors.InvalidRequest(f"model={name!r} must be a base model name (GET /models)")
+        t0 = time.perf_counter()
+        results = [g.load_model(name) for g in self.generators]
+        out = dict(results[0])
+        out["swap_s"] = round(time.perf_counter() - t0, 3)
+        out["workers"] = len(results)
+        return out
 
 
 def _output_bytes(req) -> int:

@@ -41,3 +41,24 @@ def resolve_caller(headers, cookies, api_keys: list[str], *, issue: bool = False
         token = new_id()
         return Caller(owner="tok:" + hash_secret(token), new_token=token)
     return Caller(owner=None)
+
+
+def require_admin(headers, api_keys: list[str], admin_keys: list[str]) -> None:
+    """Admin-only endpoints (the base-model switch): the Bearer key must be one of ``TWIN_ADMIN_KEYS``.
+
+    No admin keys configured: 403 saying how to turn it on. API keys on and no / an unknown key: 401, as
+    everywhere. A valid API key that is not an admin key (or, without API keys, no admin key): 403."""
+    if not admin_keys:
+        raise errors.Forbidden("admin endpoints are off: set TWIN_ADMIN_KEYS (comma-separated keys) and send "
+                               "'Authorization: Bearer <admin key>'")
+    scheme, _, key = headers.get("Authorization", "").partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    if key and any(hmac.compare_digest(key.encode(), k.encode()) for k in admin_keys):
+        return
+    if api_keys:
+        if not key:
+            raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in api_keys):
+            raise errors.Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    raise errors.Forbidden("this endpoint needs an admin key (TWIN_ADMIN_KEYS)")

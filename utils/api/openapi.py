@@ -248,6 +248,45 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                 "properties": {"name": {"type": "string"}, "description": {"type": "string"},
                                                "positive": {"type": "string"}, "negative": {"type": "string"},
                                                "defaults": {"type": "object"}}}}}}}}}}}},
+        "/models": {"get": {"operationId": "models", "responses": {
+            "200": {"description": "Base models available locally (the diffusers folder and every single-file "
+                                   "checkpoint under TWIN_MODEL_DIR/checkpoints/) and the active one.",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["active", "models"], "properties": {
+                            "active": {"type": "string"},
+                            "models": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "kind", "active"],
+                                "properties": {"name": {"type": "string"},
+                                               "kind": {"type": "string", "enum": ["diffusers-folder", "single-file"]},
+                                               "file": _nullable({"type": "string"}),
+                                               "active": {"type": "boolean"}}}}}}}}},
+            "503": _error("The model is still loading.", retry_after=True)}}},
+        "/loras": {"get": {"operationId": "loras", "responses": {
+            "200": {"description": "Style LoRAs the loader knows (the `lora` request field's values).",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["loras"],
+                        "properties": {"loras": {"type": "array", "items": {"type": "string"}}}}}}},
+            "503": _error("The model is still loading.", retry_after=True)}}},
+        "/models/load": {"post": {
+            "operationId": "loadModel",
+            "description": "Admin only (TWIN_ADMIN_KEYS): load a base model beside the active one and switch to "
+                           "it between jobs, then free the old one. Jobs that name another `model` fail with "
+                           "model_not_loaded; jobs without `model` run on the active one and report it.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["model"], "additionalProperties": False,
+                "properties": {"model": {"type": "string", "minLength": 1}}}}}},
+            "responses": {
+                "200": {"description": "Switched (or already active).", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["model", "previous", "switched"], "properties": {
+                        "model": {"type": "string"}, "previous": {"type": "string"}, "switched": {"type": "boolean"},
+                        "load_s": {"type": "number"}, "swap_wait_s": {"type": "number"}, "swap_s": {"type": "number"},
+                        "workers": {"type": "integer"}}}}}},
+                "400": _error("The body is not {\"model\": name}."),
+                "401": _error("API keys are on and the key is missing or unknown."),
+                "403": _error("Not an admin key, or TWIN_ADMIN_KEYS is not set."),
+                "404": _error("No local base model of that name (unknown_model)."),
+                "422": _error("The checkpoint failed to load (model_load_failed, the file named); the old model keeps serving."),
+                "503": _error("The model is still loading.", retry_after=True)}}},
         "/openapi.json": {"get": {"operationId": "openapi", "responses": {
             "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }

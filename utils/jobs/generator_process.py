@@ -8,6 +8,7 @@ measured) and is itself slowed by them. A child process has its own GIL (like co
     gen.state / gen.error / gen.info()                # as the in-process generator ("restarting" after a crash)
     gen.build_identity(crops, embeddings, face_model=..., combine=...)
     gen.validate(req); gen.generate(req, on_progress=..., should_cancel=...)
+    gen.models_catalogue(); gen.load_model(name)       # base-model registry / hot swap (served like validate)
     gen.close()                                       # also at interpreter exit
 
 Protocol: one duplex Pipe, messages pickled with plain ``pickle`` (not multiprocessing's ForkingPickler,
@@ -156,12 +157,24 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
             finally:
                 cancels.pop(rid, None)
 
+    def run_call(rid, method, args, kwargs) -> None:
+        try:
+            send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001
+            send(("err", rid, _error_payload(e)))
+
     def call_loop() -> None:
         while True:
             _, rid, method, args, kwargs = call_q.get()
             try:
-                if method not in ("build_identity", "validate", "info"):
+                if method not in ("build_identity", "validate", "info", "models_catalogue", "load_model"):
                     raise errors.InvalidRequest(f"method={method!r} is not served by the generation process")
+                if method == "load_model":
+                    # A real SDXL load takes a minute: in its own thread, so uploads (build_identity) and
+                    # validate calls are not queued behind it.
+                    threading.Thread(target=run_call, args=(rid, method, args, kwargs), name="twin-child-load",
+                                     daemon=True).start()
+                    continue
                 send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
             except BaseException as e:  # noqa: BLE001
                 send(("err", rid, _error_payload(e)))
@@ -462,6 +475,16 @@ class GeneratorProcess:
 
     def validate(self, req) -> dict[str, Any]:
         return self._call("validate", req)
+
+    def models_catalogue(self) -> dict[str, Any]:
+        return self._call("models_catalogue")
+
+    def load_model(self, name: str) -> dict[str, Any]:
+        """Served by the child's call thread: the new model loads while a job generates; the child's
+        generator switches between jobs. A restarted child starts on the default base model again."""
+        out = self._call("load_model", name)
+        self._info["model_name"] = self._info["active_model"] = out["model"]
+        return out
 
     def generate(self, req, on_progress: Callable[[int, int], Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None):
