@@ -241,7 +241,7 @@
       fillSelect(sel, ["", ...values], (v) => v === "" ? "Any" : v.replace(/_/g, " "), "");
     }
     loadStyleDescriptions();
-    loadModels();
+    if (sys.model_registry) loadModels(); else $("models-panel").hidden = true;
     $("limit-selfies").textContent = `1–${state.limits.max_selfies}`;
     $("limit-file-mb").textContent = String(state.limits.max_file_mb);
     $("num_images").max = String(state.limits.max_images);

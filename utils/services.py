@@ -809,6 +809,10 @@ class Runtime:
             "state": self.state,
             "version": VERSION,
             "mode": "cluster" if cluster else "local",
+            # GET /models and POST /models/load work (local mode, a generator with a registry): clients
+            # such as the /test page ask for the catalogue only then, instead of meeting a 501.
+            "model_registry": bool(not self.settings.cluster and self.generators
+                                   and hasattr(self.generators[0], "models_catalogue")),
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "model": {"profile": info.get("profile"), "variant": info.get("variant"),
                       "model_name": info.get("model_name"), "is_demo": info.get("is_demo"),
