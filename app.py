@@ -12,7 +12,7 @@ import time
 import traceback
 import uuid
 
-from flask import Flask, Response, g, jsonify, render_template, request, send_file, url_for
+from flask import Flask, Response, g, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from utils import errors
@@ -114,12 +114,15 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     def caller(issue: bool = False):
         return resolve_caller(request.headers, request.cookies, settings.api_key_list, issue=issue)
 
-    def output_url(job_id: str, filename: str) -> str:
-        return url_for("download", job_id=job_id, filename=filename)
+    # Job URLs are built from the script root, not url_for: the event stream renders jobs after its
+    # request context is gone, and every other handler renders them the same way.
+    def output_url(job_id: str, filename: str, root: str | None = None) -> str:
+        return f"{request.script_root if root is None else root}/download/{job_id}/{filename}"
 
-    def render_job(job: dict) -> dict:
-        return job_json(job, runtime.store, url_for_output=output_url,
-                        status_url=url_for("status", job_id=job["id"]))
+    def render_job(job: dict, root: str | None = None) -> dict:
+        root = request.script_root if root is None else root
+        return job_json(job, runtime.store, url_for_output=lambda j, f: output_url(j, f, root),
+                        status_url=f"{root}/status/{job['id']}")
 
     # --- request context and logging ---
     @app.before_request
@@ -177,11 +180,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             log.error("unhandled error", extra={"traceback": traceback.format_exc()})
         if len(body.get("message") or "") > MAX_MESSAGE_CHARS:  # e.g. a 100 kB unknown field name, echoed
             body["message"] = body["message"][:MAX_MESSAGE_CHARS] + "… (truncated)"
-        resp = jsonify({"error": body})
-        resp.status_code = status
-        for k, v in headers.items():
-            resp.headers[k] = v
-        return resp
+        return json_response(status, {"error": body}, headers)
 
     # --- endpoints ---
     @app.post("/upload")
@@ -254,17 +253,11 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
             raise api_events.TooManyStreams(f"{settings.max_event_streams} event streams are open "
                                             "(TWIN_MAX_EVENT_STREAMS); poll /status or retry later")
         try:
-            # The body is rendered outside the request context (no url_for there): URLs from the root.
-            root = request.script_root
-
-            def out_url(jid: str, filename: str) -> str:
-                return f"{root}/download/{jid}/{filename}"
+            root = request.script_root  # the body is rendered after the request context is gone
 
             def render(ev, current):
-                return api_events.render_event(
-                    ev, current, output_url=out_url,
-                    render_job=lambda j: job_json(j, runtime.store, url_for_output=out_url,
-                                                  status_url=f"{root}/status/{j['id']}"))
+                return api_events.render_event(ev, current, output_url=lambda j, f: output_url(j, f, root),
+                                               render_job=lambda j: render_job(j, root))
             # EventStream.close() gives the slot back whenever the server closes the response.
             body = api_events.EventStream(runtime, job, after, render, runtime.stream_slots)
             resp = Response(body, mimetype="text/event-stream")
