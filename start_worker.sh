@@ -5,6 +5,7 @@
 # SIGTERM: the running job finishes (or is re-queued after TWIN_DRAIN_SECONDS), then exit 0.
 #   VENV=/path/to/venv      use another virtualenv (default .venv)
 #   SKIP_VENV_SETUP=1       do not install/refresh requirements (the venv is already complete)
+#   SKIP_VERIFY=1           do not run the weights preflight (python model_loader.py verify) before loading
 #   extra arguments go to `python -m utils.jobs.rq_worker` (--name NAME, --burst)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,4 +29,9 @@ except ConfigError as e:
 print(f"[start_worker] queue {s.queue_url.split('@')[-1]}, data in {s.data_dir.resolve()}, "
       f"model profile {s.model_profile}, device {s.device}")
 PYEOF
+# The same preflight as start_app.sh: a worker with a broken weight file would otherwise take jobs off the
+# queue only to fail them.
+if [ "${SKIP_VERIFY:-0}" != 1 ]; then
+  "$VENV/bin/python" model_loader.py verify || { echo "[start_worker] weights preflight failed (see the lines above); fix the files or run: python model_loader.py download" >&2; exit 2; }
+fi
 exec "$VENV/bin/python" -m utils.jobs.rq_worker "$@"
