@@ -89,6 +89,7 @@ def preflight(args, results: Path, log: Log) -> float:
         row["imports"] = "ok"
     except Exception as e:  # noqa: BLE001
         row["imports"] = f"FAILED: {type(e).__name__}: {e}"
+    row["swap_dir"] = str(args.swap_dir)
     row["disk_free_gb"] = round(shutil.disk_usage(args.swap_dir.parent).free / 1e9, 1)
     peak = 0.0
     if torch.cuda.is_available() and not args.dry_run:
@@ -197,8 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, small topology, 128², 2 steps, one round trip")
     ap.add_argument("--out", type=Path, help="results folder (default $OUT, else ./gpu_out)")
     ap.add_argument("--budget-s", type=float, default=420, help="overall wall-clock budget for the parts")
-    ap.add_argument("--swap-dir", type=Path, default=Path("/tmp/sdxl-random-bench"),
-                    help="where part B writes its ~15 GB random model (removed first and at the end)")
+    ap.add_argument("--swap-dir", type=Path, default=None,
+                    help="where part B writes its ~16 GB random model, removed first and at the end (default: "
+                         "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -211,6 +213,11 @@ def main(argv=None) -> int:
         log("ERROR: CUDA is not available (torch.cuda.is_available() is False, torch "
             f"{torch.__version__}); this suite needs the GPU. Use --dry-run for the CPU check.")
         return 2
+    if args.swap_dir is None:
+        # Part B writes ~16 GB (base folder, IP-Adapter repo, single-file checkpoint): pick a place that holds it.
+        args.swap_dir = Path("/tmp/sdxl-random-bench")
+        if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
+            args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
     parts = plan(args.dry_run, peak)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
