@@ -526,6 +526,17 @@ def _tiny_tokenizer(pad_token: str | None = None):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kw), len(vocab)
 
 
+def write_classic_tokenizers(base: Path) -> None:
+    """After ``save_pretrained`` of a pipeline holding ``_tiny_tokenizer``s: the real repo ships the classic
+    vocab.json + merges.txt (no tokenizer.json), so the saved folder is loaded the same way."""
+    for sub in ("tokenizer", "tokenizer_2"):
+        folder = Path(base) / sub
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(_TINY_VOCAB[0], ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_VOCAB[1]),
+                                           encoding="utf-8")
+
+
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
@@ -763,13 +774,7 @@ def _write_tiny(root: Path) -> None:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=tok2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(root / BASE_DIR), safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
-        # The real repo ships the classic vocab.json + merges.txt (no tokenizer.json): load the same way.
-        folder = root / BASE_DIR / sub
-        (folder / "tokenizer.json").unlink(missing_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(_TINY_VOCAB[0], ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_VOCAB[1]),
-                                           encoding="utf-8")
+    write_classic_tokenizers(root / BASE_DIR)
 
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=TINY_IMG_HIDDEN, projection_dim=TINY_IMG_PROJ, num_hidden_layers=2, num_attention_heads=4,

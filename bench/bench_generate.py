@@ -47,6 +47,26 @@ CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
 VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
              patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
 
+# Model sizes the full-size code path can build. "small" is SDXL's topology (three UNet levels, text-time
+# embedding, two text encoders, a ViT image encoder, the same adapters) at narrow widths (head dim still
+# 64): it runs the very same build / pipeline / layout-writing code in seconds on a CPU, which is what
+# `gpu_suite.py --dry-run` uses to prove the GPU run works before device time is spent on it.
+SIZES = {
+    "full": dict(unet=SDXL_UNET, vae=SDXL_VAE, te1=CLIP_L, te2=CLIP_BIGG, vit=VIT_H, plus_dim=1280),
+    "small": dict(
+        unet={**SDXL_UNET, "attention_head_dim": [1, 2, 4], "block_out_channels": [64, 128, 256],
+              "cross_attention_dim": 64 + 128, "projection_class_embeddings_input_dim": 6 * 256 + 128,
+              "transformer_layers_per_block": [1, 1, 2]},
+        vae={**SDXL_VAE, "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1},
+        te1={**CLIP_L, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "projection_dim": 64},
+        te2={**CLIP_BIGG, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "projection_dim": 128},
+        vit={**VIT_H, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "projection_dim": 64},
+        plus_dim=128),
+}
+
 
 def tflop(width: int, height: int, images: int, steps: int, cfg: bool) -> float:
     scale = width * height / 1024**2
@@ -114,7 +134,10 @@ def bench_tiny(args) -> None:
 def _init_random(module, dtype, device, seed: int) -> None:
     """Materialise a meta-built module with random weights (norm scales 1, biases 0)."""
     import torch
+    # Cast before drawing: an fp32 copy of SDXL would double the peak memory of the build (14 GB for the UNet
+    # and text encoders) for nothing.
     module.to_empty(device=device)
+    module.to(dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -127,7 +150,6 @@ def _init_random(module, dtype, device, seed: int) -> None:
         for name, b in module.named_buffers():
             if "position_ids" in name:
                 b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
-    module.to(dtype)
 
 
 # What each identity variant adds at full size (InstantID: 16 tokens of width 1280 over the 512-d ArcFace
@@ -205,48 +227,78 @@ def bench_variants(args) -> None:
     print("fp16 weights GB = parameters x 2 bytes (activations come on top: measure with --full-size on a GPU)")
 
 
-def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False, variant: str = "plus-face"):
+def build_random_parts(dtype, device: str, variant: str = "plus-face", size: str = "full", meta_only: bool = False,
+                       seed: int = 0):
+    """The SDXL modules of ``size`` with random weights, materialised directly on ``device`` (no 3.5 B
+    parameters on the CPU first): unet, vae, text_encoder(_2), image_encoder (variants that use it) and the
+    InstantID IdentityNet. Returns (parts, parameter counts)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                              CLIPVisionConfig, CLIPVisionModelWithProjection)
-    from model_loader import _tiny_tokenizer
-
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, \
+        CLIPVisionModelWithProjection
+    cfg = SIZES[size]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        vae = AutoencoderKL(**SDXL_VAE)
-        te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H))
-    parts = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
-    if VARIANT_ENCODER[variant]:
-        parts["image_encoder"] = enc
-    if variant == "instantid":
-        from instantid import IdentityNet
-        with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg["unet"])
+        parts = {"unet": unet, "vae": AutoencoderKL(**cfg["vae"]),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["te1"])),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["te2"]))}
+        if VARIANT_ENCODER[variant]:
+            parts["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["vit"]))
+        if variant == "instantid":
+            from instantid import IdentityNet
             parts["identitynet"] = IdentityNet.from_unet(unet, load_weights_from_unet=False)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
-    if meta_only:
-        return None, counts
-    for i, m in enumerate(parts.values()):
-        _init_random(m, dtype, device, seed=i)
-    # A byte-level tokenizer: ids stay inside the real vocab, and prompt length (77 tokens) is what counts.
+    if not meta_only:
+        for i, m in enumerate(parts.values()):
+            _init_random(m, dtype, device, seed=seed + i)
+    return parts, counts
+
+
+def random_adapter(unet, variant: str, dtype, size: str = "full", seed: int = 0) -> dict:
+    """IP-Adapter weights for ``variant`` in the original repos' flat key layout (image_proj.* / ip_adapter.*)."""
+    import torch
+    from model_loader import adapter_tensors
+    cfg = SIZES[size]
+    kw = dict(VARIANT_ADAPTER[variant])
+    if "plus_dim" in kw:
+        kw["plus_dim"] = cfg["plus_dim"]
+    return adapter_tensors(unet, variant, torch.Generator().manual_seed(seed), img_hidden=cfg["vit"]["hidden_size"],
+                           img_proj=cfg["vit"]["projection_dim"], dtype=dtype, **kw)
+
+
+def bench_tokenizers():
+    """Byte-level tokenizers: ids stay inside the real vocab, and prompt length (77 tokens) is what counts."""
+    from model_loader import _tiny_tokenizer
     tok, _ = _tiny_tokenizer()
     tok2, _ = _tiny_tokenizer(pad_token="!")
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   steps_offset=1, timestep_spacing="leading")
-    common = dict(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
-                  scheduler=sched, image_encoder=parts.get("image_encoder"),
-                  feature_extractor=CLIPImageProcessor(size=224, crop_size=224))
+    return tok, tok2
+
+
+def bench_scheduler():
+    from diffusers import EulerDiscreteScheduler
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                  timestep_spacing="leading")
+
+
+def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool = False, variant: str = "plus-face",
+                    size: str = "full"):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPImageProcessor
+
+    parts, counts = build_random_parts(dtype, device, variant, size, meta_only=meta_only)
+    if meta_only:
+        return None, counts
+    tok, tok2 = bench_tokenizers()
+    common = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+                  tokenizer=tok, tokenizer_2=tok2, unet=parts["unet"], scheduler=bench_scheduler(),
+                  image_encoder=parts.get("image_encoder"), feature_extractor=CLIPImageProcessor(size=224, crop_size=224))
     if variant == "instantid":
         from diffusers import StableDiffusionXLControlNetPipeline
         pipe = StableDiffusionXLControlNetPipeline(controlnet=parts["identitynet"], **common)
     else:
         pipe = StableDiffusionXLPipeline(**common)
-    from model_loader import adapter_tensors
-    g = torch.Generator().manual_seed(0)
-    sd = adapter_tensors(unet, variant, g, img_hidden=VIT_H["hidden_size"], img_proj=VIT_H["projection_dim"],
-                         dtype=dtype, **VARIANT_ADAPTER[variant])
+    sd = random_adapter(parts["unet"], variant, dtype, size)
     ipa = {"image_proj": {}, "ip_adapter": {}}
     for k, v in sd.items():
         top, rest = k.split(".", 1)
@@ -262,6 +314,21 @@ def build_full_size(dtype, device: str, meta_only: bool = False, fuse_qkv: bool 
     return pipe, counts
 
 
+def gpu_name(device: str) -> str:
+    import torch
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def write_row(path, row: dict) -> None:
+    """One JSON line per measured result, written (and flushed) the moment it exists: a run killed later
+    still leaves everything measured before."""
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
 def bench_full(args) -> None:
     import torch
     from PIL import Image
@@ -271,12 +338,17 @@ def bench_full(args) -> None:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv, variant=args.variant)
+    pipe, counts = build_full_size(dtype, device, meta_only=args.meta, fuse_qkv=args.fuse_qkv, variant=args.variant,
+                                   size=args.size)
     for k, n in counts.items():
         print(f"{k:15} {n / 1e9:.3f} B parameters")
     if args.meta:
         return
-    print(f"built full-size models on {device}/{str(dtype).replace('torch.', '')} in {time.perf_counter() - t0:.1f} s")
+    t_build = time.perf_counter() - t0
+    print(f"built {args.size} models on {device}/{str(dtype).replace('torch.', '')} in {t_build:.1f} s")
+    if device.startswith("cuda"):
+        weights_gb = torch.cuda.memory_allocated() / 1e9
+        print(f"GPU memory after build: {weights_gb:.2f} GB allocated")
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -285,62 +357,83 @@ def bench_full(args) -> None:
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
     res = 128 if args.smoke else args.resolution
-    steps = 2 if args.smoke else (4 if args.few_step else args.steps)
-    cfg = not args.few_step
-    pipe.scheduler = (few_step_scheduler if args.few_step else dpmpp_karras)(pipe.scheduler.config)
-    extra = {}
+    modes = ["few-step"] if args.few_step else args.modes
+    embeds_cfg = None
     if args.variant in ("plus-face", "plain"):
         with torch.inference_mode():
-            embeds = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
-                                                          device, 1, True)
+            embeds_cfg = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
+                                                              device, 1, True)
     else:   # ArcFace variants: [zeros; a 512-d vector]
         v = torch.randn(1, 1, 1, 512, generator=torch.Generator().manual_seed(1)) * 20
         e = torch.cat([torch.zeros_like(v), v]).to(device=device, dtype=dtype)
-        embeds = [e if args.variant != "faceid" else e[:, :, 0]]
+        embeds_cfg = [e if args.variant != "faceid" else e[:, :, 0]]
     if args.variant == "faceid-plusv2":
         with torch.inference_mode():
             clip = pipe.prepare_ip_adapter_image_embeds([[Image.new("RGB", (256, 256), (120, 90, 80))]], None,
                                                         device, 1, True)[0]
         proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         proj.shortcut, proj.shortcut_scale = True, 1.0
-    embeds = [e if cfg else e[1:] for e in embeds]
     pipe.set_ip_adapter_scale(0.7)
-    print(f"{'batch':>5} {'res':>9} {'steps':>5} {'cfg':>3} {'seconds':>8} {'it/s':>6} {'TFLOP/s':>8} "
+    base_config = dict(pipe.scheduler.config)   # each mode's scheduler from the base one (no Karras carry-over)
+    print(f"{'mode':8} {'batch':>5} {'res':>9} {'steps':>5} {'cfg':>3} {'seconds':>8} {'it/s':>6} {'TFLOP/s':>8} "
           f"{'% peak':>6} {'peak mem GB':>11}")
-    for batch in args.batch:
-        if args.variant == "instantid":
-            from instantid import identity_tokens, pose_image
-            pipe.controlnet.identity_tokens = identity_tokens(pipe.unet, embeds[0] if cfg else torch.cat(
-                [torch.zeros_like(embeds[0]), embeds[0]]), batch, cfg)
-            extra = {"image": pose_image("frontal", res, res), "controlnet_conditioning_scale": 0.8}
-        if args.variant == "faceid-plusv2":
-            neg, pos = clip[:1].repeat(batch, 1, 1, 1), clip[1:2].repeat(batch, 1, 1, 1)
-            proj.clip_embeds = torch.cat([neg, pos]) if cfg else pos
+    for mode in modes:
+        cfg = mode != "few-step"
+        steps = 2 if args.smoke else (args.steps if cfg else 4)
+        pipe.scheduler = (dpmpp_karras if cfg else few_step_scheduler)(base_config)
+        embeds = [e if cfg else e[1:] for e in embeds_cfg]
+        for batch in args.batch:
+            extra = {}
+            if args.variant == "instantid":
+                from instantid import identity_tokens, pose_image
+                pipe.controlnet.identity_tokens = identity_tokens(pipe.unet, embeds[0] if cfg else torch.cat(
+                    [torch.zeros_like(embeds[0]), embeds[0]]), batch, cfg)
+                extra = {"image": pose_image("frontal", res, res), "controlnet_conditioning_scale": 0.8}
+            if args.variant == "faceid-plusv2":
+                neg, pos = clip[:1].repeat(batch, 1, 1, 1), clip[1:2].repeat(batch, 1, 1, 1)
+                proj.clip_embeds = torch.cat([neg, pos]) if cfg else pos
 
-        def run():
-            with torch.inference_mode():
-                return pipe(prompt="a portrait photo of a person", negative_prompt="lowres", width=res, height=res,
-                            num_inference_steps=steps, guidance_scale=6.0 if cfg else 0.0,
-                            num_images_per_prompt=batch, ip_adapter_image_embeds=embeds, output_type="pil",
-                            generator=torch.Generator("cpu").manual_seed(0), **extra)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.warmup):
-            run()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            run()
+            def run():
+                with torch.inference_mode():
+                    return pipe(prompt="a portrait photo of a person", negative_prompt="lowres", width=res,
+                                height=res, num_inference_steps=steps, guidance_scale=6.0 if cfg else 0.0,
+                                num_images_per_prompt=batch, ip_adapter_image_embeds=embeds, output_type="pil",
+                                generator=torch.Generator("cpu").manual_seed(0), **extra)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
-        tf = tflop(res, res, batch, steps, cfg) / sec
-        pct = f"{100 * tf / args.peak_tflops:6.1f}" if args.peak_tflops else "     -"
-        print(f"{batch:>5} {f'{res}x{res}':>9} {steps:>5} {'yes' if cfg else 'no':>3} {sec:>8.2f} {steps / sec:>6.2f} "
-              f"{tf:>8.3g} {pct} {peak_mem_gb(device):>11.2f}")
+                torch.cuda.reset_peak_memory_stats()
+            t_warm = time.perf_counter()
+            for _ in range(args.warmup):
+                run()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t_warm = time.perf_counter() - t_warm
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = run()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            assert len(out.images) == batch and out.images[0].size == (res, res), (len(out.images), out.images[0].size)
+            sec = statistics.median(times)
+            # The FLOP model is SDXL's: at the small size the rate would be meaningless (0 = not reported).
+            tf = tflop(res, res, batch, steps, cfg) / sec if args.size == "full" else 0.0
+            pct = f"{100 * tf / args.peak_tflops:6.1f}" if args.peak_tflops and tf else "     -"
+            peak = peak_mem_gb(device)
+            print(f"{mode:8} {batch:>5} {f'{res}x{res}':>9} {steps:>5} {'yes' if cfg else 'no':>3} {sec:>8.2f} "
+                  f"{steps / sec:>6.2f} {tf:>8.3g} {pct} {peak:>11.2f}")
+            write_row(args.jsonl, {
+                "part": "A", "variant": args.variant, "size": args.size, "mode": mode, "batch": batch,
+                "resolution": res, "steps": steps, "cfg": cfg, "seconds": round(sec, 4),
+                "s_per_image": round(sec / batch, 4), "times": [round(t, 4) for t in times],
+                "warmup_s": round(t_warm, 3), "it_s": round(steps / sec, 3),
+                "tflop": round(tflop(res, res, batch, steps, cfg), 3) if tf else None, "tflops": round(tf, 2) if tf else None,
+                "pct_peak": round(100 * tf / args.peak_tflops, 1) if args.peak_tflops and tf else None,
+                "peak_mem_gb": round(peak, 3),
+                "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3) if device.startswith("cuda") else None,
+                "build_s": round(t_build, 2), "device": device, "gpu": gpu_name(device),
+                "dtype": str(dtype).replace("torch.", ""), "params_b": round(sum(counts.values()) / 1e9, 3)})
 
 
 def main(argv=None) -> int:
@@ -365,6 +458,11 @@ def main(argv=None) -> int:
     ap.add_argument("--few-step", action="store_true", help="4 steps, Euler trailing, no CFG (Lightning-style)")
     ap.add_argument("--variant", default="plus-face", choices=tuple(VARIANT_ADAPTER),
                     help="identity variant of the full-size run (instantid adds the SDXL-sized IdentityNet)")
+    ap.add_argument("--modes", nargs="+", default=["cfg"], choices=("cfg", "few-step"),
+                    help="rows per batch: cfg (--steps, CFG, DPM++ 2M Karras) and/or few-step (4 steps, no CFG)")
+    ap.add_argument("--size", default="full", choices=tuple(SIZES),
+                    help="full = real SDXL sizes; small = the same topology, narrow (CPU dry run of this code path)")
+    ap.add_argument("--jsonl", help="append one JSON line per measured row to this file (flushed at once)")
     ap.add_argument("--variants", action="store_true",
                     help="per variant: tiny CPU s/image and full-size parameter counts / fp16 weight memory")
     args = ap.parse_args(argv)

@@ -1,0 +1,246 @@
+"""One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B).
+
+    python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
+    python bench/gpu_suite.py --dry-run [--out DIR]              # the same code paths on the CPU, small and quick
+
+Part A (bench/bench_generate.py --full-size): random-weight SDXL at real sizes, 1024², 30 steps, CFG, fp16:
+plus-face batch 1 and 4 (+ the 4-step no-CFG row), instantid batch 1, faceid-plusv2 batch 1. Seconds per
+call, peak GPU memory, TFLOP/s by the bench's FLOP model, % of the fp16 matmul rate measured in the preflight.
+Part B (bench/bench_models.py --full-size): a random SDXL written in the real layout + a single-file
+checkpoint, DigitalTwinGenerator.setup() on it, then alt <-> base round trips through load_model(): seconds,
+GPU memory before / after / peak per switch, one generation after each.
+
+Each part runs in its own process with a time limit (a hang or an out-of-memory in one part does not cost the
+others), inside an overall budget. Every result is appended to OUT/gpu_results.jsonl the moment it is
+measured, and every line of output to OUT/gpu_log.txt, so a run killed part-way still returns what it had.
+The last thing printed is a compact table of all rows. OUT defaults to $OUT, else ./gpu_out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+GPU_A = ["--resolution", "1024", "--steps", "30", "--warmup", "1", "--repeats", "2", "--dtype", "float16",
+         "--device", "cuda"]
+GPU_B = ["--swaps", "3", "--gen-steps", "4", "--resolution", "1024"]
+# The dry run: same scripts and code paths, the small SDXL topology, 128², 2 steps, one round trip.
+DRY_A = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1",
+         "--device", "cpu", "--threads", "2"]
+DRY_B = ["--size", "small", "--device", "cpu", "--resolution", "128", "--gen-steps", "2", "--swaps", "1"]
+
+
+def plan(dry_run: bool, peak_tflops: float) -> list[tuple[str, str, list[str], float]]:
+    """(name, script, arguments, time cap in seconds) per part. Expected on an H200, imports included:
+    A-plus-face ~60 s, A-instantid ~30 s, A-faceid-plusv2 ~30 s, B-hot-swap ~150-240 s (disk speed decides
+    the ~15 GB write; each switch reads ~7 GB)."""
+    a = DRY_A if dry_run else GPU_A + ["--peak-tflops", f"{peak_tflops:.1f}"]
+    big = "2" if dry_run else "4"
+    return [
+        ("A-plus-face", "bench_generate.py",
+         ["--full-size", "--variant", "plus-face", "--batch", "1", big, "--modes", "cfg", "few-step", *a], 150),
+        ("A-instantid", "bench_generate.py", ["--full-size", "--variant", "instantid", "--batch", "1", *a], 80),
+        ("A-faceid-plusv2", "bench_generate.py", ["--full-size", "--variant", "faceid-plusv2", "--batch", "1", *a], 80),
+        ("B-hot-swap", "bench_models.py", ["--full-size", *(DRY_B if dry_run else GPU_B)], 300),
+    ]
+
+
+class Log:
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.f.write(line + "\n")
+
+
+def write_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def preflight(args, results: Path, log: Log) -> float:
+    """Versions (and where they were imported from), the GPU, free disk; the fp16 matmul rate as the
+    ceiling for % peak. Returns that rate in TFLOP/s (0 on the dry run)."""
+    import torch
+    row = {"part": "env", "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    for name in ("diffusers", "transformers", "huggingface_hub", "peft", "accelerate", "safetensors", "tokenizers",
+                 "numpy", "PIL"):
+        try:
+            mod = __import__(name)
+            row[name] = f"{getattr(mod, '__version__', '?')} ({Path(mod.__file__).parent.parent})"
+        except Exception as e:  # noqa: BLE001 - report every missing package, not only the first
+            row[name] = f"MISSING: {type(e).__name__}: {e}"
+    try:
+        # What the parts import: a missing package shows here, before any GPU time is spent on a part.
+        sys.path.insert(0, str(REPO))
+        import generate_twin, ipadapter_manager, instantid, model_loader  # noqa: F401,E401
+        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline  # noqa: F401
+        row["imports"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        row["imports"] = f"FAILED: {type(e).__name__}: {e}"
+    row["swap_dir"] = str(args.swap_dir)
+    row["disk_free_gb"] = round(shutil.disk_usage(args.swap_dir.parent).free / 1e9, 1)
+    peak = 0.0
+    if torch.cuda.is_available() and not args.dry_run:
+        p = torch.cuda.get_device_properties(0)
+        row.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 1e9, 1), sms=p.multi_processor_count)
+        # The ceiling: an 8192³ fp16 matmul on random data (10 timed after 3 warm-ups), events around it.
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        peak = 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
+        row["fp16_matmul_tflops"] = round(peak, 1)
+        del a, b
+        torch.cuda.empty_cache()
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,"
+                                  "power.draw", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            row["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            row["nvidia_smi"] = f"unavailable: {e}"
+    write_row(results, row)
+    for k, v in row.items():
+        log(f"  {k}: {v}")
+    if row["imports"] != "ok":
+        raise SystemExit(f"preflight: the project's imports fail here ({row['imports']}): fix the wheels in .whl")
+    return peak
+
+
+def run_part(name: str, argv: list[str], limit: float, log: Log) -> dict:
+    """One part in its own process group, its output streamed into the log; killed at ``limit`` seconds."""
+    log(f"=== {name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    timed_out = False
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        left = limit - (time.perf_counter() - t0)
+        if left <= 0:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        if sel.select(timeout=min(left, 5.0)):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            log(f"  [{name}] {line.rstrip()}")
+    rc = proc.wait()
+    sel.close()
+    out = {"part": name, "step": "part", "rc": rc, "timed_out": timed_out,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    log(f"=== {name}: rc {rc}{' (TIMED OUT, killed)' if timed_out else ''} in {out['wall_s']} s")
+    return out
+
+
+def table(results: Path) -> list[str]:
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    out = ["", "part A: s/call, 30 steps CFG unless mode few-step (4 steps, no CFG); peak = max allocated GB",
+           f"{'variant':14} {'mode':8} {'b':>2} {'res':>5} {'st':>3} {'s/call':>7} {'s/img':>6} {'it/s':>6} "
+           f"{'TFLOP/s':>7} {'%pk':>5} {'peak':>6} {'resv':>6} {'build':>6}"]
+    for r in rows:
+        if r.get("part") == "A":
+            out.append(f"{r['variant']:14} {r['mode']:8} {r['batch']:>2} {r['resolution']:>5} {r['steps']:>3} "
+                       f"{r['seconds']:>7.2f} {r['s_per_image']:>6.2f} {r['it_s']:>6.2f} {r['tflops'] or 0:>7.0f} "
+                       f"{r['pct_peak'] or 0:>5.1f} {r['peak_mem_gb']:>6.1f} {r['peak_reserved_gb'] or 0:>6.1f} "
+                       f"{r['build_s']:>6.1f}")
+    out += ["", "part B: hot swap through DigitalTwinGenerator.load_model (GPU GB allocated; peak during the call)",
+            f"{'step':8} {'to':24} {'call s':>7} {'load s':>7} {'alloc bef':>9} {'alloc aft':>9} {'resv aft':>8} "
+            f"{'peak':>6} {'gen s':>6}"]
+    for r in rows:
+        if r.get("part") != "B":
+            continue
+        if r["step"] == "write":
+            out.append(f"write    base {r['base_gb']:.1f} GB {r['base_write_s']:.0f} s, adapter repo {r['adapter_gb']:.1f} "
+                       f"GB {r['adapter_write_s']:.0f} s, checkpoint {r['checkpoint_gb']:.1f} GB "
+                       f"{r['checkpoint_write_s']:.0f} s (init {r['init_s']:.1f} s)")
+        elif r["step"] == "setup":
+            out.append(f"setup    {'':24} {r['seconds']:>7.1f} {'':>7} {'':>9} {str(r['allocated_gb']):>9} "
+                       f"{str(r['reserved_gb']):>8} {'':>6} {r['gen_s']:>6.2f}")
+        elif r["step"] == "swap":
+            out.append(f"swap {r['round_trip']:<3} {r['to'][:24]:24} {r['call_s']:>7.1f} {r['load_s']:>7.1f} "
+                       f"{str(r['before_allocated_gb']):>9} {str(r['after_allocated_gb']):>9} "
+                       f"{str(r['after_reserved_gb']):>8} {str(r['peak_during_gb']):>6} {r['gen_s']:>6.2f}")
+        elif r["step"] == "summary":
+            out.append(f"summary  median {r['call_median_s']} s, max {r['call_max_s']} s over {r['swaps']} switches; "
+                       + ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith("growth")))
+    out.append("")
+    for r in rows:
+        if r.get("step") == "part":
+            out.append(f"{r['part']:16} rc {r['rc']:>3} {'TIMED OUT ' if r['timed_out'] else ''}wall {r['wall_s']} s")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, small topology, 128², 2 steps, one round trip")
+    ap.add_argument("--out", type=Path, help="results folder (default $OUT, else ./gpu_out)")
+    ap.add_argument("--budget-s", type=float, default=420, help="overall wall-clock budget for the parts")
+    ap.add_argument("--swap-dir", type=Path, default=None,
+                    help="where part B writes its ~16 GB random model, removed first and at the end (default: "
+                         "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
+    ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    results, log = out / "gpu_results.jsonl", Log(out / "gpu_log.txt")
+    log(f"gpu_suite {'DRY RUN (CPU, small)' if args.dry_run else 'GPU'} -> {out}; budget {args.budget_s:.0f} s")
+    import torch
+    if not args.dry_run and not torch.cuda.is_available():
+        log("ERROR: CUDA is not available (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}); this suite needs the GPU. Use --dry-run for the CPU check.")
+        return 2
+    if args.swap_dir is None:
+        # Part B writes ~16 GB (base folder, IP-Adapter repo, single-file checkpoint): pick a place that holds it.
+        args.swap_dir = Path("/tmp/sdxl-random-bench")
+        if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
+            args.swap_dir = REPO.parent / "sdxl-random-bench"
+    peak = preflight(args, results, log)
+    parts = plan(args.dry_run, peak)
+    shutil.rmtree(args.swap_dir, ignore_errors=True)
+    for name, script, a, cap in parts:
+        if args.only and name not in args.only:
+            continue
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < 20:
+            log(f"=== {name}: SKIPPED, {left:.0f} s of the budget left")
+            write_row(results, {"part": name, "step": "part", "rc": None, "timed_out": False, "wall_s": 0,
+                                "skipped": True})
+            continue
+        extra = ["--jsonl", str(results)]
+        if script == "bench_models.py":
+            extra += ["--dir", str(args.swap_dir), "--time-limit-s", f"{min(cap, left) - 45:.0f}"]
+        write_row(results, run_part(name, [sys.executable, str(REPO / "bench" / script), *a, *extra],
+                                    min(cap, left), log))
+    shutil.rmtree(args.swap_dir, ignore_errors=True)
+    for line in table(results):
+        log(line)
+    log(f"gpu_suite done in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

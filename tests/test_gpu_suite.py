@@ -1,0 +1,74 @@
+"""bench/gpu_suite.py and the full-size hot-swap writer it drives (bench/bench_models.py --full-size).
+
+The GPU run itself happens on a lent machine; here: the plan of parts, the fail-fast without CUDA, and that
+the random model folder the writer leaves is what the product resolves and lists (sdxl profile)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))   # bench_models imports bench_generate as a sibling, as when run
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dry_run, device, size_args, big_batch, swaps", [
+    (False, "cuda", {"--resolution": "1024", "--steps": "30", "--dtype": "float16", "--repeats": "2"}, "4", "3"),
+    (True, "cpu", {"--size": "small", "--resolution": "128", "--steps": "2", "--repeats": "1"}, "2", "1"),
+])
+def test_plan_runs_the_same_scripts_on_gpu_and_dry_run(dry_run, device, size_args, big_batch, swaps):
+    suite = _load("gpu_suite")
+    parts = suite.plan(dry_run, 790.0)
+    assert [(n, s) for n, s, _, _ in parts] == [
+        ("A-plus-face", "bench_generate.py"), ("A-instantid", "bench_generate.py"),
+        ("A-faceid-plusv2", "bench_generate.py"), ("B-hot-swap", "bench_models.py")]
+    for name, script, args, cap in parts:
+        assert "--full-size" in args and cap > 0
+        if script == "bench_generate.py":
+            assert {k: args[args.index(k) + 1] for k in size_args} == size_args
+            assert args[args.index("--device") + 1] == device
+            assert ("--peak-tflops" in args) is (not dry_run)
+    plus = parts[0][2]
+    assert plus[plus.index("--batch") + 1: plus.index("--batch") + 3] == ["1", big_batch]
+    b = parts[3][2]
+    assert b[b.index("--swaps") + 1] == swaps
+    assert sum(cap for *_, cap in parts[:3]) < 420   # part A leaves part B most of the 7-minute budget
+
+
+def test_fails_fast_without_cuda(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    suite = _load("gpu_suite")
+    assert suite.main(["--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in (tmp_path / "gpu_log.txt").read_text()
+    assert not (tmp_path / "gpu_results.jsonl").exists()   # nothing measured, nothing claimed
+
+
+def test_random_sdxl_writer_leaves_the_layout_the_product_loads(tmp_path):
+    """The small topology through the same writer: the sdxl profile resolves the folder (every required
+    file present), lists the single-file checkpoint, and the files are fp16 as published."""
+    from safetensors import safe_open
+    from model_loader import CHECKPOINT_DIR, list_checkpoints, resolve_sdxl
+    from utils.config import Settings
+    bm = _load("bench_models")
+    stats = bm.write_random_sdxl(tmp_path, "cpu", "small", log=lambda *_: None)
+    assert stats["base_gb"] > 0 and stats["checkpoint_gb"] > 0
+    s = Settings(data_dir=tmp_path / "data", model_dir=tmp_path, model_profile="sdxl", ip_adapter_variant="plus-face")
+    w = resolve_sdxl(s)
+    assert w.base == tmp_path / "stable-diffusion-xl-base-1.0" and w.adapter_repo == tmp_path / "IP-Adapter"
+    ckpt = tmp_path / CHECKPOINT_DIR / f"{bm.ALT_NAME}.safetensors"
+    assert list_checkpoints(s)[bm.ALT_NAME] == ckpt
+    with safe_open(str(ckpt), framework="pt") as f:
+        keys = list(f.keys())
+        assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)   # original (LDM) layout
+        assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
