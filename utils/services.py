@@ -786,6 +786,12 @@ class Runtime:
                     if err is not None:
                         body["error"] = getattr(err, "message", str(err))
                     break
+            for g in self.generators:
+                # A restarted generator process that could not reload its base model serves the default one.
+                model_error = getattr(g, "model_error", None)
+                if isinstance(model_error, str):
+                    body["model_error"] = model_error
+                    break
         if self.settings.cluster:
             # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
             try:
