@@ -209,3 +209,48 @@ def test_a_pinned_job_whose_model_went_away_fails_with_model_not_loaded(nodes, w
         assert cut["status"] == "failed" and cut["error"]["code"] in ("model_not_loaded", "worker_lost"), cut
     # Unpinned work goes on on the remaining model.
     assert wait_status(a, tok, generate(a, tok)["id"], TERMINAL)["metadata"]["model"] == "base"
+
+
+def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_server, tmp_path):
+    """The instant of a switch, in process: the generator already holds ``alt`` while the worker still reads
+    ``base``'s queue. The base job it takes is put back (queued, attempt and RQ retry given back) on base's
+    queue instead of failing; once a worker holds base again it runs there, as attempt 1."""
+    from rq.registry import ScheduledJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from tests.fakes import image_bytes
+    from utils.jobs import rq_worker
+    from utils.jobs.rq_queue import make_model_queue, make_queue
+    from utils.services import Runtime
+    settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN)
+    gen = FakeModelGenerator(active="base")
+    runtime = Runtime(settings, [gen], FakeFaceService())
+    runtime.start()
+    assert runtime.wait_ready(10)
+    conn = runtime.store.redis
+    worker = rq_worker.TwinWorker([make_queue(conn)], connection=conn, serializer=JSONSerializer, name="wr",
+                                  runtime=runtime)
+    control = rq_worker.ModelControl(worker, gen, "wr", {"host": "h", "device": "cpu", "gpu_name": "CPU"})
+    worker.listen_for("base")
+    rq_worker._worker = worker
+    try:
+        owner = "tok:" + "a" * 64
+        sid = runtime.upload([(f"s{i}.png", image_bytes((30 * i, 80, 50))) for i in range(2)], owner)["session_id"]
+        job_id = runtime.submit({"prompt": "p", "model": "base", "session_id": sid}, owner)["id"]
+        gen.load_model("alt")            # switched; the worker has not moved its queues yet
+        worker.work(burst=True, with_scheduler=False)
+        rec = runtime.store.get(job_id)
+        assert (rec["status"], rec["attempts"]) == ("queued", 0), rec
+        base_q = make_model_queue(conn, "base")
+        assert job_id in ScheduledJobRegistry(queue=base_q).get_job_ids()   # its retry waits on base's queue
+        gen.load_model("base")
+        worker.listen_for("base")
+        wait_until(lambda: runtime.manager.maintenance.enqueue_due_retries(base_q) or job_id in base_q.get_job_ids(),
+                   10, 0.1)
+        worker.work(burst=True, with_scheduler=False)
+        rec = runtime.store.get(job_id)
+        assert (rec["status"], rec["attempts"], rec["metadata"]["model"]) == ("succeeded", 1, "base"), rec
+    finally:
+        rq_worker._worker = None
+        control.stop()
+        runtime.shutdown()
