@@ -254,3 +254,54 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
         rq_worker._worker = None
         control.stop()
         runtime.shutdown()
+
+
+@pytest.mark.slow
+def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis_server, workers, tmp_path,
+                                                                          tiny_models, face_service):
+    """The same contract on the real engines: a worker process running DigitalTwinGenerator loads the tiny
+    single-file checkpoint with from_single_file, and a broken file is named while the old model serves."""
+    import io
+    import shutil
+
+    from app import create_app
+    from generate_twin import DigitalTwinGenerator
+    from tests.photos import selfie_set
+    from tests.test_cluster import settings_env
+    from utils.jobs.rq_models import live_workers
+    folder = tmp_path / "tiny-model"
+    shutil.copytree(tiny_models, folder)
+    (folder / "checkpoints" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN, model_profile="tiny",
+                                tiny_model_dir=folder, model_dir=tmp_path / "no-models", max_steps=2,
+                                generator_process=False, device="cpu", max_image_side=128)
+    workers.start_env({**settings_env(settings), "TWIN_MODEL_PROFILE": "tiny", "TWIN_TINY_MODEL_DIR": str(folder),
+                       "TWIN_MODEL_DIR": str(tmp_path / "no-models"), "TWIN_MAX_STEPS": "2", "TWIN_DEVICE": "cpu",
+                       "TWIN_FACE_BACKEND": "dlib"}, name="w0", components=None)
+    app = create_app(settings, generator=DigitalTwinGenerator(settings), faces=face_service)
+    try:
+        assert app.extensions["twin"].wait_ready(120)
+        c = app.test_client()
+        conn = redis_server.client()
+        wait_until(lambda: live_workers(conn).get("w0", {}).get("model") == "tiny-sdxl", 180, 0.2)
+        name, data = selfie_set(1)[0]
+        tok = c.post("/upload", data={"files": [(io.BytesIO(data), name)]},
+                     content_type="multipart/form-data").get_json()["client_token"]
+        body = {"prompt": "a portrait", "style": "none", "width": 64, "height": 64, "seed": 3}
+        r = c.post("/generate", json={**body, "model": "tiny-alt"}, headers={TOKEN_HEADER: tok})
+        assert r.status_code == 409 and "'tiny-sdxl'" in r.get_json()["error"]["message"], r.get_json()
+        for model, want_status, needle in [("broken", 422, "broken.safetensors"), ("tiny-alt", 200, None)]:
+            code, answer = admin_load(c, {"model": model})
+            assert code == want_status, answer
+            if needle:
+                assert answer["error"]["code"] == "model_load_failed" and needle in answer["error"]["message"]
+            else:
+                (w,) = answer["workers"]
+                assert (w["name"], w["model"], w["previous"], w["ok"]) == ("w0", "tiny-alt", "tiny-sdxl", True)
+        for extra in ({"model": "tiny-alt"}, {}):
+            job = c.post("/generate", json={**body, **extra}, headers={TOKEN_HEADER: tok}).get_json()
+            done = wait_status(c, tok, job["id"], TERMINAL, 120)
+            assert done["status"] == "succeeded" and done["metadata"]["model"] == "tiny-alt", done
+        assert c.get("/models").get_json()["workers"][0]["family"] == "tiny-sdxl"
+    finally:
+        app.extensions["twin"].shutdown()
