@@ -27,8 +27,8 @@ def nodes(tmp_path, redis_server):
     apps = []
 
     def _make(n: int = 1, **kw):
-        settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN, model_strand_seconds=1.0,
-                                    model_load_wait_seconds=30.0, **kw)
+        settings = cluster_settings(tmp_path, redis_server.url, **{"admin_keys": ADMIN, "model_strand_seconds": 1.0,
+                                                                    "model_load_wait_seconds": 30.0, **kw})
         clients = []
         for _ in range(n):
             a = create_app(settings, generator=FakeModelGenerator(), faces=FakeFaceService())
@@ -305,3 +305,16 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
         assert c.get("/models").get_json()["workers"][0]["family"] == "tiny-sdxl"
     finally:
         app.extensions["twin"].shutdown()
+
+
+def test_a_load_longer_than_the_wait_answers_202_and_the_worker_switches_later(nodes, workers, redis_server):
+    settings, (a,) = nodes(model_load_wait_seconds=1.0)
+    start(workers, redis_server, settings, {"w0": "base"}, load=3.0)
+    code, body = admin_load(a, {"model": "alt"})
+    assert code == 202, body
+    assert body["pending"] == ["w0"] and body["workers"] == [
+        {"name": "w0", "model": "base", "ok": False, "pending": True, "state": "loading"}]
+    (w,) = a.get("/models").get_json()["workers"]
+    assert (w["model"], w["state"], w["target"]) == ("base", "loading", "alt")
+    wait_until(lambda: a.get("/models").get_json()["active"] == ["alt"], 15, 0.1)
+    assert a.get("/models").get_json()["workers"][0]["state"] == "idle"

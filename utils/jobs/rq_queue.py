@@ -290,7 +290,7 @@ class RqJobManager:
             code = "model_load_failed" if any(a["error"]["code"] == "model_load_failed" for a in failed) \
                 else first["code"]
             lead = next((a["error"] for a in failed if a["error"]["code"] == code), first)
-            status = {"model_load_failed": 422, "unknown_model": 404, "worker_lost": 503}.get(code, 500)
+            status = {"model_load_failed": 422, "unknown_model": 404, "worker_lost": 503, "not_supported": 501}.get(code, 500)
             raise errors.TwinError(f"{failed[0]['name']}: {lead['message']}", code=code, http_status=status,
                                    details=body)
         pending = [a["name"] for a in answers if a.get("pending")]
