@@ -320,3 +320,14 @@ def test_a_load_longer_than_the_wait_answers_202_and_the_worker_switches_later(n
     assert (w["model"], w["state"], w["target"]) == ("base", "loading", "alt")
     wait_until(lambda: a.get("/models").get_json()["active"] == ["alt"], 15, 0.1)
     assert a.get("/models").get_json()["workers"][0]["state"] == "idle"
+
+
+def test_a_worker_that_dies_while_loading_is_reported_not_waited_for(nodes, workers, redis_server):
+    settings, (a,) = nodes()
+    start(workers, redis_server, settings, {"w0": "base"}, load=20.0)
+    p = workers.procs[0]
+    threading.Timer(1.0, lambda: p.send_signal(signal.SIGKILL)).start()
+    t0 = time.time()
+    code, body = admin_load(a, {"model": "alt"})
+    assert code == 503 and body["error"]["code"] == "worker_lost" and "w0" in body["error"]["message"], body
+    assert time.time() - t0 < 10      # the info hash expires within live_ttl (3 s here), not the 30 s wait
