@@ -315,7 +315,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     @app.get("/models")
     def list_models():
         body = runtime.models_catalogue()
-        return jsonify({"active": body["active"], "models": body["models"]})
+        # Cluster mode adds each worker's model and load state (and "active" lists every loaded model).
+        return jsonify({k: body[k] for k in ("active", "models", "workers") if k in body})
 
     @app.get("/loras")
     def list_loras():
@@ -325,9 +326,12 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     def load_model():
         require_admin(request.headers, settings.api_key_list, settings.admin_key_list)
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or set(body) - {"model"} or "model" not in body:
-            raise errors.InvalidRequest('the body must be {"model": "<name from GET /models>"}')
-        return jsonify(runtime.load_model(body["model"]))
+        if not isinstance(body, dict) or set(body) - {"model", "workers"} or "model" not in body:
+            raise errors.InvalidRequest('the body must be {"model": "<name from GET /models>"} (cluster mode: '
+                                        'optionally "workers": [names])')
+        answer = runtime.load_model(body["model"], body.get("workers"))
+        # Cluster mode: workers still loading when TWIN_MODEL_LOAD_WAIT_SECONDS ran out switch later.
+        return json_response(202 if answer.get("pending") else 200, answer, {})
 
     @app.get("/openapi.json")
     def openapi():

@@ -1,5 +1,6 @@
 """Cluster mode on a real redis-server: throughput with 1, 2, 4 GPU workers, chaos (workers SIGKILLed
-and restarted under load), and /status latency with 50 pollers while 3 workers run.
+and restarted under load), /status latency with 50 pollers while 3 workers run, and a base-model swap
+under load (POST /models/load to 2 workers while jobs arrive: swap time per worker, jobs during, failed).
 
 The API node is a real gunicorn (``tests.fake_server_app:create()``) and the workers are real
 ``python -m utils.jobs.rq_worker`` processes on the generator double with a fixed step time (a sleep:
@@ -7,6 +8,7 @@ the CPU is not the bottleneck, so the scaling measured is the queue's, not this 
 
     python bench/bench_cluster.py                       # everything, one run prints all
     python bench/bench_cluster.py --jobs 24 --chaos-jobs 100 --step 0.1
+    python bench/bench_cluster.py --only swap --swap-engine tiny   # the swap on the real tiny engines
 Needs redis-server on PATH (scripts/setup_system.sh).
 """
 from __future__ import annotations
@@ -35,22 +37,35 @@ from tests.fixtures.service import FAKE_APP, Server  # noqa: E402
 TOKEN = "X-Client-Token"
 
 
+ADMIN = "bench-admin"
+
+
 class Cluster:
-    def __init__(self, tmp: Path, step: float) -> None:
-        self.tmp, self.step = tmp, step
+    def __init__(self, tmp: Path, step: float, engine: str = "fake") -> None:
+        """``engine``: "fake" (the doubles; workers have the registry double when FAKE_MODELS is set) or
+        "tiny" (gunicorn on app:create_app() and workers on the real tiny-profile engines)."""
+        self.tmp, self.step, self.engine = tmp, step, engine
         self.redis = RedisServer(shutil.which("redis-server") or sys.exit("redis-server not found"), tmp / "redis").start()
         self.env = {"TWIN_DATA_DIR": str(tmp / "data"), "TWIN_QUEUE_URL": self.redis.url, "TWIN_RETENTION_HOURS": "0",
                     "TWIN_WARMUP": "0", "TWIN_WORKER_HEARTBEAT_SECONDS": "0.5", "TWIN_RETRY_BACKOFF": "1",
                     "TWIN_QUEUE_MAX": "100000", "TWIN_RATE_LIMIT_UPLOAD": "1000000/minute",
                     "TWIN_RATE_LIMIT_GENERATE": "1000000/minute", "TWIN_LOG_LEVEL": "WARNING",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.api = Server(self.env, tmp / "api.log", FAKE_APP).start(60)
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TWIN_ADMIN_KEYS": ADMIN}
+        self.worker_env: dict[str, str] = {}
+        if engine == "tiny":
+            self.env.update(TWIN_MODEL_PROFILE="tiny", TWIN_FACE_BACKEND="dlib", TWIN_DEVICE="cpu",
+                            TWIN_MAX_STEPS="2", TWIN_MODEL_DIR=str(tmp / "no-models"))
+        self.api = Server(self.env, tmp / "api.log", FAKE_APP if engine == "fake" else "app:create_app()").start(180)
         self.http = requests.Session()
         self.n5xx = 0
         self.workers: list[subprocess.Popen] = []
         self._n = 0
-        r = self.http.post(self.api.url + "/upload", files=[("files", (f"s{i}.png", image_bytes((20 * i, 90, 40))))
-                                                             for i in range(3)])
+        if engine == "tiny":
+            from tests.photos import selfie_set
+            files = [("files", f) for f in selfie_set(2)]
+        else:
+            files = [("files", (f"s{i}.png", image_bytes((20 * i, 90, 40)))) for i in range(3)]
+        r = self.http.post(self.api.url + "/upload", files=files)
         r.raise_for_status()
         self.token = r.json()["client_token"]
 
@@ -62,11 +77,13 @@ class Cluster:
 
     def start_worker(self) -> subprocess.Popen:
         import os
-        env = {**os.environ, **self.env, "FAKE_STEP_SECONDS": str(self.step), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "FAKE_STEP_SECONDS": str(self.step), "PYTHONUNBUFFERED": "1",
+               **self.worker_env}
         self.procs = getattr(self, "procs", {})
         self._n += 1
+        components = ["--components", "tests.fake_server_app:worker_components"] if self.engine == "fake" else []
         p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", f"bench{self._n}",
-                              "--components", "tests.fake_server_app:worker_components"], cwd=REPO, env=env,
+                              *components], cwd=REPO, env=env,
                              stdout=open(self.tmp / f"worker{self._n}.log", "wb"), stderr=subprocess.STDOUT)
         self.workers.append(p)
         self.procs[f"bench{self._n}"] = p
@@ -244,6 +261,62 @@ def status_latency(c: Cluster, pollers: int, seconds: float, interval: float) ->
     c.stop_workers()
 
 
+def swap(c: Cluster, rounds: int, load_s: float) -> None:
+    """2 workers switch base model while jobs keep arriving (one every 0.1 s): per worker the swap time
+    (command -> switched: load beside + wait for the running job + swap), the jobs submitted during the
+    switch, how many failed, and which model each job ran on. ``rounds`` switches, alternating."""
+    if c.engine == "fake":
+        c.worker_env = {"FAKE_MODELS": "base,alt", "FAKE_MODEL": "base", "FAKE_LOAD_SECONDS": str(load_s)}
+        names = ["base", "alt"]
+        what = f"registry double, {load_s:g} s load, {c.step:g} s steps"
+    else:
+        names = ["tiny-sdxl", "tiny-alt"]
+        what = "real tiny engines (tiny-sdxl <-> tiny-alt single file), CPU"
+    print(f"== swap under load: 2 workers, {rounds} switches, {what}")
+    for _ in range(2):
+        c.start_worker()
+    end = time.time() + 300
+    while len(c.req("GET", "/models").json().get("workers", [])) < 2:
+        if time.time() > end:
+            raise SystemExit("2 workers not in the model registry in 300 s")
+        time.sleep(0.2)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    all_ids: list[str] = []
+    for i in range(rounds):
+        target = names[(i + 1) % 2]
+        ids: list[str] = []
+        stop = threading.Event()
+
+        def submit_loop():
+            while not stop.is_set():
+                ids.extend(c.submit(1))
+                time.sleep(0.1)
+
+        th = threading.Thread(target=submit_loop)
+        th.start()
+        time.sleep(0.5)
+        t0 = time.time()
+        r = c.http.post(c.api.url + "/models/load", json={"model": target}, headers=admin, timeout=600)
+        wall = time.time() - t0
+        stop.set()
+        th.join()
+        body = r.json()
+        done = c.wait_done(ids)
+        failed = [d for d in done.values() if d["status"] != "succeeded"]
+        used: dict[str, int] = {}
+        for d in done.values():
+            m = (d.get("metadata") or {}).get("model", "?")
+            used[m] = used.get(m, 0) + 1
+        per = ", ".join(f"{w['name']} {w.get('swap_s')} s (load {w.get('load_s')} s, waited {w.get('swap_wait_s')} s)"
+                        for w in body.get("workers", []))
+        print(f"   -> {target}: HTTP {r.status_code} in {wall:.2f} s; per worker: {per}")
+        print(f"      {len(ids)} jobs submitted around the switch: {len(failed)} failed, "
+              f"{len(ids) - len(done)} not finished; ran on {used}")
+        all_ids += ids
+    c.stop_workers()
+    c.worker_env = {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=24)
@@ -255,10 +328,14 @@ def main() -> None:
     ap.add_argument("--poll-seconds", type=float, default=10.0)
     ap.add_argument("--poll-interval", type=float, default=0.25,
                     help="seconds between one poller's requests, as bench_service (the /test page polls every 0.3-0.5 s)")
-    ap.add_argument("--only", choices=("throughput", "chaos", "status"), default=None)
+    ap.add_argument("--only", choices=("throughput", "chaos", "status", "swap"), default=None)
+    ap.add_argument("--swap-engine", choices=("fake", "tiny"), default="fake",
+                    help="the swap run on the registry double (default) or on the real tiny engines")
+    ap.add_argument("--swap-rounds", type=int, default=4)
+    ap.add_argument("--swap-load", type=float, default=1.0, help="load time of the registry double (s)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    c = Cluster(tmp, a.step)
+    c = Cluster(tmp, a.step, a.swap_engine if a.only == "swap" else "fake")
     try:
         if a.only in (None, "throughput"):
             throughput(c, a.jobs)
@@ -266,6 +343,8 @@ def main() -> None:
             chaos(c, a.chaos_jobs, a.kill_every, a.chaos_step)
         if a.only in (None, "status"):
             status_latency(c, a.pollers, a.poll_seconds, a.poll_interval)
+        if a.only in (None, "swap"):
+            swap(c, a.swap_rounds, a.swap_load)
     finally:
         c.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -284,24 +284,47 @@
   }
 
   // GET /models: the base models; POST /models/load switches (admin key only: the server says 401 / 403).
+  // Local mode: `active` is the one model. Cluster mode: `active` lists the models loaded on the live GPU
+  // workers and `workers` says which worker holds which (and its load state).
+  function describeModels(body) {
+    if (!Array.isArray(body.active)) return `Active: ${body.active}`;
+    const held = (body.workers || []).map((w) => `${w.name}: ${w.model || "no model"}` +
+      (w.state === "loading" ? ` (loading ${w.target})` : w.state === "failed" ? " (last load failed)" : ""));
+    return `Loaded on the GPU workers: ${body.active.join(", ") || "none"}` + (held.length ? ` · ${held.join(" · ")}` : "");
+  }
   async function loadModels() {
     try {
       const body = await api("/models");
       const names = (body.models || []).map((m) => m.name);
-      fillSelect($("base_model"), names, (n) => n, body.active);   // keeps a choice being made
+      const current = Array.isArray(body.active) ? body.active[0] : body.active;
+      fillSelect($("base_model"), names, (n) => n, current);   // keeps a choice being made
       $("models-panel").hidden = false;
-      if (!$("model-state").textContent) say($("model-state"), `Active: ${body.active}`);
+      if (!$("model-state").textContent) say($("model-state"), describeModels(body));
     } catch (e) { $("models-panel").hidden = true; }
   }
 
+  // The switch is admin only. Without API keys the page sends no key at all, so the panel has its own
+  // admin-key field (kept in memory only); when it is empty the page's key is sent, as before.
+  function adminHeaders() {
+    const key = $("admin_key").value.trim();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+  function describeSwitch(out) {
+    if (!Array.isArray(out.workers)) {
+      return `Active: ${out.model}` + (out.switched ? ` (switched from ${out.previous} in ${out.swap_s} s)` : "");
+    }
+    return `Switched to ${out.model}: ` + out.workers.map((w) => w.pending ? `${w.name} still loading` :
+      w.ok ? `${w.name} in ${w.swap_s} s (was ${w.previous})` : `${w.name} not switched (${(w.error || {}).message})`).join(" · ");
+  }
   async function switchModel() {
     const name = $("base_model").value;
     $("model-load-btn").disabled = true;
     say($("model-state"), `Loading ${name}…`);
     try {
-      const out = await api("/models/load", { method: "POST", headers: { "Content-Type": "application/json" },
+      const out = await api("/models/load", { method: "POST",
+                                              headers: { "Content-Type": "application/json", ...adminHeaders() },
                                               body: JSON.stringify({ model: name }) });
-      say($("model-state"), `Active: ${out.model}` + (out.switched ? ` (switched from ${out.previous} in ${out.swap_s} s)` : ""));
+      say($("model-state"), describeSwitch(out));
     } catch (e) {
       say($("model-state"), `Not switched: ${e.message}`);
       await loadModels();

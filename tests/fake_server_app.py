@@ -15,8 +15,16 @@ def create():
 
 def worker_components(settings):
     """``python -m utils.jobs.rq_worker --components tests.fake_server_app:worker_components``: a cluster
-    GPU worker on the doubles (FAKE_STEP_SECONDS per step)."""
-    return FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))), FakeFaceService()
+    GPU worker on the doubles (FAKE_STEP_SECONDS per step). With FAKE_MODELS (comma-separated names) the
+    generator double has a base-model registry: FAKE_MODEL active, FAKE_LOAD_SECONDS per load."""
+    step = float(os.environ.get("FAKE_STEP_SECONDS", "0"))
+    if os.environ.get("FAKE_MODELS"):
+        from tests.fakes import FakeModelGenerator
+        models = os.environ["FAKE_MODELS"].split(",")
+        return FakeModelGenerator(models=models, active=os.environ.get("FAKE_MODEL", models[0]),
+                                  load_seconds=float(os.environ.get("FAKE_LOAD_SECONDS", "0")),
+                                  step_seconds=step), FakeFaceService()
+    return FakeGenerator(step_seconds=step), FakeFaceService()
 
 def create_likeness():
     from tests.fakes import PhotoGenerator

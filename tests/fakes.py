@@ -297,3 +297,75 @@ def image_bytes(color=(200, 120, 80), size=(96, 96), fmt="PNG", noisy: bool = Tr
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class FakeModelRequest(FakeGenerationRequest):
+    """FakeGenerationRequest plus the ``model`` field (the base model a job is pinned to)."""
+    model: str | None = None
+
+    @classmethod
+    def from_dict(cls, payload: dict, settings) -> "FakeModelRequest":
+        payload = dict(payload)
+        model = payload.pop("model", None)
+        if model is not None and (not isinstance(model, str) or not 1 <= len(model) <= 200):
+            raise errors.InvalidRequest(f"model={model!r} must be a base model name")
+        return replace(FakeGenerationRequest.from_dict.__func__(cls, payload, settings), model=model)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "model": self.model}
+
+
+class FakeModelGenerator(FakeGenerator):
+    """A generator double with the base-model registry contract (models_catalogue / load_model, as in
+    docs/ARCHITECTURE.md): ``load_seconds`` per load beside the active model, the swap between jobs (a
+    model lock held by each generate()), a name starting with ``broken`` fails to load naming its file,
+    a pinned request for another model fails with model_not_loaded, metadata.model says which ran."""
+    request_type = FakeModelRequest
+
+    def __init__(self, *, models=("base", "alt", "broken"), active: str = "base", load_seconds: float = 0.0,
+                 **kw) -> None:
+        super().__init__(**kw)
+        self.model_names, self.active, self.load_seconds = list(models), active, load_seconds
+        self._model_lock = threading.RLock()
+        self._load_lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {**super().info(), "model_name": self.active, "active_model": self.active}
+
+    def models_catalogue(self) -> dict:
+        return {"active": self.active,
+                "models": [{"name": n, "kind": "single-file", "file": f"{n}.safetensors", "active": n == self.active}
+                           for n in self.model_names],
+                "loras": ["fake_style"]}
+
+    def load_model(self, name: str) -> dict:
+        if name not in self.model_names:
+            raise errors.InvalidRequest(f"model={name!r} is not a local base model; available: "
+                                        f"{', '.join(self.model_names)}", code="unknown_model", http_status=404)
+        with self._load_lock:
+            old = self.active
+            if name == old:
+                return {"model": name, "previous": old, "switched": False, "load_s": 0.0, "swap_wait_s": 0.0}
+            t0 = time.perf_counter()
+            time.sleep(self.load_seconds)
+            if name.startswith("broken"):
+                raise errors.InvalidRequest(f"model={name!r} failed to load from /models/checkpoints/{name}.safetensors: "
+                                            f"SafetensorError: header too large; {old!r} stays active",
+                                            code="model_load_failed", http_status=422)
+            t1 = time.perf_counter()
+            with self._model_lock:     # between jobs
+                t2 = time.perf_counter()
+                self.active = name
+            return {"model": name, "previous": old, "switched": True, "load_s": round(t1 - t0, 3),
+                    "swap_wait_s": round(t2 - t1, 3)}
+
+    def generate(self, req, on_progress=None, should_cancel=None) -> FakeResult:
+        with self._model_lock:
+            want = getattr(req, "model", None)
+            if want is not None and want != self.active:
+                raise errors.InvalidRequest(f"model={want!r} was requested but the active base model is "
+                                            f"{self.active!r}", code="model_not_loaded", http_status=409)
+            result = super().generate(req, on_progress, should_cancel)
+            result.metadata["model"] = self.active
+            return result

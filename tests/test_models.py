@@ -261,3 +261,40 @@ def test_generate_with_model_field(make_app, service_settings, swap_generator, f
         assert err["code"] == code and repr(model) in err["message"]
         if code == "model_not_loaded":
             assert repr(BASE) in err["message"]
+
+
+def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_settings, tmp_path):
+    """The child is killed after a switch: it comes back on the model that was active, not the default.
+    When that file no longer loads, it serves the default model and says so (log, info, /health)."""
+    import os
+    import signal
+    from tests.fakes import FakeFaceService
+    from tests.fixtures.service import wait_until
+    from utils.jobs.generator_process import GeneratorProcess
+    from utils.services import Runtime
+    folder = tmp_path / "tiny-model"
+    shutil.copytree(swap_settings.resolved_tiny_model_dir, folder)
+    settings = swap_settings.replace(tiny_model_dir=folder, data_dir=tmp_path / "data")
+    gen = GeneratorProcess(settings).setup()
+    runtime = Runtime(settings, [gen], FakeFaceService())
+    runtime.state = "ready"   # as after set-up; /health follows the generator process
+    req = GenerationRequest.from_dict({"prompt": "p", "style": "none", "width": 64, "height": 64, "seed": 1}, settings)
+    try:
+        assert gen.load_model(ALT)["switched"]
+        for kill, corrupt, want_model in [(1, False, ALT), (2, True, BASE)]:
+            if corrupt:
+                (folder / "checkpoints" / f"{ALT}.safetensors").write_bytes(b"truncated")
+            pid = gen.pid
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: gen.pid != pid and gen.state == "ready", 120, 0.05)
+            assert gen.restarts == kill
+            assert gen.generate(req).metadata["model"] == want_model
+            assert gen.info()["model_name"] == want_model
+            if corrupt:
+                assert f"{ALT}.safetensors" in gen.info()["model_error"]
+                assert repr(ALT) in runtime.health()["model_error"]
+            else:
+                assert "model_error" not in gen.info() and "model_error" not in runtime.health()
+    finally:
+        gen.close()
+        runtime.store.close()

@@ -670,3 +670,46 @@ def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny
             state_has(needle)
     finally:
         context.close()
+
+
+def test_page_model_panel_in_cluster_mode_with_the_admin_key_field(browser, start_server, redis_server, tmp_path):
+    """Cluster mode on the doubles (gunicorn API node + two worker processes on different models), no API
+    keys: the panel lists what each worker holds; a switch without an admin key shows the server's 403; the
+    panel's own admin-key field (the page has no key field without API keys) switches every worker."""
+    from tests.fixtures.service import FAKE_APP, server_env, wait_until
+    from tests.test_cluster import Workers
+    from utils.jobs.rq_models import live_workers
+    env = server_env(tmp_path / "data", TWIN_QUEUE_URL=redis_server.url, TWIN_WORKER_HEARTBEAT_SECONDS="0.5",
+                     TWIN_ADMIN_KEYS="admin-key")
+    server = start_server(env, app_spec=FAKE_APP)
+    workers = Workers(tmp_path)
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+
+    def state_has(text: str) -> None:
+        try:
+            page.wait_for_function("n => document.querySelector('#model-state').textContent.includes(n)",
+                                   arg=text, timeout=30_000)
+        except Exception:
+            raise AssertionError(f"{text!r} not in {page.locator('#model-state').text_content()!r}") from None
+
+    try:
+        twin_env = {k: v for k, v in env.items() if k.startswith("TWIN_")}
+        for name, model in (("w0", "base"), ("w1", "alt")):
+            workers.start_env({**twin_env, "FAKE_MODELS": "base,alt", "FAKE_MODEL": model}, name=name)
+        conn = redis_server.client()
+        wait_until(lambda: len(live_workers(conn)) == 2, 60, 0.1)
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#models-panel:not([hidden])", timeout=30_000)
+        state_has("Loaded on the GPU workers: alt, base · w0: base · w1: alt")
+        assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["base", "alt"]
+        page.select_option("#base_model", "alt")
+        for key, needle in [("", "needs an admin key"), ("admin-key", "Switched to alt: w0 in")]:
+            page.fill("#admin_key", key)
+            page.click("#model-load-btn")
+            state_has(needle)
+        state_has("w1 in")
+        assert {w["model"] for w in live_workers(conn).values()} == {"alt"}
+    finally:
+        context.close()
+        workers.stop_all()

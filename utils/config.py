@@ -125,6 +125,8 @@ class Settings:
     job_attempts: int = _setting(3, "Cluster: runs of a job whose worker died (SIGKILL, crash, lost machine) before it ends failed/worker_lost; a job that fails or is canceled is never re-run.", lo=1, hi=10)
     retry_backoff: str = _setting("5,20", "Cluster: seconds to wait before attempt 2, 3, ... of a job whose worker died (comma-separated; the last value repeats).")
     worker_heartbeat_seconds: float = _setting(2.0, "Cluster: how often a GPU worker renews its job's heartbeat; a job without one for 4x this is re-run elsewhere (RQ's own default is minutes).", lo=0.5, hi=60.0)
+    model_load_wait_seconds: float = _setting(300.0, "Cluster: how long POST /models/load waits for the GPU workers to load the model and switch (a real SDXL checkpoint loads in about a minute); a worker still loading then is listed as pending (202) and switches when done.", lo=1.0, hi=3600.0)
+    model_strand_seconds: float = _setting(10.0, "Cluster: a queued job that names a model no live GPU worker holds or is loading (its workers switched away or died) fails with model_not_loaded after this grace.", lo=0.5, hi=3600.0)
 
     # --- service -----------------------------------------------------------------------------
     score_outputs: bool = _setting(False, "Score each generated image's likeness to the session's faces (identity_similarity in outputs); costs one face detection + embedding per image (~40 ms on a 2-core CPU with the dlib backend, torch descriptor).")

@@ -528,7 +528,12 @@ class Runtime:
         """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
         generator checks again: a switch in between fails the job with the same code)."""
         want = getattr(req, "model", None)
-        if want is None or self.settings.cluster or not hasattr(gen, "models_catalogue"):
+        if want is None:
+            return
+        if self.settings.cluster:
+            self.manager.check_model(want)   # the live workers' catalogues and models, in Redis
+            return
+        if not hasattr(gen, "models_catalogue"):
             return
         cat = gen.models_catalogue()
         names = [m["name"] for m in cat["models"]]
@@ -786,6 +791,12 @@ class Runtime:
                     if err is not None:
                         body["error"] = getattr(err, "message", str(err))
                     break
+            for g in self.generators:
+                # A restarted generator process that could not reload its base model serves the default one.
+                model_error = getattr(g, "model_error", None)
+                if isinstance(model_error, str):
+                    body["model_error"] = model_error
+                    break
         if self.settings.cluster:
             # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
             try:
@@ -809,10 +820,11 @@ class Runtime:
             "state": self.state,
             "version": VERSION,
             "mode": "cluster" if cluster else "local",
-            # GET /models and POST /models/load work (local mode, a generator with a registry): clients
-            # such as the /test page ask for the catalogue only then, instead of meeting a 501.
-            "model_registry": bool(not self.settings.cluster and self.generators
-                                   and hasattr(self.generators[0], "models_catalogue")),
+            # GET /models and POST /models/load work (cluster mode: the workers' registry in Redis; local
+            # mode: a generator with a registry): clients such as the /test page ask for the catalogue only
+            # then, instead of meeting a 501.
+            "model_registry": bool(self.settings.cluster or (self.generators
+                                                              and hasattr(self.generators[0], "models_catalogue"))),
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "model": {"profile": info.get("profile"), "variant": info.get("variant"),
                       "model_name": info.get("model_name"), "is_demo": info.get("is_demo"),
@@ -845,25 +857,33 @@ class Runtime:
     # --- base-model registry (GET /models, /loras, POST /models/load) ---------------------------------
     def models_catalogue(self) -> dict:
         self.require_ready()
+        if self.settings.cluster:
+            # Each live GPU worker's model, catalogue and load state, from Redis (utils/jobs/rq_models.py).
+            return self.manager.models_catalogue()
         gen = self.generators[0] if self.generators else None
-        if self.settings.cluster or gen is None:
-            # Cluster mode (issue 17): each GPU worker would say which model it holds and jobs route to one
-            # that has it; not built yet, so say so rather than answer for one process.
-            raise errors.InvalidRequest("the base-model registry is not available in cluster mode yet",
-                                        code="not_supported", http_status=501)
-        if not hasattr(gen, "models_catalogue"):
+        if gen is None or not hasattr(gen, "models_catalogue"):
             raise errors.InvalidRequest("this generator has no model registry", code="not_supported", http_status=501)
         return gen.models_catalogue()
 
-    def load_model(self, name: Any) -> dict:
+    def load_model(self, name: Any, workers: Any = None) -> dict:
         """Every generator loads ``name`` beside its model and switches between jobs (see
-        DigitalTwinGenerator.load_model). The first failure stops: the generators not reached keep theirs."""
+        DigitalTwinGenerator.load_model). The first failure stops: the generators not reached keep theirs.
+        Cluster mode: the live GPU workers (or those named in ``workers``) do it, each answering for itself."""
         self.require_ready()
-        if self.settings.cluster or not self.generators:
-            raise errors.InvalidRequest("switching the base model is not available in cluster mode yet",
-                                        code="not_supported", http_status=501)
         if not isinstance(name, str) or not name.strip():
             raise errors.InvalidRequest(f"model={name!r} must be a base model name (GET /models)")
+        if workers is not None and (not isinstance(workers, list) or not workers or len(workers) > 1000
+                                    or not all(isinstance(w, str) and 0 < len(w) <= 200 for w in workers)):
+            raise errors.InvalidRequest(f"workers={workers!r} must be a non-empty list of GPU worker names "
+                                        "(GET /models lists them)")
+        if self.settings.cluster:
+            return self.manager.load_model(name, workers)
+        if workers is not None:
+            raise errors.InvalidRequest("workers is for cluster mode (TWIN_QUEUE_URL); this server has no "
+                                        "GPU workers to name")
+        if not self.generators:
+            raise errors.InvalidRequest("this server has no generator to switch", code="not_supported",
+                                        http_status=501)
         t0 = time.perf_counter()
         results = [g.load_model(name) for g in self.generators]
         out = dict(results[0])

@@ -250,16 +250,25 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                                "defaults": {"type": "object"}}}}}}}}}}}},
         "/models": {"get": {"operationId": "models", "responses": {
             "200": {"description": "Base models available locally (the diffusers folder and every single-file "
-                                   "checkpoint under TWIN_MODEL_DIR/checkpoints/) and the active one.",
+                                   "checkpoint under TWIN_MODEL_DIR/checkpoints/) and the active one. Cluster mode: "
+                                   "the union of the live GPU workers' models, `active` lists the models loaded on "
+                                   "them, `workers` says which worker holds which (and its load state).",
                     "content": {"application/json": {"schema": {
                         "type": "object", "required": ["active", "models"], "properties": {
-                            "active": {"type": "string"},
+                            "active": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                             "models": {"type": "array", "items": {
                                 "type": "object", "required": ["name", "kind", "active"],
                                 "properties": {"name": {"type": "string"},
                                                "kind": {"type": "string", "enum": ["diffusers-folder", "single-file"]},
                                                "file": _nullable({"type": "string"}),
-                                               "active": {"type": "boolean"}}}}}}}}},
+                                               "active": {"type": "boolean"},
+                                               "workers": {"type": "array", "items": {"type": "string"}}}}},
+                            "workers": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "model", "state"],
+                                "properties": {"name": {"type": "string"}, "model": _nullable({"type": "string"}),
+                                               "family": _nullable({"type": "string"}),
+                                               "state": {"type": "string", "enum": ["idle", "loading", "failed"]},
+                                               "target": {"type": "string"}, "error": {"type": "string"}}}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
         "/loras": {"get": {"operationId": "loras", "responses": {
             "200": {"description": "Style LoRAs the loader knows (the `lora` request field's values).",
@@ -271,20 +280,36 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "operationId": "loadModel",
             "description": "Admin only (TWIN_ADMIN_KEYS): load a base model beside the active one and switch to "
                            "it between jobs, then free the old one. Jobs that name another `model` fail with "
-                           "model_not_loaded; jobs without `model` run on the active one and report it.",
+                           "model_not_loaded; jobs without `model` run on the active one and report it. Cluster "
+                           "mode: every live GPU worker that has the model (or those in `workers`) does so and "
+                           "answers for itself; the API waits up to TWIN_MODEL_LOAD_WAIT_SECONDS.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["model"], "additionalProperties": False,
-                "properties": {"model": {"type": "string", "minLength": 1}}}}}},
+                "properties": {"model": {"type": "string", "minLength": 1},
+                               "workers": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                                           "description": "Cluster mode: the GPU workers to switch (GET /models "
+                                                          "lists them); default every live worker with the model."}}}}}},
             "responses": {
-                "200": {"description": "Switched (or already active).", "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["model", "previous", "switched"], "properties": {
+                "200": {"description": "Switched (or already active). Local mode: one answer for the process; "
+                                       "cluster mode: `workers` is a list of per-worker answers.",
+                        "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["model"], "properties": {
                         "model": {"type": "string"}, "previous": {"type": "string"}, "switched": {"type": "boolean"},
                         "load_s": {"type": "number"}, "swap_wait_s": {"type": "number"}, "swap_s": {"type": "number"},
-                        "workers": {"type": "integer"}}}}}},
+                        "workers": {"oneOf": [{"type": "integer"}, {"type": "array", "items": {
+                            "type": "object", "required": ["name", "ok"], "properties": {
+                                "name": {"type": "string"}, "model": _nullable({"type": "string"}),
+                                "previous": _nullable({"type": "string"}), "ok": {"type": "boolean"},
+                                "swap_s": {"type": "number"}, "pending": {"type": "boolean"},
+                                "error": {"type": "object"}}}}]},
+                        "pending": {"type": "array", "items": {"type": "string"}}}}}}},
+                "202": {"description": "Cluster mode: some workers were still loading when the wait ended "
+                                       "(`pending` names them); they switch when done."},
                 "400": _error("The body is not {\"model\": name}."),
                 "401": _error("API keys are on and the key is missing or unknown."),
                 "403": _error("Not an admin key, or TWIN_ADMIN_KEYS is not set."),
-                "404": _error("No local base model of that name (unknown_model)."),
+                "404": _error("No local base model of that name (unknown_model); cluster mode: no live worker of a "
+                              "name in `workers` (unknown_worker)."),
                 "422": _error("The checkpoint failed to load (model_load_failed, the file named); the old model keeps serving."),
                 "503": _error("The model is still loading.", retry_after=True)}}},
         "/openapi.json": {"get": {"operationId": "openapi", "responses": {

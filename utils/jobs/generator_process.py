@@ -312,6 +312,10 @@ class GeneratorProcess:
         self._ids = itertools.count(1)
         self._closed = False
         self.restart_wait_s = 600.0            # longest a call waits for a restart (a real SDXL load is ~1 min)
+        # The base model a restarted child must come back on (the last successful load_model; None: the
+        # default one), and why it could not, when a replay failed (info()/health show it).
+        self._wanted_model: str | None = None
+        self.model_error: str | None = None
         atexit.register(_close_at_exit, weakref.ref(self))
 
     # --- lifecycle ---
@@ -333,6 +337,7 @@ class GeneratorProcess:
         reply = child.setup_reply.get()
         if reply[0] == "ready":
             self._info = dict(reply[1])
+            self._replay_model(child)   # before "ready": no job may run on the default model meanwhile
             self.error, self.state = None, "ready"
             self._settled.set()
             log.info("generation process ready", extra={"pid": child.proc.pid, "restarts": self.restarts,
@@ -349,6 +354,32 @@ class GeneratorProcess:
         self.state = "setup_failed"
         self._settled.set()
         child.stop(grace=1.0)
+
+    def _replay_model(self, child: _Child) -> None:
+        """A restarted child starts on the default base model: load the one that was active, so the
+        restart does not switch models silently. A failed replay keeps the default model, logs it and
+        says so in ``model_error`` (info(), /health); pinned jobs then fail with model_not_loaded."""
+        want = self._wanted_model
+        self.model_error = None
+        if want is None or want == self._info.get("active_model", self._info.get("model_name")):
+            return
+        rid = next(self._ids)
+        q = child.register(rid)
+        try:
+            child.send(("call", rid, "load_model", (want,), {}))
+        except (OSError, ValueError):
+            pass
+        try:
+            out = self._wait(child, rid, q)
+        except BaseException as e:  # noqa: BLE001 - the child still serves its default model
+            msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            self.model_error = (f"the restarted generation process could not load base model {want!r} again, "
+                                f"so it serves {self._info.get('model_name')!r}: {msg}")
+            log.error("restarted generation process is back on the default base model",
+                      extra={"wanted_model": want, "error": msg})
+            return
+        self._info["model_name"] = self._info["active_model"] = out["model"]
+        log.info("restarted generation process reloaded its base model", extra={"model": want})
 
     def _child_died(self, child: _Child) -> None:
         """Reader thread, on EOF: restart in the background unless this was a deliberate close."""
@@ -410,6 +441,8 @@ class GeneratorProcess:
         if self.error is not None:
             out["error"] = self.error.to_dict()
         out["process"] = {"pid": self.pid, "restarts": self.restarts}
+        if self.model_error is not None:
+            out["model_error"] = self.model_error
         return out
 
     # --- calls ---
@@ -481,9 +514,10 @@ class GeneratorProcess:
 
     def load_model(self, name: str) -> dict[str, Any]:
         """Served by the child's call thread: the new model loads while a job generates; the child's
-        generator switches between jobs. A restarted child starts on the default base model again."""
+        generator switches between jobs. A restarted child loads this model again (``_replay_model``)."""
         out = self._call("load_model", name)
         self._info["model_name"] = self._info["active_model"] = out["model"]
+        self._wanted_model, self.model_error = out["model"], None
         return out
 
     def generate(self, req, on_progress: Callable[[int, int], Any] | None = None,

@@ -15,12 +15,19 @@ it runs in local mode: ``Runtime._run_job``), loads the models once, and then wo
   worker makes RQ re-run a job. A record that is already terminal is never overwritten, and an attempt
   that finds its record terminal does nothing (rq#2424: success wins);
 - SIGTERM: the running job finishes (RQ's warm shutdown); past TWIN_DRAIN_SECONDS it is stopped at its
-  next step and re-queued without counting the attempt; then the process exits 0.
+  next step and re-queued without counting the attempt; then the process exits 0;
+- base models (utils/jobs/rq_models.py): the worker publishes its model, catalogue and load state in its
+  info hash (a refresher thread keeps it alive), listens on its model's queue before ``twin``, and a
+  control thread runs switch commands: load beside, switch between jobs (the generator's load_model),
+  then move the queues. RQ's dequeue blocks at most 1 s here, so the new queues are read within a second.
+  A pinned job that meets another model (dequeued in the instant of a switch) goes back to its model's
+  queue without counting an attempt.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -34,10 +41,12 @@ from rq import get_current_job
 from rq.serializers import JSONSerializer
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
+from rq import worker_registration
 
 from utils import errors
 from utils.config import Settings
-from utils.jobs.rq_queue import WORKER_INFO, make_queue
+from utils.jobs import rq_models
+from utils.jobs.rq_queue import WORKER_INFO, make_model_queue, make_queue
 from utils.jobs.store import JobStatus, failure_outcome
 
 log = logging.getLogger("twin.worker")
@@ -47,6 +56,11 @@ _worker: "TwinWorker | None" = None
 
 class WorkerDraining(Exception):
     """Raised out of a job stopped by a worker's shutdown, so RQ puts it back on the queue."""
+
+
+class WrongModel(Exception):
+    """Raised out of a pinned job that met another base model (a switch in between), so RQ puts it back
+    on its model's queue (its origin) for a worker that holds it."""
 
 
 def perform(job_id: str) -> None:
@@ -69,6 +83,31 @@ class TwinWorker(SimpleWorker):
         self._drain_requeue = False
         self._drain_timer: threading.Timer | None = None
         self.stop_asked = False
+        self.active_model: str | None = None
+
+    # --- base model: which queues this worker listens to ---
+    @property
+    def dequeue_timeout(self) -> int:
+        # RQ blocks in BLPOP this long before it reads self._ordered_queues again: short, so a switch
+        # moves this worker to its new model's queue within a second (RQ's default is worker_ttl - 15).
+        return 1
+
+    def listen_for(self, model: str | None) -> None:
+        """Listen on ``model``'s queue first, then the shared one (unpinned jobs run on any model)."""
+        conn = self.connection
+        queues = ([make_model_queue(conn, model)] if model else []) + [make_queue(conn)]
+        try:
+            worker_registration.unregister(self)
+        except Exception:  # noqa: BLE001 - not registered yet (before work()) or Redis blinked
+            pass
+        self.queues, self._ordered_queues = queues, queues[:]   # the work loop reads them at its next dequeue
+        self.active_model = model
+        try:
+            if self.connection.exists(self.key):
+                worker_registration.register(self)
+                self.connection.hset(self.key, "queues", ",".join(self.queue_names()))
+        except Exception:  # noqa: BLE001
+            pass
 
     # --- heartbeats ---
     def get_heartbeat_ttl(self, job) -> int:
@@ -143,6 +182,9 @@ class TwinWorker(SimpleWorker):
         job = store.get(job_id)
         if job is None:
             return None
+        want = job["payload"].get("model")
+        if want and self.active_model and want != self.active_model:
+            self._back_to_model_queue(job_id, want)   # dequeued in the instant of a switch away from it
         log.info("job started", extra={"job_id": job_id, "attempt": job["attempts"]})
 
         def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
@@ -170,19 +212,156 @@ class TwinWorker(SimpleWorker):
             store.finish(job_id, JobStatus.CANCELED, code="canceled", message="canceled by the user")
             log.info("job canceled", extra={"job_id": job_id})
             return None
+        except errors.TwinError as e:
+            if e.code == "model_not_loaded" and want:
+                # The generator switched between the check above and the job's start: not the job's fault.
+                self._back_to_model_queue(job_id, want)
+            self._record_failure(job_id, e)
+            return None
         except BaseException as e:  # noqa: BLE001 - a failure is recorded; only a dead worker re-runs a job
-            code, message = failure_outcome(e, rt_is_oom(e))
-            store.finish(job_id, JobStatus.FAILED, code=code, message=message)
-            if code == "internal_error":
-                log.error("job crashed", extra={"job_id": job_id, "traceback": traceback.format_exc()})
-            else:
-                log.warning("job failed", extra={"job_id": job_id, "error_code": code})
+            self._record_failure(job_id, e)
             if not isinstance(e, Exception):
                 raise
             return None
         store.finish(job_id, JobStatus.SUCCEEDED, metadata=metadata)
         log.info("job succeeded", extra={"job_id": job_id, "seconds": round(time.perf_counter() - t0, 3)})
         return None
+
+    def _back_to_model_queue(self, job_id: str, want: str) -> None:
+        """Put a claimed pinned job back (attempt and RQ retry given back) and leave through RQ's retry,
+        which re-queues it on its model's queue; no live holder -> maintenance fails it as stranded."""
+        self.runtime.store.requeue(job_id)
+        rq_job = get_current_job()
+        if rq_job is not None:
+            rq_job.retries_left = (rq_job.retries_left or 0) + 1
+        log.info("pinned job back to its model's queue", extra={"job_id": job_id, "model": want,
+                                                                 "active_model": self.active_model})
+        raise WrongModel(f"job {job_id} wants model {want!r}; this worker now holds {self.active_model!r}")
+
+    def _record_failure(self, job_id: str, e: BaseException) -> None:
+        code, message = failure_outcome(e, rt_is_oom(e))
+        self.runtime.store.finish(job_id, JobStatus.FAILED, code=code, message=message)
+        if code == "internal_error":
+            log.error("job crashed", extra={"job_id": job_id, "traceback": traceback.format_exc()})
+        else:
+            log.warning("job failed", extra={"job_id": job_id, "error_code": code})
+
+
+class ModelControl:
+    """This worker's entry in the cluster's model registry (rq_models): publishes its info hash and keeps
+    it alive (refresher thread), and runs switch commands from ``twin:modelcmd:<name>`` (control thread).
+    The load runs beside the serving model; the generator swaps between jobs; then the queues move."""
+
+    def __init__(self, worker: "TwinWorker", generator, name: str, base: dict[str, str]) -> None:
+        self.worker, self.gen, self.name = worker, generator, name
+        self.conn = worker.connection
+        self.ttl = rq_models.live_ttl(worker.runtime.settings)
+        self.key = WORKER_INFO + name
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        try:
+            self.publish(**base, **self._model_fields(), state="idle", target="", error="")
+        except Exception:  # noqa: BLE001 - Redis away at start: the refresher publishes once it is back
+            pass
+        self.base = base
+
+    def _model_fields(self) -> dict[str, str]:
+        cat = getattr(self.gen, "models_catalogue", None)
+        if not callable(cat):
+            return {"model": "", "family": "", "catalogue": "[]", "loras": "[]"}
+        c = cat()
+        models = getattr(self.gen, "models", None)
+        family = getattr(models, "identity_model", None) or _safe_info(self.gen).get("profile") or ""
+        return {"model": c.get("active") or "", "family": str(family),
+                "catalogue": json.dumps([{k: m.get(k) for k in ("name", "kind", "file")} for m in c["models"]]),
+                "loras": json.dumps(list(c.get("loras", [])))}
+
+    @property
+    def active(self) -> str | None:
+        cat = getattr(self.gen, "models_catalogue", None)
+        return (cat().get("active") or None) if callable(cat) else None
+
+    def publish(self, **fields) -> None:
+        with self.conn.pipeline() as p:
+            p.hset(self.key, mapping={**fields, "seen": repr(time.time())})
+            p.expire(self.key, self.ttl)
+            p.sadd(rq_models.WORKER_NAMES, self.name)
+            p.execute()
+
+    def start(self) -> None:
+        for target, label in ((self._refresh_loop, "twin-model-info"), (self._command_loop, "twin-model-control")):
+            t = threading.Thread(target=target, name=label, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(3)
+        try:
+            with self.conn.pipeline() as p:
+                p.delete(self.key)
+                p.srem(rq_models.WORKER_NAMES, self.name)
+                p.execute()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                # The whole hash again when it expired (e.g. Redis restarted without it).
+                if self.conn.exists(self.key):
+                    self.publish()
+                else:
+                    self.publish(**self.base, **self._model_fields(), state="idle", target="", error="")
+            except Exception:  # noqa: BLE001 - Redis away for a moment: the next round tries again
+                pass
+
+    def _command_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                got = self.conn.blpop([rq_models.COMMANDS + self.name], timeout=1)
+            except Exception:  # noqa: BLE001 - Redis away: wait, then read the list again (nothing is lost)
+                self._stop.wait(1.0)
+                continue
+            if got is None:
+                continue
+            try:
+                cmd = json.loads(got[1])
+                self.run(str(cmd["id"]), str(cmd["model"]))
+            except Exception:  # noqa: BLE001 - a bad command must not end the control thread
+                log.error("model command failed", extra={"traceback": traceback.format_exc()})
+
+    def run(self, cmd_id: str, model: str) -> None:
+        before = self.active
+        load = getattr(self.gen, "load_model", None)
+        self.publish(state="loading", target=model)
+        t0 = time.perf_counter()
+        try:
+            if not callable(load):
+                raise errors.InvalidRequest("this worker's generator has no model registry", code="not_supported",
+                                            http_status=501)
+            out = load(model)
+        except errors.TwinError as e:
+            # The old model keeps serving, on its queues; the answer names the file.
+            log.warning("base model load failed", extra={"model": model, "error_code": e.code})
+            result = {"id": cmd_id, "model": before, "ok": False, "error": {"code": e.code, "message": e.message}}
+            self.publish(state="failed", target="", error=e.message, cmd=json.dumps(result))
+            return
+        self.worker.listen_for(out["model"])
+        result = {"id": cmd_id, "model": out["model"], "previous": out.get("previous", before), "ok": True,
+                  "switched": bool(out.get("switched", True)), "swap_s": round(time.perf_counter() - t0, 3),
+                  "load_s": out.get("load_s"), "swap_wait_s": out.get("swap_wait_s")}
+        self.publish(**self._model_fields(), state="idle", target="", error="", cmd=json.dumps(result))
+        log.info("base model switched", extra={"model": out["model"], "previous": result["previous"],
+                                               "seconds": result["swap_s"]})
+
+
+def _safe_info(gen) -> dict:
+    try:
+        return dict(gen.info())
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def rt_is_oom(e: BaseException) -> bool:
@@ -232,15 +411,16 @@ def main(argv: list[str] | None = None) -> int:
                         job_monitoring_interval=max(1, int(settings.worker_heartbeat_seconds)))
     _worker = worker
     info = services._device_info(services._safe_info(generator).get("device"))
+    control = ModelControl(worker, generator, name, {"host": socket.gethostname(), "device": info["device"],
+                                                     "gpu_name": info.get("name", "CPU")})
+    worker.listen_for(control.active)
+    control.start()
     code = 0
     try:
         # RQ's work loop returns ("unhandled exception, quitting") when Redis goes away outside its
         # blocking pop: start it again until a stop was asked for; the models stay loaded.
         while True:
             try:
-                conn.hset(WORKER_INFO + name, mapping={"host": socket.gethostname(), "device": info["device"],
-                                                       "gpu_name": info.get("name", "CPU")})
-                conn.expire(WORKER_INFO + name, 7 * 24 * 3600)
                 worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
             except StopRequested:
                 break  # SIGTERM while RQ was setting up (before its own handler caught it)
@@ -250,10 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(2)
     finally:
-        try:
-            conn.delete(WORKER_INFO + name)
-        except Exception:  # noqa: BLE001
-            pass
+        control.stop()
         runtime.shutdown()
     return code
 
