@@ -222,6 +222,12 @@ def test_hot_swap_under_load(make_app, service_settings, swap_generator, face_se
     print("models used in order:", used)
     assert set(used) <= {BASE, ALT} and used[-1] == ALT
     assert used == sorted(used, key=lambda m: m == ALT)   # once switched, never back: BASE..., ALT...
+    # The answer says which queued jobs the switch moved to the new model: each of them did run on it.
+    queued = switch["answer"][1]["queued"]
+    assert queued["pinned_elsewhere"] == []
+    assert set(queued["run_on_new_model"]) <= set(jobs)
+    by_id = dict(zip(jobs, used))
+    assert all(by_id[jid] == ALT for jid in queued["run_on_new_model"]), (queued, by_id)
     swap_generator.load_model(BASE)   # leave the module generator as the other tests expect
 
 

@@ -889,7 +889,23 @@ class Runtime:
         out = dict(results[0])
         out["swap_s"] = round(time.perf_counter() - t0, 3)
         out["workers"] = len(results)
+        if out.get("switched"):
+            out["queued"] = self._queued_after_switch(name)
         return out
+
+    def _queued_after_switch(self, active: str) -> dict[str, list[str]]:
+        """Which queued jobs the switch touches (the issue: queued jobs run on the model they were
+        submitted for, "or the answer says which"): jobs without ``model`` run on the new one; jobs pinned
+        to another model will fail with model_not_loaded unless it is loaded back before they start."""
+        on_new, will_fail = [], []
+        for job_id in self.store.queued_ids():
+            job = self.store.get(job_id)
+            want = ((job or {}).get("request") or {}).get("model")
+            if want is None:
+                on_new.append(job_id)
+            elif want != active:
+                will_fail.append(job_id)
+        return {"run_on_new_model": on_new, "pinned_elsewhere": will_fail}
 
 
 def _output_bytes(req) -> int:

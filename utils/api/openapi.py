@@ -302,7 +302,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                 "previous": _nullable({"type": "string"}), "ok": {"type": "boolean"},
                                 "swap_s": {"type": "number"}, "pending": {"type": "boolean"},
                                 "error": {"type": "object"}}}}]},
-                        "pending": {"type": "array", "items": {"type": "string"}}}}}}},
+                        "pending": {"type": "array", "items": {"type": "string"}},
+                        "queued": {"type": "object", "description": "Local mode, after a switch: the queued jobs "
+                                   "that will run on the new model (no `model` field) and those pinned to "
+                                   "another model (they fail with model_not_loaded unless it is loaded back "
+                                   "before they start).", "properties": {
+                                       "run_on_new_model": {"type": "array", "items": {"type": "string"}},
+                                       "pinned_elsewhere": {"type": "array", "items": {"type": "string"}}}}}}}}},
                 "202": {"description": "Cluster mode: some workers were still loading when the wait ended "
                                        "(`pending` names them); they switch when done."},
                 "400": _error("The body is not {\"model\": name}."),
