@@ -51,17 +51,20 @@ CASES = [
     ("no nclx box", {"save_nclx_profile": False}),
     ("4:4:4", {"chroma": 444}),
     ("grid 256 px tiles (as phones write)", {"tile_size": 256}),
+    ("odd size 641 x 479", {"size": (641, 479)}),
 ]
 
 
 @pytest.mark.parametrize("kwargs", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_planes_convert_like_libheif(kwargs):
-    data = heic(photos.phone_photo(0, SIZE), **kwargs)
+    kwargs = dict(kwargs)
+    size = kwargs.pop("size", SIZE)
+    data = heic(photos.phone_photo(0, size), **kwargs)
     planes = heif_planes.decode_planes(data, lambda w, h: None)
-    assert planes is not None and planes.size == SIZE
+    assert planes is not None and planes.size == size
     ref = libheif_rgb(data).astype(np.int16)
     for f in (1, 2, 5):  # the face region at full size, and reduced as for detection
-        got = planes.rgb((0, 0, *SIZE), f).astype(np.int16)
+        got = planes.rgb((0, 0, *size), f).astype(np.int16)
         want = _area_reduce(ref.astype(np.uint8), f).astype(np.int16)
         assert got.shape == want.shape
         diff = np.abs(got - want)

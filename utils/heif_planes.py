@@ -153,9 +153,11 @@ class Planes:
         x0, y0, x1, y1 = box
         luma = _area_reduce(self.y[y0:y1, x0:x1], f)
         h, w = luma.shape
-        sx, sy = self.size[0] / self.cb.shape[1], self.size[1] / self.cb.shape[0]  # 2 for 4:2:0, 1 for 4:4:4
-        cx0, cy0 = int(x0 // sx), int(y0 // sy)
-        cx1, cy1 = max(cx0 + 1, int(-(-x1 // sx))), max(cy0 + 1, int(-(-y1 // sy)))
+        # Chroma subsampling, 2 (4:2:0 both ways, 4:2:2 across) or 1; an odd side has ceil(side / 2) samples.
+        sx, sy = (round(self.size[i] / self.cb.shape[1 - i]) for i in (0, 1))
+        x1, y1 = min(x1, x0 + w * f), min(y1, y0 + h * f)  # the luma that went into the result
+        cx0, cy0 = x0 // sx, y0 // sy
+        cx1, cy1 = max(cx0 + 1, -(-x1 // sx)), max(cy0 + 1, -(-y1 // sy))
         # Chroma covering the same part of the photo, brought to the luma's grid: averaged when it is
         # finer than the result (the usual case), interpolated when coarser (a face region at full size).
         chroma = []
@@ -195,6 +197,7 @@ def decode_planes(data: bytes, check: Callable[[int, int], None]) -> Planes | No
     lib = libheif()
     if lib is None:
         return None
+    data = bytes(data)  # libheif reads it in place ("without copy"): an immutable object that outlives ctx
     vp = ctypes.c_void_p
     ctx, handle, image = lib.heif_context_alloc(), vp(), vp()
     if not ctx:
