@@ -77,6 +77,7 @@ def _load() -> ctypes.CDLL | None:
         "heif_context_free": (None, [vp]),
         "heif_context_read_from_memory_without_copy": (err, [vp, ctypes.c_char_p, ctypes.c_size_t, vp]),
         "heif_context_get_primary_image_handle": (err, [vp, ctypes.POINTER(vp)]),
+        "heif_context_set_max_decoding_threads": (None, [vp, ctypes.c_int]),
         "heif_image_handle_release": (None, [vp]),
         "heif_image_handle_get_width": (ctypes.c_int, [vp]),
         "heif_image_handle_get_height": (ctypes.c_int, [vp]),
@@ -203,6 +204,10 @@ def decode_planes(data: bytes, check: Callable[[int, int], None]) -> Planes | No
     if not ctx:
         return None
     try:
+        # As pillow-heif does: a grid's tiles decode in parallel (the last photo of an upload uses both cores).
+        from pillow_heif import options
+
+        lib.heif_context_set_max_decoding_threads(ctx, int(options.DECODE_THREADS))
         _check(lib.heif_context_read_from_memory_without_copy(ctx, data, len(data), None), unreadable=True)
         _check(lib.heif_context_get_primary_image_handle(ctx, ctypes.byref(handle)), unreadable=True)
         check(lib.heif_image_handle_get_width(handle), lib.heif_image_handle_get_height(handle))
