@@ -150,3 +150,20 @@ def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(ImageRejected) as info:
         decode_reduced(data, "big.heic", max_pixels=SIZE[0] * SIZE[1] - 1, min_side=200)
     assert info.value.code == "too_many_pixels" and "640x480" in info.value.message
+
+
+def test_hevc_worker_threads_decode_the_same_planes(monkeypatch):
+    """One HEVC image decodes with libde265 worker threads (the last photo of an upload uses both cores);
+    the options struct is checked field by field first, and the planes are those of a plain decode."""
+    lib = heif_planes.libheif()
+    opts = heif_planes._codec_threads_options(lib, 2)
+    if opts is None:
+        pytest.skip("libheif < 1.20 here: no num_codec_threads (plain decode)")
+    assert opts.contents.num_codec_threads == 2
+    lib.heif_decoding_options_free(opts)
+    data = heic(photos.phone_photo(4, SIZE))
+    threaded = heif_planes.decode_planes(data, lambda w, h: None)
+    monkeypatch.setattr(heif_planes, "_codec_threads_options", lambda lib, threads: None)
+    plain = heif_planes.decode_planes(data, lambda w, h: None)
+    for a, b in ((threaded.y, plain.y), (threaded.cb, plain.cb), (threaded.cr, plain.cr)):
+        assert np.array_equal(a, b)
