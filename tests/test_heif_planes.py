@@ -99,8 +99,16 @@ def test_every_matrix_and_range_inverts_the_standard_encoding(matrix, full_range
     assert np.abs(back - rgb).max() <= (3 if full_range else 4)  # 8-bit rounding of Y, Cb, Cr
 
 
+@pytest.fixture(params=["planes", "pillow-heif rgb"])
+def heif_path(request, monkeypatch):
+    """decode_reduced's two HEIF paths: libheif's planes, and pillow-heif's RGB where no binding works."""
+    if request.param != "planes":
+        monkeypatch.setattr(heif_planes, "libheif", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
-def test_rotated_heic_comes_out_upright(orientation):
+def test_rotated_heic_comes_out_upright(orientation, heif_path):
     """Phones store the pixels as shot and an irot/imir rotation (pillow-heif writes one from EXIF
     Orientation); the reduced decode is upright and has the full decode's pixels."""
     upright = photos.phone_photo(1, SIZE)
@@ -113,6 +121,7 @@ def test_rotated_heic_comes_out_upright(orientation):
     reduced = decode_reduced(data, "r.heic", max_pixels=10**8, min_side=200)
     assert full.size == reduced.size == SIZE
     assert reduced.factor == 3 and reduced.image.size == (SIZE[0] // 3, SIZE[1] // 3)
+    assert isinstance(reduced._full, heif_planes.Planes) == (heif_path == "planes")
     want = _area_reduce(np.asarray(full), 3).astype(np.int16)
     assert np.abs(np.asarray(reduced.image, np.int16) - want).mean() < 1.0
     src = _area_reduce(np.asarray(upright), 3).astype(np.int16)
@@ -128,7 +137,7 @@ BROKEN = [
 
 
 @pytest.mark.parametrize("mangle,code", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
-def test_broken_heic_is_rejected_with_the_pillow_paths_code(mangle, code):
+def test_broken_heic_is_rejected_with_the_pillow_paths_code(mangle, code, heif_path):
     data = mangle(heic(photos.phone_photo(2, SIZE)))
 
     def outcome(fn):
@@ -145,7 +154,7 @@ def test_broken_heic_is_rejected_with_the_pillow_paths_code(mangle, code):
         assert planes == code
 
 
-def test_pixel_limit_is_checked_before_decoding():
+def test_pixel_limit_is_checked_before_decoding(heif_path):
     data = heic(photos.phone_photo(3, SIZE))
     with pytest.raises(ImageRejected) as info:
         decode_reduced(data, "big.heic", max_pixels=SIZE[0] * SIZE[1] - 1, min_side=200)
@@ -167,3 +176,17 @@ def test_hevc_worker_threads_decode_the_same_planes(monkeypatch):
     plain = heif_planes.decode_planes(data, lambda w, h: None)
     for a, b in ((threaded.y, plain.y), (threaded.cb, plain.cb), (threaded.cr, plain.cr)):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("box,max_factor", [((100, 80, 400, 380), 1), ((100, 80, 400, 380), 2), ((600, 400, 640, 480), 1)],
+                         ids=["face at full size", "face at 1/2", "corner sliver"])
+def test_region_has_the_full_decodes_pixels(box, max_factor, heif_path):
+    data = heic(photos.phone_photo(5, SIZE))
+    full = np.asarray(decode_image(data, "f.heic", max_pixels=10**8))
+    reduced = decode_reduced(data, "f.heic", max_pixels=10**8, min_side=200)
+    part, (ox, oy), f = reduced.region(box, max_factor)
+    assert f == max_factor and (ox, oy) == (box[0] // f * f, box[1] // f * f)
+    want = _area_reduce(full[oy:box[3], ox:box[2]], f).astype(np.int16)
+    got = np.asarray(part, np.int16)
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() < 1.5
