@@ -49,6 +49,8 @@ CASES = [
     ("bt601-limited", {"matrix_coefficients": 6, "full_range_flag": 0}),
     ("bt2020-full", {"matrix_coefficients": 9, "full_range_flag": 1}),
     ("no nclx box", {"save_nclx_profile": False}),
+    ("ICC profile only (as iPhones write)", {"icc_profile": "srgb", "save_nclx_profile": False}),
+    ("matrix unspecified", {"matrix_coefficients": 2, "full_range_flag": 1}),
     ("4:4:4", {"chroma": 444}),
     ("grid 256 px tiles (as phones write)", {"tile_size": 256}),
     ("odd size 641 x 479", {"size": (641, 479)}),
@@ -59,6 +61,10 @@ CASES = [
 def test_planes_convert_like_libheif(kwargs):
     kwargs = dict(kwargs)
     size = kwargs.pop("size", SIZE)
+    if kwargs.get("icc_profile") == "srgb":
+        from PIL import ImageCms
+
+        kwargs["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     data = heic(photos.phone_photo(0, size), **kwargs)
     planes = heif_planes.decode_planes(data, lambda w, h: None)
     assert planes is not None and planes.size == size

@@ -31,8 +31,8 @@ _CHROMA_420, _CHROMA_422, _CHROMA_444 = 1, 2, 3
 _CHANNEL_Y, _CHANNEL_CB, _CHANNEL_CR = 0, 1, 2
 _ERROR_DECODER_PLUGIN, _SUBERROR_END_OF_DATA = 7, 100
 
-#: matrix_coefficients (ISO/IEC 23091-2) -> (Kr, Kb). 2 ("unspecified") is what libheif assumes when a
-#: file carries no nclx colour box; libheif converts it as BT.601, as it does 5 and 6.
+#: matrix_coefficients (ISO/IEC 23091-2) -> (Kr, Kb). libheif converts 2 ("unspecified") as BT.601, like
+#: 5 and 6; a file without an nclx box (an ICC profile only, as iPhones write) decodes as 6, full range.
 MATRICES = {1: (0.2126, 0.0722), 2: (0.299, 0.114), 5: (0.299, 0.114), 6: (0.299, 0.114), 9: (0.2627, 0.0593)}
 
 
@@ -281,7 +281,7 @@ def decode_planes(data: bytes, check: Callable[[int, int], None]) -> Planes | No
         if lib.heif_image_get_nclx_color_profile(image, ctypes.byref(nclx)).code == 0 and nclx:
             matrix, full_range = int(nclx.contents.matrix_coefficients), bool(nclx.contents.full_range_flag)
             lib.heif_nclx_color_profile_free(nclx)
-        else:  # no nclx box: libheif converts as unspecified matrix, full range
+        else:  # none at all (libheif gives one from the file's box or the HEVC stream): its default
             matrix, full_range = 2, True
         if matrix not in MATRICES:
             return None
