@@ -235,6 +235,8 @@ def phone(args) -> None:
     sets = {name: phone_files(cache, name) for name in SETS}
     print(f"photos ready in {time.perf_counter() - t0:.0f} s (cache {cache}); " + ", ".join(
         f"{k}: {len(v)} files, {sum(len(d) for _, d in v) / 1e6:.0f} MB" for k, v in sets.items()))
+    # The box is shared: its load average says how much of the 2 cores the rows below had.
+    print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     services = {"old": phone_service(True), "new": phone_service(False)}
     rows = [("15 x 12 MP JPEG, validate (2 threads)", sets["jpeg12"][:15], 1.0),
             ("15 x 12 MP HEIC, one HEVC image", sets["heic12"], 2.5),
@@ -263,6 +265,7 @@ def phone(args) -> None:
         s_.close()
     del services
     heic_floor(sets, args.repeat)
+    print("load average (1, 5, 15 min) after the in-process rows: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
     # 50 x 12 MP: each run in a fresh process (peak RSS of its own), alternating old/new.
     runs: dict[str, list[dict]] = {"old": [], "new": []}
