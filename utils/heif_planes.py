@@ -72,27 +72,35 @@ _lib: ctypes.CDLL | None | bool = None
 _lib_lock = threading.Lock()
 
 
-def _find_loaded_libheif() -> str | None:
-    """Path of the libheif mapped into this process (pillow-heif's), from /proc/self/maps (Linux)."""
+def _loaded_libheifs() -> list[str]:
+    """Paths of the libheif builds mapped into this process, from /proc/self/maps (Linux only)."""
+    found: list[str] = []
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
-                path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
                 name = path.rsplit("/", 1)[-1]
-                if name.startswith("libheif") and ".so" in name:
-                    return path
+                if name.startswith("libheif") and ".so" in name and path not in found:
+                    found.append(path)
     except OSError:
-        return None
-    return None
+        pass
+    return found
 
 
 def _load() -> ctypes.CDLL | None:
-    import pillow_heif  # noqa: F401  (loads libheif and runs heif_init)
+    import pillow_heif  # loads its libheif and runs heif_init
 
-    path = _find_loaded_libheif()
-    if path is None:
+    # The one pillow-heif uses (another library, e.g. libvips, may have mapped the system's, older one).
+    lib = None
+    for path in _loaded_libheifs():
+        candidate = ctypes.CDLL(path)  # already loaded: dlopen returns the same handle
+        candidate.heif_get_version.restype = ctypes.c_char_p
+        if candidate.heif_get_version().decode() == pillow_heif.libheif_version():
+            lib = candidate
+            break
+    if lib is None:
         return None
-    lib = ctypes.CDLL(path)  # the already-loaded library: dlopen returns the same handle
     vp, err = ctypes.c_void_p, _Error
     sigs = {
         "heif_context_alloc": (vp, []),
@@ -128,18 +136,18 @@ def _load() -> ctypes.CDLL | None:
 
 
 def libheif() -> ctypes.CDLL | None:
-    """The bound library, or None where it cannot be used (logged once)."""
+    """The bound library, or None where it cannot be used (said once in the log)."""
     global _lib
     if _lib is None:
         with _lib_lock:
             if _lib is None:
+                why = "pillow-heif's libheif is not in this process's memory map"
                 try:
                     _lib = _load() or False
-                except Exception as exc:  # pragma: no cover - depends on the install
-                    log.info("libheif planes unavailable (%s); HEIC decodes through pillow-heif's RGB", exc)
-                    _lib = False
+                except Exception as exc:  # pragma: no cover - depends on the install (too old a libheif...)
+                    why, _lib = f"{type(exc).__name__}: {exc}", False
                 if _lib is False:
-                    log.info("libheif planes unavailable; HEIC decodes through pillow-heif's RGB")
+                    log.info("libheif planes unavailable (%s); HEIC decodes through pillow-heif's RGB", why)
     return _lib or None
 
 
