@@ -115,10 +115,6 @@ def _load() -> ctypes.CDLL | None:
         "heif_image_handle_get_luma_bits_per_pixel": (ctypes.c_int, [vp]),
         "heif_image_handle_get_chroma_bits_per_pixel": (ctypes.c_int, [vp]),
         "heif_decode_image": (err, [vp, ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.POINTER(_DecodingOptions)]),
-        "heif_image_handle_get_item_id": (ctypes.c_uint32, [vp]),
-        "heif_item_get_item_type": (ctypes.c_uint32, [vp, ctypes.c_uint32]),
-        "heif_decoding_options_alloc": (ctypes.POINTER(_DecodingOptions), []),
-        "heif_decoding_options_free": (None, [ctypes.POINTER(_DecodingOptions)]),
         "heif_image_release": (None, [vp]),
         "heif_image_get_colorspace": (ctypes.c_int, [vp]),
         "heif_image_get_chroma_format": (ctypes.c_int, [vp]),
@@ -129,9 +125,21 @@ def _load() -> ctypes.CDLL | None:
         "heif_image_get_nclx_color_profile": (err, [vp, ctypes.POINTER(ctypes.POINTER(_Nclx))]),
         "heif_nclx_color_profile_free": (None, [ctypes.POINTER(_Nclx)]),
     }
+    # Only for the worker threads of a single-image decode (libheif >= 1.18 / 1.20): without them, a plain decode.
+    optional = {
+        "heif_image_handle_get_item_id": (ctypes.c_uint32, [vp]),
+        "heif_item_get_item_type": (ctypes.c_uint32, [vp, ctypes.c_uint32]),
+        "heif_decoding_options_alloc": (ctypes.POINTER(_DecodingOptions), []),
+        "heif_decoding_options_free": (None, [ctypes.POINTER(_DecodingOptions)]),
+    }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)  # AttributeError: too old a libheif; the caller falls back
         fn.restype, fn.argtypes = restype, argtypes
+    lib.has_codec_threads = all(hasattr(lib, name) for name in optional)
+    if lib.has_codec_threads:
+        for name, (restype, argtypes) in optional.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -272,7 +280,7 @@ def decode_planes(data: bytes, check: Callable[[int, int], None]) -> Planes | No
         # so that the last photo of an upload, decoded alone, uses both cores (149 ms instead of 254 ms
         # wall for 12 MP here, the same CPU). Tiles would pay ~20 ms CPU starting them per tile.
         opts = None
-        if lib.heif_item_get_item_type(ctx, lib.heif_image_handle_get_item_id(handle)) == _HVC1:
+        if lib.has_codec_threads and lib.heif_item_get_item_type(ctx, lib.heif_image_handle_get_item_id(handle)) == _HVC1:
             opts = _codec_threads_options(lib, max(1, int(options.DECODE_THREADS)))
         try:
             # "undefined": the decoder's own colourspace and chroma, no conversion (the point of this path).
