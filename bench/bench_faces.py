@@ -11,10 +11,12 @@ engine's best, all measured in this one run. Goal: ≤ 3 s for 15 on a 2-core ma
 
 Phone photos (issue 15): every row of the issue's table, each against the full-resolution path as it was
 before (tests/full_resolution.py), old and new alternating in this one run (the machine is shared:
-compare the ratios more than the seconds): 15 and 50 x 12 MP JPEG, 15 x 12 MP HEIC, 15 x 24 MP JPEG
+compare the ratios more than the seconds): 15 and 50 x 12 MP JPEG, 15 x 12 MP HEIC (one HEVC image, and
+the 512 px tile grid phones write), 15 x 24 MP JPEG
 with EXIF orientation 6, and 4 concurrent 50-photo uploads over HTTP to gunicorn (new path only unless
 --gunicorn-old: the old path needs ~2.7 GB per upload). The 50-photo rows run in child processes so that
-each peak RSS is its own. Photos are generated once into --cache (HEIC encoding takes ~2 s each).
+each peak RSS is its own. Photos are generated once into --cache (HEIC encoding takes ~2 s each). Then
+the HEIC decode floor: libheif's decode alone per photo (planes and RGB), and what it puts under 15 on 2 cores.
 """
 from __future__ import annotations
 
@@ -131,7 +133,8 @@ def stages(files: list[tuple[str, bytes]], backend: str, descriptor: str) -> Non
 # Phone photos (issue 15)
 SETS = {  # name -> (count, size, format, EXIF orientation); 50 photos reuse the 15 variants (35 duplicates)
     "jpeg12": (50, (4032, 3024), "JPEG", 1),
-    "heic12": (15, (4032, 3024), "HEIF", 1),
+    "heic12": (15, (4032, 3024), "HEIF", 1),          # one 12 MP HEVC image (pillow-heif's default)
+    "heic12_grid": (15, (4032, 3024), "HEIF-grid", 1),  # 512 px tiles + grid item, as iPhones write
     "jpeg24_exif6": (15, (6000, 4000), "JPEG", 6),
 }
 
@@ -145,19 +148,21 @@ def phone_files(cache: Path, name: str) -> list[tuple[str, bytes]]:
     n, size, fmt, orientation = SETS[name]
     folder = cache / name
     folder.mkdir(parents=True, exist_ok=True)
-    ext = {"JPEG": "jpg", "HEIF": "heic"}[fmt]
+    ext = {"JPEG": "jpg", "HEIF": "heic", "HEIF-grid": "heic"}[fmt]
     out = []
     for i in range(n):
         path = folder / f"phone_{i:02d}.{ext}"
         if not path.exists():
             im = photos.phone_photo(i % 15, size)
-            if fmt == "HEIF":
+            if fmt.startswith("HEIF"):
                 import pillow_heif
 
                 pillow_heif.register_heif_opener()
                 buf = io.BytesIO()
                 # x265's "ultrafast" preset: 2 s per 12 MP instead of 13 s; decoding cost is the same kind.
-                im.save(buf, format="HEIF", quality=85, enc_params={"preset": "ultrafast"})
+                # Phones (iPhone, Android's HeifWriter) store 512 x 512 HEVC tiles under a grid item.
+                tiles = {"tile_size": 512} if fmt == "HEIF-grid" else {}
+                im.save(buf, format="HEIF", quality=85, enc_params={"preset": "ultrafast"}, **tiles)
                 data = buf.getvalue()
             elif orientation != 1:
                 data = exif_rotated_jpeg(im, orientation)
@@ -230,9 +235,12 @@ def phone(args) -> None:
     sets = {name: phone_files(cache, name) for name in SETS}
     print(f"photos ready in {time.perf_counter() - t0:.0f} s (cache {cache}); " + ", ".join(
         f"{k}: {len(v)} files, {sum(len(d) for _, d in v) / 1e6:.0f} MB" for k, v in sets.items()))
+    # The box is shared: its load average says how much of the 2 cores the rows below had.
+    print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     services = {"old": phone_service(True), "new": phone_service(False)}
     rows = [("15 x 12 MP JPEG, validate (2 threads)", sets["jpeg12"][:15], 1.0),
-            ("15 x 12 MP HEIC", sets["heic12"], 2.5),
+            ("15 x 12 MP HEIC, one HEVC image", sets["heic12"], 2.5),
+            ("15 x 12 MP HEIC, 512 px grid (phones)", sets["heic12_grid"], 2.5),
             ("15 x 24 MP JPEG, EXIF orientation 6", sets["jpeg24_exif6"], 1.5)]
     print(f"{'row':42s} {'old s':>7s} {'new s':>7s} {'new/old':>8s}  goal   verdicts")
     for label, files, goal in rows:
@@ -256,6 +264,8 @@ def phone(args) -> None:
     for s_ in services.values():
         s_.close()
     del services
+    heic_floor(sets, args.repeat)
+    print("load average (1, 5, 15 min) after the in-process rows: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
     # 50 x 12 MP: each run in a fresh process (peak RSS of its own), alternating old/new.
     runs: dict[str, list[dict]] = {"old": [], "new": []}
@@ -277,6 +287,33 @@ def phone(args) -> None:
     if not args.skip_gunicorn:
         for path in (("old", "new") if args.gunicorn_old else ("new",)):
             gunicorn_row(sets["jpeg12"], path)
+
+
+def heic_floor(sets: dict, repeat: int) -> None:
+    """What HEIC costs before any check runs: libheif's decode alone, one photo at a time, CPU ms per
+    photo (best of ``repeat`` per photo), and the floor it puts under 15 photos on 2 cores."""
+    import numpy as np
+    import pillow_heif
+
+    from utils.heif_planes import decode_planes
+
+    def cpu_ms(fn, data) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            c = time.process_time()
+            fn(data)
+            best = min(best, time.process_time() - c)
+        return best * 1000
+
+    ways = {"YCbCr planes (the new path)": lambda d: decode_planes(d, lambda w, h: None),
+            "RGB (pillow-heif, the old path)": lambda d: np.asarray(pillow_heif.open_heif(d)[0])}
+    for name in ("heic12", "heic12_grid"):
+        files = sets[name]
+        for way, fn in ways.items():
+            per = [cpu_ms(fn, d) for _, d in files]
+            mean = sum(per) / len(per)
+            print(f"   HEIC decode floor, {name}, {way}: {mean:.0f} ms CPU per photo; {len(files)} photos on 2 cores "
+                  f">= {mean * len(files) / 2000:.2f} s before any check")
 
 
 def server_app(old: bool = False):
