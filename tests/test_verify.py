@@ -273,6 +273,48 @@ def test_verify_cli_absent_optional_files_exit_zero(tiny_models, tmp_path, monke
     assert "4 optional absent, 0 problem(s)" in out[-1]
 
 
+@pytest.fixture
+def sdxl_layout(tmp_path, monkeypatch):
+    """bench/bench_verify.py's sparse layout (real header, no data) of the small SDXL topology: the sdxl
+    profile's branch of verify (fp16 file names, TWIN_LORA_DIR, <model_dir>/checkpoints, kohya Lightning)."""
+    import importlib.util
+    import sys
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_verify", bench / "bench_verify.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    mod.write_layout(tmp_path / "m", size="small", restore_mb=1)
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("breaker, status, needle", [
+    (None, "ok", ""),
+    # kohya names for a block SDXL does not have: diffusers maps them to nothing and would say only a warning
+    (lambda m: retarget(m / ml.LIGHTNING_DIR / "sdxl_lightning_4step_lora.safetensors", "lora_unet_up_blocks_0_",
+                        "lora_unet_up_blocks_7_"), "unexpected_key", "up_blocks.7"),
+    (lambda m: truncate(m / ml.CHECKPOINT_DIR / "sdxl-random-alt.safetensors"), "corrupt", ""),
+])
+def test_verify_sdxl_profile_on_the_bench_layout(sdxl_layout, tmp_path, breaker, status, needle):
+    if breaker:
+        breaker(sdxl_layout)
+    s = Settings(data_dir=tmp_path / "d", model_dir=sdxl_layout, model_profile="sdxl", ip_adapter_variant="plus-face")
+    checks = ml.verify(s)
+    assert {c.path for c in checks} >= {"SDXL-Lightning/sdxl_lightning_4step_lora.safetensors", "loras/style.safetensors",
+                                        "checkpoints/sdxl-random-alt.safetensors", "face_restore/gfpgan_1.4.onnx",
+                                        "stable-diffusion-xl-base-1.0/tokenizer_2"}
+    bad = [c for c in checks if not c.ok]
+    if status == "ok":
+        assert not bad, [c.line() for c in bad]
+        assert [c.path for c in checks if c.status == "absent"] == ["face_restore/codeformer.onnx",
+                                                                    "face_restore/gpen_bfr_512.onnx"]
+    else:
+        assert [c.status for c in bad] == [status] and needle in bad[0].detail, [c.line() for c in bad]
+
+
 # --- download selection (no network) -----------------------------------------------------------------
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch):
