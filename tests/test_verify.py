@@ -188,6 +188,17 @@ def kohya_copy(root: Path):
     save_file(out, str(root / ml.LORA_DIR / "kohya_style.safetensors"))
 
 
+def text_encoder_lora(root: Path, layer: int = 0, projections=("q_proj", "k_proj", "v_proj", "out_proj")):
+    """A kohya LoRA on the first text encoder's attention of ``layer`` (the tiny encoders have layers 0 and 1)."""
+    from safetensors.torch import save_file
+    sd = {}
+    for proj in projections:
+        stem = f"lora_te1_text_model_encoder_layers_{layer}_self_attn_{proj}"
+        sd.update({f"{stem}.lora_down.weight": torch.zeros(2, ml.TINY_TE1),
+                   f"{stem}.lora_up.weight": torch.zeros(ml.TINY_TE1, 2), f"{stem}.alpha": torch.tensor(2.0)})
+    save_file(sd, str(root / ml.LORA_DIR / "te_style.safetensors"))
+
+
 def grow_vocab(root: Path):
     import json
     p = own(root / TOK / "vocab.json")
@@ -211,6 +222,12 @@ def tokenizer_json_only(root: Path):
     # intact extras, and other layouts of the same content
     (kohya_copy, "ok", "loras/kohya_style.safetensors", "64 unet modules, rank 4"),
     (tokenizer_json_only, "ok", "tokenizer", "534 tokens"),
+    (text_encoder_lora, "ok", "loras/te_style.safetensors", "4 text_encoder modules, rank 2"),
+    # without out_proj diffusers cannot tell the layout: load_lora_weights raises the same ValueError
+    (lambda r: text_encoder_lora(r, projections=("q_proj",)), "unexpected_key", "loras/te_style.safetensors",
+     "Could not automatically infer state dict type"),
+    (lambda r: text_encoder_lora(r, layer=5), "unexpected_key", "loras/te_style.safetensors",
+     "encoder.layers.5.self_attn.k_proj is not a module of the text_encoder (4 of 4 targets missing)"),
     (lambda r: add_key(r / CKPT, "model_ema.decay"), "ok", CKPT, "1 keys diffusers does not read"),
     # optional files that are absent: said, not a failure
     (lambda r: (r / LIGHT).unlink(), "absent", LIGHT, "quality_mode fast"),
