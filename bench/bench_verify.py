@@ -42,7 +42,6 @@ def write_sparse_safetensors(path: Path, shapes: dict[str, tuple], dtype: str = 
         n = int(np.prod(shape)) * _SIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
-    tail = b""
     for name, value in (extra or {}).items():
         b = np.asarray(value, dtype=np.float32).tobytes()
         header[name] = {"dtype": "F32", "shape": list(np.shape(value)), "data_offsets": [off, off + len(b)]}
