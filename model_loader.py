@@ -977,12 +977,14 @@ def tiny_adapter_weight(variant: str) -> str:
 @dataclass
 class FileCheck:
     path: str                 # relative to the folder it was looked for in (or absolute for the face pack)
-    status: str               # ok | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
+    status: str               # ok | absent | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        # "absent": an optional file (Lightning, style LoRAs, checkpoints, restoration models) that is not
+        # there. Said, but not a failure: the product runs without it; a present but broken one is a failure.
+        return self.status in ("ok", "absent")
 
     def line(self) -> str:
         return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "")
@@ -1048,6 +1050,12 @@ def _meta_state(build) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _meta_model(build):
+    import torch
+    with torch.device("meta"):
+        return build()
+
+
 def _weight_file(folder: Path, stem: str, fp16: bool) -> Path:
     for name in ([f"{stem}.fp16.safetensors"] if fp16 else []) + [f"{stem}.safetensors"]:
         if (folder / name).is_file():
@@ -1091,6 +1099,7 @@ def verify(settings: Settings) -> list[FileCheck]:
                   ("vae", "diffusion_pytorch_model", lambda c: AutoencoderKL.from_config(c), AutoencoderKL),
                   ("text_encoder", "model", lambda c: CLIPTextModel(c), CLIPTextConfig),
                   ("text_encoder_2", "model", lambda c: CLIPTextModelWithProjection(c), CLIPTextConfig)]
+    meta: dict[str, Any] = {}      # component -> the model built on the meta device from its config.json
     with quiet_libraries():
         for sub, stem, build, cfg_cls in components:
             folder = base / sub
@@ -1102,12 +1111,14 @@ def verify(settings: Settings) -> list[FileCheck]:
                 else cfg_cls.from_pretrained(str(folder))
             if sub == "unet":
                 unet_cfg = cfg
-            checks.append(_compare(rel(path, base), path, _meta_state(lambda: build(cfg))))
+            meta[sub] = _meta_model(lambda: build(cfg))
+            checks.append(_compare(rel(path, base), path, {k: tuple(v.shape) for k, v in meta[sub].state_dict().items()}))
+        # The tokenizers: loadable, and exactly as many tokens as their text encoder has embedding rows.
+        for sub, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            checks.append(verify_tokenizer(base / sub, rel(base / sub, base), meta.get(encoder)))
         if unet_cfg is None:
             return checks
-        import torch
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_cfg)
+        unet = meta["unet"]
 
         # The ViT-H image encoder (plus-face, plain, faceid-plusv2).
         img_hidden, img_proj = (TINY_IMG_HIDDEN, TINY_IMG_PROJ) if tiny else (VIT_H_HIDDEN, VIT_H_PROJ)
@@ -1150,6 +1161,37 @@ def verify(settings: Settings) -> list[FileCheck]:
                 else:
                     checks.append(_compare(rel(path, Path(adapter_repo)), path,
                                            _meta_state(lambda: ControlNetModel.from_config(ccfg))))
+
+        # The few-step Lightning LoRA (quality_mode fast) and the style LoRAs: optional, loaded by
+        # load_lora_weights, so checked with the same key conversion against the modules they target.
+        if tiny:
+            lightning = settings.resolved_tiny_model_dir / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY
+            lora_dir = settings.resolved_tiny_model_dir / LORA_DIR
+        else:
+            spec = next(s for s in repo_specs(settings) if s.local_name == LIGHTNING_DIR)
+            found, _ = _find_repo(spec, settings)
+            lightning = (found or Path(settings.model_dir) / LIGHTNING_DIR) / settings.lightning_weight
+            lora_dir = settings.resolved_lora_dir
+        if lightning.is_file():
+            checks.append(verify_lora(lightning, rel(lightning, lightning.parent), meta))
+        else:
+            checks.append(FileCheck(rel(lightning, lightning.parent), "absent", "optional: quality_mode fast falls back to "
+                                    "full steps (python model_loader.py download fetches it)"))
+        loras = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+        checks += [verify_lora(f, rel(f, lora_dir), meta) for f in loras]
+        if not loras:
+            checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs (<name>.safetensors; "
+                                                             "TWIN_LORA_DIR)"))
+
+        # Single-file checkpoints (base-model switch): their keys in the original layout, for these configs.
+        folder = checkpoint_dir(settings)
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if files and all(c in meta for c in ("unet", "vae", "text_encoder", "text_encoder_2")):
+            expected = single_file_shapes(meta)
+            checks += [verify_checkpoint(f, rel(f, folder), expected) for f in files]
+        elif not files:
+            checks.append(FileCheck(str(folder), "absent", "optional: no single-file checkpoints"))
+    checks += verify_restore_models(_restore_dir(settings, profile))
     if variant in ARCFACE_VARIANTS:
         pack = settings.insightface_model_dir
         if pack is None:
@@ -1196,6 +1238,244 @@ def verify_face_pack(folder: Path) -> list[FileCheck]:
     return out
 
 
+def verify_tokenizer(folder: Path, rel: str, encoder) -> FileCheck:
+    """A tokenizer folder: vocab.json + merges.txt (what the real repo ships) or tokenizer.json, loadable by
+    CLIPTokenizer, with as many tokens as the text encoder has embedding rows (a larger vocabulary gives ids
+    the embedding cannot look up; a smaller one is another model's tokenizer)."""
+    classic = all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
+    if not classic and not (folder / "tokenizer.json").is_file():
+        return FileCheck(rel, "missing", "neither vocab.json + merges.txt nor tokenizer.json")
+    from transformers import CLIPTokenizer
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        size = len(tok)
+    except Exception as e:  # unreadable JSON, broken merges: the pipeline's from_pretrained fails the same way
+        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+    if encoder is None:
+        return FileCheck(rel, "ok", f"{size} tokens (text encoder not checked)")
+    rows = encoder.get_input_embeddings().weight.shape[0]
+    if size != rows:
+        return FileCheck(rel, "wrong_shape", f"vocab size {size}, the text encoder's embedding has {rows} rows")
+    return FileCheck(rel, "ok", f"{size} tokens = embedding rows")
+
+
+def _header_with_alphas(path: Path) -> dict[str, Any]:
+    """A LoRA file as {key: tensor}: meta tensors of the header's shapes and dtypes, except the scalar
+    `.alpha` entries (kohya format), read for real because the key conversion reads their values."""
+    import torch
+    from safetensors import safe_open
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            shape = tuple(sl.get_shape())
+            if k.endswith(".alpha") and len(shape) <= 1:
+                out[k] = f.get_tensor(k)
+            else:
+                out[k] = torch.empty(shape, dtype=dtypes.get(sl.get_dtype(), torch.float32), device="meta")
+    return out
+
+
+def _lora_problem(key: str, module, a, b) -> str | None:
+    """Why peft's LoRA layer for ``module`` cannot take lora_A ``a`` / lora_B ``b`` (shapes), or None."""
+    import torch
+    w = getattr(module, "weight", None)
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or w is None:
+        return f"{key!r} targets {type(module).__name__}, which LoRA cannot adapt"
+    out_f, in_f = w.shape[0], w.shape[1]
+    if a is None or b is None:
+        return None
+    if a.shape[0] != b.shape[1]:
+        return f"{key!r}: lora_A rank {a.shape[0]} but lora_B rank {b.shape[1]}"
+    if a.ndim != w.ndim or b.ndim != w.ndim:
+        return f"{key!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the layer's weight {list(w.shape)}"
+    if a.shape[1] != in_f or b.shape[0] != out_f or (w.ndim == 4 and tuple(b.shape[2:]) != (1, 1)):
+        return (f"{key!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the layer's weight "
+                f"{list(w.shape)} ({in_f} in, {out_f} out)")
+    return None
+
+
+def verify_lora(path: Path, rel: str, meta: dict[str, Any]) -> FileCheck:
+    """A LoRA file as ``pipe.load_lora_weights`` reads it: diffusers' own key conversion (kohya, old
+    diffusers and peft layouts; SGM block names remapped with the UNet's config) on a header-only state
+    dict, then every lora_A / lora_B pair must name a Linear / Conv2d of the meta UNet or text encoder and fit
+    its shape. Keys the loader would drop without a word (no known prefix, no such module) are errors:
+    such a LoRA loads and silently changes nothing."""
+    import re
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    if not path.is_file():
+        return FileCheck(rel, "missing")
+    try:
+        raw = _header_with_alphas(path)
+    except Exception as e:  # truncated / not a safetensors file
+        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+    bad = sorted(k for k, v in raw.items() if not v.is_floating_point())
+    if bad:
+        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {raw[bad[0]].dtype}, expected a float type")
+    try:
+        sd, _ = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=meta["unet"].config)
+    except Exception as e:  # diffusers cannot place the keys at all: load_lora_weights raises the same
+        return FileCheck(rel, "unexpected_key", f"diffusers cannot convert the keys: {type(e).__name__}: {str(e)[:160]}")
+    if not sd:
+        return FileCheck(rel, "unexpected_key", "no LoRA weights in the file")
+    stray = sorted(k for k in sd if k.split(".", 1)[0] not in ("unet", "text_encoder", "text_encoder_2"))
+    if stray:
+        return FileCheck(rel, "unexpected_key", f"key {stray[0]!r} is for no part of the SDXL pipeline "
+                                                f"({len(stray)} such keys; the loader ignores them)")
+    pat = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.(weight|bias)$")
+    counts: dict[str, int] = {}
+    ranks: set[int] = set()
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        sub = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
+        if not sub:
+            continue
+        model = meta.get(part)
+        if model is None:
+            return FileCheck(rel, "unexpected_key", f"weights for {part}, which was not built (see its line)")
+        # The same conversions the loader applies (lora_base / peft.load_lora_adapter) before peft injects layers.
+        try:
+            if part == "unet":
+                if not any("lora_A" in k for k in sub):
+                    sub = convert_unet_state_dict_to_peft(sub)
+            else:
+                sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+                if not hasattr(model, "text_model"):
+                    sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
+        except Exception as e:  # load_lora_weights raises the same error on this file
+            return FileCheck(rel, "unexpected_key", f"diffusers cannot convert the {part} keys: {type(e).__name__}: "
+                                                    f"{str(e)[:160]}")
+        modules = dict(model.named_modules())
+        pairs: dict[str, dict[str, Any]] = {}
+        for k, v in sub.items():
+            m = pat.match(k)
+            if m is None:
+                if k.endswith(".lora_magnitude_vector.weight") or k.endswith(".lora_magnitude_vector"):
+                    continue   # DoRA magnitudes ride along with their lora_A / lora_B pair
+                return FileCheck(rel, "unexpected_key", f"key {part}.{k!r} is not a LoRA weight")
+            if m.group(3) == "weight":
+                pairs.setdefault(m.group(1), {})[m.group(2)] = v
+            else:
+                pairs.setdefault(m.group(1), {})
+        for name in sorted(pairs):
+            if name not in modules:
+                return FileCheck(rel, "unexpected_key", f"{part}.{name} is not a module of the {part} "
+                                                        f"({sum(n not in modules for n in pairs)} of {len(pairs)} "
+                                                        f"targets missing): the LoRA would not apply there")
+            a, b = pairs[name].get("lora_A"), pairs[name].get("lora_B")
+            if a is None or b is None:
+                return FileCheck(rel, "missing_key", f"{part}.{name} has no {'lora_A' if a is None else 'lora_B'} weight")
+            why = _lora_problem(f"{part}.{name}", modules[name], a, b)
+            if why:
+                return FileCheck(rel, "wrong_shape", why)
+            ranks.add(a.shape[0])
+        counts[part] = len(pairs)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values() if v.device.type == "meta"})
+    return FileCheck(rel, "ok", ", ".join(f"{n} {p} modules" for p, n in counts.items())
+                     + f", rank {'/'.join(map(str, sorted(ranks)))}, {'/'.join(dtypes)}")
+
+
+# Keys a published single-file SDXL carries that diffusers' conversion does not read (buffers of the
+# original code): present or not, they are fine.
+_SINGLE_FILE_IGNORED = ("position_ids", "logit_scale")
+_SINGLE_FILE_PARTS = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.",
+                      "conditioner.embedders.1.")
+
+
+def single_file_shapes(meta: dict[str, Any]) -> dict[str, tuple]:
+    """{original key: shape} of a single-file SDXL for these component configs: ``to_single_file`` (the
+    inverse of diffusers' single-file conversion, checked by loading the tiny checkpoint with
+    from_single_file) run on the meta-device models."""
+    from types import SimpleNamespace
+    sd = to_single_file(SimpleNamespace(**{k: meta[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2")}))
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def verify_checkpoint(path: Path, rel: str, expected: dict[str, tuple]) -> FileCheck:
+    """A single-file checkpoint (checkpoints/*.safetensors) against the base folder's configs, header only.
+    Keys outside the four components (EMA copies, sampler buffers) are not read by diffusers and are only
+    counted; inside them every key must be one the conversion maps, with the shape the config builds. The
+    VAE's attention projections may be 1x1 convolutions or matrices (both are published; diffusers
+    converts either)."""
+    if not path.is_file():
+        return FileCheck(rel, "missing")
+    try:
+        got = _read_header(path)
+    except Exception as e:  # truncated / not a safetensors file
+        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+    ours = {k: v for k, v in got.items() if k.startswith(_SINGLE_FILE_PARTS) and not k.endswith(_SINGLE_FILE_IGNORED)}
+    ignored = len(got) - len(ours)
+    for key in sorted(expected):
+        if key not in ours:
+            return FileCheck(rel, "missing_key", f"key {key!r} not in file (not an SDXL base checkpoint of "
+                                                 f"this layout, or a component left out)")
+        shape, want = ours[key][0], expected[key]
+        if ".attn_1." in key and key.startswith("first_stage_model."):
+            shape, want = tuple(d for d in shape if d != 1), tuple(d for d in want if d != 1)
+        if tuple(shape) != tuple(want):
+            return FileCheck(rel, "wrong_shape", f"key {key!r} has shape {list(ours[key][0])}, expected {list(expected[key])}")
+    extra = sorted(set(ours) - set(expected))
+    if extra:
+        return FileCheck(rel, "unexpected_key", f"key {extra[0]!r} is not in an SDXL of this layout ({len(extra)} such keys)")
+    bad = sorted(k for k, (_, dt) in ours.items() if dt not in _FLOATS)
+    if bad:
+        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {ours[bad[0]][1]}, expected a float type")
+    names = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
+    dtypes = sorted({names.get(dt, dt) for _, dt in ours.values()})
+    return FileCheck(rel, "ok", f"{len(ours)} tensors, {'/'.join(dtypes)}"
+                     + (f" ({ignored} keys diffusers does not read)" if ignored else ""))
+
+
+def _restore_dir(settings: Settings, profile: str) -> Path:
+    """Where the service looks for restoration models (services.build_restorer's rule)."""
+    if settings.restore_model_dir is not None:
+        return Path(settings.restore_model_dir)
+    if profile == "tiny":
+        return settings.resolved_tiny_model_dir / RESTORE_DIR
+    return settings.resolved_restore_dir
+
+
+def verify_restore_models(folder: Path) -> list[FileCheck]:
+    """The face restoration ONNX models that are present (each is optional: restore_faces asks for one by
+    name): graph inputs/outputs as OnnxRestoreModel needs them (one 4-D 3-channel image input, a second
+    input exactly when the model takes a fidelity weight, an output). ONNX has no header: the protobuf is
+    parsed, the weights are not run."""
+    from utils.faces.restore import RESTORE_MODELS, download_command
+    out = []
+    for name, spec in RESTORE_MODELS.items():
+        f = folder / spec.filename
+        rel = f"{folder.name}/{spec.filename}"
+        if not f.is_file():
+            out.append(FileCheck(rel, "absent", f"optional: restore_model={name} unavailable ({download_command(name)})"))
+            continue
+        import onnx
+        try:
+            m = onnx.load(str(f), load_external_data=False)
+        except Exception as e:
+            out.append(FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        init = {i.name for i in m.graph.initializer}
+        ins = [(i.name, [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
+               for i in m.graph.input if i.name not in init]
+        images = [(n, d) for n, d in ins if len(d) == 4]
+        if len(images) != 1 or not m.graph.output:
+            out.append(FileCheck(rel, "wrong_shape", f"expected one 4-D image input and an output, found inputs {ins}"))
+            continue
+        dims = images[0][1]
+        if dims[1] != 3 or any(isinstance(d, int) and d and d != spec.size for d in dims[2:]):
+            out.append(FileCheck(rel, "wrong_shape", f"image input {images[0][0]!r} is {dims}, expected [1, 3, "
+                                                     f"{spec.size}, {spec.size}]"))
+            continue
+        if (len(ins) > 1) != spec.has_fidelity:
+            out.append(FileCheck(rel, "wrong_shape", f"{name} {'takes' if spec.has_fidelity else 'takes no'} a "
+                                                     f"fidelity input; the file's inputs are {[n for n, _ in ins]}"))
+            continue
+        out.append(FileCheck(rel, "ok", f"{name}, input {images[0][0]} {dims}" + (", fidelity input" if len(ins) > 1 else "")))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1235,7 +1515,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in checks:
             print(c.line())
         bad = [c for c in checks if not c.ok]
-        print(f"verify: {len(checks) - len(bad)} ok, {len(bad)} problem(s) "
+        absent = sum(c.status == "absent" for c in checks)
+        print(f"verify: {len(checks) - len(bad) - absent} ok, {absent} optional absent, {len(bad)} problem(s) "
               f"(profile {choose_profile(settings)}, variant {settings.ip_adapter_variant})")
         return 1 if bad else 0
     elif args.cmd == "make-tiny":
