@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -979,6 +980,10 @@ class FileCheck:
     path: str                 # relative to the folder it was looked for in (or absolute for the face pack)
     status: str               # ok | absent | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
     detail: str = ""
+    # False for files the service does not load at start-up (single-file checkpoints: only POST /models/load
+    # reads one, and a failed load there keeps the old model serving): a problem is printed as a warning but
+    # does not fail the preflight, so one odd checkpoint in the folder never keeps the service down.
+    blocking: bool = True
 
     @property
     def ok(self) -> bool:
@@ -987,7 +992,8 @@ class FileCheck:
         return self.status in ("ok", "absent")
 
     def line(self) -> str:
-        return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "")
+        note = "" if self.ok or self.blocking else " (warning only: loaded by POST /models/load, not at start-up)"
+        return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "") + note
 
 
 _FLOATS = ("F16", "BF16", "F32", "torch.float16", "torch.bfloat16", "torch.float32")
@@ -1188,7 +1194,8 @@ def verify(settings: Settings) -> list[FileCheck]:
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         if files and all(c in meta for c in ("unet", "vae", "text_encoder", "text_encoder_2")):
             expected = single_file_shapes(meta)
-            checks += [verify_checkpoint(f, rel(f, folder), expected) for f in files]
+            checks += [dataclasses.replace(verify_checkpoint(f, rel(f, folder), expected), blocking=False)
+                       for f in files]
         elif not files:
             checks.append(FileCheck(str(folder), "absent", "optional: no single-file checkpoints"))
     checks += verify_restore_models(_restore_dir(settings, profile))
@@ -1514,9 +1521,11 @@ def main(argv: list[str] | None = None) -> int:
         checks = verify(settings)
         for c in checks:
             print(c.line())
-        bad = [c for c in checks if not c.ok]
+        bad = [c for c in checks if not c.ok and c.blocking]
+        warned = [c for c in checks if not c.ok and not c.blocking]
         absent = sum(c.status == "absent" for c in checks)
-        print(f"verify: {len(checks) - len(bad) - absent} ok, {absent} optional absent, {len(bad)} problem(s) "
+        print(f"verify: {len(checks) - len(bad) - len(warned) - absent} ok, {absent} optional absent, "
+              f"{len(warned)} warning(s), {len(bad)} problem(s) "
               f"(profile {choose_profile(settings)}, variant {settings.ip_adapter_variant})")
         return 1 if bad else 0
     elif args.cmd == "make-tiny":

@@ -287,7 +287,28 @@ def test_verify_cli_absent_optional_files_exit_zero(tiny_models, tmp_path, monke
     assert ml.main(["verify"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("ABSENT ") for line in out) == 4
-    assert "4 optional absent, 0 problem(s)" in out[-1]
+    assert "4 optional absent, 0 warning(s), 0 problem(s)" in out[-1]
+
+
+@pytest.mark.parametrize("broken, code, warnings, problems", [
+    # A checkpoint is read only by POST /models/load (which refuses it and keeps the old model): warn, start.
+    (CKPT, 0, 1, 0),
+    # The base folder's UNet is loaded at start-up: the preflight fails.
+    (f"{ml.BASE_DIR}/unet/diffusion_pytorch_model.safetensors", 1, 0, 1),
+])
+def test_verify_cli_checkpoint_problems_warn_without_failing(tiny_models, tmp_path, monkeypatch, capsys,
+                                                             broken, code, warnings, problems):
+    root = clone(tiny_models, tmp_path / "tiny")
+    truncate(root / broken)
+    for k, v in {"TWIN_MODEL_PROFILE": "tiny", "TWIN_TINY_MODEL_DIR": str(root), "TWIN_DATA_DIR": str(tmp_path / "d"),
+                 "TWIN_MODEL_DIR": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(k, v)
+    assert ml.main(["verify"]) == code
+    out = capsys.readouterr().out.splitlines()
+    line = next(x for x in out if broken in x)
+    assert line.startswith("CORRUPT"), line
+    assert ("warning only" in line) == (warnings == 1), line
+    assert f"{warnings} warning(s), {problems} problem(s)" in out[-1], out[-1]
 
 
 @pytest.fixture
