@@ -623,3 +623,12 @@ def test_idem_records_go_with_the_session_deleted_on_another_node(api_nodes, red
     again = idem_post(a, tok, "k-del", seed=1)
     assert again.status_code == 202 and again.json["id"] != first.json["id"]
     assert "Idempotent-Replayed" not in again.headers
+
+
+def test_idem_with_redis_away_is_a_503_not_a_500(api_nodes, redis_server):
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    redis_server.stop()
+    r = idem_post(b, tok, "k-away", seed=1)
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
+    assert int(r.headers["Retry-After"]) > 0

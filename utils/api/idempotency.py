@@ -196,6 +196,17 @@ return 0
 """
 
 
+def _redis_guard(fn):
+    """Redis away -> 503 queue_unavailable + Retry-After, as the job store answers (not a 500)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from utils.jobs.redis_store import redis_guard  # imports redis: only once cluster mode calls
+        return redis_guard(fn)(*args, **kwargs)
+    return wrapper
+
+
 class RedisIdempotencyStore:
     """``IdempotencyStore``'s interface on the cluster's Redis (one record per key; see the keys above)."""
 
@@ -216,6 +227,7 @@ class RedisIdempotencyStore:
     def _session_k(self, session_id: str) -> str:
         return f"{self.prefix}idem_session:{session_id}"
 
+    @_redis_guard
     def begin(self, owner: str, endpoint: str, key: str, fp: str) -> tuple[int, dict, dict] | None:
         marker = json.dumps({"fp": fp, "state": "in_flight"})
         cur = self._begin(keys=[self._k(owner, endpoint, key)], args=[marker, self.in_flight_ms])
@@ -228,6 +240,7 @@ class RedisIdempotencyStore:
             raise _in_flight(key)
         return int(rec["status"]), rec["body"], rec["headers"]
 
+    @_redis_guard
     def complete(self, owner: str, endpoint: str, key: str, status: int, body: dict, headers: dict,
                  session_id: str | None) -> None:
         # Only this request's in-flight marker becomes the answer (it keeps the marker's fingerprint): when
@@ -237,13 +250,16 @@ class RedisIdempotencyStore:
         self._complete(keys=[self._k(owner, endpoint, key), self._session_k(session_id or "")],
                        args=[rec, self.ttl_ms, session_id or ""])
 
+    @_redis_guard
     def abandon(self, owner: str, endpoint: str, key: str) -> None:
         self._abandon(keys=[self._k(owner, endpoint, key)])
 
+    @_redis_guard
     def forget_session(self, session_id: str) -> None:
         sk = self._session_k(session_id)
         keys = list(self.redis.smembers(sk))
         self.redis.delete(sk, *keys)
 
+    @_redis_guard
     def count(self) -> int:
         return sum(1 for _ in self.redis.scan_iter(match=f"{self.prefix}idem:*", count=500))
