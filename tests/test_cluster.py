@@ -632,3 +632,20 @@ def test_idem_with_redis_away_is_a_503_not_a_500(api_nodes, redis_server):
     r = idem_post(b, tok, "k-away", seed=1)
     assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
     assert int(r.headers["Retry-After"]) > 0
+
+
+def test_idem_records_go_with_a_session_swept_by_a_worker_process(api_nodes, workers, redis_server):
+    """The retention sweep runs in whichever process wins the cluster-wide lock, a GPU worker too."""
+    settings, (a, b) = api_nodes(retention_hours=0.0003)  # ~1 s
+    session_id, tok = upload(a)
+    assert idem_post(a, tok, "k-swept", session_id=session_id, seed=1).status_code == 202
+    conn = redis_server.client()
+    assert len(list(conn.scan_iter("twin:idem:*"))) == 1
+    for node in (a, b):  # the API nodes keep out of it: the worker's Runtime is the one that sweeps
+        node.application.extensions["twin"].session_deleted_hooks.clear()
+    time.sleep(1.2)
+    conn.delete("twin:once:retention-sweep")  # the API nodes' start-up turn: the worker's start-up sweep runs now
+    workers.start(settings, name="w0")
+    workers.wait_registered(conn, ["w0"])
+    wait_until(lambda: conn.exists(f"twin:session:{session_id}") == 0 and not list(conn.scan_iter("twin:idem:*")),
+               30, 0.1)
