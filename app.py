@@ -17,7 +17,6 @@ from werkzeug.exceptions import HTTPException
 
 from utils import errors
 from utils.api import events as api_events, idempotency, security
-from utils.api.idempotency import IdempotencyStore
 from utils.jobs.webhooks import WEBHOOK_FIELDS
 from utils.api.auth import COOKIE_NAME, require_admin, resolve_caller
 from utils.config import Settings
@@ -25,7 +24,7 @@ from utils.request_fields import published_fields
 from utils.jobs import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
 from utils.api.openapi import build_spec
-from utils.services import Runtime, build_faces, build_generators, style_catalogue
+from utils.services import Runtime, build_faces, build_generators, build_idempotency, style_catalogue
 from utils.storage import is_output_name
 
 log = logging.getLogger("twin.app")
@@ -36,7 +35,7 @@ MAX_MESSAGE_CHARS = 500
 OWNED_ENDPOINTS = frozenset({"upload", "generate", "status", "events", "preview", "cancel", "download", "delete_session"})
 
 
-def create_app(settings: Settings | None = None, *, generator=None, faces=None) -> Flask:
+def create_app(settings: Settings | None = None, *, generator=None, faces=None, idempotency_store=None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     # Request threads must get the GIL back quickly while a job thread runs Python-heavy pipeline code.
@@ -82,7 +81,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None) 
     app.extensions["twin"] = runtime
     runtime.start()
 
-    idem = IdempotencyStore(runtime.storage.db_path, settings.idempotency_hours)
+    # The store TWIN_QUEUE_URL picks (services.build_idempotency); tests may pass another.
+    idem = idempotency_store or build_idempotency(settings, runtime.storage.db_path, runtime.store)
     runtime.session_deleted_hooks.append(idem.forget_session)
 
     def idempotent(endpoint: str, owner: str | None, fp_parts: tuple, answer):

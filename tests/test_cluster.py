@@ -102,15 +102,19 @@ def workers(tmp_path):
 
 @pytest.fixture
 def api_nodes(tmp_path, redis_server):
-    """api_nodes(n=2, **settings) -> (settings, [test clients]): n API nodes on one Redis and data dir."""
+    """api_nodes(n=2, own_data_dirs=False, **settings) -> (settings, [test clients]): n API nodes on one
+    Redis and one data dir (own_data_dirs: each node its own, so nothing is shared but Redis)."""
+    import dataclasses
+
     from app import create_app
     apps = []
 
-    def _make(n: int = 2, **kw):
+    def _make(n: int = 2, own_data_dirs: bool = False, **kw):
         settings = cluster_settings(tmp_path, redis_server.url, **kw)
         clients = []
-        for _ in range(n):
-            a = create_app(settings, generator=FakeGenerator(), faces=FakeFaceService())
+        for i in range(n):
+            node_settings = dataclasses.replace(settings, data_dir=tmp_path / f"data-{i}") if own_data_dirs else settings
+            a = create_app(node_settings, generator=FakeGenerator(), faces=FakeFaceService())
             a.extensions["twin"].wait_ready(10)
             apps.append(a)
             clients.append(a.test_client())
@@ -507,3 +511,141 @@ def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, wor
         assert [d["status"] for d in done["webhook"]["deliveries"]] == [204, 204, 204]
     finally:
         rec.close()
+
+
+# --- 8. Idempotency-Key across API nodes (records in Redis: utils/api/idempotency.RedisIdempotencyStore) ----
+
+def idem_post(node, tok: str, key: str, endpoint: str = "generate", **body):
+    headers = {TOKEN_HEADER: tok, "Idempotency-Key": key}
+    if endpoint == "upload":
+        return node.post("/upload", data={"files": [(io.BytesIO(image_bytes((10 * i, 90, 40))), f"s{i}.png")
+                                                    for i in range(2)]},
+                         content_type="multipart/form-data", headers=headers)
+    return node.post("/generate", json={"prompt": "a portrait", **body}, headers=headers)
+
+
+def job_total(node) -> int:
+    return sum(node.application.extensions["twin"].store.counts().values())
+
+
+@pytest.mark.parametrize("endpoint, id_field, ok, own_data_dirs", [
+    ("generate", "id", 202, False),
+    ("generate", "id", 202, True),    # nothing shared but Redis: a jobs.db record could not be seen
+    ("upload", "session_id", 200, False),
+    ("upload", "session_id", 200, True),
+])
+def test_idem_key_on_a_then_b_answers_the_first_answer(api_nodes, endpoint, id_field, ok, own_data_dirs):
+    settings, (a, b) = api_nodes(own_data_dirs=own_data_dirs)
+    _, tok = upload(a)
+    jobs_before = job_total(a)
+    first = idem_post(a, tok, "k-ab-1", endpoint, seed=1)
+    again = idem_post(b, tok, "k-ab-1", endpoint, seed=1)
+    assert first.status_code == again.status_code == ok, (first.json, again.json)
+    assert again.json[id_field] == first.json[id_field]
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    if endpoint == "generate":
+        assert job_total(a) == job_total(b) == jobs_before + 1
+        other = idem_post(b, tok, "k-ab-1", endpoint, seed=2)  # same key, other body, other node
+        assert other.status_code == 422 and other.json["error"]["code"] == "idempotency_key_reused"
+
+
+def test_idem_concurrent_same_key_on_both_nodes_makes_one_job(api_nodes, monkeypatch):
+    """Both nodes get the request at once: one claims the key (202), the other answers 409 or, when the
+    first already answered, the replay. Never two jobs. Slowed submit keeps the window wide open."""
+    import threading
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    for node in (a, b):
+        rt = node.application.extensions["twin"]
+        real = rt.submit
+        monkeypatch.setattr(rt, "submit", lambda *x, _real=real, **kw: (time.sleep(0.3), _real(*x, **kw))[1])
+    for round_ in range(5):
+        start, got = threading.Barrier(2), {}
+
+        def go(name, node, key=f"k-race-{round_}"):
+            start.wait()
+            got[name] = idem_post(node, tok, key, seed=round_)
+        before = job_total(a)
+        threads = [threading.Thread(target=go, args=(n, c)) for n, c in (("a", a), ("b", b))]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        fresh = [r for r in got.values() if r.status_code == 202 and "Idempotent-Replayed" not in r.headers]
+        others = [r for r in got.values() if r not in fresh]
+        assert len(fresh) == 1 and len(others) == 1, [(r.status_code, r.json) for r in got.values()]
+        assert others[0].status_code == 409 or others[0].json["id"] == fresh[0].json["id"]
+        assert job_total(a) == before + 1
+
+
+def test_idem_node_dying_mid_request_frees_the_key_after_the_in_flight_ttl(api_nodes, monkeypatch):
+    """Node A claims the key and never answers (hung, then dies without cleaning up): B answers 409 until
+    TWIN_IDEMPOTENCY_IN_FLIGHT_SECONDS pass, then runs the request; A's late end cannot undo B's answer."""
+    import threading
+    settings, (a, b) = api_nodes(idempotency_in_flight_seconds=1.0)
+    _, tok = upload(a)
+    rt_a = a.application.extensions["twin"]
+    entered, release = threading.Event(), threading.Event()
+
+    def dying_submit(*x, **kw):
+        entered.set()
+        release.wait(20)
+        raise KeyboardInterrupt("node A dies")  # a BaseException: app.idempotent() abandons only its own marker
+    monkeypatch.setattr(rt_a, "submit", dying_submit)
+
+    def run_a():
+        try:
+            idem_post(a, tok, "k-dead", seed=9)
+        except KeyboardInterrupt:
+            pass
+    t = threading.Thread(target=run_a, daemon=True)
+    t.start()
+    assert entered.wait(10)
+    r = idem_post(b, tok, "k-dead", seed=9)
+    assert r.status_code == 409 and r.json["error"]["code"] == "idempotency_in_flight"
+    time.sleep(1.3)
+    r = idem_post(b, tok, "k-dead", seed=9)
+    assert r.status_code == 202 and "Idempotent-Replayed" not in r.headers, r.json
+    release.set()
+    t.join(10)
+    again = idem_post(a, tok, "k-dead", seed=9)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json["id"] == r.json["id"]
+
+
+def test_idem_records_go_with_the_session_deleted_on_another_node(api_nodes, redis_server):
+    settings, (a, b) = api_nodes()
+    session_id, tok = upload(a)
+    first = idem_post(a, tok, "k-del", session_id=session_id, seed=1)
+    assert first.status_code == 202
+    conn = redis_server.client()
+    assert len(list(conn.scan_iter("twin:idem:*"))) == 1
+    assert b.delete(f"/sessions/{session_id}", headers={TOKEN_HEADER: tok}).status_code == 200
+    assert list(conn.scan_iter("twin:idem:*")) == [] and list(conn.scan_iter("twin:idem_session:*")) == []
+    upload(a, tok)
+    again = idem_post(a, tok, "k-del", seed=1)
+    assert again.status_code == 202 and again.json["id"] != first.json["id"]
+    assert "Idempotent-Replayed" not in again.headers
+
+
+def test_idem_with_redis_away_is_a_503_not_a_500(api_nodes, redis_server):
+    settings, (a, b) = api_nodes()
+    _, tok = upload(a)
+    redis_server.stop()
+    r = idem_post(b, tok, "k-away", seed=1)
+    assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
+    assert int(r.headers["Retry-After"]) > 0
+
+
+def test_idem_records_go_with_a_session_swept_by_a_worker_process(api_nodes, workers, redis_server):
+    """The retention sweep runs in whichever process wins the cluster-wide lock, a GPU worker too."""
+    settings, (a, b) = api_nodes(retention_hours=0.0003)  # ~1 s
+    session_id, tok = upload(a)
+    assert idem_post(a, tok, "k-swept", session_id=session_id, seed=1).status_code == 202
+    conn = redis_server.client()
+    assert len(list(conn.scan_iter("twin:idem:*"))) == 1
+    for node in (a, b):  # the API nodes keep out of it: the worker's Runtime is the one that sweeps
+        node.application.extensions["twin"].session_deleted_hooks.clear()
+    time.sleep(1.2)
+    conn.delete("twin:once:retention-sweep")  # the API nodes' start-up turn: the worker's start-up sweep runs now
+    workers.start(settings, name="w0")
+    workers.wait_registered(conn, ["w0"])
+    wait_until(lambda: conn.exists(f"twin:session:{session_id}") == 0 and not list(conn.scan_iter("twin:idem:*")),
+               30, 0.1)

@@ -1,7 +1,11 @@
-"""Idempotency-Key on POST /generate and POST /upload: a repeated request answers the first answer."""
+"""Idempotency-Key on POST /generate and POST /upload: a repeated request answers the first answer.
+
+Every app test runs on both stores (local mode's SQLite, cluster mode's Redis on a real redis-server);
+the two-API-node behaviour is in tests/test_cluster.py."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -9,6 +13,35 @@ from tests.fakes import image_bytes
 from tests.test_api import assert_error, files_field, upload
 
 KEY = {"Idempotency-Key": "order-7f3a-0001"}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def idem_store(request, service_settings):
+    """None: the app builds local mode's store; "redis": the cluster store on a real redis-server."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from utils.api.idempotency import RedisIdempotencyStore
+    server = request.getfixturevalue("redis_server")
+    yield RedisIdempotencyStore(server.client(), service_settings.idempotency_hours)
+
+
+@pytest.fixture
+def app(make_app, fake_generator, fake_faces, idem_store, service_settings):
+    if idem_store is None:
+        yield make_app(generator=fake_generator, faces=fake_faces)
+        return
+    from app import create_app
+    a = create_app(service_settings, generator=fake_generator, faces=fake_faces, idempotency_store=idem_store)
+    a.extensions["twin"].wait_ready(10)
+    yield a
+    a.extensions["twin"].shutdown()
+
+
+def idem_of(app):
+    """The app's store (the hook create_app registered for session deletes is its bound method)."""
+    return next(h.__self__ for h in app.extensions["twin"].session_deleted_hooks
+                if h.__name__ == "forget_session")
 
 
 def gen(client, key=KEY, **payload):
@@ -105,9 +138,7 @@ def test_upload_with_the_same_key_and_files_answers_the_first_session(app, clien
 def test_deleting_the_session_deletes_its_records(app, client):
     upload(client)
     first = gen(client, seed=1).json
-    db = app.extensions["twin"].storage.db_path
-    import sqlite3
-    rows = lambda: sqlite3.connect(str(db)).execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
+    rows = idem_of(app).count
     assert rows() == 1
     assert client.delete(f"/sessions/{first['session_id']}").status_code == 200
     assert rows() == 0
@@ -125,3 +156,46 @@ def test_records_expire_after_the_configured_hours(tmp_path):
     now[0] += 3601
     assert store.begin("owner", "generate", "k", "fp2") is None  # expired: the key is free again
     store.close()
+
+
+def make_store(kind, tmp_path, redis_server_factory, in_flight_seconds):
+    from utils.api.idempotency import IdempotencyStore, RedisIdempotencyStore
+    if kind == "sqlite":
+        return IdempotencyStore(tmp_path / "jobs.db", hours=1, in_flight_seconds=in_flight_seconds)
+    return RedisIdempotencyStore(redis_server_factory().client(), hours=1, in_flight_seconds=in_flight_seconds)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_an_unanswered_in_flight_marker_expires(kind, tmp_path, request):
+    """The node that claimed the key died before answering: after the in-flight TTL the key runs again."""
+    store = make_store(kind, tmp_path, lambda: request.getfixturevalue("redis_server"), in_flight_seconds=0.3)
+    assert store.begin("owner", "generate", "k", "fp1") is None  # claimed, never completed nor abandoned
+    with pytest.raises(Exception) as e:
+        store.begin("owner", "generate", "k", "fp1")
+    assert getattr(e.value, "code", None) == "idempotency_in_flight"
+    time.sleep(0.5)
+    assert store.begin("owner", "generate", "k", "fp1") is None  # claimed again
+    store.complete("owner", "generate", "k", 202, {"id": "j2", "outputs": []}, {"Location": "/status/j2"}, "s1")
+    time.sleep(0.5)  # a done record keeps the retention hours, not the in-flight TTL
+    assert store.begin("owner", "generate", "k", "fp1") == (202, {"id": "j2", "outputs": []}, {"Location": "/status/j2"})
+    store.forget_session("s1")
+    assert store.count() == 0
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_only_a_hash_of_the_key_is_stored(kind, tmp_path, request):
+    server = []
+    store = make_store(kind, tmp_path, lambda: server.append(request.getfixturevalue("redis_server")) or server[0], 60)
+    secret = "customer-secret-key-4711"
+    assert store.begin("owner", "upload", secret, "fp") is None
+    store.complete("owner", "upload", secret, 200, {"session_id": "s"}, {}, "s")
+    if kind == "sqlite":
+        store.close()
+        assert secret.encode() not in (tmp_path / "jobs.db").read_bytes() + (
+            (tmp_path / "jobs.db-wal").read_bytes() if (tmp_path / "jobs.db-wal").exists() else b"")
+    else:
+        c = server[0].client()
+        dump = b"".join(k + (c.get(k) or b"") for k in c.scan_iter("*") if c.type(k) == b"string")
+        dump += b"".join(m for k in c.scan_iter("*") if c.type(k) == b"set" for m in c.smembers(k))
+        assert secret.encode() not in dump and store.count() == 1

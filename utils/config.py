@@ -146,6 +146,7 @@ class Settings:
     webhook_retry_base_seconds: float = _setting(2.0, "First retry delay; doubles with each attempt (2, 4, 8, 16 s).", lo=0.0, hi=600.0)
     webhook_timeout_seconds: float = _setting(10.0, "Timeout of one webhook delivery attempt.", lo=0.1, hi=120.0)
     idempotency_hours: float = _setting(24.0, "How long an Idempotency-Key on POST /generate or /upload replays the first answer to the same caller.", lo=0.01)
+    idempotency_in_flight_seconds: float = _setting(180.0, "How long an Idempotency-Key stays 'in flight' (409) without an answer; after it a retry runs again (an API node that died mid-request cannot block its key forever). Keep above gunicorn's 120 s request timeout.", lo=0.05, hi=3600.0)
 
     thumbnail_side: int = _setting(256, "Longest side of the JPEG thumbnail written beside each portrait (thumbnail_url in the job JSON).", lo=32, hi=1024)
 

@@ -147,6 +147,18 @@ def build_events(settings: Settings, store):
     return EventLog()
 
 
+def build_idempotency(settings: Settings, db_path, store):
+    """The Idempotency-Key records: in jobs.db for local mode; in the cluster's Redis (beside the job
+    records, same connection) for cluster mode, so a retry that lands on another API node sees the
+    first node's record."""
+    from utils.api.idempotency import IdempotencyStore, RedisIdempotencyStore
+    if settings.cluster:
+        return RedisIdempotencyStore(store.redis, settings.idempotency_hours, prefix=store.prefix,
+                                     in_flight_seconds=settings.idempotency_in_flight_seconds)
+    return IdempotencyStore(db_path, settings.idempotency_hours,
+                            in_flight_seconds=settings.idempotency_in_flight_seconds)
+
+
 def build_faces(settings: Settings):
     from utils.faces import FaceService
     return FaceService(face_settings(settings))

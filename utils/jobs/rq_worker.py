@@ -398,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         generator, faces = services.build_generators(settings)[0], services.build_faces(settings)
     runtime = services.Runtime(settings, [generator], faces)
+    # The cluster-wide retention sweep may run in this process: a swept session's Idempotency-Key
+    # records (in Redis) go with it, as they do when an API node deletes the session.
+    runtime.session_deleted_hooks.append(
+        services.build_idempotency(settings, runtime.storage.db_path, runtime.store).forget_session)
     runtime.start()
     if not runtime.wait_ready():
         log.error("worker set-up failed", extra={"error": runtime.setup_error})
