@@ -808,48 +808,88 @@ def evaluate_main(argv: list[str], face_service_factory: Callable[[Settings], An
     return 0
 
 
+# CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
+CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
+_CLI_TYPES = {"string": str, "integer": int, "number": float}
+
+
+def cli_flag(name: str) -> str:
+    return CLI_FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+
+
+def _json_arg(flag: str) -> Callable[[str], Any]:
+    """object/array flags: JSON text, or @file.json (persona sheets are easier kept in a file)."""
+    def parse(text: str) -> Any:
+        src = text
+        if text.startswith("@"):
+            try:
+                src = Path(text[1:]).read_text()
+            except OSError as e:
+                raise argparse.ArgumentTypeError(f"{flag} {text!r}: cannot read the file ({e.strerror})")
+        try:
+            return json.loads(src)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not JSON ({e.msg})")
+    return parse
+
+
+def add_request_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per REQUEST_FIELDS row, so a new field reaches the CLI without anyone listing it here.
+    Types and static enums come from the row; range/enum checks that need settings (limits, style names)
+    are left to GenerationRequest.from_dict, exactly as the API applies them. Defaults stay None: an
+    absent flag is an absent JSON key."""
+    for f in REQUEST_FIELDS:
+        flag = cli_flag(f.name)
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.doc or None}
+        if f.kind == "boolean":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.kind in ("object", "array"):
+            kw["type"], kw["metavar"] = _json_arg(flag), "JSON|@FILE"
+        else:
+            kw["type"] = _CLI_TYPES[f.kind]
+            if f.enum is not None and not callable(f.enum):
+                kw["choices"] = tuple(f.enum)
+        if f.name == "init_image":
+            kw["metavar"], kw["help"] = "PATH", "img2img: start from this picture (a file path here)"
+        if f.required:
+            kw["required"] = True
+        ap.add_argument(flag, **kw)
+
+
 def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:], face_service_factory)
     ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits, on the configured model profile.")
     ap.add_argument("--selfies", type=Path, required=True, help="folder of selfie photos")
-    ap.add_argument("--prompt", required=True)
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--negative-prompt")
-    ap.add_argument("--num-images", type=int, default=1)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--quality", dest="quality_mode", default="balanced", choices=tuple(QUALITY_MODES))
-    ap.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS))
-    ap.add_argument("--strength", dest="identity_strength", type=float)
-    ap.add_argument("--style", help="a preset of the style library (styles/styles.json)")
-    ap.add_argument("--style-strength", type=float)
-    ap.add_argument("--init-image", type=Path, help="img2img: start from this picture")
-    ap.add_argument("--img2img-strength", dest="strength", type=float, help="img2img strength (0.05-1)")
-    ap.add_argument("--lora")
-    ap.add_argument("--lora-scale", type=float)
+    add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
-    ap.add_argument("--pose", help="instantid: auto, a preset (" + ", ".join(POSE_PRESETS) + ") or selfie:N")
-    ap.add_argument("--pose-strength", type=float, help="instantid: IdentityNet scale 0-1.5")
     ap.add_argument("--profile", choices=("auto", "sdxl", "tiny"), help="override TWIN_MODEL_PROFILE")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
     settings = Settings.from_env(**overrides)
-    payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
-                                             "aspect_ratio", "identity_strength", "style", "style_strength", "lora",
-                                             "lora_scale", "pose", "pose_strength")}
-    if args.init_image is not None:  # the same inline form the API takes
+    # Only the flags given: absent fields take the same defaults the API applies.
+    payload = {f.name: getattr(args, f.name) for f in REQUEST_FIELDS if getattr(args, f.name, None) is not None}
+    if "init_image" in payload:  # a path here; the API's inline base64 form from it
         import base64
-        if not args.init_image.is_file():
-            print(f"error: --init-image {str(args.init_image)!r} is not a file", file=sys.stderr)
+        init = Path(payload["init_image"])
+        if not init.is_file():
+            print(f"error: --init-image {str(init)!r} is not a file", file=sys.stderr)
             return 2
-        payload["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode()
-    payload["strength"] = args.strength
+        payload["init_image"] = base64.b64encode(init.read_bytes()).decode()
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)
+        # These run in the service's job runner (utils/services.Runtime), not in generate(); refuse them
+        # here rather than silently produce something other than what was asked.
+        for name, unsupported in (("candidates", req.candidates not in (None, 1)), ("restore_faces", bool(req.restore_faces)),
+                                  ("model", req.model is not None)):
+            if unsupported:
+                raise InvalidRequest(f"{cli_flag(name)} {getattr(req, name)!r} is not supported by the CLI yet "
+                                     "(use the service API)")
         files = [(p.name, p.read_bytes()) for p in sorted(args.selfies.iterdir())
                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] if args.selfies.is_dir() else []
         if not files:

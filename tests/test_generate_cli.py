@@ -169,3 +169,60 @@ def test_evaluate_bad_folders_exit_2_naming_them(tmp_path, capsys, face_service,
     rc = generate_twin.main(["evaluate", "--selfies", str(tmp_path / "selfies"), "--images", str(tmp_path / "images")],
                             face_service_factory=lambda s: face_service)
     assert rc == 2 and needle in capsys.readouterr().err
+
+
+def _cli_parser():
+    import argparse
+    ap = argparse.ArgumentParser(exit_on_error=False)
+    generate_twin.add_request_flags(ap)
+    return ap
+
+
+@pytest.mark.parametrize("field", [f.name for f in generate_twin.REQUEST_FIELDS])
+def test_every_request_field_has_a_cli_flag(field):
+    # Generated from the table: a field added later reaches the CLI without anyone listing it.
+    flags = {o: a.dest for a in _cli_parser()._actions for o in a.option_strings}
+    assert flags.get(generate_twin.cli_flag(field)) == field
+
+
+@pytest.mark.parametrize("args, field, value", [
+    (["--quality", "fast"], "quality_mode", "fast"),                      # historic alias names still work
+    (["--strength", "0.7"], "identity_strength", 0.7),
+    (["--img2img-strength", "0.4"], "strength", 0.4),
+    (["--width", "512", "--height", "640"], "height", 640),
+    (["--candidates", "3"], "candidates", 3),
+    (["--restore-faces"], "restore_faces", True),
+    (["--no-preview"], "preview", False),
+    (["--restore-model", "codeformer"], "restore_model", "codeformer"),
+    (["--persona", '{"hair": "red"}'], "persona", {"hair": "red"}),
+])
+def test_generated_flags_parse_to_field_values(args, field, value):
+    ns = _cli_parser().parse_args(["--prompt", "p", *args])
+    assert getattr(ns, field) == value
+
+
+def test_object_flags_read_at_file(tmp_path):
+    (tmp_path / "persona.json").write_text('{"age": 30}')
+    ns = _cli_parser().parse_args(["--prompt", "p", "--persona", f"@{tmp_path / 'persona.json'}"])
+    assert ns.persona == {"age": 30}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-images", "5"], "num_images=5"),                  # from_dict's own message, as the API gives it
+    (["--candidates", "99"], "99"),
+    (["--width", "100"], "100"),
+    (["--restore-model", "nope"], "'nope'"),                  # argparse choices from the row's enum
+    (["--persona", "{not json"], "'{not json'"),
+    (["--persona", "@/no/such.json"], "/no/such.json"),
+    (["--candidates", "3"], "--candidates 3 is not supported by the CLI yet"),
+    (["--restore-faces"], "--restore-faces True is not supported by the CLI yet"),
+])
+def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, args, needle):
+    selfies = write_selfies(cli_env / "selfies", 1)
+    try:
+        rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(cli_env / "o"), *args],
+                                face_service_factory=FakeFaceService)
+    except SystemExit as e:  # argparse's own type/choices errors
+        rc = e.code
+    assert rc == 2
+    assert needle in capsys.readouterr().err
