@@ -885,8 +885,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         req = GenerationRequest.from_dict(payload, settings)
         # These run in the service's job runner (utils/services.Runtime), not in generate(); refuse them
         # here rather than silently produce something other than what was asked.
-        for name, unsupported in (("candidates", req.candidates not in (None, 1)), ("restore_faces", bool(req.restore_faces)),
-                                  ("model", req.model is not None)):
+        for name, unsupported in (("candidates", req.candidates not in (None, 1)),
+                                  ("restore_faces", bool(req.restore_faces))):
             if unsupported:
                 raise InvalidRequest(f"{cli_flag(name)} {getattr(req, name)!r} is not supported by the CLI yet "
                                      "(use the service API)")
@@ -900,6 +900,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         from utils.services import check_face_backend
         check_face_backend(settings, faces)
         gen = DigitalTwinGenerator(settings).setup()
+        if req.model is not None:
+            # --model: the same switch POST /models/load makes; an unknown name is InvalidRequest listing them.
+            gen.load_model(req.model)
         info = gen.info()
         print(f"      model: {info['profile']} ({info['model_name']}) on {info['device']}/{info['dtype']}, "
               f"adapter {info['variant']}" + ("  ** DEMO MODEL: outputs are not portraits **" if info["is_demo"] else ""),

@@ -216,6 +216,7 @@ def test_object_flags_read_at_file(tmp_path):
     (["--persona", "@/no/such.json"], "/no/such.json"),
     (["--candidates", "3"], "--candidates 3 is not supported by the CLI yet"),
     (["--restore-faces"], "--restore-faces True is not supported by the CLI yet"),
+    (["--model", "nope"], "model='nope' is not a local base model; available: tiny-sdxl, tiny-alt"),
 ])
 def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, args, needle):
     selfies = write_selfies(cli_env / "selfies", 1)
@@ -226,3 +227,13 @@ def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, arg
         rc = e.code
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+def test_cli_model_flag_starts_on_that_checkpoint(cli_env, capsys):
+    selfies, out = write_selfies(cli_env / "selfies", 1), cli_env / "out"
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--model", "tiny-alt"],
+                            face_service_factory=FakeFaceService)
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "(tiny-alt)" in text.out
+    assert json.loads((out / "metadata.json").read_text())["request"]["model"] == "tiny-alt"
