@@ -883,13 +883,6 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)
-        # These run in the service's job runner (utils/services.Runtime), not in generate(); refuse them
-        # here rather than silently produce something other than what was asked.
-        for name, unsupported in (("candidates", req.candidates not in (None, 1)),
-                                  ("restore_faces", bool(req.restore_faces))):
-            if unsupported:
-                raise InvalidRequest(f"{cli_flag(name)} {getattr(req, name)!r} is not supported by the CLI yet "
-                                     "(use the service API)")
         files = [(p.name, p.read_bytes()) for p in sorted(args.selfies.iterdir())
                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] if args.selfies.is_dir() else []
         if not files:
@@ -920,23 +913,65 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
                                       face_model=report.model_name, **identity_inputs(report))
         args.out.mkdir(parents=True, exist_ok=True)
         identity.save(args.out / "identity.safetensors")
-        print(f"[4/4] generating {req.num_images} image(s)", flush=True)
+        keep = req.num_images
+        total = req.candidates or keep
+        # Best-of-N and restoration through the service's own functions (utils/services), not a copy.
+        from utils import services
+        template = report.template if hasattr(faces, "identity_similarity") else None
+        if total > keep and template is None:
+            raise InvalidRequest("best-of-N (--candidates) needs a face template, which this face service "
+                                 "did not produce")
+        restorer = None
+        if req.restore_faces:
+            restorer = services.build_restorer(settings, info.get("profile"))
+            restorer.check(req.restore_model)    # a missing model: exit 2 naming the file and the download command
+        self_sim = None
+        if hasattr(faces, "self_similarity"):    # the reference the scores are read against (the API records it at upload)
+            try:
+                self_sim = faces.self_similarity([a.embedding for a in report.accepted])
+            except Exception:  # noqa: BLE001 - a reference number, never a reason to fail
+                self_sim = None
+        print(f"[4/4] generating {total} image(s)" + (f", keeping the best {keep}" if total > keep else ""), flush=True)
 
         def progress(step: int, total: int) -> None:
             print(f"      step {step}/{total}", flush=True)
-        result = gen.generate(req.with_identity(identity), on_progress=progress)
+        images, seeds, result_meta = services.generate_candidates(gen, req.with_identity(identity), total, progress,
+                                                                  lambda: False)
+        candidates = None
+        scores: list = [None] * len(images)
+        if total > keep:
+            order, candidates, scores = services.rank_candidates(faces, images, seeds, template, keep)
+        else:
+            order = list(range(len(images)))
+        outputs = []
+        for rank, ci in enumerate(order, start=1):
+            image, name = images[ci], f"avatar_{rank:03d}.png"
+            output: dict[str, Any] = {"filename": name, "seed": int(seeds[ci]), "width": image.width,
+                                      "height": image.height}
+            if candidates is not None:
+                output["candidate"] = ci + 1
+            if restorer is not None:
+                image = services.restore_output(faces, restorer, req, image, output, args.out, rank, template, [])
+            elif template is not None:
+                output["identity_similarity"] = (scores[ci] if candidates is not None
+                                                 else services.score_image(faces, image, template))
+            if "identity_similarity" in output and self_sim is not None:
+                output["self_similarity"] = round(float(self_sim), 4)
+            image.save(args.out / name)
+            output["path"] = str(args.out / name)
+            outputs.append(output)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
-    paths = []
-    for i, img in enumerate(result.images, 1):
-        p = args.out / f"avatar_{i:03d}.png"
-        img.save(p)
-        paths.append(p)
-    meta = {"request": req.to_dict(), "result": result.metadata, "wall_s": round(time.perf_counter() - t0, 2)}
-    (args.out / "metadata.json").write_text(json.dumps(meta, indent=1))
-    for p, s in zip(paths, result.seeds):
-        print(f"wrote {p} (seed {s})")
+    result = dict(result_meta or {})
+    if candidates is not None:
+        result["candidates"] = candidates
+    meta = {"request": req.to_dict(), "result": result, "outputs": outputs,
+            "self_similarity": None if self_sim is None else round(float(self_sim), 4),
+            "wall_s": round(time.perf_counter() - t0, 2)}
+    (args.out / "metadata.json").write_text(json.dumps(meta, indent=1, default=str))
+    for o in outputs:
+        print(f"wrote {o['path']} (seed {o['seed']})" + (f" + {o['raw_filename']}" if o.get("raw_filename") else ""))
     print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

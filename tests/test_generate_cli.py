@@ -214,8 +214,7 @@ def test_object_flags_read_at_file(tmp_path):
     (["--restore-model", "nope"], "'nope'"),                  # argparse choices from the row's enum
     (["--persona", "{not json"], "'{not json'"),
     (["--persona", "@/no/such.json"], "/no/such.json"),
-    (["--candidates", "3"], "--candidates 3 is not supported by the CLI yet"),
-    (["--restore-faces"], "--restore-faces True is not supported by the CLI yet"),
+    (["--candidates", "3"], "needs a face template"),        # this fake face service makes none
     (["--model", "nope"], "model='nope' is not a local base model; available: tiny-sdxl, tiny-alt"),
 ])
 def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, args, needle):
@@ -237,3 +236,38 @@ def test_cli_model_flag_starts_on_that_checkpoint(cli_env, capsys):
     assert rc == 0, text.err
     assert "(tiny-alt)" in text.out
     assert json.loads((out / "metadata.json").read_text())["request"]["model"] == "tiny-alt"
+
+
+class ScoredFaceService(FakeFaceService):
+    """Adds the scoring half of the contract: a template, and a likeness score = the image's mean red level."""
+
+    def validate_selfies(self, files):
+        report = super().validate_selfies(files)
+        report.template = np.ones(512, dtype=np.float32) / np.sqrt(512)
+        return report
+
+    def identity_similarity(self, image, template):
+        return float(np.asarray(image.convert("RGB"))[..., 0].mean()) / 255.0
+
+    def self_similarity(self, embeddings):
+        return 0.83
+
+
+@pytest.mark.parametrize("num_images, candidates", [(1, 3), (2, 5)])
+def test_cli_best_of_n_keeps_the_best_and_lists_every_candidate(cli_env, capsys, num_images, candidates):
+    selfies, out = write_selfies(cli_env / "selfies", 2), cli_env / "out"
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--seed", "5",
+                             "--num-images", str(num_images), "--candidates", str(candidates)],
+                            face_service_factory=ScoredFaceService)
+    assert rc == 0, capsys.readouterr().err
+    assert len(list(out.glob("avatar_*.png"))) == num_images
+    meta = json.loads((out / "metadata.json").read_text())
+    rows = meta["result"]["candidates"]
+    assert [r["seed"] for r in rows] == list(range(5, 5 + candidates))      # consecutive seeds, as the service
+    assert sum(r["kept"] for r in rows) == num_images
+    best = sorted((r["identity_similarity"] for r in rows), reverse=True)[:num_images]
+    assert [o["identity_similarity"] for o in meta["outputs"]] == best
+    assert all(o["self_similarity"] == 0.83 for o in meta["outputs"]) and meta["self_similarity"] == 0.83
+    # the kept image on disk is the best candidate's
+    score = ScoredFaceService().identity_similarity(Image.open(out / "avatar_001.png"), None)
+    assert round(score, 4) == best[0]
