@@ -271,3 +271,28 @@ def test_cli_best_of_n_keeps_the_best_and_lists_every_candidate(cli_env, capsys,
     # the kept image on disk is the best candidate's
     score = ScoredFaceService().identity_similarity(Image.open(out / "avatar_001.png"), None)
     assert round(score, 4) == best[0]
+
+
+def test_cli_restore_faces_writes_the_raw_copy_and_both_scores(cli_env, capsys, face_service, monkeypatch):
+    """Real dlib faces and the tiny restoration stand-ins; the tiny model paints no faces, so its outputs are
+    swapped for a real face photo (as tests.fakes.PhotoGenerator does for the service) after it ran."""
+    from tests.fakes import FakeResult
+    from tests.photos import astronaut_variant, selfie_set
+    real_generate = generate_twin.DigitalTwinGenerator.generate
+
+    def with_a_face(self, req, **kw):
+        r = real_generate(self, req, **kw)
+        return FakeResult(images=[astronaut_variant(s % 4, 320) for s in r.seeds], seeds=r.seeds, metadata=r.metadata)
+    monkeypatch.setattr(generate_twin.DigitalTwinGenerator, "generate", with_a_face)
+    selfies, out = cli_env / "selfies", cli_env / "out"
+    selfies.mkdir()
+    for name, data in selfie_set(3):
+        (selfies / name).write_bytes(data)
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--restore-faces",
+                             "--restore-model", "gfpgan"], face_service_factory=lambda s: face_service)
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("avatar_*.png")) == ["avatar_001.png", "avatar_001_raw.png"]
+    (o,) = json.loads((out / "metadata.json").read_text())["outputs"]
+    assert o["restored"] is True and o["raw_filename"] == "avatar_001_raw.png" and o["faces_restored"] == 1
+    assert 0 <= o["identity_similarity"] <= 1 and 0 <= o["identity_similarity_raw"] <= 1
+    assert 0 < o["self_similarity"] <= 1
