@@ -840,7 +840,8 @@ def add_request_flags(ap: argparse.ArgumentParser) -> None:
     absent flag is an absent JSON key."""
     for f in REQUEST_FIELDS:
         flag = cli_flag(f.name)
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.doc or None}
+        # argparse formats help with %: a literal one in a field doc must not break --help
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": (f.doc or "").replace("%", "%%") or None}
         if f.kind == "boolean":
             kw["action"] = argparse.BooleanOptionalAction
         elif f.kind in ("object", "array"):
