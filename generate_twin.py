@@ -808,45 +808,79 @@ def evaluate_main(argv: list[str], face_service_factory: Callable[[Settings], An
     return 0
 
 
+# CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
+CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
+_CLI_TYPES = {"string": str, "integer": int, "number": float}
+
+
+def cli_flag(name: str) -> str:
+    return CLI_FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+
+
+def _json_arg(flag: str) -> Callable[[str], Any]:
+    """object/array flags: JSON text, or @file.json (persona sheets are easier kept in a file)."""
+    def parse(text: str) -> Any:
+        src = text
+        if text.startswith("@"):
+            try:
+                src = Path(text[1:]).read_text()
+            except OSError as e:
+                raise argparse.ArgumentTypeError(f"{flag} {text!r}: cannot read the file ({e.strerror})")
+        try:
+            return json.loads(src)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not JSON ({e.msg})")
+    return parse
+
+
+def add_request_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per REQUEST_FIELDS row, so a new field reaches the CLI without anyone listing it here.
+    Types and static enums come from the row; range/enum checks that need settings (limits, style names)
+    are left to GenerationRequest.from_dict, exactly as the API applies them. Defaults stay None: an
+    absent flag is an absent JSON key."""
+    for f in REQUEST_FIELDS:
+        flag = cli_flag(f.name)
+        # argparse formats help with %: a literal one in a field doc must not break --help
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": (f.doc or "").replace("%", "%%") or None}
+        if f.kind == "boolean":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.kind in ("object", "array"):
+            kw["type"], kw["metavar"] = _json_arg(flag), "JSON|@FILE"
+        else:
+            kw["type"] = _CLI_TYPES[f.kind]
+            if f.enum is not None and not callable(f.enum):
+                kw["choices"] = tuple(f.enum)
+        if f.name == "init_image":
+            kw["metavar"], kw["help"] = "PATH", "img2img: start from this picture (a file path here)"
+        if f.required:
+            kw["required"] = True
+        ap.add_argument(flag, **kw)
+
+
 def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:], face_service_factory)
     ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits, on the configured model profile.")
     ap.add_argument("--selfies", type=Path, required=True, help="folder of selfie photos")
-    ap.add_argument("--prompt", required=True)
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--negative-prompt")
-    ap.add_argument("--num-images", type=int, default=1)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--quality", dest="quality_mode", default="balanced", choices=tuple(QUALITY_MODES))
-    ap.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS))
-    ap.add_argument("--strength", dest="identity_strength", type=float)
-    ap.add_argument("--style", help="a preset of the style library (styles/styles.json)")
-    ap.add_argument("--style-strength", type=float)
-    ap.add_argument("--init-image", type=Path, help="img2img: start from this picture")
-    ap.add_argument("--img2img-strength", dest="strength", type=float, help="img2img strength (0.05-1)")
-    ap.add_argument("--lora")
-    ap.add_argument("--lora-scale", type=float)
+    add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
-    ap.add_argument("--pose", help="instantid: auto, a preset (" + ", ".join(POSE_PRESETS) + ") or selfie:N")
-    ap.add_argument("--pose-strength", type=float, help="instantid: IdentityNet scale 0-1.5")
     ap.add_argument("--profile", choices=("auto", "sdxl", "tiny"), help="override TWIN_MODEL_PROFILE")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
     settings = Settings.from_env(**overrides)
-    payload = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "quality_mode",
-                                             "aspect_ratio", "identity_strength", "style", "style_strength", "lora",
-                                             "lora_scale", "pose", "pose_strength")}
-    if args.init_image is not None:  # the same inline form the API takes
+    # Only the flags given: absent fields take the same defaults the API applies.
+    payload = {f.name: getattr(args, f.name) for f in REQUEST_FIELDS if getattr(args, f.name, None) is not None}
+    if "init_image" in payload:  # a path here; the API's inline base64 form from it
         import base64
-        if not args.init_image.is_file():
-            print(f"error: --init-image {str(args.init_image)!r} is not a file", file=sys.stderr)
+        init = Path(payload["init_image"])
+        if not init.is_file():
+            print(f"error: --init-image {str(init)!r} is not a file", file=sys.stderr)
             return 2
-        payload["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode()
-    payload["strength"] = args.strength
+        payload["init_image"] = base64.b64encode(init.read_bytes()).decode()
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(payload, settings)
@@ -860,6 +894,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         from utils.services import check_face_backend
         check_face_backend(settings, faces)
         gen = DigitalTwinGenerator(settings).setup()
+        if req.model is not None:
+            # --model: the same switch POST /models/load makes; an unknown name is InvalidRequest listing them.
+            gen.load_model(req.model)
         info = gen.info()
         print(f"      model: {info['profile']} ({info['model_name']}) on {info['device']}/{info['dtype']}, "
               f"adapter {info['variant']}" + ("  ** DEMO MODEL: outputs are not portraits **" if info["is_demo"] else ""),
@@ -877,23 +914,65 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
                                       face_model=report.model_name, **identity_inputs(report))
         args.out.mkdir(parents=True, exist_ok=True)
         identity.save(args.out / "identity.safetensors")
-        print(f"[4/4] generating {req.num_images} image(s)", flush=True)
+        keep = req.num_images
+        total = req.candidates or keep
+        # Best-of-N and restoration through the service's own functions (utils/services), not a copy.
+        from utils import services
+        template = report.template if hasattr(faces, "identity_similarity") else None
+        if total > keep and template is None:
+            raise InvalidRequest("best-of-N (--candidates) needs a face template, which this face service "
+                                 "did not produce")
+        restorer = None
+        if req.restore_faces:
+            restorer = services.build_restorer(settings, info.get("profile"))
+            restorer.check(req.restore_model)    # a missing model: exit 2 naming the file and the download command
+        self_sim = None
+        if hasattr(faces, "self_similarity"):    # the reference the scores are read against (the API records it at upload)
+            try:
+                self_sim = faces.self_similarity([a.embedding for a in report.accepted])
+            except Exception:  # noqa: BLE001 - a reference number, never a reason to fail
+                self_sim = None
+        print(f"[4/4] generating {total} image(s)" + (f", keeping the best {keep}" if total > keep else ""), flush=True)
 
         def progress(step: int, total: int) -> None:
             print(f"      step {step}/{total}", flush=True)
-        result = gen.generate(req.with_identity(identity), on_progress=progress)
+        images, seeds, result_meta = services.generate_candidates(gen, req.with_identity(identity), total, progress,
+                                                                  lambda: False)
+        candidates = None
+        scores: list = [None] * len(images)
+        if total > keep:
+            order, candidates, scores = services.rank_candidates(faces, images, seeds, template, keep)
+        else:
+            order = list(range(len(images)))
+        outputs = []
+        for rank, ci in enumerate(order, start=1):
+            image, name = images[ci], f"avatar_{rank:03d}.png"
+            output: dict[str, Any] = {"filename": name, "seed": int(seeds[ci]), "width": image.width,
+                                      "height": image.height}
+            if candidates is not None:
+                output["candidate"] = ci + 1
+            if restorer is not None:
+                image = services.restore_output(faces, restorer, req, image, output, args.out, rank, template, [])
+            elif template is not None:
+                output["identity_similarity"] = (scores[ci] if candidates is not None
+                                                 else services.score_image(faces, image, template))
+            if "identity_similarity" in output and self_sim is not None:
+                output["self_similarity"] = round(float(self_sim), 4)
+            image.save(args.out / name)
+            output["path"] = str(args.out / name)
+            outputs.append(output)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
-    paths = []
-    for i, img in enumerate(result.images, 1):
-        p = args.out / f"avatar_{i:03d}.png"
-        img.save(p)
-        paths.append(p)
-    meta = {"request": req.to_dict(), "result": result.metadata, "wall_s": round(time.perf_counter() - t0, 2)}
-    (args.out / "metadata.json").write_text(json.dumps(meta, indent=1))
-    for p, s in zip(paths, result.seeds):
-        print(f"wrote {p} (seed {s})")
+    result = dict(result_meta or {})
+    if candidates is not None:
+        result["candidates"] = candidates
+    meta = {"request": req.to_dict(), "result": result, "outputs": outputs,
+            "self_similarity": None if self_sim is None else round(float(self_sim), 4),
+            "wall_s": round(time.perf_counter() - t0, 2)}
+    (args.out / "metadata.json").write_text(json.dumps(meta, indent=1, default=str))
+    for o in outputs:
+        print(f"wrote {o['path']} (seed {o['seed']})" + (f" + {o['raw_filename']}" if o.get("raw_filename") else ""))
     print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

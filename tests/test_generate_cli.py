@@ -169,3 +169,130 @@ def test_evaluate_bad_folders_exit_2_naming_them(tmp_path, capsys, face_service,
     rc = generate_twin.main(["evaluate", "--selfies", str(tmp_path / "selfies"), "--images", str(tmp_path / "images")],
                             face_service_factory=lambda s: face_service)
     assert rc == 2 and needle in capsys.readouterr().err
+
+
+def _cli_parser():
+    import argparse
+    ap = argparse.ArgumentParser(exit_on_error=False)
+    generate_twin.add_request_flags(ap)
+    return ap
+
+
+@pytest.mark.parametrize("field", [f.name for f in generate_twin.REQUEST_FIELDS])
+def test_every_request_field_has_a_cli_flag(field):
+    # Generated from the table: a field added later reaches the CLI without anyone listing it.
+    flags = {o: a.dest for a in _cli_parser()._actions for o in a.option_strings}
+    assert flags.get(generate_twin.cli_flag(field)) == field
+
+
+@pytest.mark.parametrize("args, field, value", [
+    (["--quality", "fast"], "quality_mode", "fast"),                      # historic alias names still work
+    (["--strength", "0.7"], "identity_strength", 0.7),
+    (["--img2img-strength", "0.4"], "strength", 0.4),
+    (["--width", "512", "--height", "640"], "height", 640),
+    (["--candidates", "3"], "candidates", 3),
+    (["--restore-faces"], "restore_faces", True),
+    (["--no-preview"], "preview", False),
+    (["--restore-model", "codeformer"], "restore_model", "codeformer"),
+    (["--persona", '{"hair": "red"}'], "persona", {"hair": "red"}),
+])
+def test_generated_flags_parse_to_field_values(args, field, value):
+    ns = _cli_parser().parse_args(["--prompt", "p", *args])
+    assert getattr(ns, field) == value
+
+
+def test_object_flags_read_at_file(tmp_path):
+    (tmp_path / "persona.json").write_text('{"age": 30}')
+    ns = _cli_parser().parse_args(["--prompt", "p", "--persona", f"@{tmp_path / 'persona.json'}"])
+    assert ns.persona == {"age": 30}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-images", "5"], "num_images=5"),                  # from_dict's own message, as the API gives it
+    (["--candidates", "99"], "99"),
+    (["--width", "100"], "100"),
+    (["--restore-model", "nope"], "'nope'"),                  # argparse choices from the row's enum
+    (["--persona", "{not json"], "'{not json'"),
+    (["--persona", "@/no/such.json"], "/no/such.json"),
+    (["--candidates", "3"], "needs a face template"),        # this fake face service makes none
+    (["--model", "nope"], "model='nope' is not a local base model; available: tiny-sdxl, tiny-alt"),
+])
+def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, args, needle):
+    selfies = write_selfies(cli_env / "selfies", 1)
+    try:
+        rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(cli_env / "o"), *args],
+                                face_service_factory=FakeFaceService)
+    except SystemExit as e:  # argparse's own type/choices errors
+        rc = e.code
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_model_flag_starts_on_that_checkpoint(cli_env, capsys):
+    selfies, out = write_selfies(cli_env / "selfies", 1), cli_env / "out"
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--model", "tiny-alt"],
+                            face_service_factory=FakeFaceService)
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "(tiny-alt)" in text.out
+    assert json.loads((out / "metadata.json").read_text())["request"]["model"] == "tiny-alt"
+
+
+class ScoredFaceService(FakeFaceService):
+    """Adds the scoring half of the contract: a template, and a likeness score = the image's mean red level."""
+
+    def validate_selfies(self, files):
+        report = super().validate_selfies(files)
+        report.template = np.ones(512, dtype=np.float32) / np.sqrt(512)
+        return report
+
+    def identity_similarity(self, image, template):
+        return float(np.asarray(image.convert("RGB"))[..., 0].mean()) / 255.0
+
+    def self_similarity(self, embeddings):
+        return 0.83
+
+
+@pytest.mark.parametrize("num_images, candidates", [(1, 3), (2, 5)])
+def test_cli_best_of_n_keeps_the_best_and_lists_every_candidate(cli_env, capsys, num_images, candidates):
+    selfies, out = write_selfies(cli_env / "selfies", 2), cli_env / "out"
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--seed", "5",
+                             "--num-images", str(num_images), "--candidates", str(candidates)],
+                            face_service_factory=ScoredFaceService)
+    assert rc == 0, capsys.readouterr().err
+    assert len(list(out.glob("avatar_*.png"))) == num_images
+    meta = json.loads((out / "metadata.json").read_text())
+    rows = meta["result"]["candidates"]
+    assert [r["seed"] for r in rows] == list(range(5, 5 + candidates))      # consecutive seeds, as the service
+    assert sum(r["kept"] for r in rows) == num_images
+    best = sorted((r["identity_similarity"] for r in rows), reverse=True)[:num_images]
+    assert [o["identity_similarity"] for o in meta["outputs"]] == best
+    assert all(o["self_similarity"] == 0.83 for o in meta["outputs"]) and meta["self_similarity"] == 0.83
+    # the kept image on disk is the best candidate's
+    score = ScoredFaceService().identity_similarity(Image.open(out / "avatar_001.png"), None)
+    assert round(score, 4) == best[0]
+
+
+def test_cli_restore_faces_writes_the_raw_copy_and_both_scores(cli_env, capsys, face_service, monkeypatch):
+    """Real dlib faces and the tiny restoration stand-ins; the tiny model paints no faces, so its outputs are
+    swapped for a real face photo (as tests.fakes.PhotoGenerator does for the service) after it ran."""
+    from tests.fakes import FakeResult
+    from tests.photos import astronaut_variant, selfie_set
+    real_generate = generate_twin.DigitalTwinGenerator.generate
+
+    def with_a_face(self, req, **kw):
+        r = real_generate(self, req, **kw)
+        return FakeResult(images=[astronaut_variant(s % 4, 320) for s in r.seeds], seeds=r.seeds, metadata=r.metadata)
+    monkeypatch.setattr(generate_twin.DigitalTwinGenerator, "generate", with_a_face)
+    selfies, out = cli_env / "selfies", cli_env / "out"
+    selfies.mkdir()
+    for name, data in selfie_set(3):
+        (selfies / name).write_bytes(data)
+    rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--restore-faces",
+                             "--restore-model", "gfpgan"], face_service_factory=lambda s: face_service)
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("avatar_*.png")) == ["avatar_001.png", "avatar_001_raw.png"]
+    (o,) = json.loads((out / "metadata.json").read_text())["outputs"]
+    assert o["restored"] is True and o["raw_filename"] == "avatar_001_raw.png" and o["faces_restored"] == 1
+    assert 0 <= o["identity_similarity"] <= 1 and 0 <= o["identity_similarity_raw"] <= 1
+    assert 0 < o["self_similarity"] <= 1

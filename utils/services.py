@@ -657,13 +657,7 @@ class Runtime:
         candidates: list[dict] | None = None
         scores: list[float | None] = [None] * len(images)
         if total > keep:
-            from utils.faces.likeness import candidate_table, keep_best
-            for i, image in enumerate(images):
-                if should_cancel():
-                    raise errors.JobCanceled("canceled by the user")
-                scores[i] = self._score(image, template)
-            order = keep_best(scores, keep)
-            candidates = candidate_table(seeds, scores, order)
+            order, candidates, scores = rank_candidates(self.faces, images, seeds, template, keep, should_cancel)
         else:
             order = list(range(len(images)))
         out_dir = self.storage.output_dir(session_id, job["id"])
@@ -715,72 +709,14 @@ class Runtime:
         return metadata
 
     def _generate_candidates(self, gen, req, total: int, on_progress, should_cancel):
-        """``total`` images in calls of at most per_call_images(gen); progress spans all of them."""
-        import dataclasses
-        from utils.faces.likeness import batches
-        plan = batches(total, per_call_images(gen))
-        if len(plan) == 1 and total == req.num_images:
-            calls = [(req, on_progress)]
-        else:
-            base = req.seed
-            if base is None:
-                import secrets
-                base = secrets.randbelow(2**32 - 1 - total)
-            calls = []
-            for b, (offset, count) in enumerate(plan):
-                sub = dataclasses.replace(req, num_images=count, seed=(base + offset) % 2**32)
-                calls.append((sub, _batch_progress(on_progress, b, len(plan))))
-        images: list = []
-        seeds: list[int] = []
-        meta = None
-        for sub, progress in calls:
-            if should_cancel():
-                raise errors.JobCanceled("canceled by the user")
-            try:
-                result = gen.generate(sub, on_progress=progress, should_cancel=should_cancel)
-            except BaseException as e:
-                if not isinstance(e, errors.TwinError) and is_oom(e):
-                    # Raised outside the generator's own handler (e.g. encoding the identity): free the
-                    # cached blocks so the next job starts clean.
-                    _empty_cuda_cache()
-                    raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
-                raise
-            images += list(result.images)
-            seeds += [int(x) for x in result.seeds]
-            meta = meta if meta is not None else getattr(result, "metadata", None)
-        if meta is not None and len(calls) > 1:
-            meta = dict(meta, seeds=seeds, num_images=len(images), generate_calls=len(calls))
-        return images, seeds, meta
+        return generate_candidates(gen, req, total, on_progress, should_cancel)
 
     def _score(self, image, template) -> float | None:
-        try:
-            score = self.faces.identity_similarity(image, template)
-        except Exception:  # noqa: BLE001 - a score is optional
-            return None
-        return None if score is None else round(float(score), 4)
+        return score_image(self.faces, image, template)
 
     def _restore_output(self, req, image, output: dict, out_dir, rank: int, template, written: list):
-        """Restore every face of one output; keep the generated image as avatar_NNN_raw.png. Returns the
-        image to save as the output (the original when no face was found)."""
-        try:
-            dets = self.faces.detect_faces(image)
-        except Exception:  # noqa: BLE001
-            dets = []
-        if not dets:
-            output.update(restored=False, identity_similarity=None,
-                          note="no face was found in this image: kept as generated, not restored")
-            return image
-        result = self.restorer.restore(image, dets, model=req.restore_model, fidelity=req.restore_fidelity)
-        raw_name = raw_output_name(rank)
-        raw_path = out_dir / raw_name
-        atomic_save_png(raw_path, image)
-        written.append(raw_path)
-        output.update(restored=True, restore_model=req.restore_model, faces_restored=result.faces,
-                      raw_filename=raw_name, raw_path=self.storage.relative(raw_path))
-        if template is not None:
-            output["identity_similarity"] = self._score(result.image, template)
-            output["identity_similarity_raw"] = self._score(image, template)
-        return result.image
+        return restore_output(self.faces, self.restorer, req, image, output, out_dir, rank, template, written,
+                              self.storage.relative)
 
     # --- status ---
     def health(self) -> dict:
@@ -927,6 +863,88 @@ def _output_bytes(req) -> int:
     h = getattr(req, "height", None) or 1024
     copies = 2 if getattr(req, "restore_faces", False) else 1
     return copies * int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+
+
+def generate_candidates(gen, req, total: int, on_progress, should_cancel):
+    """``total`` images in calls of at most per_call_images(gen); progress spans all of them."""
+    import dataclasses
+    from utils.faces.likeness import batches
+    plan = batches(total, per_call_images(gen))
+    if len(plan) == 1 and total == req.num_images:
+        calls = [(req, on_progress)]
+    else:
+        base = req.seed
+        if base is None:
+            import secrets
+            base = secrets.randbelow(2**32 - 1 - total)
+        calls = []
+        for b, (offset, count) in enumerate(plan):
+            sub = dataclasses.replace(req, num_images=count, seed=(base + offset) % 2**32)
+            calls.append((sub, _batch_progress(on_progress, b, len(plan))))
+    images: list = []
+    seeds: list[int] = []
+    meta = None
+    for sub, progress in calls:
+        if should_cancel():
+            raise errors.JobCanceled("canceled by the user")
+        try:
+            result = gen.generate(sub, on_progress=progress, should_cancel=should_cancel)
+        except BaseException as e:
+            if not isinstance(e, errors.TwinError) and is_oom(e):
+                # Raised outside the generator's own handler (e.g. encoding the identity): free the
+                # cached blocks so the next job starts clean.
+                _empty_cuda_cache()
+                raise errors.OutOfMemory("the GPU ran out of memory; try fewer images or a smaller size") from None
+            raise
+        images += list(result.images)
+        seeds += [int(x) for x in result.seeds]
+        meta = meta if meta is not None else getattr(result, "metadata", None)
+    if meta is not None and len(calls) > 1:
+        meta = dict(meta, seeds=seeds, num_images=len(images), generate_calls=len(calls))
+    return images, seeds, meta
+
+def score_image(faces, image, template) -> float | None:
+    try:
+        score = faces.identity_similarity(image, template)
+    except Exception:  # noqa: BLE001 - a score is optional
+        return None
+    return None if score is None else round(float(score), 4)
+
+def restore_output(faces, restorer, req, image, output: dict, out_dir, rank: int, template, written: list,
+                   relative=str):
+    """Restore every face of one output (the service's job runner and the CLI both call this); keep the generated image as avatar_NNN_raw.png. Returns the
+    image to save as the output (the original when no face was found)."""
+    try:
+        dets = faces.detect_faces(image)
+    except Exception:  # noqa: BLE001
+        dets = []
+    if not dets:
+        output.update(restored=False, identity_similarity=None,
+                      note="no face was found in this image: kept as generated, not restored")
+        return image
+    result = restorer.restore(image, dets, model=req.restore_model, fidelity=req.restore_fidelity)
+    raw_name = raw_output_name(rank)
+    raw_path = out_dir / raw_name
+    atomic_save_png(raw_path, image)
+    written.append(raw_path)
+    output.update(restored=True, restore_model=req.restore_model, faces_restored=result.faces,
+                  raw_filename=raw_name, raw_path=relative(raw_path))
+    if template is not None:
+        output["identity_similarity"] = score_image(faces, result.image, template)
+        output["identity_similarity_raw"] = score_image(faces, image, template)
+    return result.image
+
+def rank_candidates(faces, images, seeds, template, keep: int, should_cancel=lambda: False):
+    """Best-of-N: score every candidate against the session template, keep the ``keep`` best. Returns
+    (order of kept candidate indices, the candidate table, every score). Shared by the job runner and the CLI."""
+    from utils.faces.likeness import candidate_table, keep_best
+    scores: list[float | None] = []
+    for image in images:
+        if should_cancel():
+            raise errors.JobCanceled("canceled by the user")
+        scores.append(score_image(faces, image, template))
+    order = keep_best(scores, keep)
+    return order, candidate_table(seeds, scores, order), scores
 
 
 def _batch_progress(on_progress, batch: int, batches: int):
