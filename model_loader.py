@@ -1041,12 +1041,18 @@ def _compare(rel: str, path: Path, expected: dict[str, tuple], wildcard: set[tup
     extra = sorted(set(got) - set(expected))
     if extra:
         return FileCheck(rel, "unexpected_key", f"key {extra[0]!r} is not built by the code ({len(extra)} such keys)")
-    bad = sorted(k for k, (_, dt) in got.items() if dt not in _FLOATS)
+    return _dtype_check(rel, got)
+
+
+def _dtype_check(rel: str, tensors: dict[str, tuple[tuple[int, ...], str]], note: str = "") -> FileCheck:
+    """The last check of a weight file whose keys and shapes passed: every tensor a float type; the OK
+    line says how many tensors and which dtypes."""
+    bad = sorted(k for k, (_, dt) in tensors.items() if dt not in _FLOATS)
     if bad:
-        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {got[bad[0]][1]}, expected a float type")
+        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {tensors[bad[0]][1]}, expected a float type")
     names = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
-    dtypes = sorted({names.get(dt, dt) for _, dt in got.values()})
-    return FileCheck(rel, "ok", f"{len(got)} tensors, {'/'.join(dtypes)}")
+    dtypes = sorted({names.get(dt, dt) for _, dt in tensors.values()})
+    return FileCheck(rel, "ok", f"{len(tensors)} tensors, {'/'.join(dtypes)}{note}")
 
 
 def _meta_state(build) -> dict[str, tuple]:
@@ -1426,13 +1432,7 @@ def verify_checkpoint(path: Path, rel: str, expected: dict[str, tuple]) -> FileC
     extra = sorted(set(ours) - set(expected))
     if extra:
         return FileCheck(rel, "unexpected_key", f"key {extra[0]!r} is not in an SDXL of this layout ({len(extra)} such keys)")
-    bad = sorted(k for k, (_, dt) in ours.items() if dt not in _FLOATS)
-    if bad:
-        return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {ours[bad[0]][1]}, expected a float type")
-    names = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
-    dtypes = sorted({names.get(dt, dt) for _, dt in ours.values()})
-    return FileCheck(rel, "ok", f"{len(ours)} tensors, {'/'.join(dtypes)}"
-                     + (f" ({ignored} keys diffusers does not read)" if ignored else ""))
+    return _dtype_check(rel, ours, f" ({ignored} keys diffusers does not read)" if ignored else "")
 
 
 def _restore_dir(settings: Settings, profile: str) -> Path:
