@@ -102,19 +102,20 @@ def workers(tmp_path):
 
 @pytest.fixture
 def api_nodes(tmp_path, redis_server):
-    """api_nodes(n=2, own_data_dirs=False, **settings) -> (settings, [test clients]): n API nodes on one
-    Redis and one data dir (own_data_dirs: each node its own, so nothing is shared but Redis)."""
+    """api_nodes(n=2, own_data_dirs=False, generator=FakeGenerator, **settings) -> (settings, [test clients]):
+    n API nodes on one Redis and one data dir (own_data_dirs: each node its own, so nothing is shared but
+    Redis); ``generator`` builds each node's generator double."""
     import dataclasses
 
     from app import create_app
     apps = []
 
-    def _make(n: int = 2, own_data_dirs: bool = False, **kw):
+    def _make(n: int = 2, own_data_dirs: bool = False, generator=FakeGenerator, **kw):
         settings = cluster_settings(tmp_path, redis_server.url, **kw)
         clients = []
         for i in range(n):
             node_settings = dataclasses.replace(settings, data_dir=tmp_path / f"data-{i}") if own_data_dirs else settings
-            a = create_app(node_settings, generator=FakeGenerator(), faces=FakeFaceService())
+            a = create_app(node_settings, generator=generator(), faces=FakeFaceService())
             a.extensions["twin"].wait_ready(10)
             apps.append(a)
             clients.append(a.test_client())

@@ -12,8 +12,8 @@ import pytest
 
 from tests.fakes import FakeFaceService, FakeModelGenerator
 from tests.fixtures.service import wait_until
-from tests.test_cluster import (TOKEN_HEADER, cluster_settings, generate, status, upload, wait_status,
-                                workers)  # noqa: F401 - the workers fixture
+from tests.test_cluster import (TOKEN_HEADER, api_nodes, cluster_settings, generate, status, upload,  # noqa: F401
+                                wait_status, workers)  # api_nodes, workers: fixtures
 
 pytestmark = pytest.mark.timeout(180)
 ADMIN = "admin-key-1"
@@ -21,25 +21,12 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture
-def nodes(tmp_path, redis_server):
+def nodes(api_nodes):
     """nodes(n=1, **settings) -> (settings, [clients]): API nodes whose generator double accepts ``model``."""
-    from app import create_app
-    apps = []
-
     def _make(n: int = 1, **kw):
-        settings = cluster_settings(tmp_path, redis_server.url, **{"admin_keys": ADMIN, "model_strand_seconds": 1.0,
-                                                                    "model_load_wait_seconds": 30.0, **kw})
-        clients = []
-        for _ in range(n):
-            a = create_app(settings, generator=FakeModelGenerator(), faces=FakeFaceService())
-            a.extensions["twin"].wait_ready(10)
-            apps.append(a)
-            clients.append(a.test_client())
-        return settings, clients
-
-    yield _make
-    for a in apps:
-        a.extensions["twin"].shutdown()
+        return api_nodes(n, generator=FakeModelGenerator, **{"admin_keys": ADMIN, "model_strand_seconds": 1.0,
+                                                              "model_load_wait_seconds": 30.0, **kw})
+    return _make
 
 
 def start(workers, redis_server, settings, spec: dict[str, str], *, step: float = 0.0, load: float = 0.0):
