@@ -996,6 +996,11 @@ class FileCheck:
         return f"{self.status.upper():<15} {self.path}" + (f": {self.detail}" if self.detail else "") + note
 
 
+def _corrupt(rel: str, e: BaseException) -> FileCheck:
+    """A file whose header (or graph) did not parse: truncated, or not the format its name says."""
+    return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+
+
 _FLOATS = ("F16", "BF16", "F32", "torch.float16", "torch.bfloat16", "torch.float32")
 
 
@@ -1028,7 +1033,7 @@ def _compare(rel: str, path: Path, expected: dict[str, tuple], wildcard: set[tup
     try:
         got = _read_header(path)
     except Exception as e:  # truncated / not a weight file: every loader error means "corrupt"
-        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+        return _corrupt(rel, e)
     for key in sorted(expected):
         if key not in got:
             extra = sorted(set(got) - set(expected))
@@ -1263,7 +1268,7 @@ def verify_tokenizer(folder: Path, rel: str, encoder) -> FileCheck:
         tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         size = len(tok)
     except Exception as e:  # unreadable JSON, broken merges: the pipeline's from_pretrained fails the same way
-        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+        return _corrupt(rel, e)
     if encoder is None:
         return FileCheck(rel, "ok", f"{size} tokens (text encoder not checked)")
     rows = encoder.get_input_embeddings().weight.shape[0]
@@ -1324,7 +1329,7 @@ def verify_lora(path: Path, rel: str, meta: dict[str, Any]) -> FileCheck:
     try:
         raw = _header_with_alphas(path)
     except Exception as e:  # truncated / not a safetensors file
-        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+        return _corrupt(rel, e)
     bad = sorted(k for k, v in raw.items() if not v.is_floating_point())
     if bad:
         return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {raw[bad[0]].dtype}, expected a float type")
@@ -1417,7 +1422,7 @@ def verify_checkpoint(path: Path, rel: str, expected: dict[str, tuple]) -> FileC
     try:
         got = _read_header(path)
     except Exception as e:  # truncated / not a safetensors file
-        return FileCheck(rel, "corrupt", f"{type(e).__name__}: {str(e)[:160]}")
+        return _corrupt(rel, e)
     ours = {k: v for k, v in got.items() if k.startswith(_SINGLE_FILE_PARTS) and not k.endswith(_SINGLE_FILE_IGNORED)}
     ignored = len(got) - len(ours)
     for key in sorted(expected):
