@@ -639,6 +639,15 @@ def test_page_creative_controls_send_style_persona_and_img2img(browser, start_se
         context.close()
 
 
+def model_state_has(page, text: str, timeout_ms: int) -> None:
+    """Wait until the base-model panel's status line contains ``text``; fail showing what it says."""
+    try:
+        page.wait_for_function("n => document.querySelector('#model-state').textContent.includes(n)",
+                               arg=text, timeout=timeout_ms)
+    except Exception:
+        raise AssertionError(f"{text!r} not in {page.locator('#model-state').text_content()!r}") from None
+
+
 def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny_models):
     """The base-model panel (tiny profile, real server): lists GET /models, a non-admin key is refused
     with the server's 403 text, the admin key switches and the panel says so."""
@@ -648,13 +657,6 @@ def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny
     server = start_server(env)
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     page = context.new_page()
-
-    def state_has(text: str) -> None:
-        try:
-            page.wait_for_function("n => document.querySelector('#model-state').textContent.includes(n)",
-                                   arg=text, timeout=60_000)
-        except Exception:
-            raise AssertionError(f"{text!r} not in {page.locator('#model-state').text_content()!r}") from None
 
     try:
         page.goto(server.url + "/test")
@@ -667,7 +669,7 @@ def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny
             assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["tiny-sdxl", "tiny-alt"]
             page.select_option("#base_model", "tiny-alt")
             page.click("#model-load-btn")
-            state_has(needle)
+            model_state_has(page, needle, 60_000)
     finally:
         context.close()
 
@@ -686,13 +688,6 @@ def test_page_model_panel_in_cluster_mode_with_the_admin_key_field(browser, star
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     page = context.new_page()
 
-    def state_has(text: str) -> None:
-        try:
-            page.wait_for_function("n => document.querySelector('#model-state').textContent.includes(n)",
-                                   arg=text, timeout=30_000)
-        except Exception:
-            raise AssertionError(f"{text!r} not in {page.locator('#model-state').text_content()!r}") from None
-
     try:
         twin_env = {k: v for k, v in env.items() if k.startswith("TWIN_")}
         for name, model in (("w0", "base"), ("w1", "alt")):
@@ -701,14 +696,14 @@ def test_page_model_panel_in_cluster_mode_with_the_admin_key_field(browser, star
         wait_until(lambda: len(live_workers(conn)) == 2, 60, 0.1)
         page.goto(server.url + "/test")
         page.wait_for_selector("#models-panel:not([hidden])", timeout=30_000)
-        state_has("Loaded on the GPU workers: alt, base · w0: base · w1: alt")
+        model_state_has(page, "Loaded on the GPU workers: alt, base · w0: base · w1: alt", 30_000)
         assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["base", "alt"]
         page.select_option("#base_model", "alt")
         for key, needle in [("", "needs an admin key"), ("admin-key", "Switched to alt: w0 in")]:
             page.fill("#admin_key", key)
             page.click("#model-load-btn")
-            state_has(needle)
-        state_has("w1 in")
+            model_state_has(page, needle, 30_000)
+        model_state_has(page, "w1 in", 30_000)
         assert {w["model"] for w in live_workers(conn).values()} == {"alt"}
     finally:
         context.close()
