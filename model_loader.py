@@ -21,44 +21,29 @@ from __future__ import annotations
 
 import sys
 
-# The code lives in utils/models/ (one module per concern); these names stay importable from here for the
-# engine modules, tests and benchmarks that use them.
-from utils.models.adapters import ARCFACE_DIM, INSTANTID_DIM, INSTANTID_TOKENS, VIT_H_HIDDEN, VIT_H_PROJ
+# The code lives in utils/models/ (see its __init__ for the map); the names the engine modules, tests and
+# benchmarks import from here stay importable. New code imports from utils.models.* directly.
 from utils.models.cli import main
 from utils.models.download import download, download_restore
-from utils.models.filecheck import FileCheck
-from utils.models.layout import (ADAPTER_FILES, ANTELOPE_DIR, ARCFACE_VARIANTS, BASE_DIR, BASE_FILES_FP16,
-                                 CHECKPOINT_DIR, CONTROLNET_SUB, ENCODER_SUB, FACEID_DIR, INSTANTID_DIR,
-                                 INSTANTID_FILES, IPA_DIR, LIGHTNING_DIR, LIGHTNING_WEIGHT_TINY, LORA_DIR,
-                                 RESTORE_DIR, TINY_FACEID_WEIGHT, TINY_RESOLUTION, ModelLayout, RepoSpec,
-                                 base_model_name, checkpoint_dir, choose_profile, download_flag, list_checkpoints,
-                                 model_layout, repo_specs, resolve_sdxl, sdxl_weights_present, tiny_adapter_weight,
-                                 wanted_variants)
+from utils.models.layout import (ADAPTER_FILES, ANTELOPE_DIR, BASE_DIR, CHECKPOINT_DIR, CONTROLNET_SUB, ENCODER_SUB,
+                                 FACEID_DIR, INSTANTID_DIR, INSTANTID_FILES, IPA_DIR, LIGHTNING_DIR,
+                                 LIGHTNING_WEIGHT_TINY, LORA_DIR, RESTORE_DIR, TINY_FACEID_WEIGHT, TINY_RESOLUTION,
+                                 base_model_name, choose_profile, download_flag, list_checkpoints, repo_specs,
+                                 resolve_sdxl, tiny_adapter_weight)
 from utils.models.load import (LoadedModels, apply_cuda_optimisations, choose_device_dtype, dpmpp_karras,
                                few_step_scheduler, quiet_libraries)
-from utils.models.lora_check import verify_lora
-from utils.models.onnx_check import verify_face_pack, verify_restore_models
-from utils.models.single_file import single_file_shapes, to_single_file
-from utils.models.startup import load_models, ready_layout, verify
-from utils.models.tiny import (TINY_ALT_CHECKPOINT, TINY_PLUS_DIM, TINY_PLUS_TOKENS, TINY_PROJ, TINY_SEED, TINY_TE1,
-                               TINY_TE2, TINY_VERSION, adapter_tensors, make_tiny, save_nested_bin, tiny_identitynet,
-                               tiny_is_current, write_classic_tokenizers)
-from utils.models.verify import verify_checkpoint, verify_tokenizer
+from utils.models.single_file import to_single_file
+from utils.models.startup import load_models, verify
+from utils.models.tiny import TINY_ALT_CHECKPOINT, TINY_TE1, adapter_tensors, make_tiny, write_classic_tokenizers
 
 __all__ = [
-    "ADAPTER_FILES", "ANTELOPE_DIR", "ARCFACE_DIM", "ARCFACE_VARIANTS", "BASE_DIR", "BASE_FILES_FP16", "CHECKPOINT_DIR",
-    "CONTROLNET_SUB", "ENCODER_SUB", "FACEID_DIR", "INSTANTID_DIM", "INSTANTID_DIR", "INSTANTID_FILES",
-    "INSTANTID_TOKENS", "IPA_DIR", "LIGHTNING_DIR", "LIGHTNING_WEIGHT_TINY", "LORA_DIR", "RESTORE_DIR",
-    "TINY_ALT_CHECKPOINT", "TINY_FACEID_WEIGHT", "TINY_PLUS_DIM", "TINY_PLUS_TOKENS", "TINY_PROJ", "TINY_RESOLUTION",
-    "TINY_SEED", "TINY_TE1", "TINY_TE2", "TINY_VERSION", "VIT_H_HIDDEN", "VIT_H_PROJ",
-    "FileCheck", "LoadedModels", "ModelLayout", "RepoSpec",
-    "adapter_tensors", "apply_cuda_optimisations", "base_model_name", "checkpoint_dir", "choose_device_dtype",
-    "choose_profile", "download", "download_flag", "download_restore", "dpmpp_karras", "few_step_scheduler",
-    "list_checkpoints", "load_models", "main", "make_tiny", "model_layout", "quiet_libraries", "ready_layout",
-    "repo_specs", "resolve_sdxl", "save_nested_bin", "sdxl_weights_present", "single_file_shapes",
-    "tiny_adapter_weight", "tiny_identitynet", "tiny_is_current", "to_single_file", "verify", "verify_checkpoint",
-    "verify_face_pack", "verify_lora", "verify_restore_models", "verify_tokenizer", "wanted_variants",
-    "write_classic_tokenizers",
+    "ADAPTER_FILES", "ANTELOPE_DIR", "BASE_DIR", "CHECKPOINT_DIR", "CONTROLNET_SUB", "ENCODER_SUB", "FACEID_DIR",
+    "INSTANTID_DIR", "INSTANTID_FILES", "IPA_DIR", "LIGHTNING_DIR", "LIGHTNING_WEIGHT_TINY", "LORA_DIR", "RESTORE_DIR",
+    "TINY_ALT_CHECKPOINT", "TINY_FACEID_WEIGHT", "TINY_RESOLUTION", "TINY_TE1", "LoadedModels",
+    "adapter_tensors", "apply_cuda_optimisations", "base_model_name", "choose_device_dtype", "choose_profile",
+    "download", "download_flag", "download_restore", "dpmpp_karras", "few_step_scheduler", "list_checkpoints",
+    "load_models", "main", "make_tiny", "quiet_libraries", "repo_specs", "resolve_sdxl", "tiny_adapter_weight",
+    "to_single_file", "verify", "write_classic_tokenizers",
 ]
 
 if __name__ == "__main__":
