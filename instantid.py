@@ -176,41 +176,12 @@ def pose_image(pose: str, width: int, height: int, keypoints: Any = None, indice
     return draw_kps(width, height, place(resolve_pose(pose, keypoints, indices), width, height))
 
 
-def _identity_net_class():
-    from diffusers import ControlNetModel
-
-    class IdentityNet(ControlNetModel):
-        """InstantID's ControlNet: reads the identity tokens, not the text, as cross-attention input.
-
-        Set ``identity_tokens`` ([batch, 16, C], the batch the pipeline runs: negatives then positives under
-        CFG) before a pipeline call and clear it after; a call without tokens is an error rather than a
-        silent fall-back to the text."""
-
-        identity_tokens = None
-
-        def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-            tokens = self.identity_tokens
-            if tokens is None:
-                raise RuntimeError("IdentityNet called without identity tokens")
-            if tokens.shape[0] != sample.shape[0]:
-                raise RuntimeError(f"IdentityNet: {tokens.shape[0]} identity token rows for a batch of "
-                                   f"{sample.shape[0]}")
-            return super().forward(sample, timestep, tokens.to(sample.dtype), *args, **kwargs)
-
-    IdentityNet.__name__ = IdentityNet.__qualname__ = "IdentityNet"
-    return IdentityNet
-
-
-_IDENTITY_NET = None
-
-
 def __getattr__(name: str):
-    # Built on first use: importing this module must not import diffusers (nothing heavy at import).
-    global _IDENTITY_NET
+    # ``instantid.IdentityNet``: the class lives with the loader that builds it (utils.models.identitynet),
+    # made on first use so that importing this module does not import diffusers.
     if name == "IdentityNet":
-        if _IDENTITY_NET is None:
-            _IDENTITY_NET = _identity_net_class()
-        return _IDENTITY_NET
+        from utils.models.identitynet import identity_net_class
+        return identity_net_class()
     raise AttributeError(name)
 
 

@@ -268,9 +268,9 @@ def random_adapter(unet, variant: str, dtype, size: str = "full", seed: int = 0)
 
 def bench_tokenizers():
     """Byte-level tokenizers: ids stay inside the real vocab, and prompt length (77 tokens) is what counts."""
-    from model_loader import _tiny_tokenizer
-    tok, _ = _tiny_tokenizer()
-    tok2, _ = _tiny_tokenizer(pad_token="!")
+    from utils.models.tiny import tiny_tokenizer
+    tok, _ = tiny_tokenizer()
+    tok2, _ = tiny_tokenizer(pad_token="!")
     return tok, tok2
 
 

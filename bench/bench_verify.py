@@ -63,8 +63,8 @@ def clip_tokenizer_files(folder: Path, pad_token: str | None = None) -> int:
     """A byte-level CLIP tokenizer with CLIP's 49408 tokens (512 byte symbols, 48894 merges, 2 specials), in
     the real repo's classic vocab.json + merges.txt form."""
     from transformers import CLIPTokenizer
-    from model_loader import _bytes_to_unicode
-    symbols = list(_bytes_to_unicode().values())
+    from utils.models.tiny import bytes_to_unicode
+    symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     merges = []
     for a in symbols:

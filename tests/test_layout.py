@@ -45,3 +45,23 @@ def test_the_wiring_place_is_found_and_names_the_engines():
 ])
 def test_concerns_live_in_their_subpackage(package, modules):
     assert modules <= {p.name for p in (ROOT / package).glob("*.py")}
+
+
+def _model_imports(module: str) -> set[str]:
+    """The utils.models modules ``module`` imports (anywhere in the file)."""
+    tree = ast.parse((ROOT / "utils" / "models" / f"{module}.py").read_text())
+    return {n.module.removeprefix("utils.models.") for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("utils.models.")}
+
+
+@pytest.mark.parametrize("reader", ["layout", "download", "adapters", "identitynet", "load", "single_file",
+                                    "filecheck", "lora_check", "onnx_check", "verify"])
+def test_model_readers_never_reach_the_tiny_builder(reader):
+    # tiny.py writes what these read, from their names and layouts; only startup / cli put it before them.
+    seen, todo = set(), [reader]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += _model_imports(m)
+    assert "tiny" not in seen and {"startup", "cli"}.isdisjoint(seen), sorted(seen)

@@ -245,3 +245,32 @@ def test_fuse_qkv_keeps_ip_adapter_and_never_bypasses_loras(tiny_models, tiny_se
     assert all(v == "IPAdapterAttnProcessor2_0" for k, v in procs.items() if k.endswith("attn2.processor"))
     self_attn = {v for k, v in procs.items() if k.endswith("attn1.processor")}
     assert self_attn == ({"FusedAttnProcessor2_0"} if fused else {"AttnProcessor2_0"})
+
+
+# --- the one profile -> folders answer (utils/models/layout.py) ----------------------------------
+@pytest.mark.parametrize("profile, variant, adapter_file, lightning_file", [
+    ("tiny", "plus-face", "IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors",
+     "SDXL-Lightning/tiny_lightning_4step_lora.safetensors"),
+    ("tiny", "faceid", "IP-Adapter-FaceID/ip-adapter-faceid_sdxl.safetensors",          # tiny: safetensors
+     "SDXL-Lightning/tiny_lightning_4step_lora.safetensors"),
+    ("sdxl", "faceid", "IP-Adapter-FaceID/ip-adapter-faceid_sdxl.bin", "SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"),
+    ("sdxl", "instantid", "InstantID/ip-adapter.bin", "SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"),
+])
+def test_model_layout_names_every_folder_of_the_profile(tmp_path, empty_hf_cache, profile, variant, adapter_file,
+                                                       lightning_file):
+    from utils.config import Settings
+    from utils.models.layout import model_layout
+    s = Settings(data_dir=tmp_path / "d", model_dir=tmp_path / "m", model_profile=profile, ip_adapter_variant=variant)
+    layout = model_layout(s)
+    top = s.resolved_tiny_model_dir if profile == "tiny" else tmp_path / "m"
+    assert layout.profile == profile and layout.variant == variant
+    assert (layout.adapter_file, layout.lightning_file) == (top / adapter_file, top / lightning_file)
+    assert (layout.base, layout.checkpoints, layout.restore_dir) == (top / ml.BASE_DIR, top / "checkpoints",
+                                                                   top / "face_restore")
+    assert layout.fp16 == (profile == "sdxl") and layout.model_name == ("tiny-sdxl" if profile == "tiny"
+                                                                        else s.sdxl_model_id)
+    # Nothing is on disk: the sdxl layout says what is missing (and refuses to load), the tiny one is built later.
+    assert bool(layout.missing) == (profile == "sdxl")
+    if profile == "sdxl":
+        with pytest.raises(ModelWeightsMissing, match=ml.download_flag(variant) or "download --dir"):
+            layout.require()

@@ -56,6 +56,26 @@ def truncate(p: Path):
     p.write_bytes(data[: len(data) // 2])
 
 
+def fewer_queries(p: Path, n: int = 8):
+    """A Resampler with ``n`` queries: the loader reads the count from the file (latents), as the published
+    plus / InstantID files differ in it."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(own(p))
+    sd["image_proj.latents"] = sd["image_proj.latents"][:, :n].contiguous()
+    save_file(sd, str(p))
+
+
+def faceid_multiplier(p: Path, mult: int = 2):
+    """The FaceID projection with hidden width mult x 512 (the published file's 2; the tiny one's is 1)."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(own(p))
+    tokens_c = sd["image_proj.proj.2.weight"].shape[0]
+    sd["image_proj.proj.0.weight"] = torch.zeros(mult * 512, 512)
+    sd["image_proj.proj.0.bias"] = torch.zeros(mult * 512)
+    sd["image_proj.proj.2.weight"] = torch.zeros(tokens_c, mult * 512)
+    save_file(sd, str(p))
+
+
 def nest_pack(root: Path):
     pack = root / ml.ANTELOPE_DIR
     inner = pack / pack.name
@@ -75,12 +95,20 @@ IID = f"{ml.INSTANTID_DIR}/ip-adapter.bin"
 NET = f"{ml.INSTANTID_DIR}/{ml.CONTROLNET_SUB}/diffusion_pytorch_model.safetensors"
 PLUSV2 = f"{ml.FACEID_DIR}/ip-adapter-faceid-plusv2_sdxl.bin"
 UNET = f"{ml.BASE_DIR}/unet/diffusion_pytorch_model.safetensors"
+PLUS = f"{ml.IPA_DIR}/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors"
+FACEID = f"{ml.FACEID_DIR}/{ml.TINY_FACEID_WEIGHT}"
 
 
 @pytest.mark.parametrize("variant, breaker, status, needle", [
     ("instantid", None, "ok", ""),
     ("faceid-plusv2", None, "ok", ""),
     ("plus-face", None, "ok", ""),
+    # sizes the loader takes from the file itself (not from a config): the file's choice, so fine
+    ("plus-face", lambda r: fewer_queries(r / PLUS), "ok", ""),
+    ("faceid", lambda r: faceid_multiplier(r / FACEID), "ok", ""),
+    # ...but the rest of the file must agree with them
+    ("plus-face", lambda r: wrong_shape_safetensors(r / PLUS, "image_proj.proj_in.weight"), "wrong_shape",
+     "'image_proj.proj_in.weight'"),
     ("instantid", lambda r: rename_key_bin(r / IID), "missing_key", "'image_proj.latents'"),
     ("instantid", lambda r: wrong_shape_safetensors(r / NET, "controlnet_down_blocks.0.weight"), "wrong_shape",
      "'controlnet_down_blocks.0.weight'"),

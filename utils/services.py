@@ -90,7 +90,7 @@ def face_settings(settings: Settings) -> Settings:
     if (settings.ip_adapter_variant not in ARCFACE_VARIANTS or settings.face_backend == "dlib"
             or settings.insightface_model_dir is not None or insightface_pack_files(settings.resolved_insightface_dir)):
         return settings
-    from model_loader import ANTELOPE_DIR, choose_profile
+    from utils.models.layout import ANTELOPE_DIR, choose_profile
     if choose_profile(settings) != "tiny":
         return settings
     return settings.replace(insightface_model_dir=settings.resolved_tiny_model_dir / ANTELOPE_DIR)
@@ -101,7 +101,7 @@ def prepare_face_models(settings: Settings) -> None:
     pack = settings.insightface_model_dir
     tiny = settings.resolved_tiny_model_dir
     if pack is not None and tiny in pack.parents:
-        from model_loader import make_tiny
+        from utils.models.tiny import make_tiny
         make_tiny(tiny)
 
 
