@@ -1,0 +1,44 @@
+"""Fetching weights on a connected machine: the sdxl profile's hub repos (exactly the files ``layout.repo_specs``
+names, fp16 weight files only) and the face restoration ONNX exports."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from utils.config import Settings
+from utils.models.layout import repo_specs
+
+log = logging.getLogger("twin.models")
+
+
+def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, instantid: bool = False,
+             faceid_plusv2: bool = False, snapshot_download=None) -> list[Path]:
+    """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only)."""
+    if snapshot_download is None:
+        from huggingface_hub import snapshot_download
+    out = []
+    for spec in repo_specs(settings, faceid=faceid, lightning=lightning, instantid=instantid,
+                           faceid_plusv2=faceid_plusv2):
+        target = Path(settings.model_dir) / spec.local_name
+        log.info("downloading %s (%s) -> %s", spec.repo_id, spec.purpose, target)
+        snapshot_download(repo_id=spec.repo_id, allow_patterns=spec.allow_patterns, local_dir=str(target))
+        out.append(target)
+    return out
+
+
+def download_restore(settings: Settings, names: list[str], hf_hub_download=None) -> list[Path]:
+    """Fetch face restoration models (FaceFusion's ONNX exports, Hugging Face ``facefusion/models-3.0.0``:
+    gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx) into TWIN_RESTORE_MODEL_DIR (default
+    <model_dir>/face_restore). Inputs ``input`` [1,3,512,512] float32 in [-1, 1] RGB (+ CodeFormer's
+    ``weight`` double [1]); the first output is the restored face. Licences: GFPGAN Apache-2.0;
+    CodeFormer S-Lab 1.0 and GPEN non-commercial."""
+    from utils.faces.restore import RESTORE_MODELS, RESTORE_REPO
+    if hf_hub_download is None:
+        from huggingface_hub import hf_hub_download
+    target = settings.resolved_restore_dir
+    out = []
+    for name in names:
+        spec = RESTORE_MODELS[name]
+        log.info("downloading %s/%s (%s, licence %s) -> %s", RESTORE_REPO, spec.filename, name, spec.licence, target)
+        out.append(Path(hf_hub_download(repo_id=RESTORE_REPO, filename=spec.filename, local_dir=str(target))))
+    return out

@@ -1,0 +1,305 @@
+"""Which folder holds what: the folder and file names, the hub repos of the sdxl profile, and the one function
+that resolves the configured profile to its folders (``model_layout``).
+
+Folder names inside ``settings.model_dir`` and inside the tiny folder are the same: they mirror the hub repos'
+names, so ``download`` writes exactly what ``model_layout`` looks for, and the tiny profile is read by the same
+code as the real one.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.config import Settings
+from utils.errors import ModelWeightsMissing
+
+log = logging.getLogger("twin.models")
+
+BASE_DIR = "stable-diffusion-xl-base-1.0"
+IPA_DIR = "IP-Adapter"
+FACEID_DIR = "IP-Adapter-FaceID"
+LIGHTNING_DIR = "SDXL-Lightning"
+LORA_DIR = "loras"
+INSTANTID_DIR = "InstantID"
+CONTROLNET_SUB = "ControlNetModel"          # InstantID's IdentityNet, a ControlNet, inside INSTANTID_DIR
+ENCODER_SUB = "models/image_encoder"        # the ViT-H image encoder inside IPA_DIR
+ANTELOPE_DIR = "insightface/antelopev2"     # InsightFace pack InstantID was trained with (inside model_dir)
+CHECKPOINT_DIR = "checkpoints"              # single-file base checkpoints (RealVisXL, Juggernaut XL .safetensors)
+RESTORE_DIR = "face_restore"   # settings.resolved_restore_dir; the tiny folder holds stand-ins under the same name
+
+# Per adapter variant: (repo folder, subfolder, weight file, image encoder folder relative to the repo).
+ADAPTER_FILES: dict[str, tuple[str, str, str, str | None]] = {
+    "plus-face": (IPA_DIR, "sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
+    "plain": (IPA_DIR, "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder"),
+    "faceid": (FACEID_DIR, "", "ip-adapter-faceid_sdxl.bin", None),
+    # FaceID Plus v2 also needs the ViT-H encoder, which lives in the other repo (IPA_DIR/ENCODER_SUB):
+    # it is registered on the pipeline before load_ip_adapter (see ipadapter_manager).
+    "faceid-plusv2": (FACEID_DIR, "", "ip-adapter-faceid-plusv2_sdxl.bin", None),
+    # InstantID: a Resampler image_proj over the 512-d ArcFace vector; no CLIP encoder.
+    "instantid": (INSTANTID_DIR, "", "ip-adapter.bin", None),
+}
+# Variants that need 512-d ArcFace embeddings (the InsightFace face backend).
+ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")
+# Variants whose adapter reads CLIP ViT-H features of the face crops (the image encoder in IPA_DIR).
+ENCODER_VARIANTS = ("plus-face", "plain", "faceid-plusv2")
+INSTANTID_FILES = [f"{CONTROLNET_SUB}/config.json", f"{CONTROLNET_SUB}/diffusion_pytorch_model.safetensors",
+                   ADAPTER_FILES["instantid"][2]]
+
+# The tiny folder's own names and size (what tiny.make_tiny writes, what the readers look for).
+TINY_MODEL_NAME = "tiny-sdxl"
+TINY_RESOLUTION = 128      # native side in pixels; latents are 16x16
+TINY_FACEID_WEIGHT = "ip-adapter-faceid_sdxl.safetensors"  # the tiny one is safetensors (same loader branch)
+LIGHTNING_WEIGHT_TINY = "tiny_lightning_4step_lora.safetensors"
+SDXL_RESOLUTION = 1024
+
+BASE_FILES_FP16 = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*", "tokenizer_2/*",
+    "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    """One hub repository the sdxl profile needs: what to fetch and which files must exist locally."""
+    repo_id: str
+    local_name: str
+    allow_patterns: list[str]
+    required: list[str]          # files (relative) that must exist for the profile to load
+    optional: bool = False
+    purpose: str = ""
+
+
+def wanted_variants(settings: Settings, *, faceid: bool | None = None, instantid: bool = False,
+                    faceid_plusv2: bool = False) -> set[str]:
+    """Variants whose files to fetch/look for: the configured one, plus the ones asked for. ``--instantid`` /
+    ``--faceid-plusv2`` alone select only that variant (plus the base model), so nothing else is fetched."""
+    only = {v for v, on in (("instantid", instantid), ("faceid-plusv2", faceid_plusv2)) if on}
+    out = set(only) if only else {settings.ip_adapter_variant}
+    if faceid or (faceid is None and settings.ip_adapter_variant == "faceid"):
+        out.add("faceid")
+    return out
+
+
+def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: bool = True,
+               instantid: bool = False, faceid_plusv2: bool = False) -> list[RepoSpec]:
+    """Everything the sdxl profile may use. ``faceid`` defaults to whether that variant is selected."""
+    variants = wanted_variants(settings, faceid=faceid, instantid=instantid, faceid_plusv2=faceid_plusv2)
+    base_required = [p for p in BASE_FILES_FP16 if "*" not in p] + ["tokenizer/vocab.json", "tokenizer_2/vocab.json"]
+    specs = [RepoSpec(settings.sdxl_model_id, BASE_DIR, list(BASE_FILES_FP16), base_required,
+                      purpose="SDXL base 1.0 (fp16 variant)")]
+    specs += _adapter_specs(settings, variants)
+    if lightning:
+        specs.append(RepoSpec(settings.lightning_repo, LIGHTNING_DIR, [settings.lightning_weight],
+                              [settings.lightning_weight], optional=True, purpose="SDXL-Lightning few-step LoRA"))
+    return specs
+
+
+def _adapter_specs(settings: Settings, variants: set[str]) -> list[RepoSpec]:
+    """The adapter repos for ``variants``; files of the selected variant are required, the others optional."""
+    selected = settings.ip_adapter_variant
+    enc = [f"{ENCODER_SUB}/config.json", f"{ENCODER_SUB}/model.safetensors"]
+    specs = []
+    ipa_files = []
+    if variants & {"plus-face", "plain"}:
+        ipa_files += [f"sdxl_models/{ADAPTER_FILES[v][2]}" for v in ("plus-face", "plain")]
+    if variants & {"plus-face", "plain", "faceid-plusv2"}:
+        ipa_files += enc
+    if ipa_files:
+        if selected in ("plus-face", "plain"):
+            required = [f"sdxl_models/{ADAPTER_FILES[selected][2]}"] + enc
+        else:
+            required = enc if selected == "faceid-plusv2" else []
+        specs.append(RepoSpec(settings.ip_adapter_repo, IPA_DIR, ipa_files, required,
+                              optional=not required,
+                              purpose="IP-Adapter Plus-Face / plain SDXL + ViT-H image encoder"))
+    faceid_files = [ADAPTER_FILES[v][2] for v in ("faceid", "faceid-plusv2") if v in variants]
+    if faceid_files:
+        required = [ADAPTER_FILES[selected][2]] if selected in ("faceid", "faceid-plusv2") else []
+        specs.append(RepoSpec(settings.faceid_repo, FACEID_DIR, faceid_files, required or faceid_files,
+                              optional=not required,
+                              purpose="IP-Adapter FaceID / FaceID Plus v2 SDXL (non-commercial licence)"))
+    if "instantid" in variants:
+        specs.append(RepoSpec(settings.instantid_repo, INSTANTID_DIR, list(INSTANTID_FILES), list(INSTANTID_FILES),
+                              optional=selected != "instantid",
+                              purpose="InstantID IdentityNet + adapter (weights: research use only)"))
+    return specs
+
+
+def download_flag(variant: str) -> str:
+    return {"faceid": " --faceid", "faceid-plusv2": " --faceid-plusv2", "instantid": " --instantid"}.get(variant, "")
+
+
+def tiny_adapter_weight(variant: str) -> str:
+    return TINY_FACEID_WEIGHT if variant == "faceid" else ADAPTER_FILES[variant][2]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Which folder holds what for the profile in use, resolved once from the settings (``model_layout``) and
+    read by the loader, the preflight and the base-model registry.
+
+    Every folder is a path even when nothing is there: where it was found, else where it belongs
+    (``missing`` / ``missing_optional`` say which repos were not found, ``require`` turns the first into the
+    error that names them)."""
+    profile: str                    # "sdxl" | "tiny"
+    variant: str                    # the IP-Adapter variant whose files are looked for
+    model_dir: Path                 # settings.model_dir: where `download` writes
+    model_name: str                 # the base model family (what a session identity is bound to)
+    native_resolution: int
+    base: Path                      # the diffusers SDXL base folder (configs, tokenizers, weights)
+    fp16: bool                      # the base folder holds the *.fp16.safetensors variant of each weight file
+    adapter_repo: Path              # the repo folder of ADAPTER_FILES[variant]
+    adapter_weight: str             # the adapter file's name inside adapter_repo/<subfolder>
+    encoder_repo: Path              # IPA_DIR: the ViT-H image encoder's repo
+    lightning: Path                 # the few-step LoRA's folder
+    lightning_weight: str
+    lora_dir: Path                  # style LoRAs (<name>.safetensors)
+    checkpoints: Path               # single-file base checkpoints
+    restore_dir: Path               # face restoration ONNX models
+    face_pack: Path                 # the InsightFace pack the preflight checks (ArcFace variants)
+    missing: tuple[str, ...] = ()            # required repos not found: what, and where they were looked for
+    missing_optional: tuple[str, ...] = ()   # optional repos not found (hub ids)
+
+    @property
+    def weights_variant(self) -> str | None:
+        """``from_pretrained``'s ``variant`` for the base folder."""
+        return "fp16" if self.fp16 else None
+
+    @property
+    def adapter_file(self) -> Path:
+        return self.adapter_repo / ADAPTER_FILES[self.variant][1] / self.adapter_weight
+
+    @property
+    def lightning_file(self) -> Path:
+        return self.lightning / self.lightning_weight
+
+    def require(self) -> ModelLayout:
+        """This layout, or ModelWeightsMissing naming what is missing, where it was looked for, and the command."""
+        if not self.missing:
+            return self
+        raise ModelWeightsMissing(
+            "real model weights are missing: " + " | ".join(self.missing)
+            + f". Download them on a connected machine with: python model_loader.py download --dir {self.model_dir}"
+            + download_flag(self.variant) + " (or set TWIN_MODEL_PROFILE=tiny for the offline demo model)",
+            details={"missing": [m.split(" ")[0] for m in self.missing]})
+
+
+def model_layout(settings: Settings) -> ModelLayout:
+    """The folders of the configured profile. ``auto`` is sdxl when its weights are found, else tiny (said
+    loudly). The tiny folder may not be built yet: ``startup.ready_layout`` builds it before anything reads it."""
+    if settings.model_profile == "tiny":
+        return tiny_layout(settings)
+    sdxl = sdxl_layout(settings)
+    if settings.model_profile == "auto" and sdxl.missing:
+        log.warning("=" * 70 + "\nNO REAL MODEL WEIGHTS FOUND in %s or the Hugging Face cache: using the TINY DEMO "
+                    "model. Its outputs are NOT portraits. Run `python model_loader.py download` for real weights.\n"
+                    + "=" * 70, settings.model_dir)
+        return tiny_layout(settings)
+    return sdxl
+
+
+def tiny_layout(settings: Settings) -> ModelLayout:
+    root = settings.resolved_tiny_model_dir
+    variant = settings.ip_adapter_variant
+    return ModelLayout(
+        profile="tiny", variant=variant, model_dir=Path(settings.model_dir), model_name=TINY_MODEL_NAME,
+        native_resolution=TINY_RESOLUTION, base=root / BASE_DIR, fp16=False,
+        adapter_repo=root / ADAPTER_FILES[variant][0], adapter_weight=tiny_adapter_weight(variant),
+        encoder_repo=root / IPA_DIR, lightning=root / LIGHTNING_DIR, lightning_weight=LIGHTNING_WEIGHT_TINY,
+        lora_dir=root / LORA_DIR, checkpoints=root / CHECKPOINT_DIR,
+        restore_dir=Path(settings.restore_model_dir) if settings.restore_model_dir is not None else root / RESTORE_DIR,
+        face_pack=_face_pack(settings, tiny_root=root))
+
+
+def sdxl_layout(settings: Settings) -> ModelLayout:
+    """The sdxl profile's folders: each repo in ``model_dir`` or the Hugging Face cache (never fetched here)."""
+    model_dir = Path(settings.model_dir)
+    found: dict[str, Path] = {}
+    missing, optional_missing = [], []
+    for spec in repo_specs(settings):
+        path, looked = _find_repo(spec, settings)
+        found[spec.local_name] = path or model_dir / spec.local_name
+        if path is None and spec.optional:
+            optional_missing.append(spec.repo_id)
+        elif path is None:
+            missing.append(f"{spec.repo_id} [{spec.purpose}: {', '.join(spec.required)}] looked in: {'; '.join(looked)}")
+    variant = settings.ip_adapter_variant
+    repo = ADAPTER_FILES[variant][0]
+    return ModelLayout(
+        profile="sdxl", variant=variant, model_dir=model_dir, model_name=settings.sdxl_model_id,
+        native_resolution=SDXL_RESOLUTION, base=found[BASE_DIR], fp16=True,
+        adapter_repo=found.get(repo, model_dir / repo), adapter_weight=ADAPTER_FILES[variant][2],
+        encoder_repo=found.get(IPA_DIR, model_dir / IPA_DIR), lightning=found[LIGHTNING_DIR],
+        lightning_weight=settings.lightning_weight, lora_dir=settings.resolved_lora_dir,
+        checkpoints=model_dir / CHECKPOINT_DIR, restore_dir=settings.resolved_restore_dir,
+        face_pack=_face_pack(settings, tiny_root=None), missing=tuple(missing),
+        missing_optional=tuple(optional_missing))
+
+
+def _find_repo(spec: RepoSpec, settings: Settings) -> tuple[Path | None, list[str]]:
+    """Local folder holding all of spec.required, or None, plus the places that were searched."""
+    looked = []
+    local = Path(settings.model_dir) / spec.local_name
+    looked.append(str(local))
+    if all((local / r).is_file() for r in spec.required):
+        return local, looked
+    looked.append(f"Hugging Face cache ({spec.repo_id})")
+    try:
+        from huggingface_hub import snapshot_download
+        cached = Path(snapshot_download(spec.repo_id, allow_patterns=spec.allow_patterns, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or hub offline: both mean "not here"
+        return None, looked
+    if all((cached / r).is_file() for r in spec.required):
+        return cached, looked
+    return None, looked
+
+
+def _face_pack(settings: Settings, tiny_root: Path | None) -> Path:
+    """TWIN_INSIGHTFACE_MODEL_DIR, else the default pack folder; on the tiny profile, when that holds no pack,
+    the tiny folder's stand-in pack."""
+    if settings.insightface_model_dir is not None:
+        return Path(settings.insightface_model_dir)
+    default = settings.resolved_insightface_dir
+    if tiny_root is None or any(default.glob("*.onnx")) or (default / default.name).is_dir():
+        return default
+    return tiny_root / ANTELOPE_DIR
+
+
+def resolve_sdxl(settings: Settings) -> ModelLayout:
+    """The sdxl profile's layout, or ModelWeightsMissing naming what, where, and the command."""
+    return sdxl_layout(settings).require()
+
+
+def sdxl_weights_present(settings: Settings) -> bool:
+    return not sdxl_layout(settings).missing
+
+
+def choose_profile(settings: Settings) -> str:
+    if settings.model_profile != "auto":
+        return settings.model_profile
+    return model_layout(settings).profile
+
+
+def checkpoint_dir(settings: Settings) -> Path:
+    """Where single-file base checkpoints live: <tiny>/checkpoints on the tiny profile, else <model_dir>/checkpoints."""
+    return model_layout(settings).checkpoints
+
+
+def base_model_name(settings: Settings) -> str:
+    return model_layout(settings).model_name
+
+
+def list_checkpoints(settings: Settings) -> dict[str, Path | None]:
+    """Base models available locally: name -> single-file path (None: the diffusers base folder itself)."""
+    layout = model_layout(settings)
+    out: dict[str, Path | None] = {layout.model_name: None}
+    if layout.checkpoints.is_dir():
+        for f in sorted(layout.checkpoints.glob("*.safetensors")):
+            out.setdefault(f.stem, f)
+    return out
