@@ -3,6 +3,7 @@ job records (used by the local job threads and the cluster's GPU worker alike)."
 from __future__ import annotations
 
 import enum
+from types import MappingProxyType
 
 from utils import errors
 
@@ -21,8 +22,8 @@ class JobStatus(str, enum.Enum):
 
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
 
-# What a job canceled by its user records (code, message), in every place that cancels one.
-CANCELED_BY_USER = ("canceled", "canceled by the user")
+# What a job canceled by its user records, in every place that cancels one: finish(..., **CANCELED_BY_USER).
+CANCELED_BY_USER = MappingProxyType({"code": "canceled", "message": "canceled by the user"})
 
 
 def failure_outcome(exc: BaseException, oom: bool) -> tuple[str, str]:

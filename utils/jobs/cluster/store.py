@@ -295,9 +295,8 @@ class RedisJobStore:
 
     @redis_guard
     def cancel_queued(self, job_id: str) -> bool:
-        code, message = CANCELED_BY_USER
-        return self._move(job_id, JobStatus.CANCELED, ("queued",), finished_at=time.time(), error_code=code,
-                          error_message=message)
+        return self._move(job_id, JobStatus.CANCELED, ("queued",), finished_at=time.time(),
+                          error_code=CANCELED_BY_USER["code"], error_message=CANCELED_BY_USER["message"])
 
     @redis_guard
     def requeue(self, job_id: str) -> bool:

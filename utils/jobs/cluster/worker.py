@@ -175,7 +175,7 @@ class TwinWorker(SimpleWorker):
         store = rt.store
         self._cancel.clear()
         if store.cancel_requested(job_id):
-            store.finish(job_id, JobStatus.CANCELED, code=CANCELED_BY_USER[0], message=CANCELED_BY_USER[1])
+            store.finish(job_id, JobStatus.CANCELED, **CANCELED_BY_USER)
             return None
         if not store.claim(job_id):
             return None  # canceled while queued, already finished (a re-run after success), or deleted
@@ -209,7 +209,7 @@ class TwinWorker(SimpleWorker):
                     rq_job.retries_left = (rq_job.retries_left or 0) + 1
                 log.info("job re-queued: the GPU worker is stopping", extra={"job_id": job_id})
                 raise WorkerDraining(f"GPU worker stopping: job {job_id} re-queued") from None
-            store.finish(job_id, JobStatus.CANCELED, code=CANCELED_BY_USER[0], message=CANCELED_BY_USER[1])
+            store.finish(job_id, JobStatus.CANCELED, **CANCELED_BY_USER)
             log.info("job canceled", extra={"job_id": job_id})
             return None
         except errors.TwinError as e:

@@ -260,7 +260,8 @@ class SqliteJobStore:
 
     def cancel_queued(self, job_id: str) -> bool:
         ok = self._exec("UPDATE jobs SET status='canceled', finished_at=?, error_code=?, error_message=? "
-                        "WHERE id=? AND status='queued'", (time.time(), *CANCELED_BY_USER, job_id)) == 1
+                        "WHERE id=? AND status='queued'",
+                        (time.time(), CANCELED_BY_USER["code"], CANCELED_BY_USER["message"], job_id)) == 1
         if ok:
             self._emit(job_id, "status")
         return ok

@@ -203,8 +203,7 @@ class JobThreads:
             self._settle(lambda: self.store.requeue(job_id))
             log.info("job re-queued: the server is stopping")
         else:
-            code, message = CANCELED_BY_USER
-            self._settle(lambda: self.store.finish(job_id, JobStatus.CANCELED, code=code, message=message))
+            self._settle(lambda: self.store.finish(job_id, JobStatus.CANCELED, **CANCELED_BY_USER))
             log.info("job canceled")
 
     def _settle(self, write: Callable[[], Any]) -> None:
