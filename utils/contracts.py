@@ -132,7 +132,7 @@ class ModelRouting(Protocol):
     def models_catalogue(self) -> dict: ...
 
     def check_model(self, model: str) -> None:
-        """4xx unless some live worker holds (or is loading) ``model``."""
+        """4xx unless some live GPU worker holds (or is loading) ``model``."""
 
     def load_model(self, model: str, workers: list[str] | None = None) -> dict: ...
 

@@ -2,9 +2,9 @@
 
 Every error a user can cause is a ``TwinError`` with a machine-readable ``code``, a human ``message``
 that names the offending value, and the HTTP status the API answers with. The app's single error
-handler turns it into ``{"error": {"code": ..., "message": ...}}``; the job worker stores the same
-pair on a failed job. Anything that is not a ``TwinError`` is a bug and becomes a 500 ``internal_error``
-without leaking its text.
+handler turns it into ``{"error": {"code": ..., "message": ...}}``; the job thread (or GPU worker)
+stores the same pair on a failed job. Anything that is not a ``TwinError`` is a bug and becomes a 500
+``internal_error`` without leaking its text.
 """
 from __future__ import annotations
 

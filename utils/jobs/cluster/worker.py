@@ -193,7 +193,7 @@ class TwinWorker(SimpleWorker):
             except errors.ServiceNotReady:
                 pass  # progress is best effort while Redis restarts
             if preview is not None:
-                rt._preview(job_id, step, preview)  # kept in this worker only (see ARCHITECTURE: not done)
+                rt._preview(job_id, step, preview)  # into the Redis event log: any API node serves it
 
         def should_cancel() -> bool:
             return self._cancel.is_set() or store.cancel_requested(job_id)
