@@ -21,7 +21,7 @@ from utils.jobs.webhooks import WEBHOOK_FIELDS
 from utils.api.auth import COOKIE_NAME, require_admin, resolve_caller
 from utils.config import Settings
 from utils.request_fields import published_fields
-from utils.jobs import job_json
+from utils.api.render import job_json
 from utils.logging import configure_logging, request_id_var, session_id_var, job_id_var
 from utils.api.openapi import build_spec
 from utils.services import Runtime, build_faces, build_generators, build_idempotency, style_catalogue

@@ -83,7 +83,7 @@ Group=$SERVICE_USER
 WorkingDirectory=$PREFIX
 EnvironmentFile=$ENV_DIR/env
 Environment=PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=%i
-ExecStart=$PREFIX/.venv/bin/python -m utils.jobs.rq_worker --name %H.gpu%i
+ExecStart=$PREFIX/.venv/bin/python -m utils.jobs.cluster.worker --name %H.gpu%i
 # Stop: SIGTERM; the running job finishes within TWIN_DRAIN_SECONDS (25) or goes back to the queue, then
 # exit 0. A killed worker's job is re-run on another worker (TWIN_JOB_ATTEMPTS).
 Restart=on-failure

@@ -5,10 +5,11 @@ import shutil, statistics, sys, tempfile, threading, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fixtures.redis_server import RedisServer
-from utils.api.idempotency import IdempotencyStore, RedisIdempotencyStore
+from utils.jobs.cluster.idempotency import RedisIdempotencyStore
+from utils.jobs.local.idempotency import SqliteIdempotencyStore
 tmp = Path(tempfile.mkdtemp())
 srv = RedisServer(shutil.which("redis-server"), tmp / "redis").start()
-stores = {"sqlite": IdempotencyStore(tmp / "jobs.db", 24), "redis": RedisIdempotencyStore(srv.client(), 24)}
+stores = {"sqlite": SqliteIdempotencyStore(tmp / "jobs.db", 24), "redis": RedisIdempotencyStore(srv.client(), 24)}
 N = 500
 for name, st in stores.items():
     lat = []

@@ -229,8 +229,9 @@ def main() -> int:
     settings = Settings(data_dir=tmp / "data", tiny_model_dir=tiny, model_dir=tmp / "none", model_profile="tiny",
                         warmup=False, max_steps=3)
     if args.process:
-        from utils.jobs.generator_process import GeneratorProcess
-        gen = GeneratorProcess(settings).setup()
+        from generate_twin import DigitalTwinGenerator
+        from utils.jobs.local.generator_process import GeneratorProcess
+        gen = GeneratorProcess(settings, engine_class=DigitalTwinGenerator).setup()
     else:
         from generate_twin import DigitalTwinGenerator
         gen = DigitalTwinGenerator(settings).setup()

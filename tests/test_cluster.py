@@ -1,6 +1,6 @@
 """Cluster mode (TWIN_QUEUE_URL) on a real redis-server: two API app instances (Flask test clients of
 two create_app() calls, as two API nodes behind a load balancer would be) and GPU workers as real
-subprocesses (``python -m utils.jobs.rq_worker`` on the generator double, FAKE_STEP_SECONDS per step).
+subprocesses (``python -m utils.jobs.cluster.worker`` on the generator double, FAKE_STEP_SECONDS per step).
 Each test starts its own redis-server on a free port in a temp dir (tests/fixtures/redis_server.py).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Workers:
         name = name or f"w{len(self.procs)}"
         log = open(self.tmp / f"worker-{name}.log", "wb")
         extra = ["--components", components] if components else []
-        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.rq_worker", "--name", name, *extra],
+        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.cluster.worker", "--name", name, *extra],
                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         p.name = name  # type: ignore[attr-defined]
         self.procs.append(p)
@@ -73,7 +73,7 @@ class Workers:
     def wait_registered(self, conn, names: list[str], timeout: float = 60.0) -> None:
         from rq import Worker
 
-        from utils.jobs.rq_queue import make_queue
+        from utils.jobs.cluster.routing import make_queue
 
         def up():
             have = {w.name for w in Worker.all(queue=make_queue(conn))}
@@ -245,7 +245,7 @@ def test_cancel_running_job_stops_within_one_step_not_retried(api_nodes, workers
 def _holder(conn, job_id: str, procs) -> subprocess.Popen | None:
     from rq import Worker
 
-    from utils.jobs.rq_queue import make_queue
+    from utils.jobs.cluster.routing import make_queue
     for w in Worker.all(queue=make_queue(conn)):
         if w.get_current_job_id() == job_id:
             return next((p for p in procs if p.name == w.name and p.poll() is None), None)
@@ -293,7 +293,8 @@ def test_job_killed_on_every_attempt_fails_with_a_reason(api_nodes, workers, red
 
 def test_success_wins_over_a_late_rerun_or_cleanup(api_nodes, workers, redis_server):
     from utils.jobs import JobStatus
-    from utils.jobs.rq_queue import Maintenance, enqueue, make_queue
+    from utils.jobs.cluster.maintenance import Maintenance
+    from utils.jobs.cluster.routing import enqueue, make_queue
     settings, (a,) = api_nodes(1)
     conn = redis_server.client()
     workers.start(settings, name="w0")
@@ -514,7 +515,7 @@ def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, wor
         rec.close()
 
 
-# --- 8. Idempotency-Key across API nodes (records in Redis: utils/api/idempotency.RedisIdempotencyStore) ----
+# --- 8. Idempotency-Key across API nodes (records in Redis: utils/jobs/cluster/idempotency.RedisIdempotencyStore) ----
 
 def idem_post(node, tok: str, key: str, endpoint: str = "generate", **body):
     headers = {TOKEN_HEADER: tok, "Idempotency-Key": key}

@@ -31,7 +31,7 @@ def nodes(api_nodes):
 
 def start(workers, redis_server, settings, spec: dict[str, str], *, step: float = 0.0, load: float = 0.0):
     """Workers named by ``spec`` (name -> active model), registered in RQ and in the model registry."""
-    from utils.jobs.rq_models import live_workers
+    from utils.jobs.cluster.registry import live_workers
     for name, model in spec.items():
         workers.start(settings, name=name, step_seconds=step, FAKE_MODELS="base,alt,broken", FAKE_MODEL=model,
                       FAKE_LOAD_SECONDS=str(load), TWIN_MODEL_STRAND_SECONDS=str(settings.model_strand_seconds))
@@ -206,8 +206,9 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
     from rq.serializers import JSONSerializer
 
     from tests.fakes import image_bytes
-    from utils.jobs import rq_worker
-    from utils.jobs.rq_queue import make_model_queue, make_queue
+    from utils.jobs.cluster import worker as gpu_worker
+    from utils.jobs.cluster.registry import ModelControl
+    from utils.jobs.cluster.routing import make_model_queue, make_queue
     from utils.services import Runtime
     settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN)
     gen = FakeModelGenerator(active="base")
@@ -215,11 +216,11 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
     runtime.start()
     assert runtime.wait_ready(10)
     conn = runtime.store.redis
-    worker = rq_worker.TwinWorker([make_queue(conn)], connection=conn, serializer=JSONSerializer, name="wr",
+    worker = gpu_worker.TwinWorker([make_queue(conn)], connection=conn, serializer=JSONSerializer, name="wr",
                                   runtime=runtime)
-    control = rq_worker.ModelControl(worker, gen, "wr", {"host": "h", "device": "cpu", "gpu_name": "CPU"})
+    control = ModelControl(worker, gen, "wr", {"host": "h", "device": "cpu", "gpu_name": "CPU"})
     worker.listen_for("base")
-    rq_worker._worker = worker
+    gpu_worker._worker = worker
     try:
         owner = "tok:" + "a" * 64
         sid = runtime.upload([(f"s{i}.png", image_bytes((30 * i, 80, 50))) for i in range(2)], owner)["session_id"]
@@ -240,7 +241,7 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
         rec = runtime.store.get(job_id)
         assert (rec["status"], rec["attempts"], rec["metadata"]["model"]) == ("succeeded", 1, "base"), rec
     finally:
-        rq_worker._worker = None
+        gpu_worker._worker = None
         control.stop()
         runtime.shutdown()
 
@@ -257,7 +258,7 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
     from generate_twin import DigitalTwinGenerator
     from tests.photos import selfie_set
     from tests.test_cluster import settings_env
-    from utils.jobs.rq_models import live_workers
+    from utils.jobs.cluster.registry import live_workers
     folder = tmp_path / "tiny-model"
     shutil.copytree(tiny_models, folder)
     (folder / "checkpoints" / "broken.safetensors").write_bytes(b"not a safetensors file")

@@ -12,7 +12,7 @@ import requests
 from tests.fakes import QUALITY_STEPS, FakeGenerator, image_bytes
 from tests.fixtures.service import FAKE_APP, server_env, wait_until
 from tests.test_api import assert_error, finished, upload
-from utils.jobs.events import EventLog
+from utils.jobs.events import MemoryEventLog
 
 
 def parse_sse(text: str) -> tuple[list[dict], int]:
@@ -161,7 +161,7 @@ def test_deleting_the_session_ends_its_streams_and_forgets_the_events(make_app):
 
 
 def test_event_log_caps_progress_but_never_drops_a_terminal_event():
-    log = EventLog(max_events_per_job=3)
+    log = MemoryEventLog(max_events_per_job=3)
     ids = [log.publish("j", "progress", {"step": i, "total": 9}) for i in range(1, 6)]
     assert ids == [1, 2, 3, None, None]
     assert log.publish("j", "done", {}) == 4
@@ -170,7 +170,7 @@ def test_event_log_caps_progress_but_never_drops_a_terminal_event():
 
 def test_event_log_forgets_finished_jobs_after_keep_seconds():
     now = [0.0]
-    log = EventLog(keep_seconds=10, clock=lambda: now[0])
+    log = MemoryEventLog(keep_seconds=10, clock=lambda: now[0])
     log.publish("old", "done", {})
     log.publish("live", "status", {})
     now[0] = 11

@@ -332,8 +332,8 @@ def test_drain_finishes_or_requeues_and_loses_nothing(make_app, service_settings
     assert c.get(f"/status/{ids[0]}").status_code == 200  # pollers keep working
     assert c.get("/health").json["draining"] is True
     outcome = rt.drain()
-    from utils.jobs import JobStore
-    store = JobStore(s.data_dir / "jobs.db")
+    from utils.jobs.local.store import SqliteJobStore
+    store = SqliteJobStore(s.data_dir / "jobs.db")
     rows = {j: store.get(j) for j in ids}
     store.close()
     first = rows[ids[0]]

@@ -16,10 +16,11 @@ import time
 import numpy as np
 import pytest
 
+from generate_twin import DigitalTwinGenerator
 from tests.fixtures.models import make_crops
 from tests.fixtures.service import REPO, wait_until
 from utils import errors
-from utils.jobs.generator_process import GeneratorProcess, WorkerCrashed, _error_payload, _rebuild_error
+from utils.jobs.local.generator_process import GeneratorCrashed, GeneratorProcess, _error_payload, _rebuild_error
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +62,7 @@ def local_gen(proc_settings):
 
 @pytest.fixture(scope="module")
 def gen_proc(proc_settings):
-    g = GeneratorProcess(proc_settings).setup()
+    g = GeneratorProcess(proc_settings, engine_class=DigitalTwinGenerator).setup()
     yield g
     g.close()
 
@@ -203,7 +204,7 @@ def test_build_identity_matches_and_does_not_wait_for_a_running_generation(gen_p
     errors.JobCanceled("canceled after step 2 of 25"),
     errors.ModelWeightsMissing("weights missing in /models"),
     errors.TwinError("plain", code="custom", http_status=418),
-    WorkerCrashed("child died"),
+    GeneratorCrashed("child died"),
 ])
 def test_twin_error_round_trip_keeps_class_code_status_and_details(exc):
     back = _rebuild_error(pickle.loads(pickle.dumps(_error_payload(exc))))
@@ -236,7 +237,7 @@ def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_setti
         if step == 2:
             os.kill(old_pid, signal.SIGKILL)
 
-    with pytest.raises(WorkerCrashed) as ei:
+    with pytest.raises(GeneratorCrashed) as ei:
         gen_proc.generate(_req(proc_settings, quality_mode="high_fidelity"), on_progress=on_progress)
     assert (ei.value.code, ei.value.http_status) == ("worker_crashed", 503)
     assert gen_proc.info()["process"]["restarts"] == 1
@@ -260,7 +261,8 @@ def test_close_leaves_no_child_process(gen_proc):
 
 
 def test_setup_failure_in_the_child_keeps_the_error_class(tmp_path, proc_settings):
-    g = GeneratorProcess(proc_settings.replace(model_profile="sdxl", model_dir=tmp_path / "empty"))
+    g = GeneratorProcess(proc_settings.replace(model_profile="sdxl", model_dir=tmp_path / "empty"),
+                         engine_class=DigitalTwinGenerator)
     with pytest.raises(errors.ModelWeightsMissing) as ei:
         g.setup()
     assert g.state == "setup_failed" and g.info()["error"]["code"] == ei.value.code
@@ -270,11 +272,12 @@ def test_setup_failure_in_the_child_keeps_the_error_class(tmp_path, proc_setting
 
 CHILD_OF_KILLED_PARENT = r"""
 import sys, time
+from generate_twin import DigitalTwinGenerator
 from utils.config import Settings
-from utils.jobs.generator_process import GeneratorProcess
+from utils.jobs.local.generator_process import GeneratorProcess
 if __name__ == "__main__":
     s = Settings(data_dir=sys.argv[1], model_profile="tiny", tiny_model_dir=sys.argv[2], warmup=False)
-    g = GeneratorProcess(s).setup()
+    g = GeneratorProcess(s, engine_class=DigitalTwinGenerator).setup()
     print("CHILD_PID", g.pid, flush=True)
     time.sleep(600)
 """
@@ -301,7 +304,7 @@ def test_child_exits_when_its_parent_is_killed(tmp_path, tiny_models):
 
 
 def test_close_during_a_restart_returns_promptly_and_leaves_no_child(proc_settings):
-    g = GeneratorProcess(proc_settings).setup()
+    g = GeneratorProcess(proc_settings, engine_class=DigitalTwinGenerator).setup()
     first = g.pid
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: g.state == "restarting" and g.pid != first, timeout=10)

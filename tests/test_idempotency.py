@@ -21,7 +21,7 @@ def idem_store(request, service_settings):
     if request.param == "sqlite":
         yield None
         return
-    from utils.api.idempotency import RedisIdempotencyStore
+    from utils.jobs.cluster.idempotency import RedisIdempotencyStore
     server = request.getfixturevalue("redis_server")
     yield RedisIdempotencyStore(server.client(), service_settings.idempotency_hours)
 
@@ -147,9 +147,9 @@ def test_deleting_the_session_deletes_its_records(app, client):
 
 
 def test_records_expire_after_the_configured_hours(tmp_path):
-    from utils.api.idempotency import IdempotencyStore
+    from utils.jobs.local.idempotency import SqliteIdempotencyStore
     now = [1000.0]
-    store = IdempotencyStore(tmp_path / "jobs.db", hours=1, clock=lambda: now[0])
+    store = SqliteIdempotencyStore(tmp_path / "jobs.db", hours=1, clock=lambda: now[0])
     assert store.begin("owner", "generate", "k", "fp1") is None
     store.complete("owner", "generate", "k", 202, {"id": "j1"}, {}, "s1")
     assert store.begin("owner", "generate", "k", "fp1") == (202, {"id": "j1"}, {})
@@ -159,9 +159,10 @@ def test_records_expire_after_the_configured_hours(tmp_path):
 
 
 def make_store(kind, tmp_path, redis_server_factory, in_flight_seconds):
-    from utils.api.idempotency import IdempotencyStore, RedisIdempotencyStore
+    from utils.jobs.cluster.idempotency import RedisIdempotencyStore
+    from utils.jobs.local.idempotency import SqliteIdempotencyStore
     if kind == "sqlite":
-        return IdempotencyStore(tmp_path / "jobs.db", hours=1, in_flight_seconds=in_flight_seconds)
+        return SqliteIdempotencyStore(tmp_path / "jobs.db", hours=1, in_flight_seconds=in_flight_seconds)
     return RedisIdempotencyStore(redis_server_factory().client(), hours=1, in_flight_seconds=in_flight_seconds)
 
 

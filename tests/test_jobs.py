@@ -1,4 +1,4 @@
-"""JobStore and JobManager without Flask: durability, recovery, queue limits, worker survival."""
+"""SqliteJobStore and JobThreads without Flask: durability, recovery, queue limits, worker survival."""
 from __future__ import annotations
 
 import threading
@@ -8,13 +8,16 @@ import pytest
 
 from tests.fixtures.service import wait_until
 from utils import errors
-from utils.jobs import JobManager, JobStatus, JobStore, job_json
+from utils.api.render import job_json
+from utils.jobs import JobStatus
+from utils.jobs.local.store import SqliteJobStore
+from utils.jobs.local.threads import JobThreads
 from utils.storage import new_id
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.db")
+    s = SqliteJobStore(tmp_path / "jobs.db")
     yield s
     s.close()
 
@@ -34,10 +37,10 @@ def test_wal_mode(store):
 
 
 def test_records_survive_reopen(tmp_path):
-    a = JobStore(tmp_path / "jobs.db")
+    a = SqliteJobStore(tmp_path / "jobs.db")
     job = add(a)
     a.close()
-    b = JobStore(tmp_path / "jobs.db")
+    b = SqliteJobStore(tmp_path / "jobs.db")
     assert b.get(job["id"])["status"] == "queued"
     b.close()
 
@@ -118,7 +121,7 @@ def test_job_json_shape(store):
 
 
 def _manager(store, runner, workers=1):
-    m = JobManager(store, runner, workers=workers)
+    m = JobThreads(store, runner, workers=workers)
     m.ready.set()
     m.start()
     return m
@@ -147,7 +150,7 @@ def test_manager_runs_in_order_and_survives_crashes(store):
 
 
 def test_manager_starts_queued_jobs_found_in_db(tmp_path):
-    s = JobStore(tmp_path / "jobs.db")
+    s = SqliteJobStore(tmp_path / "jobs.db")
     job = add(s)
     m = _manager(s, lambda *a: None)
     wait_until(lambda: s.get(job["id"])["status"] == "succeeded", 5)
@@ -176,7 +179,7 @@ def test_manager_cancel_running(store):
 
 def test_workers_wait_for_ready(store):
     ran = threading.Event()
-    m = JobManager(store, lambda *a: ran.set(), workers=1)
+    m = JobThreads(store, lambda *a: ran.set(), workers=1)
     m.start()
     m.submit(add(store)["id"])
     assert not ran.wait(0.3)

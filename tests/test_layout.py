@@ -39,7 +39,10 @@ def test_the_wiring_place_is_found_and_names_the_engines():
 
 
 @pytest.mark.parametrize("package, modules", [
-    ("utils/jobs", {"store.py", "generator_process.py", "lifecycle.py"}),
+    ("utils/jobs", {"status.py", "events.py", "webhooks.py", "lifecycle.py"}),
+    ("utils/jobs/local", {"store.py", "threads.py", "generator_process.py", "idempotency.py"}),
+    ("utils/jobs/cluster", {"store.py", "queue.py", "maintenance.py", "worker.py", "registry.py", "events.py",
+                            "idempotency.py"}),
     ("utils/faces", {"service.py", "backends.py", "dlib_resnet.py"}),
     ("utils/api", {"auth.py", "security.py", "openapi.py"}),
 ])
@@ -65,3 +68,27 @@ def test_model_readers_never_reach_the_tiny_builder(reader):
             seen.add(m)
             todo += _model_imports(m)
     assert "tiny" not in seen and {"startup", "cli"}.isdisjoint(seen), sorted(seen)
+
+
+# The job backends' rooms: the shared modules of utils/jobs know neither backend, and neither backend
+# knows the other (both meet only in the wiring place, through the contracts of utils/contracts.py).
+ROOMS = {"local": "utils.jobs.local", "cluster": "utils.jobs.cluster"}
+
+
+def _module_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+@pytest.mark.parametrize("module", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "utils" / "jobs").rglob("*.py")))
+def test_job_backends_stay_in_their_rooms(module):
+    room = next((r for r in ROOMS if module.startswith(f"utils/jobs/{r}/")), None)
+    forbidden = [pkg for r, pkg in ROOMS.items() if r != room]
+    found = sorted(m for m in _module_imports(ROOT / module) if any(m == f or m.startswith(f + ".") for f in forbidden))
+    assert found == [], f"{module} imports {found}"

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from generate_twin import GenerationRequest
+from generate_twin import DigitalTwinGenerator, GenerationRequest
 from utils.errors import InvalidRequest
 
 ADMIN, USER = "admin-key-1", "user-key-1"
@@ -233,8 +233,8 @@ def test_hot_swap_under_load(make_app, service_settings, swap_generator, face_se
 
 def test_the_generator_process_forwards_the_registry_calls(swap_settings):
     """The same contract through the child: load beside, switch, errors come back with their code."""
-    from utils.jobs.generator_process import GeneratorProcess
-    gen = GeneratorProcess(swap_settings).setup()
+    from utils.jobs.local.generator_process import GeneratorProcess
+    gen = GeneratorProcess(swap_settings, engine_class=DigitalTwinGenerator).setup()
     try:
         assert gen.models_catalogue()["active"] == BASE
         with pytest.raises(InvalidRequest) as e:
@@ -276,12 +276,12 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
     import signal
     from tests.fakes import FakeFaceService
     from tests.fixtures.service import wait_until
-    from utils.jobs.generator_process import GeneratorProcess
+    from utils.jobs.local.generator_process import GeneratorProcess
     from utils.services import Runtime
     folder = tmp_path / "tiny-model"
     shutil.copytree(swap_settings.resolved_tiny_model_dir, folder)
     settings = swap_settings.replace(tiny_model_dir=folder, data_dir=tmp_path / "data")
-    gen = GeneratorProcess(settings).setup()
+    gen = GeneratorProcess(settings, engine_class=DigitalTwinGenerator).setup()
     runtime = Runtime(settings, [gen], FakeFaceService())
     runtime.state = "ready"   # as after set-up; /health follows the generator process
     req = GenerationRequest.from_dict({"prompt": "p", "style": "none", "width": 64, "height": 64, "seed": 1}, settings)

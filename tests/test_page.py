@@ -680,7 +680,7 @@ def test_page_model_panel_in_cluster_mode_with_the_admin_key_field(browser, star
     panel's own admin-key field (the page has no key field without API keys) switches every worker."""
     from tests.fixtures.service import FAKE_APP, server_env, wait_until
     from tests.test_cluster import Workers
-    from utils.jobs.rq_models import live_workers
+    from utils.jobs.cluster.registry import live_workers
     env = server_env(tmp_path / "data", TWIN_QUEUE_URL=redis_server.url, TWIN_WORKER_HEARTBEAT_SECONDS="0.5",
                      TWIN_ADMIN_KEYS="admin-key")
     server = start_server(env, app_spec=FAKE_APP)

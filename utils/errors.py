@@ -2,9 +2,9 @@
 
 Every error a user can cause is a ``TwinError`` with a machine-readable ``code``, a human ``message``
 that names the offending value, and the HTTP status the API answers with. The app's single error
-handler turns it into ``{"error": {"code": ..., "message": ...}}``; the job worker stores the same
-pair on a failed job. Anything that is not a ``TwinError`` is a bug and becomes a 500 ``internal_error``
-without leaking its text.
+handler turns it into ``{"error": {"code": ..., "message": ...}}``; the job thread (or GPU worker)
+stores the same pair on a failed job. Anything that is not a ``TwinError`` is a bug and becomes a 500
+``internal_error`` without leaking its text.
 """
 from __future__ import annotations
 
@@ -125,3 +125,40 @@ class JobCanceled(TwinError):
 class OutOfMemory(TwinError):
     code = "out_of_memory"
     http_status = 503
+
+
+class IdempotencyKeyReused(TwinError):
+    """An Idempotency-Key sent again with a different request (raised by both idempotency stores)."""
+    code = "idempotency_key_reused"
+    http_status = 422
+
+    @classmethod
+    def of(cls, key: str, endpoint: str) -> "IdempotencyKeyReused":
+        return cls(f"Idempotency-Key={key[:60]!r} was used with a different request to /{endpoint}; "
+                   "use a new key for a new request")
+
+
+class IdempotencyInFlight(TwinError):
+    """The first request with an Idempotency-Key is still being answered."""
+    code = "idempotency_in_flight"
+    http_status = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+    @classmethod
+    def of(cls, key: str) -> "IdempotencyInFlight":
+        return cls(f"the first request with Idempotency-Key={key[:60]!r} is still being answered; retry shortly")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """``OutOfMemory`` or torch's ``OutOfMemoryError`` (checked without importing torch: an exception
+    cannot be torch's before torch was imported, and importing it costs seconds)."""
+    if isinstance(exc, OutOfMemory):
+        return True
+    import sys
+    torch = sys.modules.get("torch")
+    try:
+        return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    except Exception:  # noqa: BLE001 - a torch without OutOfMemoryError
+        return False

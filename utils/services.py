@@ -14,8 +14,11 @@ from typing import Any
 
 from utils import errors
 from utils.config import Settings
-from utils.jobs import JobManager, JobStatus, JobStore
-from utils.jobs.events import EventLog
+from utils.errors import is_oom
+from utils.jobs import JobStatus
+from utils.jobs.events import MemoryEventLog
+from utils.jobs.local.store import SqliteJobStore
+from utils.jobs.local.threads import JobThreads
 from utils.logging import log_context
 from utils.storage import (Storage, atomic_save_png, atomic_save_thumbnail, is_valid_id, new_id, output_name,
                            raw_output_name, thumbnail_name)
@@ -69,7 +72,9 @@ def style_catalogue(settings: Settings) -> dict:
 def build_generators(settings: Settings) -> list:
     if settings.generator_process:
         # A child process per generator: the generation loop holds the GIL, and /status must not wait on it.
-        from utils.jobs.generator_process import GeneratorProcess as make
+        from functools import partial
+        from utils.jobs.local.generator_process import GeneratorProcess
+        make = partial(GeneratorProcess, engine_class=engine_class())
     else:
         make = engine_class()
     n = worker_count(settings)
@@ -130,33 +135,34 @@ def build_jobs(settings: Settings, db_path, runner, workers: int, ready: threadi
     """(store, manager) of the job backend TWIN_QUEUE_URL picks: local mode's SQLite store + worker
     threads, or cluster mode's Redis records + RQ queue (the jobs run in ./start_worker.sh processes)."""
     if settings.cluster:
-        from utils.jobs.redis_store import RedisJobStore
-        from utils.jobs.rq_queue import RqJobManager
+        from utils.jobs.cluster.queue import RqJobQueue
+        from utils.jobs.cluster.store import RedisJobStore
         store = RedisJobStore(settings.queue_url)
-        return store, RqJobManager(store, settings)
-    store = JobStore(db_path)
-    return store, JobManager(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
+        return store, RqJobQueue(store, settings)
+    store = SqliteJobStore(db_path)
+    return store, JobThreads(store, runner, workers=workers, ready=ready, is_oom=is_oom, on_preview=on_preview)
 
 
 def build_events(settings: Settings, store):
     """The live event source: in-process for local mode, Redis streams (beside the job records) for
     cluster mode, where the worker that runs a job and the node that streams it are different processes."""
     if settings.cluster:
-        from utils.jobs.redis_events import RedisEventLog
+        from utils.jobs.cluster.events import RedisEventLog
         return RedisEventLog(store.redis, prefix=store.prefix)
-    return EventLog()
+    return MemoryEventLog()
 
 
 def build_idempotency(settings: Settings, db_path, store):
     """The Idempotency-Key records: in jobs.db for local mode; in the cluster's Redis (beside the job
     records, same connection) for cluster mode, so a retry that lands on another API node sees the
     first node's record."""
-    from utils.api.idempotency import IdempotencyStore, RedisIdempotencyStore
     if settings.cluster:
+        from utils.jobs.cluster.idempotency import RedisIdempotencyStore
         return RedisIdempotencyStore(store.redis, settings.idempotency_hours, prefix=store.prefix,
                                      in_flight_seconds=settings.idempotency_in_flight_seconds)
-    return IdempotencyStore(db_path, settings.idempotency_hours,
-                            in_flight_seconds=settings.idempotency_in_flight_seconds)
+    from utils.jobs.local.idempotency import SqliteIdempotencyStore
+    return SqliteIdempotencyStore(db_path, settings.idempotency_hours,
+                                  in_flight_seconds=settings.idempotency_in_flight_seconds)
 
 
 def build_faces(settings: Settings):
@@ -201,17 +207,6 @@ def identity_type(generator):
         return t
     from ipadapter_manager import SessionIdentity
     return SessionIdentity
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, errors.OutOfMemory):
-        return True
-    import sys
-    torch = sys.modules.get("torch")  # not imported yet: the exception cannot be torch's (and importing costs seconds)
-    try:
-        return torch is not None and isinstance(exc, torch.OutOfMemoryError)
-    except Exception:  # noqa: BLE001
-        return False
 
 
 # --- the runtime -------------------------------------------------------------------------------
@@ -806,7 +801,7 @@ class Runtime:
     def models_catalogue(self) -> dict:
         self.require_ready()
         if self.settings.cluster:
-            # Each live GPU worker's model, catalogue and load state, from Redis (utils/jobs/rq_models.py).
+            # Each live GPU worker's model, catalogue and load state, from Redis (utils/jobs/cluster/registry.py).
             return self.manager.models_catalogue()
         gen = self.generators[0] if self.generators else None
         if gen is None or not hasattr(gen, "models_catalogue"):

@@ -15,8 +15,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from utils import errors
+from utils.api.render import public_output
 from utils.jobs.events import Event, format_sse
-from utils.jobs.store import public_output
 
 # A stream re-checks the job (deleted session, server stop) at least this often while idle.
 _RECHECK_SECONDS = 1.0

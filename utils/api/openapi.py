@@ -38,15 +38,53 @@ def _nullable(schema: dict) -> dict:
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
-    from utils.services import request_fields
     s = settings
-    id_param = {"type": "string", "pattern": ID_RE.pattern}
-    idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
-                "description": ("Repeat a request safely: the same key with the same body from the same caller within "
-                                f"{s.idempotency_hours:g} h answers the first answer again (Idempotent-Replayed: true)."),
-                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}}
     keyed = bool(s.api_key_list)
+    c = _common(s, keyed)
+    paths = {**_upload_generate_paths(s, c), **_job_paths(c), **_service_paths(c), **_model_paths(),
+             **_models_load_path(),
+             "/openapi.json": {"get": {"operationId": "openapi", "responses": {"200": {
+                 "description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}}
+    security_schemes: dict[str, Any] = {
+        "clientToken": {"type": "apiKey", "in": "header", "name": "X-Client-Token",
+                        "description": "Without API keys: the client_token /upload returned (or its cookie)."}}
+    if keyed:
+        security_schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Digital twin API", "version": _version(),
+                 "description": ("Upload selfies, generate portraits. Sessions and jobs belong to the caller "
+                                 "(API key, or the per-client token issued at upload); another caller gets 404.")},
+        "paths": paths,
+        "components": {"schemas": _schemas(s), "securitySchemes": security_schemes},
+        "security": [{"bearerAuth": []}] if keyed else [{"clientToken": []}, {}],
+    }
 
+
+def _version() -> str:
+    from utils.services import VERSION
+    return VERSION
+
+
+def _common(s: Settings, keyed: bool) -> dict[str, Any]:
+    """Parameters and error responses several paths share."""
+    id_param = {"type": "string", "pattern": ID_RE.pattern}
+    return {
+        "id_param": id_param,
+        "job_id": {"name": "job_id", "in": "path", "required": True, "schema": id_param},
+        "idem_key": {"name": "Idempotency-Key", "in": "header", "required": False,
+                     "description": ("Repeat a request safely: the same key with the same body from the same caller "
+                                     f"within {s.idempotency_hours:g} h answers the first answer again "
+                                     "(Idempotent-Replayed: true)."),
+                     "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}},
+        "owned": {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {},
+        "limited": {"429": _error("Rate limit or queue limit reached.", retry_after=True)},
+        "not_ready": {"503": _error("The models are still loading or failed to load.", retry_after=True)},
+    }
+
+
+def _generate_request(s: Settings) -> dict[str, Any]:
+    from utils.services import request_fields
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
@@ -59,7 +97,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         props[name]["pattern"] = _NO_CONTROLS
     props["prompt"]["pattern"] = _NO_CONTROLS.replace(
         "]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")
-    job = {
+    return generate_request
+
+
+def _job_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "required": ["id", "job_id", "status", "session_id", "position", "progress", "created_at", "started_at",
                      "finished_at", "request", "outputs", "metadata", "error", "status_url"],
@@ -99,7 +141,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "deliveries": {"type": "array", "items": {"type": "object"}}}}),
         },
     }
-    schemas = {
+
+
+def _schemas(s: Settings) -> dict[str, Any]:
+    generate_request, job = _generate_request(s), _job_schema()
+    return {
         "Error": {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
             "error": {"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}}},
@@ -132,12 +178,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "auth": {"type": "string", "enum": ["api_key", "client_token"],
                      "description": "api_key: send Authorization: Bearer <key>; client_token: the token /upload issues."}}},
     }
-    owned = {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {}
-    limited = {"429": _error("Rate limit or queue limit reached.", retry_after=True)}
-    not_ready = {"503": _error("The models are still loading or failed to load.", retry_after=True)}
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": id_param}
 
-    paths = {
+
+def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
+    idem_key, owned, limited, not_ready = c["idem_key"], c["owned"], c["limited"], c["not_ready"]
+    return {
         "/upload": {"post": {
             "operationId": "upload", "parameters": [idem_key],
             "summary": "Upload selfies; builds one identity (a session) from the usable ones.",
@@ -176,6 +221,12 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "422": _error("The Idempotency-Key was used with a different body."),
                 "507": _error("The data disk is full."),
                 **owned, **limited, **not_ready}}},
+    }
+
+
+def _job_paths(c: dict) -> dict[str, Any]:
+    job_id, owned = c["job_id"], c["owned"]
+    return {
         "/status/{job_id}": {"get": {
             "operationId": "status", "parameters": [job_id],
             "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
@@ -226,6 +277,12 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                                               "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                           "404": _error("No such job or file for this caller."), **owned}}},
+    }
+
+
+def _service_paths(c: dict) -> dict[str, Any]:
+    id_param, owned = c["id_param"], c["owned"]
+    return {
         "/sessions/{session_id}": {"delete": {
             "operationId": "delete_session",
             "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
@@ -248,6 +305,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                 "properties": {"name": {"type": "string"}, "description": {"type": "string"},
                                                "positive": {"type": "string"}, "negative": {"type": "string"},
                                                "defaults": {"type": "object"}}}}}}}}}}}},
+    }
+
+
+def _model_paths() -> dict[str, Any]:
+    return {
         "/models": {"get": {"operationId": "models", "responses": {
             "200": {"description": "Base models available locally (the diffusers folder and every single-file "
                                    "checkpoint under TWIN_MODEL_DIR/checkpoints/) and the active one. Cluster mode: "
@@ -276,6 +338,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                         "type": "object", "required": ["loras"],
                         "properties": {"loras": {"type": "array", "items": {"type": "string"}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
+    }
+
+
+def _models_load_path() -> dict[str, Any]:
+    return {
         "/models/load": {"post": {
             "operationId": "loadModel",
             "description": "Admin only (TWIN_ADMIN_KEYS): load a base model beside the active one and switch to "
@@ -318,25 +385,4 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                               "name in `workers` (unknown_worker)."),
                 "422": _error("The checkpoint failed to load (model_load_failed, the file named); the old model keeps serving."),
                 "503": _error("The model is still loading.", retry_after=True)}}},
-        "/openapi.json": {"get": {"operationId": "openapi", "responses": {
-            "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }
-    security_schemes: dict[str, Any] = {
-        "clientToken": {"type": "apiKey", "in": "header", "name": "X-Client-Token",
-                        "description": "Without API keys: the client_token /upload returned (or its cookie)."}}
-    if keyed:
-        security_schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "Digital twin API", "version": _version(),
-                 "description": ("Upload selfies, generate portraits. Sessions and jobs belong to the caller "
-                                 "(API key, or the per-client token issued at upload); another caller gets 404.")},
-        "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": security_schemes},
-        "security": [{"bearerAuth": []}] if keyed else [{"clientToken": []}, {}],
-    }
-
-
-def _version() -> str:
-    from utils.services import VERSION
-    return VERSION

@@ -1,10 +1,11 @@
 """Job events for live progress (``GET /events/<job_id>``): status, progress, output, done.
 
-``EventLog`` is the in-process source for local mode: the job store reports each change
-(``JobStore.listeners``) and the log keeps, per job, a numbered list of events that streams read from
-any position (``read(job_id, after=last_event_id)``), so a client that reconnects with
-``Last-Event-ID`` gets every event it missed exactly once. A cluster mode plugs in another source with
-the same two calls (``publish`` / ``read``), e.g. Redis streams, so any API node serves any job.
+``Event`` and ``format_sse`` are what every event source shares (the ``EventLog`` contract of
+``utils.contracts``). ``MemoryEventLog`` is local mode's source, in the API process: the job store
+reports each change (``JobStore.listeners``) and the log keeps, per job, a numbered list of events that
+streams read from any position (``read(job_id, after=last_event_id)``), so a client that reconnects with
+``Last-Event-ID`` gets every event it missed exactly once. Cluster mode's source is
+``utils.jobs.cluster.events.RedisEventLog`` (Redis streams), so any API node serves any job.
 
 Memory is bounded: at most ``max_events_per_job`` per job (progress events beyond it are dropped, a
 status/output/done never is) and the logs of finished jobs are forgotten ``keep_seconds`` after the end.
@@ -36,7 +37,9 @@ class _JobLog:
         self.next_id = 1
 
 
-class EventLog:
+class MemoryEventLog:
+    """The in-process ``EventLog`` (local mode; see the module doc)."""
+
     def __init__(self, *, max_events_per_job: int = 2000, keep_seconds: float = 600.0, clock=time.monotonic) -> None:
         self._logs: dict[str, _JobLog] = {}
         self._previews: dict[str, tuple[int, bytes]] = {}  # job -> (step, JPEG) of its latest live preview

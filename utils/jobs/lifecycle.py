@@ -1,16 +1,16 @@
 """Graceful stop under gunicorn (or any host that sends SIGTERM).
 
 Policy: on SIGTERM the server stops taking new work at once (``/generate`` and ``/upload`` answer 503
-``shutting_down`` with ``Retry-After``; ``/status`` and downloads keep working), the job worker takes
+``shutting_down`` with ``Retry-After``; ``/status`` and downloads keep working), the job threads take
 no further job from the queue, and the running job gets ``TWIN_DRAIN_SECONDS`` (from the signal) to
 finish. A job still running then is stopped at its next denoising step and put back in the queue
 (``queued``, progress reset, the attempt not counted). Queued jobs stay queued in SQLite and run, in
 order, after the restart. The process then exits 0.
 
-gunicorn wiring (``gunicorn.conf.py``): ``post_worker_init`` wraps the worker's SIGTERM handler with
-``begin_drain_all`` (flags only: safe in a signal handler); ``worker_exit`` runs ``drain_all`` after
+gunicorn wiring (``gunicorn.conf.py``): ``post_worker_init`` wraps the gunicorn worker's SIGTERM handler
+with ``begin_drain_all`` (flags only: safe in a signal handler); ``worker_exit`` runs ``drain_all`` after
 gunicorn has finished the in-flight requests. gunicorn's ``graceful_timeout`` must exceed
-``TWIN_DRAIN_SECONDS`` or the arbiter SIGKILLs the worker first (start-up recovery then settles the job
+``TWIN_DRAIN_SECONDS`` or the arbiter SIGKILLs the gunicorn worker first (start-up recovery then settles the job
 as after a crash: ``interrupted``, or re-queued with ``TWIN_REQUEUE_INTERRUPTED=1``).
 """
 from __future__ import annotations

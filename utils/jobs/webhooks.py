@@ -105,7 +105,7 @@ class WebhookDispatcher:
         self._threads: dict[str, threading.Thread] = {}
         self._seq: dict[str, int] = collections.defaultdict(int)   # message ids stay unique per job
         self._hooks: dict[str, dict | None] = {}
-        self._attempt: dict[str, int] = {}   # message ids carry the attempt: a re-run (another worker) never reuses one
+        self._attempt: dict[str, int] = {}   # message ids carry the attempt: a re-run (another GPU worker) never reuses one
         self._stop = threading.Event()
         self._signer = None
         if settings.webhook_secret:

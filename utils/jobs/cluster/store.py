@@ -1,12 +1,13 @@
-"""Cluster mode's job records: the same interface as ``store.JobStore`` (SQLite), kept in Redis so every
-API node and GPU worker sees the same sessions, jobs and progress.
+"""Cluster mode's job records: the ``JobStore`` contract (``utils.contracts``; local mode's is SQLite,
+``utils.jobs.local.store``), kept in Redis so every API node and GPU worker sees the same sessions, jobs
+and progress.
 
 Keys (prefix ``twin:``): ``job:<id>`` hash (the JobStore row's columns, each value JSON-encoded),
 ``job:<id>:outputs`` list (one JSON object per written file), ``st:<status>`` set of job ids per
 status, ``queued`` sorted set (score = job seq: the queue order and ``position``), ``session:<id>``
 hash, ``sessions`` sorted set (score = created_at: the retention sweep), ``owner:<owner>`` sorted set
 (score = seq: the owner's latest session), ``session_jobs:<id>`` set, ``cancel:<job_id>`` (a cancel
-request a worker's step callback reads; pub/sub messages may be lost, this key is not).
+request a GPU worker's step callback reads; pub/sub messages may be lost, this key is not).
 
 Every status change is one Lua script (atomic on the server): a terminal job is never overwritten, so a
 job that succeeded stays succeeded whatever a late registry cleanup or a re-run attempt does
@@ -15,21 +16,19 @@ Retry-After), never a 500.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
 from typing import Any
 
 from utils import errors
-from utils.jobs.store import JobStatus
+from utils.jobs.cluster.connection import PREFIX, connect, redis_guard
+from utils.jobs.status import CANCELED_BY_USER, JobStatus
 
 log = logging.getLogger("twin.jobs")
 
-PREFIX = "twin:"
 ACTIVE = ("queued", "running")
 CANCEL_TTL_S = 24 * 3600
-RETRY_AFTER_S = 5
 _FIELDS = ("seq", "id", "session_id", "owner", "status", "payload", "request", "created_at", "started_at",
            "finished_at", "step", "total", "metadata", "error_code", "error_message", "attempts", "webhook")
 
@@ -85,35 +84,8 @@ return redis.call('RPUSH', k .. ':outputs', ARGV[3])
 """
 
 
-def _unreachable(e: Exception) -> errors.ServiceNotReady:
-    return errors.ServiceNotReady(f"the job queue (Redis at TWIN_QUEUE_URL) is unreachable: {type(e).__name__}; "
-                                  f"retry in {RETRY_AFTER_S} s", code="queue_unavailable", retry_after=RETRY_AFTER_S)
-
-
-def redis_guard(fn):
-    """Redis connection failures -> ServiceNotReady (503 + Retry-After) instead of a 500."""
-    import redis
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError) as e:
-            raise _unreachable(e) from None
-    return wrapper
-
-
-def connect(url: str):
-    """A Redis client for TWIN_QUEUE_URL; short timeouts so a dead Redis answers 503 quickly, and
-    health checks so a restarted Redis is reconnected without a restart of the node."""
-    import redis
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15,
-                                retry_on_timeout=False)
-
-
 class RedisJobStore:
-    """``JobStore``'s interface on Redis (see the module doc for the keys)."""
+    """The ``JobStore`` contract on Redis (see the module doc for the keys)."""
 
     def __init__(self, url: str, *, prefix: str = PREFIX, connection=None) -> None:
         self.url = url
@@ -122,8 +94,8 @@ class RedisJobStore:
         self._transition = self.redis.register_script(_TRANSITION)
         self._create = self.redis.register_script(_CREATE)
         self._add_output = self.redis.register_script(_ADD_OUTPUT)
-        # As JobStore.listeners (live events, webhooks): called after each change made through THIS
-        # store object. Cluster mode: changes a worker makes reach the worker's listeners only.
+        # As SqliteJobStore.listeners (live events, webhooks): called after each change made through THIS
+        # store object. Cluster mode: changes a GPU worker makes reach that worker's listeners only.
         self.listeners: list = []
 
     def _emit(self, job_id: str, kind: str, data: dict | None = None) -> None:
@@ -285,7 +257,7 @@ class RedisJobStore:
     @redis_guard
     def claim(self, job_id: str) -> bool:
         """queued -> running, attempt + 1, progress and outputs of an earlier attempt reset. ``running`` is
-        accepted too: the attempt before this one died with its worker (RQ re-ran the job)."""
+        accepted too: the attempt before this one died with its GPU worker (RQ re-ran the job)."""
         return self._move(job_id, JobStatus.RUNNING, ACTIVE, attempts_delta=1, clear_outputs=True,
                           started_at=time.time(), step=0, total=0, finished_at=None)
 
@@ -323,23 +295,23 @@ class RedisJobStore:
 
     @redis_guard
     def cancel_queued(self, job_id: str) -> bool:
-        return self._move(job_id, JobStatus.CANCELED, ("queued",), finished_at=time.time(), error_code="canceled",
-                          error_message="canceled by the user")
+        return self._move(job_id, JobStatus.CANCELED, ("queued",), finished_at=time.time(),
+                          error_code=CANCELED_BY_USER["code"], error_message=CANCELED_BY_USER["message"])
 
     @redis_guard
     def requeue(self, job_id: str) -> bool:
-        """running -> queued (a worker's graceful stop): the attempt is given back."""
+        """running -> queued (a GPU worker's graceful stop): the attempt is given back."""
         return self._move(job_id, JobStatus.QUEUED, ("running",), attempts_delta=-1, clear_outputs=True,
                           step=0, total=0, started_at=None)
 
     @redis_guard
     def back_to_queued(self, job_id: str, attempts: int) -> bool:
-        """running -> queued while RQ waits to re-run a job whose worker died (the attempt counts). Only if
-        no new attempt claimed it meanwhile (``attempts`` unchanged)."""
+        """running -> queued while RQ waits to re-run a job whose GPU worker died (the attempt counts). Only
+        if no new attempt claimed it meanwhile (``attempts`` unchanged)."""
         return self._move(job_id, JobStatus.QUEUED, ("running",), expect_attempts=attempts, step=0, total=0)
 
     def recover(self, requeue: bool) -> dict[str, list[str]]:
-        # Nothing to settle at an API node's start: a dead worker's jobs are re-run by RQ (TWIN_JOB_ATTEMPTS).
+        # Nothing to settle at an API node's start: a dead GPU worker's jobs are re-run by RQ (TWIN_JOB_ATTEMPTS).
         return {"requeued": [], "failed": []}
 
     # --- cancel requests -------------------------------------------------------------------------

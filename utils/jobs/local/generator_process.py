@@ -1,10 +1,11 @@
-"""The generator in a child process, behind the same contract as ``DigitalTwinGenerator``.
+"""The *generator process*: the engine in a spawned child process, behind the engine's own contract.
 
 Why: the diffusers loop holds the GIL most of the time (on a GPU box too: it is CPU-bound launching
 kernels), so in a thread of the web process it starves the request threads (/status p99 170-270 ms
 measured) and is itself slowed by them. A child process has its own GIL (like cog's predictor process).
 
-    gen = GeneratorProcess(settings); gen.setup()     # spawns the child, which builds DigitalTwinGenerator
+    gen = GeneratorProcess(settings, engine_class=DigitalTwinGenerator)   # the caller names the engine
+    gen.setup()                                       # spawns the child, which builds engine_class(settings)
     gen.state / gen.error / gen.info()                # as the in-process generator ("restarting" after a crash)
     gen.build_identity(crops, embeddings, face_model=..., combine=...)
     gen.validate(req); gen.generate(req, on_progress=..., should_cancel=...)
@@ -51,7 +52,7 @@ from utils.logging import job_id_var
 
 log = logging.getLogger("twin.generator_process")
 
-# How often the waiting worker thread checks should_cancel() (a step of a real model takes longer).
+# How often the waiting job thread checks should_cancel() (a step of a real model takes longer).
 CANCEL_POLL_S = 0.02
 # How long close() waits for the child to leave after "shutdown" before SIGKILL.
 CLOSE_GRACE_S = 5.0
@@ -59,7 +60,7 @@ CLOSE_GRACE_S = 5.0
 PARENT_WATCH_S = 1.0
 
 
-class WorkerCrashed(errors.TwinError):
+class GeneratorCrashed(errors.TwinError):
     """The generation child process died (killed, segfault, OOM-kill) during a call; it is restarted."""
     code = "worker_crashed"
     http_status = 503
@@ -72,7 +73,7 @@ def _error_payload(exc: BaseException) -> dict[str, Any]:
         return {"kind": "twin", "cls": type(exc).__name__, "message": exc.message, "code": exc.code,
                 "http_status": exc.http_status, "details": exc.details, "headers": exc.headers}
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError outside generate()'s own handler
-        return {"kind": "twin", "cls": "OutOfMemory", "message": "out of GPU memory in the generation process",
+        return {"kind": "twin", "cls": "OutOfMemory", "message": "out of GPU memory in the generator process",
                 "code": "out_of_memory", "http_status": 503, "details": {}, "headers": {}}
     return {"kind": "bug", "cls": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
 
@@ -80,7 +81,7 @@ def _error_payload(exc: BaseException) -> dict[str, Any]:
 def _rebuild_error(p: dict[str, Any]) -> BaseException:
     """Same class (when it is one of utils.errors' or this module's), code, message and HTTP status."""
     if p["kind"] == "twin":
-        cls = getattr(errors, p["cls"], None) or (WorkerCrashed if p["cls"] == "WorkerCrashed" else None)
+        cls = getattr(errors, p["cls"], None) or (GeneratorCrashed if p["cls"] == "GeneratorCrashed" else None)
         if not (isinstance(cls, type) and issubclass(cls, errors.TwinError)):
             cls = errors.TwinError
         exc = cls.__new__(cls)
@@ -88,124 +89,130 @@ def _rebuild_error(p: dict[str, Any]) -> BaseException:
         errors.TwinError.__init__(exc, p["message"], code=p["code"], http_status=p["http_status"],
                                   details=p.get("details") or None, headers=p.get("headers") or None)
         return exc
-    # Not a TwinError: a bug. Its text goes to the log via the worker's traceback, never to the client.
-    return RuntimeError(f"{p['cls']} in the generation process: {p['message']}\n{p.get('traceback', '')}")
+    # Not a TwinError: a bug. Its text goes to the log via the job thread's traceback, never to the client.
+    return RuntimeError(f"{p['cls']} in the generator process: {p['message']}\n{p.get('traceback', '')}")
 
 
 # --- the child -------------------------------------------------------------------------------------
 
-def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | None) -> None:
+def _leave(code: int = 0) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(PARENT_WATCH_S)
+        if os.getppid() != parent_pid:
+            _leave(0)
+
+
+class _ChildServer:
+    """The child's side of the pipe: generate() in the calling (main) thread, the short calls in a call
+    thread, cancels and shutdown from the reader thread."""
+
+    CALLS = ("build_identity", "validate", "info", "models_catalogue", "load_model")
+
+    def __init__(self, gen, conn) -> None:
+        self.gen, self.conn = gen, conn
+        self.send_lock = threading.Lock()
+        self.gen_q: queue.Queue = queue.Queue()
+        self.call_q: queue.Queue = queue.Queue()
+        self.cancels: dict[int, threading.Event] = {}
+
+    def send(self, msg) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.send_lock:
+            self.conn.send_bytes(data)
+
+    def gen_loop(self) -> None:
+        from utils.logging import log_context
+        while True:
+            msg = self.gen_q.get()
+            if msg is None:
+                return
+            _, rid, req, job_id = msg
+            ev = self.cancels[rid]
+            try:
+                with log_context(job_id=job_id):
+                    res = self.gen.generate(
+                        req, on_progress=lambda s, t, preview=None: self.send(("progress", rid, s, t, preview)),
+                        should_cancel=ev.is_set)
+                self.send(("ok", rid, res))
+            except BaseException as e:  # noqa: BLE001
+                self.send(("err", rid, _error_payload(e)))
+            finally:
+                self.cancels.pop(rid, None)
+
+    def run_call(self, rid, method, args, kwargs) -> None:
+        try:
+            self.send(("ok", rid, getattr(self.gen, method)(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001
+            self.send(("err", rid, _error_payload(e)))
+
+    def call_loop(self) -> None:
+        while True:
+            _, rid, method, args, kwargs = self.call_q.get()
+            if method not in self.CALLS:
+                self.send(("err", rid, _error_payload(errors.InvalidRequest(
+                    f"method={method!r} is not served by the generator process"))))
+            elif method == "load_model":
+                # A real SDXL load takes a minute: in its own thread, so uploads (build_identity) and
+                # validate calls are not queued behind it.
+                threading.Thread(target=self.run_call, args=(rid, method, args, kwargs), name="twin-child-load",
+                                 daemon=True).start()
+            else:
+                self.run_call(rid, method, args, kwargs)
+
+    def read_loop(self) -> None:
+        while True:
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                _leave(0)  # the parent is gone (or closed us): nothing to hand a result to
+            tag = msg[0]
+            if tag == "generate":
+                self.cancels[msg[1]] = threading.Event()
+                self.gen_q.put(msg)
+            elif tag == "call":
+                self.call_q.put(msg)
+            elif tag == "cancel":
+                ev = self.cancels.get(msg[1])
+                if ev is not None:
+                    ev.set()
+            elif tag == "shutdown":
+                logging.getLogger("twin.generator_child").info("generator process leaving on request")
+                self.gen_q.put(None)
+                return
+
+
+def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | None, engine_class) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from utils.logging import configure_logging, log_context
+    from utils.logging import configure_logging
     configure_logging(settings.log_level)
-    clog = logging.getLogger("twin.generator_child")
-    send_lock = threading.Lock()
-
-    def send(msg) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        with send_lock:
-            conn.send_bytes(data)
-
-    def leave(code: int = 0) -> None:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-    def watch_parent() -> None:
-        while True:
-            time.sleep(PARENT_WATCH_S)
-            if os.getppid() != parent_pid:
-                leave(0)
-
-    threading.Thread(target=watch_parent, name="twin-parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="twin-parent-watch", daemon=True).start()
     if settings.generator_nice:
         os.nice(settings.generator_nice)  # the web process first when both want the CPU
     if torch_threads:
         import torch
         torch.set_num_threads(torch_threads)
-
-    from utils.services import engine_class  # the one place that names the engine
-    gen = engine_class()(settings)
+    server = _ChildServer(engine_class(settings), conn)
     try:
-        gen.setup()
+        server.gen.setup()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which reports it on /health
-        send(("setup_failed", _error_payload(gen.error or e)))
-        leave(0)
-    send(("ready", gen.info()))
-
-    gen_q: queue.Queue = queue.Queue()
-    call_q: queue.Queue = queue.Queue()
-    cancels: dict[int, threading.Event] = {}
-
-    def gen_loop() -> None:
-        while True:
-            msg = gen_q.get()
-            if msg is None:
-                return
-            _, rid, req, job_id = msg
-            ev = cancels[rid]
-            try:
-                with log_context(job_id=job_id):
-                    res = gen.generate(req, on_progress=lambda s, t, preview=None: send(("progress", rid, s, t, preview)),
-                                       should_cancel=ev.is_set)
-                send(("ok", rid, res))
-            except BaseException as e:  # noqa: BLE001
-                send(("err", rid, _error_payload(e)))
-            finally:
-                cancels.pop(rid, None)
-
-    def run_call(rid, method, args, kwargs) -> None:
-        try:
-            send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
-        except BaseException as e:  # noqa: BLE001
-            send(("err", rid, _error_payload(e)))
-
-    def call_loop() -> None:
-        while True:
-            _, rid, method, args, kwargs = call_q.get()
-            try:
-                if method not in ("build_identity", "validate", "info", "models_catalogue", "load_model"):
-                    raise errors.InvalidRequest(f"method={method!r} is not served by the generation process")
-                if method == "load_model":
-                    # A real SDXL load takes a minute: in its own thread, so uploads (build_identity) and
-                    # validate calls are not queued behind it.
-                    threading.Thread(target=run_call, args=(rid, method, args, kwargs), name="twin-child-load",
-                                     daemon=True).start()
-                    continue
-                send(("ok", rid, getattr(gen, method)(*args, **kwargs)))
-            except BaseException as e:  # noqa: BLE001
-                send(("err", rid, _error_payload(e)))
-
-    def read_loop() -> None:
-        while True:
-            try:
-                msg = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                leave(0)  # the parent is gone (or closed us): nothing to hand a result to
-            tag = msg[0]
-            if tag == "generate":
-                cancels[msg[1]] = threading.Event()
-                gen_q.put(msg)
-            elif tag == "call":
-                call_q.put(msg)
-            elif tag == "cancel":
-                ev = cancels.get(msg[1])
-                if ev is not None:
-                    ev.set()
-            elif tag == "shutdown":
-                clog.info("generation process leaving on request")
-                gen_q.put(None)
-                return
-
-    threading.Thread(target=read_loop, name="twin-child-reader", daemon=True).start()
-    threading.Thread(target=call_loop, name="twin-child-calls", daemon=True).start()
+        server.send(("setup_failed", _error_payload(server.gen.error or e)))
+        _leave(0)
+    server.send(("ready", server.gen.info()))
+    threading.Thread(target=server.read_loop, name="twin-child-reader", daemon=True).start()
+    threading.Thread(target=server.call_loop, name="twin-child-calls", daemon=True).start()
     # generate() in the main thread: measured ~4% faster than in another thread (tiny profile, CPU).
     # After "shutdown" it returns normally (not os._exit), so multiprocessing's finalizers release what
     # libraries registered (tqdm's semaphore) and the resource tracker has nothing to warn about.
-    gen_loop()
+    server.gen_loop()
     sys.stdout.flush()
 
 
@@ -221,7 +228,8 @@ class _Child:
         if "torch" in sys.modules:  # the child computes with the parent's thread count (same numbers)
             threads = sys.modules["torch"].get_num_threads()
         self.proc = ctx.Process(target=_child_main, name="twin-generator",
-                                args=(owner.settings, child_conn, os.getpid(), threads), daemon=True)
+                                args=(owner.settings, child_conn, os.getpid(), threads, owner.engine_class),
+                                daemon=True)
         self.proc.start()
         child_conn.close()  # only the child holds its end: its death gives us EOF
         self.conn = parent_conn
@@ -246,7 +254,7 @@ class _Child:
             except (EOFError, OSError):
                 break
             except Exception:  # noqa: BLE001 - an unreadable reply is a bug; keep routing the others
-                log.error("unreadable message from the generation process", extra={"traceback": traceback.format_exc()})
+                log.error("unreadable message from the generator process", extra={"traceback": traceback.format_exc()})
                 continue
             tag = msg[0]
             if tag in ("ready", "setup_failed"):
@@ -297,10 +305,13 @@ class _Child:
 
 
 class GeneratorProcess:
-    """``DigitalTwinGenerator``'s contract, served by a child process (see the module doc)."""
+    """The engine's contract, served by a child process (see the module doc). ``engine_class``: the
+    engine the child builds (``engine_class(settings)``); a class pickles by reference, so the spawned
+    child imports it by name, and this module never names the engine itself."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, engine_class: Callable[[Settings], Any]) -> None:
         self.settings = settings or Settings.from_env()
+        self.engine_class = engine_class
         self.state = "starting"
         self.error: errors.TwinError | None = None
         self.restarts = 0
@@ -330,7 +341,7 @@ class GeneratorProcess:
 
     def _start_locked(self) -> None:
         if self._closed:
-            raise errors.ServiceNotReady("the generation process was shut down")
+            raise errors.ServiceNotReady("the generator process was shut down")
         t0 = time.perf_counter()
         child = _Child(self)
         self._child = child
@@ -340,7 +351,7 @@ class GeneratorProcess:
             self._replay_model(child)   # before "ready": no job may run on the default model meanwhile
             self.error, self.state = None, "ready"
             self._settled.set()
-            log.info("generation process ready", extra={"pid": child.proc.pid, "restarts": self.restarts,
+            log.info("generator process ready", extra={"pid": child.proc.pid, "restarts": self.restarts,
                                                         "seconds": round(time.perf_counter() - t0, 2)})
             return
         if reply[0] == "setup_failed":
@@ -349,7 +360,7 @@ class GeneratorProcess:
                 self.error = errors.TwinError(f"model set-up failed: {reply[1]['cls']}: {reply[1]['message']}",
                                               code="setup_failed", http_status=503)
         else:
-            self.error = WorkerCrashed(f"the generation process (pid {child.proc.pid}) died during set-up "
+            self.error = GeneratorCrashed(f"the generator process (pid {child.proc.pid}) died during set-up "
                                        f"(exit code {_exitcode(child)})", code="setup_failed")
         self.state = "setup_failed"
         self._settled.set()
@@ -373,13 +384,13 @@ class GeneratorProcess:
             out = self._wait(child, rid, q)
         except BaseException as e:  # noqa: BLE001 - the child still serves its default model
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-            self.model_error = (f"the restarted generation process could not load base model {want!r} again, "
+            self.model_error = (f"the restarted generator process could not load base model {want!r} again, "
                                 f"so it serves {self._info.get('model_name')!r}: {msg}")
-            log.error("restarted generation process is back on the default base model",
+            log.error("restarted generator process is back on the default base model",
                       extra={"wanted_model": want, "error": msg})
             return
         self._info["model_name"] = self._info["active_model"] = out["model"]
-        log.info("restarted generation process reloaded its base model", extra={"model": want})
+        log.info("restarted generator process reloaded its base model", extra={"model": want})
 
     def _child_died(self, child: _Child) -> None:
         """Reader thread, on EOF: restart in the background unless this was a deliberate close."""
@@ -388,7 +399,7 @@ class GeneratorProcess:
         self._settled.clear()
         self.state = "restarting"
         self.restarts += 1
-        log.error("generation process died; restarting it",
+        log.error("generator process died; restarting it",
                   extra={"pid": child.proc.pid, "exit_code": _exitcode(child), "restarts": self.restarts})
         threading.Thread(target=self._restart, args=(child,), name="twin-genproc-restart", daemon=True).start()
 
@@ -404,7 +415,7 @@ class GeneratorProcess:
             try:
                 self._start_locked()
             except BaseException as e:  # noqa: BLE001 - e.g. spawn failed: report it, release the waiters
-                self.error = WorkerCrashed(f"restarting the generation process failed: {type(e).__name__}: {e}",
+                self.error = GeneratorCrashed(f"restarting the generator process failed: {type(e).__name__}: {e}",
                                            code="setup_failed")
                 self.state = "setup_failed"
                 self._settled.set()
@@ -483,7 +494,7 @@ class GeneratorProcess:
                     return msg[2]
                 if msg[0] == "err":
                     raise _rebuild_error(msg[2])
-                raise WorkerCrashed(f"the generation process (pid {child.proc.pid}) died during the call "
+                raise GeneratorCrashed(f"the generator process (pid {child.proc.pid}) died during the call "
                                     f"(exit code {_exitcode(child)}); it is being restarted")
         finally:
             child.unregister(rid)

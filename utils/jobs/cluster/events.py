@@ -1,9 +1,9 @@
-"""Job events in cluster mode: ``EventLog``'s calls on Redis streams, so any API node serves
-``GET /events`` for any job, whichever worker runs it.
+"""Job events in cluster mode: the ``EventLog`` contract (``utils.contracts``) on Redis streams, so any
+API node serves ``GET /events`` for any job, whichever GPU worker runs it.
 
 One stream per job (``<prefix>events:<job_id>``) with explicit ids ``0-1``, ``0-2``, … so the SSE ``id:``
 stays the dense per-job counter of local mode. A Lua script numbers and appends in one step: the API
-node (queued, canceled) and the worker (running, progress, previews, outputs, done) both publish, and
+node (queued, canceled) and the GPU worker (running, progress, previews, outputs, done) both publish, and
 their events must not interleave out of order. Streams expire ``keep_seconds`` after ``done`` (a day
 after their last event otherwise, so an abandoned job's stream cannot linger). The latest preview JPEG
 of a running job is one key beside its stream.
@@ -29,6 +29,8 @@ _LIVE_TTL = 24 * 3600
 
 
 class RedisEventLog:
+    """The ``EventLog`` contract on Redis streams (see the module doc)."""
+
     def __init__(self, connection, *, prefix: str, max_events_per_job: int = 2000, keep_seconds: float = 600.0) -> None:
         self.r = connection
         self.prefix = prefix

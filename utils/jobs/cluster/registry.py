@@ -1,4 +1,4 @@
-"""Cluster mode's base-model registry: which GPU worker holds which model, routing, and the switch command.
+"""Cluster mode's base-model registry: which GPU worker holds which model, and the switch command.
 
 Each GPU worker publishes its state in its info hash ``twin:workerinfo:<name>`` (host and device as before,
 plus ``model``, ``family``, ``catalogue`` and ``loras`` as JSON, ``state`` = idle | loading | failed,
@@ -7,39 +7,32 @@ result of the last switch command, JSON) and ``seen``). A refresher thread in th
 and the key's short TTL (``live_ttl``), so a worker that died drops out of the registry within seconds,
 even while RQ still lists it (RQ's worker key lives minutes).
 
-Routing: a job whose request names ``model`` is enqueued on ``model_queue_name(model)`` (a safe RQ queue
-name derived from the validated name: a slug plus a hash, so no two names share a queue); a worker
-listens on its active model's queue first, then the shared ``twin`` queue. Retries and re-enqueues keep
-the job's queue (RQ re-queues to the job's origin; ``enqueue`` picks the queue from the record).
+Routing (a pinned job waits on its model's queue; a GPU worker listens there first) is ``routing.py``.
 
 Switch command: ``send_load`` RPUSHes ``{"id", "model"}`` onto the list ``twin:modelcmd:<worker>``; the
-worker's control thread BLPOPs it (a list, not pub/sub: a command sent while the worker is busy or its
-connection blinks waits there), loads the model beside its current one, switches between jobs, moves
-its queues, and writes the result into its info hash, where ``wait_load`` reads it.
+GPU worker's control thread (``ModelControl``) BLPOPs it (a list, not pub/sub: a command sent while the
+worker is busy or its connection blinks waits there), loads the model beside its current one, switches
+between jobs, moves its queues, and writes the result into its info hash, where ``wait_load`` reads it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
+import logging
+import threading
 import time
+import traceback
 import uuid
 from typing import Any
 
 from utils import errors
+from utils.jobs.cluster.connection import as_text
 
-QUEUE_NAME = "twin"
+log = logging.getLogger("twin.worker")
+
 WORKER_INFO = "twin:workerinfo:"   # + RQ worker name
 COMMANDS = "twin:modelcmd:"        # + RQ worker name: list of JSON commands
 WORKER_NAMES = "twin:workernames"  # set of worker names that published an info hash (pruned when it expires)
-MODEL_QUEUES = "twin:modelqueues"  # hash: RQ queue name -> model name (for maintenance: retries, strands)
 COMMAND_TTL_S = 3600
-
-
-def model_queue_name(model: str) -> str:
-    """The RQ queue of jobs pinned to ``model``: readable, Redis-safe, and distinct per name."""
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", model)[:64]
-    return f"{QUEUE_NAME}:model:{slug}:{hashlib.sha1(model.encode()).hexdigest()[:8]}"
 
 
 def live_ttl(settings) -> int:
@@ -47,15 +40,11 @@ def live_ttl(settings) -> int:
     return max(3, int(round(settings.worker_heartbeat_seconds * 4)))
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def read_info(conn, name: str) -> dict[str, Any] | None:
     raw = conn.hgetall(WORKER_INFO + name)
     if not raw:
         return None
-    info: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+    info: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
     for key in ("catalogue", "loras", "cmd"):
         try:
             info[key] = json.loads(info[key]) if info.get(key) else None
@@ -69,7 +58,7 @@ def read_info(conn, name: str) -> dict[str, Any] | None:
 def live_workers(conn) -> dict[str, dict]:
     """name -> info of every worker whose info hash is still refreshed (sorted by name)."""
     # A set of names rather than SCAN: a SCAN walks every job record of the keyspace.
-    names = sorted(_text(n) for n in conn.smembers(WORKER_NAMES))
+    names = sorted(as_text(n) for n in conn.smembers(WORKER_NAMES))
     out = {}
     for name in names:
         info = read_info(conn, name)
@@ -191,3 +180,121 @@ def wait_load(conn, cmd_id: str, targets: list[str], timeout_s: float, poll_s: f
             break
         time.sleep(poll_s)
     return [answers[n] for n in targets]
+
+
+class ModelControl:
+    """A GPU worker's entry in the cluster's model registry (this module): publishes its info hash and
+    keeps it alive (refresher thread), and runs switch commands from ``twin:modelcmd:<name>`` (control thread).
+    The load runs beside the serving model; the generator swaps between jobs; then the queues move."""
+
+    def __init__(self, worker, generator, name: str, base: dict[str, str]) -> None:
+        # worker: the TwinWorker (its connection, its runtime's settings, listen_for after a switch).
+        self.worker, self.gen, self.name = worker, generator, name
+        self.conn = worker.connection
+        self.ttl = live_ttl(worker.runtime.settings)
+        self.key = WORKER_INFO + name
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        try:
+            self.publish(**base, **self._model_fields(), state="idle", target="", error="")
+        except Exception:  # noqa: BLE001 - Redis away at start: the refresher publishes once it is back
+            pass
+        self.base = base
+
+    def _model_fields(self) -> dict[str, str]:
+        cat = getattr(self.gen, "models_catalogue", None)
+        if not callable(cat):
+            return {"model": "", "family": "", "catalogue": "[]", "loras": "[]"}
+        c = cat()
+        models = getattr(self.gen, "models", None)
+        family = getattr(models, "identity_model", None) or _safe_info(self.gen).get("profile") or ""
+        return {"model": c.get("active") or "", "family": str(family),
+                "catalogue": json.dumps([{k: m.get(k) for k in ("name", "kind", "file")} for m in c["models"]]),
+                "loras": json.dumps(list(c.get("loras", [])))}
+
+    @property
+    def active(self) -> str | None:
+        cat = getattr(self.gen, "models_catalogue", None)
+        return (cat().get("active") or None) if callable(cat) else None
+
+    def publish(self, **fields) -> None:
+        with self.conn.pipeline() as p:
+            p.hset(self.key, mapping={**fields, "seen": repr(time.time())})
+            p.expire(self.key, self.ttl)
+            p.sadd(WORKER_NAMES, self.name)
+            p.execute()
+
+    def start(self) -> None:
+        for target, label in ((self._refresh_loop, "twin-model-info"), (self._command_loop, "twin-model-control")):
+            t = threading.Thread(target=target, name=label, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(3)
+        try:
+            with self.conn.pipeline() as p:
+                p.delete(self.key)
+                p.srem(WORKER_NAMES, self.name)
+                p.execute()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                # The whole hash again when it expired (e.g. Redis restarted without it).
+                if self.conn.exists(self.key):
+                    self.publish()
+                else:
+                    self.publish(**self.base, **self._model_fields(), state="idle", target="", error="")
+            except Exception:  # noqa: BLE001 - Redis away for a moment: the next round tries again
+                pass
+
+    def _command_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                got = self.conn.blpop([COMMANDS + self.name], timeout=1)
+            except Exception:  # noqa: BLE001 - Redis away: wait, then read the list again (nothing is lost)
+                self._stop.wait(1.0)
+                continue
+            if got is None:
+                continue
+            try:
+                cmd = json.loads(got[1])
+                self.run(str(cmd["id"]), str(cmd["model"]))
+            except Exception:  # noqa: BLE001 - a bad command must not end the control thread
+                log.error("model command failed", extra={"traceback": traceback.format_exc()})
+
+    def run(self, cmd_id: str, model: str) -> None:
+        before = self.active
+        load = getattr(self.gen, "load_model", None)
+        self.publish(state="loading", target=model)
+        t0 = time.perf_counter()
+        try:
+            if not callable(load):
+                raise errors.InvalidRequest("this GPU worker's generator has no model registry",
+                                            code="not_supported", http_status=501)
+            out = load(model)
+        except errors.TwinError as e:
+            # The old model keeps serving, on its queues; the answer names the file.
+            log.warning("base model load failed", extra={"model": model, "error_code": e.code})
+            result = {"id": cmd_id, "model": before, "ok": False, "error": {"code": e.code, "message": e.message}}
+            self.publish(state="failed", target="", error=e.message, cmd=json.dumps(result))
+            return
+        self.worker.listen_for(out["model"])
+        result = {"id": cmd_id, "model": out["model"], "previous": out.get("previous", before), "ok": True,
+                  "switched": bool(out.get("switched", True)), "swap_s": round(time.perf_counter() - t0, 3),
+                  "load_s": out.get("load_s"), "swap_wait_s": out.get("swap_wait_s")}
+        self.publish(**self._model_fields(), state="idle", target="", error="", cmd=json.dumps(result))
+        log.info("base model switched", extra={"model": out["model"], "previous": result["previous"],
+                                               "seconds": result["swap_s"]})
+
+
+def _safe_info(gen) -> dict:
+    try:
+        return dict(gen.info())
+    except Exception:  # noqa: BLE001
+        return {}

@@ -1,0 +1,167 @@
+"""Both job backends satisfy the contracts of utils/contracts.py: every member exists (runtime_checkable
+isinstance) and every method accepts what the protocol declares (inspect.signature), so the Runtime can
+call either backend the same way. Redis-backed objects are only built here (no command is sent), so no
+redis-server is needed."""
+from __future__ import annotations
+
+import inspect
+import threading
+
+import pytest
+
+from utils import contracts
+from utils.config import Settings
+
+REDIS_URL = "redis://127.0.0.1:1/0"   # never contacted: constructors send no command
+
+
+def _sqlite_store(tmp_path):
+    from utils.jobs.local.store import SqliteJobStore
+    return SqliteJobStore(tmp_path / "jobs.db")
+
+
+def _redis_store(tmp_path):
+    from utils.jobs.cluster.store import RedisJobStore
+    return RedisJobStore(REDIS_URL)
+
+
+def _job_threads(tmp_path):
+    from utils.jobs.local.threads import JobThreads
+    return JobThreads(_sqlite_store(tmp_path), lambda *a: None, ready=threading.Event())
+
+
+def _rq_queue(tmp_path):
+    from utils.jobs.cluster.queue import RqJobQueue
+    return RqJobQueue(_redis_store(tmp_path), Settings(data_dir=tmp_path, queue_url=REDIS_URL))
+
+
+def _memory_events(tmp_path):
+    from utils.jobs.events import MemoryEventLog
+    return MemoryEventLog()
+
+
+def _redis_events(tmp_path):
+    from utils.jobs.cluster.events import RedisEventLog
+    store = _redis_store(tmp_path)
+    return RedisEventLog(store.redis, prefix=store.prefix)
+
+
+def _sqlite_idempotency(tmp_path):
+    from utils.jobs.local.idempotency import SqliteIdempotencyStore
+    return SqliteIdempotencyStore(tmp_path / "jobs.db", hours=1)
+
+
+def _redis_idempotency(tmp_path):
+    from utils.jobs.cluster.idempotency import RedisIdempotencyStore
+    return RedisIdempotencyStore(_redis_store(tmp_path).redis, hours=1)
+
+
+# (protocol, implementation factory, the optional capabilities it has, those it must not claim)
+CASES = [
+    (contracts.JobStore, _sqlite_store, [], [contracts.Reachable]),
+    (contracts.JobStore, _redis_store, [contracts.Reachable], []),
+    (contracts.JobQueue, _job_threads, [],
+     [contracts.ClusterStatus, contracts.ClusterSingleton, contracts.ModelRouting]),
+    (contracts.JobQueue, _rq_queue, [contracts.ClusterStatus, contracts.ClusterSingleton, contracts.ModelRouting], []),
+    (contracts.EventLog, _memory_events, [], []),
+    (contracts.EventLog, _redis_events, [], []),
+    (contracts.IdempotencyStore, _sqlite_idempotency, [], []),
+    (contracts.IdempotencyStore, _redis_idempotency, [], []),
+]
+IDS = [f"{proto.__name__}-{make.__name__.lstrip('_')}" for proto, make, _, _ in CASES]
+
+
+def protocol_methods(proto) -> dict[str, inspect.Signature]:
+    """The protocol's methods (not its properties or data members) and their declared signatures."""
+    out = {}
+    for name in sorted(getattr(proto, "__protocol_attrs__", None) or proto.__dict__):
+        member = inspect.getattr_static(proto, name, None)
+        if inspect.isfunction(member) and not name.startswith("_"):
+            out[name] = inspect.signature(member)
+    return out
+
+
+def incompatibilities(declared: inspect.Signature, impl) -> list[str]:
+    """How a bound method ``impl`` fails to accept every call the protocol's signature allows."""
+    want = [p for p in declared.parameters.values() if p.name != "self"]
+    have = inspect.signature(impl).parameters
+    problems = []
+    positional = [p for p in have.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, p in enumerate(want):
+        q = have.get(p.name)
+        if q is None:
+            problems.append(f"no parameter {p.name!r}")
+            continue
+        if p.kind == p.POSITIONAL_OR_KEYWORD and (i >= len(positional) or positional[i].name != p.name):
+            problems.append(f"{p.name!r} is not positional parameter {i + 1}")
+        if p.kind == p.KEYWORD_ONLY and q.kind not in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD):
+            problems.append(f"{p.name!r} cannot be passed by keyword")
+        if p.default is not p.empty and q.default is p.empty:
+            problems.append(f"{p.name!r} is optional in the contract but required here")
+    for q in have.values():  # anything beyond the contract must be optional
+        if q.name not in {p.name for p in want} and q.default is q.empty and q.kind not in (q.VAR_POSITIONAL,
+                                                                                            q.VAR_KEYWORD):
+            problems.append(f"extra required parameter {q.name!r}")
+    return problems
+
+
+@pytest.mark.parametrize("proto, make, has, lacks", CASES, ids=IDS)
+def test_implementation_satisfies_its_protocol(proto, make, has, lacks, tmp_path):
+    impl = make(tmp_path)
+    try:
+        assert isinstance(impl, proto)
+        methods = protocol_methods(proto)
+        assert methods, f"{proto.__name__} declares no method: the check would pass vacuously"
+        for cap in has:
+            assert isinstance(impl, cap), f"{type(impl).__name__} lacks {cap.__name__}"
+            methods.update(protocol_methods(cap))
+        for cap in lacks:
+            assert not isinstance(impl, cap), f"{type(impl).__name__} claims {cap.__name__}"
+        bad = {name: p for name, sig in methods.items() if (p := incompatibilities(sig, getattr(impl, name)))}
+        assert bad == {}, f"{type(impl).__name__}: {bad}"
+    finally:
+        close = getattr(impl, "close", None)
+        if callable(close):
+            close()
+
+
+@pytest.mark.parametrize("proto", [contracts.JobStore, contracts.JobQueue, contracts.EventLog,
+                                   contracts.IdempotencyStore, contracts.Reachable, contracts.ClusterStatus,
+                                   contracts.ClusterSingleton, contracts.ModelRouting])
+def test_a_protocol_refuses_an_object_without_its_members(proto):
+    assert not isinstance(object(), proto)
+
+
+@pytest.mark.parametrize("declared, impl, problem", [
+    (lambda self, a, b=1: None, lambda a, b=1, c=2: None, None),                    # extra optional: fine
+    (lambda self, a, *, k=None: None, lambda a, k=None: None, None),                # keyword-only -> either
+    (lambda self, a: None, lambda b: None, "no parameter 'a'"),
+    (lambda self, a, b=1: None, lambda a, b: None, "'b' is optional in the contract but required here"),
+    (lambda self, a: None, lambda a, extra: None, "extra required parameter 'extra'"),
+    (lambda self, a, b: None, lambda b, a: None, "'a' is not positional parameter 1"),
+])
+def test_the_signature_check_itself(declared, impl, problem):
+    """Guards the check above against passing everything."""
+    found = incompatibilities(inspect.signature(declared), impl)
+    if problem is None:
+        assert found == []
+    else:
+        assert problem in found, found
+
+
+BACKEND_PROTOCOLS = [contracts.JobStore, contracts.JobQueue, contracts.EventLog, contracts.IdempotencyStore]
+
+
+def test_test_doubles_of_a_job_backend_satisfy_its_protocol():
+    """A class in tests/fakes.py with half or more of a backend protocol's methods stands in for that
+    backend and must have all of them (then it belongs in CASES too). Today the doubles there are of the
+    engine and the face service only, so none qualifies."""
+    import tests.fakes as fakes
+    classes = [c for c in vars(fakes).values() if inspect.isclass(c) and c.__module__ == fakes.__name__]
+    assert any(c.__name__ == "FakeGenerator" for c in classes)  # the module was read
+    for cls in classes:
+        for proto in BACKEND_PROTOCOLS:
+            names = set(protocol_methods(proto))
+            if len(names & set(dir(cls))) * 2 >= len(names):
+                assert names <= set(dir(cls)), f"{cls.__name__} stands in for {proto.__name__} but lacks " \
+                                               f"{sorted(names - set(dir(cls)))}"
