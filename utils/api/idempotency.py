@@ -263,3 +263,25 @@ class RedisIdempotencyStore:
     @_redis_guard
     def count(self) -> int:
         return sum(1 for _ in self.redis.scan_iter(match=f"{self.prefix}idem:*", count=500))
+
+
+def idempotent(endpoint: str, owner: str | None, fp_parts: tuple, answer):
+    """Run ``answer() -> (status, body, headers, session_id)`` once per Idempotency-Key: with a key from a
+    known caller the first answer is kept and given again for the same request (``Idempotent-Replayed``)."""
+    from flask import current_app, request
+    idem = current_app.extensions["twin_idempotency"]
+    key = parse_key(request.headers.get(HEADER))
+    if key is None or owner is None:
+        status, body, headers, _ = answer()
+        return status, body, headers
+    replay = idem.begin(owner, endpoint, key, fingerprint(*fp_parts))
+    if replay is not None:
+        status, body, headers = replay
+        return status, body, {**headers, "Idempotent-Replayed": "true"}
+    try:
+        status, body, headers, session_id = answer()
+    except BaseException:
+        idem.abandon(owner, endpoint, key)
+        raise
+    idem.complete(owner, endpoint, key, status, body, headers, session_id)
+    return status, body, headers

@@ -38,7 +38,7 @@ def _nullable(schema: dict) -> dict:
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
-    from utils.services import request_fields
+    from utils.service.wiring import request_fields
     s = settings
     id_param = {"type": "string", "pattern": ID_RE.pattern}
     idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -338,5 +338,5 @@ def build_spec(settings: Settings) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from utils.services import VERSION
+    from utils.version import VERSION
     return VERSION

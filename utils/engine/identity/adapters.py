@@ -24,87 +24,21 @@ an embedding; never logged.
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from model_loader import ADAPTER_FILES, LoadedModels, tiny_adapter_weight
-from utils.errors import Conflict, InvalidRequest
+from utils.choices import ARCFACE_VARIANTS, IDENTITY_VARIANTS
+from utils.engine.identity.session import SessionIdentity, combine_embeds
+from utils.errors import Conflict, InvalidRequest, ModelWeightsMissing
 
-FORMAT = "twin-identity-1"
-VARIANTS = ("plus-face", "plain", "faceid", "faceid-plusv2", "instantid")
-ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")
+if TYPE_CHECKING:
+    from utils.models.load import LoadedModels
+
 # FaceID Plus v2: weight of the CLIP-structure branch added to the ArcFace tokens (the model card's s_scale).
 FACEID_PLUSV2_SHORTCUT_SCALE = 1.0
-COMBINES = ("average", "stack")
 FACEID_DIM = 512
-
-
-@dataclass
-class SessionIdentity:
-    embeds: Any                 # torch.Tensor [2, K, ...] float32 on CPU (negative; positive)
-    variant: str
-    model_name: str
-    combine: str
-    num_selfies: int
-    face_model: str | None = None
-    created: float = field(default_factory=time.time)
-    extras: dict[str, Any] = field(default_factory=dict)   # clip_embeds, keypoints, keypoint_index (CPU tensors)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.embeds.shape)
-
-    def metadata(self) -> dict[str, str]:
-        return {"format": FORMAT, "variant": self.variant, "model_name": self.model_name, "combine": self.combine,
-                "num_selfies": str(self.num_selfies), "face_model": self.face_model or "",
-                "created": f"{self.created:.3f}", "shape": "x".join(map(str, self.shape))}
-
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tensors = {"ip_adapter_image_embeds": self.embeds.detach().float().cpu().contiguous()}
-        for k, v in self.extras.items():
-            tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
-        save_file(tensors, str(tmp), metadata=self.metadata())
-        tmp.replace(path)  # atomic: a job never reads a half-written identity
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SessionIdentity":
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidRequest(f"identity file {path.name!r} does not exist", code="identity_missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                embeds = f.get_tensor("ip_adapter_image_embeds")
-                extras = {k[len("extra."):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
-        except Exception as e:
-            raise InvalidRequest(f"identity file {path.name!r} is unreadable ({type(e).__name__})",
-                                 code="identity_invalid") from None
-        if meta.get("format") != FORMAT or meta.get("variant") not in VARIANTS:
-            raise InvalidRequest(f"identity file {path.name!r} has format {meta.get('format')!r}, "
-                                 f"variant {meta.get('variant')!r}; expected {FORMAT}", code="identity_invalid")
-        return cls(embeds=embeds, variant=meta["variant"], model_name=meta.get("model_name", ""),
-                   combine=meta.get("combine", "average"), num_selfies=int(meta.get("num_selfies", "0")),
-                   face_model=meta.get("face_model") or None, created=float(meta.get("created", "0")),
-                   extras=extras)
-
-
-def combine_embeds(per_image, combine: str):
-    """[2, N, ...] per-selfie embeddings -> identity tensor. average: [2, 1, ...]; stack: [2, N, ...]."""
-    if combine not in COMBINES:
-        raise InvalidRequest(f"identity_combine={combine!r} is not one of {', '.join(COMBINES)}")
-    if combine == "average":
-        return per_image.mean(dim=1, keepdim=True)
-    return per_image
 
 
 class AdapterManager:
@@ -119,17 +53,18 @@ class AdapterManager:
         self.faceid_adapters: list[str] = []
 
     def load(self, variant: str) -> None:
-        if variant not in VARIANTS:
-            raise InvalidRequest(f"ip_adapter_variant={variant!r} is not one of {', '.join(VARIANTS)}")
+        if variant not in IDENTITY_VARIANTS:
+            raise InvalidRequest(f"ip_adapter_variant={variant!r} is not one of {', '.join(IDENTITY_VARIANTS)}")
         pipe = self.models.pipe
         if self.variant is not None:
             pipe.unload_ip_adapter()
+        from utils.models.download import download_flag
+        from utils.models.layout import ADAPTER_FILES, ENCODER_SUB, tiny_adapter_weight
+        from utils.models.load import quiet_libraries
         repo, sub, weight, encoder = ADAPTER_FILES[variant]
         if self.models.profile == "tiny":
             weight = tiny_adapter_weight(variant)
         root = self.models.adapter_repo
-        from model_loader import ENCODER_SUB, download_flag, quiet_libraries
-        from utils.errors import ModelWeightsMissing
         if root is None or not (Path(root) / sub / weight).is_file():
             raise ModelWeightsMissing(f"IP-Adapter weight {weight!r} for variant {variant!r} not found in {root}; "
                                       f"run: python model_loader.py download" + download_flag(variant))
@@ -183,7 +118,7 @@ class AdapterManager:
                          face_model: str | None, embedding_norms: Sequence[Any] | None = None):
         """[2, N, ...] float32 CPU tensor: negative and positive half per selfie."""
         import torch
-        if self.variant in ("faceid", "faceid-plusv2", "instantid"):
+        if self.variant in ARCFACE_VARIANTS:
             raw = self.variant == "instantid"   # InstantID was trained on the raw vectors, FaceID on unit ones
             if raw and embedding_norms is None:
                 raise InvalidRequest("the instantid adapter needs raw ArcFace embeddings (embedding_norms); none "
@@ -221,7 +156,7 @@ class AdapterManager:
         if self.variant == "faceid-plusv2":
             extras["clip_embeds"] = combine_embeds(self.clip_embeds(_tight_crops(crops)), combine).contiguous()
         if keypoints is not None:
-            from instantid import normalise_selfie_kps
+            from utils.engine.identity.pose import normalise_selfie_kps
             kept = [(i, k) for i, k in zip(keypoint_index if keypoint_index is not None else range(len(keypoints)),
                                            keypoints) if k is not None]
             if kept:

@@ -1,13 +1,7 @@
-"""InstantID's part that diffusers core lacks, and pose control from the selfies.
+"""Pose control from the selfies: 5 face keypoints laid out in the output frame and drawn as a control image.
 
-diffusers core loads InstantID's ``ip-adapter.bin`` (``load_ip_adapter``: a Resampler image projection with
-16 tokens over the 512-d ArcFace vector) and runs SDXL with a ControlNet
-(``StableDiffusionXLControlNetPipeline``). What it does not do: InstantID's ControlNet, the IdentityNet, was
-trained to read the 16 identity tokens as its cross-attention input, not the text. ``IdentityNet`` is that
-ControlNet: the generator hands it the tokens for one call (``identity_tokens``); it uses them in place of
-the ``encoder_hidden_states`` the pipeline passes (the pooled text and time ids still go in unchanged).
-
-Pose: the IdentityNet's image input is a keypoint image (``draw_kps``) of 5 face points (eyes, nose,
+Used by the identity methods that take a keypoint image (InstantID's IdentityNet; InfiniteYou's InfuseNet).
+The image is a keypoint image (``draw_kps``) of 5 face points (eyes, nose,
 mouth corners) in the output frame. ``pose`` picks where they come from: a preset, the keypoints of one
 accepted selfie re-placed in the frame (``selfie:N``), or ``auto`` (a frontal layout with the person's own
 proportions, from the average of the selfies). Keypoints are geometry, not biometric embeddings; they are
@@ -128,18 +122,23 @@ def parse_pose(value: Any) -> str:
                          "(N: the index of an accepted selfie in the upload report)")
 
 
+def check_selfie_pose(pose: str, indices: list[int]) -> None:
+    """``pose="selfie:N"`` must name one of ``indices`` (the accepted selfies that have face key points)."""
+    m = _SELFIE.fullmatch(pose)
+    if m and int(m.group(1)) not in indices:
+        have = ", ".join(f"selfie:{i}" for i in indices) or "none (this session has no face keypoints)"
+        raise InvalidRequest(f"pose={pose!r}: no accepted selfie with index {m.group(1)} in this session; "
+                             f"available: {have}")
+
+
 def resolve_pose(pose: str, keypoints: Any = None, indices: Any = None) -> np.ndarray:
     """Centred layout for a request's pose. ``keypoints``: [K, 5, 2] normalised selfie layouts of the
     session; ``indices``: their upload-report indices."""
     m = _SELFIE.fullmatch(pose)
     if m:
-        n = int(m.group(1))
-        idx = [int(i) for i in (indices if indices is not None else [])]
-        if keypoints is None or n not in idx:
-            have = ", ".join(f"selfie:{i}" for i in idx) or "none (this session has no face keypoints)"
-            raise InvalidRequest(f"pose={pose!r}: no accepted selfie with index {n} in this session; "
-                                 f"available: {have}")
-        return np.asarray(keypoints[idx.index(n)], dtype=np.float64)
+        idx = [int(i) for i in (indices if indices is not None else [])] if keypoints is not None else []
+        check_selfie_pose(pose, idx)
+        return np.asarray(keypoints[idx.index(int(m.group(1)))], dtype=np.float64)
     if pose == "auto":
         return auto_layout(keypoints)
     return preset_layout(pose)
@@ -174,55 +173,3 @@ def draw_kps(width: int, height: int, kps: Any):
 
 def pose_image(pose: str, width: int, height: int, keypoints: Any = None, indices: Any = None):
     return draw_kps(width, height, place(resolve_pose(pose, keypoints, indices), width, height))
-
-
-def _identity_net_class():
-    from diffusers import ControlNetModel
-
-    class IdentityNet(ControlNetModel):
-        """InstantID's ControlNet: reads the identity tokens, not the text, as cross-attention input.
-
-        Set ``identity_tokens`` ([batch, 16, C], the batch the pipeline runs: negatives then positives under
-        CFG) before a pipeline call and clear it after; a call without tokens is an error rather than a
-        silent fall-back to the text."""
-
-        identity_tokens = None
-
-        def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-            tokens = self.identity_tokens
-            if tokens is None:
-                raise RuntimeError("IdentityNet called without identity tokens")
-            if tokens.shape[0] != sample.shape[0]:
-                raise RuntimeError(f"IdentityNet: {tokens.shape[0]} identity token rows for a batch of "
-                                   f"{sample.shape[0]}")
-            return super().forward(sample, timestep, tokens.to(sample.dtype), *args, **kwargs)
-
-    IdentityNet.__name__ = IdentityNet.__qualname__ = "IdentityNet"
-    return IdentityNet
-
-
-_IDENTITY_NET = None
-
-
-def __getattr__(name: str):
-    # Built on first use: importing this module must not import diffusers (nothing heavy at import).
-    global _IDENTITY_NET
-    if name == "IdentityNet":
-        if _IDENTITY_NET is None:
-            _IDENTITY_NET = _identity_net_class()
-        return _IDENTITY_NET
-    raise AttributeError(name)
-
-
-def identity_tokens(unet, embeds, num_images: int, do_cfg: bool):
-    """The 16 identity tokens per image for the IdentityNet, computed by the loaded adapter's own image
-    projection (``unet.encoder_hid_proj.image_projection_layers[0]``) from the identity embeds
-    ``[2, 1, 1, 512]`` (zeros; ArcFace), laid out as the pipeline's batch: [neg x n; pos x n] under CFG."""
-    import torch
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
-    e = embeds.reshape(embeds.shape[0], -1, embeds.shape[-1])        # [2, K, 512]
-    with torch.inference_mode():
-        tokens = proj(e.to(device=unet.device, dtype=unet.dtype))    # [2, T, C]
-    neg, pos = tokens[:1], tokens[1:2]
-    pos = pos.repeat(num_images, 1, 1)
-    return torch.cat([neg.repeat(num_images, 1, 1), pos]) if do_cfg else pos
