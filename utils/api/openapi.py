@@ -38,15 +38,49 @@ def _nullable(schema: dict) -> dict:
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
-    from utils.service.wiring import request_fields
     s = settings
-    id_param = {"type": "string", "pattern": ID_RE.pattern}
-    idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
-                "description": ("Repeat a request safely: the same key with the same body from the same caller within "
-                                f"{s.idempotency_hours:g} h answers the first answer again (Idempotent-Replayed: true)."),
-                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}}
     keyed = bool(s.api_key_list)
+    c = _Common(s)
+    schemas = _schemas(s, _generate_request_schema(s), _job_schema())
+    paths = {**_sessions_paths(s, c), **_jobs_paths(s, c), **_job_stream_paths(s, c), **_models_paths(),
+             **_model_load_paths(), **_meta_paths()}
+    security_schemes: dict[str, Any] = {
+        "clientToken": {"type": "apiKey", "in": "header", "name": "X-Client-Token",
+                        "description": "Without API keys: the client_token /upload returned (or its cookie)."}}
+    if keyed:
+        security_schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Digital twin API", "version": _version(),
+                 "description": ("Upload selfies, generate portraits. Sessions and jobs belong to the caller "
+                                 "(API key, or the per-client token issued at upload); another caller gets 404.")},
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": security_schemes},
+        "security": [{"bearerAuth": []}] if keyed else [{"clientToken": []}, {}],
+    }
 
+
+
+
+class _Common:
+    """Parameters and answers many paths share."""
+
+    def __init__(self, s: Settings) -> None:
+        self.id_param = {"type": "string", "pattern": ID_RE.pattern}
+        self.idem_key = {"name": "Idempotency-Key", "in": "header", "required": False,
+                         "description": ("Repeat a request safely: the same key with the same body from the same "
+                                         f"caller within {s.idempotency_hours:g} h answers the first answer again "
+                                         "(Idempotent-Replayed: true)."),
+                         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}}
+        self.owned = {"401": _error("API keys are configured and the request has no valid one.")} \
+            if s.api_key_list else {}
+        self.limited = {"429": _error("Rate limit or queue limit reached.", retry_after=True)}
+        self.not_ready = {"503": _error("The models are still loading or failed to load.", retry_after=True)}
+        self.job_id = {"name": "job_id", "in": "path", "required": True, "schema": self.id_param}
+
+
+def _generate_request_schema(s: Settings) -> dict[str, Any]:
+    from utils.service.wiring import request_fields
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
@@ -59,7 +93,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         props[name]["pattern"] = _NO_CONTROLS
     props["prompt"]["pattern"] = _NO_CONTROLS.replace(
         "]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")
-    job = {
+    return generate_request
+
+
+def _job_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "required": ["id", "job_id", "status", "session_id", "position", "progress", "created_at", "started_at",
                      "finished_at", "request", "outputs", "metadata", "error", "status_url"],
@@ -99,7 +137,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "deliveries": {"type": "array", "items": {"type": "object"}}}}),
         },
     }
-    schemas = {
+
+
+def _schemas(s: Settings, generate_request: dict, job: dict) -> dict[str, Any]:
+    return {
         "Error": {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
             "error": {"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}}},
@@ -132,14 +173,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "auth": {"type": "string", "enum": ["api_key", "client_token"],
                      "description": "api_key: send Authorization: Bearer <key>; client_token: the token /upload issues."}}},
     }
-    owned = {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {}
-    limited = {"429": _error("Rate limit or queue limit reached.", retry_after=True)}
-    not_ready = {"503": _error("The models are still loading or failed to load.", retry_after=True)}
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": id_param}
 
-    paths = {
+
+def _sessions_paths(s: Settings, c: _Common) -> dict[str, Any]:
+    """POST /upload, DELETE /sessions/{id}."""
+    return {
         "/upload": {"post": {
-            "operationId": "upload", "parameters": [idem_key],
+            "operationId": "upload", "parameters": [c.idem_key],
             "summary": "Upload selfies; builds one identity (a session) from the usable ones.",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["files"], "properties": {
@@ -156,12 +196,24 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "422": _error("No file has a usable face (details.report says why for each), or the "
                               "Idempotency-Key was used with other files."),
                 "507": _error("The data disk is full."),
-                **owned, **limited,
+                **c.owned, **c.limited,
                 "503": _error("The models are still loading or failed to load (not_ready), or "
                               f"{s.max_concurrent_uploads} upload(s) are being checked already and none finished "
                               f"within {s.upload_wait_seconds:g} s (busy).", retry_after=True)}}},
+        "/sessions/{session_id}": {"delete": {
+            "operationId": "delete_session",
+            "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
+            "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": c.id_param}],
+            "responses": {"200": {"description": "Deleted.", "content": {"application/json": {"schema": _ref("Deleted")}}},
+                          "404": _error("No such session for this caller."), **c.owned}}},
+    }
+
+
+def _jobs_paths(s: Settings, c: _Common) -> dict[str, Any]:
+    """Submit a job, read its status."""
+    return {
         "/generate": {"post": {
-            "operationId": "generate", "parameters": [idem_key],
+            "operationId": "generate", "parameters": [c.idem_key],
             "summary": "Queue a generation job for one of the caller's sessions.",
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
@@ -175,14 +227,20 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
                 "422": _error("The Idempotency-Key was used with a different body."),
                 "507": _error("The data disk is full."),
-                **owned, **limited, **not_ready}}},
+                **c.owned, **c.limited, **c.not_ready}}},
         "/status/{job_id}": {"get": {
-            "operationId": "status", "parameters": [job_id],
+            "operationId": "status", "parameters": [c.job_id],
             "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
-                          "404": _error("No such job for this caller."), **owned}}},
+                          "404": _error("No such job for this caller."), **c.owned}}},
+    }
+
+
+def _job_stream_paths(s: Settings, c: _Common) -> dict[str, Any]:
+    """A job's live events, preview, cancel and files."""
+    return {
         "/events/{job_id}": {"get": {
             "operationId": "events", "parameters": [
-                job_id,
+                c.job_id,
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
                 {"name": "last_event_id", "in": "query", "required": False,
@@ -202,22 +260,22 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                           "400": _error("Last-Event-ID is not an event id."),
                           "404": _error("No such job for this caller."),
                           "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
-                          **owned}}},
+                          **c.owned}}},
         "/preview/{job_id}": {"get": {
-            "operationId": "preview", "parameters": [job_id],
+            "operationId": "preview", "parameters": [c.job_id],
             "summary": "The latest live preview of a running job that asked for preview: true.",
             "responses": {"200": {"description": "A small JPEG of the forming image (header X-Preview-Step).",
                                   "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
-                          "404": _error("No such job for this caller, or no preview now."), **owned}}},
+                          "404": _error("No such job for this caller, or no preview now."), **c.owned}}},
         "/cancel/{job_id}": {"post": {
-            "operationId": "cancel", "parameters": [job_id],
+            "operationId": "cancel", "parameters": [c.job_id],
             "responses": {"200": {"description": "Canceled (or stopping).",
                                   "content": {"application/json": {"schema": _ref("Job")}}},
                           "404": _error("No such job for this caller."),
-                          "409": _error("The job already finished."), **owned}}},
+                          "409": _error("The job already finished."), **c.owned}}},
         "/download/{job_id}/{filename}": {"get": {
             "operationId": "download",
-            "parameters": [job_id,
+            "parameters": [c.job_id,
                            {"name": "filename", "in": "path", "required": True,
                             "schema": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern}},
                            {"name": "inline", "in": "query", "required": False,
@@ -225,29 +283,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "responses": {"200": {"description": "The PNG (or, for *.thumb.jpg, its JPEG thumbnail).",
                                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                                               "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
-                          "404": _error("No such job or file for this caller."), **owned}}},
-        "/sessions/{session_id}": {"delete": {
-            "operationId": "delete_session",
-            "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
-            "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": id_param}],
-            "responses": {"200": {"description": "Deleted.", "content": {"application/json": {"schema": _ref("Deleted")}}},
-                          "404": _error("No such session for this caller."), **owned}}},
-        "/health": {"get": {"operationId": "health", "responses": {
-            "200": {"description": "Always 200; state says whether the models are ready.",
-                    "content": {"application/json": {"schema": _ref("Health")}}}}}},
-        "/system-status": {"get": {"operationId": "system_status", "responses": {
-            "200": {"description": "Model, device, queue and job counts.",
-                    "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
-        "/styles": {"get": {"operationId": "styles", "responses": {
-            "200": {"description": "The style library (styles/styles.json): each preset's template, negative and defaults.",
-                    "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["default_style", "styles"], "properties": {
-                            "default_style": {"type": "string"},
-                            "styles": {"type": "array", "items": {
-                                "type": "object", "required": ["name", "positive", "negative", "defaults"],
-                                "properties": {"name": {"type": "string"}, "description": {"type": "string"},
-                                               "positive": {"type": "string"}, "negative": {"type": "string"},
-                                               "defaults": {"type": "object"}}}}}}}}}}}},
+                          "404": _error("No such job or file for this caller."), **c.owned}}},
+    }
+
+
+def _models_paths() -> dict[str, Any]:
+    """The base-model registry."""
+    return {
         "/models": {"get": {"operationId": "models", "responses": {
             "200": {"description": "Base models available locally (the diffusers folder and every single-file "
                                    "checkpoint under TWIN_MODEL_DIR/checkpoints/) and the active one. Cluster mode: "
@@ -276,6 +318,12 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                         "type": "object", "required": ["loras"],
                         "properties": {"loras": {"type": "array", "items": {"type": "string"}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
+    }
+
+
+def _model_load_paths() -> dict[str, Any]:
+    """POST /models/load."""
+    return {
         "/models/load": {"post": {
             "operationId": "loadModel",
             "description": "Admin only (TWIN_ADMIN_KEYS): load a base model beside the active one and switch to "
@@ -318,22 +366,30 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                               "name in `workers` (unknown_worker)."),
                 "422": _error("The checkpoint failed to load (model_load_failed, the file named); the old model keeps serving."),
                 "503": _error("The model is still loading.", retry_after=True)}}},
+    }
+
+
+def _meta_paths() -> dict[str, Any]:
+    """Health, status, styles and this document."""
+    return {
+        "/health": {"get": {"operationId": "health", "responses": {
+            "200": {"description": "Always 200; state says whether the models are ready.",
+                    "content": {"application/json": {"schema": _ref("Health")}}}}}},
+        "/system-status": {"get": {"operationId": "system_status", "responses": {
+            "200": {"description": "Model, device, queue and job counts.",
+                    "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
+        "/styles": {"get": {"operationId": "styles", "responses": {
+            "200": {"description": "The style library (styles/styles.json): each preset's template, negative and defaults.",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["default_style", "styles"], "properties": {
+                            "default_style": {"type": "string"},
+                            "styles": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "positive", "negative", "defaults"],
+                                "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                                               "positive": {"type": "string"}, "negative": {"type": "string"},
+                                               "defaults": {"type": "object"}}}}}}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "responses": {
             "200": {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-    }
-    security_schemes: dict[str, Any] = {
-        "clientToken": {"type": "apiKey", "in": "header", "name": "X-Client-Token",
-                        "description": "Without API keys: the client_token /upload returned (or its cookie)."}}
-    if keyed:
-        security_schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "Digital twin API", "version": _version(),
-                 "description": ("Upload selfies, generate portraits. Sessions and jobs belong to the caller "
-                                 "(API key, or the per-client token issued at upload); another caller gets 404.")},
-        "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": security_schemes},
-        "security": [{"bearerAuth": []}] if keyed else [{"clientToken": []}, {}],
     }
 
 

@@ -110,7 +110,7 @@ class Runtime:
         from utils.service import wiring
         try:
             t0 = time.perf_counter()
-            wiring.prepare_face_models(self.faces.settings)
+            wiring.prepare_face_models(wiring.face_settings(self.settings))
             self.faces.setup()
             wiring.check_face_backend(self.settings, self.faces)
             if self.holds_models:
