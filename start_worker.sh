@@ -6,7 +6,7 @@
 #   VENV=/path/to/venv      use another virtualenv (default .venv)
 #   SKIP_VENV_SETUP=1       do not install/refresh requirements (the venv is already complete)
 #   SKIP_VERIFY=1           do not run the weights preflight (python model_loader.py verify) before loading
-#   extra arguments go to `python -m utils.jobs.cluster.worker` (--name NAME, --burst)
+#   extra arguments go to `python -m utils.service.gpu_worker` (--name NAME, --burst)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -34,4 +34,4 @@ PYEOF
 if [ "${SKIP_VERIFY:-0}" != 1 ]; then
   "$VENV/bin/python" model_loader.py verify || { echo "[start_worker] weights preflight failed (see the lines above); fix the files or run: python model_loader.py download" >&2; exit 2; }
 fi
-exec "$VENV/bin/python" -m utils.jobs.cluster.worker "$@"
+exec "$VENV/bin/python" -m utils.service.gpu_worker "$@"

@@ -3,7 +3,7 @@ and restarted under load), /status latency with 50 pollers while 3 workers run, 
 under load (POST /models/load to 2 workers while jobs arrive: swap time per worker, jobs during, failed).
 
 The API node is a real gunicorn (``tests.fake_server_app:create()``) and the workers are real
-``python -m utils.jobs.cluster.worker`` processes on the generator double with a fixed step time (a sleep:
+``python -m utils.service.gpu_worker`` processes on the generator double with a fixed step time (a sleep:
 the CPU is not the bottleneck, so the scaling measured is the queue's, not this box's cores).
 
     python bench/bench_cluster.py                       # everything, one run prints all
@@ -82,7 +82,7 @@ class Cluster:
         self.procs = getattr(self, "procs", {})
         self._n += 1
         components = ["--components", "tests.fake_server_app:worker_components"] if self.engine == "fake" else []
-        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.cluster.worker", "--name", f"bench{self._n}",
+        p = subprocess.Popen([sys.executable, "-m", "utils.service.gpu_worker", "--name", f"bench{self._n}",
                               *components], cwd=REPO, env=env,
                              stdout=open(self.tmp / f"worker{self._n}.log", "wb"), stderr=subprocess.STDOUT)
         self.workers.append(p)

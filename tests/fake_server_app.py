@@ -14,7 +14,7 @@ def create():
 
 
 def worker_components(settings):
-    """``python -m utils.jobs.cluster.worker --components tests.fake_server_app:worker_components``: a cluster
+    """``python -m utils.service.gpu_worker --components tests.fake_server_app:worker_components``: a cluster
     GPU worker on the doubles (FAKE_STEP_SECONDS per step). With FAKE_MODELS (comma-separated names) the
     generator double has a base-model registry: FAKE_MODEL active, FAKE_LOAD_SECONDS per load."""
     step = float(os.environ.get("FAKE_STEP_SECONDS", "0"))

@@ -1,6 +1,6 @@
 """Cluster mode (TWIN_QUEUE_URL) on a real redis-server: two API app instances (Flask test clients of
 two create_app() calls, as two API nodes behind a load balancer would be) and GPU workers as real
-subprocesses (``python -m utils.jobs.cluster.worker`` on the generator double, FAKE_STEP_SECONDS per step).
+subprocesses (``python -m utils.service.gpu_worker`` on the generator double, FAKE_STEP_SECONDS per step).
 Each test starts its own redis-server on a free port in a temp dir (tests/fixtures/redis_server.py).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Workers:
         name = name or f"w{len(self.procs)}"
         log = open(self.tmp / f"worker-{name}.log", "wb")
         extra = ["--components", components] if components else []
-        p = subprocess.Popen([sys.executable, "-m", "utils.jobs.cluster.worker", "--name", name, *extra],
+        p = subprocess.Popen([sys.executable, "-m", "utils.service.gpu_worker", "--name", name, *extra],
                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         p.name = name  # type: ignore[attr-defined]
         self.procs.append(p)

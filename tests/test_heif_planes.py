@@ -12,7 +12,8 @@ from PIL import Image
 
 from tests import photos
 from utils.errors import ImageRejected
-from utils.images import _area_reduce, decode_image, decode_reduced
+from utils.images import decode_image, decode_reduced
+from utils.pixels import area_reduce
 
 pillow_heif = pytest.importorskip("pillow_heif")
 heif_planes = pytest.importorskip("utils.heif_planes")
@@ -71,7 +72,7 @@ def test_planes_convert_like_libheif(kwargs):
     ref = libheif_rgb(data).astype(np.int16)
     for f in (1, 2, 5):  # the face region at full size, and reduced as for detection
         got = planes.rgb((0, 0, *size), f).astype(np.int16)
-        want = _area_reduce(ref.astype(np.uint8), f).astype(np.int16)
+        want = area_reduce(ref.astype(np.uint8), f).astype(np.int16)
         assert got.shape == want.shape
         diff = np.abs(got - want)
         # Averaging before the conversion instead of after, and OpenCV's chroma interpolation instead of
@@ -128,9 +129,9 @@ def test_rotated_heic_comes_out_upright(orientation, heif_path):
     assert full.size == reduced.size == SIZE
     assert reduced.factor == 3 and reduced.image.size == (SIZE[0] // 3, SIZE[1] // 3)
     assert isinstance(reduced._full, heif_planes.Planes) == (heif_path == "planes")
-    want = _area_reduce(np.asarray(full), 3).astype(np.int16)
+    want = area_reduce(np.asarray(full), 3).astype(np.int16)
     assert np.abs(np.asarray(reduced.image, np.int16) - want).mean() < 1.0
-    src = _area_reduce(np.asarray(upright), 3).astype(np.int16)
+    src = area_reduce(np.asarray(upright), 3).astype(np.int16)
     assert np.abs(np.asarray(reduced.image, np.int16) - src).mean() < 6  # upright, not merely self-consistent
 
 
@@ -192,7 +193,7 @@ def test_region_has_the_full_decodes_pixels(box, max_factor, heif_path):
     reduced = decode_reduced(data, "f.heic", max_pixels=10**8, min_side=200)
     part, (ox, oy), f = reduced.region(box, max_factor)
     assert f == max_factor and (ox, oy) == (box[0] // f * f, box[1] // f * f)
-    want = _area_reduce(full[oy:box[3], ox:box[2]], f).astype(np.int16)
+    want = area_reduce(full[oy:box[3], ox:box[2]], f).astype(np.int16)
     got = np.asarray(part, np.int16)
     assert got.shape == want.shape
     assert np.abs(got - want).mean() < 1.5

@@ -1,94 +1,164 @@
-"""The layers of the code read top-down: nothing in utils/ reaches up to the engine modules (or the app)
-except through the one wiring place, utils/services.py, and only lazily (nothing heavy at import)."""
+"""The layers of the code read top-down, and the import graph has no circle.
+
+Every import counts, at module level or inside a function (a lazy import is still a dependency): the
+top-level entry points (app, generate_twin, model_loader, ipadapter_manager, instantid) are imported by
+nothing in utils/; inside utils/ a package imports only packages of a lower layer (or modules of its own):
+
+    utils.api, utils.cli          the fronts: HTTP and the command line
+    utils.service                 use cases, the job runner, the wiring (settings -> components)
+    utils.engine                  the engine: families, identity methods, requests, tuning
+    utils.models                  model files: layout, download, load, tiny builder, verify
+    utils.faces, utils.jobs       faces; job records, queues, workers, events, webhooks
+    foundation                    config, errors, logging, storage, images, ... contracts (typing only)
+
+``if TYPE_CHECKING:`` imports count too: a type-only import is still a reader's dependency, and the
+contracts module, which every layer reads, imports nothing of the project.
+"""
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_MODULES = {"app", "generate_twin", "ipadapter_manager", "model_loader"}
-WIRING = "utils/services.py"
-UTILS_MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "utils").rglob("*.py"))
+ENTRY_POINTS = ("app", "generate_twin", "model_loader", "ipadapter_manager", "instantid")
+LAYERS = {"utils.api": 5, "utils.cli": 5, "utils.service": 4, "utils.engine": 3, "utils.models": 2,
+          "utils.faces": 1, "utils.jobs": 1}
 
 
-def imports(path: Path) -> list[tuple[str, bool]]:
-    """(top-level module imported, at module level?) for every import statement in the file."""
+def project_modules() -> dict[str, Path]:
+    mods = {m: ROOT / f"{m}.py" for m in ENTRY_POINTS}
+    for p in sorted((ROOT / "utils").rglob("*.py")):
+        rel = p.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts)
+        mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = p
+    return mods
+
+
+MODULES = project_modules()
+
+
+def imported(module: str, path: Path) -> set[str]:
+    """Project modules ``module`` imports anywhere in its file (resolved to the longest known name)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    top_level = {id(node) for node in tree.body}
-    found = []
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(a.name.split(".")[0], id(node) in top_level) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.append((node.module.split(".")[0], id(node) in top_level))
-    return found
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            while n and n not in MODULES:
+                n = n.rpartition(".")[0]
+            if n and n != module:
+                out.add(n)
+    return out
 
 
-@pytest.mark.parametrize("module", UTILS_MODULES)
-def test_utils_module_reaches_engines_only_through_the_wiring_place(module):
-    ups = [(name, at_import) for name, at_import in imports(ROOT / module) if name in ENGINE_MODULES]
-    assert not [n for n, at_import in ups if at_import], f"{module} imports an engine module at import time: {ups}"
-    if module != WIRING:
-        assert ups == [], f"{module} imports {ups}; go through {WIRING}"
+GRAPH = {m: imported(m, p) for m, p in MODULES.items()}
 
 
-def test_the_wiring_place_is_found_and_names_the_engines():
-    # Guards the test above against passing on an empty or misread tree.
-    assert WIRING in UTILS_MODULES and len(UTILS_MODULES) >= 15
-    assert {"generate_twin", "ipadapter_manager"} <= {n for n, _ in imports(ROOT / WIRING)}
+def layer(module: str) -> tuple[str, int]:
+    """(room, rank): the utils package a module belongs to and its layer; foundation modules rank 0."""
+    if module in ENTRY_POINTS:
+        return module, 9
+    for room, rank in LAYERS.items():
+        if module == room or module.startswith(room + "."):
+            return room, rank
+    return module, 0
+
+
+def circles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    sys.setrecursionlimit(10000)
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_is_read_and_covers_the_rooms():
+    # Guards the tests below against passing on an empty or misread tree.
+    assert len(MODULES) >= 60
+    rooms = {layer(m)[0] for m in MODULES}
+    assert set(LAYERS) <= rooms
+    assert "utils.service.wiring" in GRAPH["app"] and "utils.engine.generator" in GRAPH["utils.service.wiring"]
+
+
+def test_no_import_circle():
+    assert circles() == []
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m not in ENTRY_POINTS))
+def test_imports_only_go_down(module):
+    room, rank = layer(module)
+
+    def upward(target: str) -> bool:
+        t_room, t_rank = layer(target)
+        if t_room == room or (rank == 0 and t_rank == 0):   # within a room; foundation among itself
+            return False
+        return t_rank >= rank
+    up = sorted(t for t in GRAPH[module] if upward(t))
+    assert up == [], f"{module} ({room}, layer {rank}) imports {up}: same or higher layer"
+
+
+def test_foundation_modules_import_no_room():
+    """Foundation modules (rank 0) import only each other."""
+    bad = {m: sorted(t for t in GRAPH[m] if layer(t)[1] > 0) for m in MODULES if layer(m)[1] == 0
+           and m not in ENTRY_POINTS}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_the_contracts_import_nothing_of_the_project():
+    assert GRAPH["utils.contracts"] == set()
+
+
+@pytest.mark.parametrize("module", sorted(m for m, p in MODULES.items() if "__all__" in p.read_text()))
+def test_all_names_exist(module):
+    mod = importlib.import_module(module)
+    missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+    assert missing == [], f"{module}.__all__ names {missing}, which it does not define"
 
 
 @pytest.mark.parametrize("package, modules", [
     ("utils/jobs", {"status.py", "events.py", "webhooks.py", "lifecycle.py"}),
     ("utils/jobs/local", {"store.py", "threads.py", "generator_process.py", "idempotency.py"}),
-    ("utils/jobs/cluster", {"store.py", "queue.py", "maintenance.py", "worker.py", "registry.py", "events.py",
-                            "idempotency.py"}),
+    ("utils/jobs/cluster", {"store.py", "queue.py", "worker.py", "registry.py", "events.py", "idempotency.py"}),
     ("utils/faces", {"service.py", "backends.py", "dlib_resnet.py"}),
-    ("utils/api", {"auth.py", "security.py", "openapi.py"}),
+    ("utils/api", {"auth.py", "security.py", "openapi.py", "render.py", "sessions.py", "jobs.py", "models.py"}),
+    ("utils/service", {"wiring.py", "runtime.py", "runner.py", "sessions.py", "jobs.py", "models.py"}),
+    ("utils/engine", {"generator.py", "request.py", "tuning.py", "previews.py"}),
+    ("utils/models", {"layout.py", "download.py", "load.py", "tiny.py", "verify.py"}),
 ])
-def test_concerns_live_in_their_subpackage(package, modules):
+def test_concerns_live_in_their_room(package, modules):
     assert modules <= {p.name for p in (ROOT / package).glob("*.py")}
-
-
-def _model_imports(module: str) -> set[str]:
-    """The utils.models modules ``module`` imports (anywhere in the file)."""
-    tree = ast.parse((ROOT / "utils" / "models" / f"{module}.py").read_text())
-    return {n.module.removeprefix("utils.models.") for n in ast.walk(tree)
-            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("utils.models.")}
-
-
-@pytest.mark.parametrize("reader", ["layout", "download", "adapters", "identitynet", "load", "single_file",
-                                    "filecheck", "lora_check", "onnx_check", "verify"])
-def test_model_readers_never_reach_the_tiny_builder(reader):
-    # tiny.py writes what these read, from their names and layouts; only startup / cli put it before them.
-    seen, todo = set(), [reader]
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo += _model_imports(m)
-    assert "tiny" not in seen and {"startup", "cli"}.isdisjoint(seen), sorted(seen)
-
-
-# The job backends' rooms: the shared modules of utils/jobs know neither backend, and neither backend
-# knows the other (both meet only in the wiring place, through the contracts of utils/contracts.py).
-ROOMS = {"local": "utils.jobs.local", "cluster": "utils.jobs.cluster"}
-
-
-def _module_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return out
-
-
-@pytest.mark.parametrize("module", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "utils" / "jobs").rglob("*.py")))
-def test_job_backends_stay_in_their_rooms(module):
-    room = next((r for r in ROOMS if module.startswith(f"utils/jobs/{r}/")), None)
-    forbidden = [pkg for r, pkg in ROOMS.items() if r != room]
-    found = sorted(m for m in _module_imports(ROOT / module) if any(m == f or m.startswith(f + ".") for f in forbidden))
-    assert found == [], f"{module} imports {found}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from utils.errors import ConfigError
+from utils.choices import IDENTITY_COMBINES, IDENTITY_VARIANTS, RESTORE_MODEL_NAMES, face_pack
 
 ENV_PREFIX = "TWIN_"
 
@@ -50,8 +51,8 @@ class Settings:
     model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
                                   choices=("auto", "sdxl", "tiny"))
     ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
-                                       choices=("plus-face", "plain", "faceid", "faceid-plusv2", "instantid"))
-    identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=("average", "stack"))
+                                       choices=IDENTITY_VARIANTS)
+    identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=IDENTITY_COMBINES)
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
                           choices=("auto", "float16", "bfloat16", "float32"))
@@ -133,7 +134,7 @@ class Settings:
     # --- likeness: face restoration, best-of-N -------------------------------------------------
     restore_default: bool = _setting(False, "Restore faces (GFPGAN / CodeFormer / GPEN through onnxruntime) when a request does not say restore_faces; the unrestored original is kept beside it as avatar_NNN_raw.png.")
     restore_model: str = _setting("gfpgan", "Face restoration model when a request names none: gfpgan (GFPGAN 1.4, Apache-2.0), codeformer (non-commercial licence, has restore_fidelity), gpen (GPEN-BFR-512, non-commercial).",
-                                  choices=("gfpgan", "codeformer", "gpen"))
+                                  choices=RESTORE_MODEL_NAMES)
     restore_model_dir: Path | None = _setting(None, "Folder of the restoration ONNX files (gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx; `python model_loader.py download --restore NAME`); default <model_dir>/face_restore, with the tiny profile <tiny_model_dir>/face_restore (stand-ins).")
     switch_interval_ms: float = _setting(1.0, "Python GIL switch interval in the server process: lower keeps /status fast while a CPU-bound generation runs.", lo=0.1, hi=100.0)
 
@@ -197,8 +198,7 @@ class Settings:
 
     @property
     def resolved_insightface_dir(self) -> Path:
-        pack = "antelopev2" if self.ip_adapter_variant in ("instantid", "faceid-plusv2") else "buffalo_l"
-        return self.insightface_model_dir or self.model_dir / "insightface" / pack
+        return self.insightface_model_dir or self.model_dir / "insightface" / face_pack(self.ip_adapter_variant)
 
     @property
     def cluster(self) -> bool:

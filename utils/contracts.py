@@ -1,12 +1,20 @@
-"""The contracts between the service and its job backends, as ``typing.Protocol``s.
+"""The contracts between the rooms, as ``typing.Protocol``s: what the service needs of an engine, a face
+service, a job store, a job queue, an event log and an Idempotency-Key store. The implementations are
+picked in one place, ``utils/service/wiring.py``; tests pass doubles that satisfy the same protocols
+(tests/test_contracts.py checks both). This module imports nothing of the project: every room reads it.
 
-Local mode and cluster mode implement each of them (``utils.services`` picks one from the settings):
+Local mode and cluster mode implement each job-backend contract:
 
     JobStore          utils.jobs.local.store.SqliteJobStore       utils.jobs.cluster.store.RedisJobStore
     JobQueue          utils.jobs.local.threads.JobThreads         utils.jobs.cluster.queue.RqJobQueue
     EventLog          utils.jobs.events.MemoryEventLog            utils.jobs.cluster.events.RedisEventLog
     IdempotencyStore  utils.jobs.local.idempotency.SqliteIdempotencyStore
                                                                   utils.jobs.cluster.idempotency.RedisIdempotencyStore
+
+The engine side: ``Engine`` (utils.engine.generator.DigitalTwinGenerator, or a
+utils.jobs.local.generator_process.GeneratorProcess running one in a child), its request class
+(``GenerationRequestType``), ``ModelRegistry`` (an engine that switches base models), ``FamilyModel``
+(one loaded base model of a family: utils/engine/families/), and ``FaceService`` (utils.faces.FaceService).
 
 Each protocol lists only what callers use. A capability only one backend has is its own small protocol
 (``Reachable``, ``ClusterStatus``, ``ClusterSingleton``, ``ModelRouting``), so a caller asks
@@ -15,11 +23,7 @@ Each protocol lists only what callers use. A capability only one backend has is 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from utils.jobs.events import Event
-    from utils.jobs.status import JobStatus
+from typing import Any, Callable, Protocol, runtime_checkable
 
 # listener(job_id, kind, data): kind "status" (data: the job record), "progress" ({step, total, at}),
 # "output" (the output entry) or "deleted" ({}); called after each committed change of a job.
@@ -62,7 +66,7 @@ class JobStore(Protocol):
     def add_output(self, job_id: str, output: dict) -> None: ...
     def add_webhook_delivery(self, job_id: str, record: dict, keep: int = 50) -> None: ...
 
-    def finish(self, job_id: str, status: JobStatus, *, code: str | None = None, message: str | None = None,
+    def finish(self, job_id: str, status: Any, *, code: str | None = None, message: str | None = None,
                metadata: dict | None = None) -> bool:
         """Move a non-terminal job to a terminal state (never overwrites a terminal one)."""
 
@@ -144,7 +148,7 @@ class EventLog(Protocol):
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> int | None:
         """Append an event; its id (dense per job, from 1), None when a progress event was dropped."""
 
-    def read(self, job_id: str, after: int = 0, timeout: float = 0.0) -> list[Event]:
+    def read(self, job_id: str, after: int = 0, timeout: float = 0.0) -> list:
         """Events with id > after; waits up to ``timeout`` seconds for the first one."""
 
     def known(self, job_id: str) -> bool: ...
@@ -179,3 +183,124 @@ class IdempotencyStore(Protocol):
 
     def count(self) -> int:
         """Records kept (in flight or done)."""
+
+
+# --- the engine, its requests and identities ------------------------------------------------------------
+
+@runtime_checkable
+class GenerationRequestType(Protocol):
+    """What the service needs of an engine's request class (utils.engine.request.GenerationRequest)."""
+
+    num_images: int
+    seed: int | None
+    candidates: int | None
+    restore_faces: bool
+    restore_model: str
+    restore_fidelity: float
+
+    @classmethod
+    def from_dict(cls, payload: Any, settings: Any) -> "GenerationRequestType":
+        """Validate a request body; errors.InvalidRequest names the offending field and value."""
+
+    def check_session(self, faces: Any) -> None:
+        """What the request names of its session must exist there (``faces``: storage.SessionFaces)."""
+
+    def with_identity(self, identity: Any) -> "GenerationRequestType": ...
+    def with_init_image(self, image: Any) -> "GenerationRequestType": ...
+    def to_dict(self) -> dict: ...
+
+
+@runtime_checkable
+class Identity(Protocol):
+    """A session's identity for one identity method and base model (utils.engine.identity.session)."""
+
+    def save(self, path: Any) -> Any: ...
+
+    @classmethod
+    def load(cls, path: Any) -> "Identity": ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Generates portraits: DigitalTwinGenerator in-process, or a GeneratorProcess running one in a child.
+
+    ``setup`` loads the models once (an API node of a cluster never calls it); ``state`` is starting |
+    ready | setup_failed (| restarting for a generator process)."""
+
+    settings: Any
+    state: str
+    error: Any
+    model_error: str | None
+    request_type: type
+    identity_type: type
+    max_images_per_call: int
+
+    def setup(self) -> Any: ...
+    def close(self) -> None: ...
+    def info(self) -> dict: ...
+
+    def published_options(self) -> dict | None:
+        """The request choices for clients (/system-status); None for an engine without published choices."""
+
+    def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
+                       **face_inputs: Any) -> Any: ...
+
+    def check_identity(self, identity: Any) -> None:
+        """errors.Conflict(code="identity_mismatch") when it was built for another method or model."""
+
+    def validate(self, req: Any) -> dict: ...
+
+    def generate(self, req: Any, on_progress: Callable[..., Any] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> Any:
+        """on_progress(step, total[, preview_jpeg]) once per step; errors.JobCanceled within a step."""
+
+
+@runtime_checkable
+class ModelRegistry(Protocol):
+    """An engine that can list and switch base models (GET /models, POST /models/load in local mode)."""
+
+    def models_catalogue(self) -> dict: ...
+    def load_model(self, name: str) -> dict: ...
+
+
+@runtime_checkable
+class FamilyModel(Protocol):
+    """One loaded base model of a family with its identity method (utils/engine/families/): what a
+    generation call looks like for that family. The engine does seeds, progress, cancel and metadata."""
+
+    family: str
+    latent_rgb: Any
+    models: Any
+    adapter: Any
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    def info(self) -> dict: ...
+    def build_identity(self, crops: Any, face_embeddings: Any, **inputs: Any) -> Any: ...
+    def check_identity(self, identity: Any) -> None: ...
+    def plan(self, req: Any) -> dict: ...
+    def check_request(self, req: Any, plan: dict) -> None: ...
+    def call_kwargs(self, req: Any, plan: dict, seeds: list[int]) -> dict: ...
+    def run(self, req: Any, plan: dict, kwargs: dict, on_step_end: Callable, marks: dict) -> tuple[list, Any]: ...
+    def preview_latents(self, latents: Any, plan: dict) -> Any: ...
+    def call_metadata(self, req: Any) -> dict: ...
+
+
+# --- faces ------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class FaceService(Protocol):
+    """Validates selfies and scores portraits (utils.faces.FaceService; backends dlib or InsightFace)."""
+
+    backend_name: str
+
+    def setup(self) -> None: ...
+
+    def validate_selfies(self, files: list[tuple[str, bytes]]) -> Any:
+        """A report: accepted / rejected / warnings / template / model_name, to_json(), identity_inputs()."""
+
+    def identity_similarity(self, image: Any, template: Any) -> float | None: ...
+    def self_similarity(self, embeddings: list) -> float | None: ...
+    def detect_faces(self, image: Any) -> list: ...

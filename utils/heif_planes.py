@@ -186,15 +186,15 @@ class Planes:
 
     def rgb(self, box: tuple[int, int, int, int], f: int) -> np.ndarray:
         """RGB uint8 (H x W x 3) of the photo's pixels ``box`` = (x0, y0, x1, y1) averaged over f x f
-        boxes (the last partial box left out, at least one pixel), as ``images._area_reduce`` of
+        boxes (the last partial box left out, at least one pixel), as ``pixels.area_reduce`` of
         libheif's RGB would give, give or take a level: the average is taken before the conversion,
         which is linear up to clipping and rounding."""
         import cv2
 
-        from utils.images import _area_reduce
+        from utils.pixels import area_reduce
 
         x0, y0, x1, y1 = box
-        luma = _area_reduce(self.y[y0:y1, x0:x1], f)
+        luma = area_reduce(self.y[y0:y1, x0:x1], f)
         h, w = luma.shape
         # Chroma subsampling, 2 (4:2:0 both ways, 4:2:2 across) or 1; an odd side has ceil(side / 2) samples.
         sx, sy = (round(self.size[i] / self.cb.shape[1 - i]) for i in (0, 1))

@@ -6,8 +6,10 @@ Layout (see docs/ARCHITECTURE.md)::
     <data_dir>/<session_id>/meta.json                    owner hash, created_at, counts
     <data_dir>/<session_id>/originals/NNN.<ext>          uploaded files as sent
     <data_dir>/<session_id>/crops/NNN.png                accepted, aligned face crops
-    <data_dir>/<session_id>/embeddings.safetensors       per-selfie face embeddings + template
-    <data_dir>/<session_id>/identity.safetensors         the adapter identity
+    <data_dir>/<session_id>/embeddings.safetensors       per-selfie face features: embeddings, template,
+                                                         raw ArcFace lengths and key points (InsightFace)
+    <data_dir>/<session_id>/identity.safetensors         the identity built at upload (local mode)
+    <data_dir>/<session_id>/identity-<hash>.safetensors  identities built later for another method / model
     <data_dir>/<session_id>/report.json                  the validation report (no pixels, no vectors)
     <data_dir>/<session_id>/outputs/<job_id>/avatar_001.png
 
@@ -25,8 +27,11 @@ import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 from utils.errors import InsufficientStorage, NotFound
 
@@ -37,6 +42,9 @@ OUTPUT_NAME_RE = re.compile(r"^avatar_\d{3}(?:_raw\.png|\.png|\.thumb\.jpg)$")  
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 _STAGING_PREFIX = ".staging-"
 _TMP_SUFFIX = ".part"
+FACES_FILE = "embeddings.safetensors"     # per-selfie face embeddings + template + raw lengths + key points
+IDENTITY_FILE = "identity.safetensors"    # the identity built at upload
+INIT_IMAGE_FILE = "init_image.png"        # an img2img job's start picture
 _ORIGINAL_EXTS = {"jpg", "jpeg", "png", "webp", "heic", "heif", "bmp", "gif", "tif", "tiff", "avif"}
 
 
@@ -157,6 +165,46 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], OSError)
 
 
+# --- a session's face features ---------------------------------------------------------------------
+
+@dataclass
+class SessionFaces:
+    """A session's accepted selfies as the face service described them (``Storage.session_faces``)."""
+    indices: list[int]                    # upload index of each accepted selfie
+    crops: list                           # aligned face crops (PIL RGB)
+    embeddings: list                      # unit face embeddings (np.float32), one per accepted selfie
+    face_model: str | None
+    template: Any = None                  # mean of the normalised embeddings
+    norms: list | None = None             # raw ArcFace lengths (InsightFace); None per selfie without one
+    keypoints: list | None = None         # 5 face points per selfie in its photo (InsightFace), or None
+
+    def identity_inputs(self) -> dict[str, Any]:
+        """``build_identity(**...)``'s face inputs beyond crops and embeddings (as SelfieReport.identity_inputs)."""
+        if self.norms is None and self.keypoints is None:
+            return {}
+        n = len(self.indices)
+        return {"embedding_norms": self.norms or [None] * n, "keypoints": self.keypoints or [None] * n,
+                "keypoint_index": list(self.indices)}
+
+
+def _save_face_features(path: Path, report) -> None:
+    """Embeddings, template, raw ArcFace lengths and key points of the accepted selfies (NaN where a backend
+    gives none), so an identity can be built again later for any identity method."""
+    from safetensors.numpy import save_file
+    acc = report.accepted
+    tensors = {"embeddings": np.stack([np.asarray(a.embedding, dtype=np.float32) for a in acc]),
+               "indices": np.asarray([a.index for a in acc], dtype=np.int32)}
+    if report.template is not None:
+        tensors["template"] = np.asarray(report.template, dtype=np.float32)
+    inputs = report.identity_inputs() if hasattr(report, "identity_inputs") else {}
+    if inputs.get("embedding_norms") is not None:
+        tensors["norms"] = np.asarray([np.nan if n is None else n for n in inputs["embedding_norms"]], np.float32)
+    if inputs.get("keypoints") is not None:
+        tensors["keypoints"] = np.stack([np.full((5, 2), np.nan, np.float32) if k is None
+                                         else np.asarray(k, np.float32).reshape(5, 2) for k in inputs["keypoints"]])
+    save_file(tensors, str(path), metadata={"model_name": str(report.model_name)})
+
+
 # --- the data folder ---------------------------------------------------------------------------
 
 class Storage:
@@ -233,14 +281,11 @@ class Storage:
         shutil.rmtree(self.root / (_STAGING_PREFIX + session_id), ignore_errors=True)
 
     def write_session(self, session_id: str, *, owner_hash: str, files: list[tuple[str, bytes]], report,
-                      identity, created_at: float | None = None, self_similarity: float | None = None) -> Path:
-        """Store an accepted upload: originals, crops, embeddings, identity, report, meta.
+                      identity=None, created_at: float | None = None, self_similarity: float | None = None) -> Path:
+        """Store an accepted upload: originals, crops, face features, identity (when one was built), report, meta.
 
         Everything goes into a staging folder first; a crash half-way leaves no session behind.
         """
-        import numpy as np
-        from safetensors.numpy import save_file
-
         created_at = created_at or time.time()
         # Originals + crops + small files: twice the upload is a safe upper bound.
         self.require_space(2 * sum(len(data) for _, data in files), f"an upload of {len(files)} files")
@@ -251,19 +296,15 @@ class Storage:
                 raise full_error("the upload") from e
             raise
         try:
-            (d / "originals").mkdir()
-            (d / "crops").mkdir()
-            (d / "outputs").mkdir()
+            for sub in ("originals", "crops", "outputs"):
+                (d / sub).mkdir()
             for i, (name, data) in enumerate(files):
                 (d / "originals" / f"{i:03d}.{safe_extension(name)}").write_bytes(data)
             for a in report.accepted:
                 a.crop.save(d / "crops" / f"{a.index:03d}.png", format="PNG")
-            tensors = {"embeddings": np.stack([np.asarray(a.embedding, dtype=np.float32) for a in report.accepted]),
-                       "indices": np.asarray([a.index for a in report.accepted], dtype=np.int32)}
-            if report.template is not None:
-                tensors["template"] = np.asarray(report.template, dtype=np.float32)
-            save_file(tensors, str(d / "embeddings.safetensors"), metadata={"model_name": str(report.model_name)})
-            identity.save(d / "identity.safetensors")
+            _save_face_features(d / FACES_FILE, report)
+            if identity is not None:
+                identity.save(d / IDENTITY_FILE)
             report_json = report.to_json()
             if self_similarity is not None:
                 report_json["self_similarity"] = self_similarity
@@ -279,13 +320,75 @@ class Storage:
                 raise full_error(f"the upload of {len(files)} files") from e
             raise
 
-    def identity_path(self, session_id: str) -> Path:
-        return self.session_dir(session_id) / "identity.safetensors"
+    def session_faces(self, session_id: str) -> "SessionFaces":
+        """What the face service stored about a session's accepted selfies: enough to build its identity for
+        any identity method again (crops, embeddings, raw ArcFace lengths, key points). NotFound when the
+        session or its face features are gone."""
+        from safetensors.numpy import safe_open
+        d = self.session_dir(session_id)
+        path = d / FACES_FILE
+        if not path.is_file():
+            raise NotFound(f"session {session_id!r} has no stored face features; upload the selfies again")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        indices = [int(i) for i in t["indices"]]
+        crops = []
+        for i in indices:
+            from PIL import Image
+            with Image.open(d / "crops" / f"{i:03d}.png") as im:
+                crops.append(im.convert("RGB"))
+        norms = [None if not np.isfinite(v) else float(v) for v in t["norms"]] if "norms" in t else None
+        kps = ([None if not np.all(np.isfinite(k)) else k for k in t["keypoints"]] if "keypoints" in t else None)
+        return SessionFaces(indices=indices, crops=crops, embeddings=list(t["embeddings"]),
+                            face_model=meta.get("model_name") or None, template=t.get("template"),
+                            norms=norms, keypoints=kps)
+
+    # --- identities: one per identity method and base model, built at upload or on first use --------
+    def identity_path(self, session_id: str, key: str | None = None) -> Path:
+        """The session's identity file: the one built at upload, or (``key``) one built later for another
+        identity method or base model."""
+        name = IDENTITY_FILE if key is None else f"identity-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+        return self.session_dir(session_id) / name
+
+    def identity_paths(self, session_id: str) -> list[Path]:
+        """Every identity file of the session, the upload's first."""
+        d = self.session_dir(session_id)
+        return [p for p in [d / IDENTITY_FILE] + sorted(d.glob("identity-*.safetensors")) if p.is_file()]
+
+    # --- job files -------------------------------------------------------------------------------
+    def save_image(self, session_id: str, job_id: str, name: str, image, *, thumbnail_side: int | None = None) -> str:
+        """Write one of a job's images atomically (PNG; a JPEG thumbnail with ``thumbnail_side``) and return
+        the path to record. A full volume: InsufficientStorage, no temp file left."""
+        path = self.output_dir(session_id, job_id) / name
+        if thumbnail_side is None:
+            atomic_save_png(path, image)
+        else:
+            atomic_save_thumbnail(path, image, thumbnail_side)
+        return self.relative(path)
+
+    def remove(self, recorded: Iterable[str]) -> None:
+        """Delete files written for an output that was never recorded (nothing unrecorded is ever served)."""
+        for rel in recorded:
+            with _suppress():
+                self.resolve_relative(rel).unlink(missing_ok=True)
+
+    def init_image_path(self, session_id: str, job_id: str) -> Path:
+        """An img2img job's start picture, beside its outputs (not an output name, so never served)."""
+        return self.output_dir(session_id, job_id) / INIT_IMAGE_FILE
+
+    def accepted_original(self, session_id: str, index: int) -> Path | None:
+        """The uploaded file of accepted selfie ``index``, or None when there is no such accepted selfie."""
+        d = self.session_dir(session_id)
+        if not (d / "crops" / f"{index:03d}.png").is_file():
+            return None
+        found = sorted((d / "originals").glob(f"{index:03d}.*"))
+        return found[0] if found else None
 
     def load_template(self, session_id: str):
         """The face-embedding template of a session, or None."""
         from safetensors.numpy import load_file
-        p = self.session_dir(session_id) / "embeddings.safetensors"
+        p = self.session_dir(session_id) / FACES_FILE
         if not p.exists():
             return None
         return load_file(str(p)).get("template")

@@ -40,3 +40,26 @@ def fingerprint(*parts: Any) -> str:
         data = p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, separators=(",", ":")).encode()
         h.update(hashlib.sha256(data).digest())
     return h.hexdigest()
+
+
+def idempotent(endpoint: str, owner: str | None, fp_parts: tuple, answer):
+    """Run ``answer() -> (status, body, headers, session_id)`` once per Idempotency-Key: with a key from a
+    known caller the first answer is kept and given again for the same request (``Idempotent-Replayed``).
+    The store is the app's (``app.extensions["twin_idempotency"]``, picked in utils/service/wiring.py)."""
+    from flask import current_app, request
+    idem = current_app.extensions["twin_idempotency"]
+    key = parse_key(request.headers.get(HEADER))
+    if key is None or owner is None:
+        status, body, headers, _ = answer()
+        return status, body, headers
+    replay = idem.begin(owner, endpoint, key, fingerprint(*fp_parts))
+    if replay is not None:
+        status, body, headers = replay
+        return status, body, {**headers, "Idempotent-Replayed": "true"}
+    try:
+        status, body, headers, session_id = answer()
+    except BaseException:
+        idem.abandon(owner, endpoint, key)
+        raise
+    idem.complete(owner, endpoint, key, status, body, headers, session_id)
+    return status, body, headers

@@ -62,7 +62,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from utils.services import VERSION
+    from utils.version import VERSION
     return VERSION
 
 
@@ -84,7 +84,7 @@ def _common(s: Settings, keyed: bool) -> dict[str, Any]:
 
 
 def _generate_request(s: Settings) -> dict[str, Any]:
-    from utils.services import request_fields
+    from utils.service.wiring import request_fields
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "

@@ -89,3 +89,26 @@ def describe_auth(settings: Settings) -> tuple[str, dict]:
                 {"auth": "anonymous_loopback", "bind": settings.host})
     return ("authentication off on a non-loopback bind (TWIN_ALLOW_ANONYMOUS=1): anyone who reaches the port can "
             "upload; callers are told apart by per-client tokens", {"auth": "anonymous_public", "bind": settings.host})
+
+
+def check_start(settings: Settings) -> None:
+    """Start-up checks of the HTTP side: a public bind needs keys (or an explicit opt-out), rate limits must
+    parse; then the one log line saying which authentication is on."""
+    if not settings.is_loopback_bind and not settings.api_key_list and not settings.allow_anonymous:
+        raise errors.ConfigError(f"TWIN_HOST={settings.host!r} is not a loopback address and TWIN_API_KEYS is "
+                                 "empty: set API keys, or TWIN_ALLOW_ANONYMOUS=1 to serve without them")
+    check_rate_limits(settings)
+    message, fields = describe_auth(settings)
+    logging.getLogger("twin.app").info(message, extra=fields)
+
+
+def rate_limiter(app, settings: Settings):
+    """flask-limiter for ``app``. Local mode: in-memory counters (one gunicorn worker process serves the app,
+    see gunicorn.conf.py). Cluster mode: counters in the shared Redis, so a limit holds across API nodes;
+    while Redis is away the limiter lets requests through (they get 503 queue_unavailable from the job
+    store instead of a 500)."""
+    from flask import request
+    from flask_limiter import Limiter
+    return Limiter(lambda: rate_limit_key(request, settings.api_key_list), app=app,
+                   storage_uri=settings.queue_url or "memory://", headers_enabled=False, default_limits=[],
+                   swallow_errors=settings.cluster)

@@ -3,4 +3,4 @@ embedding backends (``backends``: dlib offline, InsightFace) and the torch port 
 ResNet (``dlib_resnet``). ``FaceService`` picks the backend from the settings."""
 from utils.faces.service import AcceptedSelfie, FaceService, RejectedSelfie, SelfieReport
 
-__all__ = ["AcceptedSelfie", "FaceService", "RejectedSelfie", "ValidationReport"]
+__all__ = ["AcceptedSelfie", "FaceService", "RejectedSelfie", "SelfieReport"]

@@ -61,7 +61,6 @@ RESTORE_MODELS: dict[str, RestoreModelSpec] = {
     "codeformer": RestoreModelSpec("codeformer", "codeformer.onnx", True, "S-Lab 1.0, non-commercial (CodeFormer)"),
     "gpen": RestoreModelSpec("gpen", "gpen_bfr_512.onnx", False, "non-commercial (GPEN-BFR-512)"),
 }
-RESTORE_MODEL_NAMES = tuple(RESTORE_MODELS)
 
 
 def download_command(name: str, model_dir: Path | str | None = None) -> str:

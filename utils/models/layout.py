@@ -39,8 +39,6 @@ ADAPTER_FILES: dict[str, tuple[str, str, str, str | None]] = {
     # InstantID: a Resampler image_proj over the 512-d ArcFace vector; no CLIP encoder.
     "instantid": (INSTANTID_DIR, "", "ip-adapter.bin", None),
 }
-# Variants that need 512-d ArcFace embeddings (the InsightFace face backend).
-ARCFACE_VARIANTS = ("faceid", "faceid-plusv2", "instantid")
 # Variants whose adapter reads CLIP ViT-H features of the face crops (the image encoder in IPA_DIR).
 ENCODER_VARIANTS = ("plus-face", "plain", "faceid-plusv2")
 INSTANTID_FILES = [f"{CONTROLNET_SUB}/config.json", f"{CONTROLNET_SUB}/diffusion_pytorch_model.safetensors",
@@ -284,6 +282,11 @@ def choose_profile(settings: Settings) -> str:
     if settings.model_profile != "auto":
         return settings.model_profile
     return model_layout(settings).profile
+
+
+def native_resolution(settings: Settings) -> int:
+    """The native side of the configured profile's base model (known without loading it)."""
+    return model_layout(settings).native_resolution
 
 
 def checkpoint_dir(settings: Settings) -> Path:

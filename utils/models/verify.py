@@ -14,7 +14,8 @@ from typing import Any
 from utils.models.adapters import adapter_shapes, file_sizes, lora_rank_dims
 from utils.models.filecheck import (FileCheck, compare, compare_header, corrupt, dtype_check, meta_model, meta_state,
                                     open_header, rel_path, weight_file)
-from utils.models.layout import ARCFACE_VARIANTS, CONTROLNET_SUB, ENCODER_SUB, ENCODER_VARIANTS, ModelLayout
+from utils.choices import ARCFACE_VARIANTS
+from utils.models.layout import CONTROLNET_SUB, ENCODER_SUB, ENCODER_VARIANTS, ModelLayout
 from utils.models.load import quiet_libraries
 from utils.models.lora_check import verify_lora
 from utils.models.onnx_check import verify_face_pack, verify_restore_models

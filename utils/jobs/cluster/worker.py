@@ -1,9 +1,9 @@
-"""Cluster mode's *GPU worker*: the RQ worker process (``./start_worker.sh`` =
-``python -m utils.jobs.cluster.worker``), one per GPU.
+"""Cluster mode's *GPU worker*: the RQ side of the worker process (``./start_worker.sh`` =
+``python -m utils.service.gpu_worker``, one per GPU).
 
-It builds the same ``Runtime`` an API node builds (so a job runs exactly the code it runs in local mode:
-``Runtime._run_job``; ``build_worker_runtime``), loads the models once, and then works RQ's queue in a
-``SimpleWorker`` subclass (no fork per job: CUDA state does not survive a fork). What the subclass adds
+The process builds a Runtime as an API node does (utils/service/gpu_worker.py; so a job runs exactly the
+code it runs in local mode: ``runtime.jobs.run``), loads the models once, and then ``serve`` works RQ's
+queue in a ``SimpleWorker`` subclass (no fork per job: CUDA state does not survive a fork). What the subclass adds
 (measured reasons in DESIGN.md section 5):
 
 - a heartbeat thread renews the worker's and the running job's heartbeat every
@@ -26,13 +26,9 @@ It builds the same ``Runtime`` an API node builds (so a job runs exactly the cod
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import logging
-import os
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -43,7 +39,6 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
 from utils import errors
-from utils.config import Settings
 from utils.jobs.cluster.registry import ModelControl
 from utils.jobs.cluster.routing import make_model_queue, make_queue
 from utils.jobs.status import CANCELED_BY_USER, JobStatus, failure_outcome
@@ -66,7 +61,7 @@ def perform(job_id: str) -> None:
     """The RQ job function (``routing.JOB_FUNC``): run one app job on this GPU worker's runtime and record
     its outcome."""
     if _worker is None:
-        raise RuntimeError("perform() runs only inside a TwinWorker (python -m utils.jobs.cluster.worker)")
+        raise RuntimeError("perform() runs only inside a TwinWorker (python -m utils.service.gpu_worker)")
     return _worker.run_app_job(job_id)
 
 
@@ -193,14 +188,14 @@ class TwinWorker(SimpleWorker):
             except errors.ServiceNotReady:
                 pass  # progress is best effort while Redis restarts
             if preview is not None:
-                rt._preview(job_id, step, preview)  # into the Redis event log: any API node serves it
+                rt.publish_preview(job_id, step, preview)  # into the Redis event log: any API node serves it
 
         def should_cancel() -> bool:
             return self._cancel.is_set() or store.cancel_requested(job_id)
 
         t0 = time.perf_counter()
         try:
-            metadata = rt._run_job(job, on_progress, should_cancel, 0)
+            metadata = rt.jobs.run(job, on_progress, should_cancel, 0)
         except errors.JobCanceled:
             if self._drain_requeue:
                 store.requeue(job_id)
@@ -249,89 +244,32 @@ class TwinWorker(SimpleWorker):
 
 # --- the process -----------------------------------------------------------------------------------
 
-def build_worker_runtime(settings: Settings, components: str = ""):
-    """The service side of a GPU worker, from its settings: (runtime, generator, device info). It belongs
-    to the service layer (it builds a ``services.Runtime``; the one import of ``utils.services`` under
-    ``utils/jobs``) and is kept apart from the RQ code so it can move there. ``components``:
-    ``module:function`` returning (generator, faces) instead of the real engines (tests pass doubles)."""
-    from utils import services
-    if components:
-        mod, _, attr = components.partition(":")
-        generator, faces = getattr(importlib.import_module(mod), attr)(settings)
-    else:
-        generator, faces = services.build_generators(settings)[0], services.build_faces(settings)
-    runtime = services.Runtime(settings, [generator], faces)
-    # The cluster-wide retention sweep may run in this process: a swept session's Idempotency-Key
-    # records (in Redis) go with it, as they do when an API node deletes the session.
-    runtime.session_deleted_hooks.append(
-        services.build_idempotency(settings, runtime.storage.db_path, runtime.store).forget_session)
-    return runtime, generator, services._device_info(services._safe_info(generator).get("device"))
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Digital-twin GPU worker (cluster mode, TWIN_QUEUE_URL)")
-    ap.add_argument("--components", default="",
-                    help="module:function returning (generator, faces); default: the real engines from settings "
-                         "(tests pass their doubles here)")
-    ap.add_argument("--name", default="", help="RQ worker name (default HOST.PID)")
-    ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    return ap.parse_args(argv)
-
-
-def _serve(worker: TwinWorker, settings: Settings, burst: bool) -> None:
-    """RQ's work loop returns ("unhandled exception, quitting") when Redis goes away outside its blocking
-    pop: start it again until a stop was asked for; the models stay loaded."""
-    while True:
-        try:
-            worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
-        except StopRequested:
-            break  # SIGTERM while RQ was setting up (before its own handler caught it)
-        except Exception as e:  # noqa: BLE001 - Redis away at start: wait and reconnect
-            log.error("GPU worker lost Redis; reconnecting", extra={"error": f"{type(e).__name__}: {e}"})
-        if worker.stop_asked or worker._stop_requested or burst:
-            break
-        time.sleep(2)
-
-
-def main(argv: list[str] | None = None, build_runtime=build_worker_runtime) -> int:
-    args = _parse_args(argv)
-    settings = Settings.from_env()
-    if not settings.cluster:
-        print("[worker] TWIN_QUEUE_URL is not set: a GPU worker only exists in cluster mode", file=sys.stderr)
-        return 2
-    from utils.logging import configure_logging
-    configure_logging(settings.log_level)
-    # The generator runs in this process (one per GPU: the GPU worker serves no HTTP, nothing waits on its
-    # GIL but the heartbeat thread, which the switch interval serves).
-    settings = settings.replace(generator_process=False, workers=1)
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
-    runtime, generator, device = build_runtime(settings, args.components)
-    runtime.start()
-    if not runtime.wait_ready():
-        log.error("GPU worker set-up failed", extra={"error": runtime.setup_error})
-        runtime.shutdown()
-        return 1
+def serve(runtime, engine, name: str, device: dict, *, burst: bool = False) -> None:
+    """Work RQ's queues with a started, ready ``runtime`` (utils/service/gpu_worker.py builds it) until a
+    stop: the RQ worker, its base-model control thread, and RQ's work loop, restarted after a Redis outage
+    (it returns "unhandled exception, quitting" when Redis goes away outside its blocking pop; the models
+    stay loaded)."""
     global _worker
+    settings = runtime.settings
     conn = runtime.store.redis
-    name = args.name or f"{socket.gethostname()}.{os.getpid()}"
     worker = TwinWorker([make_queue(conn)], connection=conn, serializer=JSONSerializer, name=name,
                         runtime=runtime, worker_ttl=max(20, int(settings.worker_heartbeat_seconds * 10)),
                         job_monitoring_interval=max(1, int(settings.worker_heartbeat_seconds)))
     _worker = worker
-    control = ModelControl(worker, generator, name, {"host": socket.gethostname(), "device": device["device"],
-                                                     "gpu_name": device.get("name", "CPU")})
+    control = ModelControl(worker, engine, name, {"host": socket.gethostname(), "device": device["device"],
+                                                  "gpu_name": device.get("name", "CPU")})
     worker.listen_for(control.active)
     control.start()
     try:
-        _serve(worker, settings, args.burst)
+        while True:
+            try:
+                worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+            except StopRequested:
+                break  # SIGTERM while RQ was setting up (before its own handler caught it)
+            except Exception as e:  # noqa: BLE001 - Redis away at start: wait and reconnect
+                log.error("GPU worker lost Redis; reconnecting", extra={"error": f"{type(e).__name__}: {e}"})
+            if worker.stop_asked or worker._stop_requested or burst:
+                break
+            time.sleep(2)
     finally:
         control.stop()
-        runtime.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, not __main__'s: perform() (what RQ imports by name) reads the
-    # GPU worker from utils.jobs.cluster.worker.
-    from utils.jobs.cluster import worker as _module
-    sys.exit(_module.main())

@@ -1,0 +1,1 @@
+"""Command-line front ends of the service: generate (selfies -> portraits) and evaluate (likeness report)."""

@@ -1,0 +1,188 @@
+"""The generation request, declared once: ``REQUEST_FIELDS`` (one row per field) is what
+``GenerationRequest.from_dict`` validates against, what /openapi.json and the /system-status options are
+rendered from, and what the CLI makes its flags from. A new request field is a row here plus its dataclass
+field. Importing this module loads no model (the API node parses requests without one)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from utils.choices import RESTORE_MODEL_NAMES
+from utils.config import Settings
+from utils.engine.identity.pose import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH_RANGE, check_selfie_pose, parse_pose
+from utils.engine.tuning import (ASPECT_RATIOS, DEFAULT_POSE_STRENGTH, DEFAULT_STYLE, MAX_CANDIDATES, MAX_IMAGES,
+                                 MAX_SEED, POSE_VARIANTS, QUALITY_MODES, default_identity_strength,
+                                 default_pose_strength, preset_size, style_library)
+from utils.errors import InvalidRequest
+from utils.init_image import check_init_image, max_chars as max_init_chars, parse_init_image
+from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, check_attributes, check_persona, persona_schema
+from utils.request_fields import Field, published_fields, validate_payload
+
+REQUEST_FIELDS: tuple[Field, ...] = (
+    Field("prompt", "string", "What to portray; the identity comes from the session's selfies.", required=True,
+          strip=True, min_length=1, max_length=lambda s: s.max_prompt_chars),
+    Field("negative_prompt", "string", "What to avoid; added to the style's negative.",
+          max_length=lambda s: s.max_prompt_chars),
+    Field("num_images", "integer", "Portraits to make.", default=1, minimum=1, maximum=MAX_IMAGES,
+          message="{name}={value!r} is not between {minimum} and {maximum}"),
+    Field("seed", "integer", "Random seed of the first image (image i uses seed + i); random when absent.",
+          minimum=0, maximum=MAX_SEED),
+    Field("width", "integer", "Output width; with height, instead of aspect_ratio.", multiple_of=8,
+          minimum=lambda s: s.min_image_side, maximum=lambda s: s.max_image_side,
+          message="{name}={value!r} must be a multiple of 8 between {minimum} and {maximum}"),
+    Field("height", "integer", "Output height; with width.", multiple_of=8,
+          minimum=lambda s: s.min_image_side, maximum=lambda s: s.max_image_side,
+          message="{name}={value!r} must be a multiple of 8 between {minimum} and {maximum}"),
+    Field("aspect_ratio", "string", "A preset size (SDXL training buckets scaled to the model).",
+          enum=tuple(ASPECT_RATIOS)),
+    Field("quality_mode", "string", "Steps / guidance / scheduler preset.", default="balanced",
+          enum=tuple(QUALITY_MODES)),
+    Field("identity_strength", "number", "Identity adapter scale (default per adapter variant: instantid and "
+          "faceid-plusv2 0.8, else TWIN_DEFAULT_IDENTITY_STRENGTH).",
+          default=default_identity_strength, minimum=0.0, maximum=2.0),
+    Field("style", "string", "A preset of the style library (GET /styles): prompt template, negative, defaults.",
+          default=DEFAULT_STYLE, enum=lambda s: tuple(style_library(s))),
+    Field("style_strength", "number", "How much of the style's text is applied (prompt weighting; 1 = as written).",
+          default=1.0, minimum=0.0, maximum=1.0),
+    Field("persona", "object", "Who is portrayed: {name, age (18-100), traits[]}; built into the prompt, identity first.",
+          check=check_persona, schema_extra=persona_schema()),
+    Field("attributes", "object", "Visual attributes: gender, age_group, ethnicity, hair, eyes, skin_tone, outfit, "
+          "expression, background; built into the prompt, identity first.",
+          check=check_attributes, schema_extra=attributes_schema()),
+    Field("init_image", "string", "img2img start picture: \"selfie:N\" (accepted selfie N of the session), "
+          "\"<job_id>/<filename>\" (one of your outputs) or base64 image data (data:image/...;base64,...).",
+          min_length=1, max_length=max_init_chars, check=check_init_image),
+    Field("strength", "number", "img2img: how far from init_image the picture may move (1 = ignore it).",
+          default=0.6, minimum=0.05, maximum=1.0),
+    Field("lora", "string", "Name of a style LoRA in the model folder.", min_length=1, max_length=100,
+          message="{name}={value!r} must be a LoRA name"),
+    Field("lora_scale", "number", "Strength of the LoRA.", default=0.8, minimum=0.0, maximum=2.0),
+    Field("preview", "boolean", "Send a small preview of the forming image every few steps "
+          "(GET /preview/<job_id>, preview events).", default=False),
+    # Likeness (done by the service after generation, with the face backend; see utils/services.py).
+    Field("candidates", "integer", "Best-of-N: generate this many (num_images to 8), score each against the "
+          "session's faces and keep the num_images most alike, best first; default num_images.",
+          minimum=1, maximum=MAX_CANDIDATES),
+    Field("restore_faces", "boolean", "Restore every face (GFPGAN / CodeFormer / GPEN); the unrestored image "
+          "is kept as avatar_NNN_raw.png.", default=lambda s: s.restore_default),
+    Field("restore_model", "string", "Face restoration model.", default=lambda s: s.restore_model,
+          enum=RESTORE_MODEL_NAMES),
+    Field("restore_fidelity", "number", "CodeFormer's fidelity weight: 0 restores most, 1 stays closest to the "
+          "generated face (other models ignore it).", default=0.5, minimum=0.0, maximum=1.0),
+    Field("pose", "string", "Head pose of the portrait (instantid variant): auto (frontal, with the person's "
+          "own proportions from the selfies), a preset (" + ", ".join(POSE_PRESETS) + "), or selfie:N (the "
+          "pose of accepted selfie N, N = its index in the upload report).", default="auto",
+          check=lambda v, s: parse_pose(v),
+          schema_extra={"pattern": "^(" + "|".join(c for c in POSE_CHOICES if c != "selfie:N")
+                        + r"|selfie:[0-9]{1,6})$"}),
+    Field("pose_strength", "number", "How strongly the pose keypoints steer the image (instantid's "
+          "IdentityNet ControlNet scale; 0 = no pose control).", default=default_pose_strength,
+          minimum=POSE_STRENGTH_RANGE[0], maximum=POSE_STRENGTH_RANGE[1]),
+    Field("model", "string", "The base model (GET /models) this job is meant for: when another one is active "
+          "when the job runs, it fails with model_not_loaded (409) naming both. Absent: the active model.",
+          min_length=1, max_length=200, message="{name}={value!r} must be a base model name"),
+)
+REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    quality_mode: str = "balanced"
+    identity_strength: float = 0.7
+    style: str = DEFAULT_STYLE
+    style_strength: float = 1.0
+    persona: dict | None = None
+    attributes: dict | None = None
+    init_image: str | None = None
+    strength: float = 0.6
+    lora: str | None = None
+    lora_scale: float = 0.8
+    preview: bool = False
+    candidates: int | None = None
+    restore_faces: bool = False
+    restore_model: str = "gfpgan"
+    restore_fidelity: float = 0.5
+    pose: str = "auto"
+    pose_strength: float = DEFAULT_POSE_STRENGTH
+    model: str | None = None
+    identity: Any = field(default=None, compare=False, repr=False)
+    init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
+
+    @classmethod
+    def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
+        v = validate_payload(REQUEST_FIELDS, payload, settings)
+        # Rules between fields; each value alone is already valid.
+        if (v["width"] is None) != (v["height"] is None):
+            raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
+        if v["width"] is not None and v["aspect_ratio"] is not None:
+            raise InvalidRequest(f"give either aspect_ratio={v['aspect_ratio']!r} or width/height, not both")
+        if v["candidates"] is not None and v["candidates"] < v["num_images"]:
+            raise InvalidRequest(f"candidates={v['candidates']!r} is fewer than num_images={v['num_images']!r}; "
+                                 f"give between {v['num_images']} and {MAX_CANDIDATES}")
+        if v["init_image"] is None and payload.get("strength") is not None:
+            raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
+        return cls(**v)
+
+    @property
+    def total_candidates(self) -> int:
+        return self.candidates or self.num_images
+
+    def with_identity(self, identity: Any) -> "GenerationRequest":
+        if identity is not None:
+            ex = getattr(identity, "extras", None) or {}
+            idx = ex.get("keypoint_index") if ex.get("keypoints") is not None else None
+            check_selfie_pose(self.pose, [] if idx is None else [int(i) for i in idx.tolist()])
+        return dataclasses.replace(self, identity=identity)
+
+    def check_session(self, faces) -> None:
+        """What the request names of the session must exist in it: ``pose="selfie:N"`` an accepted selfie
+        with key points (checked when the request meets the session, so it is a 400, not a failed job).
+        ``faces``: the session's stored face features (utils.storage.SessionFaces)."""
+        kps = faces.keypoints or [None] * len(faces.indices)
+        check_selfie_pose(self.pose, [i for i, k in zip(faces.indices, kps) if k is not None])
+
+    def with_init_image(self, image: Any) -> "GenerationRequest":
+        return dataclasses.replace(self, init_pixels=image)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in REQUEST_KEYS}
+        if self.init_image is not None:  # inline image data is not echoed into every job JSON
+            d["init_image"] = parse_init_image(self.init_image, len(self.init_image)).describe()
+        else:
+            d["strength"] = None
+        d["has_identity"] = self.identity is not None
+        return d
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seeds: list[int]
+    metadata: dict[str, Any]
+
+
+def published_options(native_resolution: int, settings: Settings) -> dict[str, Any]:
+    """The request choices of the loaded model, for clients (the /test page reads them from /system-status)."""
+    return {
+        "quality_modes": list(QUALITY_MODES),
+        "default_quality_mode": "balanced",
+        "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
+        "styles": list(style_library(settings)),
+        "default_style": DEFAULT_STYLE,
+        "default_identity_strength": default_identity_strength(settings),
+        "attribute_choices": {k: list(v) for k, v in ENUM_ATTRIBUTES.items()},
+        "max_images": MAX_IMAGES,
+        "variant": settings.ip_adapter_variant,
+        # Pose control needs the IdentityNet (instantid); clients show the pose choice only then.
+        "pose_control": settings.ip_adapter_variant in POSE_VARIANTS,
+        "poses": list(POSE_CHOICES),
+        "request_fields": published_fields(REQUEST_FIELDS, settings),
+    }

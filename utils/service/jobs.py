@@ -1,0 +1,209 @@
+"""Jobs: submit (every check up front), status, cancel, downloads, previews — and ``run``, what a job thread
+or a GPU worker calls to run one job record through the JobRunner."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from utils import errors
+from utils.config import Settings
+from utils.jobs.status import JobStatus
+from utils.service.identity import Identities
+from utils.service.runner import JobRunner, Likeness
+from utils.storage import Storage, atomic_save_png, is_valid_id, new_id, thumbnail_name
+
+log = logging.getLogger("twin.service")
+
+
+class StorageSink:
+    """A job's outputs: files in the session's storage, each recorded in the job store once written."""
+
+    def __init__(self, settings: Settings, storage: Storage, store, session_id: str, job_id: str) -> None:
+        self.settings, self.storage, self.store = settings, storage, store
+        self.session_id, self.job_id = session_id, job_id
+        self.thumbnails = True
+
+    def save(self, name: str, image, *, thumbnail: bool = False) -> str:
+        side = self.settings.thumbnail_side if thumbnail else None
+        return self.storage.save_image(self.session_id, self.job_id, name, image, thumbnail_side=side)
+
+    def add(self, output: dict) -> None:
+        self.store.add_output(self.job_id, output)
+
+    def remove(self, written: list[str]) -> None:
+        self.storage.remove(written)
+
+    def check(self) -> None:
+        if self.store.get_session(self.session_id) is None:
+            raise errors.NotFound(f"session {self.session_id!r} was deleted")
+
+
+class Jobs:
+    def __init__(self, settings: Settings, storage: Storage, store, queue, engines: list, faces,
+                 identities: Identities, runner: JobRunner, restorer: Callable[[], Any], sessions) -> None:
+        self.settings, self.storage, self.store, self.queue = settings, storage, store, queue
+        self.engines, self.faces, self.identities, self.runner = engines, faces, identities, runner
+        self._restorer = restorer
+        self.sessions = sessions
+
+    def owned(self, job_id: str, owner: str | None) -> dict:
+        job = self.store.get(job_id) if is_valid_id(job_id) else None
+        if job is None or owner is None or job["owner"] != owner:
+            raise errors.NotFound(f"job {job_id!r} not found")
+        return job
+
+    # --- submit ----------------------------------------------------------------------------------
+    def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
+        """Queue a job. ``webhook``: the checked webhook record (utils/jobs/webhooks.py) or None."""
+        if not isinstance(payload, dict):
+            raise errors.InvalidRequest("the body must be a JSON object")
+        payload = dict(payload)
+        session = self._session_for(payload.pop("session_id", None), owner)
+        engine = self.engines[0]
+        req = engine.request_type.from_dict(payload, self.settings)
+        self._check_likeness(req)
+        self._check_model(req)
+        self.storage.require_space(output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
+        # The session's face features, read now: a broken session fails the request rather than the job,
+        # and what the request names of the session (pose="selfie:N") is checked against them.
+        req.check_session(self.storage.session_faces(session["id"]))
+        job_id = new_id()
+        init_path = self._store_init_image(req, session["id"], job_id, owner)
+        try:
+            job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
+                                        request=req.to_dict(), queue_max=self.settings.queue_max,
+                                        webhook=webhook)
+        except BaseException:
+            if init_path is not None:
+                init_path.unlink(missing_ok=True)
+            raise
+        self.queue.submit(job_id)
+        log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
+        return job
+
+    def _session_for(self, session_id: Any, owner: str | None) -> dict:
+        if session_id is not None:
+            if not isinstance(session_id, str):
+                raise errors.InvalidRequest(f"session_id={session_id!r} is not a string")
+            return self.sessions.owned(session_id, owner)
+        session = self.store.latest_session(owner) if owner else None
+        if session is None:
+            raise errors.InvalidRequest("no session: upload selfies first (POST /upload) or pass session_id",
+                                        code="no_session")
+        return session
+
+    def _check_model(self, req) -> None:
+        """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
+        engine checks again: a switch in between fails the job with the same code)."""
+        want = getattr(req, "model", None)
+        if want is None:
+            return
+        from utils.service.models import check_model
+        check_model(self.queue, self.engines, want, self.settings.cluster)
+
+    def _check_likeness(self, req) -> None:
+        """Restoration needs its model file: refuse the request now (400, naming the file and the download
+        command) rather than fail the job later."""
+        if getattr(req, "restore_faces", False):
+            restorer = self._restorer()
+            if restorer is None:
+                raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
+            restorer.check(req.restore_model)
+
+    def _store_init_image(self, req, session_id: str, job_id: str, owner: str | None):
+        """img2img: the start picture is resolved and checked once, now, and stored beside the outputs: the
+        job runs on these pixels even if the source goes away."""
+        if getattr(req, "init_image", None) is None:
+            return None
+        path = self.storage.init_image_path(session_id, job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_png(path, self._init_image(req.init_image, session_id, owner))
+        return path
+
+    def _init_image(self, value: str, session_id: str, owner: str | None):
+        """The pixels an img2img ``init_image`` names (utils/init_image.py): an accepted selfie of the
+        session, one of the caller's outputs (another caller's: 404), or inline data (the selfie decoder)."""
+        from PIL import Image
+        from utils.images import decode_image
+        from utils.init_image import parse_init_image
+        s = self.settings
+        ref = parse_init_image(value, int(s.max_file_mb * 1024 * 1024))
+        if ref.kind == "upload":
+            return decode_image(ref.data, "init_image", max_pixels=s.max_pixels)
+        if ref.kind == "output":
+            with Image.open(self.output_path(ref.job_id, ref.filename, owner)) as im:   # NotFound for another's
+                return im.convert("RGB")
+        original = self.storage.accepted_original(session_id, ref.index)
+        if original is None:
+            raise errors.NotFound(f"init_image='selfie:{ref.index}' is not an accepted selfie of session "
+                                  f"{session_id!r} (use the index from the upload report)")
+        return decode_image(original.read_bytes(), original.name, max_pixels=s.max_pixels)
+
+    # --- status, cancel, files -------------------------------------------------------------------
+    def cancel(self, job_id: str, owner: str | None) -> dict:
+        job = self.owned(job_id, owner)
+        if JobStatus(job["status"]).terminal:
+            raise errors.Conflict(f"job {job_id!r} is already {job['status']}")
+        self.queue.cancel(job_id)
+        if job["status"] == "running":
+            deadline = time.time() + 10
+            while time.time() < deadline and self.store.get(job_id)["status"] == "running":
+                time.sleep(0.01)
+        return self.store.get(job_id)
+
+    def output_path(self, job_id: str, filename: str, owner: str | None):
+        job = self.owned(job_id, owner)
+        for o in job["outputs"]:
+            candidates = [("thumbnail_path", thumbnail_name(o["filename"])), ("path", o.get("filename")),
+                          ("raw_path", o.get("raw_filename"))]
+            for path_key, name in candidates:
+                if name == filename and o.get(path_key):
+                    path = self.storage.resolve_relative(o[path_key])
+                    if path.is_file():
+                        return path
+        raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
+
+    # --- run -------------------------------------------------------------------------------------
+    def run(self, job: dict, on_progress, should_cancel, index: int = 0) -> dict:
+        """Run one claimed job record on engine ``index``: the request, the session's identity for the active
+        model and the stored start picture, then the JobRunner. Returns the result metadata."""
+        engine = self.engines[index]
+        session_id = job["session_id"]
+        if self.store.get_session(session_id) is None:
+            raise errors.NotFound(f"session {session_id!r} was deleted")
+        req = engine.request_type.from_dict(job["payload"], self.settings)
+        req = req.with_identity(self.identities.for_engine(engine, session_id))
+        if getattr(req, "init_image", None) is not None:
+            req = req.with_init_image(self._stored_init_image(session_id, job["id"]))
+        # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
+        self.storage.require_space(output_bytes(req), f"the outputs of job {job['id']!r}")
+        sink = StorageSink(self.settings, self.storage, self.store, session_id, job["id"])
+        return self.runner.produce(engine, req, self._likeness(req, session_id), sink, on_progress, should_cancel)
+
+    def _stored_init_image(self, session_id: str, job_id: str):
+        from PIL import Image
+        path = self.storage.init_image_path(session_id, job_id)
+        if not path.is_file():
+            raise errors.NotFound(f"the init_image of job {job_id!r} is gone")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def _likeness(self, req, session_id: str) -> Likeness:
+        best_of = (getattr(req, "candidates", None) or 0) > req.num_images
+        if not (self.settings.score_outputs or best_of or getattr(req, "restore_faces", False)):
+            return Likeness()
+        try:
+            template = self.storage.load_template(session_id)
+        except Exception:  # noqa: BLE001 - a score is optional
+            template = None
+        return Likeness(template, self.storage.session_self_similarity(session_id))
+
+
+def output_bytes(req) -> int:
+    """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that); a restored
+    output keeps its raw original too."""
+    w = getattr(req, "width", None) or 1024
+    h = getattr(req, "height", None) or 1024
+    copies = 2 if getattr(req, "restore_faces", False) else 1
+    return copies * int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3

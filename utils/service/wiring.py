@@ -1,0 +1,204 @@
+"""The one place where settings become components: which engine (in-process or in a generator process, one
+per GPU), which face service, which job store / queue / event log / Idempotency-Key store (local SQLite +
+job threads, or cluster Redis + RQ), which face restorer. Everything else receives what this builds, so
+tests swap an implementation by passing another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from utils import errors
+from utils.choices import ARCFACE_VARIANTS, face_pack
+from utils.config import Settings
+from utils.storage import Storage
+
+
+@dataclass
+class Parts:
+    """What a Runtime is made of. ``queue`` is a factory ``(run, ready, on_preview) -> JobQueue`` (the local
+    job threads call back into the runtime); ``restorer`` a factory ``(profile) -> FaceRestorer``."""
+    engines: list
+    faces: Any
+    storage: Storage
+    store: Any
+    queue: Callable
+    events: Any
+    webhooks: Any
+    restorer: Callable[[str | None], Any]
+
+
+def build_runtime(settings: Settings, *, engines: list | None = None, faces=None, gpu_worker: bool = False):
+    """A Runtime for this process: the web app (local mode, or a cluster's API node) or a GPU worker.
+    ``engines`` / ``faces``: test doubles, else the real ones from the settings."""
+    from utils.service.runtime import Runtime
+    storage = Storage(settings.data_dir, min_free_mb=settings.min_free_mb)
+    store = build_store(settings, storage)
+    parts = Parts(engines=engines if engines is not None else build_engines(settings),
+                  faces=faces if faces is not None else build_faces(settings), storage=storage, store=store,
+                  queue=lambda run, ready, on_preview: build_queue(settings, store, run, ready, on_preview,
+                                                                   len(engines or []) or worker_count(settings)),
+                  events=build_events(settings, store), webhooks=build_webhooks(settings, store),
+                  restorer=lambda profile: build_restorer(settings, profile))
+    return Runtime(settings, parts, holds_models=gpu_worker or not settings.cluster)
+
+
+# --- engines ---------------------------------------------------------------------------------------
+
+def engine_class():
+    """DigitalTwinGenerator, the in-process engine (a generator process builds one in its child)."""
+    from utils.engine.generator import DigitalTwinGenerator
+    return DigitalTwinGenerator
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch, no GPU
+        return 0
+
+
+def worker_count(settings: Settings) -> int:
+    """TWIN_WORKERS, or one per GPU when the device is auto/cuda, else one."""
+    if settings.workers:
+        return settings.workers
+    if settings.device in ("auto", "cuda"):
+        return max(1, cuda_device_count())
+    return 1
+
+
+def build_engines(settings: Settings) -> list:
+    """One engine per GPU (a diffusers pipeline is not safe to call from two threads at once), each in a
+    generator process unless TWIN_GENERATOR_PROCESS=0 (the generation loop holds the GIL, and /status must
+    not wait on it). A cluster's API node builds the in-process engine object but never sets it up."""
+    cls = engine_class()
+    if settings.generator_process and not settings.cluster:
+        from utils.jobs.local.generator_process import GeneratorProcess
+
+        def make(s):
+            return GeneratorProcess(s, engine_class=cls)
+    else:
+        make = cls
+    n = worker_count(settings) if not settings.cluster else 1
+    if n == 1:
+        return [make(settings)]
+    return [make(settings.replace(device=f"cuda:{i}")) for i in range(n)]
+
+
+def style_catalogue(settings: Settings) -> dict:
+    """The style library (GET /styles). Read at start-up: a broken file raises ConfigError naming the line."""
+    from utils.engine.tuning import DEFAULT_STYLE, style_library
+    from utils.styles import catalogue
+    return {"default_style": DEFAULT_STYLE, "styles": catalogue(style_library(settings))}
+
+
+def request_fields() -> tuple:
+    """The declared request fields (for the OpenAPI document; loads no model)."""
+    from utils.engine.request import REQUEST_FIELDS
+    return REQUEST_FIELDS
+
+
+# --- faces -----------------------------------------------------------------------------------------
+
+def face_settings(settings: Settings) -> Settings:
+    """The settings the face service runs with. An ArcFace variant on the tiny profile, with no InsightFace
+    pack configured or present, uses the tiny stand-in antelopev2 pack that the tiny builder writes (real
+    pack I/O, tiny graphs), so the tiny profile runs these variants end to end offline."""
+    from utils.faces.backends import insightface_pack_files
+    if (settings.ip_adapter_variant not in ARCFACE_VARIANTS or settings.face_backend == "dlib"
+            or settings.insightface_model_dir is not None or insightface_pack_files(settings.resolved_insightface_dir)):
+        return settings
+    from utils.models.layout import ANTELOPE_DIR, choose_profile
+    if choose_profile(settings) != "tiny":
+        return settings
+    return settings.replace(insightface_model_dir=settings.resolved_tiny_model_dir / ANTELOPE_DIR)
+
+
+def prepare_face_models(settings: Settings) -> None:
+    """Builds the tiny folder (and so its stand-in face pack) when the face service is to use it."""
+    pack = settings.insightface_model_dir
+    tiny = settings.resolved_tiny_model_dir
+    if pack is not None and tiny in pack.parents:
+        from utils.models.tiny import make_tiny
+        make_tiny(tiny)
+
+
+def check_face_backend(settings: Settings, faces) -> None:
+    """An ArcFace adapter with the dlib backend (128-d descriptors) cannot work: stop at start-up with what
+    to install, rather than at every upload."""
+    variant = settings.ip_adapter_variant
+    if variant in ARCFACE_VARIANTS and faces.backend_name == "dlib":
+        raise errors.ModelWeightsMissing(
+            f"TWIN_IP_ADAPTER_VARIANT={variant} needs 512-d ArcFace face embeddings, but the face backend is dlib "
+            f"(128-d). Install the InsightFace backend: pip install --no-deps insightface==2.1 and "
+            f"pip install onnxruntime (onnxruntime-gpu on a GPU box), put the {face_pack(variant)} pack's .onnx "
+            f"files in {settings.resolved_insightface_dir} (or set TWIN_INSIGHTFACE_MODEL_DIR), and set "
+            f"TWIN_FACE_BACKEND=insightface (or auto)", code="face_models_missing")
+
+
+def build_faces(settings: Settings):
+    from utils.faces import FaceService
+    return FaceService(face_settings(settings))
+
+
+def build_restorer(settings: Settings, profile: str | None):
+    """Face restoration runs in the process that runs the job runner, beside the face service whose
+    detections it aligns (not in the generator process: it has no face backend, and onnxruntime releases
+    the GIL while it runs, so /status stays fast)."""
+    from utils.faces.restore import FaceRestorer
+    if settings.restore_model_dir is not None:
+        return FaceRestorer(settings.restore_model_dir)
+    if profile == "tiny":
+        # The demo profile restores with ONNX stand-ins (real names and shapes), written on demand.
+        return FaceRestorer(settings.resolved_tiny_model_dir / "face_restore", standins=True)
+    return FaceRestorer(settings.resolved_restore_dir, model_dir_hint=settings.model_dir)
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+def build_store(settings: Settings, storage: Storage):
+    """Job and session records: SQLite (jobs.db in the data dir) in local mode, Redis in cluster mode."""
+    if settings.cluster:
+        from utils.jobs.cluster.store import RedisJobStore
+        return RedisJobStore(settings.queue_url)
+    from utils.jobs.local.store import SqliteJobStore
+    return SqliteJobStore(storage.db_path)
+
+
+def build_queue(settings: Settings, store, run, ready, on_preview, engines: int):
+    """Local mode: one job thread per engine in this process. Cluster mode: the RQ queue that the GPU
+    workers (./start_worker.sh) work."""
+    if settings.cluster:
+        from utils.jobs.cluster.queue import RqJobQueue
+        return RqJobQueue(store, settings)
+    from utils.jobs.local.threads import JobThreads
+    return JobThreads(store, run, workers=engines, ready=ready, on_preview=on_preview)
+
+
+def build_events(settings: Settings, store):
+    """Live events: in this process in local mode; Redis streams beside the job records in cluster mode,
+    where the GPU worker that runs a job and the API node that streams it are different processes."""
+    if settings.cluster:
+        from utils.jobs.cluster.events import RedisEventLog
+        return RedisEventLog(store.redis, prefix=store.prefix)
+    from utils.jobs.events import MemoryEventLog
+    return MemoryEventLog()
+
+
+def build_webhooks(settings: Settings, store):
+    from utils.jobs.webhooks import WebhookDispatcher
+    return WebhookDispatcher(settings, store)
+
+
+def build_idempotency(settings: Settings, storage: Storage, store):
+    """The Idempotency-Key records: in jobs.db for local mode; in the cluster's Redis (beside the job
+    records, same connection) for cluster mode, so a retry that lands on another API node sees the
+    first node's record."""
+    if settings.cluster:
+        from utils.jobs.cluster.idempotency import RedisIdempotencyStore
+        return RedisIdempotencyStore(store.redis, settings.idempotency_hours, prefix=store.prefix,
+                                     in_flight_seconds=settings.idempotency_in_flight_seconds)
+    from utils.jobs.local.idempotency import SqliteIdempotencyStore
+    return SqliteIdempotencyStore(storage.db_path, settings.idempotency_hours,
+                                  in_flight_seconds=settings.idempotency_in_flight_seconds)
