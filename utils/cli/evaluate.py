@@ -17,7 +17,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".
 
 def default_face_service(settings: Settings):
     from utils.faces import FaceService
-    from utils.service.wiring import face_settings, prepare_face_models
+    from utils.service.face_setup import face_settings, prepare_face_models
     fs = face_settings(settings)       # ArcFace variants on the tiny profile: the tiny stand-in pack
     prepare_face_models(fs)
     return FaceService(fs)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
 
 def _set_up(settings: Settings, req, n_files: int, face_service_factory):
     from utils.engine.generator import DigitalTwinGenerator
-    from utils.service.wiring import check_face_backend
+    from utils.service.face_setup import check_face_backend
     print(f"[1/4] loading face service and model ({n_files} photos)", flush=True)
     faces = (face_service_factory or default_face_service)(settings)
     faces.setup()

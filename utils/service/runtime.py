@@ -19,6 +19,7 @@ from utils.config import Settings
 from utils.contracts import ClusterSingleton
 from utils.jobs import lifecycle
 from utils.jobs.status import JobStatus
+from utils.service import face_setup
 from utils.service.identity import Identities
 from utils.service.jobs import Jobs
 from utils.service.models import Models
@@ -107,12 +108,11 @@ class Runtime:
         self._threads.append(t)
 
     def _setup(self) -> None:
-        from utils.service import wiring
         try:
             t0 = time.perf_counter()
-            wiring.prepare_face_models(wiring.face_settings(self.settings))
+            face_setup.prepare_face_models(face_setup.face_settings(self.settings))
             self.faces.setup()
-            wiring.check_face_backend(self.settings, self.faces)
+            face_setup.check_face_backend(self.settings, self.faces)
             if self.holds_models:
                 for g in self.engines:
                     g.setup()
