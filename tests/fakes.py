@@ -45,6 +45,8 @@ class FakeGenerationRequest:
     restore_model: str = "gfpgan"
     restore_fidelity: float = 0.5
     identity: Any = None
+    init_image: str | None = None       # img2img is the real engine's (the double has no init_image field)
+    model: str | None = None            # FakeModelRequest accepts it
 
     @classmethod
     def from_dict(cls, payload: dict, settings) -> "FakeGenerationRequest":
@@ -101,6 +103,12 @@ class FakeGenerationRequest:
     def with_identity(self, identity) -> "FakeGenerationRequest":
         return replace(self, identity=identity)
 
+    def with_init_image(self, image) -> "FakeGenerationRequest":
+        return self
+
+    def check_session(self, faces) -> None:
+        """Nothing of the session is named by a fake request."""
+
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "num_images": self.num_images,
                 "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
@@ -139,8 +147,12 @@ class FakeResult:
 
 
 class FakeGenerator:
+    """An Engine (utils/contracts.py)."""
     request_type = FakeGenerationRequest
     identity_type = FakeSessionIdentity
+    max_images_per_call = 4
+    error = None
+    model_error = None
 
     def __init__(self, *, step_seconds: float = 0.0, setup_seconds: float = 0.0, setup_error: Exception | None = None,
                  raise_on_generate: BaseException | None = None) -> None:
@@ -165,7 +177,21 @@ class FakeGenerator:
         return {"profile": "fake", "is_demo": True, "variant": "fake", "model_name": "fake-generator",
                 "device": "cpu", "dtype": "float32"}
 
-    def build_identity(self, crops, face_embeddings, face_model: str, **face_inputs) -> FakeSessionIdentity:
+    def close(self) -> None:
+        pass
+
+    def published_options(self) -> None:
+        return None   # the double publishes no request choices (the /test page then shows its defaults)
+
+    def check_identity(self, identity) -> None:
+        if not isinstance(identity, FakeSessionIdentity):
+            raise errors.Conflict("not an identity of the fake generator", code="identity_mismatch")
+
+    def validate(self, req) -> dict:
+        return {}
+
+    def build_identity(self, crops, face_embeddings=None, *, face_model: str | None = None,
+                       **face_inputs) -> FakeSessionIdentity:
         assert len(crops) == len(face_embeddings) >= 1
         vec = np.mean([np.asarray(e, dtype=np.float32) for e in face_embeddings], axis=0)
         return FakeSessionIdentity(vec, face_model, len(crops))
@@ -234,6 +260,9 @@ class FakeReport:
     template: np.ndarray | None
     model_name: str = "fake-faces-8"
 
+    def identity_inputs(self) -> dict:
+        return {}   # no raw ArcFace lengths, no key points
+
     def to_json(self) -> dict:
         files = [{"index": a.index, "filename": a.filename, "accepted": True, "warnings": a.warnings}
                  for a in self.accepted]
@@ -285,6 +314,12 @@ class FakeFaceService:
     def identity_similarity(self, image, template) -> float | None:
         return 0.5 if template is not None else None
 
+    def self_similarity(self, embeddings) -> float | None:
+        return None
+
+    def detect_faces(self, image) -> list:
+        return []   # the double finds no face to restore (tests restore with the real face service)
+
 
 def image_bytes(color=(200, 120, 80), size=(96, 96), fmt="PNG", noisy: bool = True) -> bytes:
     """A small image; ``noisy`` ones count as faces for FakeFaceService, flat ones do not."""
@@ -301,8 +336,7 @@ def image_bytes(color=(200, 120, 80), size=(96, 96), fmt="PNG", noisy: bool = Tr
 
 @dataclass(frozen=True)
 class FakeModelRequest(FakeGenerationRequest):
-    """FakeGenerationRequest plus the ``model`` field (the base model a job is pinned to)."""
-    model: str | None = None
+    """FakeGenerationRequest that accepts the ``model`` field (the base model a job is pinned to)."""
 
     @classmethod
     def from_dict(cls, payload: dict, settings) -> "FakeModelRequest":

@@ -454,10 +454,10 @@ def test_logs_are_json_lines_with_ids_and_no_secrets(client):
 
 def test_retention_sweep_deletes_old_sessions(app, client):
     rt = app.extensions["twin"]
-    rt.settings = rt.settings.replace(retention_hours=1.0)
+    rt.sessions.settings = rt.settings.replace(retention_hours=1.0)
     sid = upload(client).json["session_id"]
-    assert rt.sweep(now=time.time()) == []
-    assert rt.sweep(now=time.time() + 2 * 3600) == [sid]
+    assert rt.sessions.sweep(now=time.time()) == []
+    assert rt.sessions.sweep(now=time.time() + 2 * 3600) == [sid]
     assert not rt.storage.session_dir(sid).exists()
     assert_error(client.post("/generate", json={"prompt": "a"}), 400, "no_session")
 
@@ -472,7 +472,7 @@ def test_score_outputs_records_similarity(make_app, service_settings):
 def test_system_status_publishes_the_loaded_models_choices(tiny_settings, tmp_path):
     """The /test page builds its form from these: they must be the real engine's choices and limits."""
     from app import create_app
-    from generate_twin import ASPECT_RATIOS, QUALITY_MODES, STYLES, MAX_IMAGES, preset_size
+    from generate_twin import ASPECT_RATIOS, QUALITY_MODES, MAX_IMAGES, preset_size, style_library
     settings = tiny_settings.replace(data_dir=tmp_path / "data")
     app = create_app(settings)
     runtime = app.extensions["twin"]
@@ -483,8 +483,8 @@ def test_system_status_publishes_the_loaded_models_choices(tiny_settings, tmp_pa
         assert body["limits"]["max_selfies"] == settings.max_selfies
         opts = body["options"]
         assert opts["quality_modes"] == list(QUALITY_MODES)
-        assert opts["styles"] == list(STYLES)
-        native = runtime.generators[0].info()["native_resolution"]
+        assert opts["styles"] == list(style_library(settings))
+        native = runtime.engines[0].info()["native_resolution"]
         assert opts["aspect_ratios"] == {ar: list(preset_size(ar, native, settings)) for ar in ASPECT_RATIOS}
     finally:
         runtime.shutdown()

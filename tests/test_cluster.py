@@ -428,7 +428,7 @@ def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes,
     assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
     assert runtime_b.store.get_session(old_session) is None
     # The sweep loop runs once per interval cluster-wide: the second node's turn is refused.
-    assert a.application.extensions["twin"].manager.acquire_singleton("probe", 60) is True
+    assert a.application.extensions["twin"].queue.acquire_singleton("probe", 60) is True
     assert runtime_b.manager.acquire_singleton("probe", 60) is False
 
 
@@ -559,8 +559,8 @@ def test_idem_concurrent_same_key_on_both_nodes_makes_one_job(api_nodes, monkeyp
     _, tok = upload(a)
     for node in (a, b):
         rt = node.application.extensions["twin"]
-        real = rt.submit
-        monkeypatch.setattr(rt, "submit", lambda *x, _real=real, **kw: (time.sleep(0.3), _real(*x, **kw))[1])
+        real = rt.jobs.submit
+        monkeypatch.setattr(rt.jobs, "submit", lambda *x, _real=real, **kw: (time.sleep(0.3), _real(*x, **kw))[1])
     for round_ in range(5):
         start, got = threading.Barrier(2), {}
 
@@ -644,7 +644,7 @@ def test_idem_records_go_with_a_session_swept_by_a_worker_process(api_nodes, wor
     conn = redis_server.client()
     assert len(list(conn.scan_iter("twin:idem:*"))) == 1
     for node in (a, b):  # the API nodes keep out of it: the worker's Runtime is the one that sweeps
-        node.application.extensions["twin"].session_deleted_hooks.clear()
+        node.application.extensions["twin"].sessions.deleted_hooks.clear()
     time.sleep(1.2)
     conn.delete("twin:once:retention-sweep")  # the API nodes' start-up turn: the worker's start-up sweep runs now
     workers.start(settings, name="w0")

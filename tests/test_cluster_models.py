@@ -209,10 +209,10 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
     from utils.jobs.cluster import worker as gpu_worker
     from utils.jobs.cluster.registry import ModelControl
     from utils.jobs.cluster.routing import make_model_queue, make_queue
-    from utils.services import Runtime
+    from utils.service.wiring import build_runtime
     settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN)
     gen = FakeModelGenerator(active="base")
-    runtime = Runtime(settings, [gen], FakeFaceService())
+    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService(), gpu_worker=True)
     runtime.start()
     assert runtime.wait_ready(10)
     conn = runtime.store.redis
@@ -223,8 +223,8 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
     gpu_worker._worker = worker
     try:
         owner = "tok:" + "a" * 64
-        sid = runtime.upload([(f"s{i}.png", image_bytes((30 * i, 80, 50))) for i in range(2)], owner)["session_id"]
-        job_id = runtime.submit({"prompt": "p", "model": "base", "session_id": sid}, owner)["id"]
+        sid = runtime.sessions.upload([(f"s{i}.png", image_bytes((30 * i, 80, 50))) for i in range(2)], owner)["session_id"]
+        job_id = runtime.jobs.submit({"prompt": "p", "model": "base", "session_id": sid}, owner)["id"]
         gen.load_model("alt")            # switched; the worker has not moved its queues yet
         worker.work(burst=True, with_scheduler=False)
         rec = runtime.store.get(job_id)
@@ -235,7 +235,7 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
         assert job_id not in make_queue(conn).get_job_ids()
         gen.load_model("base")
         worker.listen_for("base")
-        wait_until(lambda: runtime.manager.maintenance.enqueue_due_retries(base_q) or job_id in base_q.get_job_ids(),
+        wait_until(lambda: runtime.queue.maintenance.enqueue_due_retries(base_q) or job_id in base_q.get_job_ids(),
                    10, 0.1)
         worker.work(burst=True, with_scheduler=False)
         rec = runtime.store.get(job_id)

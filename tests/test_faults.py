@@ -228,7 +228,7 @@ def test_worker_survives_a_database_it_cannot_write(make_app, service_settings, 
     job_id = c.post("/generate", json={"prompt": "a"}).json["id"]
     time.sleep(1.5)
     assert c.get(f"/status/{job_id}").json["status"] == "queued"
-    assert all(t.is_alive() for t in rt.manager._threads)
+    assert all(t.is_alive() for t in rt.queue._threads)
     blocked.clear()
     assert finished(c, job_id, timeout=10)["status"] == "succeeded"
 

@@ -64,12 +64,12 @@ def test_strength_zero_reproduces_the_no_adapter_image(tiny_generator, tiny_sett
     from diffusers import StableDiffusionXLPipeline
     req = request(tiny_settings, identity, identity_strength=0.0, num_images=2)
     with_adapter = tiny_generator.generate(req)
-    plan = tiny_generator.plan(req)
+    plan = tiny_generator.model.plan(req)
     # A pipeline that never had an IP-Adapter loaded, same call otherwise.
     bare = StableDiffusionXLPipeline.from_pretrained(str(tiny_models / "stable-diffusion-xl-base-1.0"))
     bare.scheduler = dpmpp_karras(bare.scheduler.config)
     bare.set_progress_bar_config(disable=True)
-    plain = bare(**tiny_generator.call_kwargs(req, plan, with_adapter.seeds)).images
+    plain = bare(**tiny_generator.model.call_kwargs(req, plan, with_adapter.seeds)).images
     assert np.abs(px(plain) - px(with_adapter.images)).max() <= 1
     strong = tiny_generator.generate(request(tiny_settings, identity, identity_strength=1.0, num_images=2))
     assert np.abs(px(strong.images) - px(plain)).mean() > 1.0
@@ -173,8 +173,8 @@ def test_request_roundtrip_and_defaults(tiny_settings):
 
 @pytest.mark.parametrize("quality_mode", ["balanced", "high_fidelity"])
 def test_quality_table_drives_steps_and_guidance(tiny_generator, tiny_settings, quality_mode):
-    uncapped = DigitalTwinGenerator(tiny_settings.replace(max_steps=0))
-    uncapped.models, uncapped.adapter = tiny_generator.models, tiny_generator.adapter
+    from utils.engine.families.sdxl import SdxlModel
+    uncapped = SdxlModel(tiny_settings.replace(max_steps=0), tiny_generator.models, tiny_generator.adapter)
     plan = uncapped.plan(request(tiny_settings, quality_mode=quality_mode))
     assert plan["steps"] == QUALITY_MODES[quality_mode]["steps"]
     assert plan["guidance_scale"] == QUALITY_MODES[quality_mode]["guidance_scale"]
@@ -185,7 +185,7 @@ def test_fast_mode_uses_the_few_step_lora_without_cfg(tiny_generator, tiny_setti
     r = tiny_generator.generate(request(tiny_settings, identity, quality_mode="fast", num_images=2))
     m = r.metadata
     assert (m["scheduler"], m["guidance_scale"], m["fast_mode_fallback"]) == ("euler_trailing", 0.0, False)
-    plan = tiny_generator.plan(request(tiny_settings, identity, quality_mode="fast"))
+    plan = tiny_generator.model.plan(request(tiny_settings, identity, quality_mode="fast"))
     assert ("lightning", 1.0) in plan["adapters"]
     assert len(r.images) == 2
 
@@ -195,7 +195,7 @@ def test_fast_mode_falls_back_without_the_few_step_lora(tiny_models, tiny_settin
     shutil.copytree(tiny_models, folder, ignore=shutil.ignore_patterns(LIGHTNING_DIR))
     gen = DigitalTwinGenerator(tiny_settings.replace(tiny_model_dir=folder, max_steps=0)).setup()
     assert gen.info()["fast_mode"] == "fallback"
-    plan = gen.plan(request(tiny_settings, quality_mode="fast"))
+    plan = gen.model.plan(request(tiny_settings, quality_mode="fast"))
     assert plan["fast_mode_fallback"] is True
     assert (plan["steps"], plan["scheduler"]) == (FAST_FALLBACK["steps"], FAST_FALLBACK["scheduler"])
     r = gen.generate(request(tiny_settings, quality_mode="fast"))

@@ -48,7 +48,16 @@ class FakeFaceService:
             emb = np.random.default_rng(i).standard_normal(512).astype(np.float32)
             accepted.append(SimpleNamespace(index=i, filename=name, image=img, crop=crop, embedding=emb, warnings=[]))
         return SimpleNamespace(accepted=accepted, rejected=rejected, warnings=[], model_name=self.model_name,
-                               template=None)
+                               template=None, identity_inputs=lambda: {})
+
+    def identity_similarity(self, image, template):
+        return None
+
+    def self_similarity(self, embeddings):
+        return None
+
+    def detect_faces(self, image):
+        return []
 
 
 def write_selfies(folder: Path, n: int = 3) -> Path:

@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from utils.service import status
+
 from generate_twin import DigitalTwinGenerator
 from tests.fixtures.models import make_crops
 from tests.fixtures.service import REPO, wait_until
@@ -225,10 +227,10 @@ def test_other_exceptions_from_the_child(exc, expected_type, code):
 
 def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_settings, tmp_path):
     from tests.fakes import FakeFaceService
-    from utils.services import Runtime
-    runtime = Runtime(proc_settings.replace(data_dir=tmp_path), [gen_proc], FakeFaceService())
+    from utils.service.wiring import build_runtime
+    runtime = build_runtime(proc_settings.replace(data_dir=tmp_path), engines=[gen_proc], faces=FakeFaceService())
     runtime.state = "ready"  # as after set-up; /health then follows the generator process
-    assert runtime.health()["state"] == "ready"
+    assert status.health(runtime)["state"] == "ready"
     old_pid = gen_proc.pid
     steps: list[int] = []
 
@@ -241,12 +243,12 @@ def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_setti
         gen_proc.generate(_req(proc_settings, quality_mode="high_fidelity"), on_progress=on_progress)
     assert (ei.value.code, ei.value.http_status) == ("worker_crashed", 503)
     assert gen_proc.info()["process"]["restarts"] == 1
-    assert gen_proc.state == "restarting" and runtime.health()["state"] == "restarting"
+    assert gen_proc.state == "restarting" and status.health(runtime)["state"] == "restarting"
     # The next call waits for the restart and succeeds on a fresh child.
     res = gen_proc.generate(_req(proc_settings))
     assert res.images and gen_proc.state == "ready"
     assert gen_proc.pid != old_pid and not _alive(old_pid)
-    assert runtime.health()["state"] == "ready"
+    assert status.health(runtime)["state"] == "ready"
     runtime.store.close()
 
 
@@ -318,12 +320,12 @@ def test_close_during_a_restart_returns_promptly_and_leaves_no_child(proc_settin
 
 
 @pytest.mark.parametrize("on, expected", [(True, "GeneratorProcess"), (False, "DigitalTwinGenerator")])
-def test_build_generators_picks_the_process_by_setting(tiny_settings, on, expected):
-    from utils.services import build_generators
-    gens = build_generators(tiny_settings.replace(generator_process=on))  # nothing starts before setup()
+def test_build_engines_picks_the_process_by_setting(tiny_settings, on, expected):
+    from utils.service.wiring import build_engines
+    gens = build_engines(tiny_settings.replace(generator_process=on))  # nothing starts before setup()
     assert [type(g).__name__ for g in gens] == [expected] and gens[0].state == "starting"
     for g in gens:
-        getattr(g, "close", lambda: None)()
+        g.close()
 
 
 @pytest.mark.parametrize("env, expected", [({}, True), ({"TWIN_GENERATOR_PROCESS": "0"}, False),

@@ -40,7 +40,7 @@ def app(make_app, fake_generator, fake_faces, idem_store, service_settings):
 
 def idem_of(app):
     """The app's store (the hook create_app registered for session deletes is its bound method)."""
-    return next(h.__self__ for h in app.extensions["twin"].session_deleted_hooks
+    return next(h.__self__ for h in app.extensions["twin"].sessions.deleted_hooks
                 if h.__name__ == "forget_session")
 
 
@@ -93,13 +93,13 @@ def test_a_request_in_flight_with_the_key_gets_409(app, client, monkeypatch):
     upload(client)
     runtime = app.extensions["twin"]
     entered, release = threading.Event(), threading.Event()
-    real_submit = runtime.submit
+    real_submit = runtime.jobs.submit
 
     def slow_submit(*a, **kw):
         entered.set()
         release.wait(10)
         return real_submit(*a, **kw)
-    monkeypatch.setattr(runtime, "submit", slow_submit)
+    monkeypatch.setattr(runtime.jobs, "submit", slow_submit)
     got = {}
     t = threading.Thread(target=lambda: got.update(r=gen(client, seed=5)))
     t.start()

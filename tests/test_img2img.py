@@ -74,12 +74,12 @@ def test_fit_image_covers_and_crops_to_the_request_size(size, out):
 
 
 def test_the_img2img_pipeline_shares_the_loaded_modules(tiny_generator):
-    i2i = tiny_generator.img2img_pipe()
+    i2i = tiny_generator.model.img2img_pipe()
     pipe = tiny_generator.models.pipe
     assert type(i2i).__name__ == "StableDiffusionXLImg2ImgPipeline"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder"):
         assert getattr(i2i, name) is getattr(pipe, name), name
-    assert tiny_generator.img2img_pipe() is i2i                       # built once
+    assert tiny_generator.model.img2img_pipe() is i2i                       # built once
     # The identity adapter lives in the UNet's attention processors: the same objects serve both pipelines.
     assert i2i.unet.attn_processors is not None and i2i.unet is pipe.unet
 

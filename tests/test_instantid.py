@@ -116,8 +116,8 @@ def test_pose_strength_zero_equals_no_controlnet(gens, instantid_identity):
     g = gens["instantid"]
     got = run(g, instantid_identity, pose="look_up", pose_strength=0.0)
     req = GenerationRequest.from_dict({"prompt": "a portrait", "seed": 7}, g.settings).with_identity(instantid_identity)
-    plan = g.plan(req)
-    kwargs = g.call_kwargs(req, plan, [7])
+    plan = g.model.plan(req)
+    kwargs = g.model.call_kwargs(req, plan, [7])
     kwargs["ip_adapter_image_embeds"] = g.adapter.pipeline_embeds(instantid_identity, True)
     bare = StableDiffusionXLPipeline.from_pipe(g.models.pipe)     # same UNet / adapter / scheduler, no ControlNet
     with torch.inference_mode():

@@ -124,7 +124,7 @@ def test_build_identity_does_not_wait_for_a_running_generation(tiny_generator):
         result["identity"] = tiny_generator.build_identity(make_crops(2), None, face_model=None)
         done.set()
 
-    with tiny_generator._gen_lock:  # as if a job were generating right now
+    with tiny_generator.model.lock:  # as if a job were generating right now
         t = threading.Thread(target=upload)
         t.start()
         assert done.wait(30), "build_identity blocked on the generation lock"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generate_twin import MAX_CANDIDATES, RESTORE_MODEL_NAMES, GenerationRequest
+from generate_twin import MAX_CANDIDATES, GenerationRequest
+from utils.choices import RESTORE_MODEL_NAMES
 from tests.fakes import FakeFaceService, FakeGenerator, PhotoGenerator
 from tests.test_api import assert_error, finished, upload
 from utils import errors

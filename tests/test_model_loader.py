@@ -183,10 +183,10 @@ def test_unusable_device_or_dtype_is_a_clear_error(tiny_settings, device, dtype,
 
 
 def test_scheduler_is_dpmpp_karras(tiny_generator):
-    sched = tiny_generator._schedulers["dpmpp_2m_karras"]
+    sched = tiny_generator.model.schedulers["dpmpp_2m_karras"]
     assert type(sched).__name__ == "DPMSolverMultistepScheduler"
     assert sched.config.use_karras_sigmas and sched.config.algorithm_type == "dpmsolver++"
-    fast = tiny_generator._schedulers["euler_trailing"]
+    fast = tiny_generator.model.schedulers["euler_trailing"]
     assert fast.config.timestep_spacing == "trailing"
 
 

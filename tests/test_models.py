@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from utils.service import status
+
 from generate_twin import DigitalTwinGenerator, GenerationRequest
 from utils.errors import InvalidRequest
 
@@ -277,12 +279,12 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
     from tests.fakes import FakeFaceService
     from tests.fixtures.service import wait_until
     from utils.jobs.local.generator_process import GeneratorProcess
-    from utils.services import Runtime
+    from utils.service.wiring import build_runtime
     folder = tmp_path / "tiny-model"
     shutil.copytree(swap_settings.resolved_tiny_model_dir, folder)
     settings = swap_settings.replace(tiny_model_dir=folder, data_dir=tmp_path / "data")
     gen = GeneratorProcess(settings, engine_class=DigitalTwinGenerator).setup()
-    runtime = Runtime(settings, [gen], FakeFaceService())
+    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService())
     runtime.state = "ready"   # as after set-up; /health follows the generator process
     req = GenerationRequest.from_dict({"prompt": "p", "style": "none", "width": 64, "height": 64, "seed": 1}, settings)
     try:
@@ -298,9 +300,9 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
             assert gen.info()["model_name"] == want_model
             if corrupt:
                 assert f"{ALT}.safetensors" in gen.info()["model_error"]
-                assert repr(ALT) in runtime.health()["model_error"]
+                assert repr(ALT) in status.health(runtime)["model_error"]
             else:
-                assert "model_error" not in gen.info() and "model_error" not in runtime.health()
+                assert "model_error" not in gen.info() and "model_error" not in status.health(runtime)
     finally:
         gen.close()
         runtime.store.close()

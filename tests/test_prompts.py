@@ -114,7 +114,7 @@ def test_the_generator_fits_the_window_with_the_real_tokenizer(tiny_generator, t
     assert pb["dropped"] and pb["tokens"] <= 75 and not pb["over_budget"]
     assert m["prompt"] == pb["text"] and m["prompt"].startswith("a 34-year-old Korean woman")
     assert "in a forest" in m["prompt"] and "named Ana" not in m["prompt"]
-    assert tiny_generator.count_tokens(m["prompt"]) <= 75
+    assert tiny_generator.model.count_tokens(m["prompt"]) <= 75
     assert PERSONA_NEGATIVE in m["negative_prompt"]
     plain = tiny_generator.generate(GenerationRequest.from_dict({"prompt": "in a forest", "style": "none"},
                                                                 tiny_settings)).metadata

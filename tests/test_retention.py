@@ -51,7 +51,7 @@ def test_sweep_deletes_old_sessions_completely(make_app, service_settings, reten
     rt.clock = clock
     c = app.test_client()
     made = make_sessions(c, clock, ages)
-    deleted = rt.sweep()
+    deleted = rt.sessions.sweep()
     assert sorted(deleted) == sorted(sid for age, sid, _, _ in made if age in expect_deleted)
     for age, sid, job_id, url in made:
         gone = age in expect_deleted
@@ -60,7 +60,7 @@ def test_sweep_deletes_old_sessions_completely(make_app, service_settings, reten
         assert (rt.store.get(job_id) is None) is gone
         assert c.get(f"/status/{job_id}").status_code == (404 if gone else 200)
         assert c.get(url).status_code == (404 if gone else 200)
-    assert rt.sweep() == []  # idempotent
+    assert rt.sessions.sweep() == []  # idempotent
 
 
 def test_sweep_cancels_a_running_job_of_an_expired_session(make_app, service_settings):
@@ -75,7 +75,7 @@ def test_sweep_cancels_a_running_job_of_an_expired_session(make_app, service_set
     job_id = c.post("/generate", json={"prompt": "a", "quality_mode": "high_fidelity"}).json["id"]
     wait_until(lambda: c.get(f"/status/{job_id}").json["status"] == "running", 5)
     clock.advance(2)
-    assert rt.sweep() == [sid]
+    assert rt.sessions.sweep() == [sid]
     assert not (service_settings.data_dir / sid).exists() and rt.store.get(job_id) is None
     assert rt.store.counts()["running"] == 0
 
@@ -89,9 +89,9 @@ def test_sweep_removes_orphan_folders_by_their_meta_time(make_app, service_setti
     c = app.test_client()
     sid = upload(c).json["session_id"]
     rt.store.delete_session_records(sid)  # the record is gone, the folder is not
-    assert rt.sweep() == []                # young: kept
+    assert rt.sessions.sweep() == []                # young: kept
     clock.advance(73)
-    assert rt.sweep() == [sid] and not (service_settings.data_dir / sid).exists()
+    assert rt.sessions.sweep() == [sid] and not (service_settings.data_dir / sid).exists()
 
 
 def test_sweep_runs_on_its_schedule(make_app, service_settings):
@@ -131,4 +131,4 @@ def test_sweep_runs_at_start_up(make_app, service_settings):
 
 def test_retention_zero_disables_the_sweeper(make_app, service_settings):
     app = make_app(service_settings.replace(retention_hours=0))
-    assert app.extensions["twin"]._sweeper is None
+    assert app.extensions["twin"].sweeper is None

@@ -117,11 +117,11 @@ def test_style_strength_weights_the_style_text_monotonically(tiny_generator):
     """compel on both tiny SDXL text encoders: strength 1 of the weighted form equals the plain prompt's
     embedding direction, and lowering the strength moves the embedding steadily away from it."""
     import torch
-    base = tiny_generator.weighted_embeds("(film still of)1 a portrait (dramatic light)1", "")
+    base = tiny_generator.model.weighted_embeds("(film still of)1 a portrait (dramatic light)1", "")
     dists = []
     for st in (0.75, 0.5, 0.25, 0.0):
         pos, _, _ = apply_style(CINE, "a portrait", None, "", st)
-        e = tiny_generator.weighted_embeds(pos, "")
+        e = tiny_generator.model.weighted_embeds(pos, "")
         assert e["prompt_embeds"].shape == base["prompt_embeds"].shape
         assert e["pooled_prompt_embeds"].shape == base["pooled_prompt_embeds"].shape
         dists.append(float(torch.linalg.vector_norm(e["prompt_embeds"] - base["prompt_embeds"])))
@@ -150,12 +150,12 @@ def test_a_weighted_request_generates_and_reports_its_prompt(tiny_generator, tin
 ])
 def test_style_defaults_apply_where_the_request_leaves_them(tiny_generator, tiny_settings, style, quality, expect):
     req = GenerationRequest.from_dict({"prompt": "p", "style": style, "quality_mode": quality}, tiny_settings)
-    plan = tiny_generator.plan(req)
+    plan = tiny_generator.model.plan(req)
     assert plan["style_defaults"] == expect
     if "aspect_ratio" in expect:
         assert plan["width"] < plan["height"]
         sized = GenerationRequest.from_dict({"prompt": "p", "style": style, "aspect_ratio": "1:1"}, tiny_settings)
-        assert "aspect_ratio" not in tiny_generator.plan(sized)["style_defaults"]
+        assert "aspect_ratio" not in tiny_generator.model.plan(sized)["style_defaults"]
 
 
 @pytest.mark.parametrize("value, needle", [(1.5, "style_strength=1.5"), (-0.1, "style_strength=-0.1"),

@@ -227,7 +227,6 @@ class Engine(Protocol):
     ``setup`` loads the models once (an API node of a cluster never calls it); ``state`` is starting |
     ready | setup_failed (| restarting for a generator process)."""
 
-    settings: Any
     state: str
     error: Any
     model_error: str | None
@@ -243,7 +242,9 @@ class Engine(Protocol):
         """The request choices for clients (/system-status); None for an engine without published choices."""
 
     def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
-                       **face_inputs: Any) -> Any: ...
+                       combine: str | None = None, embedding_norms: Any = None, keypoints: Any = None,
+                       keypoint_index: Any = None) -> Any:
+        """The identity of the accepted selfies for the active model (face inputs: see FaceService)."""
 
     def check_identity(self, identity: Any) -> None:
         """errors.Conflict(code="identity_mismatch") when it was built for another method or model."""

@@ -162,3 +162,15 @@ def is_oom(exc: BaseException) -> bool:
         return torch is not None and isinstance(exc, torch.OutOfMemoryError)
     except Exception:  # noqa: BLE001 - a torch without OutOfMemoryError
         return False
+
+
+def empty_cuda_cache() -> None:
+    """After an out-of-memory error: give the cached GPU blocks back, so the next job starts clean (a no-op
+    without torch or CUDA; torch is not imported here if nothing imported it yet)."""
+    import sys
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass

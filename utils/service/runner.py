@@ -84,14 +84,14 @@ class JobRunner:
         keep = int(req.num_images)
         total = int(getattr(req, "candidates", None) or keep)
         restore = bool(getattr(req, "restore_faces", False))
+        if total > keep and likeness.template is None:   # before any GPU time is spent
+            raise errors.TwinError(f"best-of-N (candidates={total}) needs a face template of the selfies, which "
+                                   "is missing; upload them again", code="no_template", http_status=409)
         t_gen = time.perf_counter()
         images, seeds, result_meta = generate_candidates(engine, req, total, on_progress, should_cancel)
         t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
-        if total > keep and likeness.template is None:
-            raise errors.TwinError("best-of-N needs the session's face template, which is missing; upload again",
-                                   code="no_template", http_status=409)
         candidates, scores = None, [None] * len(images)
         order = list(range(len(images)))
         if total > keep:

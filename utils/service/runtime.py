@@ -44,7 +44,8 @@ class Runtime:
         self.ready = threading.Event()
         self._drain_deadline: float | None = None
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._setup_thread: threading.Thread | None = None
+        self.sweeper: threading.Thread | None = None   # the retention sweep (none with TWIN_RETENTION_HOURS=0)
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
         self.shutdown_hooks: list = []  # called first in shutdown()
         # The job queue runs jobs through self.jobs.run (local mode's job threads, once set-up is done).
@@ -97,15 +98,10 @@ class Runtime:
                 job = self.store.get(job_id)
                 if job is not None:
                     self._job_event(job_id, "status", job)
-        self._spawn(self._setup, "twin-setup")
+        self._setup_thread = _spawn(self._setup, "twin-setup")
         if self.settings.retention_hours > 0:
             once = self.queue.acquire_singleton if isinstance(self.queue, ClusterSingleton) else None
-            self._spawn(lambda: self.sessions.sweep_loop(self._stop, once), "twin-retention")
-
-    def _spawn(self, target, name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+            self.sweeper = _spawn(lambda: self.sessions.sweep_loop(self._stop, once), "twin-retention")
 
     def _setup(self) -> None:
         try:
@@ -134,8 +130,8 @@ class Runtime:
             return {}
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        if self._threads:
-            self._threads[0].join(timeout)
+        if self._setup_thread is not None:
+            self._setup_thread.join(timeout)
         return self.state == "ready"
 
     def require_ready(self) -> None:
@@ -186,3 +182,9 @@ class Runtime:
                                    "queued_for_restart": counts["queued"]})
         self.shutdown()
         return {**outcome, "queued": counts["queued"]}
+
+
+def _spawn(target, name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t

@@ -114,7 +114,7 @@ class _ChildServer:
     """The child's side of the pipe: generate() in the calling (main) thread, the short calls in a call
     thread, cancels and shutdown from the reader thread."""
 
-    CALLS = ("build_identity", "validate", "info", "models_catalogue", "load_model")
+    CALLS = ("build_identity", "check_identity", "validate", "info", "published_options", "models_catalogue", "load_model")
 
     def __init__(self, gen, conn) -> None:
         self.gen, self.conn = gen, conn
@@ -327,7 +327,21 @@ class GeneratorProcess:
         # default one), and why it could not, when a replay failed (info()/health show it).
         self._wanted_model: str | None = None
         self.model_error: str | None = None
+        self._options: dict[str, Any] | None = None
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    # The engine's request and identity classes: the parent parses requests and loads identities itself.
+    @property
+    def request_type(self) -> type:
+        return self.engine_class.request_type
+
+    @property
+    def identity_type(self) -> type:
+        return self.engine_class.identity_type
+
+    @property
+    def max_images_per_call(self) -> int:
+        return self.engine_class.max_images_per_call
 
     # --- lifecycle ---
     def setup(self) -> "GeneratorProcess":
@@ -517,8 +531,17 @@ class GeneratorProcess:
                           list(face_embeddings) if face_embeddings is not None else None,
                           face_model=face_model, combine=combine, **face_inputs)
 
+    def check_identity(self, identity) -> None:
+        self._call("check_identity", identity)
+
     def validate(self, req) -> dict[str, Any]:
         return self._call("validate", req)
+
+    def published_options(self) -> dict[str, Any] | None:
+        """The child's request choices, asked once per loaded model (/system-status must stay fast)."""
+        if self._options is None:
+            self._options = self._call("published_options")
+        return self._options
 
     def models_catalogue(self) -> dict[str, Any]:
         return self._call("models_catalogue")
@@ -527,6 +550,7 @@ class GeneratorProcess:
         """Served by the child's call thread: the new model loads while a job generates; the child's
         generator switches between jobs. A restarted child loads this model again (``_replay_model``)."""
         out = self._call("load_model", name)
+        self._options = None
         self._info["model_name"] = self._info["active_model"] = out["model"]
         self._wanted_model, self.model_error = out["model"], None
         return out
