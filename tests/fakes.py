@@ -119,6 +119,8 @@ class FakeGenerationRequest:
 
 
 class FakeSessionIdentity:
+    cache_key = "fake"
+
     def __init__(self, vector: np.ndarray, face_model: str, n: int) -> None:
         self.vector, self.face_model, self.n = vector, face_model, n
 

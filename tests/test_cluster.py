@@ -423,13 +423,13 @@ def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes,
     job = generate(a, tok, session_id=old_session)
     assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
     runtime_b = b.application.extensions["twin"]
-    assert runtime_b.sweep(now=time.time() + 3601) == [old_session]
+    assert runtime_b.sessions.sweep(now=time.time() + 3601) == [old_session]
     assert not (settings.data_dir / old_session).exists()
     assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
     assert runtime_b.store.get_session(old_session) is None
     # The sweep loop runs once per interval cluster-wide: the second node's turn is refused.
     assert a.application.extensions["twin"].queue.acquire_singleton("probe", 60) is True
-    assert runtime_b.manager.acquire_singleton("probe", 60) is False
+    assert runtime_b.queue.acquire_singleton("probe", 60) is False
 
 
 # --- the real commands: gunicorn API node + worker process, test_api.sh against the cluster ---------
@@ -591,7 +591,7 @@ def test_idem_node_dying_mid_request_frees_the_key_after_the_in_flight_ttl(api_n
         entered.set()
         release.wait(20)
         raise KeyboardInterrupt("node A dies")  # a BaseException: app.idempotent() abandons only its own marker
-    monkeypatch.setattr(rt_a, "submit", dying_submit)
+    monkeypatch.setattr(rt_a.jobs, "submit", dying_submit)
 
     def run_a():
         try:

@@ -193,10 +193,14 @@ class GenerationRequestType(Protocol):
 
     num_images: int
     seed: int | None
+    width: int | None
+    height: int | None
     candidates: int | None
     restore_faces: bool
     restore_model: str
     restore_fidelity: float
+    init_image: str | None
+    model: str | None
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Any) -> "GenerationRequestType":
@@ -213,6 +217,10 @@ class GenerationRequestType(Protocol):
 @runtime_checkable
 class Identity(Protocol):
     """A session's identity for one identity method and base model (utils.engine.identity.session)."""
+
+    @property
+    def cache_key(self) -> str:
+        """What tells two identities of one session apart (the method and model they were built for)."""
 
     def save(self, path: Any) -> Any: ...
 

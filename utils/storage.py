@@ -139,22 +139,26 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
 
 
-def atomic_save_png(path: Path, image) -> None:
+def png_bytes(image) -> bytes:
     import io
     buf = io.BytesIO()
     # compress_level 1: a 1024² portrait encodes several times faster than at the default 6, for ~10% more bytes.
     image.save(buf, format="PNG", compress_level=1)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def atomic_save_thumbnail(path: Path, image, side: int) -> None:
-    """A JPEG no larger than side × side (aspect kept) for galleries; written like every output."""
+def thumbnail_bytes(image, side: int) -> bytes:
+    """A JPEG no larger than side × side (aspect kept) for galleries."""
     import io
     thumb = image.convert("RGB")
     thumb.thumbnail((side, side))  # reduce() first, then a filtered resize: cheap even from 1024²
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=85, optimize=True)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_save_png(path: Path, image) -> None:
+    atomic_write_bytes(path, png_bytes(image))
 
 
 class _suppress:
@@ -196,7 +200,7 @@ def _save_face_features(path: Path, report) -> None:
                "indices": np.asarray([a.index for a in acc], dtype=np.int32)}
     if report.template is not None:
         tensors["template"] = np.asarray(report.template, dtype=np.float32)
-    inputs = report.identity_inputs() if hasattr(report, "identity_inputs") else {}
+    inputs = report.identity_inputs()
     if inputs.get("embedding_norms") is not None:
         tensors["norms"] = np.asarray([np.nan if n is None else n for n in inputs["embedding_norms"]], np.float32)
     if inputs.get("keypoints") is not None:
@@ -357,14 +361,11 @@ class Storage:
         return [p for p in [d / IDENTITY_FILE] + sorted(d.glob("identity-*.safetensors")) if p.is_file()]
 
     # --- job files -------------------------------------------------------------------------------
-    def save_image(self, session_id: str, job_id: str, name: str, image, *, thumbnail_side: int | None = None) -> str:
-        """Write one of a job's images atomically (PNG; a JPEG thumbnail with ``thumbnail_side``) and return
-        the path to record. A full volume: InsufficientStorage, no temp file left."""
+    def save_output(self, session_id: str, job_id: str, name: str, data: bytes) -> str:
+        """Write one of a job's files (encoded image bytes) atomically and return the reference to record.
+        A full volume: InsufficientStorage, no temp file left."""
         path = self.output_dir(session_id, job_id) / name
-        if thumbnail_side is None:
-            atomic_save_png(path, image)
-        else:
-            atomic_save_thumbnail(path, image, thumbnail_side)
+        atomic_write_bytes(path, data)
         return self.relative(path)
 
     def remove(self, recorded: Iterable[str]) -> None:

@@ -13,68 +13,72 @@ from utils.storage import is_output_name
 
 def blueprint(limiter, settings) -> Blueprint:
     bp = Blueprint("jobs", __name__)
-
-    @bp.post("/generate")
-    @limiter.limit(settings.rate_limit_generate)
-    def generate():
-        if not request.is_json:
-            raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
-        # A prompt body needs kilobytes; the upload-sized app-wide limit must not apply to parsed JSON.
-        request.max_content_length = int(settings.max_json_kb * 1024)
-        try:
-            payload = request.get_json()
-        except RecursionError:  # json.loads on absurdly nested input; not a ValueError
-            raise errors.InvalidRequest("the JSON body is nested too deeply") from None
-        who = caller()
-        security.check_text_fields(payload)
-        rt = runtime()
-
-        def answer():
-            rt.require_ready()
-            body_ = dict(payload) if isinstance(payload, dict) else payload
-            webhook = rt.webhooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
-            job = rt.jobs.submit(body_, who.owner, webhook=webhook)
-            body = render_job(job)
-            return 202, body, {"Location": body["status_url"]}, job["session_id"]
-        status, body, headers = idempotent("generate", who.owner, (payload,), answer)
-        session_id_var.set(body["session_id"])
-        job_id_var.set(body["id"])
-        return json_response(status, body, headers)
-
-    @bp.get("/status/<job_id>")
-    def status(job_id: str):
-        job_id_var.set(job_id)
-        return jsonify(render_job(runtime().jobs.owned(job_id, caller().owner)))
-
-    @bp.get("/events/<job_id>")
-    def events(job_id: str):
-        job_id_var.set(job_id)
-        return _event_stream(runtime(), job_id)
-
-    @bp.get("/preview/<job_id>")
-    def preview(job_id: str):
-        job_id_var.set(job_id)
-        step, jpeg = runtime().preview(job_id, caller().owner)
-        resp = Response(jpeg, mimetype="image/jpeg")
-        resp.headers["X-Preview-Step"] = str(step)
-        return resp
-
-    @bp.post("/cancel/<job_id>")
-    def cancel(job_id: str):
-        job_id_var.set(job_id)
-        return jsonify(render_job(runtime().jobs.cancel(job_id, caller().owner)))
-
-    @bp.get("/download/<job_id>/<filename>")
-    def download(job_id: str, filename: str):
-        job_id_var.set(job_id)
-        if not is_output_name(filename):
-            raise errors.NotFound(f"file {filename!r} not found")
-        path = runtime().jobs.output_path(job_id, filename, caller().owner)
-        mimetype = "image/jpeg" if filename.endswith(".jpg") else "image/png"
-        return send_file(path, mimetype=mimetype, as_attachment=request.args.get("inline") != "1",
-                         download_name=filename, max_age=0)
-
+    bp.add_url_rule("/generate", view_func=limiter.limit(settings.rate_limit_generate)(generate), methods=["POST"])
+    bp.add_url_rule("/status/<job_id>", view_func=status)
+    bp.add_url_rule("/events/<job_id>", view_func=events)
+    bp.add_url_rule("/preview/<job_id>", view_func=preview)
+    bp.add_url_rule("/cancel/<job_id>", view_func=cancel, methods=["POST"])
+    bp.add_url_rule("/download/<job_id>/<filename>", view_func=download)
     return bp
+
+
+def generate():
+    if not request.is_json:
+        raise errors.UnsupportedMedia("send a JSON object with Content-Type: application/json")
+    # A prompt body needs kilobytes; the upload-sized app-wide limit must not apply to parsed JSON.
+    request.max_content_length = int(runtime().settings.max_json_kb * 1024)
+    try:
+        payload = request.get_json()
+    except RecursionError:  # json.loads on absurdly nested input; not a ValueError
+        raise errors.InvalidRequest("the JSON body is nested too deeply") from None
+    who = caller()
+    security.check_text_fields(payload)
+    rt = runtime()
+
+    def answer():
+        rt.require_ready()
+        body_ = dict(payload) if isinstance(payload, dict) else payload
+        webhook = rt.webhooks.parse(body_) if isinstance(body_, dict) else None  # SSRF checks before the job exists
+        job = rt.jobs.submit(body_, who.owner, webhook=webhook)
+        body = render_job(job)
+        return 202, body, {"Location": body["status_url"]}, job["session_id"]
+    code, body, headers = idempotent("generate", who.owner, (payload,), answer)
+    session_id_var.set(body["session_id"])
+    job_id_var.set(body["id"])
+    return json_response(code, body, headers)
+
+
+def status(job_id: str):
+    job_id_var.set(job_id)
+    return jsonify(render_job(runtime().jobs.owned(job_id, caller().owner)))
+
+
+def events(job_id: str):
+    job_id_var.set(job_id)
+    return _event_stream(runtime(), job_id)
+
+
+def preview(job_id: str):
+    job_id_var.set(job_id)
+    step, jpeg = runtime().preview(job_id, caller().owner)
+    resp = Response(jpeg, mimetype="image/jpeg")
+    resp.headers["X-Preview-Step"] = str(step)
+    return resp
+
+
+def cancel(job_id: str):
+    job_id_var.set(job_id)
+    return jsonify(render_job(runtime().jobs.cancel(job_id, caller().owner)))
+
+
+def download(job_id: str, filename: str):
+    job_id_var.set(job_id)
+    if not is_output_name(filename):
+        raise errors.NotFound(f"file {filename!r} not found")
+    path = runtime().jobs.output_path(job_id, filename, caller().owner)
+    mimetype = "image/jpeg" if filename.endswith(".jpg") else "image/png"
+    return send_file(path, mimetype=mimetype, as_attachment=request.args.get("inline") != "1",
+                     download_name=filename, max_age=0)
 
 
 def _event_stream(rt, job_id: str) -> Response:

@@ -163,7 +163,7 @@ class DigitalTwinGenerator:
                                  f"{old_name!r} stays active", code="model_load_failed", http_status=422) from None
 
     def _check_model(self, req: GenerationRequest) -> None:
-        want = getattr(req, "model", None)
+        want = req.model
         if want is not None and self.model is not None and want != self.model.model_name:
             raise InvalidRequest(f"model={want!r} was requested but the active base model is "
                                  f"{self.model.model_name!r}; resubmit without model or load {want!r} first",

@@ -36,7 +36,7 @@ class Identities:
         except errors.InvalidRequest as e:
             raise errors.Conflict(f"this session's identity cannot be built for the active model: {e.message}",
                                   code="identity_mismatch") from None
-        identity.save(self.storage.identity_path(session_id, key=_key(identity)))
+        identity.save(self.storage.identity_path(session_id, key=identity.cache_key))
         log.info("identity built for the active model", extra={"session_id": session_id})
         return identity
 
@@ -58,7 +58,3 @@ def _encode(engine, crops, embeddings, face_model, inputs):
                                      headers={"Retry-After": "10"}) from None
         raise
 
-
-def _key(identity) -> str:
-    """What makes two identities of one session different: the method and the model they were built for."""
-    return "|".join(str(getattr(identity, k, "")) for k in ("variant", "model_name", "combine"))

@@ -10,8 +10,10 @@ from utils import errors
 from utils.config import Settings
 from utils.jobs.status import JobStatus
 from utils.service.identity import Identities
+from utils.service.models import check_model
 from utils.service.runner import JobRunner, Likeness
-from utils.storage import Storage, atomic_save_png, is_valid_id, new_id, thumbnail_name
+from utils.storage import (Storage, atomic_save_png, is_valid_id, new_id, png_bytes, thumbnail_bytes,
+                           thumbnail_name)
 
 log = logging.getLogger("twin.service")
 
@@ -25,8 +27,8 @@ class StorageSink:
         self.thumbnails = True
 
     def save(self, name: str, image, *, thumbnail: bool = False) -> str:
-        side = self.settings.thumbnail_side if thumbnail else None
-        return self.storage.save_image(self.session_id, self.job_id, name, image, thumbnail_side=side)
+        data = thumbnail_bytes(image, self.settings.thumbnail_side) if thumbnail else png_bytes(image)
+        return self.storage.save_output(self.session_id, self.job_id, name, data)
 
     def add(self, output: dict) -> None:
         self.store.add_output(self.job_id, output)
@@ -64,7 +66,7 @@ class Jobs:
         req = engine.request_type.from_dict(payload, self.settings)
         self._check_likeness(req)
         self._check_model(req)
-        self.storage.require_space(output_bytes(req), f"a job of {getattr(req, 'num_images', 1)} images")
+        self.storage.require_space(output_bytes(req), f"a job of {req.num_images} images")
         # The session's face features, read now: a broken session fails the request rather than the job,
         # and what the request names of the session (pose="selfie:N") is checked against them.
         req.check_session(self.storage.session_faces(session["id"]))
@@ -96,16 +98,13 @@ class Jobs:
     def _check_model(self, req) -> None:
         """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
         engine checks again: a switch in between fails the job with the same code)."""
-        want = getattr(req, "model", None)
-        if want is None:
-            return
-        from utils.service.models import check_model
-        check_model(self.queue, self.engines, want, self.settings.cluster)
+        if req.model is not None:
+            check_model(self.queue, self.engines, req.model, self.settings.cluster)
 
     def _check_likeness(self, req) -> None:
         """Restoration needs its model file: refuse the request now (400, naming the file and the download
         command) rather than fail the job later."""
-        if getattr(req, "restore_faces", False):
+        if req.restore_faces:
             restorer = self._restorer()
             if restorer is None:
                 raise errors.ServiceNotReady("the models are still loading; try again shortly", retry_after=5)
@@ -114,7 +113,7 @@ class Jobs:
     def _store_init_image(self, req, session_id: str, job_id: str, owner: str | None):
         """img2img: the start picture is resolved and checked once, now, and stored beside the outputs: the
         job runs on these pixels even if the source goes away."""
-        if getattr(req, "init_image", None) is None:
+        if req.init_image is None:
             return None
         path = self.storage.init_image_path(session_id, job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +173,7 @@ class Jobs:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
         req = req.with_identity(self.identities.for_engine(engine, session_id))
-        if getattr(req, "init_image", None) is not None:
+        if req.init_image is not None:
             req = req.with_init_image(self._stored_init_image(session_id, job["id"]))
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
         self.storage.require_space(output_bytes(req), f"the outputs of job {job['id']!r}")
@@ -190,8 +189,8 @@ class Jobs:
             return im.convert("RGB")
 
     def _likeness(self, req, session_id: str) -> Likeness:
-        best_of = (getattr(req, "candidates", None) or 0) > req.num_images
-        if not (self.settings.score_outputs or best_of or getattr(req, "restore_faces", False)):
+        best_of = (req.candidates or 0) > req.num_images
+        if not (self.settings.score_outputs or best_of or req.restore_faces):
             return Likeness()
         try:
             template = self.storage.load_template(session_id)
@@ -203,7 +202,5 @@ class Jobs:
 def output_bytes(req) -> int:
     """Upper bound of a job's PNGs: raw RGB bytes (a PNG of a photo is about half of that); a restored
     output keeps its raw original too."""
-    w = getattr(req, "width", None) or 1024
-    h = getattr(req, "height", None) or 1024
-    copies = 2 if getattr(req, "restore_faces", False) else 1
-    return copies * int(getattr(req, "num_images", 1) or 1) * int(w) * int(h) * 3
+    copies = 2 if req.restore_faces else 1
+    return copies * req.num_images * (req.width or 1024) * (req.height or 1024) * 3

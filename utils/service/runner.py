@@ -82,8 +82,8 @@ class JobRunner:
         """Generate ``req.candidates`` (default num_images) images, keep the num_images most alike (best
         first), restore faces if asked, write each kept output through ``sink``. Returns the metadata."""
         keep = int(req.num_images)
-        total = int(getattr(req, "candidates", None) or keep)
-        restore = bool(getattr(req, "restore_faces", False))
+        total = int(req.candidates or keep)
+        restore = req.restore_faces
         if total > keep and likeness.template is None:   # before any GPU time is spent
             raise errors.TwinError(f"best-of-N (candidates={total}) needs a face template of the selfies, which "
                                    "is missing; upload them again", code="no_template", http_status=409)
@@ -123,7 +123,7 @@ class JobRunner:
         t0 = time.perf_counter()
         restored_s = 0.0
         try:
-            if getattr(req, "restore_faces", False):
+            if req.restore_faces:
                 image = self.restore(req, image, output, rank, likeness.template, sink, written)
                 restored_s = time.perf_counter() - t0
             elif likeness.template is not None:

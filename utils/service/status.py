@@ -44,7 +44,7 @@ def _engine_health(engines: list, body: dict) -> None:
         if g.state in ("restarting", "setup_failed"):
             body["state"] = g.state
             if g.error is not None:
-                body["error"] = getattr(g.error, "message", str(g.error))
+                body["error"] = g.error.message
             break
     for g in engines:
         if isinstance(g.model_error, str):

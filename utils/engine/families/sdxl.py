@@ -72,7 +72,9 @@ class SdxlModel:
                 "model_name": m.model_name, "device": m.device, "dtype": str(m.dtype).replace("torch.", ""),
                 "native_resolution": m.native_resolution, "loras": sorted(m.loras),
                 "fast_mode": "few-step-lora" if m.lightning_adapter else "fallback",
-                "notes": list(m.notes), "variant": self.variant}
+                "notes": list(m.notes), "variant": self.variant,
+                # what a session's identity is tied to (the base family it was encoded for)
+                "identity_model": m.identity_model or m.model_name}
 
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs) -> SessionIdentity:

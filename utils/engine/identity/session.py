@@ -25,6 +25,11 @@ class SessionIdentity:
     extras: dict[str, Any] = field(default_factory=dict)   # clip_embeds, keypoints, keypoint_index (CPU tensors)
 
     @property
+    def cache_key(self) -> str:
+        """What tells two identities of one session apart: the method and the model they were built for."""
+        return f"{self.variant}|{self.model_name}|{self.combine}"
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.embeds.shape)
 

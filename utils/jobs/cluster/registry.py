@@ -25,6 +25,7 @@ import uuid
 from typing import Any
 
 from utils import errors
+from utils.contracts import ModelRegistry
 from utils.jobs.cluster.connection import as_text
 
 log = logging.getLogger("twin.worker")
@@ -202,20 +203,18 @@ class ModelControl:
         self.base = base
 
     def _model_fields(self) -> dict[str, str]:
-        cat = getattr(self.gen, "models_catalogue", None)
-        if not callable(cat):
+        if not isinstance(self.gen, ModelRegistry):
             return {"model": "", "family": "", "catalogue": "[]", "loras": "[]"}
-        c = cat()
-        models = getattr(self.gen, "models", None)
-        family = getattr(models, "identity_model", None) or _safe_info(self.gen).get("profile") or ""
+        c = self.gen.models_catalogue()
+        info = _safe_info(self.gen)
+        family = info.get("identity_model") or info.get("profile") or ""
         return {"model": c.get("active") or "", "family": str(family),
                 "catalogue": json.dumps([{k: m.get(k) for k in ("name", "kind", "file")} for m in c["models"]]),
                 "loras": json.dumps(list(c.get("loras", [])))}
 
     @property
     def active(self) -> str | None:
-        cat = getattr(self.gen, "models_catalogue", None)
-        return (cat().get("active") or None) if callable(cat) else None
+        return (self.gen.models_catalogue().get("active") or None) if isinstance(self.gen, ModelRegistry) else None
 
     def publish(self, **fields) -> None:
         with self.conn.pipeline() as p:
@@ -270,14 +269,13 @@ class ModelControl:
 
     def run(self, cmd_id: str, model: str) -> None:
         before = self.active
-        load = getattr(self.gen, "load_model", None)
         self.publish(state="loading", target=model)
         t0 = time.perf_counter()
         try:
-            if not callable(load):
+            if not isinstance(self.gen, ModelRegistry):
                 raise errors.InvalidRequest("this GPU worker's generator has no model registry",
                                             code="not_supported", http_status=501)
-            out = load(model)
+            out = self.gen.load_model(model)
         except errors.TwinError as e:
             # The old model keeps serving, on its queues; the answer names the file.
             log.warning("base model load failed", extra={"model": model, "error_code": e.code})
