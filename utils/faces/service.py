@@ -230,14 +230,6 @@ class FaceService:
     def ready(self) -> bool:
         return self.backend is not None
 
-    @property
-    def age_estimation(self) -> tuple[bool, str]:
-        """(the apparent-age gate can work, why / why not), for /system-status and the upload's gate."""
-        from utils.safety.policy import backend_age_gate
-
-        backend = self._require()
-        return backend_age_gate(backend.name, backend.has_age_model)
-
     def _choose(self) -> tuple[str, str]:
         s = self.settings
         pack = s.resolved_insightface_dir
