@@ -350,3 +350,62 @@ def test_generator_fields_are_short_printable_names(field, value):
 def test_creation_time_must_carry_a_zone():
     with pytest.raises(ValueError, match="timezone"):
         pv.manifest_definition(GEN, dt.datetime(2026, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# What `generate_twin.py provenance FILE…` prints (utils/safety/inspection.py)
+def _marked_png(size=(512, 640)) -> bytes:
+    from utils.safety import watermark as wm
+
+    buf = io.BytesIO()
+    wm.embed(photos.astronaut().resize(size)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def repaint(signed: bytes) -> bytes:
+    """The signed PNG with one pixel painted over: new IDAT data (a valid PNG), the manifest chunk kept."""
+    image = Image.open(io.BytesIO(signed)).convert("RGB")
+    image.putpixel((0, 0), (255, 0, 255))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    fresh = buf.getvalue()
+    new_idat = b"".join(fresh[start - 8:start + length + 4] for kind, start, length in png_chunks(fresh) if kind == "IDAT")
+    out, done = [signed[:8]], False
+    for kind, start, length in png_chunks(signed):
+        if kind == "IDAT":
+            out.append(b"" if done else new_idat)
+            done = True
+        else:
+            out.append(signed[start - 8:start + length + 4])
+    return b"".join(out)
+
+
+INSPECT_CASES = [
+    ("signed and marked", lambda s: s.sign(_marked_png(), GEN), 0,
+     ["manifest untrusted (signingCredential.untrusted)", "source trainedAlgorithmicMedia",
+      "by digital-twin-generator 1.4.0 (sdxl: stabilityai/stable-diffusion-xl-base-1.0, identity plus-face)",
+      "watermark present (48/48 bits)"]),
+    ("metadata stripped", lambda s: strip_metadata(s.sign(_marked_png(), GEN)), 0,
+     ["manifest absent", "watermark present (48/48 bits)"]),
+    ("pixels changed, manifest and mark kept", lambda s: repaint(s.sign(_marked_png(), GEN)), 0,
+     ["manifest tampered (", "assertion.dataHash.mismatch", "watermark present"]),
+    ("a byte of the pixels flipped", lambda s: (lambda d: flip(d, pixel_byte(d)))(s.sign(_marked_png(), GEN)), 2,
+     ["manifest tampered; the pixels do not decode"]),
+    ("signed thumbnail, too small for a mark", lambda s: s.sign(image_bytes("JPEG", (176, 256)), GEN), 0,
+     ["manifest untrusted", "watermark: image too small to carry one"]),
+    ("a plain photo", lambda s: image_bytes("PNG", (512, 640)), 1, ["manifest absent", "watermark absent"]),
+    ("a text file", lambda s: b"hello", 2, ["not a PNG or JPEG image"]),
+]
+
+
+@pytest.mark.parametrize("case,make,code,parts", INSPECT_CASES, ids=[c[0] for c in INSPECT_CASES])
+def test_inspection_line_and_exit_code(signer, case, make, code, parts):
+    from utils.safety.inspection import exit_code, inspect_image
+
+    result = inspect_image(make(signer))
+    line = result.line("avatar_001.png")
+    assert line.startswith("avatar_001.png: ")
+    for part in parts:
+        assert part in line, line
+    assert exit_code([result]) == code
+    json.dumps(result.to_json())

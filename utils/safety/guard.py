@@ -132,7 +132,7 @@ class SafetyGuard:
             "classifier": self.classifier_note,
             "prompt_terms": {"file": str(s.resolved_safety_terms_file), "terms": len(self.terms) if self.terms else 0},
             "signer": self.signer.status() if self.signer else None,
-            "watermark": "invisible-watermark dwtDctSvd, 48 bits (images of at least 256x256 pixels)",
+            "watermark": "DWT-DCT-SVD (invisible-watermark's dwtDctSvd format), 48 bits, on images of at least 256x256 pixels",
         }
         if age_gate is not None:
             out["age_gate"] = {"on": age_gate[0], "min_apparent_age": s.min_apparent_age, "reason": age_gate[1]}

@@ -378,6 +378,8 @@ def read_provenance(data: bytes, *, trust_anchors: bytes | None = None) -> Prove
             store = json.loads(reader.json())
     except c2pa.C2paError.ManifestNotFound:
         return ProvenanceReport("absent")
+    except c2pa.C2paError.RemoteManifest:  # only a link to a manifest elsewhere: never fetched from here
+        return ProvenanceReport("absent", codes=("manifest.remote.notFetched",))
     except c2pa.C2paError as exc:  # a manifest is there but does not parse: changed after signing
         return ProvenanceReport("tampered", codes=(type(exc).__name__.lstrip("_"),))
     return _report(validation, store)
