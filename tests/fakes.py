@@ -6,6 +6,8 @@ without the generation and face engines.
   requested size. It can be told to sleep per step, to fail set-up, or to raise from generate().
 - ``FakeFaceService``: validate_selfies() -> a report with accepted/rejected in the documented shape.
   A file is rejected when it does not decode (``invalid_image``) or is one flat colour (``no_face``).
+- ``ScriptedSafetyClassifier``: utils.safety.classifier.SafetyClassifier that answers the scores it was
+  given, one per image in turn (the last repeats), and records how many images it saw.
 """
 from __future__ import annotations
 
@@ -405,3 +407,24 @@ class FakeModelGenerator(FakeGenerator):
             result = super().generate(req, on_progress, should_cancel)
             result.metadata["model"] = self.active
             return result
+
+
+class ScriptedSafetyClassifier:
+    """Scores from a script: ``ScriptedSafetyClassifier([0.1, 0.9])`` gives 0.1 to the first image scored,
+    0.9 to the second and every later one."""
+
+    def __init__(self, scores, name: str = "scripted-nsfw-classifier") -> None:
+        if not scores:
+            raise ValueError("give at least one score")
+        self.name = name
+        self._scores = list(scores)
+        self._lock = threading.Lock()
+        self.seen = 0
+
+    def score(self, images) -> list[float]:
+        with self._lock:
+            out = []
+            for _ in images:
+                out.append(float(self._scores[min(self.seen, len(self._scores) - 1)]))
+                self.seen += 1
+            return out

@@ -263,5 +263,5 @@ def test_tiny_files_mirror_the_real_layouts(tiny_models):
     cfg = json.loads((tiny_models / ml.INSTANTID_DIR / ml.CONTROLNET_SUB / "config.json").read_text())
     unet = json.loads((tiny_models / ml.BASE_DIR / "unet" / "config.json").read_text())
     assert cfg["_class_name"] == "ControlNetModel" and cfg["cross_attention_dim"] == unet["cross_attention_dim"]
-    assert sorted(p.name for p in (tiny_models / ml.ANTELOPE_DIR).glob("*.onnx")) == ["glintr100.onnx",
+    assert sorted(p.name for p in (tiny_models / ml.ANTELOPE_DIR).glob("*.onnx")) == ["genderage.onnx", "glintr100.onnx",
                                                                                     "scrfd_10g_bnkps.onnx"]

@@ -151,6 +151,17 @@ class Settings:
 
     thumbnail_side: int = _setting(256, "Longest side of the JPEG thumbnail written beside each portrait (thumbnail_url in the job JSON).", lo=32, hi=1024)
 
+    # --- safety and provenance (docs/SAFETY.md) --------------------------------------------------
+    safety_mode: str = _setting("block", "Output safety check by the NSFW image classifier: block (an image scoring at or above safety_threshold is never written or served; it counts as a rejected candidate), flag (served, marked \"flagged\" in the job JSON), off (not checked; a session held by the apparent-age gate is checked in block mode all the same).",
+                                choices=("block", "flag", "off"))
+    safety_threshold: float = _setting(0.5, "Classifier probability of explicit content at or above which an image is blocked (block) or flagged (flag); 0.5 is the classifier's own decision (argmax of its two labels).", lo=0.0, hi=1.0)
+    safety_model_repo: str = _setting("Falconsai/nsfw_image_detection", "Hub id of the NSFW image classifier (a transformers ViT image classifier, Apache-2.0; labels normal / nsfw).")
+    safety_model_dir: Path | None = _setting(None, "Folder of the NSFW image classifier (config.json, model.safetensors, preprocessor_config.json); default <model_dir>/nsfw_image_detection (else the Hugging Face cache of safety_model_repo), with the tiny profile <tiny_model_dir>/nsfw_image_detection (stand-in).")
+    safety_terms_file: Path | None = _setting(None, "Explicit-term list that refuses prompts, persona traits and styles when a face identity is used (JSON, see safety/terms.json); default safety/terms.json beside the code. Read at start-up: a broken file stops it, naming the line.")
+    min_apparent_age: int = _setting(21, "Apparent-age gate (InsightFace backend with the pack's genderage model): a session whose accepted selfies' median apparent age is below this is held to safety_mode=block whatever the setting (21 leaves a margin over 18 for the estimator's error; it cannot be set below 18).", lo=18, hi=100)
+    c2pa_cert: Path | None = _setting(None, "PEM certificate chain (signing certificate first) for the C2PA Content Credentials on every image; ES256 (EC P-256 key) or PS256 (RSA key). Unset (with c2pa_key): a local development CA and signer are made once under <data_dir>/c2pa, and outputs read as 'untrusted'.")
+    c2pa_key: Path | None = _setting(None, "PEM private key (unencrypted PKCS#8 or traditional) matching c2pa_cert's signing certificate; set both or neither.")
+
     # --- generation process ------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
     generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
@@ -176,6 +187,9 @@ class Settings:
         if self.queue_url and not self.queue_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"TWIN_QUEUE_URL={self.queue_url!r} is not a redis://HOST:PORT/DB URL")
         self.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            given, other = ("TWIN_C2PA_CERT", "TWIN_C2PA_KEY") if self.c2pa_cert is not None else ("TWIN_C2PA_KEY", "TWIN_C2PA_CERT")
+            raise ConfigError(f"{given} is set but {other} is not: set both (the signing certificate chain and its key) or neither")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigError(f"TWIN_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
 
@@ -195,6 +209,19 @@ class Settings:
     @property
     def resolved_styles_file(self) -> Path:
         return self.styles_file or Path(__file__).resolve().parent.parent / "styles" / "styles.json"
+
+    @property
+    def resolved_safety_model_dir(self) -> Path:
+        return self.safety_model_dir or self.model_dir / "nsfw_image_detection"
+
+    @property
+    def resolved_safety_terms_file(self) -> Path:
+        return self.safety_terms_file or Path(__file__).resolve().parent.parent / "safety" / "terms.json"
+
+    @property
+    def c2pa_dev_dir(self) -> Path:
+        """Where the development CA and signer are made when no certificate is configured."""
+        return self.data_dir / "c2pa"
 
     @property
     def resolved_insightface_dir(self) -> Path:

@@ -80,6 +80,13 @@ class ImageRejected(TwinError):
     http_status = 400
 
 
+class PromptRefused(TwinError):
+    """A prompt, persona trait or style names explicit sexual content while a face identity is used
+    (utils/safety/terms.py); the message names the matched term."""
+    code = "prompt_refused"
+    http_status = 400
+
+
 class QueueFull(TwinError):
     code = "queue_full"
     http_status = 429

@@ -36,6 +36,7 @@ class Detection:
     embedding: np.ndarray | None = None              # filled by backends that embed while detecting
     embedding_norm: float | None = None              # length of the raw ArcFace vector (InstantID feeds it raw)
     kps: np.ndarray | None = None                    # [5, 2] eyes, nose, mouth corners (InsightFace only)
+    age: float | None = field(default=None, repr=False)  # apparent age, years (InsightFace genderage); never logged
     extra: object = field(default=None, repr=False)  # backend-private (dlib shape), never serialised
 
     @property
@@ -58,6 +59,8 @@ class FaceBackend:
     model_name = "base"
     #: Euclidean distance between unit embeddings above which two faces are different people.
     outlier_distance = 1.0
+    #: Whether ``detect`` fills ``Detection.age`` (the apparent-age gate needs it).
+    has_age_model = False
 
     #: Longest side a photo must keep for ``detect`` to find the same faces as on the full-resolution
     #: photo (uploads are decoded only this large, see utils.images.decode_reduced).
@@ -278,6 +281,7 @@ class InsightFaceBackend(FaceBackend):
         self.model_name = f"insightface-{self.model_dir.name}"
         self.decode_side = det_size  # FaceAnalysis resizes every photo to fit det_size x det_size
         self._app = None
+        self.has_age_model = False
         # ORT sessions may run concurrently, but insightface's detector mutates Python-side caches.
         self._lock = threading.Lock()
 
@@ -301,8 +305,9 @@ class InsightFaceBackend(FaceBackend):
         providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
             # An existing folder path is used as-is (no root lookup, so no download attempt).
-            app = FaceAnalysis(name=str(self.model_dir.resolve()), allowed_modules=["detection", "recognition"],
-                               providers=providers)
+            # genderage (in buffalo_l and antelopev2) gives each face an apparent age for the safety gate.
+            app = FaceAnalysis(name=str(self.model_dir.resolve()),
+                               allowed_modules=["detection", "recognition", "genderage"], providers=providers)
         except AssertionError:
             app = None
         if app is None or "detection" not in app.models or "recognition" not in app.models:
@@ -315,7 +320,9 @@ class InsightFaceBackend(FaceBackend):
         app.prepare(ctx_id=ctx_id, det_thresh=self.det_thresh, det_size=(self.det_size, self.det_size))
         self._app = app
         self.providers = providers
-        log.info("insightface pack %s loaded with providers %s", self.model_dir, providers)
+        self.has_age_model = "genderage" in app.models
+        log.info("insightface pack %s loaded with providers %s (age model: %s)", self.model_dir, providers,
+                 "yes" if self.has_age_model else "no")
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         if self._app is None:
@@ -335,7 +342,8 @@ class InsightFaceBackend(FaceBackend):
             out.append(Detection(box=(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)),
                                  score=float(f.det_score), left_eye=tuple(left), right_eye=tuple(right),
                                  nose=tuple(kps[2]), embedding=emb, embedding_norm=norm,
-                                 kps=kps[:5].astype(np.float32).copy()))
+                                 kps=kps[:5].astype(np.float32).copy(),
+                                 age=float(f.age) if f.age is not None else None))
         return out
 
     def embed(self, rgb: np.ndarray, det: Detection) -> np.ndarray:

@@ -49,6 +49,9 @@ class AcceptedSelfie:
     # Never logged, never in to_json().
     embedding_norm: float | None = field(default=None, repr=False)
     kps: np.ndarray | None = field(default=None, repr=False)
+    # Apparent age in years (InsightFace genderage), for the session's age gate (utils.safety.policy).
+    # Never logged, never in to_json().
+    apparent_age: float | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -79,6 +82,11 @@ class SelfieReport:
         return {"embedding_norms": [a.embedding_norm for a in self.accepted],
                 "keypoints": [a.kps for a in self.accepted],
                 "keypoint_index": [a.index for a in self.accepted]}
+
+    def apparent_ages(self) -> list[float | None]:
+        """Each accepted selfie's apparent age (None where the backend has no age model), for
+        ``utils.safety.policy.session_age_gate``; never logged."""
+        return [a.apparent_age for a in self.accepted]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe summary: per-file status in upload order, counts, set warnings. No pixels, no embeddings."""
@@ -119,6 +127,7 @@ class _Analysed:
     reject: _Reject | None = None
     embedding_norm: float | None = None
     kps: np.ndarray | None = None
+    apparent_age: float | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +360,7 @@ class FaceService:
             # (a duplicate costs one extra descriptor, ~10 ms with the torch engine).
             item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(view, vdet)])[0],
                                         dtype=np.float32)
-            item.embedding_norm, item.kps = det.embedding_norm, det.kps
+            item.embedding_norm, item.kps, item.apparent_age = det.embedding_norm, det.kps, det.age
             item.crop = aligned_crop(view, vdet, size=s.face_crop_size, scale=s.face_crop_scale)
             if side * s.face_crop_scale < s.face_crop_size / 2:
                 item.warnings.append({"code": "low_resolution", "message": (
@@ -399,7 +408,8 @@ class FaceService:
             else:
                 report.accepted.append(AcceptedSelfie(it.index, it.filename, it.preview, it.crop,
                                                       it.embedding, it.warnings, dict(it.metrics), it.size,
-                                                      embedding_norm=it.embedding_norm, kps=it.kps))
+                                                      embedding_norm=it.embedding_norm, kps=it.kps,
+                                                      apparent_age=it.apparent_age))
         if report.accepted:
             report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
         n = len(report.accepted)

@@ -10,6 +10,9 @@ real ``FaceAnalysis → prepare → get`` path:
 - ``recognizer.onnx``: ArcFace layout, input 1×3×112×112, output 1×512: a fixed random projection of the
   mean-removed, 7×7-pooled aligned crop, summed with its mirror image so a flipped photo embeds the
   same; different images give different vectors.
+- ``genderage.onnx``: InsightFace's attribute layout, input 1×3×96×96, output 1×3 (two gender logits and
+  age / 100). The age is ``age`` (a build argument) plus up to ±5 years from the crop's mean brightness,
+  so a test can build a pack whose faces look under age, and different photos get different estimates.
 """
 from __future__ import annotations
 
@@ -93,6 +96,23 @@ def build_recognizer(path: Path, seed: int = 0) -> Path:
     return _save(graph, path)
 
 
+def build_genderage(path: Path, age: float = 35.0) -> Path:
+    """insightface routes a 96×96-input model with one [1, 3] output to its genderage Attribute model."""
+    nodes = [
+        helper.make_node("ReduceMean", ["data"], ["mu"], keepdims=1),            # crop brightness, ~[-1, 1]
+        _const("shape", np.array([1, 1], np.int64)),
+        helper.make_node("Reshape", ["mu", "shape"], ["mu2"]),
+        _const("gain", np.array([[1.0, -1.0, 0.05]], np.float32)),
+        _const("base", np.array([[0.0, 0.0, age / 100.0]], np.float32)),
+        helper.make_node("Mul", ["mu2", "gain"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "base"], ["fc1"]),
+    ]
+    graph = helper.make_graph(nodes, "genderage_standin",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 96, 96])],
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 3])])
+    return _save(graph, path)
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -103,22 +123,26 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def build_pack(folder: Path) -> Path:
-    """A pack folder FaceAnalysis accepts: one detector, one recognizer."""
+def build_pack(folder: Path, *, age: float | None = 35.0) -> Path:
+    """A pack folder FaceAnalysis accepts: one detector, one recognizer and (unless ``age`` is None) one
+    genderage model whose faces look about ``age`` years old."""
     folder = Path(folder)
     build_detector(folder / "detector.onnx")
     build_recognizer(folder / "recognizer.onnx")
+    if age is not None:
+        build_genderage(folder / "genderage.onnx", age)
     return folder
 
 
-# The real antelopev2 pack's file names (the detector and the recognizer; the pack's other three models,
-# 1k3d68 / 2d106det / genderage, are not loaded: allowed_modules=['detection', 'recognition']).
-ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
+# The real antelopev2 pack's file names: the detector, the recognizer and the age / gender model (the
+# pack's landmark models, 1k3d68 / 2d106det, are not loaded: not in InsightFaceBackend's allowed_modules).
+ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx", "genderage.onnx")
 
 
 def build_antelopev2_pack(folder: Path) -> Path:
-    """A stand-in ``antelopev2`` pack: the real file names, SCRFD / ArcFace (512-d) I/O, tiny graphs."""
+    """A stand-in ``antelopev2`` pack: the real file names, SCRFD / ArcFace (512-d) / genderage I/O, tiny graphs."""
     folder = Path(folder)
     build_detector(folder / ANTELOPEV2_FILES[0])
     build_recognizer(folder / ANTELOPEV2_FILES[1], seed=2)
+    build_genderage(folder / ANTELOPEV2_FILES[2])
     return folder
