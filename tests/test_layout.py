@@ -8,7 +8,8 @@ nothing in utils/; inside utils/ a package imports only packages of a lower laye
     utils.service                 use cases, the job runner, the wiring (settings -> components)
     utils.engine                  the engine: families, identity methods, requests, tuning
     utils.models                  model files: layout, download, load, tiny builder, verify
-    utils.faces, utils.jobs       faces; job records, queues, workers, events, webhooks
+    utils.faces, utils.jobs,      faces; job records, queues, workers, events, webhooks;
+    utils.safety                  content safety and provenance
     foundation                    config, errors, logging, storage, images, ... contracts (typing only)
 
 ``if TYPE_CHECKING:`` imports count too: a type-only import is still a reader's dependency, and the
@@ -24,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ("app", "generate_twin", "model_loader", "ipadapter_manager", "instantid")
 LAYERS = {"utils.api": 5, "utils.cli": 5, "utils.service": 4, "utils.engine": 3, "utils.models": 2,
-          "utils.faces": 1, "utils.jobs": 1}
+          "utils.faces": 1, "utils.jobs": 1, "utils.safety": 1}
 
 
 def project_modules() -> dict[str, Path]:
