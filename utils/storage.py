@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from utils.errors import InsufficientStorage, NotFound
 
@@ -194,6 +193,7 @@ class SessionFaces:
 def _save_face_features(path: Path, report) -> None:
     """Embeddings, template, raw ArcFace lengths and key points of the accepted selfies (NaN where a backend
     gives none), so an identity can be built again later for any identity method."""
+    import numpy as np
     from safetensors.numpy import save_file
     acc = report.accepted
     tensors = {"embeddings": np.stack([np.asarray(a.embedding, dtype=np.float32) for a in acc]),
@@ -328,6 +328,7 @@ class Storage:
         """What the face service stored about a session's accepted selfies: enough to build its identity for
         any identity method again (crops, embeddings, raw ArcFace lengths, key points). NotFound when the
         session or its face features are gone."""
+        import numpy as np
         from safetensors.numpy import safe_open
         d = self.session_dir(session_id)
         path = d / FACES_FILE

@@ -5,7 +5,6 @@ import logging
 import traceback
 
 from flask import current_app, request
-from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 from utils import errors
@@ -21,6 +20,7 @@ _HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowe
 
 
 def handle_error(e: Exception):
+    from flask_limiter.errors import RateLimitExceeded   # flask-limiter loads with the app, not at import
     if isinstance(e, errors.TwinError):
         status, headers, body = e.http_status, dict(e.headers), e.to_dict()
     elif isinstance(e, RateLimitExceeded):
