@@ -108,7 +108,7 @@ class Settings:
 
     # --- jobs --------------------------------------------------------------------------------
     queue_max: int = _setting(32, "Most queued jobs; beyond it /generate answers 429.", lo=1)
-    workers: int = _setting(0, "Generation worker threads; 0 = one per GPU, one on CPU.", lo=0, hi=16)
+    workers: int = _setting(0, "Job threads (one engine each) in local mode; 0 = one per GPU, one on CPU.", lo=0, hi=16)
     requeue_interrupted: bool = _setting(False, "Re-queue (once) jobs that were running when the server stopped, instead of failing them.")
     retention_hours: float = _setting(72.0, "Sessions older than this are deleted by the retention sweep; 0 disables it.", lo=0.0)
     retention_sweep_minutes: float = _setting(30.0, "How often the retention sweep runs.", lo=0.01)
@@ -122,7 +122,7 @@ class Settings:
     drain_seconds: float = _setting(25.0, "On SIGTERM: how long a running job may keep going to finish; after that it is stopped at its next step and re-queued (it runs again after the restart). gunicorn's graceful_timeout is this + 10 s.", lo=0.0, hi=3600.0)
 
     # --- cluster mode (Redis + RQ; docs/ARCHITECTURE.md "Cluster mode") ---------------------------
-    queue_url: str = _setting("", "Cluster mode: redis://HOST:PORT/DB of the Redis shared by every API node (./start_app.sh) and GPU worker (./start_worker.sh): job queue (RQ), job records, progress, rate limits. Empty: local mode (SQLite + in-process worker threads).")
+    queue_url: str = _setting("", "Cluster mode: redis://HOST:PORT/DB of the Redis shared by every API node (./start_app.sh) and GPU worker (./start_worker.sh): job queue (RQ), job records, progress, rate limits. Empty: local mode (SQLite + job threads in the web process).")
     job_attempts: int = _setting(3, "Cluster: runs of a job whose worker died (SIGKILL, crash, lost machine) before it ends failed/worker_lost; a job that fails or is canceled is never re-run.", lo=1, hi=10)
     retry_backoff: str = _setting("5,20", "Cluster: seconds to wait before attempt 2, 3, ... of a job whose worker died (comma-separated; the last value repeats).")
     worker_heartbeat_seconds: float = _setting(2.0, "Cluster: how often a GPU worker renews its job's heartbeat; a job without one for 4x this is re-run elsewhere (RQ's own default is minutes).", lo=0.5, hi=60.0)
@@ -162,9 +162,9 @@ class Settings:
     c2pa_cert: Path | None = _setting(None, "PEM certificate chain (signing certificate first) for the C2PA Content Credentials on every image; ES256 (EC P-256 key) or PS256 (RSA key). Unset (with c2pa_key): a local development CA and signer are made once under <data_dir>/c2pa, and outputs read as 'untrusted'.")
     c2pa_key: Path | None = _setting(None, "PEM private key (unencrypted PKCS#8 or traditional) matching c2pa_cert's signing certificate; set both or neither.")
 
-    # --- generation process ------------------------------------------------------------------
+    # --- generator process -------------------------------------------------------------------
     generator_process: bool = _setting(True, "Run generation in a child process so the web process never waits on the GIL of the generation loop (a crashed child fails its job with worker_crashed and is restarted). Off: in-process thread, for debugging.")
-    generator_nice: int = _setting(0, "Niceness added to the generation process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
+    generator_nice: int = _setting(0, "Niceness added to the generator process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
 
     def __post_init__(self) -> None:
         for f in fields(self):
