@@ -31,6 +31,7 @@ REDIS_IMAGE=localhost/twin-redis:test
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$REPO/scripts/containers.conf}
 RUN_ID=twinct$$
 T0=$(date +%s)
+SKIPPED=0
 WORK=
 CHILD=
 COMPOSE=()
@@ -48,6 +49,7 @@ skip() {
     echo "###########################################################################"
     echo
   } >&2
+  SKIPPED=1
   [ "${CONTAINER_TEST_REQUIRED:-0}" = 1 ] && exit 1
   exit 0
 }
@@ -71,19 +73,21 @@ cleanup() {
     kill -TERM "$CHILD" 2>/dev/null
     wait "$CHILD" 2>/dev/null
   fi
-  if command -v podman >/dev/null 2>&1; then
+  if [ -n "$WORK" ]; then  # set once the tools are there: from here on containers may exist
     [ ${#COMPOSE[@]} -gt 0 ] && "${COMPOSE[@]}" down -v -t 5 >/dev/null 2>&1
     for label in "twin-ct=$RUN_ID" "io.podman.compose.project=$RUN_ID"; do
-      podman ps -aq --filter "label=$label" | xargs -r podman rm -f -t 0 >/dev/null 2>&1
+      podman ps -aq --filter "label=$label" | xargs -r podman rm -f -v -t 0 >/dev/null 2>&1
       podman volume ls -q --filter "label=$label" | xargs -r podman volume rm -f >/dev/null 2>&1
     done
     podman network rm -f "${RUN_ID}_default" >/dev/null 2>&1
     [ "${KEEP_IMAGE:-1}" = 1 ] || podman rmi -f "$IMAGE" >/dev/null 2>&1
     left=$(podman ps -aq --filter "label=twin-ct=$RUN_ID"; podman ps -aq --filter "label=io.podman.compose.project=$RUN_ID")
     [ -z "$left" ] || { say "containers left after cleanup: $left"; rc=1; }
+    rm -rf "$WORK"
   fi
-  [ -n "$WORK" ] && rm -rf "$WORK"
-  if [ "$rc" = 0 ]; then
+  if [ "$SKIPPED" = 1 ]; then
+    say "SKIPPED (exit $rc)"
+  elif [ "$rc" = 0 ]; then
     say "PASSED in $(elapsed "$T0") s"
   else
     say "FAILED (exit $rc) after $(elapsed "$T0") s"
@@ -171,8 +175,13 @@ if [[ $wheels == *torch-*+cpu-* ]]; then
   build+=(--build-arg "TORCH_INDEX_URL=$index")
 fi
 t=$(date +%s)
+previous=$(podman image inspect "$IMAGE" --format '{{.Id}}' 2>/dev/null || true)
 say "building $IMAGE (nice -n 10; first build several minutes)"
 bg nice -n 10 "${build[@]}" . > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "podman build failed"; }
+# The image this build replaced would stay behind untagged, one per code change: remove it.
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect "$IMAGE" --format '{{.Id}}')" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 figure "build" "$(elapsed "$t") s ($(grep -c -- '--> Using cache' "$WORK/build.log" || true) steps from cache)"
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 figure "image size" "$(( size / 1000000 )) MB"
@@ -287,7 +296,7 @@ while time.time() < deadline:
 assert all(v == "succeeded" for v in st.values()), st
 PYEOF
 figure "after podman start" "both jobs succeeded"
-podman rm -f -t 5 "$C" >/dev/null 2>&1
+podman rm -f -v -t 5 "$C" >/dev/null 2>&1
 
 # --- 6. started as root ---
 mkdir -p "$WORK/rootstart"
