@@ -15,6 +15,8 @@ ARG BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE} AS system
 ARG DEBIAN_FRONTEND=noninteractive
 ENV LANG=C.UTF-8
+LABEL org.opencontainers.image.title="digital-twin" \
+      org.opencontainers.image.description="Digital Twin Generator: Flask + gunicorn API and GPU workers (README: Containers)"
 # tini is PID 1 (forwards SIGTERM to the role's process, reaps the generator child); curl serves
 # start_app.sh's readiness banner.
 RUN apt-get update \

@@ -178,10 +178,13 @@ t=$(date +%s)
 previous=$(podman image inspect "$IMAGE" --format '{{.Id}}' 2>/dev/null || true)
 say "building $IMAGE (nice -n 10; first build several minutes)"
 bg nice -n 10 "${build[@]}" . > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "podman build failed"; }
-# The image this build replaced would stay behind untagged, one per code change: remove it.
+# The image this build replaced would stay behind untagged, one per code change: remove it. Untagged
+# builder stages (one per requirements change, ~2.3 GB) go after a week; the current one is the build
+# cache, so a week-old one costs one pip install on the next run.
 if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect "$IMAGE" --format '{{.Id}}')" ]; then
   podman rmi "$previous" >/dev/null 2>&1 || true
 fi
+podman image prune -f --filter label=org.opencontainers.image.title=digital-twin --filter until=168h >/dev/null 2>&1 || true
 figure "build" "$(elapsed "$t") s ($(grep -c -- '--> Using cache' "$WORK/build.log" || true) steps from cache)"
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 figure "image size" "$(( size / 1000000 )) MB"
