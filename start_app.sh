@@ -34,7 +34,10 @@ PYEOF
 
 # Preflight: every weight file the configured profile / variant loads is opened (headers only) and checked
 # against what the code builds; one line per file; a missing, truncated or mismatched file stops here.
-if [ "${SKIP_VERIFY:-0}" != 1 ]; then
+# A cluster's API node (TWIN_QUEUE_URL set) holds no model: its GPU workers run the preflight (start_worker.sh).
+if [ -n "${TWIN_QUEUE_URL:-}" ]; then
+  echo "[start_app] cluster mode: this API node loads no model (the GPU workers run the weights preflight)" >&2
+elif [ "${SKIP_VERIFY:-0}" != 1 ]; then
   "$PY" model_loader.py verify || { echo "[start_app] weights preflight failed (see the lines above); fix the files or run: python model_loader.py download" >&2; exit 2; }
 fi
 

@@ -42,12 +42,12 @@ def make_tiny(root: Path | str) -> Path:
         return root
     if (root / MARKER).is_file():
         # An older tiny folder (written before the current file set): move it aside and build anew.
-        shutil.rmtree(root.parent / f".{root.name}.old-{os.getpid()}", ignore_errors=True)
+        old = root.parent / f".{root.name}.old-{_unique()}"
         with contextlib.suppress(OSError):
-            os.replace(root, root.parent / f".{root.name}.old-{os.getpid()}")
-        shutil.rmtree(root.parent / f".{root.name}.old-{os.getpid()}", ignore_errors=True)
+            os.replace(root, old)
+        shutil.rmtree(old, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    tmp = root.parent / f".{root.name}.building-{_unique()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with quiet_libraries():
@@ -61,6 +61,14 @@ def make_tiny(root: Path | str) -> Path:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
     return root
+
+
+def _unique() -> str:
+    """A name part no other builder uses: containers sharing a data volume often have the same pids."""
+    import os
+    import socket
+    import uuid
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def tiny_is_current(root: Path) -> bool:
