@@ -706,6 +706,12 @@
       $("init_source").dispatchEvent(new Event("change"));
     }
     if (none) $("persona-box").open = true;
+    for (const [id, text] of [["prompt-help", "What the picture should show; who is in it comes from the persona and look below."],
+                              ["candidates-help", "Make this many, keep the first ones (not ranked: no selfies)."]]) {
+      const el = $(id);
+      if (el.dataset.selfies === undefined) el.dataset.selfies = el.textContent;
+      el.textContent = none ? text : el.dataset.selfies;
+    }
     const hint = $("generate-hint");
     if (none && hint.dataset.identity !== "none") {
       state.sessionHint = hint.textContent;   // what it said about the selfies, for the way back

@@ -22,7 +22,7 @@ from utils.request_fields import Field, published_fields, validate_payload
 IDENTITY_SOURCES = ("session", "none")
 # JSON names that differ from the request's attribute: ``identity`` there is the identity object the service
 # attaches at run time (``with_identity``), so the request field's value lives in ``identity_source``.
-_ATTRIBUTES = {"identity": "identity_source"}
+FIELD_ATTRIBUTES = {"identity": "identity_source"}
 
 REQUEST_FIELDS: tuple[Field, ...] = (
     Field("prompt", "string", "What to portray; the identity comes from the session's selfies (with "
@@ -141,7 +141,7 @@ class GenerationRequest:
                                  f"give between {v['num_images']} and {MAX_CANDIDATES}")
         if v["init_image"] is None and payload.get("strength") is not None:
             raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
-        return cls(**{_ATTRIBUTES.get(k, k): value for k, value in v.items()})
+        return cls(**{FIELD_ATTRIBUTES.get(k, k): value for k, value in v.items()})
 
     @property
     def total_candidates(self) -> int:
@@ -165,7 +165,7 @@ class GenerationRequest:
         return dataclasses.replace(self, init_pixels=image)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, _ATTRIBUTES.get(k, k)) for k in REQUEST_KEYS}
+        d = {k: getattr(self, FIELD_ATTRIBUTES.get(k, k)) for k in REQUEST_KEYS}
         if self.init_image is not None:  # inline image data is not echoed into every job JSON
             d["init_image"] = parse_init_image(self.init_image, len(self.init_image)).describe()
         else:
