@@ -482,7 +482,7 @@ def test_test_api_sh_against_a_cluster(server_kind, start_server, workers, redis
                                             "PYTHON": sys.executable})
     assert proc.returncode == 0, (f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
                                   f"\nworker:\n{workers.log(workers.procs[0])}")
-    assert len(list(out.glob("avatar_*.png"))) == 1
+    assert len(list(out.glob("avatar_*.png"))) == 1 and (out / "persona_avatar_001.png").is_file()
     body = requests.get(server.url + "/system-status", timeout=5).json()
     assert body["mode"] == "cluster" and body["cluster"]["workers"][0]["name"] == "w0"
     assert body["jobs"]["succeeded"] >= 1

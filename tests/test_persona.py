@@ -285,6 +285,25 @@ def test_openapi_lists_the_field(client):
     assert "client_token" in spec["components"]["schemas"]["Job"]["properties"]
 
 
+def test_a_database_from_before_persona_sessions_reads_every_session_as_an_upload(tmp_path):
+    import sqlite3
+
+    from utils.jobs.local.store import SqliteJobStore
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    db.executescript("CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL, "
+                     "seq INTEGER NOT NULL); INSERT INTO sessions VALUES ('old', 'tok:a', 1.0, 1);")
+    db.close()
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    try:
+        assert store.latest_session("tok:a") == {"id": "old", "owner": "tok:a", "created_at": 1.0, "seq": 1,
+                                                 "kind": "selfies"}
+        store.add_session("new", "tok:a", 2.0, kind="persona")
+        assert store.latest_session("tok:a")["id"] == "old" and store.get_session("new")["kind"] == "persona"
+        assert sorted(store.sessions_older_than(3.0)) == ["new", "old"]   # the retention sweep sees both
+    finally:
+        store.close()
+
+
 # --- the tiny SDXL model, real face backend ---------------------------------------------------------
 
 def test_persona_only_on_the_tiny_model(make_app, service_settings, tiny_settings, tiny_generator, face_service,
