@@ -89,7 +89,7 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           "when the job runs, it fails with model_not_loaded (409) naming both. Absent: the active model.",
           min_length=1, max_length=200, message="{name}={value!r} must be a base model name"),
     Field("identity", "string", "Whose face: session (the selfies of session_id, or of the caller's latest "
-          "session) or none (no selfies: an avatar from prompt, persona and attributes alone; not with "
+          "upload) or none (no selfies: an avatar from prompt, persona and attributes alone; not with "
           "session_id; best-of-N is then not ranked).", default="session", enum=IDENTITY_SOURCES),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)

@@ -65,9 +65,11 @@ class Jobs:
         session_id = payload.pop("session_id", None)
         req = self.engines[0].request_type.from_dict(payload, self.settings)
         persona = req.identity_source == "none"
-        session = None if persona else self._session_for(session_id, owner)
         if persona:
             _check_persona_request(session_id, owner)
+            session = None
+        else:
+            session = self._session_for(session_id, owner)
         self._check_likeness(req)
         self._check_model(req)
         self.storage.require_space(output_bytes(req), f"a job of {req.num_images} images")

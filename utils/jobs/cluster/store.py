@@ -5,9 +5,10 @@ and progress.
 Keys (prefix ``twin:``): ``job:<id>`` hash (the JobStore row's columns, each value JSON-encoded),
 ``job:<id>:outputs`` list (one JSON object per written file), ``st:<status>`` set of job ids per
 status, ``queued`` sorted set (score = job seq: the queue order and ``position``), ``session:<id>``
-hash, ``sessions`` sorted set (score = created_at: the retention sweep), ``owner:<owner>`` sorted set
-(score = seq: the owner's latest upload; persona sessions are not in it), ``session_jobs:<id>`` set, ``cancel:<job_id>`` (a cancel
-request a GPU worker's step callback reads; pub/sub messages may be lost, this key is not).
+hash (with its ``kind``: selfies | persona), ``sessions`` sorted set (score = created_at: the retention
+sweep), ``owner:<owner>`` sorted set (score = seq: the owner's latest upload; persona sessions are not in
+it), ``session_jobs:<id>`` set, ``cancel:<job_id>`` (a cancel request a GPU worker's step callback reads;
+pub/sub messages may be lost, this key is not).
 
 Every status change is one Lua script (atomic on the server): a terminal job is never overwritten, so a
 job that succeeded stays succeeded whatever a late registry cleanup or a re-run attempt does

@@ -146,7 +146,9 @@ class SqliteJobStore:
         return dict(row) if row else None
 
     def latest_session(self, owner: str) -> dict | None:
-        row = self._one("SELECT * FROM sessions WHERE owner=? AND kind='selfies' ORDER BY seq DESC LIMIT 1", (owner,))
+        # Uploads only: a persona session (an identity='none' job's) is never the session a job goes to.
+        row = self._one("SELECT * FROM sessions WHERE owner=? AND kind='selfies' ORDER BY seq DESC LIMIT 1",
+                        (owner,))
         return dict(row) if row else None
 
     def sessions_older_than(self, cutoff: float) -> list[str]:
