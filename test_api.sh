@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The API walk-through against a running server: health -> upload several images -> generate -> poll
-# -> download. Exits non-zero on any failure.
+# -> download, then an avatar without selfies (identity: none). Exits non-zero on any failure.
 #
 #   ./test_api.sh [BASE_URL] [IMAGE ...]
 #   BASE_URL defaults to http://$TWIN_HOST:$TWIN_PORT (127.0.0.1:5000).
@@ -74,24 +74,44 @@ job=$(call POST /generate -H 'Content-Type: application/json' \
 job_id=$(echo "$job" | json 'd["id"]')
 echo "job $job_id queued"
 
+poll() {  # poll JOB_ID -> the finished job's JSON on stdout (progress on stderr)
+  local job_id=$1 st status deadline
+  deadline=$(( $(date +%s) + ${POLL_TIMEOUT:-600} ))
+  while :; do
+    st=$(call GET "/status/$job_id")
+    status=$(echo "$st" | json 'd["status"]')
+    echo "  $status $(echo "$st" | json 'd["progress"]["step"]')/$(echo "$st" | json 'd["progress"]["total"]')" >&2
+    case $status in
+      succeeded) break ;;
+      failed|canceled) fail "job ended $status: $(echo "$st" | json 'd["error"]')" ;;
+    esac
+    [ "$(date +%s)" -lt "$deadline" ] || fail "job not finished after ${POLL_TIMEOUT:-600}s"
+    sleep 0.5
+  done
+  echo "$st"
+}
+
+download() {  # download JOB_JSON -> its first PNG into OUT_DIR, checked
+  local url name
+  url=$(echo "$1" | json 'd["outputs"][0]["url"]')
+  name=$(echo "$1" | json 'd["outputs"][0]["filename"]')
+  call GET "$url" > "$OUT_DIR/$2$name"
+  "$PY" -c 'import sys; from PIL import Image; im=Image.open(sys.argv[1]); im.verify(); print("downloaded", sys.argv[1], im.size)' \
+    "$OUT_DIR/$2$name" || fail "downloaded file is not a PNG"
+}
+
 echo "== poll"
-deadline=$(( $(date +%s) + ${POLL_TIMEOUT:-600} ))
-while :; do
-  st=$(call GET "/status/$job_id")
-  status=$(echo "$st" | json 'd["status"]')
-  echo "  $status $(echo "$st" | json 'd["progress"]["step"]')/$(echo "$st" | json 'd["progress"]["total"]')"
-  case $status in
-    succeeded) break ;;
-    failed|canceled) fail "job ended $status: $(echo "$st" | json 'd["error"]')" ;;
-  esac
-  [ "$(date +%s)" -lt "$deadline" ] || fail "job not finished after ${POLL_TIMEOUT:-600}s"
-  sleep 0.5
-done
+st=$(poll "$job_id")
 
 echo "== download"
-url=$(echo "$st" | json 'd["outputs"][0]["url"]')
-name=$(echo "$st" | json 'd["outputs"][0]["filename"]')
-call GET "$url" > "$OUT_DIR/$name"
-"$PY" -c 'import sys; from PIL import Image; im=Image.open(sys.argv[1]); im.verify(); print("downloaded", sys.argv[1], im.size)' \
-  "$OUT_DIR/$name" || fail "downloaded file is not a PNG"
+download "$st" ""
+
+echo "== avatar without selfies (identity: none)"
+job=$(call POST /generate -H 'Content-Type: application/json' \
+  -d '{"prompt": "a portrait on a city street", "identity": "none", "persona": {"age": 34}, "attributes": {"gender": "female"}, "num_images": 1, "quality_mode": "fast"}')
+job_id=$(echo "$job" | json 'd["id"]')
+[ "$(echo "$job" | json 'd["session_id"] != "'"$session"'"')" = True ] || fail "the avatar got the upload's session"
+st=$(poll "$job_id")
+[ "$(echo "$st" | json 'd["request"]["identity"]')" = none ] || fail "the job does not say identity none"
+download "$st" "persona_"
 echo "OK"

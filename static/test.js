@@ -248,6 +248,13 @@
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
     const fields = opt.request_fields || {};
     state.canPreview = !!fields.preview;  // the loaded engine declares live previews
+    // identity "none" (an avatar without selfies): offered when the engine declares it, or, with no published
+    // fields at all, by default (the API still refuses what it does not take).
+    const idField = fields.identity;
+    state.canDescribe = Object.keys(fields).length ? !!(idField && (idField.enum || []).includes("none")) : true;
+    $("identity-choice").hidden = !state.canDescribe;
+    if (!state.canDescribe) $("identity_session").checked = true;
+    applyIdentityChoice();
     if (fields.restore_faces && typeof fields.restore_faces.default === "boolean" && !state.touchedRestore) {
       $("restore_faces").checked = fields.restore_faces.default;
     }
@@ -578,11 +585,13 @@
   async function restore() {
     let saved = null;
     try { saved = JSON.parse(sessionStorage.getItem(STORE_KEY) || "null"); } catch (e) { saved = null; }
-    if (!saved || !saved.sessionId || state.sessionId) return;
-    state.sessionId = saved.sessionId;
-    state.accepted = saved.accepted;
-    $("delete-session-btn").hidden = false;
-    $("generate-hint").textContent = `Using your earlier upload (${saved.accepted ?? "?"} accepted selfies). Upload new photos to start over.`;
+    if (!saved || state.sessionId) return;
+    if (saved.sessionId) {
+      state.sessionId = saved.sessionId;
+      state.accepted = saved.accepted;
+      $("delete-session-btn").hidden = false;
+      $("generate-hint").textContent = `Using your earlier upload (${saved.accepted ?? "?"} accepted selfies). Upload new photos to start over.`;
+    }
     if (saved.jobId) {
       try {
         const job = await api(`/status/${encodeURIComponent(saved.jobId)}`);
@@ -594,6 +603,10 @@
   }
 
   function onUploaded(body) {
+    // Fresh selfies: the next portrait is of their person.
+    $("identity_session").checked = true;
+    $("generate-hint").dataset.identity = "session";
+    applyIdentityChoice();
     state.sessionId = body.session_id;
     state.accepted = body.accepted_count;
     state.locked = true;
@@ -676,6 +689,40 @@
       updateButtons();
     }
   });
+
+  // ---------------------------------------------------------------------------------------------
+  // Who is in the picture: the selfies' person, or (identity "none") a person described in the form.
+  function describing() { return state.canDescribe !== false && $("identity_none").checked; }
+  function canGenerate() { return !!state.sessionId || describing(); }
+
+  function applyIdentityChoice() {
+    const none = describing();
+    // Nothing of the selfies applies: their identity strength, their poses, starting from one of them.
+    $("identity-strength-field").hidden = none;
+    const selfieStart = $("init_source").querySelector("option[value='selfie']");
+    selfieStart.disabled = none;
+    if (none && $("init_source").value === "selfie") {
+      $("init_source").value = "none";
+      $("init_source").dispatchEvent(new Event("change"));
+    }
+    if (none) $("persona-box").open = true;
+    for (const [id, text] of [["prompt-help", "What the picture should show; who is in it comes from the persona and look below."],
+                              ["candidates-help", "Make this many, keep the first ones (not ranked: no selfies)."]]) {
+      const el = $(id);
+      if (el.dataset.selfies === undefined) el.dataset.selfies = el.textContent;
+      el.textContent = none ? text : el.dataset.selfies;
+    }
+    const hint = $("generate-hint");
+    if (none && hint.dataset.identity !== "none") {
+      state.sessionHint = hint.textContent;   // what it said about the selfies, for the way back
+      hint.textContent = "No selfies: the portrait is made from your prompt and the persona and look below.";
+    } else if (!none && hint.dataset.identity === "none") {
+      hint.textContent = state.sessionHint || "Upload your selfies first; then describe the picture you want.";
+    }
+    hint.dataset.identity = none ? "none" : "session";
+    updateButtons();
+  }
+  for (const id of ["identity_session", "identity_none"]) $(id).addEventListener("change", applyIdentityChoice);
 
   // ---------------------------------------------------------------------------------------------
   // Generation form.
@@ -765,8 +812,9 @@
     }
     p.style = $("style").value;
     if (Number($("style_strength").value) < 1) p.style_strength = Number($("style_strength").value);
-    p.identity_strength = Number($("identity_strength").value);
-    if (state.poseControl && $("pose").value) {
+    const none = describing();
+    if (none) p.identity = "none"; else p.identity_strength = Number($("identity_strength").value);
+    if (state.poseControl && $("pose").value && !(none && $("pose").value.startsWith("selfie:"))) {
       p.pose = $("pose").value;
       p.pose_strength = Number($("pose_strength").value);
     }
@@ -778,7 +826,7 @@
     if (candidates.trim() !== "") p.candidates = intOrRaw(candidates);
     p.restore_faces = $("restore_faces").checked;
     if (p.restore_faces) p.restore_model = $("restore_model").value;
-    if (state.sessionId) p.session_id = state.sessionId;
+    if (state.sessionId && !none) p.session_id = state.sessionId;
     if (canStream() && state.canPreview) p.preview = true;   // the forming image arrives with the live events
     return p;
   }
@@ -802,7 +850,7 @@
 
   $("generate-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    if (isBusy() || !state.sessionId) return;
+    if (isBusy() || !canGenerate()) return;
     clearError();
     const btn = $("generate-btn");
     btn.disabled = true;
@@ -1040,7 +1088,9 @@
     head.className = "gallery-job";
     head.dataset.job = job.id;
     const r = job.request || {};
-    head.textContent = `“${r.prompt || ""}”` + (r.style ? ` · ${r.style}` : "") + (r.quality_mode ? ` · ${r.quality_mode}` : "");
+    head.textContent = `“${r.prompt || ""}”` + (r.style ? ` · ${r.style}` : "") + (r.quality_mode ? ` · ${r.quality_mode}` : "") +
+      (r.identity === "none" ? " · no selfies" : "");
+    const ranking = (job.metadata && job.metadata.ranking) || null;
     frag.appendChild(head);
     for (const out of job.outputs || []) {
       const li = $("result-template").content.firstElementChild.cloneNode(true);
@@ -1056,13 +1106,17 @@
       li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
       const extra = [];
       if (out.width && out.height) extra.push(`${out.width}×${out.height}`);
-      if (out.candidate) extra.push(`candidate ${out.candidate} of ${(job.metadata && job.metadata.candidates || []).length}`);
+      if (out.candidate) {
+        extra.push(`candidate ${out.candidate} of ${(job.metadata && job.metadata.candidates || []).length}` +
+          (ranking && ranking.ranked === false ? " (not ranked)" : ""));
+      }
       if (out.restored) extra.push(`restored (${out.restore_model})`);
       li.querySelector(".result-extra").textContent = extra.join(" · ");
       // The score beside its reference: how much the person's own selfies agree with each other.
       const likeness = [];
       if (typeof out.identity_similarity === "number") likeness.push(`likeness ${out.identity_similarity.toFixed(2)}`);
       else if (out.note) likeness.push(out.note);
+      else if (r.identity === "none") likeness.push("no selfies: no likeness score");
       if (typeof out.self_similarity === "number" && typeof out.identity_similarity === "number") {
         likeness.push(`your selfies agree at ${out.self_similarity.toFixed(2)}`);
       }
@@ -1109,9 +1163,9 @@
     $("clear-btn").disabled = state.uploading || !n;
     $("files").disabled = state.uploading;
     for (const s of state.selection) s.li.querySelector(".thumb-remove").disabled = state.uploading || state.locked;
-    $("generate-fields").disabled = !state.sessionId;
+    $("generate-fields").disabled = !canGenerate();
     const gen = $("generate-btn");
-    if (gen.getAttribute("aria-busy") !== "true") gen.disabled = !state.ready || !state.sessionId || busyJob;
+    if (gen.getAttribute("aria-busy") !== "true") gen.disabled = !state.ready || !canGenerate() || busyJob;
     gen.textContent = busyJob ? "Generating…" : "Generate";
     const cancel = $("cancel-btn");
     if (cancel.getAttribute("aria-busy") !== "true") cancel.disabled = !busyJob;

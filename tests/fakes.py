@@ -26,7 +26,8 @@ from utils import errors
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "num_images", "seed", "width", "height", "aspect_ratio",
                 "quality_mode", "identity_strength", "style", "lora", "lora_scale",
-                "candidates", "restore_faces", "restore_model", "restore_fidelity"}
+                "candidates", "restore_faces", "restore_model", "restore_fidelity", "identity", "persona",
+                "attributes"}
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
 QUALITY_STEPS = {"fast": 4, "balanced": 6, "high_fidelity": 8}
 
@@ -49,6 +50,9 @@ class FakeGenerationRequest:
     identity: Any = None
     init_image: str | None = None       # img2img is the real engine's (the double has no init_image field)
     model: str | None = None            # FakeModelRequest accepts it
+    identity_source: str = "session"    # the JSON field "identity": session | none
+    persona: dict | None = None         # taken as given (the real request builds them into the prompt)
+    attributes: dict | None = None
 
     @classmethod
     def from_dict(cls, payload: dict, settings) -> "FakeGenerationRequest":
@@ -98,9 +102,16 @@ class FakeGenerationRequest:
         fidelity = payload.get("restore_fidelity", 0.5)
         if not isinstance(fidelity, (int, float)) or isinstance(fidelity, bool) or not 0 <= fidelity <= 1:
             raise errors.InvalidRequest(f"restore_fidelity={fidelity!r} is not between 0 and 1")
+        source = payload.get("identity", "session")
+        if source not in ("session", "none"):
+            raise errors.InvalidRequest(f"identity={source!r} is not one of session, none")
+        for name in ("persona", "attributes"):
+            if payload.get(name) is not None and not isinstance(payload[name], dict):
+                raise errors.InvalidRequest(f"{name}={payload[name]!r} is not a JSON object")
         return cls(prompt=prompt, negative_prompt=payload.get("negative_prompt", ""), num_images=n, seed=seed,
                    width=w, height=h, quality_mode=q, identity_strength=float(s), style=payload.get("style"),
-                   candidates=c, restore_faces=restore, restore_model=model, restore_fidelity=float(fidelity))
+                   candidates=c, restore_faces=restore, restore_model=model, restore_fidelity=float(fidelity),
+                   identity_source=source, persona=payload.get("persona"), attributes=payload.get("attributes"))
 
     def with_identity(self, identity) -> "FakeGenerationRequest":
         return replace(self, identity=identity)
@@ -116,8 +127,9 @@ class FakeGenerationRequest:
                 "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
                 "identity_strength": self.identity_strength, "style": self.style, "candidates": self.candidates,
                 "restore_faces": self.restore_faces, "restore_model": self.restore_model,
-                "restore_fidelity": self.restore_fidelity,
-                "identity": None if self.identity is None else self.identity.describe()}
+                "restore_fidelity": self.restore_fidelity, "identity": self.identity_source,
+                "persona": self.persona, "attributes": self.attributes,
+                "has_identity": self.identity is not None}
 
 
 class FakeSessionIdentity:
@@ -218,7 +230,9 @@ class FakeGenerator:
         base = req.seed if req.seed is not None else 1234
         seeds = [base + i for i in range(req.num_images)]
         images = [Image.new("RGB", (req.width, req.height), ((s * 37) % 256, (s * 91) % 256, 128)) for s in seeds]
-        return FakeResult(images=images, seeds=seeds, metadata={"steps": total, "profile": "fake"})
+        # "identity" as the real engine's metadata says it: None when the job ran with no identity.
+        return FakeResult(images=images, seeds=seeds, metadata={
+            "steps": total, "profile": "fake", "identity": None if req.identity is None else req.identity.describe()})
 
 
 class PhotoGenerator(FakeGenerator):

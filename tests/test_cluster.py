@@ -415,6 +415,35 @@ def test_delete_session_on_b_removes_files_and_records_of_jobs_run_by_a_worker(a
     assert not [k for k in redis_server.client().keys("twin:*") if job["id"].encode() in k or session_id.encode() in k]
 
 
+def test_persona_only_avatar_runs_on_a_worker_owned_and_deleted_like_any_job(api_nodes, workers, redis_server):
+    """identity='none' in cluster mode: the API node makes the job's persona session, the GPU worker runs it
+    with no identity (best-of-N unranked), and ownership, no_session and delete hold across nodes."""
+    settings, (a, b) = api_nodes()
+    workers.start(settings, name="w0")
+    workers.wait_registered(redis_server.client(), ["w0"])
+    r = a.post("/generate", json={"prompt": "a portrait", "identity": "none", "persona": {"age": 40},
+                                  "num_images": 1, "candidates": 2, "seed": 3})
+    assert r.status_code == 202, r.json
+    tok, job, sid = r.json["client_token"], r.json, r.json["session_id"]
+    done = wait_status(b, tok, job["id"], {"succeeded", "failed", "canceled"})
+    assert done["status"] == "succeeded", done
+    assert done["metadata"]["identity"] is None and done["metadata"]["ranking"]["ranked"] is False
+    assert [o["seed"] for o in done["outputs"]] == [3] and done["outputs"][0]["identity_similarity"] is None
+    assert b.application.extensions["twin"].store.get_session(sid)["kind"] == "persona"
+    assert sorted(p.name for p in (settings.data_dir / sid).iterdir()) == ["meta.json", "outputs"]
+    for node in (a, b):
+        assert node.get(done["outputs"][0]["url"], headers={TOKEN_HEADER: tok}).status_code == 200
+        for path in (f"/status/{job['id']}", done["outputs"][0]["url"]):
+            assert node.get(path, headers={TOKEN_HEADER: "x" * 32}).status_code == 404
+    # Without identity='none' this caller has no session: its avatar's session is not one to generate in.
+    r = b.post("/generate", json={"prompt": "p"}, headers={TOKEN_HEADER: tok})
+    assert r.status_code == 400 and r.json["error"]["code"] == "no_session"
+    assert b.delete(f"/sessions/{sid}", headers={TOKEN_HEADER: tok}).status_code == 200
+    assert not (settings.data_dir / sid).exists()
+    assert a.get(f"/status/{job['id']}", headers={TOKEN_HEADER: tok}).status_code == 404
+    assert not [k for k in redis_server.client().keys("twin:*") if job["id"].encode() in k or sid.encode() in k]
+
+
 def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes, workers, redis_server):
     settings, (a, b) = api_nodes(retention_hours=1.0)
     workers.start(settings, name="w0")
@@ -453,7 +482,7 @@ def test_test_api_sh_against_a_cluster(server_kind, start_server, workers, redis
                                             "PYTHON": sys.executable})
     assert proc.returncode == 0, (f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
                                   f"\nworker:\n{workers.log(workers.procs[0])}")
-    assert len(list(out.glob("avatar_*.png"))) == 1
+    assert len(list(out.glob("avatar_*.png"))) == 1 and (out / "persona_avatar_001.png").is_file()
     body = requests.get(server.url + "/system-status", timeout=5).json()
     assert body["mode"] == "cluster" and body["cluster"]["workers"][0]["name"] == "w0"
     assert body["jobs"]["succeeded"] >= 1

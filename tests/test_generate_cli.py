@@ -114,6 +114,35 @@ def test_cli_reports_bad_requests(cli_env, capsys, args, needle):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--identity", "none", "--selfies", "SELFIES"], "--identity none makes an avatar without selfies"),
+    ([], "--selfies is required (or --identity none"),
+    (["--identity", "none", "--strength", "0.5"], "identity_strength=0.5 applies to a face identity"),
+])
+def test_cli_identity_none_takes_no_selfies(cli_env, capsys, args, needle):
+    selfies = str(write_selfies(cli_env / "selfies", 1))
+    rc = generate_twin.main(["--prompt", "p", "--out", str(cli_env / "o"), *(selfies if a == "SELFIES" else a
+                                                                              for a in args)],
+                            face_service_factory=FakeFaceService)
+    assert rc == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_makes_an_avatar_from_a_persona_alone(cli_env, capsys):
+    out = cli_env / "out"
+    rc = generate_twin.main(["--identity", "none", "--prompt", "a portrait in a forest", "--out", str(out),
+                             "--persona", '{"age": 40}', "--num-images", "1", "--candidates", "2", "--seed", "5",
+                             "--quality", "fast"], face_service_factory=FakeFaceService)
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "no photos" in text.out and "checking faces" not in text.out
+    assert [p.name for p in sorted(out.glob("avatar_*.png"))] == ["avatar_001.png"]
+    assert not (out / "identity.safetensors").exists()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["request"]["identity"] == "none" and meta["result"]["identity"] is None
+    assert meta["result"]["ranking"]["ranked"] is False and meta["outputs"][0]["seed"] == 5
+    assert meta["result"]["prompt"].startswith("a 40-year-old")
+
+
 def test_cli_with_no_photos_is_a_clear_error(cli_env, capsys):
     (cli_env / "empty").mkdir()
     rc = generate_twin.main(["--selfies", str(cli_env / "empty"), "--prompt", "p", "--out", str(cli_env / "o")],

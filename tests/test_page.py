@@ -639,6 +639,56 @@ def test_page_creative_controls_send_style_persona_and_img2img(browser, start_se
         context.close()
 
 
+def test_page_avatar_without_selfies(browser, start_server, tmp_path):
+    """"No selfies: describe the person": before any upload the page sends identity "none" with the persona
+    and look, and no session_id or identity strength; the job runs (the /generate answer gives the page its
+    client cookie) and the gallery says what the portrait is: no likeness score, best-of not ranked."""
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        assert page.locator("#identity-choice").is_visible() and page.locator("#identity_session").is_checked()
+        assert page.locator("#generate-btn").is_disabled()                 # the selfies' person: upload first
+        page.check("#identity_none")
+        assert page.locator("#generate-btn").is_enabled()
+        assert page.locator("#persona-box").evaluate("d => d.open") is True
+        assert not page.locator("#identity_strength").is_visible()
+        assert page.locator("#init_source option[value='selfie']").is_disabled()
+        assert "No selfies" in page.locator("#generate-hint").inner_text()
+        page.fill("#prompt", "a portrait on a city street")
+        page.fill("#persona_age", "40")
+        page.select_option("#attr_gender", "male")
+        page.fill("#candidates", "2")
+        with page.expect_response(lambda r: r.url.endswith("/generate")) as resp_info:
+            page.click("#generate-btn")
+        assert resp_info.value.status == 202, resp_info.value.text()
+        sent = resp_info.value.request.post_data_json
+        assert sent["identity"] == "none" and not {"session_id", "identity_strength"} & set(sent)
+        assert (sent["persona"], sent["attributes"], sent["candidates"]) == ({"age": 40}, {"gender": "male"}, 2)
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=30_000)
+        result = page.locator("#gallery .result").first
+        assert "candidate 1 of 2 (not ranked)" in result.locator(".result-extra").inner_text()
+        assert result.locator(".result-likeness").inner_text() == "no selfies: no likeness score"
+        assert page.locator("#gallery .gallery-job").first.inner_text().endswith("· no selfies")
+        # The thumbnail loads: the cookie from /generate makes the page the job's owner.
+        page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth > 0")
+        shot(page, "no-selfies", "fake")
+        page.check("#identity_session")                                      # back: no selfies uploaded
+        assert page.locator("#generate-btn").is_disabled() and page.locator("#identity_strength").is_visible()
+        assert "Upload your selfies first" in page.locator("#generate-hint").inner_text()
+    except Exception:
+        shot(page, "no-selfies-failure", "fake")
+        raise
+    finally:
+        context.close()
+    assert not errors, errors
+
+
 def model_state_has(page, text: str, timeout_ms: int) -> None:
     """Wait until the base-model panel's status line contains ``text``; fail showing what it says."""
     try:

@@ -60,8 +60,10 @@ def test_invalid_payloads_name_the_value(payload, message):
 
 def test_the_request_dataclass_and_the_table_agree():
     import dataclasses
-    declared = [f.name for f in REQUEST_FIELDS]
-    # identity and init_pixels are attached after validation (with_identity / with_init_image), not request fields.
+    from utils.engine.request import FIELD_ATTRIBUTES
+    # The JSON field "identity" is the attribute identity_source: the attribute identity (like init_pixels) is
+    # attached after validation (with_identity / with_init_image), not a request field.
+    declared = [FIELD_ATTRIBUTES.get(f.name, f.name) for f in REQUEST_FIELDS]
     attached = ("identity", "init_pixels")
     assert declared == [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in attached]
 

@@ -22,6 +22,8 @@ def test_test_api_sh_against_gunicorn(server_kind, start_server, tmp_path):
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
     pngs = list(out.glob("avatar_*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The walk-through's avatar without selfies (identity: none), through the generator process on "real".
+    assert (out / "persona_avatar_001.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The server logs JSON lines with ids and never image bytes.
     log = server.log_tail(200_000)
     assert '"job_id"' in log and '"request_id"' in log

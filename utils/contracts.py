@@ -39,9 +39,15 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
     # --- sessions ---
-    def add_session(self, session_id: str, owner: str, created_at: float) -> None: ...
-    def get_session(self, session_id: str) -> dict | None: ...
-    def latest_session(self, owner: str) -> dict | None: ...
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
+        """``kind``: "selfies" (an upload) or "persona" (the session of one identity='none' job)."""
+
+    def get_session(self, session_id: str) -> dict | None:
+        """{id, owner, created_at, seq, kind}, or None."""
+
+    def latest_session(self, owner: str) -> dict | None:
+        """The owner's most recent upload ("selfies" session); persona sessions are never picked."""
+
     def sessions_older_than(self, cutoff: float) -> list[str]: ...
     def delete_session_records(self, session_id: str) -> None: ...
 
@@ -201,6 +207,7 @@ class GenerationRequestType(Protocol):
     restore_fidelity: float
     init_image: str | None
     model: str | None
+    identity_source: str          # the JSON field "identity": "session" | "none" (no selfies)
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Any) -> "GenerationRequestType":

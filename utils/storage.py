@@ -13,6 +13,9 @@ Layout (see docs/ARCHITECTURE.md)::
     <data_dir>/<session_id>/report.json                  the validation report (no pixels, no vectors)
     <data_dir>/<session_id>/outputs/<job_id>/avatar_001.png
 
+A persona session (the session of one identity='none' job) holds meta.json (kind "persona") and outputs/
+only: no selfie, face feature or identity is ever written there.
+
 No path is ever built from a user-supplied string that has not passed the id regex; downloads
 resolve their path from the job record, not from the URL.
 """
@@ -322,6 +325,21 @@ class Storage:
             self.discard_staging(session_id)
             if is_disk_full(e) and not isinstance(e, InsufficientStorage):
                 raise full_error(f"the upload of {len(files)} files") from e
+            raise
+
+    def write_persona_session(self, session_id: str, *, owner_hash: str, created_at: float) -> Path:
+        """The folder of a persona session: meta.json and an empty outputs/, renamed into place complete."""
+        self.require_space(64 * 1024, "a persona session")
+        try:
+            d = self.staging_dir(session_id)
+            (d / "outputs").mkdir()
+            meta = {"session_id": session_id, "owner": owner_hash, "created_at": created_at, "kind": "persona"}
+            (d / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            return self.commit_staging(session_id)
+        except BaseException as e:
+            self.discard_staging(session_id)
+            if is_disk_full(e) and not isinstance(e, InsufficientStorage):
+                raise full_error("a persona session") from e
             raise
 
     def session_faces(self, session_id: str) -> "SessionFaces":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, jsonify, request
 
-from utils.api.auth import Caller, resolve_caller
+from utils.api.auth import COOKIE_NAME, Caller, resolve_caller
 from utils.api.render import job_json
 
 
@@ -22,6 +22,15 @@ def json_response(status: int, body: dict, headers: dict | None = None):
     resp.status_code = status
     for k, v in (headers or {}).items():
         resp.headers[k] = v
+    return resp
+
+
+def with_client_cookie(resp, who: Caller):
+    """A token issued by this request (/upload, or an identity='none' /generate) also goes out as the
+    HttpOnly cookie, living as long as the caller's data may (TWIN_RETENTION_HOURS)."""
+    if who.new_token:
+        resp.set_cookie(COOKIE_NAME, who.new_token, httponly=True, samesite="Lax", secure=request.is_secure,
+                        max_age=int(runtime().settings.retention_hours * 3600) or None)
     return resp
 
 

@@ -5,7 +5,7 @@ from flask import Blueprint, Response, jsonify, request, send_file
 
 from utils import errors
 from utils.api import events as api_events, security
-from utils.api.context import caller, json_response, output_url, render_job, runtime
+from utils.api.context import caller, json_response, output_url, render_job, runtime, with_client_cookie
 from utils.api.idempotency import idempotent
 from utils.logging import job_id_var, session_id_var
 from utils.storage import is_output_name
@@ -31,7 +31,9 @@ def generate():
         payload = request.get_json()
     except RecursionError:  # json.loads on absurdly nested input; not a ValueError
         raise errors.InvalidRequest("the JSON body is nested too deeply") from None
-    who = caller()
+    # An avatar without selfies (identity='none') may be the caller's first request: it gets its token here,
+    # as /upload issues one, so the job has an owner.
+    who = caller(issue=isinstance(payload, dict) and payload.get("identity") == "none")
     security.check_text_fields(payload)
     rt = runtime()
 
@@ -42,10 +44,13 @@ def generate():
         job = rt.jobs.submit(body_, who.owner, webhook=webhook)
         body = render_job(job)
         return 202, body, {"Location": body["status_url"]}, job["session_id"]
-    code, body, headers = idempotent("generate", who.owner, (payload,), answer)
+    # A caller who just got its first token cannot be repeating itself: no key applies.
+    code, body, headers = idempotent("generate", None if who.new_token else who.owner, (payload,), answer)
     session_id_var.set(body["session_id"])
     job_id_var.set(body["id"])
-    return json_response(code, body, headers)
+    if who.new_token:
+        body = {**body, "client_token": who.new_token}
+    return with_client_cookie(json_response(code, body, headers), who)
 
 
 def status(job_id: str):

@@ -88,7 +88,8 @@ def _generate_request(s: Settings) -> dict[str, Any]:
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
-                     "latest session is used. Unknown fields are refused."),
+                     "latest upload is used; identity='none' takes no session_id (the job gets a session of its "
+                     "own, with no selfies). Unknown fields are refused."),
         extra_properties={"session_id": {"type": "string"},
                           **{f.name: f.schema(s) for f in WEBHOOK_FIELDS}})
     # The text checks of utils/api/security.check_text_fields, as patterns (a fuzzer's "valid" prompt is valid).
@@ -139,6 +140,8 @@ def _job_schema() -> dict[str, Any]:
             "webhook": _nullable({"type": "object", "properties": {
                 "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
                 "deliveries": {"type": "array", "items": {"type": "object"}}}}),
+            "client_token": {"type": "string", "description": "Only in the answer to an identity='none' "
+                             "/generate from a caller without a token: its new token (also set as a cookie)."},
         },
     }
 
@@ -207,13 +210,15 @@ def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
                               f"within {s.upload_wait_seconds:g} s (busy).", retry_after=True)}}},
         "/generate": {"post": {
             "operationId": "generate", "parameters": [idem_key],
-            "summary": "Queue a generation job for one of the caller's sessions.",
+            "summary": "Queue a generation job for one of the caller's sessions, or (identity='none') "
+                       "for no selfies at all.",
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
             "responses": {
                 "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}},
                         "content": {"application/json": {"schema": _ref("Job")}}},
-                "400": _error("Invalid body or values; no session yet."),
+                "400": _error("Invalid body or values; no session yet (no_session); session_id of an "
+                              "identity='none' job's session (no_selfies); identity='none' with session_id."),
                 "404": _error("session_id is not one of the caller's sessions."),
                 "413": _error(f"Body over {s.max_json_kb:g} kB."),
                 "415": _error("Not application/json."),

@@ -4,9 +4,8 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from utils import errors
-from utils.api.context import caller, json_response, runtime
+from utils.api.context import caller, json_response, runtime, with_client_cookie
 from utils.api.idempotency import idempotent
-from utils.api.auth import COOKIE_NAME
 from utils.logging import session_id_var
 from utils.service.sessions import check_file_size
 
@@ -41,11 +40,7 @@ def upload():
     session_id_var.set(body["session_id"])
     if who.new_token:
         body = {**body, "client_token": who.new_token}
-    resp = json_response(code, body, headers)
-    if who.new_token:
-        resp.set_cookie(COOKIE_NAME, who.new_token, httponly=True, samesite="Lax",
-                        secure=request.is_secure, max_age=int(settings.retention_hours * 3600) or None)
-    return resp
+    return with_client_cookie(json_response(code, body, headers), who)
 
 
 def delete_session(session_id: str):

@@ -71,8 +71,10 @@ def add_request_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits, on the configured model profile.")
-    ap.add_argument("--selfies", type=Path, required=True, help="folder of selfie photos")
+    ap = argparse.ArgumentParser(description="Selfies -> identity -> portraits (or, with --identity none, an "
+                                 "avatar from the prompt, --persona and --attributes alone), on the configured model "
+                                 "profile.")
+    ap.add_argument("--selfies", type=Path, help="folder of selfie photos (not with --identity none)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
@@ -102,11 +104,10 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     t0 = time.perf_counter()
     try:
         req = GenerationRequest.from_dict(request_payload(args), settings)
-        files = [(p.name, p.read_bytes()) for p in image_files(args.selfies)]
-        if not files:
-            raise InvalidRequest(f"no images found in --selfies {str(args.selfies)!r}")
+        files = _selfie_files(args.selfies, req)
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
-        req, likeness = _identity(engine, faces, files, req, args.out)
+        req, likeness = (_identity(engine, faces, files, req, args.out) if files
+                         else (req, Likeness(has_identity=False)))
         sink, meta = _produce(settings, engine, faces, req, likeness, args.out)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -115,10 +116,24 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     return 0
 
 
+def _selfie_files(folder: Path | None, req) -> list[tuple[str, bytes]]:
+    """The selfies to build the identity from; none with --identity none (as the API takes no session_id)."""
+    if req.identity_source == "none":
+        if folder is not None:
+            raise InvalidRequest("--identity none makes an avatar without selfies: leave out --selfies")
+        return []
+    if folder is None:
+        raise InvalidRequest("--selfies is required (or --identity none for an avatar without selfies)")
+    files = [(p.name, p.read_bytes()) for p in image_files(folder)]
+    if not files:
+        raise InvalidRequest(f"no images found in --selfies {str(folder)!r}")
+    return files
+
+
 def _set_up(settings: Settings, req, n_files: int, face_service_factory):
     from utils.engine.generator import DigitalTwinGenerator
     from utils.service.face_setup import check_face_backend
-    print(f"[1/4] loading face service and model ({n_files} photos)", flush=True)
+    print(f"[1/4] loading face service and model ({n_files or 'no'} photos)", flush=True)
     faces = (face_service_factory or default_face_service)(settings)
     faces.setup()
     check_face_backend(settings, faces)

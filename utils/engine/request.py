@@ -19,8 +19,14 @@ from utils.init_image import check_init_image, max_chars as max_init_chars, pars
 from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, check_attributes, check_persona, persona_schema
 from utils.request_fields import Field, published_fields, validate_payload
 
+IDENTITY_SOURCES = ("session", "none")
+# JSON names that differ from the request's attribute: ``identity`` there is the identity object the service
+# attaches at run time (``with_identity``), so the request field's value lives in ``identity_source``.
+FIELD_ATTRIBUTES = {"identity": "identity_source"}
+
 REQUEST_FIELDS: tuple[Field, ...] = (
-    Field("prompt", "string", "What to portray; the identity comes from the session's selfies.", required=True,
+    Field("prompt", "string", "What to portray; the identity comes from the session's selfies (with "
+          "identity='none': from this text, persona and attributes alone).", required=True,
           strip=True, min_length=1, max_length=lambda s: s.max_prompt_chars),
     Field("negative_prompt", "string", "What to avoid; added to the style's negative.",
           max_length=lambda s: s.max_prompt_chars),
@@ -82,6 +88,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("model", "string", "The base model (GET /models) this job is meant for: when another one is active "
           "when the job runs, it fails with model_not_loaded (409) naming both. Absent: the active model.",
           min_length=1, max_length=200, message="{name}={value!r} must be a base model name"),
+    Field("identity", "string", "Whose face: session (the selfies of session_id, or of the caller's latest "
+          "upload) or none (no selfies: an avatar from prompt, persona and attributes alone; not with "
+          "session_id; best-of-N is then not ranked).", default="session", enum=IDENTITY_SOURCES),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -113,12 +122,15 @@ class GenerationRequest:
     pose: str = "auto"
     pose_strength: float = DEFAULT_POSE_STRENGTH
     model: str | None = None
+    identity_source: str = "session"     # the JSON field "identity"
     identity: Any = field(default=None, compare=False, repr=False)
     init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
         v = validate_payload(REQUEST_FIELDS, payload, settings)
+        if v["identity"] == "none":
+            _check_without_identity(v, payload)
         # Rules between fields; each value alone is already valid.
         if (v["width"] is None) != (v["height"] is None):
             raise InvalidRequest(f"width={v['width']!r} and height={v['height']!r} must be given together")
@@ -129,7 +141,7 @@ class GenerationRequest:
                                  f"give between {v['num_images']} and {MAX_CANDIDATES}")
         if v["init_image"] is None and payload.get("strength") is not None:
             raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
-        return cls(**v)
+        return cls(**{FIELD_ATTRIBUTES.get(k, k): value for k, value in v.items()})
 
     @property
     def total_candidates(self) -> int:
@@ -153,13 +165,23 @@ class GenerationRequest:
         return dataclasses.replace(self, init_pixels=image)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in REQUEST_KEYS}
+        d = {k: getattr(self, FIELD_ATTRIBUTES.get(k, k)) for k in REQUEST_KEYS}
         if self.init_image is not None:  # inline image data is not echoed into every job JSON
             d["init_image"] = parse_init_image(self.init_image, len(self.init_image)).describe()
         else:
             d["strength"] = None
         d["has_identity"] = self.identity is not None
         return d
+
+
+def _check_without_identity(v: dict[str, Any], payload: dict) -> None:
+    """identity='none' has no selfies: a field that only means something with them is a 400, never ignored."""
+    if payload.get("identity_strength") is not None:
+        raise InvalidRequest(f"identity_strength={payload['identity_strength']!r} applies to a face identity; "
+                             "identity='none' has none: leave it out")
+    for name in ("pose", "init_image"):
+        if isinstance(v[name], str) and v[name].startswith("selfie:"):
+            raise InvalidRequest(f"{name}={v[name]!r} names a selfie; identity='none' has no selfies")
 
 
 @dataclass

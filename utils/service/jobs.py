@@ -57,41 +57,65 @@ class Jobs:
 
     # --- submit ----------------------------------------------------------------------------------
     def submit(self, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
-        """Queue a job. ``webhook``: the checked webhook record (utils/jobs/webhooks.py) or None."""
+        """Queue a job. ``webhook``: the checked webhook record (utils/jobs/webhooks.py) or None.
+        identity='none': the job gets a persona session of its own (``Sessions.create_persona``)."""
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
         payload = dict(payload)
-        session = self._session_for(payload.pop("session_id", None), owner)
-        engine = self.engines[0]
-        req = engine.request_type.from_dict(payload, self.settings)
+        session_id = payload.pop("session_id", None)
+        req = self.engines[0].request_type.from_dict(payload, self.settings)
+        persona = req.identity_source == "none"
+        if persona:
+            _check_persona_request(session_id, owner)
+            session = None
+        else:
+            session = self._session_for(session_id, owner)
         self._check_likeness(req)
         self._check_model(req)
         self.storage.require_space(output_bytes(req), f"a job of {req.num_images} images")
-        # The session's face features, read now: a broken session fails the request rather than the job,
-        # and what the request names of the session (pose="selfie:N") is checked against them.
-        req.check_session(self.storage.session_faces(session["id"]))
-        job_id = new_id()
-        init_path = self._store_init_image(req, session["id"], job_id, owner)
+        if session is not None:
+            # The session's face features, read now: a broken session fails the request rather than the job,
+            # and what the request names of the session (pose="selfie:N") is checked against them.
+            req.check_session(self.storage.session_faces(session["id"]))
+        else:
+            session = self.sessions.create_persona(owner)
         try:
-            job = self.store.create_job(job_id, session_id=session["id"], owner=owner or "", payload=payload,
-                                        request=req.to_dict(), queue_max=self.settings.queue_max,
-                                        webhook=webhook)
+            job = self._create(req, payload, session["id"], owner, webhook)
+        except BaseException:
+            if persona:
+                self.sessions.delete_now(session["id"])   # a persona session lives for its one job only
+            raise
+        self.queue.submit(job["id"])
+        log.info("job queued", extra={"job_id": job["id"], "session_id": session["id"]})
+        return job
+
+    def _create(self, req, payload: dict, session_id: str, owner: str | None, webhook: dict | None) -> dict:
+        """The job record (queued), with its img2img start picture stored beside the outputs first."""
+        job_id = new_id()
+        init_path = self._store_init_image(req, session_id, job_id, owner)
+        try:
+            return self.store.create_job(job_id, session_id=session_id, owner=owner or "", payload=payload,
+                                         request=req.to_dict(), queue_max=self.settings.queue_max,
+                                         webhook=webhook)
         except BaseException:
             if init_path is not None:
                 init_path.unlink(missing_ok=True)
             raise
-        self.queue.submit(job_id)
-        log.info("job queued", extra={"job_id": job_id, "session_id": session["id"]})
-        return job
 
     def _session_for(self, session_id: Any, owner: str | None) -> dict:
         if session_id is not None:
             if not isinstance(session_id, str):
                 raise errors.InvalidRequest(f"session_id={session_id!r} is not a string")
-            return self.sessions.owned(session_id, owner)
+            session = self.sessions.owned(session_id, owner)
+            if session.get("kind") == "persona":
+                raise errors.InvalidRequest(f"session_id={session_id!r} is the session of an identity='none' job: "
+                                            "it has no selfies; send identity='none' without session_id, or "
+                                            "upload selfies", code="no_selfies")
+            return session
         session = self.store.latest_session(owner) if owner else None
         if session is None:
-            raise errors.InvalidRequest("no session: upload selfies first (POST /upload) or pass session_id",
+            raise errors.InvalidRequest("no session: upload selfies first (POST /upload) or pass session_id, "
+                                        "or send identity='none' for an avatar without selfies",
                                         code="no_session")
         return session
 
@@ -172,7 +196,8 @@ class Jobs:
         if self.store.get_session(session_id) is None:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
-        req = req.with_identity(self.identities.for_engine(engine, session_id))
+        if req.identity_source != "none":   # identity='none': the engine runs with no identity (scale 0)
+            req = req.with_identity(self.identities.for_engine(engine, session_id))
         if req.init_image is not None:
             req = req.with_init_image(self._stored_init_image(session_id, job["id"]))
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
@@ -189,6 +214,8 @@ class Jobs:
             return im.convert("RGB")
 
     def _likeness(self, req, session_id: str) -> Likeness:
+        if req.identity_source == "none":
+            return Likeness(has_identity=False)     # no selfies: nothing to rank or score against
         best_of = (req.candidates or 0) > req.num_images
         if not (self.settings.score_outputs or best_of or req.restore_faces):
             return Likeness()
@@ -197,6 +224,17 @@ class Jobs:
         except Exception:  # noqa: BLE001 - a score is optional
             template = None
         return Likeness(template, self.storage.session_self_similarity(session_id))
+
+
+def _check_persona_request(session_id: Any, owner: str | None) -> None:
+    """identity='none' makes an avatar without selfies, in a session of its own: it takes no session_id."""
+    if session_id is not None:
+        raise errors.InvalidRequest(f"session_id={session_id!r} with identity='none': an avatar without selfies "
+                                    "takes no session; leave out session_id, or leave out identity to use that "
+                                    "session's selfies")
+    if not owner:
+        raise errors.InvalidRequest("identity='none' needs a caller to own the job: send the client token "
+                                    "(or API key)", code="no_caller")
 
 
 def output_bytes(req) -> int:

@@ -39,9 +39,12 @@ class OutputSink(Protocol):
 
 @dataclass
 class Likeness:
-    """What a run scores against: the session's face template and its selfies' own agreement."""
+    """What a run scores against: the session's face template and its selfies' own agreement.
+    ``has_identity`` False: the job has no identity (identity='none'), so best-of-N keeps candidates in seed
+    order, unranked, and no output gets a likeness score (restoration still runs)."""
     template: Any = None
     self_similarity: float | None = None
+    has_identity: bool = True
 
 
 class FolderSink:
@@ -84,7 +87,7 @@ class JobRunner:
         keep = int(req.num_images)
         total = int(req.candidates or keep)
         restore = req.restore_faces
-        if total > keep and likeness.template is None:   # before any GPU time is spent
+        if total > keep and likeness.has_identity and likeness.template is None:   # before any GPU time is spent
             raise errors.TwinError(f"best-of-N (candidates={total}) needs a face template of the selfies, which "
                                    "is missing; upload them again", code="no_template", http_status=409)
         t_gen = time.perf_counter()
@@ -92,11 +95,16 @@ class JobRunner:
         t_write = time.perf_counter()
         if should_cancel():
             raise errors.JobCanceled("canceled by the user")
-        candidates, scores = None, [None] * len(images)
+        candidates, scores, ranking = None, [None] * len(images), None
         order = list(range(len(images)))
-        if total > keep:
+        if total > keep and not likeness.has_identity:
+            order = order[:keep]
+            candidates, ranking = candidate_table(seeds, scores, order), not_ranked(keep, total)
+        elif total > keep:
             order, candidates, scores = rank_candidates(self.faces, images, seeds, likeness.template, keep,
                                                         should_cancel)
+            ranking = {"ranked": True, "note": f"kept the {keep} of {total} candidates most like the session's "
+                                               "selfies, best first"}
         restore_s = 0.0
         for rank, ci in enumerate(order, start=1):
             sink.check()
@@ -110,7 +118,7 @@ class JobRunner:
                                             scores[ci] if candidates is not None else None, sink)
         metadata = _json_safe(result_meta) or {}
         if candidates is not None:
-            metadata["candidates"] = candidates
+            metadata["candidates"], metadata["ranking"] = candidates, ranking
         metadata["service_timings"] = {"generate_s": round(t_write - t_gen, 4),
                                        "write_outputs_s": round(time.perf_counter() - t_write, 4)}
         if restore:
@@ -131,6 +139,8 @@ class JobRunner:
                     self.faces, image, likeness.template)
                 if output["identity_similarity"] is None:
                     output["note"] = "no face was found in this image, so it has no likeness score"
+            if not likeness.has_identity:
+                output["identity_similarity"] = None   # no selfies: there is nothing to be alike to
             if "identity_similarity" in output and likeness.self_similarity is not None:
                 output["self_similarity"] = likeness.self_similarity   # the reference the score is read against
             output["path"] = sink.save(output["filename"], image)
@@ -216,6 +226,12 @@ def rank_candidates(faces, images, seeds, template, keep: int, should_cancel: Sh
         scores.append(score_image(faces, image, template))
     order = keep_best(scores, keep)
     return order, candidate_table(seeds, scores, order), scores
+
+
+def not_ranked(keep: int, total: int) -> dict:
+    """Best-of-N of a job without an identity: nothing to rank by, so the first candidates are kept."""
+    return {"ranked": False, "note": f"not ranked: identity='none' has no face to compare with; the first {keep} "
+                                     f"of {total} candidates in seed order were kept"}
 
 
 def _batch_progress(on_progress: Progress, batch: int, batches_: int) -> Progress:

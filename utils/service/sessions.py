@@ -65,6 +65,19 @@ class Sessions:
                 "warnings": body.get("warnings", []), "self_similarity": body.get("self_similarity"),
                 "report": body}
 
+    def create_persona(self, owner: str) -> dict:
+        """The session of one identity='none' job: no selfies, only the job's outputs. It gives that job an
+        owner, a retention time and a delete path (DELETE /sessions/<id>) like any upload; a /generate
+        without session_id never picks it (``latest_session`` skips persona sessions)."""
+        session_id, created = new_id(), self._clock()
+        self.storage.write_persona_session(session_id, owner_hash=owner, created_at=created)
+        try:
+            self.store.add_session(session_id, owner, created, kind="persona")
+        except BaseException:
+            self.storage.delete_session(session_id)  # no folder without its record
+            raise
+        return {"id": session_id, "owner": owner, "created_at": created, "kind": "persona"}
+
     def _check_files(self, files: list[tuple[str, bytes]]) -> None:
         s = self.settings
         if not files:

@@ -5,9 +5,10 @@ and progress.
 Keys (prefix ``twin:``): ``job:<id>`` hash (the JobStore row's columns, each value JSON-encoded),
 ``job:<id>:outputs`` list (one JSON object per written file), ``st:<status>`` set of job ids per
 status, ``queued`` sorted set (score = job seq: the queue order and ``position``), ``session:<id>``
-hash, ``sessions`` sorted set (score = created_at: the retention sweep), ``owner:<owner>`` sorted set
-(score = seq: the owner's latest session), ``session_jobs:<id>`` set, ``cancel:<job_id>`` (a cancel
-request a GPU worker's step callback reads; pub/sub messages may be lost, this key is not).
+hash (with its ``kind``: selfies | persona), ``sessions`` sorted set (score = created_at: the retention
+sweep), ``owner:<owner>`` sorted set (score = seq: the owner's latest upload; persona sessions are not in
+it), ``session_jobs:<id>`` set, ``cancel:<job_id>`` (a cancel request a GPU worker's step callback reads;
+pub/sub messages may be lost, this key is not).
 
 Every status change is one Lua script (atomic on the server): a terminal job is never overwritten, so a
 job that succeeded stays succeeded whatever a late registry cleanup or a re-run attempt does
@@ -129,13 +130,14 @@ class RedisJobStore:
 
     # --- sessions --------------------------------------------------------------------------------
     @redis_guard
-    def add_session(self, session_id: str, owner: str, created_at: float) -> None:
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
         seq = self.redis.incr(self.k("session_seq"))
         with self.redis.pipeline() as p:
-            p.hset(self.k("session", session_id), mapping={"id": session_id, "owner": owner,
+            p.hset(self.k("session", session_id), mapping={"id": session_id, "owner": owner, "kind": kind,
                                                          "created_at": repr(created_at), "seq": seq})
             p.zadd(self.k("sessions"), {session_id: created_at})
-            p.zadd(self.k("owner", owner), {session_id: seq})
+            if kind == "selfies":   # the owner's latest upload is what a /generate without session_id uses
+                p.zadd(self.k("owner", owner), {session_id: seq})
             p.execute()
 
     @redis_guard
@@ -144,7 +146,8 @@ class RedisJobStore:
         if not h:
             return None
         h = {k.decode(): v.decode() for k, v in h.items()}
-        return {"id": h["id"], "owner": h["owner"], "created_at": float(h["created_at"]), "seq": int(h["seq"])}
+        return {"id": h["id"], "owner": h["owner"], "created_at": float(h["created_at"]), "seq": int(h["seq"]),
+                "kind": h.get("kind", "selfies")}
 
     @redis_guard
     def latest_session(self, owner: str) -> dict | None:

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'selfies'
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, seq);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,6 +97,9 @@ class SqliteJobStore:
             cols = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
             if "webhook" not in cols:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+            # Databases from before persona-only avatars: every session is an upload.
+            if "kind" not in {r["name"] for r in self._db.execute("PRAGMA table_info(sessions)")}:
+                self._db.execute("ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'selfies'")
         # Called after each committed change of a job (live events, utils/jobs/events.py):
         # listener(job_id, kind, data) with kind "status" (data: the job record), "progress"
         # ({"step", "total"}) or "output" (the output entry). A failing listener never fails the store.
@@ -131,18 +135,20 @@ class SqliteJobStore:
             return self._db.execute(sql, args).rowcount
 
     # --- sessions --------------------------------------------------------------------------------
-    def add_session(self, session_id: str, owner: str, created_at: float) -> None:
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions").fetchone()[0]
-            self._db.execute("INSERT INTO sessions(id, owner, created_at, seq) VALUES (?,?,?,?)",
-                             (session_id, owner, created_at, seq))
+            self._db.execute("INSERT INTO sessions(id, owner, created_at, seq, kind) VALUES (?,?,?,?,?)",
+                             (session_id, owner, created_at, seq, kind))
 
     def get_session(self, session_id: str) -> dict | None:
         row = self._one("SELECT * FROM sessions WHERE id=?", (session_id,))
         return dict(row) if row else None
 
     def latest_session(self, owner: str) -> dict | None:
-        row = self._one("SELECT * FROM sessions WHERE owner=? ORDER BY seq DESC LIMIT 1", (owner,))
+        # Uploads only: a persona session (an identity='none' job's) is never the session a job goes to.
+        row = self._one("SELECT * FROM sessions WHERE owner=? AND kind='selfies' ORDER BY seq DESC LIMIT 1",
+                        (owner,))
         return dict(row) if row else None
 
     def sessions_older_than(self, cutoff: float) -> list[str]:
