@@ -483,7 +483,8 @@ def test_hostile_filenames_are_never_paths(real_faces_app, tmp_path, name, statu
 def test_mixed_upload_keeps_good_files_and_reports_bad_ones(real_faces_app):
     from tests.photos import selfie_set
     good = selfie_set(1)
-    r = upload(real_faces_app.test_client(), [good[0], ("bomb.png", _png(8000, 8000)), ("poly.jpg", _face_jpeg() + _zip())])
+    r = upload(real_faces_app.test_client(),
+               [good[0], ("bomb.png", _png(8000, 8000)), ("poly.jpg", _face_jpeg() + _zip())])
     assert r.status_code == 200
     body = r.get_json()
     assert [(f["filename"], f["code"]) for f in body["report"]["files"]] == [

@@ -15,7 +15,8 @@ TOKEN_HEADER = "X-Client-Token"
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
-def fake_selfies(n: int = 2, colour: tuple[int, int] = (100, 50), name: str = "selfie_{}.png") -> list[tuple[str, bytes]]:
+def fake_selfies(n: int = 2, colour: tuple[int, int] = (100, 50),
+                 name: str = "selfie_{}.png") -> list[tuple[str, bytes]]:
     """``n`` noisy images (faces to FakeFaceService): image i is ``image_bytes(color=(10*i, *colour))``,
     named ``name.format(i)``."""
     return [(name.format(i), image_bytes(color=(i * 10, *colour))) for i in range(n)]
