@@ -1,6 +1,7 @@
 """Test-session set-up: offline, deterministic, one thread.
 
-Fixtures live in tests/fixtures/ by area (models, faces, service) and are registered here.
+Fixtures live in tests/fixtures/ by area (models, faces, service, cluster, ...) and are registered here;
+helpers that several test modules share live in tests/helpers/ (a test module never imports another).
 """
 import os
 
@@ -18,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures.service",
     "tests.fixtures.metrics",
     "tests.fixtures.redis_server",
+    "tests.fixtures.cluster",
 ]

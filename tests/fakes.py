@@ -6,6 +6,8 @@ without the generation and face engines.
   requested size. It can be told to sleep per step, to fail set-up, or to raise from generate().
 - ``FakeFaceService``: validate_selfies() -> a report with accepted/rejected in the documented shape.
   A file is rejected when it does not decode (``invalid_image``) or is one flat colour (``no_face``).
+- ``CliFaceService``: the face double of the CLI tests: any decodable image is accepted, with seeded
+  512-d embeddings (tests/test_generate_cli.py; a child process imports it from here).
 - ``ScriptedSafetyClassifier``: utils.safety.classifier.SafetyClassifier that answers the scores it was
   given, one per image in turn (the last repeats), and records how many images it saw.
 """
@@ -17,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -337,6 +340,44 @@ class FakeFaceService:
 
     def detect_faces(self, image) -> list:
         return []   # the double finds no face to restore (tests restore with the real face service)
+
+
+class CliFaceService:
+    """The CLI's face double (FaceService contract): every decodable image is a face; the "crop" is its centre
+    and embedding i is seeded noise (512-d); no template, no scores."""
+    backend_name = "fake"
+    model_name = "fake-arcface-512"
+
+    def __init__(self, settings=None):
+        self.ready = False
+
+    def setup(self):
+        self.ready = True
+
+    def validate_selfies(self, files):
+        assert self.ready, "setup() must run before validate_selfies()"
+        accepted, rejected = [], []
+        for i, (name, data) in enumerate(files):
+            try:
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+            except Exception:
+                rejected.append(SimpleNamespace(index=i, filename=name, code="invalid_image", message="not an image"))
+                continue
+            w, h = img.size
+            crop = img.crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+            emb = np.random.default_rng(i).standard_normal(512).astype(np.float32)
+            accepted.append(SimpleNamespace(index=i, filename=name, image=img, crop=crop, embedding=emb, warnings=[]))
+        return SimpleNamespace(accepted=accepted, rejected=rejected, warnings=[], model_name=self.model_name,
+                               template=None, identity_inputs=lambda: {})
+
+    def identity_similarity(self, image, template):
+        return None
+
+    def self_similarity(self, embeddings):
+        return None
+
+    def detect_faces(self, image):
+        return []
 
 
 def image_bytes(color=(200, 120, 80), size=(96, 96), fmt="PNG", noisy: bool = True) -> bytes:

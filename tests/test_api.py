@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
-from tests.fixtures.service import wait_until
-from tests.helpers.api import assert_error, files_field, finished, upload  # noqa: F401 - others import them here
+from tests.helpers.http import assert_error, files_field, finished, upload
+from tests.helpers.wait import wait_until
 from utils import errors
 
 

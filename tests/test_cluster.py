@@ -1,7 +1,8 @@
 """Cluster mode (TWIN_QUEUE_URL) on a real redis-server: two API app instances (Flask test clients of
 two create_app() calls, as two API nodes behind a load balancer would be) and GPU workers as real
 subprocesses (``python -m utils.service.gpu_worker`` on the generator double, FAKE_STEP_SECONDS per step).
-Each test starts its own redis-server on a free port in a temp dir (tests/fixtures/redis_server.py).
+Each test starts its own redis-server on a free port in a temp dir (tests/fixtures/redis_server.py); the
+API nodes and workers are the ``api_nodes`` and ``workers`` fixtures (tests/fixtures/cluster.py).
 """
 from __future__ import annotations
 
@@ -11,152 +12,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
-from tests.fixtures.service import REPO, wait_until
+from tests.helpers import REPO
+from tests.helpers.cluster import TOKEN_HEADER, cluster_selfies, generate, status, upload_session, wait_status
+from tests.helpers.http import upload
+from tests.helpers.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-TOKEN_HEADER = "X-Client-Token"
-
-
-def cluster_settings(tmp_path: Path, redis_url: str, **kw):
-    from utils.config import Settings
-    base = dict(data_dir=tmp_path / "data", queue_url=redis_url, retention_hours=0, warmup=False,
-                rate_limit_upload="100000/minute", rate_limit_generate="100000/minute",
-                worker_heartbeat_seconds=0.5, retry_backoff="1", job_attempts=3, drain_seconds=25.0)
-    base.update(kw)
-    return Settings(**base)
-
-
-def settings_env(settings) -> dict[str, str]:
-    from utils.config import env_name
-    names = ("data_dir", "queue_url", "retention_hours", "warmup", "worker_heartbeat_seconds", "retry_backoff",
-             "job_attempts", "drain_seconds", "log_level", "webhook_secret", "webhook_allow_private",
-             "webhook_retry_base_seconds")
-    out = {}
-    for n in names:
-        v = getattr(settings, n)
-        out[env_name(n)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
-    return out
-
-
-class Workers:
-    """GPU worker subprocesses on the doubles; all are killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, settings, *, step_seconds: float = 0.0, name: str | None = None, **env_extra) -> subprocess.Popen:
-        return self.start_env({**settings_env(settings), "FAKE_STEP_SECONDS": str(step_seconds), **env_extra}, name=name)
-
-    def start_env(self, twin_env: dict[str, str], *, name: str | None = None,
-                  components: str | None = "tests.fake_server_app:worker_components") -> subprocess.Popen:
-        """A worker with exactly these TWIN_* variables; ``components=None``: the real engines."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
-        env.update(twin_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        name = name or f"w{len(self.procs)}"
-        log = open(self.tmp / f"worker-{name}.log", "wb")
-        extra = ["--components", components] if components else []
-        p = subprocess.Popen([sys.executable, "-m", "utils.service.gpu_worker", "--name", name, *extra],
-                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        p.name = name  # type: ignore[attr-defined]
-        self.procs.append(p)
-        return p
-
-    def wait_registered(self, conn, names: list[str], timeout: float = 60.0) -> None:
-        from rq import Worker
-
-        from utils.jobs.cluster.routing import make_queue
-
-        def up():
-            have = {w.name for w in Worker.all(queue=make_queue(conn))}
-            for p in self.procs:
-                if p.poll() is not None and p.name in names:  # type: ignore[attr-defined]
-                    raise AssertionError(f"worker {p.name} exited {p.returncode}: {self.log(p)}")  # type: ignore[attr-defined]
-            return set(names) <= have
-        wait_until(up, timeout, 0.1)
-
-    def log(self, p) -> str:
-        return (self.tmp / f"worker-{p.name}.log").read_text(errors="replace")[-3000:]
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-
-@pytest.fixture
-def workers(tmp_path):
-    w = Workers(tmp_path)
-    yield w
-    w.stop_all()
-
-
-@pytest.fixture
-def api_nodes(tmp_path, redis_server):
-    """api_nodes(n=2, own_data_dirs=False, generator=FakeGenerator, **settings) -> (settings, [test clients]):
-    n API nodes on one Redis and one data dir (own_data_dirs: each node its own, so nothing is shared but
-    Redis); ``generator`` builds each node's generator double."""
-    import dataclasses
-
-    from app import create_app
-    apps = []
-
-    def _make(n: int = 2, own_data_dirs: bool = False, generator=FakeGenerator, **kw):
-        settings = cluster_settings(tmp_path, redis_server.url, **kw)
-        clients = []
-        for i in range(n):
-            node_settings = dataclasses.replace(settings, data_dir=tmp_path / f"data-{i}") if own_data_dirs else settings
-            a = create_app(node_settings, generator=generator(), faces=FakeFaceService())
-            a.extensions["twin"].wait_ready(10)
-            apps.append(a)
-            clients.append(a.test_client())
-        return settings, clients
-
-    yield _make
-    for a in apps:
-        a.extensions["twin"].shutdown()
-
-
-def upload(client, token: str | None = None) -> tuple[str, str]:
-    headers = {TOKEN_HEADER: token} if token else {}
-    r = client.post("/upload", data={"files": [(io.BytesIO(image_bytes((10 * i, 90, 40))), f"s{i}.png")
-                                               for i in range(3)]},
-                    content_type="multipart/form-data", headers=headers)
-    assert r.status_code == 200, r.json
-    return r.json["session_id"], token or r.json["client_token"]
-
-
-def generate(client, token: str, **body) -> dict:
-    r = client.post("/generate", json={"prompt": "a portrait", **body}, headers={TOKEN_HEADER: token})
-    assert r.status_code == 202, r.json
-    return r.json
-
-
-def status(client, token: str, job_id: str) -> dict:
-    r = client.get(f"/status/{job_id}", headers={TOKEN_HEADER: token})
-    assert r.status_code == 200, r.json
-    return r.json
-
-
-def wait_status(client, token, job_id, want: set[str], timeout: float = 30.0) -> dict:
-    return wait_until(lambda: (lambda j: j if j["status"] in want else None)(status(client, token, job_id)),
-                      timeout, 0.05)
 
 
 def local_job_shape(make_app) -> dict:
     """The job JSON of local mode, for the shape comparison."""
     app = make_app()
     c = app.test_client()
-    _, tok = upload(c)
+    _, tok = upload_session(c)
     job = generate(c, tok)
     return wait_status(c, tok, job["id"], {"succeeded"}, 10)
 
@@ -176,7 +48,7 @@ def test_happy_path_upload_on_a_generate_on_b_status_and_download_on_either(api_
     settings, (a, b) = api_nodes()
     workers.start(settings, name="w0")
     workers.wait_registered(redis_server.client(), ["w0"])
-    session_id, tok = upload(a)
+    session_id, tok = upload_session(a)
     job = generate(b, tok, session_id=session_id, num_images=2)
     assert job["status"] == "queued" and job["session_id"] == session_id
     done = wait_status(a, tok, job["id"], {"succeeded", "failed", "canceled"})
@@ -200,7 +72,7 @@ def test_happy_path_upload_on_a_generate_on_b_status_and_download_on_either(api_
 
 def test_cancel_queued_job_never_starts_and_the_worker_takes_the_next(api_nodes, workers, redis_server):
     settings, (a, b) = api_nodes()
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok)
     r = b.post(f"/cancel/{job['id']}", headers={TOKEN_HEADER: tok})
     assert r.status_code == 200 and r.json["status"] == "canceled"
@@ -220,7 +92,7 @@ def test_cancel_running_job_stops_within_one_step_not_retried(api_nodes, workers
     settings, (a, b) = api_nodes()
     workers.start(settings, name="w0", step_seconds=step)
     workers.wait_registered(redis_server.client(), ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok, quality_mode="high_fidelity")  # 8 steps
     wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
     t0 = time.time()
@@ -258,7 +130,7 @@ def test_sigkilled_worker_job_reruns_on_another_worker_with_attempt_2(api_nodes,
     for n in ("w0", "w1"):
         workers.start(settings, name=n, step_seconds=0.3)
     workers.wait_registered(conn, ["w0", "w1"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok, quality_mode="high_fidelity")
     wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 2, 30, 0.02)
     victim = wait_until(lambda: _holder(conn, job["id"], workers.procs), 10, 0.05)
@@ -275,7 +147,7 @@ def test_sigkilled_worker_job_reruns_on_another_worker_with_attempt_2(api_nodes,
 def test_job_killed_on_every_attempt_fails_with_a_reason(api_nodes, workers, redis_server):
     settings, (a,) = api_nodes(1)
     conn = redis_server.client()
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok, quality_mode="high_fidelity")
     for attempt in (1, 2, 3):
         p = workers.start(settings, name=f"w{attempt}", step_seconds=0.3)
@@ -299,7 +171,7 @@ def test_success_wins_over_a_late_rerun_or_cleanup(api_nodes, workers, redis_ser
     conn = redis_server.client()
     workers.start(settings, name="w0")
     workers.wait_registered(conn, ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok)
     done = wait_status(a, tok, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded"
@@ -323,7 +195,7 @@ def test_redis_down_answers_503_then_restart_keeps_queued_jobs(api_nodes, worker
     settings, (a, b) = api_nodes()
     workers.start(settings, name="w0", step_seconds=0.3)
     workers.wait_registered(redis_server.client(), ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     cut = generate(a, tok, quality_mode="high_fidelity")
     waiting = generate(a, tok)
     wait_until(lambda: status(a, tok, cut["id"])["progress"]["step"] >= 1, 30, 0.02)
@@ -355,7 +227,7 @@ def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(api_nodes, wor
     conn = redis_server.client()
     p = workers.start(settings.replace(drain_seconds=drain_seconds), name="w0", step_seconds=0.3)
     workers.wait_registered(conn, ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(a, tok, quality_mode="high_fidelity")  # 8 x 0.3 s
     wait_until(lambda: status(a, tok, job["id"])["progress"]["step"] >= 1, 30, 0.02)
     p.send_signal(signal.SIGTERM)
@@ -377,7 +249,7 @@ def test_system_status_lists_workers_and_queue_depth(api_nodes, workers, redis_s
     conn = redis_server.client()
     workers.start(settings, name="w0", step_seconds=0.3)
     workers.wait_registered(conn, ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     running = generate(a, tok, quality_mode="high_fidelity")
     waiting = generate(a, tok)
     wait_until(lambda: status(a, tok, running["id"])["status"] == "running", 20, 0.02)
@@ -394,7 +266,7 @@ def test_system_status_lists_workers_and_queue_depth(api_nodes, workers, redis_s
 
 def test_rate_limit_holds_across_api_nodes(api_nodes):
     settings, (a, b) = api_nodes(rate_limit_generate="2/minute")
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     codes = [node.post("/generate", json={"prompt": "x"}, headers={TOKEN_HEADER: tok}).status_code
              for node in (a, b, a)]
     assert codes == [202, 202, 429]
@@ -404,7 +276,7 @@ def test_delete_session_on_b_removes_files_and_records_of_jobs_run_by_a_worker(a
     settings, (a, b) = api_nodes()
     workers.start(settings, name="w0")
     workers.wait_registered(redis_server.client(), ["w0"])
-    session_id, tok = upload(a)
+    session_id, tok = upload_session(a)
     job = generate(a, tok)
     assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
     assert (settings.data_dir / session_id).is_dir()
@@ -448,7 +320,7 @@ def test_retention_sweep_on_one_node_removes_sessions_made_on_another(api_nodes,
     settings, (a, b) = api_nodes(retention_hours=1.0)
     workers.start(settings, name="w0")
     workers.wait_registered(redis_server.client(), ["w0"])
-    old_session, tok = upload(a)
+    old_session, tok = upload_session(a)
     job = generate(a, tok, session_id=old_session)
     assert wait_status(a, tok, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
     runtime_b = b.application.extensions["twin"]
@@ -501,11 +373,11 @@ def test_sigterm_to_an_idle_worker_exits_0(api_nodes, workers, redis_server):
 
 def test_events_of_a_job_run_by_a_worker_stream_from_any_api_node(api_nodes, workers, redis_server):
     from tests.fakes import QUALITY_STEPS
-    from tests.test_events import parse_sse
+    from tests.helpers.sse import parse_sse
     settings, (a, b) = api_nodes()
     workers.start(settings, name="w0")
     workers.wait_registered(redis_server.client(), ["w0"])
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     job = generate(b, tok, num_images=2, quality_mode="fast")
     r = a.get(f"/events/{job['id']}", headers={TOKEN_HEADER: tok})  # buffered: until `done`
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
@@ -523,13 +395,13 @@ def test_events_of_a_job_run_by_a_worker_stream_from_any_api_node(api_nodes, wor
 
 
 def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, workers, redis_server):
-    from tests.test_webhooks import SECRET, Receiver, readme_verify
+    from tests.helpers.webhooks import SECRET, Receiver, readme_verify
     rec = Receiver()
     try:
         settings, (a, b) = api_nodes(webhook_secret=SECRET, webhook_allow_private=True, webhook_retry_base_seconds=0.01)
         workers.start(settings, name="w0")
         workers.wait_registered(redis_server.client(), ["w0"])
-        _, tok = upload(a)
+        _, tok = upload_session(a)
         job = generate(b, tok, webhook=rec.url, webhook_events=["start", "output", "completed"])
         wait_until(lambda: "job.completed" in rec.events(), timeout=30)
         assert rec.events() == ["job.start", "job.output", "job.completed"]
@@ -549,9 +421,7 @@ def test_webhooks_of_a_job_run_by_a_worker_are_sent_by_the_worker(api_nodes, wor
 def idem_post(node, tok: str, key: str, endpoint: str = "generate", **body):
     headers = {TOKEN_HEADER: tok, "Idempotency-Key": key}
     if endpoint == "upload":
-        return node.post("/upload", data={"files": [(io.BytesIO(image_bytes((10 * i, 90, 40))), f"s{i}.png")
-                                                    for i in range(2)]},
-                         content_type="multipart/form-data", headers=headers)
+        return upload(node, cluster_selfies(2), headers=headers)
     return node.post("/generate", json={"prompt": "a portrait", **body}, headers=headers)
 
 
@@ -567,7 +437,7 @@ def job_total(node) -> int:
 ])
 def test_idem_key_on_a_then_b_answers_the_first_answer(api_nodes, endpoint, id_field, ok, own_data_dirs):
     settings, (a, b) = api_nodes(own_data_dirs=own_data_dirs)
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     jobs_before = job_total(a)
     first = idem_post(a, tok, "k-ab-1", endpoint, seed=1)
     again = idem_post(b, tok, "k-ab-1", endpoint, seed=1)
@@ -585,7 +455,7 @@ def test_idem_concurrent_same_key_on_both_nodes_makes_one_job(api_nodes, monkeyp
     first already answered, the replay. Never two jobs. Slowed submit keeps the window wide open."""
     import threading
     settings, (a, b) = api_nodes()
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     for node in (a, b):
         rt = node.application.extensions["twin"]
         real = rt.jobs.submit
@@ -612,7 +482,7 @@ def test_idem_node_dying_mid_request_frees_the_key_after_the_in_flight_ttl(api_n
     TWIN_IDEMPOTENCY_IN_FLIGHT_SECONDS pass, then runs the request; A's late end cannot undo B's answer."""
     import threading
     settings, (a, b) = api_nodes(idempotency_in_flight_seconds=1.0)
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     rt_a = a.application.extensions["twin"]
     entered, release = threading.Event(), threading.Event()
 
@@ -643,14 +513,14 @@ def test_idem_node_dying_mid_request_frees_the_key_after_the_in_flight_ttl(api_n
 
 def test_idem_records_go_with_the_session_deleted_on_another_node(api_nodes, redis_server):
     settings, (a, b) = api_nodes()
-    session_id, tok = upload(a)
+    session_id, tok = upload_session(a)
     first = idem_post(a, tok, "k-del", session_id=session_id, seed=1)
     assert first.status_code == 202
     conn = redis_server.client()
     assert len(list(conn.scan_iter("twin:idem:*"))) == 1
     assert b.delete(f"/sessions/{session_id}", headers={TOKEN_HEADER: tok}).status_code == 200
     assert list(conn.scan_iter("twin:idem:*")) == [] and list(conn.scan_iter("twin:idem_session:*")) == []
-    upload(a, tok)
+    upload_session(a, tok)
     again = idem_post(a, tok, "k-del", seed=1)
     assert again.status_code == 202 and again.json["id"] != first.json["id"]
     assert "Idempotent-Replayed" not in again.headers
@@ -658,7 +528,7 @@ def test_idem_records_go_with_the_session_deleted_on_another_node(api_nodes, red
 
 def test_idem_with_redis_away_is_a_503_not_a_500(api_nodes, redis_server):
     settings, (a, b) = api_nodes()
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     redis_server.stop()
     r = idem_post(b, tok, "k-away", seed=1)
     assert r.status_code == 503 and r.json["error"]["code"] == "queue_unavailable", r.json
@@ -668,7 +538,7 @@ def test_idem_with_redis_away_is_a_503_not_a_500(api_nodes, redis_server):
 def test_idem_records_go_with_a_session_swept_by_a_worker_process(api_nodes, workers, redis_server):
     """The retention sweep runs in whichever process wins the cluster-wide lock, a GPU worker too."""
     settings, (a, b) = api_nodes(retention_hours=0.0003)  # ~1 s
-    session_id, tok = upload(a)
+    session_id, tok = upload_session(a)
     assert idem_post(a, tok, "k-swept", session_id=session_id, seed=1).status_code == 202
     conn = redis_server.client()
     assert len(list(conn.scan_iter("twin:idem:*"))) == 1

@@ -1,7 +1,8 @@
 """The base-model registry in cluster mode, on a real redis-server with GPU workers as real subprocesses
 on the registry double (tests/fakes.FakeModelGenerator: FAKE_MODELS, FAKE_MODEL, FAKE_LOAD_SECONDS):
 pinned jobs route to the worker holding their model, the submit checks, GET /models, the admin switch
-(under load, a broken checkpoint, bad bodies) and pinned jobs stranded when their model goes away."""
+(under load, a broken checkpoint, bad bodies) and pinned jobs stranded when their model goes away.
+API nodes and workers: the ``api_nodes`` and ``workers`` fixtures (tests/fixtures/cluster.py)."""
 from __future__ import annotations
 
 import signal
@@ -11,9 +12,10 @@ import time
 import pytest
 
 from tests.fakes import FakeFaceService, FakeModelGenerator
-from tests.fixtures.service import wait_until
-from tests.test_cluster import (TOKEN_HEADER, api_nodes, cluster_settings, generate, status, upload,  # noqa: F401
-                                wait_status, workers)  # api_nodes, workers: fixtures
+from tests.helpers.cluster import (TOKEN_HEADER, cluster_settings, generate, settings_env, status, upload_session,
+                                   wait_status)
+from tests.helpers.http import upload_token
+from tests.helpers.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 ADMIN = "admin-key-1"
@@ -48,7 +50,7 @@ def admin_load(client, body):
 def test_pinned_jobs_run_on_the_worker_holding_their_model(nodes, workers, redis_server):
     settings, (a, b) = nodes(2)
     start(workers, redis_server, settings, {"w0": "base", "w1": "alt"})
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     plan = ["alt", "base", None, "alt", "base", None, "alt"]
     jobs = [generate(a if i % 2 else b, tok, **({"model": m} if m else {})) for i, m in enumerate(plan)]
     done = [wait_status(a, tok, j["id"], TERMINAL) for j in jobs]
@@ -80,7 +82,7 @@ def test_submit_checks_the_model_against_the_live_workers(nodes, workers, redis_
                                                           needles):
     settings, (a,) = nodes()
     start(workers, redis_server, settings, {"w0": "base", "w1": "alt"})
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     r = a.post("/generate", json={"prompt": "p", "model": model}, headers={TOKEN_HEADER: tok})
     assert r.status_code == status_code, r.get_json()
     if code:
@@ -96,7 +98,7 @@ def test_hot_swap_under_load_in_cluster_mode(nodes, workers, redis_server):
     every job submitted after the answer runs on alt, and the answer gives each worker's swap time."""
     settings, (a, b) = nodes(2)
     start(workers, redis_server, settings, {"w0": "base", "w1": "base"}, step=0.05, load=1.0)
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     jobs: list[str] = []
     stop = threading.Event()
 
@@ -133,7 +135,7 @@ def test_hot_swap_under_load_in_cluster_mode(nodes, workers, redis_server):
 def test_a_broken_checkpoint_answers_422_and_the_old_model_keeps_serving(nodes, workers, redis_server):
     settings, (a,) = nodes()
     start(workers, redis_server, settings, {"w0": "base"}, step=0.05)
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     running = generate(a, tok, quality_mode="high_fidelity")
     code, body = admin_load(a, {"model": "broken"})
     assert code == 422, body
@@ -174,7 +176,7 @@ def test_a_pinned_job_whose_model_went_away_fails_with_model_not_loaded(nodes, w
     one: the queued job fails model_not_loaded naming alt after TWIN_MODEL_STRAND_SECONDS; it never hangs."""
     settings, (a,) = nodes()
     start(workers, redis_server, settings, {"w0": "alt", "w1": "base"}, step=0.25)
-    _, tok = upload(a)
+    _, tok = upload_session(a)
     first = generate(a, tok, model="alt", quality_mode="high_fidelity")    # 8 x 0.25 s on w0
     wait_until(lambda: status(a, tok, first["id"])["progress"]["step"] >= 1, 30, 0.02)
     queued = generate(a, tok, model="alt")
@@ -251,13 +253,11 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
                                                                           tiny_models, face_service):
     """The same contract on the real engines: a worker process running DigitalTwinGenerator loads the tiny
     single-file checkpoint with from_single_file, and a broken file is named while the old model serves."""
-    import io
     import shutil
 
     from app import create_app
     from generate_twin import DigitalTwinGenerator
     from tests.photos import selfie_set
-    from tests.test_cluster import settings_env
     from utils.jobs.cluster.registry import live_workers
     folder = tmp_path / "tiny-model"
     shutil.copytree(tiny_models, folder)
@@ -274,9 +274,7 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
         c = app.test_client()
         conn = redis_server.client()
         wait_until(lambda: live_workers(conn).get("w0", {}).get("model") == "tiny-sdxl", 180, 0.2)
-        name, data = selfie_set(1)[0]
-        tok = c.post("/upload", data={"files": [(io.BytesIO(data), name)]},
-                     content_type="multipart/form-data").get_json()["client_token"]
+        tok = upload_token(c, selfie_set(1))[TOKEN_HEADER]
         body = {"prompt": "a portrait", "style": "none", "width": 64, "height": 64, "seed": 3}
         r = c.post("/generate", json={**body, "model": "tiny-alt"}, headers={TOKEN_HEADER: tok})
         assert r.status_code == 409 and "'tiny-sdxl'" in r.get_json()["error"]["message"], r.get_json()

@@ -87,6 +87,11 @@ def _fake_faces(tmp_path):
     return FakeFaceService()
 
 
+def _cli_faces(tmp_path):
+    from tests.fakes import CliFaceService
+    return CliFaceService()
+
+
 def _request_type(tmp_path):
     from utils.engine.request import GenerationRequest
     return GenerationRequest(prompt="p")
@@ -114,6 +119,7 @@ CASES = [
     (contracts.Engine, _fake_model_engine, [contracts.ModelRegistry], []),
     (contracts.FaceService, _face_service, [], []),
     (contracts.FaceService, _fake_faces, [], []),
+    (contracts.FaceService, _cli_faces, [], []),
     (contracts.GenerationRequestType, _request_type, [], []),
     (contracts.GenerationRequestType, _fake_request, [], []),
 ]

@@ -2,7 +2,6 @@
 Last-Event-ID, bounded in number, owner-checked; in-process on the Flask client and on real gunicorn."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -10,30 +9,11 @@ import pytest
 import requests
 
 from tests.fakes import QUALITY_STEPS, FakeGenerator, image_bytes
-from tests.fixtures.service import FAKE_APP, server_env, wait_until
-from tests.test_api import assert_error, finished, upload
+from tests.fixtures.service import FAKE_APP, server_env
+from tests.helpers.http import assert_error, finished, submit, upload, upload_to_server
+from tests.helpers.sse import parse_sse
+from tests.helpers.wait import wait_until
 from utils.jobs.events import MemoryEventLog
-
-
-def parse_sse(text: str) -> tuple[list[dict], int]:
-    """(events as {"id", "event", "data"}, heartbeat comments) from a text/event-stream body."""
-    events, beats = [], 0
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        if block.startswith(": heartbeat"):
-            beats += 1
-            continue
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
-    return events, beats
-
-
-def submit(client, **payload):
-    r = client.post("/generate", json={"prompt": "a portrait", **payload})
-    assert r.status_code == 202, r.data
-    return r.json["id"]
 
 
 def check_complete(events: list[dict], num_images: int, steps: int) -> None:
@@ -54,7 +34,7 @@ def slow_app(make_app):
 def test_stream_carries_every_event_once_then_closes(slow_app):
     client = slow_app.test_client()
     upload(client)
-    job_id = submit(client, num_images=2, quality_mode="fast")
+    job_id = submit(client, num_images=2, quality_mode="fast")["id"]
     r = client.get(f"/events/{job_id}")  # buffered: returns when the stream ends (after done)
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
     assert r.headers["Cache-Control"] == "private, no-store"
@@ -67,7 +47,7 @@ def test_stream_carries_every_event_once_then_closes(slow_app):
 def test_last_event_id_resumes_without_gaps_or_duplicates(slow_app, resume_after):
     client = slow_app.test_client()
     upload(client)
-    job_id = submit(client, quality_mode="fast")
+    job_id = submit(client, quality_mode="fast")["id"]
     full, _ = parse_sse(client.get(f"/events/{job_id}").get_data(as_text=True))
     rest, _ = parse_sse(client.get(f"/events/{job_id}", headers={"Last-Event-ID": str(resume_after)})
                         .get_data(as_text=True))
@@ -78,7 +58,7 @@ def test_last_event_id_resumes_without_gaps_or_duplicates(slow_app, resume_after
 def test_resuming_past_the_end_of_a_finished_job_ends_the_stream(slow_app):
     client = slow_app.test_client()
     upload(client)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     finished(client, job_id)
     r = client.get(f"/events/{job_id}", headers={"Last-Event-ID": "999"})
     assert r.status_code == 200 and parse_sse(r.get_data(as_text=True))[0] == []
@@ -88,7 +68,7 @@ def test_resuming_past_the_end_of_a_finished_job_ends_the_stream(slow_app):
 def test_bad_last_event_id_is_a_400_naming_it(slow_app, value):
     client = slow_app.test_client()
     upload(client)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     assert_error(client.get(f"/events/{job_id}", headers={"Last-Event-ID": value}), 400, "invalid_request",
                  "Last-Event-ID")
 
@@ -97,7 +77,7 @@ def test_other_callers_and_unknown_jobs_get_404(slow_app):
     alice, bob = slow_app.test_client(), slow_app.test_client()
     upload(alice)
     upload(bob)
-    job_id = submit(alice)
+    job_id = submit(alice)["id"]
     assert_error(bob.get(f"/events/{job_id}"), 404, "not_found")
     assert_error(alice.get("/events/" + "a" * 24), 404, "not_found")
 
@@ -108,7 +88,7 @@ def test_streams_beyond_the_limit_get_429_and_a_closed_stream_frees_its_slot(mak
     app = make_app(service_settings.replace(max_event_streams=2), generator=gen)
     client = app.test_client()
     upload(client)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     open_ = [client.get(f"/events/{job_id}", buffered=False) for _ in range(2)]
     assert all(r.status_code == 200 for r in open_)
     r = client.get(f"/events/{job_id}")
@@ -125,7 +105,7 @@ def test_idle_stream_sends_heartbeats(make_app, service_settings):
     app = make_app(service_settings.replace(event_heartbeat_seconds=0.05), generator=FakeGenerator(step_seconds=0.1))
     client = app.test_client()
     upload(client)
-    job_id = submit(client, quality_mode="fast")
+    job_id = submit(client, quality_mode="fast")["id"]
     events, beats = parse_sse(client.get(f"/events/{job_id}").get_data(as_text=True))
     assert beats >= 2 and events[-1]["event"] == "done"
 
@@ -133,7 +113,7 @@ def test_idle_stream_sends_heartbeats(make_app, service_settings):
 def test_a_finished_job_without_a_live_log_streams_its_final_state(slow_app):
     client = slow_app.test_client()
     upload(client)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     finished(client, job_id)
     slow_app.extensions["twin"].events.forget(job_id)  # as after a restart, or once the log expired
     events, _ = parse_sse(client.get(f"/events/{job_id}").get_data(as_text=True))
@@ -147,7 +127,7 @@ def test_deleting_the_session_ends_its_streams_and_forgets_the_events(make_app):
     app = make_app(generator=gen)
     client = app.test_client()
     sid = upload(client).json["session_id"]
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     wait_until(gen.started.is_set)
     got = {}
     t = threading.Thread(target=lambda: got.update(body=client.get(f"/events/{job_id}").get_data(as_text=True)))
@@ -183,8 +163,8 @@ def test_real_gunicorn_streams_a_running_job_and_resumes_mid_job(start_server, t
     env = server_env(tmp_path / "data", FAKE_STEP_SECONDS="0.05", TWIN_MAX_EVENT_STREAMS="2")
     server = start_server(env, app_spec=FAKE_APP)
     s = requests.Session()
-    files = [("files", (f"s{i}.png", image_bytes(color=(i * 40, 90, 30)), "image/png")) for i in range(2)]
-    assert s.post(server.url + "/upload", files=files, timeout=30).status_code == 200
+    upload_to_server(s, server.url, [(f"s{i}.png", image_bytes(color=(i * 40, 90, 30))) for i in range(2)],
+                     mime="image/png", timeout=30)
     job = s.post(server.url + "/generate", json={"prompt": "p", "quality_mode": "balanced"}, timeout=30).json()
     url = f"{server.url}/events/{job['id']}"
     # Read part of the stream while the job runs, drop the connection, resume from the last id seen.

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from tests import photos
-from tests.test_images import exif_rotated_jpeg, png_header_only
+from tests.helpers.images import exif_rotated_jpeg, png_header_only
 from utils.errors import TwinError
 from utils.faces import FaceService
 from utils.faces.service import aligned_crop, estimate_yaw, image_signature

@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from tests import photos
 from tests.full_resolution import FullResolutionFaceService
-from tests.test_images import exif_rotated_jpeg
+from tests.helpers.images import exif_rotated_jpeg
 from utils.errors import ImageRejected, ServerBusy
 from utils.faces import FaceService
 from utils.images import decode_image, decode_reduced

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
-from tests.fixtures.service import wait_until
-from tests.test_api import assert_error, files_field, finished, upload
+from tests.helpers.http import assert_error, finished, upload
+from tests.helpers.wait import wait_until
 from utils import errors
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -131,7 +131,7 @@ def test_upload_on_a_full_volume(volume, make_app, service_settings, leave_kb, m
     store = c.application.extensions["twin"].store
     vol.fill(leave_kb)
     used_before = vol.free_bytes()
-    r = c.post("/upload", data=files_field(*big_selfies()), content_type="multipart/form-data")
+    r = upload(c, big_selfies())
     if status == 200:
         assert r.status_code == 200, r.data
         assert session_dirs(data) == [r.json["session_id"]]
@@ -145,7 +145,7 @@ def test_upload_on_a_full_volume(volume, make_app, service_settings, leave_kb, m
     # Space comes back: the same upload now works, and a job runs on it.
     vol.release()
     c.application.extensions["twin"].storage.min_free_mb = 0
-    r = c.post("/upload", data=files_field(*big_selfies()), content_type="multipart/form-data")
+    r = upload(c, big_selfies())
     assert r.status_code == 200, r.data
     job = finished(c, c.post("/generate", json={"prompt": "a"}).json["id"])
     assert job["status"] == "succeeded"

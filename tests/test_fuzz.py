@@ -35,13 +35,10 @@ def fuzz_app(make_app, service_settings, tiny_generator, face_service):
 
 
 def test_schemathesis_finds_no_server_errors(fuzz_app, report_metric):
+    from tests.helpers.http import upload_token
     from tests.photos import selfie_set
-    import io
     client = fuzz_app.test_client()
-    name, data = selfie_set(1)[0]
-    body = client.post("/upload", data={"files": [(io.BytesIO(data), name)]},
-                       content_type="multipart/form-data").get_json()
-    token = {"X-Client-Token": body["client_token"]}
+    token = upload_token(client, selfie_set(1))
     job = client.post("/generate", json={"prompt": "seed job", "width": 64, "height": 64}, headers=token).get_json()
     deadline = time.time() + 60
     while client.get(f"/status/{job['id']}", headers=token).get_json()["status"] not in ("succeeded", "failed"):

@@ -1,17 +1,15 @@
 """The CLI end to end on the tiny profile: photos -> faces -> identity -> images.
 
-The real face pipeline (utils.faces.FaceService) is built on another branch; here a small fake that obeys
-its contract is injected, so this test is self-contained."""
+Most tests inject tests.fakes.CliFaceService (any decodable image is a face) instead of the real face
+pipeline, so they need no face model; the likeness report runs on the real dlib backend."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,45 +17,9 @@ from PIL import Image
 
 import generate_twin
 from ipadapter_manager import SessionIdentity
+from tests.fakes import CliFaceService
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeFaceService:
-    """Contract of utils.faces.FaceService: accepts decodable images, 'crops' the centre, 512-d embeddings."""
-    backend_name = "fake"
-    model_name = "fake-arcface-512"
-
-    def __init__(self, settings=None):
-        self.ready = False
-
-    def setup(self):
-        self.ready = True
-
-    def validate_selfies(self, files):
-        assert self.ready, "setup() must run before validate_selfies()"
-        accepted, rejected = [], []
-        for i, (name, data) in enumerate(files):
-            try:
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-            except Exception:
-                rejected.append(SimpleNamespace(index=i, filename=name, code="invalid_image", message="not an image"))
-                continue
-            w, h = img.size
-            crop = img.crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4))
-            emb = np.random.default_rng(i).standard_normal(512).astype(np.float32)
-            accepted.append(SimpleNamespace(index=i, filename=name, image=img, crop=crop, embedding=emb, warnings=[]))
-        return SimpleNamespace(accepted=accepted, rejected=rejected, warnings=[], model_name=self.model_name,
-                               template=None, identity_inputs=lambda: {})
-
-    def identity_similarity(self, image, template):
-        return None
-
-    def self_similarity(self, embeddings):
-        return None
-
-    def detect_faces(self, image):
-        return []
 
 
 def write_selfies(folder: Path, n: int = 3) -> Path:
@@ -88,7 +50,7 @@ def cli_env(monkeypatch, tiny_models, tmp_path):
 def test_cli_runs_the_whole_path(cli_env, capsys, extra, n_images, combine):
     selfies, out = write_selfies(cli_env / "selfies"), cli_env / "out"
     rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "a portrait in a forest", "--out", str(out),
-                             *extra], face_service_factory=FakeFaceService)
+                             *extra], face_service_factory=CliFaceService)
     text = capsys.readouterr()
     assert rc == 0, text.err
     assert "step 1/" in text.out and "accepted 3 of 4" in text.out and "rejected broken.png" in text.out
@@ -109,7 +71,7 @@ def test_cli_runs_the_whole_path(cli_env, capsys, extra, n_images, combine):
 def test_cli_reports_bad_requests(cli_env, capsys, args, needle):
     selfies = write_selfies(cli_env / "selfies", 1)
     rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(cli_env / "o"), *args],
-                            face_service_factory=FakeFaceService)
+                            face_service_factory=CliFaceService)
     assert rc == 2
     assert needle in capsys.readouterr().err
 
@@ -146,7 +108,7 @@ def test_cli_makes_an_avatar_from_a_persona_alone(cli_env, capsys):
 def test_cli_with_no_photos_is_a_clear_error(cli_env, capsys):
     (cli_env / "empty").mkdir()
     rc = generate_twin.main(["--selfies", str(cli_env / "empty"), "--prompt", "p", "--out", str(cli_env / "o")],
-                            face_service_factory=FakeFaceService)
+                            face_service_factory=CliFaceService)
     assert rc == 2 and "no images found" in capsys.readouterr().err
 
 
@@ -156,8 +118,8 @@ def test_cli_in_a_fresh_process_builds_the_tiny_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
     env.update(TWIN_MODEL_PROFILE="tiny", TWIN_DATA_DIR=str(tmp_path / "data"), TWIN_MODEL_DIR=str(tmp_path / "m"),
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    code = ("import sys, generate_twin; from tests.test_generate_cli import FakeFaceService; "
-            "sys.exit(generate_twin.main(sys.argv[1:], face_service_factory=FakeFaceService))")
+    code = ("import sys, generate_twin; from tests.fakes import CliFaceService; "
+            "sys.exit(generate_twin.main(sys.argv[1:], face_service_factory=CliFaceService))")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, "--selfies", str(selfies), "--prompt", "portrait",
                         "--out", str(tmp_path / "out"), "--quality", "fast"],
@@ -259,7 +221,7 @@ def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, arg
     selfies = write_selfies(cli_env / "selfies", 1)
     try:
         rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(cli_env / "o"), *args],
-                                face_service_factory=FakeFaceService)
+                                face_service_factory=CliFaceService)
     except SystemExit as e:  # argparse's own type/choices errors
         rc = e.code
     assert rc == 2
@@ -269,14 +231,14 @@ def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, arg
 def test_cli_model_flag_starts_on_that_checkpoint(cli_env, capsys):
     selfies, out = write_selfies(cli_env / "selfies", 1), cli_env / "out"
     rc = generate_twin.main(["--selfies", str(selfies), "--prompt", "p", "--out", str(out), "--model", "tiny-alt"],
-                            face_service_factory=FakeFaceService)
+                            face_service_factory=CliFaceService)
     text = capsys.readouterr()
     assert rc == 0, text.err
     assert "(tiny-alt)" in text.out
     assert json.loads((out / "metadata.json").read_text())["request"]["model"] == "tiny-alt"
 
 
-class ScoredFaceService(FakeFaceService):
+class ScoredFaceService(CliFaceService):
     """Adds the scoring half of the contract: a template, and a likeness score = the image's mean red level."""
 
     def validate_selfies(self, files):

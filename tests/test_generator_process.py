@@ -20,7 +20,8 @@ from utils.service import status
 
 from generate_twin import DigitalTwinGenerator
 from tests.fixtures.models import make_crops
-from tests.fixtures.service import REPO, wait_until
+from tests.helpers import REPO
+from tests.helpers.wait import wait_until
 from utils import errors
 from utils.jobs.local.generator_process import GeneratorCrashed, GeneratorProcess, _error_payload, _rebuild_error
 

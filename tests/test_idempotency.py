@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from tests.fakes import image_bytes
-from tests.test_api import assert_error, files_field, upload
+from tests.helpers.http import assert_error, fake_selfies, upload
 
 KEY = {"Idempotency-Key": "order-7f3a-0001"}
 
@@ -127,12 +126,11 @@ def test_malformed_keys_are_a_400(client, value):
 
 def test_upload_with_the_same_key_and_files_answers_the_first_session(app, client):
     upload(client)  # the caller gets its token first: a brand-new caller cannot be repeating itself
-    blobs = [image_bytes(color=(i * 10, 100, 50)) for i in range(2)]
-    send = lambda bl: client.post("/upload", data=files_field(*bl), content_type="multipart/form-data", headers=KEY)
-    a, b = send(blobs), send(blobs)
+    selfies = fake_selfies(2)
+    a, b = upload(client, selfies, headers=KEY), upload(client, selfies, headers=KEY)
     assert a.status_code == b.status_code == 200 and a.json["session_id"] == b.json["session_id"]
     assert b.headers["Idempotent-Replayed"] == "true"
-    assert_error(send(blobs[:1]), 422, "idempotency_key_reused")
+    assert_error(upload(client, selfies[:1], headers=KEY), 422, "idempotency_key_reused")
 
 
 def test_deleting_the_session_deletes_its_records(app, client):

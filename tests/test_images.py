@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests import photos
+from tests.helpers.images import exif_rotated_jpeg, png_header_only
 from utils.errors import ImageRejected
 from utils.images import decode_image, sniff_format
 
 LIMIT = 40_000_000
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width×height but carries no pixel data (a decompression-bomb probe)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def small(fmt: str, mode: str = "RGB", **kw) -> bytes:
@@ -90,16 +81,6 @@ def test_heic_decodes_when_pillow_heif_can_write_it():
     assert sniff_format(data) == "HEIF"
     im = decode_image(data, "a.heic", max_pixels=LIMIT)
     assert im.mode == "RGB" and im.size == (64, 64)
-
-
-def exif_rotated_jpeg(upright: Image.Image, orientation: int) -> bytes:
-    """Pixels stored sideways with the EXIF Orientation that tells a viewer how to turn them upright."""
-    stored = upright.transpose({6: Image.ROTATE_90, 8: Image.ROTATE_270, 3: Image.ROTATE_180}[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    stored.save(buf, format="JPEG", quality=92, exif=exif.tobytes())
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

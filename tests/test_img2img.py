@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from generate_twin import GenerationRequest
+from tests.helpers.http import finished, upload_token
+from tests.photos import selfie_set
 from utils.errors import InvalidRequest
 from utils.init_image import fit_image, parse_init_image
 
@@ -115,26 +116,9 @@ def i2i_app(make_app, service_settings, tiny_generator, face_service):
                     faces=face_service)
 
 
-def _upload(c):
-    from tests.photos import selfie_set
-    name, data = selfie_set(1)[0]
-    body = c.post("/upload", data={"files": [(io.BytesIO(data), name)]}, content_type="multipart/form-data").get_json()
-    assert "client_token" in body, body
-    return {"X-Client-Token": body["client_token"]}
-
-
-def _finish(c, job, token):
-    deadline = time.time() + 60
-    while job["status"] not in ("succeeded", "failed", "canceled"):
-        assert time.time() < deadline
-        time.sleep(0.05)
-        job = c.get(job["status_url"], headers=token).get_json()
-    return job
-
-
 def test_img2img_through_the_api(i2i_app):
     c, c_bob = i2i_app.test_client(), i2i_app.test_client()     # one client (cookie jar) per caller
-    alice, bob = _upload(c), _upload(c_bob)
+    alice, bob = upload_token(c, selfie_set(1)), upload_token(c_bob, selfie_set(1))
     base = {"prompt": "a portrait", "style": "none", "width": 64, "height": 64, "strength": 0.5}
 
     def gen(token, **kw):
@@ -142,14 +126,14 @@ def test_img2img_through_the_api(i2i_app):
 
     r = gen(alice, init_image="selfie:0")
     assert r.status_code == 202, r.get_json()
-    first = _finish(c, r.get_json(), alice)
+    first = finished(c, r.get_json()["id"], alice, timeout=60)
     assert first["status"] == "succeeded", first["error"]
     assert first["metadata"]["img2img"]["init_image"] == "selfie:0"
     assert [o["filename"] for o in first["outputs"]] == ["avatar_001.png"]     # the stored init is not an output
     own = f"{first['id']}/avatar_001.png"
-    second = _finish(c, gen(alice, init_image=own).get_json(), alice)
+    second = finished(c, gen(alice, init_image=own).get_json()["id"], alice, timeout=60)
     assert second["status"] == "succeeded" and second["request"]["init_image"] == own
-    inline = _finish(c, gen(alice, init_image=data_url(gradient(), "JPEG")).get_json(), alice)
+    inline = finished(c, gen(alice, init_image=data_url(gradient(), "JPEG")).get_json()["id"], alice, timeout=60)
     assert inline["status"] == "succeeded" and inline["request"]["init_image"].startswith("upload (")
     assert c.get(f"/download/{first['id']}/init_image.png", headers=alice).status_code == 404
 

@@ -11,7 +11,7 @@ import torch
 
 import instantid as iid
 import model_loader as ml
-from generate_twin import DigitalTwinGenerator, GenerationRequest
+from generate_twin import GenerationRequest
 from tests.fixtures.models import arcface_vectors, make_crops
 from utils.errors import InvalidRequest
 
@@ -21,10 +21,8 @@ SELFIE_KPS = [np.array([[40, 50], [72, 54], [55, 70], [43, 90], [68, 93]], np.fl
 
 
 @pytest.fixture(scope="module")
-def gens(tiny_settings):
-    out = {v: DigitalTwinGenerator(tiny_settings.replace(ip_adapter_variant=v)).setup()
-           for v in ("instantid", "faceid-plusv2")}
-    return out
+def gens(variant_generator):
+    return {v: variant_generator(v) for v in ("instantid", "faceid-plusv2")}
 
 
 @pytest.fixture(scope="module")

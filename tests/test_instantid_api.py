@@ -2,13 +2,13 @@
 stand-in antelopev2 pack (which the tiny builder writes), real tiny engine in-process, pose fields."""
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 
 from tests import photos
-from tests.fixtures.service import wait_until
+from tests.helpers.http import upload
+from tests.helpers.wait import wait_until
 from utils.config import Settings
 
 
@@ -34,8 +34,7 @@ def client(iid_app):
 @pytest.fixture(scope="module")
 def session(client):
     c = client
-    files = photos.selfie_set(3)
-    r = c.post("/upload", data={"files": [(io.BytesIO(b), n) for n, b in files]}, content_type="multipart/form-data")
+    r = upload(c, photos.selfie_set(3))
     assert r.status_code in (200, 201), r.json
     accepted = [f["index"] for f in r.json["report"]["files"] if f["status"] == "accepted"]
     assert r.json["report"]["backend"] == "insightface" and accepted

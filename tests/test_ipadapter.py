@@ -7,18 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from generate_twin import DigitalTwinGenerator, GenerationRequest
+from generate_twin import GenerationRequest
 from ipadapter_manager import SessionIdentity
 from tests.fixtures.models import arcface_vectors, make_crops
 from utils.errors import Conflict, InvalidRequest
 
 
 @pytest.fixture(scope="module")
-def generators(tiny_settings, tiny_generator):
-    gens = {"plus-face": tiny_generator}
-    for v in ("plain", "faceid"):
-        gens[v] = DigitalTwinGenerator(tiny_settings.replace(ip_adapter_variant=v)).setup()
-    return gens
+def generators(variant_generator):
+    return {v: variant_generator(v) for v in ("plus-face", "plain", "faceid")}
 
 
 # Tiny profile shapes: Plus = penultimate ViT hidden states (16 patches + CLS, width 32); plain = the

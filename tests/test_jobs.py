@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.fixtures.service import wait_until
+from tests.helpers.wait import wait_until
 from utils import errors
 from utils.api.render import job_json
 from utils.jobs import JobStatus

@@ -17,6 +17,7 @@ contracts module, which every layer reads, imports nothing of the project.
 """
 import ast
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -163,3 +164,73 @@ def test_all_names_exist(module):
 ])
 def test_concerns_live_in_their_room(package, modules):
     assert modules <= {p.name for p in (ROOT / package).glob("*.py")}
+
+
+
+# --- the tests themselves ------------------------------------------------------------------------
+# A test module is not a library: what two of them share lives in tests/helpers/ (functions, by concern),
+# tests/fixtures/ (fixtures, registered in conftest.py) or tests/fakes.py (doubles).
+
+TEST_MODULE = re.compile(r"tests\.test_\w+")
+IMPORT_IN_TEXT = re.compile(r"\b(?:from|import)\s+(tests(?:\.\w+)+)")
+
+
+def test_modules_imported(source: str, module: str) -> list[tuple[int, str]]:
+    """(line, tests.test_* module) for each import of a test module in ``source`` (the module ``module``):
+    import statements anywhere (relative ones resolved), and import lines in string literals, which is how
+    code reaches a child interpreter (``python -c "from tests.test_<name> import ..."``)."""
+    package = module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = IMPORT_IN_TEXT.findall(node.value)
+        else:
+            continue
+        found += sorted({(node.lineno, m.group(0)) for n in names if (m := TEST_MODULE.match(n))})
+    return found
+
+
+test_modules_imported.__test__ = False  # a helper whose name pytest would otherwise collect
+
+
+def tests_modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted((ROOT / "tests").rglob("*.py")):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = p
+    return out
+
+
+T = "tests.test_"  # the table spells imports through it, so this file's own strings import nothing
+
+
+@pytest.mark.parametrize("source, module, expected", [
+    (f"from {T}api import upload", "tests.test_x", [f"{T}api"]),
+    (f"import {T}api as api", "tests.test_x", [f"{T}api"]),
+    ("from tests import test_api, fakes", "tests.test_x", [f"{T}api"]),
+    ("def f():\n    from .test_events import parse_sse", "tests.test_x", [f"{T}events"]),
+    ("from ..test_cluster import Workers", "tests.helpers.cluster", [f"{T}cluster"]),
+    (f"CODE = 'import sys; from {T}cli import Fake; sys.exit(0)'", "tests.test_x", [f"{T}cli"]),
+    ("from tests.helpers.http import upload\nfrom tests.fakes import image_bytes\nimport tests.testing",
+     "tests.test_x", []),
+    ("ARGS = ['pytest', 'tests/test_api.py']", "tests.test_x", []),
+])
+def test_the_test_import_check_sees_every_form(source, module, expected):
+    assert [name for _, name in test_modules_imported(source, module)] == expected
+
+
+def test_no_test_module_imports_another():
+    """Nor itself in a child interpreter: a test module is never imported outside pytest's collection."""
+    mods = tests_modules()
+    assert {"tests.conftest", "tests.helpers.http", "tests.fixtures.service", "tests.test_layout"} <= set(mods)
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}" for m, p in mods.items()
+           for line, name in test_modules_imported(p.read_text(), m)]
+    assert bad == [], "put what test modules share in tests/helpers/ (fixtures: tests/fixtures/):\n" + "\n".join(bad)

@@ -11,7 +11,8 @@ from PIL import Image
 from generate_twin import MAX_CANDIDATES, GenerationRequest
 from utils.choices import RESTORE_MODEL_NAMES
 from tests.fakes import FakeFaceService, FakeGenerator, PhotoGenerator
-from tests.test_api import assert_error, finished, upload
+from tests.helpers.http import assert_error, finished, upload, upload_ok
+from tests.photos import selfie_set
 from utils import errors
 from utils.config import Settings
 from utils.faces.likeness import batches, candidate_table, keep_best
@@ -126,7 +127,7 @@ def test_best_of_n_keeps_the_top_scores_in_order(make_app, num_images, candidate
 
 
 def test_best_of_n_progress_and_cancel_span_the_calls(make_app):
-    from tests.fixtures.service import wait_until
+    from tests.helpers.wait import wait_until
     gen = FakeGenerator(step_seconds=0.05)
     c = make_app(generator=gen, faces=ScoredFaces()).test_client()
     upload(c, n=3)
@@ -149,20 +150,12 @@ def restore_dir(tmp_path_factory):
     return d
 
 
-def upload_selfies(c, n=3):
-    from tests.photos import selfie_set
-    files = {"files": [(io.BytesIO(b), name) for name, b in selfie_set(n)]}
-    r = c.post("/upload", data=files, content_type="multipart/form-data")
-    assert r.status_code == 200, r.json
-    return r.json
-
-
 @pytest.mark.parametrize("model", list(RESTORE_MODELS))
 def test_restored_output_keeps_its_raw_original_both_downloadable_and_deleted_with_the_session(
         make_app, service_settings, face_service, restore_dir, model):
     c = make_app(service_settings.replace(restore_model_dir=restore_dir), generator=PhotoGenerator(),
                  faces=face_service).test_client()
-    up = upload_selfies(c)
+    up = upload_ok(c, selfie_set(3))
     assert 0 < up["self_similarity"] <= 1
     job = finished(c, c.post("/generate", json={"prompt": "x", "restore_faces": True, "restore_model": model,
                                                   "restore_fidelity": 0.2}).json["id"], timeout=60)
@@ -186,7 +179,7 @@ def test_restored_output_keeps_its_raw_original_both_downloadable_and_deleted_wi
 def test_output_without_a_face_is_kept_unrestored_with_a_note(make_app, service_settings, face_service, restore_dir):
     c = make_app(service_settings.replace(restore_model_dir=restore_dir), generator=PhotoGenerator(faces=False),
                  faces=face_service).test_client()
-    upload_selfies(c)
+    upload_ok(c, selfie_set(3))
     job = finished(c, c.post("/generate", json={"prompt": "x", "num_images": 2, "restore_faces": True}).json["id"],
                    timeout=60)
     assert job["status"] == "succeeded"
@@ -199,7 +192,7 @@ def test_restoration_with_a_missing_model_is_refused_naming_the_file_and_command
                                                                                  face_service, tmp_path):
     c = make_app(service_settings.replace(restore_model_dir=tmp_path / "empty"), generator=PhotoGenerator(),
                  faces=face_service).test_client()
-    upload_selfies(c)
+    upload_ok(c, selfie_set(3))
     err = assert_error(c.post("/generate", json={"prompt": "x", "restore_faces": True, "restore_model": "gpen"}),
                        400, "restore_model_missing", "gpen_bfr_512.onnx",
                        "python model_loader.py download --restore gpen")
@@ -210,7 +203,7 @@ def test_restore_default_setting_applies_when_the_request_is_silent(make_app, se
                                                                     restore_dir):
     c = make_app(service_settings.replace(restore_model_dir=restore_dir, restore_default=True),
                  generator=PhotoGenerator(), faces=face_service).test_client()
-    upload_selfies(c)
+    upload_ok(c, selfie_set(3))
     job = finished(c, c.post("/generate", json={"prompt": "x"}).json["id"], timeout=60)
     assert job["request"]["restore_faces"] is True and job["outputs"][0]["restored"] is True
 
@@ -222,7 +215,7 @@ def test_best_of_n_on_the_tiny_model_with_the_real_face_backend(make_app, servic
     settings = service_settings.replace(tiny_model_dir=tiny_settings.tiny_model_dir, model_profile="tiny",
                                         max_steps=tiny_settings.max_steps)
     c = make_app(settings, generator=tiny_generator, faces=face_service).test_client()
-    upload_selfies(c)
+    upload_ok(c, selfie_set(3))
     job = finished(c, c.post("/generate", json={"prompt": "x", "num_images": 2, "candidates": 5, "seed": 40,
                                                   "quality_mode": "fast", "restore_faces": True}).json["id"],
                    timeout=120)

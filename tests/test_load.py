@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers.http import upload_to_server
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
@@ -91,9 +92,7 @@ def test_load_20_jobs_50_pollers(tiny_models, start_server, tmp_path, report_met
                      TWIN_WARMUP="0", OMP_NUM_THREADS="1")
     server = start_server(env)
     s = requests.Session()
-    files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
-    r = s.post(server.url + "/upload", files=files, timeout=120)
-    assert r.status_code == 200, r.text
+    upload_to_server(s, server.url, selfie_set(3))
     payload = {"prompt": "portrait photo", "num_images": 1, "quality_mode": "fast", "width": 64, "height": 64}
 
     t0 = time.perf_counter()

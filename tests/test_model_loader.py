@@ -70,8 +70,8 @@ def test_download_restore_fetches_the_named_onnx_exports(tiny_settings, tmp_path
     ("plain", "ImageProjection", False),
     ("faceid", "IPAdapterFaceIDImageProjection", True),
 ])
-def test_each_adapter_variant_loads_through_the_real_loader(tiny_settings, variant, projection, faceid_lora):
-    gen = DigitalTwinGenerator(tiny_settings.replace(ip_adapter_variant=variant)).setup()
+def test_each_adapter_variant_loads_through_the_real_loader(variant_generator, variant, projection, faceid_lora):
+    gen = variant_generator(variant)   # set up by DigitalTwinGenerator.setup(), once per session
     unet = gen.models.pipe.unet
     layers = unet.encoder_hid_proj.image_projection_layers
     assert [type(x).__name__ for x in layers] == [projection]

@@ -12,6 +12,8 @@ import pytest
 from utils.service import status
 
 from generate_twin import DigitalTwinGenerator, GenerationRequest
+from tests.helpers.http import upload_token
+from tests.photos import selfie_set
 from utils.errors import InvalidRequest
 
 ADMIN, USER = "admin-key-1", "user-key-1"
@@ -176,21 +178,13 @@ def test_models_and_loras_endpoints_and_openapi(models_app):
     assert "model" in spec["components"]["schemas"]["GenerateRequest"]["properties"]
 
 
-def _upload(c):
-    import io
-    from tests.photos import selfie_set
-    name, data = selfie_set(1)[0]
-    body = c.post("/upload", data={"files": [(io.BytesIO(data), name)]}, content_type="multipart/form-data").get_json()
-    return {"X-Client-Token": body["client_token"]}
-
-
 def test_hot_swap_under_load(make_app, service_settings, swap_generator, face_service):
     """Jobs submitted before, during and after a switch: none fails, each reports the model it ran on, and
     the two models' pictures differ for the same seed."""
     app = make_app(service_settings.replace(max_image_side=128, admin_keys=ADMIN), generator=swap_generator,
                    faces=face_service)
     c = app.test_client()
-    token = _upload(c)
+    token = upload_token(c, selfie_set(1))
     body = {"prompt": "a portrait", "style": "none", "width": 64, "height": 64, "seed": 3}
     jobs, switch = [], {}
 
@@ -260,7 +254,7 @@ def test_the_generator_process_forwards_the_registry_calls(swap_settings):
 def test_generate_with_model_field(make_app, service_settings, swap_generator, face_service, model, status, code):
     app = make_app(service_settings.replace(max_image_side=128), generator=swap_generator, faces=face_service)
     c = app.test_client()
-    token = _upload(c)
+    token = upload_token(c, selfie_set(1))
     r = c.post("/generate", json={"prompt": "p", "style": "none", "width": 64, "height": 64, "model": model},
                headers=token)
     assert r.status_code == status, r.get_json()
@@ -277,7 +271,7 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
     import os
     import signal
     from tests.fakes import FakeFaceService
-    from tests.fixtures.service import wait_until
+    from tests.helpers.wait import wait_until
     from utils.jobs.local.generator_process import GeneratorProcess
     from utils.service.wiring import build_runtime
     folder = tmp_path / "tiny-model"

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.fakes import FakeFaceService, FakeGenerator, PhotoGenerator
-from tests.helpers.api import assert_error, finished, upload
+from tests.helpers.http import assert_error, finished, upload
 from utils import errors
 from utils.config import Settings
 from utils.engine.request import GenerationRequest

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from PIL import Image
 
 from generate_twin import GenerationRequest, latent_preview_jpeg, preview_steps
 from tests.fakes import FakeGenerator
-from tests.fixtures.service import wait_until
-from tests.test_api import assert_error, finished, upload
-from tests.test_events import parse_sse
+from tests.helpers.http import assert_error, finished, upload
+from tests.helpers.sse import parse_sse
+from tests.helpers.wait import wait_until
 
 
 @pytest.mark.parametrize("total, expected", [

@@ -122,14 +122,12 @@ def test_the_generator_fits_the_window_with_the_real_tokenizer(tiny_generator, t
 
 
 def test_the_job_json_shows_the_final_prompt(make_app, service_settings, tiny_generator, face_service):
-    import io
     import time
+    from tests.helpers.http import upload_token
     from tests.photos import selfie_set
     app = make_app(service_settings.replace(max_image_side=128), generator=tiny_generator, faces=face_service)
     c = app.test_client()
-    name, data = selfie_set(1)[0]
-    token = {"X-Client-Token": c.post("/upload", data={"files": [(io.BytesIO(data), name)]},
-                                      content_type="multipart/form-data").get_json()["client_token"]}
+    token = upload_token(c, selfie_set(1))
     r = c.post("/generate", headers=token, json={"prompt": "in a forest", "style": "none", "width": 64, "height": 64,
                                                  "persona": {"age": 34}, "attributes": {"gender": "female"}})
     assert r.status_code == 202, r.get_json()

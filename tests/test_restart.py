@@ -8,18 +8,12 @@ import pytest
 import requests
 from PIL import Image
 
+from tests.helpers.http import upload_to_server
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-def _upload(url):
-    files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
-    r = requests.post(url + "/upload", files=files, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()["client_token"]
 
 
 @pytest.mark.parametrize("requeue, interrupted_ends", [("0", "failed"), ("1", "succeeded")])
@@ -31,7 +25,7 @@ def test_hard_kill_mid_run_then_restart(server_kind, start_server, requeue, inte
     if kind == "fake":
         env["FAKE_STEP_SECONDS"] = "0.3"
     first = start_server(env, app_spec=app_spec)
-    hdr = {"X-Client-Token": _upload(first.url)}
+    hdr = {"X-Client-Token": upload_to_server(requests, first.url, selfie_set(3)).json()["client_token"]}
     payload = {"prompt": "portrait", "num_images": 2, "quality_mode": "high_fidelity"}
     if kind == "real":
         payload.update(width=128, height=128)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.fixtures.service import wait_until
-from tests.test_api import finished, upload
+from tests.helpers.http import finished, upload
+from tests.helpers.wait import wait_until
 
 HOUR = 3600.0
 

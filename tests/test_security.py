@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import itertools
-import json
 import logging
 import os
 import struct
@@ -19,7 +18,9 @@ from urllib.parse import quote
 import pytest
 
 from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
-from tests.fixtures.service import wait_until
+from tests.helpers.http import error_of, fake_selfies, finished, upload
+from tests.helpers.images import PNG_SIGNATURE, png_chunk
+from tests.helpers.wait import wait_until
 from utils import errors
 from utils.storage import ID_BYTES, new_id
 
@@ -42,31 +43,15 @@ def add(report_metric, name: str, n: int) -> int:
     return total
 
 
-def files_field(*pairs):
-    return {"files": [(io.BytesIO(b), n) for n, b in pairs]}
-
-
-def upload(client, pairs=None, headers=None):
-    pairs = pairs or [(f"s{i}.png", image_bytes(color=(i * 10, 90, 40))) for i in range(2)]
-    return client.post("/upload", data=files_field(*pairs), content_type="multipart/form-data", headers=headers or {})
-
-
-def finished(client, job_id, headers=None, timeout=10):
-    return wait_until(lambda: (lambda j: j if j.get("status") in ("succeeded", "failed", "canceled") else None)(
-        client.get(f"/status/{job_id}", headers=headers or {}).get_json()), timeout)
-
-
-def err(resp) -> dict:
-    body = resp.get_json(silent=True)
-    assert isinstance(body, dict) and set(body) == {"error"}, resp.data[:300]
-    return body["error"]
+# What these tests have always uploaded when they need any two selfies.
+SELFIES = fake_selfies(2, colour=(90, 40), name="s{}.png")
 
 
 # --- ids -----------------------------------------------------------------------------------------
 
 def test_ids_carry_at_least_128_random_bits(client, report_metric):
     assert ID_BYTES * 8 >= 128
-    body = upload(client).get_json()
+    body = upload(client, SELFIES).get_json()
     job = client.post("/generate", json={"prompt": "p"}).get_json()
     ids = {"session": body["session_id"], "job": job["id"], "client_token": body["client_token"]}
     for kind, value in ids.items():
@@ -92,7 +77,7 @@ def _two_callers(make_app, service_settings, mode):
         app = make_app()
         ha = hb = None
     a, b = app.test_client(use_cookies=False), app.test_client(use_cookies=False)
-    body_a, body_b = upload(a, headers=ha).get_json(), upload(b, headers=hb).get_json()
+    body_a, body_b = upload(a, SELFIES, headers=ha).get_json(), upload(b, SELFIES, headers=hb).get_json()
     if mode != "api_keys":
         ha, hb = {"X-Client-Token": body_a["client_token"]}, {"X-Client-Token": body_b["client_token"]}
     return app, a, ha, body_a["session_id"], b, hb
@@ -156,7 +141,7 @@ def test_protected_endpoints_answer_401_before_parsing(make_app, service_setting
                              ("get", f"/download/{new_id()}/avatar_001.png", {}),
                              ("delete", f"/sessions/{new_id()}", {})]:
         r = getattr(c, method)(path, **kw)
-        assert r.status_code == 401 and err(r)["code"] == "unauthorized", (path, r.status_code)
+        assert r.status_code == 401 and error_of(r)["code"] == "unauthorized", (path, r.status_code)
         assert r.headers["WWW-Authenticate"] == "Bearer"
     for path in ("/health", "/openapi.json", "/system-status"):
         assert c.get(path).status_code == 200
@@ -224,8 +209,8 @@ def test_download_traversal_variants_never_escape(make_app, tmp_path, report_met
     app = make_app()
     rt = app.extensions["twin"]
     alice, bob = app.test_client(use_cookies=False), app.test_client(use_cookies=False)
-    ta = {"X-Client-Token": upload(alice).get_json()["client_token"]}
-    bob_body = upload(bob).get_json()
+    ta = {"X-Client-Token": upload(alice, SELFIES).get_json()["client_token"]}
+    bob_body = upload(bob, SELFIES).get_json()
     tb = {"X-Client-Token": bob_body["client_token"]}
     a_job = finished(alice, alice.post("/generate", json={"prompt": "a"}, headers=ta).get_json()["id"], ta)
     b_job = finished(bob, bob.post("/generate", json={"prompt": "b", "seed": 99}, headers=tb).get_json()["id"], tb)
@@ -339,15 +324,11 @@ def test_storage_resolve_relative_refuses_escapes(tmp_path, rel):
 
 # --- hostile uploads -------------------------------------------------------------------------------
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def _png(w: int, h: int, idat: bytes | None = None, extra: bytes = b"") -> bytes:
     if idat is None:
         idat = zlib.compress(b"".join(b"\0" + b"\0" * w for _ in range(h)), 9)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + extra
-            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + extra
+            + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
 
 
 def _face_png() -> bytes:
@@ -370,7 +351,7 @@ def _zip() -> bytes:
 
 
 def _bomb_chunk(kind: bytes, head: bytes) -> bytes:
-    return _chunk(kind, head + zlib.compress(b"\0" * (64 * 1024 * 1024), 9))
+    return png_chunk(kind, head + zlib.compress(b"\0" * (64 * 1024 * 1024), 9))
 
 
 def _with_chunk(png: bytes, chunk: bytes) -> bytes:
@@ -459,9 +440,9 @@ def test_bad_uploads_get_their_4xx(real_faces_app, kind, request_, status, code,
     elif "fields" in request_:
         r = c.post("/upload", data=request_["fields"], content_type="multipart/form-data")
     else:
-        r = c.post("/upload", data=files_field(*request_["files"]()), content_type="multipart/form-data")
+        r = upload(c, request_["files"]())
     tally(report_metric, "bad-upload kinds tried", kind)
-    e = err(r)
+    e = error_of(r)
     assert (r.status_code, e["code"]) == (status, code), e
     if file_codes is not None:
         assert [f["code"] for f in e["details"]["report"]["files"]] == file_codes
@@ -486,11 +467,11 @@ def test_bad_uploads_get_their_4xx(real_faces_app, kind, request_, status, code,
 def test_hostile_filenames_are_never_paths(real_faces_app, tmp_path, name, status):
     """A good photo under a hostile name is accepted; the name is echoed as data, never used as a path."""
     c = real_faces_app.test_client()
-    r = c.post("/upload", data=files_field((name, _face_jpeg())), content_type="multipart/form-data")
+    r = upload(c, [(name, _face_jpeg())])
     assert r.status_code == status, r.data[:300]
     root = real_faces_app.extensions["twin"].storage.root
     if status != 200:
-        assert err(r)["code"] == "invalid_request" and not [p for p in root.iterdir() if p.is_dir()]
+        assert error_of(r)["code"] == "invalid_request" and not [p for p in root.iterdir() if p.is_dir()]
         return
     sid = r.get_json()["session_id"]
     originals = sorted(p.name for p in (root / sid / "originals").iterdir())
@@ -502,8 +483,8 @@ def test_hostile_filenames_are_never_paths(real_faces_app, tmp_path, name, statu
 def test_mixed_upload_keeps_good_files_and_reports_bad_ones(real_faces_app):
     from tests.photos import selfie_set
     good = selfie_set(1)
-    r = real_faces_app.test_client().post("/upload", data=files_field(
-        good[0], ("bomb.png", _png(8000, 8000)), ("poly.jpg", _face_jpeg() + _zip())), content_type="multipart/form-data")
+    r = upload(real_faces_app.test_client(),
+               [good[0], ("bomb.png", _png(8000, 8000)), ("poly.jpg", _face_jpeg() + _zip())])
     assert r.status_code == 200
     body = r.get_json()
     assert [(f["filename"], f["code"]) for f in body["report"]["files"]] == [
@@ -540,23 +521,23 @@ def real_request_client(make_app, tiny_generator):
 @pytest.mark.parametrize("kind, payload, status, in_message", PROMPTS, ids=[p[0] for p in PROMPTS])
 def test_hostile_prompts(real_request_client, kind, payload, status, in_message, report_metric):
     client = real_request_client
-    upload(client)
+    upload(client, SELFIES)
     r = client.post("/generate", json=payload)
     tally(report_metric, "hostile prompt kinds tried", kind)
     assert r.status_code == status, r.data[:300]
     if status == 202:
         assert r.get_json()["request"]["prompt"].strip() == payload["prompt"].strip()
     else:
-        e = err(r)
+        e = error_of(r)
         assert in_message in e["message"] and len(r.data) < 2000
         assert "rm -rf" not in e["message"]  # the text itself is never echoed
     assert client.get("/health").status_code == 200
 
 
 def test_lone_surrogate_is_refused(client):
-    upload(client)
+    upload(client, SELFIES)
     r = client.post("/generate", data=b'{"prompt": "a \\ud800 b"}', content_type="application/json")
-    assert r.status_code == 400 and "U+D800" in err(r)["message"]
+    assert r.status_code == 400 and "U+D800" in error_of(r)["message"]
 
 
 # --- rate limits -------------------------------------------------------------------------------------
@@ -575,12 +556,12 @@ def test_rate_limit_is_429_with_retry_after_per_caller(make_app, service_setting
         b = app.test_client()
         b.environ_base["REMOTE_ADDR"] = "10.9.8.7"
         ha = hb = {}
-    assert [upload(a, headers=ha).status_code for _ in range(2)] == [200, 200]
-    r = upload(a, headers=ha)
-    e = err(r)
+    assert [upload(a, SELFIES, headers=ha).status_code for _ in range(2)] == [200, 200]
+    r = upload(a, SELFIES, headers=ha)
+    e = error_of(r)
     assert r.status_code == 429 and e["code"] == "rate_limited" and "2 per 1 minute" in e["message"]
     assert 1 <= int(r.headers["Retry-After"]) <= 61   # the rest of the one-minute window, rounded up
-    assert upload(b, headers=hb).status_code == 200          # another caller has its own budget
+    assert upload(b, SELFIES, headers=hb).status_code == 200          # another caller has its own budget
     codes = [a.post("/generate", json={"prompt": "p"}, headers=ha).status_code for _ in range(4)]
     assert codes == [202, 202, 202, 429]
     assert a.get("/health").status_code == 200               # health is never limited
@@ -592,8 +573,8 @@ def test_rate_limit_is_429_with_retry_after_per_caller(make_app, service_setting
 ])
 def test_forwarded_for_counts_only_behind_trusted_proxies(make_app, service_settings, trusted, second_status):
     c = make_app(service_settings.replace(rate_limit_upload="1/minute", trusted_proxies=trusted)).test_client()
-    assert upload(c, headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
-    assert upload(c, headers={"X-Forwarded-For": "198.51.100.2"}).status_code == second_status
+    assert upload(c, SELFIES, headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
+    assert upload(c, SELFIES, headers={"X-Forwarded-For": "198.51.100.2"}).status_code == second_status
 
 
 def test_bad_rate_limit_setting_stops_startup(service_settings):
@@ -604,7 +585,7 @@ def test_bad_rate_limit_setting_stops_startup(service_settings):
 
 def test_oversized_json_is_413_before_parsing(client):
     r = client.post("/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', content_type="application/json")
-    assert r.status_code == 413 and "TWIN_MAX_JSON_KB" in err(r)["message"]
+    assert r.status_code == 413 and "TWIN_MAX_JSON_KB" in error_of(r)["message"]
 
 
 # --- privacy deletion ---------------------------------------------------------------------------------
@@ -621,8 +602,8 @@ def test_delete_session_leaves_nothing_on_disk_or_in_jobs_db(make_app, service_s
     root = rt.storage.root
     alice, bob = app.test_client(), app.test_client()
     photos = selfie_set(2)
-    sid = alice.post("/upload", data=files_field(*photos), content_type="multipart/form-data").get_json()["session_id"]
-    keep = bob.post("/upload", data=files_field(selfie_set(3)[2]), content_type="multipart/form-data").get_json()["session_id"]
+    sid = upload(alice, photos).get_json()["session_id"]
+    keep = upload(bob, [selfie_set(3)[2]]).get_json()["session_id"]
     marker = "PRIVATE-PROMPT-7f3a9"
     jobs = [finished(alice, alice.post("/generate", json={"prompt": f"{marker} {i}", "num_images": 2}).get_json()["id"])
             for i in range(2)]
@@ -663,7 +644,7 @@ def test_logs_carry_no_biometrics(make_app, service_settings, face_service, capl
     app = make_app(service_settings, faces=face_service)
     c = app.test_client()
     photos = selfie_set(2)
-    body = c.post("/upload", data=files_field(*photos), content_type="multipart/form-data").get_json()
+    body = upload(c, photos).get_json()
     job = finished(c, c.post("/generate", json={"prompt": "p"}).get_json()["id"])
     c.get(job["outputs"][0]["url"])
     root = app.extensions["twin"].storage.root
@@ -683,7 +664,7 @@ def test_logs_carry_no_biometrics(make_app, service_settings, face_service, capl
 
 
 def test_private_answers_are_not_cacheable_or_sniffable(client):
-    body = upload(client).get_json()
+    body = upload(client, SELFIES).get_json()
     job = finished(client, client.post("/generate", json={"prompt": "p"}).get_json()["id"])
     for r in (client.get(job["outputs"][0]["url"]), client.get(f"/status/{job['id']}"),
               client.get(f"/status/{new_id()}"), client.delete(f"/sessions/{body['session_id']}")):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import requests
 
-from tests.fixtures.service import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 

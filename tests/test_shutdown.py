@@ -18,6 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
+from tests.helpers.http import upload_to_server
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
@@ -53,9 +54,7 @@ def test_sigterm_drains_then_restart_runs_every_job(server_kind, start_server, p
         first_payload = {**payload, "num_images": 4, "width": 256, "height": 256}
     first = start_server(env, app_spec=app_spec)
     s = requests.Session()  # one kept-alive connection: gunicorn still reads it for ~2 s after SIGTERM
-    files = [("files", (n, d, "image/jpeg")) for n, d in selfie_set(3)]
-    r = s.post(first.url + "/upload", files=files, timeout=120)
-    assert r.status_code == 200, r.text
+    upload_to_server(s, first.url, selfie_set(3))
     ids = []
     for i in range(3):
         r = s.post(first.url + "/generate", json=first_payload if i == 0 else payload, timeout=30)
@@ -119,7 +118,7 @@ def test_unit_and_gunicorn_agree_on_the_drain_window():
     """systemd must not SIGKILL before gunicorn's graceful_timeout, which must exceed the drain window."""
     import re
     import subprocess
-    from tests.fixtures.service import REPO
+    from tests.helpers import REPO
     from utils.config import Settings
     cfg: dict = {}
     exec((REPO / "gunicorn.conf.py").read_text(), cfg)

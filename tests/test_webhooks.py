@@ -10,42 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.fakes import FakeGenerator
-from tests.fixtures.service import wait_until
-from tests.test_api import assert_error, finished, upload
+from tests.helpers.http import assert_error, finished, submit, upload
+from tests.helpers.wait import wait_until
+from tests.helpers.webhooks import SECRET, Receiver, readme_verify
 from utils.jobs.webhooks import check_target, WebhookRefused
-
-SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes length!").decode()
-
-
-class Receiver:
-    """A loopback HTTP server that records each POST and answers from a script of status codes."""
-
-    def __init__(self, script=()):
-        self.script = list(script)
-        self.received: list[dict] = []
-        rec = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                rec.received.append({"headers": dict(self.headers), "body": body})
-                code = rec.script.pop(0) if rec.script else 204
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self):
-        return [json.loads(r["body"])["type"] for r in self.received]
-
-    def close(self):
-        self.server.shutdown()
 
 
 @pytest.fixture
@@ -60,23 +28,6 @@ def hook_app(make_app, service_settings):
     s = service_settings.replace(webhook_secret=SECRET, webhook_allow_private=True, webhook_retry_base_seconds=0.01,
                                  webhook_max_attempts=3)
     return make_app(s, generator=FakeGenerator())
-
-
-def submit(client, **payload):
-    r = client.post("/generate", json={"prompt": "a portrait", **payload})
-    assert r.status_code == 202, r.data
-    return r.json
-
-
-def readme_verify():
-    """The receiver example from README.md (the block headed '# webhook receiver'), executed."""
-    from tests.fixtures.service import REPO
-    text = (REPO / "README.md").read_text()
-    block = text.split("```python\n# webhook receiver\n", 1)[1].split("```", 1)[0]
-    assert 0 < len(block.strip().splitlines()) <= 10
-    ns: dict = {}
-    exec(block, ns)
-    return ns["verify"], ns["WebhookVerificationError"]
 
 
 def test_events_arrive_signed_in_order_and_are_recorded(hook_app, receiver):
