@@ -103,7 +103,7 @@ def stages(files: list[tuple[str, bytes]], backend: str, descriptor: str) -> Non
     """Per-stage milliseconds per image, one thread: where the time goes."""
     import numpy as np
 
-    from utils.faces.service import aligned_crop, face_sharpness, image_signature
+    from utils.faces.analysis import aligned_crop, face_sharpness, image_signature
     from utils.images import decode_image
 
     service = FaceService(Settings(face_backend=backend, face_threads=1, face_descriptor=descriptor)).setup()

@@ -11,8 +11,9 @@ import logging
 
 import numpy as np
 from utils.errors import ImageRejected
-from utils.faces.service import (FaceService, _Analysed, _Reject, aligned_crop, estimate_yaw,
-                                 face_brightness, face_sharpness, image_signature)
+from utils.faces import FaceService
+from utils.faces.analysis import (Analysed, Reject, aligned_crop, estimate_yaw, face_brightness, face_sharpness,
+                                  image_signature)
 from utils.images import decode_reduced
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,15 @@ log = logging.getLogger(__name__)
 class FullResolutionFaceService(FaceService):
     """FaceService with the pre-issue-15 per-photo analysis (body copied from that version)."""
 
-    def _analyse(self, index: int, filename: str, data: bytes) -> _Analysed:
+    def _analyse(self, index: int, filename: str, data: bytes) -> Analysed:
         s = self.settings
         backend = self._require()
-        item = _Analysed(index=index, filename=filename)
+        item = Analysed(index=index, filename=filename)
         try:
             try:
                 photo = decode_reduced(data, filename, max_pixels=s.max_pixels, min_side=None)
             except ImageRejected as exc:
-                raise _Reject(exc.code, exc.message) from None
+                raise Reject(exc.code, exc.message) from None
             # ImageOps.exif_transpose, which the old decode called, copied the photo even when upright.
             image = photo.image if photo.orientation != 1 else photo.image.copy()
             item.image = image  # kept until the report is built, as the old path did
@@ -39,9 +40,9 @@ class FullResolutionFaceService(FaceService):
             rgb = np.asarray(image)
             dets = backend.detect(rgb)
             if not dets:
-                raise _Reject("no_face", f"{filename}: no face was found; use a photo where your face is clearly visible")
+                raise Reject("no_face", f"{filename}: no face was found; use a photo where your face is clearly visible")
             if len(dets) > 1:
-                raise _Reject("multiple_faces", f"{filename}: {len(dets)} faces were found; use photos with only you in them")
+                raise Reject("multiple_faces", f"{filename}: {len(dets)} faces were found; use photos with only you in them")
             det = dets[0]
             h, w = rgb.shape[:2]
             side = min(det.width, det.height)
@@ -52,22 +53,22 @@ class FullResolutionFaceService(FaceService):
             item.metrics = {"face_px": round(side, 1), "face_fraction": round(fraction, 4),
                             "sharpness": round(sharp, 1), "brightness": round(bright, 1), "yaw_degrees": round(yaw, 1)}
             if side < s.min_face_px or fraction < s.min_face_fraction:
-                raise _Reject("face_too_small", (
+                raise Reject("face_too_small", (
                     f"{filename}: the face is too small ({side:.0f} px, {fraction:.1%} of the photo; need at least "
                     f"{s.min_face_px} px and {s.min_face_fraction:.0%}); move closer or use a larger photo"))
             # Exposure before sharpness: a dark face has little contrast, hence a low Laplacian variance,
             # and "too dark" is the reason the user can act on.
             if bright < s.min_brightness:
-                raise _Reject("too_dark", f"{filename}: the face is too dark (brightness {bright:.0f}, need at least "
+                raise Reject("too_dark", f"{filename}: the face is too dark (brightness {bright:.0f}, need at least "
                                           f"{s.min_brightness:.0f}); use more light")
             if bright > s.max_brightness:
-                raise _Reject("too_bright", f"{filename}: the face is overexposed (brightness {bright:.0f}, at most "
+                raise Reject("too_bright", f"{filename}: the face is overexposed (brightness {bright:.0f}, at most "
                                             f"{s.max_brightness:.0f}); avoid direct light or flash")
             if sharp < s.min_sharpness:
-                raise _Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
+                raise Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
                                         "hold the camera still and focus on your face")
             if abs(yaw) > s.max_yaw_degrees:
-                raise _Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
+                raise Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
                                              f"{s.max_yaw_degrees:.0f}°); look towards the camera")
             # Embedded here, in the worker, so that one thread's descriptor overlaps another's detection
             # (a duplicate costs one extra descriptor, ~10 ms with the torch engine).
@@ -77,9 +78,9 @@ class FullResolutionFaceService(FaceService):
             if side * s.face_crop_scale < s.face_crop_size / 2:
                 item.warnings.append({"code": "low_resolution", "message": (
                     f"{filename}: the face is only {side:.0f} px wide; a closer or larger photo gives a sharper likeness")})
-        except _Reject as rej:
+        except Reject as rej:
             item.reject = rej
         except Exception as exc:  # one odd file must not fail the whole upload with a 500
             log.warning("selfie %d could not be analysed (%s)", index, type(exc).__name__)
-            item.reject = _Reject("analysis_failed", f"{filename}: the photo could not be analysed; try another one")
+            item.reject = Reject("analysis_failed", f"{filename}: the photo could not be analysed; try another one")
         return item

@@ -14,7 +14,7 @@ from tests import photos
 from tests.helpers.images import exif_rotated_jpeg, png_header_only
 from utils.errors import TwinError
 from utils.faces import FaceService
-from utils.faces.service import aligned_crop, estimate_yaw, image_signature
+from utils.faces.analysis import aligned_crop, estimate_yaw, image_signature
 
 JPEG = photos.to_bytes(photos.astronaut())
 

@@ -273,50 +273,68 @@ def decode_planes(data: bytes, check: Callable[[int, int], None]) -> Planes | No
         _check(lib.heif_context_read_from_memory_without_copy(ctx, data, len(data), None), unreadable=True)
         _check(lib.heif_context_get_primary_image_handle(ctx, ctypes.byref(handle)), unreadable=True)
         check(lib.heif_image_handle_get_width(handle), lib.heif_image_handle_get_height(handle))
-        if (lib.heif_image_handle_has_alpha_channel(handle) or lib.heif_image_handle_get_luma_bits_per_pixel(handle) != 8
-                or lib.heif_image_handle_get_chroma_bits_per_pixel(handle) not in (8, -1)):
+        if not _handle_supported(lib, handle):
             return None
-        # One HEVC image (not a grid, whose tiles already decode in parallel): libde265 worker threads,
-        # so that the last photo of an upload, decoded alone, uses both cores (149 ms instead of 254 ms
-        # wall for 12 MP here, the same CPU). Tiles would pay ~20 ms CPU starting them per tile.
-        opts = None
-        if lib.has_codec_threads and lib.heif_item_get_item_type(ctx, lib.heif_image_handle_get_item_id(handle)) == _HVC1:
-            opts = _codec_threads_options(lib, max(1, int(options.DECODE_THREADS)))
-        try:
-            # "undefined": the decoder's own colourspace and chroma, no conversion (the point of this path).
-            _check(lib.heif_decode_image(handle, ctypes.byref(image), _COLORSPACE_UNDEFINED, _CHROMA_UNDEFINED,
-                                         opts))
-        finally:
-            if opts:
-                lib.heif_decoding_options_free(opts)
-        if (lib.heif_image_get_colorspace(image) != _COLORSPACE_YCBCR
-                or lib.heif_image_get_chroma_format(image) not in (_CHROMA_420, _CHROMA_422, _CHROMA_444)
-                or any(lib.heif_image_get_bits_per_pixel_range(image, c) != 8 for c in (_CHANNEL_Y, _CHANNEL_CB, _CHANNEL_CR))):
-            return None
-        nclx = ctypes.POINTER(_Nclx)()
-        if lib.heif_image_get_nclx_color_profile(image, ctypes.byref(nclx)).code == 0 and nclx:
-            matrix, full_range = int(nclx.contents.matrix_coefficients), bool(nclx.contents.full_range_flag)
-            lib.heif_nclx_color_profile_free(nclx)
-        else:  # none at all (libheif gives one from the file's box or the HEVC stream): its default
-            matrix, full_range = 2, True
-        if matrix not in MATRICES:
-            return None
-        planes = []
-        for channel in (_CHANNEL_Y, _CHANNEL_CB, _CHANNEL_CR):
-            stride = ctypes.c_int()
-            ptr = lib.heif_image_get_plane_readonly(image, channel, ctypes.byref(stride))
-            w, h = lib.heif_image_get_width(image, channel), lib.heif_image_get_height(image, channel)
-            if not ptr or w <= 0 or h <= 0 or stride.value < w:
-                raise HeifDecodeError("libheif returned no plane data")
-            # A copy: libheif's buffer is freed below, so nothing here points into it afterwards.
-            planes.append(np.ctypeslib.as_array(ptr, shape=(h, stride.value))[:, :w].copy())
-        y, cb, cr = planes
-        if cb.shape != cr.shape or cb.shape[0] > y.shape[0] or cb.shape[1] > y.shape[1]:
-            raise HeifDecodeError(f"unexpected plane sizes {y.shape}, {cb.shape}, {cr.shape}")
-        return Planes(y, cb, cr, matrix, full_range)
+        _decode(lib, ctx, handle, image, int(options.DECODE_THREADS))
+        colour = _colour(lib, image)
+        return None if colour is None else Planes(*_copy_planes(lib, image), *colour)
     finally:
         if image:
             lib.heif_image_release(image)
         if handle:
             lib.heif_image_handle_release(handle)
         lib.heif_context_free(ctx)
+
+
+def _handle_supported(lib: ctypes.CDLL, handle: ctypes.c_void_p) -> bool:
+    """No alpha, 8-bit luma and chroma (or none): what ``Planes`` can hold, known before decoding."""
+    return not (lib.heif_image_handle_has_alpha_channel(handle)
+                or lib.heif_image_handle_get_luma_bits_per_pixel(handle) != 8
+                or lib.heif_image_handle_get_chroma_bits_per_pixel(handle) not in (8, -1))
+
+
+def _decode(lib: ctypes.CDLL, ctx: int, handle: ctypes.c_void_p, image: ctypes.c_void_p, threads: int) -> None:
+    """Decode ``handle`` into ``image`` in the decoder's own colourspace and chroma."""
+    # One HEVC image (not a grid, whose tiles already decode in parallel): libde265 worker threads,
+    # so that the last photo of an upload, decoded alone, uses both cores (149 ms instead of 254 ms
+    # wall for 12 MP here, the same CPU). Tiles would pay ~20 ms CPU starting them per tile.
+    opts = None
+    if lib.has_codec_threads and lib.heif_item_get_item_type(ctx, lib.heif_image_handle_get_item_id(handle)) == _HVC1:
+        opts = _codec_threads_options(lib, max(1, threads))
+    try:
+        # "undefined": no conversion, which is the point of this path.
+        _check(lib.heif_decode_image(handle, ctypes.byref(image), _COLORSPACE_UNDEFINED, _CHROMA_UNDEFINED, opts))
+    finally:
+        if opts:
+            lib.heif_decoding_options_free(opts)
+
+
+def _colour(lib: ctypes.CDLL, image: ctypes.c_void_p) -> tuple[int, bool] | None:
+    """(matrix_coefficients, full range) of 8-bit YCbCr planes the table handles, else None."""
+    if (lib.heif_image_get_colorspace(image) != _COLORSPACE_YCBCR
+            or lib.heif_image_get_chroma_format(image) not in (_CHROMA_420, _CHROMA_422, _CHROMA_444)
+            or any(lib.heif_image_get_bits_per_pixel_range(image, c) != 8 for c in (_CHANNEL_Y, _CHANNEL_CB, _CHANNEL_CR))):
+        return None
+    nclx = ctypes.POINTER(_Nclx)()
+    if lib.heif_image_get_nclx_color_profile(image, ctypes.byref(nclx)).code == 0 and nclx:
+        matrix, full_range = int(nclx.contents.matrix_coefficients), bool(nclx.contents.full_range_flag)
+        lib.heif_nclx_color_profile_free(nclx)
+    else:  # none at all (libheif gives one from the file's box or the HEVC stream): its default
+        matrix, full_range = 2, True
+    return (matrix, full_range) if matrix in MATRICES else None
+
+
+def _copy_planes(lib: ctypes.CDLL, image: ctypes.c_void_p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y, Cb, Cr copied out of libheif's buffers (freed with ``image``, so nothing may point into them)."""
+    planes = []
+    for channel in (_CHANNEL_Y, _CHANNEL_CB, _CHANNEL_CR):
+        stride = ctypes.c_int()
+        ptr = lib.heif_image_get_plane_readonly(image, channel, ctypes.byref(stride))
+        w, h = lib.heif_image_get_width(image, channel), lib.heif_image_get_height(image, channel)
+        if not ptr or w <= 0 or h <= 0 or stride.value < w:
+            raise HeifDecodeError("libheif returned no plane data")
+        planes.append(np.ctypeslib.as_array(ptr, shape=(h, stride.value))[:, :w].copy())
+    y, cb, cr = planes
+    if cb.shape != cr.shape or cb.shape[0] > y.shape[0] or cb.shape[1] > y.shape[1]:
+        raise HeifDecodeError(f"unexpected plane sizes {y.shape}, {cb.shape}, {cr.shape}")
+    return y, cb, cr

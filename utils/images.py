@@ -11,7 +11,7 @@ import io
 import logging
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
@@ -174,6 +174,28 @@ def _upright_to_stored(rect: tuple[int, int, int, int], orientation: int, stored
     return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
 
 
+class HeifPixels(Protocol):
+    """A decoded HEIF's upright pixels, read a box at a time: libheif's planes (``heif_planes.Planes``)
+    or pillow-heif's RGB (``_DecodedRgb``)."""
+
+    size: tuple[int, int]
+
+    def rgb(self, box: tuple[int, int, int, int], f: int) -> np.ndarray:
+        """RGB uint8 of the pixels ``box`` = (x0, y0, x1, y1), averaged over f x f boxes."""
+
+
+class _DecodedRgb:
+    """pillow-heif's decoded RGB (a view: Pillow's plugin would copy it into a 4-bytes-per-pixel image)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+        self.size = (pixels.shape[1], pixels.shape[0])
+
+    def rgb(self, box: tuple[int, int, int, int], f: int) -> np.ndarray:
+        x0, y0, x1, y1 = box
+        return area_reduce(self.pixels[y0:y1, x0:x1], f)
+
+
 class ReducedImage:
     """An upload decoded only as large as needed: ``image`` is upright RGB whose pixels each stand for
     ``factor`` x ``factor`` pixels of the original (``size``, upright). ``region()`` gives part of the
@@ -182,7 +204,7 @@ class ReducedImage:
     they have no scaled decoding), so drop it as soon as the photo is analysed."""
 
     def __init__(self, image: Image.Image, *, size: tuple[int, int], factor: int, orientation: int,
-                 data: bytes, fmt: str, full: Image.Image | np.ndarray | None) -> None:
+                 data: bytes, fmt: str, full: Image.Image | HeifPixels | None) -> None:
         self.image, self.size, self.factor, self.orientation = image, size, factor, orientation
         self.format = fmt
         self._data, self._full = data, full
@@ -217,11 +239,9 @@ class ReducedImage:
         rect = (rect[0], rect[1], max(rect[0] + 1, rect[2]), max(rect[1] + 1, rect[3]))
         stored_scaled = (fh, fw) if swap else (fw, fh)
         sx0, sy0, sx1, sy1 = _upright_to_stored(rect, self.orientation, stored_scaled)
-        if not isinstance(src, Image.Image):  # HEIF: libheif's planes or RGB pixels, upright (_decode_heif_reduced)
+        if not isinstance(src, Image.Image):  # HEIF, upright (_decode_heif_reduced)
             sw, sh = stored_full
-            box = (sx0 * f, sy0 * f, min(sw, sx1 * f), min(sh, sy1 * f))
-            part = Image.fromarray(src.rgb(box, f) if hasattr(src, "rgb") else
-                                   area_reduce(src[box[1]:box[3], box[0]:box[2]], f))
+            part = Image.fromarray(src.rgb((sx0 * f, sy0 * f, min(sw, sx1 * f), min(sh, sy1 * f)), f))
         elif self.format == "JPEG" or f == 1:
             part = src.crop((sx0, sy0, sx1, sy1))
         else:  # crop the original, then reduce: the same pixels as reducing the whole photo, for a fraction of it
@@ -244,6 +264,29 @@ def decode_reduced(data: bytes, filename: str, *, max_pixels: int, min_side: int
     if max_pixels < 1:
         raise ValueError(f"max_pixels={max_pixels} must be positive")
     name = filename or "upload"
+    fmt = _checked_format(data, name)
+    if fmt == "HEIF" and min_side:
+        reduced = _decode_heif_reduced(data, name, max_pixels=max_pixels, min_side=min_side)
+        if reduced is not None:
+            return reduced
+    im, (w, h), factor = _open_pixels(data, name, fmt, max_pixels=max_pixels, min_side=min_side)
+    orientation = _exif_orientation(im)
+    full = None
+    if min_side and factor == 1 and max(w, h) // min_side >= 2:
+        # No scaled decoding for this format: reduce by a whole factor (box filter, like libjpeg's
+        # scaling) and keep the decoded original for region().
+        factor = max(w, h) // min_side
+        full = _to_rgb(im)  # the same object for RGB photos; palette/16-bit ones cannot be reduced as stored
+        im = full.reduce(factor)
+    if orientation != 1:
+        im = im.transpose(_ORIENTATION[orientation])  # a copy of the reduced image only
+    uw, uh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return ReducedImage(_to_rgb(im), size=(uw, uh), factor=factor, orientation=orientation, data=data, fmt=fmt,
+                        full=full)
+
+
+def _checked_format(data: bytes, name: str) -> str:
+    """The sniffed format of an upload this server decodes, or ImageRejected before any decoding."""
     if not data:
         raise ImageRejected(f"{name}: the file is empty", code="empty_file")
     fmt = sniff_format(data)
@@ -258,10 +301,22 @@ def decode_reduced(data: bytes, filename: str, *, max_pixels: int, min_side: int
     why = foreign_trailer(data, fmt)
     if why:
         raise ImageRejected(f"{name}: a polyglot file: {why}; upload the photo itself", code="polyglot")
-    if fmt == "HEIF" and min_side:
-        reduced = _decode_heif_reduced(data, name, max_pixels=max_pixels, min_side=min_side)
-        if reduced is not None:
-            return reduced
+    return fmt
+
+
+def _check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:
+    """The header's size, checked before any pixel is decoded (decompression bombs)."""
+    if w <= 0 or h <= 0:
+        raise ImageRejected(f"{name}: the image has no pixels ({w}x{h})", code="corrupt_image")
+    if w * h > max_pixels:
+        raise ImageRejected(f"{name}: {w}x{h} = {w * h:,} pixels is more than the limit of {max_pixels:,}",
+                            code="too_many_pixels")
+
+
+def _open_pixels(data: bytes, name: str, fmt: str, *, max_pixels: int,
+                 min_side: int | None) -> tuple[Image.Image, tuple[int, int], int]:
+    """The loaded image (a JPEG at the coarsest libjpeg scale that keeps ``min_side``), its stored size
+    and the scale factor; PIL's failures become ImageRejected."""
     factor = 1
     try:
         with warnings.catch_warnings():
@@ -269,61 +324,54 @@ def decode_reduced(data: bytes, filename: str, *, max_pixels: int, min_side: int
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=None)
             w, h = im.size
-            if w <= 0 or h <= 0:
-                raise ImageRejected(f"{name}: the image has no pixels ({w}x{h})", code="corrupt_image")
-            if w * h > max_pixels:
-                raise ImageRejected(f"{name}: {w}x{h} = {w * h:,} pixels is more than the limit of {max_pixels:,}",
-                                    code="too_many_pixels")
+            _check_pixels(name, w, h, max_pixels)
             if min_side and fmt == "JPEG":
-                # The coarsest libjpeg scale whose longest side still reaches min_side. PIL picks
-                # min(w // req_w, h // req_h) rounded down to 8, 4, 2 or 1, so ask for floor(side / d).
-                d = next((d for d in (8, 4, 2) if max(w, h) // d >= min_side), 1)
-                if d > 1:
-                    mode_box = im.draft("RGB", (max(1, w // d), max(1, h // d)))
-                    factor = round(w / mode_box[1][2]) if mode_box else 1
+                factor = _draft_jpeg(im, min_side)
             im.load()
-    except ImageRejected:
-        raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _unreadable(exc, name, fmt, max_pixels) from None
+    return im, (w, h), factor
+
+
+def _draft_jpeg(im: Image.Image, min_side: int) -> int:
+    """Asks libjpeg for the coarsest scale whose longest side still reaches ``min_side``; the factor."""
+    w, h = im.size
+    # PIL picks min(w // req_w, h // req_h) rounded down to 8, 4, 2 or 1, so ask for floor(side / d).
+    d = next((d for d in (8, 4, 2) if max(w, h) // d >= min_side), 1)
+    if d == 1:
+        return 1
+    mode_box = im.draft("RGB", (max(1, w // d), max(1, h // d)))
+    return round(w / mode_box[1][2]) if mode_box else 1
+
+
+def _unreadable(exc: Exception, name: str, fmt: str, max_pixels: int) -> ImageRejected:
+    """What PIL's failure to open or load an upload means for the user."""
+    if isinstance(exc, Image.DecompressionBombError):
         # PIL's own guard (far above ours) fired inside open(); its text carries the declared size.
         found = re.search(r"\((\d+) pixels\)", str(exc))
         declared = f"{int(found.group(1)):,} pixels" if found else "more pixels"
-        raise ImageRejected(f"{name}: the image declares {declared}, more than the limit of {max_pixels:,}",
-                            code="too_many_pixels") from None
-    except UnidentifiedImageError:
-        raise ImageRejected(f"{name}: the {fmt} data could not be read (corrupt file?)",
-                            code="corrupt_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc).lower()
-        if "truncated" in text or "premature" in text or isinstance(exc, EOFError):
-            raise ImageRejected(f"{name}: the {fmt} file is truncated (incomplete upload?)",
-                                code="truncated_image") from None
-        if "decompressed data too large" in text:
-            # PIL's cap on zTXt/iTXt/iCCP chunks fired: a zip-bomb-like metadata chunk, not a damaged photo.
-            raise ImageRejected(f"{name}: a metadata chunk of the {fmt} inflates to more than "
-                                f"{PngImagePlugin.MAX_TEXT_CHUNK // 1048576} MB (a zip bomb?); "
-                                "re-save the photo without it", code="corrupt_image") from None
-        raise ImageRejected(f"{name}: the {fmt} data is corrupt and could not be decoded",
-                            code="corrupt_image") from None
+        return ImageRejected(f"{name}: the image declares {declared}, more than the limit of {max_pixels:,}",
+                             code="too_many_pixels")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageRejected(f"{name}: the {fmt} data could not be read (corrupt file?)", code="corrupt_image")
+    text = str(exc).lower()
+    if "truncated" in text or "premature" in text or isinstance(exc, EOFError):
+        return ImageRejected(f"{name}: the {fmt} file is truncated (incomplete upload?)", code="truncated_image")
+    if "decompressed data too large" in text:
+        # PIL's cap on zTXt/iTXt/iCCP chunks fired: a zip-bomb-like metadata chunk, not a damaged photo.
+        return ImageRejected(f"{name}: a metadata chunk of the {fmt} inflates to more than "
+                             f"{PngImagePlugin.MAX_TEXT_CHUNK // 1048576} MB (a zip bomb?); "
+                             "re-save the photo without it", code="corrupt_image")
+    return ImageRejected(f"{name}: the {fmt} data is corrupt and could not be decoded", code="corrupt_image")
+
+
+def _exif_orientation(im: Image.Image) -> int:
     try:
         orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1) or 1)
     except Exception:  # a broken EXIF block must not cost the user the photo
         log.info("EXIF orientation of an upload could not be applied; using the stored orientation")
-        orientation = 1
-    if orientation not in _ORIENTATION:
-        orientation = 1
-    full = None
-    if min_side and factor == 1 and max(w, h) // min_side >= 2:
-        # No scaled decoding for this format: reduce by a whole factor (box filter, like libjpeg's
-        # scaling) and keep the decoded original for region().
-        factor = max(w, h) // min_side
-        full = _to_rgb(im)  # the same object for RGB photos; palette/16-bit ones cannot be reduced as stored
-        im = full.reduce(factor)
-    if orientation != 1:
-        im = im.transpose(_ORIENTATION[orientation])  # a copy of the reduced image only
-    uw, uh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return ReducedImage(_to_rgb(im), size=(uw, uh), factor=factor, orientation=orientation, data=data, fmt=fmt,
-                        full=full)
+        return 1
+    return orientation if orientation in _ORIENTATION else 1
 
 
 class _Small(Exception):
@@ -343,34 +391,43 @@ def _decode_heif_reduced(data: bytes, name: str, *, max_pixels: int, min_side: i
     informational (pillow-heif's plugin ignores it too), so the result is upright as decoded. None for
     what neither handles (a photo too small to reduce, alpha, greyscale): the caller then decodes
     through Pillow as for other formats."""
-    import numpy as np
-    import pillow_heif
-
-    from utils.heif_planes import HeifDecodeError, decode_planes
-
     def check(w: int, h: int) -> None:
-        if w <= 0 or h <= 0:
-            raise ImageRejected(f"{name}: the image has no pixels ({w}x{h})", code="corrupt_image")
-        if w * h > max_pixels:
-            raise ImageRejected(f"{name}: {w}x{h} = {w * h:,} pixels is more than the limit of {max_pixels:,}",
-                                code="too_many_pixels")
+        _check_pixels(name, w, h, max_pixels)
         if max(w, h) // min_side < 2:
             raise _Small  # not worth reducing: the caller decodes it whole
 
     try:
-        planes = decode_planes(data, check)
+        pixels = _heif_planes(data, name, check)
+        if pixels is None:
+            pixels = _heif_rgb(data, name, check)
     except _Small:
         return None
+    if pixels is None:
+        return None
+    factor = max(pixels.size) // min_side
+    image = Image.fromarray(pixels.rgb((0, 0, *pixels.size), factor))
+    return ReducedImage(image, size=pixels.size, factor=factor, orientation=1, data=data, fmt="HEIF", full=pixels)
+
+
+def _heif_planes(data: bytes, name: str, check) -> HeifPixels | None:
+    """libheif's YCbCr planes (utils.heif_planes), or None where that path does not apply."""
+    from utils.heif_planes import HeifDecodeError, decode_planes
+
+    try:
+        return decode_planes(data, check)
     except HeifDecodeError as exc:
         if exc.unreadable:
             raise ImageRejected(f"{name}: the HEIF data could not be read (corrupt file?)", code="corrupt_image") from None
         if exc.truncated:
             raise ImageRejected(f"{name}: the HEIF file is truncated (incomplete upload?)", code="truncated_image") from None
         raise ImageRejected(f"{name}: the HEIF data is corrupt and could not be decoded", code="corrupt_image") from None
-    if planes is not None:
-        factor = max(planes.size) // min_side
-        image = Image.fromarray(planes.rgb((0, 0, *planes.size), factor))
-        return ReducedImage(image, size=planes.size, factor=factor, orientation=1, data=data, fmt="HEIF", full=planes)
+
+
+def _heif_rgb(data: bytes, name: str, check) -> HeifPixels | None:
+    """pillow-heif's 8-bit RGB in place, or None for another mode (alpha, greyscale)."""
+    import numpy as np
+    import pillow_heif
+
     try:
         heif = pillow_heif.open_heif(data, convert_hdr_to_8bit=True, remove_stride=False)
         primary = heif[heif.primary_index]
@@ -378,11 +435,7 @@ def _decode_heif_reduced(data: bytes, name: str, *, max_pixels: int, min_side: i
         mode = primary.mode
     except (ValueError, SyntaxError, RuntimeError, EOFError, OSError, IndexError):
         raise ImageRejected(f"{name}: the HEIF data could not be read (corrupt file?)", code="corrupt_image") from None
-    try:
-        check(w, h)
-    except _Small:
-        return None
-    factor = max(w, h) // min_side
+    check(w, h)
     if mode != "RGB":
         return None
     try:
@@ -394,9 +447,7 @@ def _decode_heif_reduced(data: bytes, name: str, *, max_pixels: int, min_side: i
         raise ImageRejected(f"{name}: the HEIF data is corrupt and could not be decoded", code="corrupt_image") from None
     if stored.ndim != 3 or stored.shape[0] < h or stored.shape[1] < w:
         raise ImageRejected(f"{name}: the HEIF data is corrupt and could not be decoded", code="corrupt_image")
-    full = stored[:h, :w]
-    image = Image.fromarray(area_reduce(full, factor))
-    return ReducedImage(image, size=(w, h), factor=factor, orientation=1, data=data, fmt="HEIF", full=full)
+    return _DecodedRgb(stored[:h, :w])
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -19,7 +19,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from utils.errors import ConfigError
 
@@ -70,6 +70,15 @@ def parse_styles(text: str, source: str, aspect_ratios: Sequence[str]) -> dict[s
         where = f"{source}, line {line}" if line else source
         return ConfigError(f"style library {where}: {msg}")
 
+    raw = _styles_object(_load_json(text, source, fail), fail)
+    return {name: _parse_style(name, p, aspect_ratios, fail) for name, p in raw.items()}
+
+
+_Fail = Callable[..., ConfigError]
+
+
+def _load_json(text: str, source: str, fail: _Fail) -> Any:
+    """The parsed document; a key given twice is an error (json.loads would keep the last silently)."""
     duplicates: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -85,6 +94,10 @@ def parse_styles(text: str, source: str, aspect_ratios: Sequence[str]) -> dict[s
         raise ConfigError(f"style library {source}, line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
     if duplicates:
         raise fail(f"preset or key {duplicates[0]!r} appears twice", duplicates[0])
+    return data
+
+
+def _styles_object(data: Any, fail: _Fail) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("styles"), dict):
         raise fail('the top level must be an object with a "styles" object')
     raw = data["styles"]
@@ -92,38 +105,39 @@ def parse_styles(text: str, source: str, aspect_ratios: Sequence[str]) -> dict[s
         raise fail("no styles defined")
     if len(raw) > MAX_STYLES:
         raise fail(f"{len(raw)} styles; at most {MAX_STYLES}")
-    out: dict[str, Style] = {}
-    for name, p in raw.items():
-        if not NAME_RE.match(name):
-            raise fail(f"style name {name!r} must be 1-40 of a-z, 0-9, _ (starting with a letter or digit)", name)
-        if not isinstance(p, dict):
-            raise fail(f"style {name!r} must be an object", name)
-        unknown = sorted(set(p) - _KEYS)
-        if unknown:
-            raise fail(f"style {name!r}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KEYS))}", name)
-        pos, neg, desc = p.get("positive"), p.get("negative", ""), p.get("description", "")
-        if not isinstance(pos, str) or pos.count(PLACEHOLDER) != 1:
-            raise fail(f"style {name!r}: positive={pos!r} must be a string with exactly one {PLACEHOLDER}", name)
-        if pos.replace(PLACEHOLDER, "").count("{") or pos.replace(PLACEHOLDER, "").count("}"):
-            raise fail(f"style {name!r}: positive={pos!r} has a brace other than {PLACEHOLDER}", name)
-        for key, val in (("positive", pos), ("negative", neg), ("description", desc)):
-            if not isinstance(val, str):
-                raise fail(f"style {name!r}: {key}={val!r} must be a string", name)
-            if len(val) > MAX_TEXT:
-                raise fail(f"style {name!r}: {key} has {len(val)} characters; at most {MAX_TEXT}", name)
-            if any(ord(c) < 32 or c in "()[]\\\"" for c in val if key != "description"):
-                # These characters carry meaning in compel's weighting syntax.
-                raise fail(f"style {name!r}: {key}={val!r} has a control character or one of ()[]\\\"", name)
-        steps, cfg, ar = p.get("steps"), p.get("guidance_scale"), p.get("aspect_ratio")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100):
-            raise fail(f"style {name!r}: steps={steps!r} is not an integer between 1 and 100", name)
-        if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= 30):
-            raise fail(f"style {name!r}: guidance_scale={cfg!r} is not a number between 0 and 30", name)
-        if ar is not None and ar not in aspect_ratios:
-            raise fail(f"style {name!r}: aspect_ratio={ar!r} is not one of {', '.join(aspect_ratios)}", name)
-        out[name] = Style(name=name, positive=pos, negative=neg.strip(), description=desc, steps=steps,
-                          guidance_scale=None if cfg is None else float(cfg), aspect_ratio=ar)
-    return out
+    return raw
+
+
+def _parse_style(name: str, p: Any, aspect_ratios: Sequence[str], fail: _Fail) -> Style:
+    if not NAME_RE.match(name):
+        raise fail(f"style name {name!r} must be 1-40 of a-z, 0-9, _ (starting with a letter or digit)", name)
+    if not isinstance(p, dict):
+        raise fail(f"style {name!r} must be an object", name)
+    unknown = sorted(set(p) - _KEYS)
+    if unknown:
+        raise fail(f"style {name!r}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KEYS))}", name)
+    pos, neg, desc = p.get("positive"), p.get("negative", ""), p.get("description", "")
+    if not isinstance(pos, str) or pos.count(PLACEHOLDER) != 1:
+        raise fail(f"style {name!r}: positive={pos!r} must be a string with exactly one {PLACEHOLDER}", name)
+    if pos.replace(PLACEHOLDER, "").count("{") or pos.replace(PLACEHOLDER, "").count("}"):
+        raise fail(f"style {name!r}: positive={pos!r} has a brace other than {PLACEHOLDER}", name)
+    for key, val in (("positive", pos), ("negative", neg), ("description", desc)):
+        if not isinstance(val, str):
+            raise fail(f"style {name!r}: {key}={val!r} must be a string", name)
+        if len(val) > MAX_TEXT:
+            raise fail(f"style {name!r}: {key} has {len(val)} characters; at most {MAX_TEXT}", name)
+        if any(ord(c) < 32 or c in "()[]\\\"" for c in val if key != "description"):
+            # These characters carry meaning in compel's weighting syntax.
+            raise fail(f"style {name!r}: {key}={val!r} has a control character or one of ()[]\\\"", name)
+    steps, cfg, ar = p.get("steps"), p.get("guidance_scale"), p.get("aspect_ratio")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100):
+        raise fail(f"style {name!r}: steps={steps!r} is not an integer between 1 and 100", name)
+    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= 30):
+        raise fail(f"style {name!r}: guidance_scale={cfg!r} is not a number between 0 and 30", name)
+    if ar is not None and ar not in aspect_ratios:
+        raise fail(f"style {name!r}: aspect_ratio={ar!r} is not one of {', '.join(aspect_ratios)}", name)
+    return Style(name=name, positive=pos, negative=neg.strip(), description=desc, steps=steps,
+                 guidance_scale=None if cfg is None else float(cfg), aspect_ratio=ar)
 
 
 _cache: dict[str, dict[str, Style]] = {}

@@ -311,7 +311,7 @@ class InsightFaceBackend(FaceBackend):
         except AssertionError:
             app = None
         if app is None or "detection" not in app.models or "recognition" not in app.models:
-            found = sorted(getattr(app, "models", {}) or {}) if app is not None else []
+            found = sorted(app.models) if app is not None else []
             raise ModelWeightsMissing(
                 f"InsightFace pack {self.model_dir} must hold a detection (SCRFD) and a recognition (ArcFace) "
                 f".onnx model; found tasks {found or 'none'} in {[f.name for f in files]}",

@@ -28,12 +28,13 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from utils.errors import InvalidRequest, ModelWeightsMissing
+from utils.faces.backends import Detection
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,11 @@ def template(size: int = 512) -> np.ndarray:
     return FFHQ_512 * (size / 512.0)
 
 
-def detection_points(det: Any, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def detection_points(det: Detection, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """(points in the photo, the matching template points) for one detection."""
-    kps = getattr(det, "kps", None)
     tpl = template(size)
-    if kps is not None and len(kps) >= 5:
-        return np.asarray(kps, dtype=np.float32)[:5], tpl
+    if det.kps is not None and len(det.kps) >= 5:
+        return np.asarray(det.kps, dtype=np.float32)[:5], tpl
     # dlib: eye centres only (see the module doc).
     return np.asarray([det.left_eye, det.right_eye], dtype=np.float32), tpl[:2]
 
@@ -229,7 +229,7 @@ class RestoreResult:
     mask: np.ndarray                # union of the soft masks, [h, w] in [0, 1]
 
 
-def restore_faces(image: Image.Image, detections: Sequence[Any], model: OnnxRestoreModel, *,
+def restore_faces(image: Image.Image, detections: Sequence[Detection], model: OnnxRestoreModel, *,
                   fidelity: float = 0.5) -> RestoreResult:
     """Restore every detected face of ``image`` (largest first, so a small face overlapping a big one
     is pasted last and keeps its own restoration)."""
@@ -290,7 +290,7 @@ class FaceRestorer:
                 log.info("face restoration model %s loaded from %s (%s)", name, m.path, ",".join(m.providers))
             return m
 
-    def restore(self, image: Image.Image, detections: Sequence[Any], *, model: str,
+    def restore(self, image: Image.Image, detections: Sequence[Detection], *, model: str,
                 fidelity: float = 0.5) -> RestoreResult:
         return restore_faces(image, detections, self.model(model), fidelity=fidelity)
 

@@ -3,34 +3,30 @@
 ``FaceService(settings)`` is cheap; ``setup()`` picks and loads a backend (``utils.faces.backends``);
 ``validate_selfies(files)`` decodes, checks and embeds a set of uploads and returns a ``SelfieReport``
 that says, per file in upload order, accepted or rejected with a machine-readable code and a human
-sentence. Every threshold is a setting (utils/config.py, "faces").
+sentence. Each photo is checked on its own by ``utils.faces.analysis.analyse_photo`` (in the shared
+thread pool, ``UploadSlots`` uploads at a time); the set checks (duplicates, identity outliers, count)
+follow here. Every threshold is a setting (utils/config.py, "faces").
 
 Biometric data (pixels, crops, embeddings) never reaches a log line, an error message or ``to_json()``.
 """
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
 from utils.config import Settings
-from utils.errors import ImageRejected, InvalidRequest, ServerBusy, TwinError
+from utils.errors import InvalidRequest, ServerBusy, TwinError
+from utils.faces.analysis import Analysed, Reject, analyse_photo
 from utils.faces.backends import DlibBackend, Detection, FaceBackend, InsightFaceBackend, insightface_pack_files, normalise
-from utils.images import decode_reduced
 
 log = logging.getLogger(__name__)
-
-#: Longest side of the small upright copy an accepted selfie keeps (the photo itself is not kept).
-PREVIEW_SIDE = 256
-#: Side the face box is resized to before its sharpness is measured (``face_sharpness``).
-SHARPNESS_SIDE = 128
-
 
 # --------------------------------------------------------------------------------------------------
 # Report objects
@@ -38,7 +34,7 @@ SHARPNESS_SIDE = 128
 class AcceptedSelfie:
     index: int
     filename: str
-    preview: Image.Image = field(repr=False)         # upright, longest side PREVIEW_SIDE: not the photo
+    preview: Image.Image = field(repr=False)         # upright, longest side analysis.PREVIEW_SIDE: not the photo
     crop: Image.Image = field(repr=False)
     embedding: np.ndarray = field(repr=False)
     warnings: list[dict[str, str]] = field(default_factory=list)
@@ -107,101 +103,26 @@ class SelfieReport:
         }
 
 
-class _Reject(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class UploadSlots:
+    """Server-wide bound on uploads being decoded at once (one FaceService per process): each holds
+    its photos' crops, and its decodes compete for memory and the pool's threads."""
 
+    def __init__(self, slots: int, wait_seconds: float) -> None:
+        self.slots, self.wait_seconds = slots, wait_seconds
+        self._free = threading.BoundedSemaphore(slots)
 
-@dataclass
-class _Analysed:
-    index: int
-    filename: str
-    preview: Image.Image | None = None
-    size: tuple[int, int] = (0, 0)
-    thumb: np.ndarray | None = None
-    crop: Image.Image | None = None
-    embedding: np.ndarray | None = None
-    warnings: list[dict[str, str]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    reject: _Reject | None = None
-    embedding_norm: float | None = None
-    kps: np.ndarray | None = None
-    apparent_age: float | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurements (pure functions, tested directly)
-def laplacian_variance(grey: np.ndarray) -> float:
-    import cv2
-
-    return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F).var())
-
-
-def face_sharpness(rgb: np.ndarray, box: tuple[float, float, float, float], side: int = SHARPNESS_SIDE) -> float:
-    """Variance of the Laplacian on the face box resized to ``side`` px, so the value measures blur
-    relative to the face, not the face's size in the photo."""
-    import cv2
-
-    grey = _face_grey(rgb, box)
-    if grey.size == 0:
-        return 0.0
-    return laplacian_variance(cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA
-                                         if grey.shape[0] > side else cv2.INTER_LINEAR))
-
-
-def face_brightness(rgb: np.ndarray, box: tuple[float, float, float, float]) -> float:
-    grey = _face_grey(rgb, box)
-    return float(grey.mean()) if grey.size else 0.0
-
-
-def _face_grey(rgb: np.ndarray, box) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
-    region = rgb[y0:y1, x0:x1].astype(np.float32)
-    return region @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def estimate_yaw(left_eye, right_eye, nose) -> float:
-    """Head yaw in degrees (sign: towards the image's right is positive) from eye centres and nose tip.
-
-    The nose tip sits in front of the eye plane (depth ≈ 0.6 × the inter-ocular distance on adult
-    faces), so turning the head by θ moves it sideways by ≈ 0.6·IOD·sin θ while the visible IOD
-    shrinks by cos θ: offset / IOD ≈ 0.6·tan θ.
-    """
-    le, re, no = (np.asarray(p, dtype=np.float64) for p in (left_eye, right_eye, nose))
-    axis = re - le
-    iod = float(np.linalg.norm(axis))
-    if iod < 1e-6:
-        return 90.0
-    offset = float(np.dot(no - (le + re) / 2, axis / iod)) / iod
-    return math.degrees(math.atan(offset / 0.6))
-
-
-def image_signature(image: Image.Image, side: int = 32) -> np.ndarray:
-    """A small zero-mean, unit-norm grey thumbnail of the whole image: near-duplicate fingerprint."""
-    thumb = np.asarray(image.convert("L").resize((side, side), Image.BILINEAR), dtype=np.float32).ravel()
-    thumb = thumb - thumb.mean()
-    norm = float(np.linalg.norm(thumb))
-    return thumb / norm if norm > 0 else thumb
-
-
-def aligned_crop(rgb: np.ndarray, det: Detection, *, size: int, scale: float) -> Image.Image:
-    """Square crop around the face, rotated so the eye line is level, ``scale`` × the face box side,
-    resized to ``size``; parts outside the photo repeat the edge pixels."""
-    import cv2
-
-    le, re = np.asarray(det.left_eye), np.asarray(det.right_eye)
-    angle = math.degrees(math.atan2(re[1] - le[1], re[0] - le[0]))
-    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
-    side = max(det.width, det.height) * scale
-    m = cv2.getRotationMatrix2D((cx, cy), angle, size / side)
-    m[0, 2] += size / 2 - cx
-    m[1, 2] += size / 2 - cy
-    out = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE)
-    return Image.fromarray(out)
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """One slot for the ``with`` block, or ServerBusy after ``wait_seconds`` without one."""
+        if not self._free.acquire(timeout=self.wait_seconds):
+            raise ServerBusy(f"{self.slots} upload(s) are being checked already "
+                             f"(TWIN_MAX_CONCURRENT_UPLOADS) and none finished within {self.wait_seconds:g} s; "
+                             "retry shortly",
+                             retry_after=5)  # a slot frees within one upload's time: seconds, not minutes
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,9 +134,7 @@ class FaceService:
         self.backend: FaceBackend | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._setup_lock = threading.Lock()
-        # Server-wide bound on uploads being decoded at once (one FaceService per process): each holds
-        # its photos' crops, and its decodes compete for memory and the pool's threads.
-        self._uploads = threading.BoundedSemaphore(settings.max_concurrent_uploads)
+        self._uploads = UploadSlots(settings.max_concurrent_uploads, settings.upload_wait_seconds)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -265,202 +184,36 @@ class FaceService:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    @property
-    def face_need(self) -> float:
-        """Face box side, px, from which the sharpness measure and the aligned crop only downscale."""
-        return max(SHARPNESS_SIDE, self.settings.face_crop_size / self.settings.face_crop_scale)
-
     def _require(self) -> FaceBackend:
         if self.backend is None:
             raise TwinError("the face service is not set up yet", code="not_ready", http_status=503)
         return self.backend
 
     # ------------------------------------------------------------------ per file
-    def _analyse(self, index: int, filename: str, data: bytes) -> _Analysed:
-        """Check one photo, keeping only what the session needs (crop, embedding, preview, signature).
-
-        The photo is decoded only as large as detection needs (``backend.decode_side``; a 12 MP JPEG at
-        1/4 scale), and the face's part of it again at a finer scale when the face is smaller there than
-        the sharpness measure and the aligned crop use (``face_need``). So every measurement sees the
-        pixels it saw at full resolution, only downscaled to what it would downscale them to anyway:
-        - face_px is reported in the original photo's pixels (box side x ``factor``), so
-          min_face_px means what it meant; face_fraction, brightness and yaw are ratios or means;
-        - sharpness resizes the face box to SHARPNESS_SIDE px: from a view where the box is at least
-          that large, as it was from the full photo (or the full photo itself when the face is smaller);
-        - the aligned crop and the descriptor's chip downscale the face from at least face_crop_size
-          / face_crop_scale px, as before, so they are as sharp as from the full photo.
-        tests/test_faces_reduced.py checks the verdicts against the full-resolution path.
-        """
-        s = self.settings
-        backend = self._require()
-        item = _Analysed(index=index, filename=filename)
-        try:
-            try:
-                photo = decode_reduced(data, filename, max_pixels=s.max_pixels, min_side=backend.decode_side)
-            except ImageRejected as exc:
-                raise _Reject(exc.code, exc.message) from None
-            image, k = photo.image, photo.factor
-            item.size = photo.size
-            item.thumb = image_signature(image)
-            ratio = min(1.0, PREVIEW_SIDE / max(image.size))
-            item.preview = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
-                                        Image.BILINEAR)
-            rgb = np.asarray(image)
-            dets = backend.detect(rgb)
-            if not dets:
-                raise _Reject("no_face", f"{filename}: no face was found; use a photo where your face is clearly visible")
-            if len(dets) > 1:
-                raise _Reject("multiple_faces", f"{filename}: {len(dets)} faces were found; use photos with only you in them")
-            det = dets[0]
-            h, w = rgb.shape[:2]
-            side = min(det.width, det.height) * k          # in the original photo's pixels
-            fraction = det.width * det.height / float(w * h)
-            yaw = estimate_yaw(det.left_eye, det.right_eye, det.nose)
-            view, vdet = rgb, det
-            need = self.face_need
-            if k > 1 and min(det.width, det.height) < need:
-                # The face is small at this scale: decode its part of the photo at the coarsest scale
-                # that keeps ``need`` px (full resolution when the face is smaller than that).
-                half = max(det.width, det.height) * k * s.face_crop_scale * 0.75  # > crop half-diagonal
-                cx, cy = (det.box[0] + det.box[2]) / 2 * k, (det.box[1] + det.box[3]) / 2 * k
-                part, (ox, oy), f = photo.region((cx - half, cy - half, cx + half, cy + half),
-                                                 max(1, int(side // need)))
-                view = np.asarray(part)
-                moved = lambda p: ((p[0] * k - ox) / f, (p[1] * k - oy) / f)  # noqa: E731
-                x0, y0 = moved(det.box[:2])
-                x1, y1 = moved(det.box[2:])
-                vdet = backend.relocate(view, Detection(
-                    box=(x0, y0, x1, y1), score=det.score, left_eye=moved(det.left_eye),
-                    right_eye=moved(det.right_eye), nose=moved(det.nose), embedding=det.embedding))
-                yaw = estimate_yaw(vdet.left_eye, vdet.right_eye, vdet.nose)
-            del photo, image, rgb  # from here on only the face's view is needed
-            sharp = face_sharpness(view, vdet.box)
-            bright = face_brightness(view, vdet.box)
-            item.metrics = {"face_px": round(side, 1), "face_fraction": round(fraction, 4),
-                            "sharpness": round(sharp, 1), "brightness": round(bright, 1), "yaw_degrees": round(yaw, 1)}
-            if side < s.min_face_px or fraction < s.min_face_fraction:
-                raise _Reject("face_too_small", (
-                    f"{filename}: the face is too small ({side:.0f} px, {fraction:.1%} of the photo; need at least "
-                    f"{s.min_face_px} px and {s.min_face_fraction:.0%}); move closer or use a larger photo"))
-            # Exposure before sharpness: a dark face has little contrast, hence a low Laplacian variance,
-            # and "too dark" is the reason the user can act on.
-            if bright < s.min_brightness:
-                raise _Reject("too_dark", f"{filename}: the face is too dark (brightness {bright:.0f}, need at least "
-                                          f"{s.min_brightness:.0f}); use more light")
-            if bright > s.max_brightness:
-                raise _Reject("too_bright", f"{filename}: the face is overexposed (brightness {bright:.0f}, at most "
-                                            f"{s.max_brightness:.0f}); avoid direct light or flash")
-            if sharp < s.min_sharpness:
-                raise _Reject("blurry", f"{filename}: the face is blurry (sharpness {sharp:.0f}, need {s.min_sharpness:.0f}); "
-                                        "hold the camera still and focus on your face")
-            if abs(yaw) > s.max_yaw_degrees:
-                raise _Reject("not_frontal", f"{filename}: the head is turned too far (about {abs(yaw):.0f}°, at most "
-                                             f"{s.max_yaw_degrees:.0f}°); look towards the camera")
-            # Embedded here, in the worker, so that one thread's descriptor overlaps another's detection
-            # (a duplicate costs one extra descriptor, ~10 ms with the torch engine).
-            item.embedding = np.asarray(backend.embed_prepared([backend.prepare_embedding(view, vdet)])[0],
-                                        dtype=np.float32)
-            item.embedding_norm, item.kps, item.apparent_age = det.embedding_norm, det.kps, det.age
-            item.crop = aligned_crop(view, vdet, size=s.face_crop_size, scale=s.face_crop_scale)
-            if side * s.face_crop_scale < s.face_crop_size / 2:
-                item.warnings.append({"code": "low_resolution", "message": (
-                    f"{filename}: the face is only {side:.0f} px wide; a closer or larger photo gives a sharper likeness")})
-        except _Reject as rej:
-            item.reject = rej
-        except Exception as exc:  # one odd file must not fail the whole upload with a 500
-            log.warning("selfie %d could not be analysed (%s)", index, type(exc).__name__)
-            item.reject = _Reject("analysis_failed", f"{filename}: the photo could not be analysed; try another one")
-        return item
+    def _analyse(self, index: int, filename: str, data: bytes) -> Analysed:
+        return analyse_photo(self._require(), self.settings, index, filename, data)
 
     # ------------------------------------------------------------------ per set
     def validate_selfies(self, files: list[tuple[str, bytes]]) -> SelfieReport:
         backend = self._require()
-        s = self.settings
-        if not isinstance(files, (list, tuple)):
-            raise InvalidRequest(f"files must be a list of (filename, bytes), got {type(files).__name__}")
-        for i, pair in enumerate(files):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], (bytes, bytearray))):
-                raise InvalidRequest(f"files[{i}] must be a (filename, bytes) pair")
-        jobs = [(i, str(name or f"file_{i + 1}"), bytes(data)) for i, (name, data) in enumerate(files)]
-        wait = s.upload_wait_seconds
-        if not self._uploads.acquire(timeout=wait):
-            raise ServerBusy(f"{s.max_concurrent_uploads} upload(s) are being checked already "
-                             f"(TWIN_MAX_CONCURRENT_UPLOADS) and none finished within {wait:g} s; retry shortly",
-                             retry_after=5)  # a slot frees within one upload's time: seconds, not minutes
-        try:
-            # Photos go through the shared pool (face_threads at a time, whatever the number of uploads)
-            # or one at a time; each _analyse drops its decoded pixels before returning.
-            if self._pool is not None and len(jobs) > 1:
-                items = list(self._pool.map(lambda j: self._analyse(*j), jobs))
-            else:
-                items = [self._analyse(*j) for j in jobs]
-        finally:
-            self._uploads.release()
-
-        self._mark_duplicates(items)
-        set_warnings = self._mark_outliers(items, backend)
-
-        report = SelfieReport(backend=backend.name, model_name=backend.model_name, received=len(items))
-        for it in items:
-            if it.reject is not None:
-                report.rejected.append(RejectedSelfie(it.index, it.filename, it.reject.code, it.reject.message,
-                                                      dict(it.metrics)))
-            else:
-                report.accepted.append(AcceptedSelfie(it.index, it.filename, it.preview, it.crop,
-                                                      it.embedding, it.warnings, dict(it.metrics), it.size,
-                                                      embedding_norm=it.embedding_norm, kps=it.kps,
-                                                      apparent_age=it.apparent_age))
-        if report.accepted:
-            report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
-        n = len(report.accepted)
-        if n == 0:
-            set_warnings.append({"code": "no_usable_selfies",
-                                 "message": "none of the photos could be used; see each file's reason"})
-        elif n < s.recommended_selfies:
-            set_warnings.append({"code": "few_selfies", "message": (
-                f"{n} usable selfie{'s' if n != 1 else ''} (fewer than {s.recommended_selfies}): "
-                "likeness improves with more")})
+        jobs = _upload_jobs(files)
+        with self._uploads.held():
+            items = self._analyse_all(jobs)
+        mark_duplicates(items, self.settings.duplicate_threshold)
+        set_warnings = mark_outliers(items, backend.outlier_distance)
+        report = _report(items, backend)
+        set_warnings += _count_warnings(len(report.accepted), self.settings.recommended_selfies)
         report.warnings = set_warnings
-        log.info("selfies validated: %d received, %d accepted, %d rejected (%s)", len(items), n,
+        log.info("selfies validated: %d received, %d accepted, %d rejected (%s)", len(items), len(report.accepted),
                  len(report.rejected), ", ".join(sorted({r.code for r in report.rejected})) or "none")
         return report
 
-    def _mark_duplicates(self, items: list[_Analysed]) -> None:
-        thr = self.settings.duplicate_threshold
-        seen: list[_Analysed] = []
-        for it in items:
-            if it.thumb is None:
-                continue
-            for prev in seen:
-                if float(np.dot(it.thumb, prev.thumb)) >= thr:
-                    if it.reject is None:
-                        it.reject = _Reject("duplicate", f"{it.filename}: a near-duplicate of {prev.filename}; "
-                                                         "use different photos (angles, light, expressions)")
-                    break
-            else:
-                seen.append(it)
-
-    def _mark_outliers(self, items: list[_Analysed], backend: FaceBackend) -> list[dict[str, str]]:
-        warnings: list[dict[str, str]] = []
-        good = [it for it in items if it.reject is None and it.embedding is not None]
-        thr = backend.outlier_distance
-        if len(good) >= 3:
-            embs = np.stack([normalise(it.embedding) for it in good])
-            median = np.median(embs, axis=0)
-            dists = np.linalg.norm(embs - median, axis=1)
-            for it, d in zip(good, dists):
-                it.metrics["identity_distance"] = round(float(d), 3)
-                if d > thr:
-                    it.reject = _Reject("identity_outlier", (
-                        f"{it.filename}: looks like a different person from the rest of the set "
-                        f"(distance {d:.2f}, limit {thr:.2f}); upload photos of one person only"))
-        elif len(good) == 2:
-            d = float(np.linalg.norm(normalise(good[0].embedding) - normalise(good[1].embedding)))
-            if d > thr:
-                warnings.append({"code": "identity_uncertain", "message": (
-                    f"{good[0].filename} and {good[1].filename} may show different people (distance {d:.2f}, "
-                    f"limit {thr:.2f}); add more selfies so the odd one out can be found")})
-        return warnings
+    def _analyse_all(self, jobs: list[tuple[int, str, bytes]]) -> list[Analysed]:
+        # Photos go through the shared pool (face_threads at a time, whatever the number of uploads)
+        # or one at a time; each _analyse drops its decoded pixels before returning.
+        if self._pool is not None and len(jobs) > 1:
+            return list(self._pool.map(lambda j: self._analyse(*j), jobs))
+        return [self._analyse(*j) for j in jobs]
 
     # ------------------------------------------------------------------ scoring
     def detect_faces(self, image: Image.Image) -> list[Detection]:
@@ -514,3 +267,81 @@ class FaceService:
         if d is None:
             return None
         return self.distance_to_similarity(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# The set's steps (validate_selfies, in order)
+def _upload_jobs(files: list[tuple[str, bytes]]) -> list[tuple[int, str, bytes]]:
+    """(index, filename, bytes) per upload, or InvalidRequest naming the first bad entry."""
+    if not isinstance(files, (list, tuple)):
+        raise InvalidRequest(f"files must be a list of (filename, bytes), got {type(files).__name__}")
+    for i, pair in enumerate(files):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], (bytes, bytearray))):
+            raise InvalidRequest(f"files[{i}] must be a (filename, bytes) pair")
+    return [(i, str(name or f"file_{i + 1}"), bytes(data)) for i, (name, data) in enumerate(files)]
+
+
+def mark_duplicates(items: list[Analysed], threshold: float) -> None:
+    """Reject each photo whose signature is within ``threshold`` of an earlier kept one."""
+    seen: list[Analysed] = []
+    for it in items:
+        if it.thumb is None:
+            continue
+        for prev in seen:
+            if float(np.dot(it.thumb, prev.thumb)) >= threshold:
+                if it.reject is None:
+                    it.reject = Reject("duplicate", f"{it.filename}: a near-duplicate of {prev.filename}; "
+                                                    "use different photos (angles, light, expressions)")
+                break
+        else:
+            seen.append(it)
+
+
+def mark_outliers(items: list[Analysed], threshold: float) -> list[dict[str, str]]:
+    """Reject, from three accepted photos on, each one farther than ``threshold`` from the set's median
+    embedding; with two, only a set warning (which of the two is the odd one cannot be told)."""
+    warnings: list[dict[str, str]] = []
+    good = [it for it in items if it.reject is None and it.embedding is not None]
+    if len(good) >= 3:
+        embs = np.stack([normalise(it.embedding) for it in good])
+        median = np.median(embs, axis=0)
+        dists = np.linalg.norm(embs - median, axis=1)
+        for it, d in zip(good, dists):
+            it.metrics["identity_distance"] = round(float(d), 3)
+            if d > threshold:
+                it.reject = Reject("identity_outlier", (
+                    f"{it.filename}: looks like a different person from the rest of the set "
+                    f"(distance {d:.2f}, limit {threshold:.2f}); upload photos of one person only"))
+    elif len(good) == 2:
+        d = float(np.linalg.norm(normalise(good[0].embedding) - normalise(good[1].embedding)))
+        if d > threshold:
+            warnings.append({"code": "identity_uncertain", "message": (
+                f"{good[0].filename} and {good[1].filename} may show different people (distance {d:.2f}, "
+                f"limit {threshold:.2f}); add more selfies so the odd one out can be found")})
+    return warnings
+
+
+def _report(items: list[Analysed], backend: FaceBackend) -> SelfieReport:
+    report = SelfieReport(backend=backend.name, model_name=backend.model_name, received=len(items))
+    for it in items:
+        if it.reject is not None:
+            report.rejected.append(RejectedSelfie(it.index, it.filename, it.reject.code, it.reject.message,
+                                                  dict(it.metrics)))
+        else:
+            report.accepted.append(AcceptedSelfie(it.index, it.filename, it.preview, it.crop,
+                                                  it.embedding, it.warnings, dict(it.metrics), it.size,
+                                                  embedding_norm=it.embedding_norm, kps=it.kps,
+                                                  apparent_age=it.apparent_age))
+    if report.accepted:
+        report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
+    return report
+
+
+def _count_warnings(accepted: int, recommended: int) -> list[dict[str, str]]:
+    if accepted == 0:
+        return [{"code": "no_usable_selfies", "message": "none of the photos could be used; see each file's reason"}]
+    if accepted < recommended:
+        return [{"code": "few_selfies", "message": (
+            f"{accepted} usable selfie{'s' if accepted != 1 else ''} (fewer than {recommended}): "
+            "likeness improves with more")}]
+    return []
