@@ -31,7 +31,7 @@ def build_runtime(settings: Settings, components: str = ""):
     # The cluster-wide retention sweep may run in this process: a swept session's Idempotency-Key
     # records (in Redis) go with it, as they do when an API node deletes the session.
     runtime.sessions.deleted_hooks.append(
-        wiring.build_idempotency(settings, runtime.storage, runtime.store).forget_session)
+        wiring.build_idempotency(settings, runtime.store).forget_session)
     return runtime
 
 
