@@ -11,162 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.fakes import FakeFaceService, FakeGenerator, image_bytes
+from tests.fakes import image_bytes
 from tests.fixtures.service import REPO, wait_until
+from tests.helpers.cluster import TOKEN_HEADER, generate, local_job_shape, shape, status, upload, wait_status
 
 pytestmark = pytest.mark.timeout(180)
 
-TOKEN_HEADER = "X-Client-Token"
-
-
-def cluster_settings(tmp_path: Path, redis_url: str, **kw):
-    from utils.config import Settings
-    base = dict(data_dir=tmp_path / "data", queue_url=redis_url, retention_hours=0, warmup=False,
-                rate_limit_upload="100000/minute", rate_limit_generate="100000/minute",
-                worker_heartbeat_seconds=0.5, retry_backoff="1", job_attempts=3, drain_seconds=25.0)
-    base.update(kw)
-    return Settings(**base)
-
-
-def settings_env(settings) -> dict[str, str]:
-    from utils.config import env_name
-    names = ("data_dir", "queue_url", "retention_hours", "warmup", "worker_heartbeat_seconds", "retry_backoff",
-             "job_attempts", "drain_seconds", "log_level", "webhook_secret", "webhook_allow_private",
-             "webhook_retry_base_seconds")
-    out = {}
-    for n in names:
-        v = getattr(settings, n)
-        out[env_name(n)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
-    return out
-
-
-class Workers:
-    """GPU worker subprocesses on the doubles; all are killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, settings, *, step_seconds: float = 0.0, name: str | None = None, **env_extra) -> subprocess.Popen:
-        return self.start_env({**settings_env(settings), "FAKE_STEP_SECONDS": str(step_seconds), **env_extra}, name=name)
-
-    def start_env(self, twin_env: dict[str, str], *, name: str | None = None,
-                  components: str | None = "tests.fake_server_app:worker_components") -> subprocess.Popen:
-        """A worker with exactly these TWIN_* variables; ``components=None``: the real engines."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
-        env.update(twin_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        name = name or f"w{len(self.procs)}"
-        log = open(self.tmp / f"worker-{name}.log", "wb")
-        extra = ["--components", components] if components else []
-        p = subprocess.Popen([sys.executable, "-m", "utils.service.gpu_worker", "--name", name, *extra],
-                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        p.name = name  # type: ignore[attr-defined]
-        self.procs.append(p)
-        return p
-
-    def wait_registered(self, conn, names: list[str], timeout: float = 60.0) -> None:
-        from rq import Worker
-
-        from utils.jobs.cluster.routing import make_queue
-
-        def up():
-            have = {w.name for w in Worker.all(queue=make_queue(conn))}
-            for p in self.procs:
-                if p.poll() is not None and p.name in names:  # type: ignore[attr-defined]
-                    raise AssertionError(f"worker {p.name} exited {p.returncode}: {self.log(p)}")  # type: ignore[attr-defined]
-            return set(names) <= have
-        wait_until(up, timeout, 0.1)
-
-    def log(self, p) -> str:
-        return (self.tmp / f"worker-{p.name}.log").read_text(errors="replace")[-3000:]
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-
-@pytest.fixture
-def workers(tmp_path):
-    w = Workers(tmp_path)
-    yield w
-    w.stop_all()
-
-
-@pytest.fixture
-def api_nodes(tmp_path, redis_server):
-    """api_nodes(n=2, own_data_dirs=False, generator=FakeGenerator, **settings) -> (settings, [test clients]):
-    n API nodes on one Redis and one data dir (own_data_dirs: each node its own, so nothing is shared but
-    Redis); ``generator`` builds each node's generator double."""
-    import dataclasses
-
-    from app import create_app
-    apps = []
-
-    def _make(n: int = 2, own_data_dirs: bool = False, generator=FakeGenerator, **kw):
-        settings = cluster_settings(tmp_path, redis_server.url, **kw)
-        clients = []
-        for i in range(n):
-            node_settings = dataclasses.replace(settings, data_dir=tmp_path / f"data-{i}") if own_data_dirs else settings
-            a = create_app(node_settings, generator=generator(), faces=FakeFaceService())
-            a.extensions["twin"].wait_ready(10)
-            apps.append(a)
-            clients.append(a.test_client())
-        return settings, clients
-
-    yield _make
-    for a in apps:
-        a.extensions["twin"].shutdown()
-
-
-def upload(client, token: str | None = None) -> tuple[str, str]:
-    headers = {TOKEN_HEADER: token} if token else {}
-    r = client.post("/upload", data={"files": [(io.BytesIO(image_bytes((10 * i, 90, 40))), f"s{i}.png")
-                                               for i in range(3)]},
-                    content_type="multipart/form-data", headers=headers)
-    assert r.status_code == 200, r.json
-    return r.json["session_id"], token or r.json["client_token"]
-
-
-def generate(client, token: str, **body) -> dict:
-    r = client.post("/generate", json={"prompt": "a portrait", **body}, headers={TOKEN_HEADER: token})
-    assert r.status_code == 202, r.json
-    return r.json
-
-
-def status(client, token: str, job_id: str) -> dict:
-    r = client.get(f"/status/{job_id}", headers={TOKEN_HEADER: token})
-    assert r.status_code == 200, r.json
-    return r.json
-
-
-def wait_status(client, token, job_id, want: set[str], timeout: float = 30.0) -> dict:
-    return wait_until(lambda: (lambda j: j if j["status"] in want else None)(status(client, token, job_id)),
-                      timeout, 0.05)
-
-
-def local_job_shape(make_app) -> dict:
-    """The job JSON of local mode, for the shape comparison."""
-    app = make_app()
-    c = app.test_client()
-    _, tok = upload(c)
-    job = generate(c, tok)
-    return wait_status(c, tok, job["id"], {"succeeded"}, 10)
-
-
-def shape(obj):
-    if isinstance(obj, dict):
-        return {k: shape(v) for k, v in obj.items() if k not in ("metadata", "request")}
-    if isinstance(obj, list):
-        return [shape(obj[0])] if obj else []
-    return type(obj).__name__ if obj is not None else None
 
 
 # --- 1. happy path over HTTP on two API nodes ------------------------------------------------------

@@ -12,8 +12,7 @@ import pytest
 
 from tests.fakes import FakeFaceService, FakeModelGenerator
 from tests.fixtures.service import wait_until
-from tests.test_cluster import (TOKEN_HEADER, api_nodes, cluster_settings, generate, status, upload,  # noqa: F401
-                                wait_status, workers)  # api_nodes, workers: fixtures
+from tests.helpers.cluster import TOKEN_HEADER, cluster_settings, generate, status, upload, wait_status
 
 pytestmark = pytest.mark.timeout(180)
 ADMIN = "admin-key-1"
@@ -257,7 +256,7 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
     from app import create_app
     from generate_twin import DigitalTwinGenerator
     from tests.photos import selfie_set
-    from tests.test_cluster import settings_env
+    from tests.helpers.cluster import settings_env
     from utils.jobs.cluster.registry import live_workers
     folder = tmp_path / "tiny-model"
     shutil.copytree(tiny_models, folder)

@@ -57,7 +57,7 @@ def sse_args(sse: str) -> dict[str, str]:
 def make_client(endpoint_url: str, addressing_style: str, max_attempts: int):
     import boto3
     from botocore.config import Config
-    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, signature_version="s3v4",
                     s3={"addressing_style": addressing_style}, connect_timeout=5, read_timeout=30,
                     max_pool_connections=32,
                     # S3-compatible servers (MinIO, R2, B2) do not all take the newer default checksums.

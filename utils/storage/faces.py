@@ -73,21 +73,21 @@ def session_files(session_id: str, *, owner_hash: str, files: list[tuple[str, by
     return out
 
 
-def read_session_faces(faces_file: Path, crop: Callable[[int], Path]) -> SessionFaces:
-    """SessionFaces from the stored face features and ``crop(index)``, the local file of each crop."""
+def read_session_faces(faces_file: Path, crops: Callable[[list[int]], list[Path]]) -> SessionFaces:
+    """SessionFaces from the stored face features and ``crops(indices)``, the local files of the crops."""
     from PIL import Image
     from safetensors.numpy import safe_open
     with safe_open(str(faces_file), framework="numpy") as f:
         meta = f.metadata() or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     indices = [int(i) for i in t["indices"]]
-    crops = []
-    for i in indices:
-        with Image.open(crop(i)) as im:
-            crops.append(im.convert("RGB"))
+    images = []
+    for path in crops(indices):
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
     norms = [None if not np.isfinite(v) else float(v) for v in t["norms"]] if "norms" in t else None
     kps = ([None if not np.all(np.isfinite(k)) else k for k in t["keypoints"]] if "keypoints" in t else None)
-    return SessionFaces(indices=indices, crops=crops, embeddings=list(t["embeddings"]),
+    return SessionFaces(indices=indices, crops=images, embeddings=list(t["embeddings"]),
                         face_model=meta.get("model_name") or None, template=t.get("template"),
                         norms=norms, keypoints=kps)
 

@@ -138,7 +138,7 @@ class LocalStorage:
         path = d / FACES_FILE
         if not path.is_file():
             raise NotFound(f"session {session_id!r} has no stored face features; upload the selfies again")
-        return read_session_faces(path, lambda i: d / crop_name(i))
+        return read_session_faces(path, lambda indices: [d / crop_name(i) for i in indices])
 
     # --- identities: one per identity method and base model, built at upload or on first use --------
     def identity_path(self, session_id: str, key: str | None = None) -> Path:

@@ -100,10 +100,10 @@ class S3Storage:
             faces = self._cached(f"{session_id}/{FACES_FILE}")
         except NotFound:
             raise NotFound(f"session {session_id!r} has no stored face features; upload the selfies again") from None
-        crops = [o["rel"] for o in self.bucket.list(f"{session_id}/crops/")]
-        with ThreadPoolExecutor(PARALLEL, thread_name_prefix="twin-s3-get") as pool:
-            list(pool.map(self._cached, crops))
-        return read_session_faces(faces, lambda i: self._cached(f"{session_id}/{crop_name(i)}"))
+        def crops(indices: list[int]) -> list[Path]:
+            with ThreadPoolExecutor(PARALLEL, thread_name_prefix="twin-s3-get") as pool:
+                return list(pool.map(self._cached, [f"{session_id}/{crop_name(i)}" for i in indices]))
+        return read_session_faces(faces, crops)
 
     def load_template(self, session_id: str):
         try:
