@@ -247,3 +247,14 @@ def test_download_redirect_needs_a_bucket():
     from utils.config import Settings
     with pytest.raises(errors.ConfigError, match="TWIN_DOWNLOAD_REDIRECT=1 needs an S3 bucket"):
         Settings(download_redirect=True)
+
+
+@pytest.mark.parametrize("script", ["start_app.sh", "start_worker.sh"])
+def test_start_scripts_run_the_storage_preflight_with_a_bucket(s3, s3_proxy, tmp_path, script):
+    s3_proxy.refuse_key(s3.access_key)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    env.update(s3_env(s3, tmp_path, s3_proxy.url), VENV=sys.prefix, SKIP_VENV_SETUP="1", SKIP_VERIFY="1",
+               TWIN_QUEUE_URL="redis://127.0.0.1:1/0")   # never reached: the preflight stops first
+    p = subprocess.run(["bash", str(REPO / script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "[check-storage] FAILED: TWIN_STORAGE_URL=" in p.stdout and "storage preflight failed" in p.stderr

@@ -190,8 +190,9 @@ class Jobs:
         model and the stored start picture, then the JobRunner. Returns the result metadata."""
         engine = self.engines[index]
         session_id = job["session_id"]
+        # Cached copies of sessions deleted on another node go before each job (and at every sweep interval).
+        self.sessions.forget_cached()
         if self.store.get_session(session_id) is None:
-            self.sessions.forget_cached()      # its copies on this node go now
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
         req = req.with_identity(self.identities.for_engine(engine, session_id))
