@@ -34,7 +34,7 @@ def _setting(default: Any, doc: str, choices: tuple | None = None, lo: float | N
 @dataclass(frozen=True)
 class Settings:
     # --- where things live -------------------------------------------------------------------
-    data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db.")
+    data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db (with TWIN_STORAGE_URL: jobs.db and the bucket's local cache only).")
     model_dir: Path = _setting(Path("models"), "Local folder holding real weights (see `python model_loader.py download`).")
     tiny_model_dir: Path | None = _setting(None, "Folder of the tiny offline model; default <data_dir>/tiny-model, built on first start.")
 

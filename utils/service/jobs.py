@@ -165,8 +165,9 @@ class Jobs:
 
     def output_file(self, job_id: str, filename: str, owner: str | None) -> StoredFile:
         """One of the caller's job files, opened for a download (streamed from a bucket)."""
+        ref = self.output_ref(job_id, filename, owner)     # another caller's job: NotFound naming the job only
         try:
-            return self.storage.open_output(self.output_ref(job_id, filename, owner))
+            return self.storage.open_output(ref)
         except errors.NotFound:
             raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}") from None
 

@@ -119,6 +119,9 @@ class Bucket:
             if code in _REFUSED:
                 raise ConfigError(f"TWIN_STORAGE_URL={self.url}: the bucket refused the credentials ({code}); "
                                   f"check {CREDENTIALS_HINT}") from None
+            if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+                raise ConfigError(f"TWIN_STORAGE_URL={self.url}: bucket {self.name!r} is in another region than "
+                                  f"the client's ({code}); set AWS_REGION to the bucket's region") from None
             if code in _MISSING or code == "NoSuchBucket":
                 raise ConfigError(f"TWIN_STORAGE_URL={self.url}: bucket {self.name!r} does not exist at "
                                   f"{self.endpoint_url or 'AWS'} (TWIN_S3_ENDPOINT_URL)") from None
