@@ -79,7 +79,6 @@ def _common(s: Settings, keyed: bool) -> dict[str, Any]:
                      "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}},
         "owned": {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {},
         "limited": {"429": _error("Rate limit or queue limit reached.", retry_after=True)},
-        "not_ready": {"503": _error("The models are still loading or failed to load.", retry_after=True)},
     }
 
 
@@ -185,7 +184,7 @@ def _schemas(s: Settings) -> dict[str, Any]:
 
 
 def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
-    idem_key, owned, limited, not_ready = c["idem_key"], c["owned"], c["limited"], c["not_ready"]
+    idem_key, owned, limited = c["idem_key"], c["owned"], c["limited"]
     return {
         "/upload": {"post": {
             "operationId": "upload", "parameters": [idem_key],
