@@ -15,6 +15,7 @@ from flask import Flask, request
 from utils import errors
 from utils.api import error_handler, hooks, jobs, meta, models, security, sessions
 from utils.api.openapi import build_spec
+from utils.cli.storage import check_storage_command
 from utils.config import Settings
 from utils.logging import configure_logging
 from utils.service import wiring
@@ -26,6 +27,8 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None, 
     """``generator`` (one engine or a list), ``faces``, ``idempotency_store``: test doubles, else built from
     the settings."""
     settings = settings or Settings.from_env()
+    if _resolving_a_flask_command():
+        return command_line_app(settings)
     configure_logging(settings.log_level)
     # Request threads must get the GIL back quickly while a job thread runs Python-heavy pipeline code.
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
@@ -38,17 +41,38 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None, 
     runtime = wiring.build_runtime(settings, engines=engines, faces=faces)
     app.extensions["twin"] = runtime
     runtime.start()
-    idem = idempotency_store or wiring.build_idempotency(settings, runtime.storage, runtime.store)
+    idem = idempotency_store or wiring.build_idempotency(settings, runtime.store)
     runtime.sessions.deleted_hooks.append(idem.forget_session)
     app.extensions["twin_idempotency"] = idem
     app.extensions["twin_limiter"] = limiter
     app.before_request(hooks.start_request)
     app.after_request(hooks.finish_request)
     app.register_error_handler(Exception, error_handler.handle_error)
+    app.extensions["twin_settings"] = settings
+    app.cli.add_command(check_storage_command)
     for bp in (sessions.blueprint(limiter, settings), jobs.blueprint(limiter, settings),
                models.blueprint(limiter, settings), meta.blueprint(settings, styles, build_spec(settings))):
         app.register_blueprint(bp)
     return app
+
+
+def command_line_app(settings: Settings) -> Flask:
+    """What ``flask --app app <command>`` gets: the commands and the settings, no Runtime (no job thread,
+    no model, no recovery of the job database: a preflight must not touch a live server's jobs)."""
+    app = Flask(__name__)
+    app.extensions["twin_settings"] = settings
+    app.cli.add_command(check_storage_command)
+    return app
+
+
+def _resolving_a_flask_command() -> bool:
+    """True while the ``flask`` command line loads the app to find one of its commands (``check-storage``,
+    ``--help``): create_app is then called inside the FlaskGroup's own click context. ``flask run`` and
+    gunicorn load the app elsewhere and get the whole service."""
+    import click
+    from flask.cli import FlaskGroup
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and isinstance(ctx.command, FlaskGroup)
 
 
 def configure_flask(app: Flask, settings: Settings) -> None:

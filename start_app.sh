@@ -6,6 +6,7 @@
 #   VENV=/path/to/venv      use another virtualenv (default .venv)
 #   SKIP_VENV_SETUP=1       do not install/refresh requirements (the venv is already complete)
 #   SKIP_VERIFY=1           do not run the weights preflight (python model_loader.py verify) before loading
+#   SKIP_STORAGE_CHECK=1    do not run the storage preflight (flask --app app check-storage) with an S3 bucket
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -32,6 +33,14 @@ if not s.is_loopback_bind and not s.api_key_list and not s.allow_anonymous:
 print(f"[start_app] data in {s.data_dir.resolve()}, model profile {s.model_profile}, face backend {s.face_backend}")
 PYEOF
 
+# Storage preflight with a bucket (TWIN_STORAGE_URL=s3://...): write, read and delete a probe object; one
+# line per step; wrong credentials, a missing bucket or an unreachable endpoint stop here, naming the setting.
+case "${TWIN_STORAGE_URL:-}" in
+  s3://*)
+    if [ "${SKIP_STORAGE_CHECK:-0}" != 1 ]; then
+      "$PY" -m flask --app app check-storage || { echo "[start_app] storage preflight failed (see the lines above): check TWIN_STORAGE_URL, TWIN_S3_ENDPOINT_URL and the AWS credentials" >&2; exit 2; }
+    fi ;;
+esac
 # Preflight: every weight file the configured profile / variant loads is opened (headers only) and checked
 # against what the code builds; one line per file; a missing, truncated or mismatched file stops here.
 # A cluster's API node (TWIN_QUEUE_URL set) holds no model: its GPU workers run the preflight (start_worker.sh).

@@ -102,6 +102,20 @@ def _fake_request(tmp_path):
     return FakeGenerationRequest(prompt="p")
 
 
+def _local_storage(tmp_path):
+    from utils.storage.local import LocalStorage
+    return LocalStorage(tmp_path / "data")
+
+
+def _s3_storage(tmp_path):
+    from utils.storage.bucket import Bucket
+    from utils.storage.cache import ObjectCache
+    from utils.storage.s3 import S3Storage
+    # Never contacted: building the client sends no request.
+    return S3Storage(Bucket("s3://contract-test/p", endpoint_url="http://127.0.0.1:1", addressing_style="path"),
+                     ObjectCache(tmp_path / "cache", 1 << 20))
+
+
 # (protocol, implementation factory, the optional capabilities it has, those it must not claim)
 CASES = [
     (contracts.JobStore, _sqlite_store, [], [contracts.Reachable]),
@@ -122,6 +136,8 @@ CASES = [
     (contracts.FaceService, _cli_faces, [], []),
     (contracts.GenerationRequestType, _request_type, [], []),
     (contracts.GenerationRequestType, _fake_request, [], []),
+    (contracts.Storage, _local_storage, [], [contracts.PresignedDownloads, contracts.CachedReads]),
+    (contracts.Storage, _s3_storage, [contracts.PresignedDownloads, contracts.CachedReads], []),
 ]
 IDS = [f"{proto.__name__}-{make.__name__.lstrip('_')}" for proto, make, _, _ in CASES]
 
@@ -187,7 +203,8 @@ def test_implementation_satisfies_its_protocol(proto, make, has, lacks, tmp_path
                                    contracts.IdempotencyStore, contracts.Reachable, contracts.ClusterStatus,
                                    contracts.ClusterSingleton, contracts.ModelRouting, contracts.Engine,
                                    contracts.ModelRegistry, contracts.FaceService, contracts.GenerationRequestType,
-                                   contracts.FamilyModel])
+                                   contracts.FamilyModel, contracts.Storage, contracts.PresignedDownloads,
+                                   contracts.CachedReads])
 def test_a_protocol_refuses_an_object_without_its_members(proto):
     assert not isinstance(object(), proto)
 

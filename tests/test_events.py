@@ -205,7 +205,7 @@ def test_each_output_has_a_jpeg_thumbnail_served_and_deleted_with_the_session(ap
         assert got.status_code == 200 and got.mimetype == "image/jpeg"
         im = Image.open(io.BytesIO(got.data))
         assert im.format == "JPEG" and max(im.size) == 256 and im.size == (256, 154)
-        paths.append(runtime.jobs.output_path(job["id"], o["filename"][:-4] + ".thumb.jpg", runtime.store.get(job["id"])["owner"]))
+        paths.append(runtime.jobs.output_file(job["id"], o["filename"][:-4] + ".thumb.jpg", runtime.store.get(job["id"])["owner"]).path)
     assert all(p.exists() for p in paths)
     assert client.delete(f"/sessions/{job['session_id']}").status_code == 200
     assert not any(p.exists() for p in paths)

@@ -110,10 +110,14 @@ def test_strength_moves_the_picture_monotonically_away_from_the_init_image(tiny_
 
 
 # --- through the service ------------------------------------------------------------------------------
-@pytest.fixture
-def i2i_app(make_app, service_settings, tiny_generator, face_service):
-    return make_app(service_settings.replace(max_image_side=128, max_file_mb=1.0), generator=tiny_generator,
-                    faces=face_service)
+@pytest.fixture(params=["folder", "bucket"])
+def i2i_app(request, make_app, service_settings, tiny_generator, face_service, open_s3):
+    """On the data folder, and on an S3 bucket (moto's server on loopback: tests/fixtures/s3.py), where the
+    start picture and the selfie it names are objects."""
+    settings = service_settings.replace(max_image_side=128, max_file_mb=1.0)
+    if request.param == "bucket":
+        settings = settings.replace(**open_s3("moto").storage_settings())
+    return make_app(settings, generator=tiny_generator, faces=face_service)
 
 
 def test_img2img_through_the_api(i2i_app):

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ from utils.errors import ConfigError
 from utils.choices import IDENTITY_COMBINES, IDENTITY_VARIANTS, RESTORE_MODEL_NAMES, face_pack
 
 ENV_PREFIX = "TWIN_"
+TEST_PREFIX = "TWIN_TEST_"
 
 
 def _setting(default: Any, doc: str, choices: tuple | None = None, lo: float | None = None,
@@ -32,9 +34,20 @@ def _setting(default: Any, doc: str, choices: tuple | None = None, lo: float | N
 @dataclass(frozen=True)
 class Settings:
     # --- where things live -------------------------------------------------------------------
-    data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db.")
+    data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db (with TWIN_STORAGE_URL: jobs.db and the bucket's local cache only).")
     model_dir: Path = _setting(Path("models"), "Local folder holding real weights (see `python model_loader.py download`).")
     tiny_model_dir: Path | None = _setting(None, "Folder of the tiny offline model; default <data_dir>/tiny-model, built on first start.")
+
+    # --- storage: sessions, identities, outputs (docs/ARCHITECTURE.md "Storage") --------------------
+    storage_url: str = _setting("", "Where sessions, selfies, identities and outputs are kept: empty = the data folder (TWIN_DATA_DIR); s3://BUCKET/PREFIX = an S3-compatible bucket that every API node and GPU worker shares (no shared volume needed). Credentials and region come from boto3's own chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, the instance role; AWS_REGION). The job database of local mode (jobs.db) stays in TWIN_DATA_DIR either way.")
+    s3_endpoint_url: str = _setting("", "S3 endpoint of a non-AWS bucket (MinIO http://HOST:9000, Cloudflare R2, Backblaze B2 ...); empty = AWS.")
+    s3_addressing_style: str = _setting("auto", "Bucket addressing: auto, path (HOST/BUCKET/KEY: MinIO and most self-hosted servers) or virtual (BUCKET.HOST/KEY).",
+                                        choices=("auto", "path", "virtual"))
+    s3_sse: str = _setting("", "Server-side encryption of every object written: empty = the bucket's default; AES256 (SSE-S3); aws:kms (SSE-KMS with the account's key); else a KMS key id or ARN (SSE-KMS with that key).")
+    s3_max_attempts: int = _setting(3, "Attempts of one bucket request (botocore's standard retry mode: 503 SlowDown, 5xx and connection errors are retried with backoff); after the last: 503 storage_unavailable with Retry-After at upload and submit, a running job fails with that code.", lo=1, hi=20)
+    download_redirect: bool = _setting(False, "With an S3 bucket: GET /download answers 302 to a presigned URL of the object (owner checked first; Content-Disposition kept) instead of streaming it through the API.")
+    presign_seconds: int = _setting(300, "How long a presigned download URL stays valid, seconds (TWIN_DOWNLOAD_REDIRECT=1).", lo=1, hi=604800)
+    storage_cache_mb: float = _setting(512.0, "With an S3 bucket: size of this machine's cache of what a process reads from the bucket (face features, crops, identities, start pictures) in <data_dir>/storage-cache; least recently used copies go first; shared safely by the processes of one machine.", lo=1.0)
 
     # --- web server --------------------------------------------------------------------------
     host: str = _setting("127.0.0.1", "Address gunicorn binds to.")
@@ -184,6 +197,12 @@ class Settings:
             raise ConfigError(f"TWIN_MIN_BRIGHTNESS={self.min_brightness} must be below TWIN_MAX_BRIGHTNESS={self.max_brightness}")
         if self.max_image_side % 8:
             raise ConfigError(f"TWIN_MAX_IMAGE_SIDE={self.max_image_side} must be a multiple of 8")
+        if self.storage_url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.storage_url):
+            raise ConfigError(f"TWIN_STORAGE_URL={self.storage_url!r} is not s3://BUCKET or s3://BUCKET/PREFIX "
+                              "(empty: the data folder)")
+        if self.download_redirect and not self.storage_url:
+            raise ConfigError("TWIN_DOWNLOAD_REDIRECT=1 needs an S3 bucket (TWIN_STORAGE_URL=s3://...): the data "
+                              "folder has no URL to redirect to")
         if self.queue_url and not self.queue_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"TWIN_QUEUE_URL={self.queue_url!r} is not a redis://HOST:PORT/DB URL")
         self.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
@@ -269,10 +288,12 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        """Build settings from ``TWIN_*`` variables; unknown ``TWIN_*`` names are an error (typos)."""
+        """Build settings from ``TWIN_*`` variables; unknown ``TWIN_*`` names are an error (typos).
+        ``TWIN_TEST_*`` variables belong to the test suite (e.g. TWIN_TEST_S3_URL), not to the service."""
         environ = os.environ if environ is None else environ
         known = {env_name(f.name): f for f in fields(cls)}
-        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known
+                         and not k.startswith(TEST_PREFIX))
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: see README 'Settings'")
         values: dict[str, Any] = {}

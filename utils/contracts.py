@@ -11,6 +11,11 @@ Local mode and cluster mode implement each job-backend contract:
     IdempotencyStore  utils.jobs.local.idempotency.SqliteIdempotencyStore
                                                                   utils.jobs.cluster.idempotency.RedisIdempotencyStore
 
+Storage (sessions, identities, job files): ``Storage`` — utils.storage.local.LocalStorage (the data
+folder, the default) and utils.storage.s3.S3Storage (a bucket; it also has ``PresignedDownloads`` and
+``CachedReads``). The job database is not storage: jobs.db stays in TWIN_DATA_DIR in local mode, Redis
+holds the records in cluster mode.
+
 The engine side: ``Engine`` (utils.engine.generator.DigitalTwinGenerator, or a
 utils.jobs.local.generator_process.GeneratorProcess running one in a child), its request class
 (``GenerationRequestType``), ``ModelRegistry`` (an engine that switches base models), ``FamilyModel``
@@ -189,6 +194,92 @@ class IdempotencyStore(Protocol):
 
     def count(self) -> int:
         """Records kept (in flight or done)."""
+
+
+# --- storage ------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Storage(Protocol):
+    """Sessions, identities and job files, named by session, job and file name (never by a path the caller
+    builds). A reference returned by ``save_output`` / ``put_init_image`` is what a job record keeps; it is
+    valid in every process of the service (a folder path relative to the data folder, or a key relative to
+    the bucket prefix). Reads that need a file (identities) return local paths: the file itself, or a
+    cached copy of the object. Every failure of a bucket is ``errors.StorageUnavailable`` (503)."""
+
+    backend: str            # "local" | "s3"
+
+    def describe(self) -> dict:
+        """What /system-status shows (backend; for a bucket its name, prefix, endpoint, cache usage)."""
+
+    def ping(self) -> bool:
+        """True, or ``errors.StorageUnavailable`` when the backend does not answer."""
+
+    def require_space(self, need_bytes: int, what: str) -> None:
+        """507 InsufficientStorage when a write of about ``need_bytes`` would fill the volume (a bucket: no-op)."""
+
+    def write_session(self, session_id: str, *, owner_hash: str, files: list[tuple[str, bytes]], report: Any,
+                      identity: Any = None, created_at: float | None = None,
+                      self_similarity: float | None = None) -> Any:
+        """Store an accepted upload whole, or nothing of it."""
+
+    def write_persona_session(self, session_id: str, *, owner_hash: str, created_at: float) -> Any:
+        """A persona session (one identity='none' job): meta.json only; no selfie, face feature or identity."""
+
+    def session_faces(self, session_id: str) -> Any:
+        """utils.storage.SessionFaces; NotFound when the session or its face features are gone."""
+
+    def load_template(self, session_id: str) -> Any: ...
+    def session_self_similarity(self, session_id: str) -> float | None: ...
+
+    def identity_paths(self, session_id: str) -> list:
+        """Local files of every identity of the session (the upload's first)."""
+
+    def save_identity(self, session_id: str, identity: Any) -> None: ...
+
+    def save_output(self, session_id: str, job_id: str, name: str, data: bytes) -> str:
+        """Write one job file whole (finished, encoded bytes); returns the reference to record."""
+
+    def remove(self, recorded: Any) -> None:
+        """Delete job files that were written but never recorded."""
+
+    def open_output(self, ref: str) -> Any:
+        """A recorded job file for a download (utils.storage.StoredFile); NotFound when it is gone."""
+
+    def put_init_image(self, session_id: str, job_id: str, data: bytes) -> str: ...
+    def init_image(self, session_id: str, job_id: str) -> bytes | None: ...
+
+    def accepted_original(self, session_id: str, index: int) -> tuple[str, bytes] | None:
+        """(file name, bytes) of accepted selfie ``index`` as uploaded, or None."""
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete every file of the session; returns once the backend confirms. False: there was none."""
+
+    def clean_partial_files(self) -> int:
+        """At start-up: remove what a killed process left half-written."""
+
+    def session_ids(self) -> Any:
+        """Every stored session (the retention sweep's view, records or not)."""
+
+    def session_created_at(self, session_id: str) -> float: ...
+
+    def probe(self) -> list[tuple[str, str | None]]:
+        """Write, read and delete a probe: (step, None or what failed) (``flask --app app check-storage``)."""
+
+
+@runtime_checkable
+class PresignedDownloads(Protocol):
+    """Storage that can hand a client a URL to fetch a file itself (TWIN_DOWNLOAD_REDIRECT=1)."""
+
+    def download_url(self, ref: str, *, disposition: str, content_type: str, expires: int) -> str:
+        """A URL valid ``expires`` seconds answering with these headers; NotFound when the file is gone."""
+
+
+@runtime_checkable
+class CachedReads(Protocol):
+    """Storage that keeps local copies of what it read: a deleted session's copies must go from every node."""
+
+    def cached_sessions(self) -> list[str]: ...
+    def forget_cached(self, session_id: str) -> bool: ...
 
 
 # --- the engine, its requests and identities ------------------------------------------------------------

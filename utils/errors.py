@@ -117,6 +117,16 @@ class InsufficientStorage(TwinError):
     http_status = 507
 
 
+class StorageUnavailable(TwinError):
+    """The storage backend (an S3 bucket) did not answer, throttled past its retries, or refused: retry
+    later. Nothing half-written is left visible."""
+    code = "storage_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 10, **kw: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
+
+
 class ModelWeightsMissing(TwinError):
     """Real weights were asked for but are not on disk; the message says what, where, and how to fetch."""
     code = "model_weights_missing"

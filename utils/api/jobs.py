@@ -1,13 +1,14 @@
 """POST /generate, GET /status, /events (SSE), /preview, POST /cancel, GET /download."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, send_file
+from flask import Blueprint, Response, jsonify, redirect, request, send_file
 
 from utils import errors
 from utils.api import events as api_events, security
 from utils.api.context import caller, json_response, output_url, render_job, runtime, with_client_cookie
 from utils.api.idempotency import idempotent
 from utils.logging import job_id_var, session_id_var
+from utils.service.jobs import output_mimetype
 from utils.storage import is_output_name
 
 
@@ -77,13 +78,26 @@ def cancel(job_id: str):
 
 
 def download(job_id: str, filename: str):
+    """The owner's job file: streamed through here, or (TWIN_DOWNLOAD_REDIRECT=1, a bucket) a 302 to a
+    presigned URL that answers with the same Content-Disposition."""
     job_id_var.set(job_id)
     if not is_output_name(filename):
         raise errors.NotFound(f"file {filename!r} not found")
-    path = runtime().jobs.output_path(job_id, filename, caller().owner)
-    mimetype = "image/jpeg" if filename.endswith(".jpg") else "image/png"
-    return send_file(path, mimetype=mimetype, as_attachment=request.args.get("inline") != "1",
-                     download_name=filename, max_age=0)
+    jobs, owner, inline = runtime().jobs, caller().owner, request.args.get("inline") == "1"
+    url = jobs.download_url(job_id, filename, owner, inline=inline)
+    if url is not None:
+        resp = redirect(url, code=302)
+        resp.headers["Cache-Control"] = "no-store"   # the URL expires; never cache the redirect
+        return resp
+    found = jobs.output_file(job_id, filename, owner)
+    if found.path is not None:   # a local file: sendfile, ranges and ETag as ever
+        return send_file(found.path, mimetype=output_mimetype(filename), as_attachment=not inline,
+                         download_name=filename, max_age=0)
+    resp = send_file(found.stream, mimetype=output_mimetype(filename), as_attachment=not inline,
+                     download_name=filename, max_age=0, etag=found.etag or False,
+                     last_modified=found.modified, conditional=False)
+    resp.content_length = found.size
+    return resp
 
 
 def _event_stream(rt, job_id: str) -> Response:

@@ -41,7 +41,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     s = settings
     keyed = bool(s.api_key_list)
     c = _common(s, keyed)
-    paths = {**_upload_generate_paths(s, c), **_job_paths(c), **_service_paths(c), **_model_paths(),
+    paths = {**_upload_generate_paths(s, c), **_job_paths(s, c), **_service_paths(c), **_model_paths(),
              **_models_load_path(),
              "/openapi.json": {"get": {"operationId": "openapi", "responses": {"200": {
                  "description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}}
@@ -79,7 +79,6 @@ def _common(s: Settings, keyed: bool) -> dict[str, Any]:
                      "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern}},
         "owned": {"401": _error("API keys are configured and the request has no valid one.")} if keyed else {},
         "limited": {"429": _error("Rate limit or queue limit reached.", retry_after=True)},
-        "not_ready": {"503": _error("The models are still loading or failed to load.", retry_after=True)},
     }
 
 
@@ -173,8 +172,12 @@ def _schemas(s: Settings) -> dict[str, Any]:
             "deleted": {"type": "boolean", "enum": [True]}, "session_id": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status", "state", "version", "uptime_seconds"], "properties": {
             "status": {"type": "string", "enum": ["ok"]},
-            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed", "restarting"],
-                      "description": "restarting: the generator process crashed and is being started again."},
+            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed", "restarting", "queue_unavailable",
+                                                 "storage_unavailable"],
+                      "description": "restarting: the generator process crashed and is being started again; "
+                                     "queue_unavailable / storage_unavailable: Redis / the storage bucket does not answer."},
+            "storage": {"type": "object", "properties": {"backend": {"type": "string", "enum": ["local", "s3"]},
+                                                         "reachable": {"type": "boolean"}}},
             "draining": {"type": "boolean", "description": "true after SIGTERM: no new jobs are accepted."},
             "version": {"type": "string"}, "uptime_seconds": {"type": "number"}, "error": {"type": "string"},
             "profile": _nullable({"type": "string"}), "is_demo": _nullable({"type": "boolean"}),
@@ -184,7 +187,7 @@ def _schemas(s: Settings) -> dict[str, Any]:
 
 
 def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
-    idem_key, owned, limited, not_ready = c["idem_key"], c["owned"], c["limited"], c["not_ready"]
+    idem_key, owned, limited = c["idem_key"], c["owned"], c["limited"]
     return {
         "/upload": {"post": {
             "operationId": "upload", "parameters": [idem_key],
@@ -207,7 +210,8 @@ def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
                 **owned, **limited,
                 "503": _error("The models are still loading or failed to load (not_ready), or "
                               f"{s.max_concurrent_uploads} upload(s) are being checked already and none finished "
-                              f"within {s.upload_wait_seconds:g} s (busy).", retry_after=True)}}},
+                              f"within {s.upload_wait_seconds:g} s (busy), or the storage bucket does not answer "
+                              "(storage_unavailable).", retry_after=True)}}},
         "/generate": {"post": {
             "operationId": "generate", "parameters": [idem_key],
             "summary": "Queue a generation job for one of the caller's sessions, or (identity='none') "
@@ -225,11 +229,13 @@ def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
                 "409": _error("A request with this Idempotency-Key is still being answered.", retry_after=True),
                 "422": _error("The Idempotency-Key was used with a different body."),
                 "507": _error("The data disk is full."),
-                **owned, **limited, **not_ready}}},
+                **owned, **limited,
+                "503": _error("The models are still loading or failed to load (not_ready), or the storage bucket "
+                              "does not answer (storage_unavailable).", retry_after=True)}}},
     }
 
 
-def _job_paths(c: dict) -> dict[str, Any]:
+def _job_paths(s: Settings, c: dict) -> dict[str, Any]:
     job_id, owned = c["job_id"], c["owned"]
     return {
         "/status/{job_id}": {"get": {
@@ -281,7 +287,13 @@ def _job_paths(c: dict) -> dict[str, Any]:
             "responses": {"200": {"description": "The PNG (or, for *.thumb.jpg, its JPEG thumbnail).",
                                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                                               "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
-                          "404": _error("No such job or file for this caller."), **owned}}},
+                          **({"302": {"description": f"TWIN_DOWNLOAD_REDIRECT: a presigned URL of the file in the "
+                                                     f"bucket, valid {s.presign_seconds} s (Location).",
+                                      "headers": {"Location": {"schema": {"type": "string"}}}}}
+                             if s.download_redirect else {}),
+                          "404": _error("No such job or file for this caller."),
+                          "503": _error("The storage bucket does not answer (storage_unavailable).", retry_after=True),
+                          **owned}}},
     }
 
 
@@ -293,7 +305,9 @@ def _service_paths(c: dict) -> dict[str, Any]:
             "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
             "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": id_param}],
             "responses": {"200": {"description": "Deleted.", "content": {"application/json": {"schema": _ref("Deleted")}}},
-                          "404": _error("No such session for this caller."), **owned}}},
+                          "404": _error("No such session for this caller."),
+                          "503": _error("The storage bucket does not answer (storage_unavailable): nothing was "
+                                        "deleted; send the request again.", retry_after=True), **owned}}},
         "/health": {"get": {"operationId": "health", "responses": {
             "200": {"description": "Always 200; state says whether the models are ready.",
                     "content": {"application/json": {"schema": _ref("Health")}}}}}},

@@ -12,6 +12,7 @@ import socket
 import sys
 
 from utils.config import Settings
+from utils.errors import ConfigError
 from utils.logging import configure_logging
 from utils.service import wiring
 from utils.service.status import device_info
@@ -31,7 +32,7 @@ def build_runtime(settings: Settings, components: str = ""):
     # The cluster-wide retention sweep may run in this process: a swept session's Idempotency-Key
     # records (in Redis) go with it, as they do when an API node deletes the session.
     runtime.sessions.deleted_hooks.append(
-        wiring.build_idempotency(settings, runtime.storage, runtime.store).forget_session)
+        wiring.build_idempotency(settings, runtime.store).forget_session)
     return runtime
 
 
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     settings = settings.replace(generator_process=False, workers=1)
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
-    runtime = build_runtime(settings, args.components)
+    try:
+        runtime = build_runtime(settings, args.components)
+    except ConfigError as e:   # e.g. the bucket refused the credentials: one line naming the setting
+        print(f"[worker] {e.message}", file=sys.stderr)
+        return 2
     runtime.start()
     if not runtime.wait_ready():
         log.error("GPU worker set-up failed", extra={"error": runtime.setup_error})

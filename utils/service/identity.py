@@ -1,5 +1,5 @@
 """A session's identity for an engine: built from the face features the session stored at upload, cached
-beside the session, built again when the active identity method or base model is another one.
+with the session, built again when the active identity method or base model is another one.
 
 This is what lets an API node hold no diffusion model: it validates the selfies and stores their face
 features; the process that holds the engine (the job thread's generator, a GPU worker) builds the identity
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from utils import errors
-from utils.storage import Storage
+from utils.contracts import Storage
 
 log = logging.getLogger("twin.identity")
 
@@ -36,7 +36,7 @@ class Identities:
         except errors.InvalidRequest as e:
             raise errors.Conflict(f"this session's identity cannot be built for the active model: {e.message}",
                                   code="identity_mismatch") from None
-        identity.save(self.storage.identity_path(session_id, key=identity.cache_key))
+        self.storage.save_identity(session_id, identity)
         log.info("identity built for the active model", extra={"session_id": session_id})
         return identity
 

@@ -2,18 +2,19 @@
 or a GPU worker calls to run one job record through the JobRunner."""
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any, Callable
 
 from utils import errors
 from utils.config import Settings
+from utils.contracts import PresignedDownloads, Storage
 from utils.jobs.status import JobStatus
 from utils.service.identity import Identities
 from utils.service.models import check_model
 from utils.service.runner import JobRunner, Likeness
-from utils.storage import (Storage, atomic_save_png, is_valid_id, new_id, png_bytes, thumbnail_bytes,
-                           thumbnail_name)
+from utils.storage import StoredFile, is_valid_id, new_id, png_bytes, thumbnail_bytes, thumbnail_name
 
 log = logging.getLogger("twin.service")
 
@@ -92,14 +93,14 @@ class Jobs:
     def _create(self, req, payload: dict, session_id: str, owner: str | None, webhook: dict | None) -> dict:
         """The job record (queued), with its img2img start picture stored beside the outputs first."""
         job_id = new_id()
-        init_path = self._store_init_image(req, session_id, job_id, owner)
+        init_ref = self._store_init_image(req, session_id, job_id, owner)
         try:
             return self.store.create_job(job_id, session_id=session_id, owner=owner or "", payload=payload,
                                          request=req.to_dict(), queue_max=self.settings.queue_max,
                                          webhook=webhook)
         except BaseException:
-            if init_path is not None:
-                init_path.unlink(missing_ok=True)
+            if init_ref is not None:
+                self.storage.remove([init_ref])
             raise
 
     def _session_for(self, session_id: Any, owner: str | None) -> dict:
@@ -139,10 +140,8 @@ class Jobs:
         job runs on these pixels even if the source goes away."""
         if req.init_image is None:
             return None
-        path = self.storage.init_image_path(session_id, job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_png(path, self._init_image(req.init_image, session_id, owner))
-        return path
+        return self.storage.put_init_image(session_id, job_id,
+                                           png_bytes(self._init_image(req.init_image, session_id, owner)))
 
     def _init_image(self, value: str, session_id: str, owner: str | None):
         """The pixels an img2img ``init_image`` names (utils/init_image.py): an accepted selfie of the
@@ -155,13 +154,15 @@ class Jobs:
         if ref.kind == "upload":
             return decode_image(ref.data, "init_image", max_pixels=s.max_pixels)
         if ref.kind == "output":
-            with Image.open(self.output_path(ref.job_id, ref.filename, owner)) as im:   # NotFound for another's
+            data = self.output_file(ref.job_id, ref.filename, owner).read()   # NotFound for another's
+            with Image.open(io.BytesIO(data)) as im:
                 return im.convert("RGB")
         original = self.storage.accepted_original(session_id, ref.index)
         if original is None:
             raise errors.NotFound(f"init_image='selfie:{ref.index}' is not an accepted selfie of session "
                                   f"{session_id!r} (use the index from the upload report)")
-        return decode_image(original.read_bytes(), original.name, max_pixels=s.max_pixels)
+        name, data = original
+        return decode_image(data, name, max_pixels=s.max_pixels)
 
     # --- status, cancel, files -------------------------------------------------------------------
     def cancel(self, job_id: str, owner: str | None) -> dict:
@@ -175,17 +176,38 @@ class Jobs:
                 time.sleep(0.01)
         return self.store.get(job_id)
 
-    def output_path(self, job_id: str, filename: str, owner: str | None):
+    def output_ref(self, job_id: str, filename: str, owner: str | None) -> str:
+        """The recorded reference of one of the caller's job files (its PNG, raw original or thumbnail)."""
         job = self.owned(job_id, owner)
         for o in job["outputs"]:
             candidates = [("thumbnail_path", thumbnail_name(o["filename"])), ("path", o.get("filename")),
                           ("raw_path", o.get("raw_filename"))]
             for path_key, name in candidates:
                 if name == filename and o.get(path_key):
-                    path = self.storage.resolve_relative(o[path_key])
-                    if path.is_file():
-                        return path
+                    return o[path_key]
         raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}")
+
+    def output_file(self, job_id: str, filename: str, owner: str | None) -> StoredFile:
+        """One of the caller's job files, opened for a download (streamed from a bucket)."""
+        ref = self.output_ref(job_id, filename, owner)     # another caller's job: NotFound naming the job only
+        try:
+            return self.storage.open_output(ref)
+        except errors.NotFound:
+            raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}") from None
+
+    def download_url(self, job_id: str, filename: str, owner: str | None, *, inline: bool) -> str | None:
+        """With TWIN_DOWNLOAD_REDIRECT=1 and a bucket: a presigned URL of the caller's file (owner checked
+        first) valid TWIN_PRESIGN_SECONDS, answering with the Content-Disposition a streamed download has.
+        Else None (the API streams the file)."""
+        if not (self.settings.download_redirect and isinstance(self.storage, PresignedDownloads)):
+            return None
+        ref = self.output_ref(job_id, filename, owner)
+        disposition = f"{'inline' if inline else 'attachment'}; filename={filename}"
+        try:
+            return self.storage.download_url(ref, disposition=disposition, content_type=output_mimetype(filename),
+                                             expires=self.settings.presign_seconds)
+        except errors.NotFound:
+            raise errors.NotFound(f"file {filename!r} not found for job {job_id!r}") from None
 
     # --- run -------------------------------------------------------------------------------------
     def run(self, job: dict, on_progress, should_cancel, index: int = 0) -> dict:
@@ -193,6 +215,8 @@ class Jobs:
         model and the stored start picture, then the JobRunner. Returns the result metadata."""
         engine = self.engines[index]
         session_id = job["session_id"]
+        # Cached copies of sessions deleted on another node go before each job (and at every sweep interval).
+        self.sessions.forget_cached()
         if self.store.get_session(session_id) is None:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
@@ -207,10 +231,10 @@ class Jobs:
 
     def _stored_init_image(self, session_id: str, job_id: str):
         from PIL import Image
-        path = self.storage.init_image_path(session_id, job_id)
-        if not path.is_file():
+        data = self.storage.init_image(session_id, job_id)
+        if data is None:
             raise errors.NotFound(f"the init_image of job {job_id!r} is gone")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
 
     def _likeness(self, req, session_id: str) -> Likeness:
@@ -235,6 +259,10 @@ def _check_persona_request(session_id: Any, owner: str | None) -> None:
     if not owner:
         raise errors.InvalidRequest("identity='none' needs a caller to own the job: send the client token "
                                     "(or API key)", code="no_caller")
+
+
+def output_mimetype(filename: str) -> str:
+    return "image/jpeg" if filename.endswith(".jpg") else "image/png"
 
 
 def output_bytes(req) -> int:

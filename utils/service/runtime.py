@@ -16,7 +16,7 @@ import traceback
 
 from utils import errors
 from utils.config import Settings
-from utils.contracts import ClusterSingleton
+from utils.contracts import CachedReads, ClusterSingleton
 from utils.jobs import lifecycle
 from utils.jobs.status import JobStatus
 from utils.service import face_setup
@@ -88,7 +88,7 @@ class Runtime:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        # Cluster mode: TWIN_DATA_DIR is shared, and a worker elsewhere may be writing its temp files now.
+        # Cluster mode: TWIN_DATA_DIR may be shared, and a worker elsewhere may be writing its temp files now.
         removed = 0 if self.settings.cluster else self.storage.clean_partial_files()
         if removed:
             log.warning("removed partial files left by an earlier stop", extra={"count": removed})
@@ -99,7 +99,7 @@ class Runtime:
                 if job is not None:
                     self._job_event(job_id, "status", job)
         self._setup_thread = _spawn(self._setup, "twin-setup")
-        if self.settings.retention_hours > 0:
+        if self.settings.retention_hours > 0 or isinstance(self.storage, CachedReads):
             once = self.queue.acquire_singleton if isinstance(self.queue, ClusterSingleton) else None
             self.sweeper = _spawn(lambda: self.sessions.sweep_loop(self._stop, once), "twin-retention")
 

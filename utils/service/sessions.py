@@ -9,9 +9,10 @@ from typing import Callable
 
 from utils import errors
 from utils.config import Settings
+from utils.contracts import CachedReads, Storage
 from utils.logging import log_context
 from utils.service.identity import build_identity
-from utils.storage import Storage, is_valid_id, new_id
+from utils.storage import is_valid_id, new_id
 
 log = logging.getLogger("twin.service")
 
@@ -99,18 +100,24 @@ class Sessions:
         return self.delete_now(session_id)
 
     def delete_now(self, session_id: str) -> dict:
-        """Cancel the session's jobs, then remove its records and every file (faces go even when the
-        records cannot be written: a full volume; the records then go on the next delete or sweep)."""
+        """Cancel the session's jobs, then delete every file and then the records. The files go first: they
+        hold the faces, and when the storage fails (a bucket away: 503) the records stay, so the caller can
+        send the same DELETE again; a full volume that cannot update the records still loses the faces (the
+        records then go on the next delete or sweep). A second pass catches a file that a job still running
+        wrote meanwhile."""
         active = self.store.active_ids_for_session(session_id)
         for job_id in active:
             self.queue.cancel(job_id)
         deadline = time.time() + 30
         while time.time() < deadline and self.store.active_ids_for_session(session_id):
             time.sleep(0.02)  # a running job stops within one denoising step
+        self.storage.delete_session(session_id)
+        self.store.delete_session_records(session_id)
         try:
-            self.store.delete_session_records(session_id)
-        finally:
             self.storage.delete_session(session_id)
+        except errors.TwinError as e:   # the records are gone: the sweep deletes what is left
+            log.warning("second pass of a session delete failed", extra={"session_id": session_id,
+                                                                          "error": e.message})
         for hook in self.deleted_hooks:
             hook(session_id)
         log.info("session deleted", extra={"session_id": session_id, "jobs_canceled": len(active)})
@@ -125,7 +132,7 @@ class Sessions:
         old = self.store.sessions_older_than(cutoff)
         for sid in old:
             self.delete_now(sid)
-        for sid in list(self.storage.session_ids_on_disk()):
+        for sid in list(self.storage.session_ids()):
             if sid in old or self.store.get_session(sid) is not None:
                 continue
             try:
@@ -136,16 +143,30 @@ class Sessions:
                 continue
         return old
 
+    def forget_cached(self) -> list[str]:
+        """Drop this node's cached copies of sessions that no longer exist (deleted on another node, or by
+        the sweep elsewhere): biometric data must not outlive its session on any disk."""
+        if not isinstance(self.storage, CachedReads):
+            return []
+        gone = [sid for sid in self.storage.cached_sessions() if self.store.get_session(sid) is None]
+        for sid in gone:
+            self.storage.forget_cached(sid)
+        return gone
+
     def sweep_loop(self, stop: threading.Event, once: Callable[[str, float], bool] | None) -> None:
         """Once at start-up (a server that was down for days must not keep expired faces until the first
         interval ends), then every TWIN_RETENTION_SWEEP_MINUTES. ``once``: in cluster mode every API node
-        and GPU worker runs this loop, and one of them sweeps per interval."""
+        and GPU worker runs this loop, and one of them sweeps per interval; each drops its own cached copies
+        of deleted sessions (a bucket's local cache)."""
         interval = self.settings.retention_sweep_minutes * 60
         while True:
             try:
-                removed = self.sweep() if once is None or once("retention-sweep", interval * 0.9) else []
+                removed = []
+                if self.settings.retention_hours > 0 and (once is None or once("retention-sweep", interval * 0.9)):
+                    removed = self.sweep()
                 if removed:
                     log.info("retention sweep", extra={"sessions_deleted": len(removed)})
+                self.forget_cached()
             except Exception:  # noqa: BLE001
                 log.error("retention sweep failed", extra={"traceback": traceback.format_exc()})
             if stop.wait(interval):

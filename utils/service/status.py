@@ -30,11 +30,24 @@ def health(rt) -> dict:
         except errors.TwinError as e:
             body["queue"] = {"backend": "redis", "reachable": False}
             body["state"], body["error"] = "queue_unavailable", e.message
+    reachable, why = storage_reachable(rt.storage)
+    # Uploads and submits answer 503 storage_unavailable while the bucket is away: say so here (health stays 200).
+    body["storage"] = {"backend": rt.storage.backend, "reachable": reachable}
+    if not reachable:
+        body["state"], body["error"] = "storage_unavailable", why
     if rt.state == "ready":
         info = rt.model_info()
         body["profile"] = info.get("profile")
         body["is_demo"] = info.get("is_demo")
     return body
+
+
+def storage_reachable(storage) -> tuple[bool, str | None]:
+    try:
+        storage.ping()
+        return True, None
+    except errors.TwinError as e:
+        return False, e.message
 
 
 def _engine_health(engines: list, body: dict) -> None:
@@ -69,6 +82,8 @@ def system_status(rt) -> dict:
         "model": {"profile": info.get("profile"), "family": info.get("family"), "variant": info.get("variant"),
                   "model_name": info.get("model_name"), "is_demo": info.get("is_demo"), "dtype": info.get("dtype")},
         "face_backend": rt.faces.backend_name,
+        "storage": dict(rt.storage.describe(), reachable=storage_reachable(rt.storage)[0],
+                        download_redirect=s.download_redirect),
         "device": device_info(info.get("device")),
         # Local mode: job threads here; cluster mode: live GPU workers (listed under "cluster").
         "workers": len(cluster["workers"]) if cluster else len(rt.engines),

@@ -1,6 +1,6 @@
 """The one place where settings become components: which engine (in-process or in a generator process, one
-per GPU), which face service, which job store / queue / event log / Idempotency-Key store (local SQLite +
-job threads, or cluster Redis + RQ), which face restorer. Everything else receives what this builds, so
+per GPU), which face service, which storage (the data folder, or an S3 bucket), which job store / queue /
+event log / Idempotency-Key store (local SQLite + job threads, or cluster Redis + RQ), which face restorer. Everything else receives what this builds, so
 tests swap an implementation by passing another.
 """
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pathlib import Path
+
 from utils.config import Settings
+from utils.contracts import Storage
 from utils.service.face_setup import face_settings
-from utils.storage import Storage
 
 
 @dataclass
@@ -31,8 +33,8 @@ def build_runtime(settings: Settings, *, engines: list | None = None, faces=None
     """A Runtime for this process: the web app (local mode, or a cluster's API node) or a GPU worker.
     ``engines`` / ``faces``: test doubles, else the real ones from the settings."""
     from utils.service.runtime import Runtime
-    storage = Storage(settings.data_dir, min_free_mb=settings.min_free_mb)
-    store = build_store(settings, storage)
+    storage = build_storage(settings)
+    store = build_store(settings)
     parts = Parts(engines=engines if engines is not None else build_engines(settings),
                   faces=faces if faces is not None else build_faces(settings), storage=storage, store=store,
                   queue=lambda run, ready, on_preview: build_queue(settings, store, run, ready, on_preview,
@@ -40,6 +42,33 @@ def build_runtime(settings: Settings, *, engines: list | None = None, faces=None
                   events=build_events(settings, store), webhooks=build_webhooks(settings, store),
                   restorer=lambda profile: build_restorer(settings, profile))
     return Runtime(settings, parts, holds_models=gpu_worker or not settings.cluster)
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+def build_storage(settings: Settings, *, check_access: bool = True) -> Storage:
+    """The data folder (TWIN_DATA_DIR), or the bucket of TWIN_STORAGE_URL=s3://bucket/prefix with a bounded
+    cache of what this process reads in <data_dir>/storage-cache. ``check_access``: wrong credentials or a
+    missing bucket stop start-up with a ConfigError naming the setting (an unreachable bucket does not)."""
+    if not settings.storage_url:
+        from utils.storage.local import LocalStorage
+        return LocalStorage(settings.data_dir, min_free_mb=settings.min_free_mb)
+    from utils.storage.bucket import Bucket
+    from utils.storage.cache import ObjectCache
+    from utils.storage.s3 import S3Storage
+    bucket = Bucket(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
+                    addressing_style=settings.s3_addressing_style, sse=settings.s3_sse,
+                    max_attempts=settings.s3_max_attempts)
+    if check_access:
+        bucket.check_access()
+    cache = ObjectCache(settings.data_dir / "storage-cache", int(settings.storage_cache_mb * 1048576))
+    return S3Storage(bucket, cache)
+
+
+def job_db_path(settings: Settings) -> Path:
+    """Local mode's job, session and Idempotency-Key records: SQLite in the data folder whichever storage
+    holds the files (a bucket is no database); cluster mode keeps them in Redis."""
+    return settings.data_dir / "jobs.db"
 
 
 # --- engines ---------------------------------------------------------------------------------------
@@ -120,13 +149,14 @@ def build_restorer(settings: Settings, profile: str | None):
 
 # --- jobs ------------------------------------------------------------------------------------------
 
-def build_store(settings: Settings, storage: Storage):
+def build_store(settings: Settings):
     """Job and session records: SQLite (jobs.db in the data dir) in local mode, Redis in cluster mode."""
     if settings.cluster:
         from utils.jobs.cluster.store import RedisJobStore
         return RedisJobStore(settings.queue_url)
     from utils.jobs.local.store import SqliteJobStore
-    return SqliteJobStore(storage.db_path)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteJobStore(job_db_path(settings))
 
 
 def build_queue(settings: Settings, store, run, ready, on_preview, engines: int):
@@ -154,7 +184,7 @@ def build_webhooks(settings: Settings, store):
     return WebhookDispatcher(settings, store)
 
 
-def build_idempotency(settings: Settings, storage: Storage, store):
+def build_idempotency(settings: Settings, store):
     """The Idempotency-Key records: in jobs.db for local mode; in the cluster's Redis (beside the job
     records, same connection) for cluster mode, so a retry that lands on another API node sees the
     first node's record."""
@@ -163,5 +193,5 @@ def build_idempotency(settings: Settings, storage: Storage, store):
         return RedisIdempotencyStore(store.redis, settings.idempotency_hours, prefix=store.prefix,
                                      in_flight_seconds=settings.idempotency_in_flight_seconds)
     from utils.jobs.local.idempotency import SqliteIdempotencyStore
-    return SqliteIdempotencyStore(storage.db_path, settings.idempotency_hours,
+    return SqliteIdempotencyStore(job_db_path(settings), settings.idempotency_hours,
                                   in_flight_seconds=settings.idempotency_in_flight_seconds)
