@@ -30,7 +30,8 @@ def settings_env(settings) -> dict[str, str]:
     from utils.config import env_name
     names = ("data_dir", "queue_url", "retention_hours", "warmup", "worker_heartbeat_seconds", "retry_backoff",
              "job_attempts", "drain_seconds", "log_level", "webhook_secret", "webhook_allow_private",
-             "webhook_retry_base_seconds")
+             "webhook_retry_base_seconds", "storage_url", "s3_endpoint_url", "s3_addressing_style", "s3_max_attempts",
+             "download_redirect")
     out = {}
     for n in names:
         v = getattr(settings, n)
