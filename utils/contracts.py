@@ -14,7 +14,8 @@ Local mode and cluster mode implement each job-backend contract:
 The engine side: ``Engine`` (utils.engine.generator.DigitalTwinGenerator, or a
 utils.jobs.local.generator_process.GeneratorProcess running one in a child), its request class
 (``GenerationRequestType``), ``ModelRegistry`` (an engine that switches base models), ``FamilyModel``
-(one loaded base model of a family: utils/engine/families/), and ``FaceService`` (utils.faces.FaceService).
+(one loaded base model of a family: utils/engine/families/), ``FluxIdentityMethod`` (what FluxModel asks of an
+identity method), and ``FaceService`` (utils.faces.FaceService).
 
 Each protocol lists only what callers use. A capability only one backend has is its own small protocol
 (``Reachable``, ``ClusterStatus``, ``ClusterSingleton``, ``ModelRouting``), so a caller asks
@@ -294,7 +295,26 @@ class FamilyModel(Protocol):
     def call_kwargs(self, req: Any, plan: dict, seeds: list[int]) -> dict: ...
     def run(self, req: Any, plan: dict, kwargs: dict, on_step_end: Callable, marks: dict) -> tuple[list, Any]: ...
     def preview_latents(self, latents: Any, plan: dict) -> Any: ...
-    def call_metadata(self, req: Any) -> dict: ...
+    def call_metadata(self, req: Any, plan: dict) -> dict: ...
+
+
+@runtime_checkable
+class FluxIdentityMethod(Protocol):
+    """An identity method for the FLUX family, as ``FluxModel(identity_method=...)`` holds it (the way SdxlModel
+    holds its AdapterManager): InfiniteYou comes next (issue 23); until then FLUX runs without one and says so.
+
+    ``fields``: the request fields it reads (identity_strength, pose, pose_strength): they apply to the model
+    only with a method that takes them. ``prepare`` runs under the family model's lock right before a call of
+    a request that has an identity: it returns the pipeline to call (e.g. a ControlNet pipeline over the same
+    components) and may add to ``kwargs`` (control image, scales); ``finish`` clears per-call state after it."""
+
+    variant: str
+    fields: frozenset
+
+    def build_identity(self, crops: Any, face_embeddings: Any, **inputs: Any) -> Any: ...
+    def check_identity(self, identity: Any) -> None: ...
+    def prepare(self, pipe: Any, req: Any, plan: dict, kwargs: dict) -> Any: ...
+    def finish(self, pipe: Any) -> None: ...
 
 
 # --- faces ------------------------------------------------------------------------------------------

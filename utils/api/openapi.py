@@ -84,7 +84,7 @@ def _common(s: Settings, keyed: bool) -> dict[str, Any]:
 
 
 def _generate_request(s: Settings) -> dict[str, Any]:
-    from utils.service.wiring import request_fields
+    from utils.service.wiring import request_applicability, request_fields
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
@@ -95,6 +95,10 @@ def _generate_request(s: Settings) -> dict[str, Any]:
     props = generate_request["properties"]
     for name in TEXT_FIELDS:
         props[name]["pattern"] = _NO_CONTROLS
+    # Fields that apply to some model families only (and when): a field given for a model it does not apply
+    # to is a 400 field_not_applicable naming field and family.
+    for name, families in request_applicability().items():
+        props[name]["x-applies-to"] = families
     props["prompt"]["pattern"] = _NO_CONTROLS.replace(
         "]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")
     return generate_request
