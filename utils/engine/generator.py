@@ -110,7 +110,8 @@ class DigitalTwinGenerator:
         if self.model is not None:
             info = self.model.info()
             out.update(info, identity_combine=self.settings.identity_combine, active_model=info["model_name"],
-                       variant=info["variant"] or out["variant"])
+                       variant=info["variant"] if self.model.family != "sdxl" else info["variant"] or out["variant"],
+                       method_fields=sorted(self.model.method_fields))
         return out
 
     def _require_ready(self) -> None:

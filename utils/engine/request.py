@@ -219,6 +219,12 @@ class GenerationRequest:
         kps = faces.keypoints or [None] * len(faces.indices)
         check_selfie_pose(self.pose, [i for i, k in zip(faces.indices, kps) if k is not None])
 
+    def check_family(self, family: str, method_fields: frozenset = frozenset(), variant: str = "") -> None:
+        """Every field given applies to a ``family`` model whose identity method takes ``method_fields``
+        (400 field_not_applicable naming field and family). For a check before the model is at hand (a pinned
+        job in cluster mode); the engine makes it again when the job runs."""
+        check_applicable(self, family, frozenset(method_fields), variant)
+
     def with_init_image(self, image: Any) -> "GenerationRequest":
         return dataclasses.replace(self, init_pixels=image)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from utils.config import Settings
 from utils.models.filecheck import FileCheck
 from utils.models.flux_load import load_flux
+from utils.models.flux_verify import verify_flux_layout
 from utils.models.layout import BaseModel, FluxLayout, list_base_models, model_layout
 from utils.models.load import LoadedModels, load_pipeline
 from utils.models.tiny import make_tiny, tiny_is_current
@@ -64,4 +65,9 @@ def load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedMod
 
 def verify(settings: Settings) -> list[FileCheck]:
     """One FileCheck per weight file the configured profile and variant load."""
-    return verify_layout(ready_layout(settings))
+    return verify_any(ready_layout(settings))
+
+
+def verify_any(layout) -> list[FileCheck]:
+    """The preflight of a layout of either family."""
+    return verify_flux_layout(layout) if isinstance(layout, FluxLayout) else verify_layout(layout)
