@@ -111,6 +111,9 @@ class FakeGenerationRequest:
     def check_session(self, faces) -> None:
         """Nothing of the session is named by a fake request."""
 
+    def check_family(self, family: str, method_fields=frozenset(), variant: str = "") -> None:
+        """The fake engine has one family and every fake field applies to it."""
+
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "num_images": self.num_images,
                 "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
@@ -369,13 +372,13 @@ class FakeModelGenerator(FakeGenerator):
         self._load_lock = threading.Lock()
 
     def info(self) -> dict:
-        return {**super().info(), "model_name": self.active, "active_model": self.active}
+        return {**super().info(), "model_name": self.active, "active_model": self.active, "family": "fake"}
 
     def models_catalogue(self) -> dict:
         return {"active": self.active,
-                "models": [{"name": n, "kind": "single-file", "file": f"{n}.safetensors", "active": n == self.active}
-                           for n in self.model_names],
-                "loras": ["fake_style"]}
+                "models": [{"name": n, "family": "fake", "kind": "single-file", "file": f"{n}.safetensors",
+                            "active": n == self.active} for n in self.model_names],
+                "loras": [{"name": "fake_style", "family": "fake", "loaded": True}]}
 
     def load_model(self, name: str) -> dict:
         if name not in self.model_names:

@@ -63,7 +63,7 @@ def test_pinned_jobs_run_on_the_worker_holding_their_model(nodes, workers, redis
         ("base", True, ["w0"]), ("alt", True, ["w1"]), ("broken", False, [])]
     assert [(w["name"], w["model"], w["state"]) for w in body["workers"]] == [("w0", "base", "idle"),
                                                                               ("w1", "alt", "idle")]
-    assert a.get("/loras").get_json() == {"loras": ["fake_style"]}
+    assert a.get("/loras").get_json() == {"loras": [{"name": "fake_style", "family": "fake", "loaded": True}]}
     st = a.get("/system-status").get_json()
     assert st["model_registry"] is True
     assert sorted((w["name"], w["model"]) for w in st["cluster"]["workers"]) == [("w0", "base"), ("w1", "alt")]
@@ -292,7 +292,9 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
             job = c.post("/generate", json={**body, **extra}, headers={TOKEN_HEADER: tok}).get_json()
             done = wait_status(c, tok, job["id"], TERMINAL, 120)
             assert done["status"] == "succeeded" and done["metadata"]["model"] == "tiny-alt", done
-        assert c.get("/models").get_json()["workers"][0]["family"] == "tiny-sdxl"
+        # A worker's family is the model family (sdxl | flux, issue 22), no longer the identity model's name
+        # ("tiny-sdxl"): routing and the field checks of pinned jobs read it.
+        assert c.get("/models").get_json()["workers"][0]["family"] == "sdxl"
     finally:
         app.extensions["twin"].shutdown()
 

@@ -325,6 +325,8 @@ def _model_paths() -> dict[str, Any]:
                             "models": {"type": "array", "items": {
                                 "type": "object", "required": ["name", "kind", "active"],
                                 "properties": {"name": {"type": "string"},
+                                               "family": _nullable({"type": "string",
+                                                                    "description": "sdxl | flux"}),
                                                "kind": {"type": "string", "enum": ["diffusers-folder", "single-file"]},
                                                "file": _nullable({"type": "string"}),
                                                "active": {"type": "boolean"},
@@ -337,10 +339,15 @@ def _model_paths() -> dict[str, Any]:
                                                "target": {"type": "string"}, "error": {"type": "string"}}}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
         "/loras": {"get": {"operationId": "loras", "responses": {
-            "200": {"description": "Style LoRAs the loader knows (the `lora` request field's values).",
+            "200": {"description": "Every style LoRA of the LoRA folder, its family (sdxl | flux; null: its keys "
+                                   "name neither) and whether the active model loaded it (the `lora` request "
+                                   "field's values: a LoRA of another family is a 400 naming both).",
                     "content": {"application/json": {"schema": {
                         "type": "object", "required": ["loras"],
-                        "properties": {"loras": {"type": "array", "items": {"type": "string"}}}}}}},
+                        "properties": {"loras": {"type": "array", "items": {
+                            "type": "object", "required": ["name", "family", "loaded"],
+                            "properties": {"name": {"type": "string"}, "family": _nullable({"type": "string"}),
+                                           "loaded": {"type": "boolean"}}}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
     }
 

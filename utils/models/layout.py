@@ -434,7 +434,8 @@ def list_base_models(settings: Settings) -> dict[str, BaseModel]:
     """Every base model available locally, of either family: the configured one first, then the other
     diffusers folders found (the tiny folder holds tiny-sdxl and tiny-flux; real profiles: the sdxl base and
     FLUX.1-dev / -schnell when downloaded), then the single-file checkpoints, each with the family its keys
-    name (one whose keys are neither is left out: ``verify`` names it)."""
+    name (one whose keys name neither, or cannot be read, is taken for the configured family: its load then
+    fails naming the file, and ``verify`` names the problem)."""
     layout = model_layout(settings)
     if layout.profile == "tiny":
         folders: list[Layout] = [layout] + [x for x in (tiny_layout(settings), tiny_flux_layout(settings))
@@ -445,8 +446,8 @@ def list_base_models(settings: Settings) -> dict[str, BaseModel]:
     out = {x.model_name: BaseModel(x.model_name, x.family, x) for x in folders}
     if layout.checkpoints.is_dir():
         for f in sorted(layout.checkpoints.glob("*.safetensors")):
-            family = checkpoint_family(f)
-            if family is not None and f.stem not in out:
+            family = checkpoint_family(f) or layout.family
+            if f.stem not in out:
                 out[f.stem] = BaseModel(f.stem, family, _checkpoint_layout(family, f, folders, settings), f)
     return out
 
