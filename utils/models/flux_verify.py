@@ -161,8 +161,9 @@ def verify_flux_loras(layout: FluxLayout, meta: dict[str, Any]) -> list[FileChec
             checks.append(FileCheck(rel_path(f, lora_dir), "skipped", "an sdxl LoRA (checked with an sdxl profile)"))
         else:
             checks.append(verify_lora(f, rel_path(f, lora_dir), parts, family="flux"))
-    if not files:
-        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs (<name>.safetensors; TWIN_LORA_DIR)"))
+    if all(c.status == "skipped" for c in checks[1:]):
+        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs of the flux family "
+                                                         "(<name>.safetensors; TWIN_LORA_DIR)"))
     return checks
 
 

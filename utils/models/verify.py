@@ -157,8 +157,9 @@ def verify_loras(layout: ModelLayout, meta: dict[str, Any]) -> list[FileCheck]:
     # One folder holds both families' LoRAs: a FLUX one is checked when a flux layout is verified.
     checks += [FileCheck(rel_path(f, lora_dir), "skipped", "a flux LoRA (checked with a flux profile)")
                if lora_family(f) == "flux" else verify_lora(f, rel_path(f, lora_dir), meta) for f in loras]
-    if not loras:
-        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs (<name>.safetensors; TWIN_LORA_DIR)"))
+    if all(c.status == "skipped" for c in checks[1:]):
+        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs of the sdxl family "
+                                                         "(<name>.safetensors; TWIN_LORA_DIR)"))
     return checks
 
 
