@@ -191,6 +191,13 @@ def _big_vocab(root: Path):
     p.write_text(json.dumps(tok))
 
 
+def _sdxl_as_flux(root: Path):
+    def change(sd):
+        for k in list(sd):
+            sd[k.replace("unet.", "transformer.", 1)] = sd.pop(k)
+    _rewrite(root / "loras" / "tiny_style.safetensors", change)
+
+
 def _xlabs_wrong_rank(root: Path):
     def change(sd):
         k = "double_blocks.0.processor.qkv_lora1.up.weight"
@@ -214,7 +221,9 @@ def _xlabs_wrong_rank(root: Path):
     (_bad_tokenizer, "corrupt", f"{FLUX}/tokenizer_2", ""),
     (_big_vocab, "wrong_shape", f"{FLUX}/tokenizer_2", "more than the"),
     (lambda r: (r / FLUX / "tokenizer" / "vocab.json").unlink(), "missing", f"{FLUX}/tokenizer", "vocab.json"),
-    (_xlabs_wrong_rank, "wrong_shape", "loras/tiny_flux_realism.safetensors", "do not fit"),
+    (_xlabs_wrong_rank, "wrong_shape", "loras/tiny_flux_realism.safetensors", "lora_A rank 4 but lora_B rank 5"),
+    # an SDXL LoRA's keys under FLUX's prefix: a FLUX LoRA by its keys, for modules the transformer lacks
+    (_sdxl_as_flux, "unexpected_key", "loras/tiny_style.safetensors", "is not a module of the transformer"),
 ])
 def test_verify_names_each_broken_flux_file(tiny_models, tmp_path, breaker, status, path, needle):
     root = clone(tiny_models, tmp_path / "tiny")

@@ -58,10 +58,10 @@ def installed_backends() -> list[str]:
     return out
 
 
-def pick_backend(gpu: GpuFacts, backends: list[str]) -> str | None:
-    """fp8 where the GPU has fp8 units (sm 8.9+), else int8, else nf4; None when none is installed."""
+def backend_order(gpu: GpuFacts, backends: list[str]) -> list[str]:
+    """The installed backends, best first: fp8 where the GPU has fp8 units (sm 8.9+), int8, then nf4."""
     order = (["torchao-fp8"] if gpu.capability >= (8, 9) else []) + ["torchao-int8", "bnb-nf4"]
-    return next((b for b in order if b in backends), None)
+    return [b for b in order if b in backends]
 
 
 def component_gib(base: Path) -> dict[str, float]:
@@ -94,32 +94,31 @@ def decide(requested: str, gpu: GpuFacts | None, parts_gib: dict[str, float], ba
     act = ACTIVATION_GIB_1024 * (side / 1024) ** 2
     weights = sum(parts_gib.values())
     full_need = (weights + act) * MARGIN
-    backend = pick_backend(gpu, backends)
+    order = backend_order(gpu, backends)
     if requested == "full":
         return MemoryPlan("full", None, f"TWIN_FLUX_MEMORY=full (needs ~{full_need:.1f} GiB; {gpu.name} has "
                                         f"{gpu.total_gib:.1f} GiB)")
     if requested == "quantized":
-        if backend is None:
+        if not order:
             raise ConfigError("TWIN_FLUX_MEMORY=quantized but no quantization backend is installed: "
                               "pip install -r requirements-gpu.txt (torchao), or bitsandbytes")
-        return MemoryPlan("quantized", backend, f"TWIN_FLUX_MEMORY=quantized ({backend})")
+        return MemoryPlan("quantized", order[0], f"TWIN_FLUX_MEMORY=quantized ({order[0]})")
     if requested == "offload":
         return MemoryPlan("offload", None, "TWIN_FLUX_MEMORY=offload")
     if full_need <= gpu.total_gib:
         return MemoryPlan("full", None, f"auto: bf16 needs ~{full_need:.1f} GiB and {gpu.name} has "
                                         f"{gpu.total_gib:.1f} GiB")
-    if backend is not None:
+    over = f"auto: bf16 needs ~{full_need:.1f} GiB, more than the {gpu.total_gib:.1f} GiB of {gpu.name}"
+    tried = []
+    for backend in order:
         q = sum(g * (BACKEND_BYTES[backend] / 2 if k in QUANTIZED_PARTS else 1) for k, g in parts_gib.items())
         q_need = (q + act) * MARGIN
         if q_need <= gpu.total_gib:
-            return MemoryPlan("quantized", backend, f"auto: bf16 needs ~{full_need:.1f} GiB, more than the "
-                                                    f"{gpu.total_gib:.1f} GiB of {gpu.name}; {backend} weights "
-                                                    f"need ~{q_need:.1f} GiB")
-        why = f"{backend} weights would still need ~{q_need:.1f} GiB"
-    else:
-        why = "no quantization backend is installed (pip install -r requirements-gpu.txt)"
-    return MemoryPlan("offload", None, f"auto: bf16 needs ~{full_need:.1f} GiB, more than the {gpu.total_gib:.1f} "
-                                       f"GiB of {gpu.name}, and {why}: model CPU offload")
+            return MemoryPlan("quantized", backend, f"{over}; {backend} weights need ~{q_need:.1f} GiB"
+                                                    + "".join(f" ({t})" for t in tried))
+        tried.append(f"{backend} would need ~{q_need:.1f} GiB")
+    why = ", ".join(tried) if tried else "no quantization backend is installed (pip install -r requirements-gpu.txt)"
+    return MemoryPlan("offload", None, f"{over}, and {why}: model CPU offload")
 
 
 def gpu_facts(device: str) -> GpuFacts | None:
