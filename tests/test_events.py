@@ -2,7 +2,6 @@
 Last-Event-ID, bounded in number, owner-checked; in-process on the Flask client and on real gunicorn."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -11,23 +10,9 @@ import requests
 
 from tests.fakes import QUALITY_STEPS, FakeGenerator, image_bytes
 from tests.fixtures.service import FAKE_APP, server_env, wait_until
+from tests.helpers.events import parse_sse
 from tests.test_api import assert_error, finished, upload
 from utils.jobs.events import MemoryEventLog
-
-
-def parse_sse(text: str) -> tuple[list[dict], int]:
-    """(events as {"id", "event", "data"}, heartbeat comments) from a text/event-stream body."""
-    events, beats = [], 0
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        if block.startswith(": heartbeat"):
-            beats += 1
-            continue
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
-    return events, beats
 
 
 def submit(client, **payload):
