@@ -83,8 +83,8 @@ def tiny(args) -> int:
                   f"(median of {args.repeats}; {statistics.median(times) / steps * 1000:.1f} ms/step)")
     gen.load_model("tiny-sdxl")
     gc.collect()
-    print(f"RSS before the first FLUX load (tiny-sdxl active, both families' code imported): {before:.1f} MB; "
-          f"now {rss_mb():.1f} MB")
+    print(f"RSS with tiny-sdxl loaded, before any FLUX load: {before:.1f} MB; after the timings, back on tiny-sdxl "
+          f"(FLUX's code now imported): {rss_mb():.1f} MB")
     base = rss_mb()
     calls = []
     for i in range(args.swaps):

@@ -176,8 +176,8 @@ def run_part(name: str, argv: list[str], limit: float, log: Log) -> dict:
     return out
 
 
-def table(results: Path) -> list[str]:
-    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+def table_ab(rows: list[dict]) -> list[str]:
+    """Parts A and B of the final table."""
     out = ["", "part A: s/call, 30 steps CFG unless mode few-step (4 steps, no CFG); peak = max allocated GB",
            f"{'variant':14} {'mode':8} {'b':>2} {'res':>5} {'st':>3} {'s/call':>7} {'s/img':>6} {'it/s':>6} "
            f"{'TFLOP/s':>7} {'%pk':>5} {'peak':>6} {'resv':>6} {'build':>6}"]
@@ -207,6 +207,12 @@ def table(results: Path) -> list[str]:
         elif r["step"] == "summary":
             out.append(f"summary  median {r['call_median_s']} s, max {r['call_max_s']} s over {r['swaps']} switches; "
                        + ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith("growth")))
+    return out
+
+
+def table(results: Path) -> list[str]:
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
     flux = [r for r in rows if r.get("part") == "C"]
     if flux:
         out += ["", "part C: FLUX.1, s/call; peak = max allocated GB during the timed calls, held = allocated before",
