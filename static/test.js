@@ -319,8 +319,10 @@
     try {
       const body = await api("/models");
       const names = (body.models || []).map((m) => m.name);
+      const family = Object.fromEntries((body.models || []).map((m) => [m.name, m.family]));
       const current = Array.isArray(body.active) ? body.active[0] : body.active;
-      fillSelect($("base_model"), names, (n) => n, current);   // keeps a choice being made
+      // keeps a choice being made; each model says its family (sdxl | flux)
+      fillSelect($("base_model"), names, (n) => family[n] ? `${n} (${family[n]})` : n, current);
       $("models-panel").hidden = false;
       if (!$("model-state").textContent) say($("model-state"), describeModels(body));
     } catch (e) { $("models-panel").hidden = true; }

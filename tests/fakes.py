@@ -431,3 +431,29 @@ class ScriptedSafetyClassifier:
                 out.append(float(self._scores[min(self.seen, len(self._scores) - 1)]))
                 self.seen += 1
             return out
+
+
+class FakeFluxIdentityMethod:
+    """A FluxIdentityMethod (utils/contracts.py) double: records what FluxModel asks of a method and when, and
+    makes the call observable (it raises the guidance by identity_strength); no likeness."""
+    variant = "recording"
+    fields = frozenset({"identity_strength"})
+
+    def __init__(self):
+        self.calls = []
+
+    def build_identity(self, crops, face_embeddings, **inputs):
+        self.calls.append("build")
+        return {"variant": self.variant, "n": len(crops)}
+
+    def check_identity(self, identity):
+        if not isinstance(identity, dict) or identity.get("variant") != self.variant:
+            raise errors.Conflict("not this method's identity", code="identity_mismatch")
+
+    def prepare(self, pipe, req, plan, kwargs):
+        self.calls.append(("prepare", req.identity_strength))
+        kwargs["guidance_scale"] = 3.5 + req.identity_strength     # observable in the call
+        return pipe
+
+    def finish(self, pipe):
+        self.calls.append("finish")

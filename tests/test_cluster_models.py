@@ -295,6 +295,17 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
         # A worker's family is the model family (sdxl | flux, issue 22), no longer the identity model's name
         # ("tiny-sdxl"): routing and the field checks of pinned jobs read it.
         assert c.get("/models").get_json()["workers"][0]["family"] == "sdxl"
+        # Across families: the worker switches to the tiny FLUX, publishes its family, and a pinned job's
+        # fields are checked against it at submit (a negative prompt needs true_cfg on FLUX).
+        code, answer = admin_load(c, {"model": "tiny-flux"})
+        assert code == 200 and answer["workers"][0]["model"] == "tiny-flux", answer
+        wait_until(lambda: live_workers(conn)["w0"].get("family") == "flux", 30, 0.1)
+        r = c.post("/generate", json={**body, "model": "tiny-flux", "negative_prompt": "x"}, headers={TOKEN_HEADER: tok})
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "field_not_applicable", r.get_json()
+        job = c.post("/generate", json={**body, "model": "tiny-flux"}, headers={TOKEN_HEADER: tok}).get_json()
+        done = wait_status(c, tok, job["id"], TERMINAL, 120)
+        assert done["status"] == "succeeded" and (done["metadata"]["model"], done["metadata"]["family"]) == \
+            ("tiny-flux", "flux"), done
     finally:
         app.extensions["twin"].shutdown()
 

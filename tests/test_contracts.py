@@ -98,6 +98,11 @@ def _fake_request(tmp_path):
     return FakeGenerationRequest(prompt="p")
 
 
+def _fake_flux_identity_method(tmp_path):
+    from tests.fakes import FakeFluxIdentityMethod
+    return FakeFluxIdentityMethod()
+
+
 # (protocol, implementation factory, the optional capabilities it has, those it must not claim)
 CASES = [
     (contracts.JobStore, _sqlite_store, [], [contracts.Reachable]),
@@ -117,6 +122,7 @@ CASES = [
     (contracts.FaceService, _fake_faces, [], []),
     (contracts.GenerationRequestType, _request_type, [], []),
     (contracts.GenerationRequestType, _fake_request, [], []),
+    (contracts.FluxIdentityMethod, _fake_flux_identity_method, [], []),
 ]
 IDS = [f"{proto.__name__}-{make.__name__.lstrip('_')}" for proto, make, _, _ in CASES]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from generate_twin import GenerationRequest
+from tests.fakes import FakeFluxIdentityMethod
 from utils import errors
 from utils.contracts import FamilyModel, FluxIdentityMethod
 from utils.engine.families.flux import NO_IDENTITY_NOTE, FluxModel
@@ -221,33 +222,8 @@ def test_the_single_file_fine_tune_loads_against_the_folders_configs(tiny_flux_s
     assert alt.metadata["model"] == "tiny-flux-alt" and np.abs(pixels(alt) - pixels(base)).mean() > 0.5
 
 
-class RecordingIdentityMethod:
-    """A FluxIdentityMethod double: shows the seam (what FluxModel asks of a method and when), not a likeness."""
-    variant = "recording"
-    fields = frozenset({"identity_strength"})
-
-    def __init__(self):
-        self.calls = []
-
-    def build_identity(self, crops, face_embeddings, **inputs):
-        self.calls.append("build")
-        return {"variant": self.variant, "n": len(crops)}
-
-    def check_identity(self, identity):
-        if not isinstance(identity, dict) or identity.get("variant") != self.variant:
-            raise errors.Conflict("not this method's identity", code="identity_mismatch")
-
-    def prepare(self, pipe, req, plan, kwargs):
-        self.calls.append(("prepare", req.identity_strength))
-        kwargs["guidance_scale"] = 3.5 + req.identity_strength     # observable in the call
-        return pipe
-
-    def finish(self, pipe):
-        self.calls.append("finish")
-
-
 def test_an_identity_method_plugs_into_flux(tiny_flux_generator, tiny_flux_settings):
-    method = RecordingIdentityMethod()
+    method = FakeFluxIdentityMethod()
     assert isinstance(method, FluxIdentityMethod)
     model = FluxModel(tiny_flux_settings, tiny_flux_generator.models, identity_method=method)
     ident = model.build_identity(["crop"], None)

@@ -666,7 +666,10 @@ def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny
             page.click("#api-key-save")
             page.wait_for_selector("#models-panel:not([hidden])", timeout=60_000)
             page.wait_for_load_state("networkidle")   # the key's reload of the options has landed
-            assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["tiny-sdxl", "tiny-alt"]
+            # both families of the tiny folder (issue 22), each labelled with its family
+            assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == [
+                "tiny-sdxl", "tiny-flux", "tiny-alt", "tiny-flux-alt"]
+            assert page.locator("#base_model option[value='tiny-flux']").inner_text() == "tiny-flux (flux)"
             page.select_option("#base_model", "tiny-alt")
             page.click("#model-load-btn")
             model_state_has(page, needle, 60_000)

@@ -48,13 +48,13 @@ class Settings:
     rate_limit_generate: str = _setting("60/minute", "Generate rate limit per API key, or per client address without keys (flask-limiter syntax); over it: 429 with Retry-After.")
 
     # --- models ------------------------------------------------------------------------------
-    model_profile: str = _setting("auto", "Which base model the service starts on: sdxl or flux (real weights, see `python model_loader.py download [--flux-dev | --flux-schnell]`); tiny or tiny-flux (the tiny offline SDXL / FLUX, built on first start); auto: sdxl when its weights are present, else flux when its weights are present, else tiny. POST /models/load switches between every base model found (GET /models), of either family.",
+    model_profile: str = _setting("auto", "Which base model the service starts on: sdxl or flux (real weights, see `python model_loader.py download`, with --flux-dev or --flux-schnell for FLUX); tiny or tiny-flux (the tiny offline SDXL / FLUX, built on first start); auto: sdxl when its weights are present, else flux when its weights are present, else tiny. POST /models/load switches between every base model found (GET /models), of either family.",
                                   choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"))
     ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
                                        choices=IDENTITY_VARIANTS)
     identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=IDENTITY_COMBINES)
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
-    dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
+    dtype: str = _setting("auto", "auto (on CUDA fp16 for SDXL and bf16 for FLUX; fp32 on CPU) | float16 | bfloat16 | float32.",
                           choices=("auto", "float16", "bfloat16", "float32"))
     default_identity_strength: float = _setting(0.7, "IP-Adapter scale when a request names none.", lo=0.0, hi=2.0)
     max_image_side: int = _setting(1536, "Largest width/height a request may ask for (multiple of 8).", lo=64, hi=4096)

@@ -259,12 +259,15 @@ class Engine(Protocol):
     def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
                        combine: str | None = None, embedding_norms: Any = None, keypoints: Any = None,
                        keypoint_index: Any = None) -> Any:
-        """The identity of the accepted selfies for the active model (face inputs: see FaceService)."""
+        """The identity of the accepted selfies for the active model (face inputs: see FaceService); None
+        when the active model has no identity method (the FLUX family until issue 23)."""
 
     def check_identity(self, identity: Any) -> None:
         """errors.Conflict(code="identity_mismatch") when it was built for another method or model."""
 
-    def validate(self, req: Any) -> dict: ...
+    def validate(self, req: Any) -> dict:
+        """The request against the active model (fields of its family and identity method, LoRA, pose): the
+        service calls it at submit; generate() checks again. Returns the plan."""
 
     def generate(self, req: Any, on_progress: Callable[..., Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> Any:
