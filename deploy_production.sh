@@ -148,6 +148,8 @@ echo "[deploy] venv with CUDA torch ($TORCH_PIN from $TORCH_INDEX)" >&2
 "$PREFIX/.venv/bin/pip" install -q "$TORCH_PIN" --index-url "$TORCH_INDEX"
 "$PREFIX/.venv/bin/pip" install -q -r "$PREFIX/requirements.txt"
 "$PREFIX/.venv/bin/pip" install -q --no-deps -r "$PREFIX/requirements-nodeps.txt"
+# FLUX's weight-only quantization (TWIN_FLUX_MEMORY=quantized / auto on a smaller GPU): torchao, GPU boxes only.
+"$PREFIX/.venv/bin/pip" install -q -r "$PREFIX/requirements-gpu.txt"
 # InsightFace (ArcFace variants) on the GPU: onnxruntime-gpu of the pinned series replaces the CPU build
 # (both provide the `onnxruntime` module; keeping both makes the import pick one at random).
 ORT_GPU_PIN=$(grep -E '^onnxruntime==' "$SRC/requirements.txt" | sed 's/^onnxruntime==/onnxruntime-gpu==/')

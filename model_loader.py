@@ -1,17 +1,19 @@
-"""Model profiles: where the SDXL + IP-Adapter weights come from and how they are loaded.
+"""Model profiles: where the SDXL + IP-Adapter and FLUX.1 weights come from and how they are loaded.
 
 Profiles (``settings.model_profile``):
 
 * ``sdxl``  real SDXL base 1.0 + IP-Adapter weights from ``settings.model_dir`` or the Hugging Face cache.
-* ``tiny``  a deterministic, randomly initialised miniature of the same model family, written to a folder
-  with the same layout as the real repos and loaded through the very same ``from_pretrained`` /
+* ``flux``  real FLUX.1-dev (or -schnell, TWIN_FLUX_MODEL) in the hub's diffusers layout, same places.
+* ``tiny`` / ``tiny-flux``  deterministic, randomly initialised miniatures of both families (one folder),
+  written with the same layout as the real repos and loaded through the very same ``from_pretrained`` /
   ``load_ip_adapter`` / ``load_lora_weights`` calls. Outputs are noise-like pictures, not portraits.
-* ``auto``  ``sdxl`` when its weights are present, else ``tiny`` with a loud warning.
+* ``auto``  ``sdxl`` when its weights are present, else ``flux`` when present, else ``tiny`` (said loudly).
 
 Commands::
 
     python model_loader.py download [--dir models] [--faceid] [--no-lightning]  # on a connected machine
     python model_loader.py download --instantid | --faceid-plusv2              # only that variant's files
+    python model_loader.py download --flux-dev | --flux-schnell                # FLUX.1's diffusers folders
     python model_loader.py download --restore gfpgan [--restore codeformer]    # face restoration ONNX only
     python model_loader.py make-tiny DIR                                       # offline, ~2 s, ~20 MB
     python model_loader.py check                                               # which profile would load

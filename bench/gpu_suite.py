@@ -1,7 +1,9 @@
-"""One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B).
+"""One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B); or, with
+--suite flux, full-size FLUX.1 (part C).
 
     python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
-    python bench/gpu_suite.py --dry-run [--out DIR]              # the same code paths on the CPU, small and quick
+    python3 bench/gpu_suite.py --suite flux [--budget-s 540]    # FLUX.1-dev / schnell (part C)
+    python bench/gpu_suite.py --dry-run [--suite flux] [--out DIR]   # the same code paths on the CPU, small and quick
 
 Part A (bench/bench_generate.py --full-size): random-weight SDXL at real sizes, 1024², 30 steps, CFG, fp16:
 plus-face batch 1 and 4 (+ the 4-step no-CFG row), instantid batch 1, faceid-plusv2 batch 1. Seconds per
@@ -37,6 +39,25 @@ GPU_B = ["--swaps", "3", "--gen-steps", "4", "--resolution", "1024"]
 DRY_A = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1",
          "--device", "cpu", "--threads", "2"]
 DRY_B = ["--size", "small", "--device", "cpu", "--resolution", "128", "--gen-steps", "2", "--swaps", "1"]
+
+
+# Part C (bench/bench_flux.py --full-size): random FLUX.1-dev from the real configs, 1024², 28 steps, batch 1
+# and 4 in each memory mode (full bf16, weight-only quantized, model offload), then FLUX.1-schnell 4 steps.
+GPU_C = ["--resolution", "1024", "--steps", "28", "--batch", "1", "4", "--warmup", "1", "--repeats", "2",
+         "--device", "cuda"]
+DRY_C = ["--size", "small", "--resolution", "128", "--steps", "2", "--batch", "1", "2", "--warmup", "0",
+         "--repeats", "1", "--device", "cpu", "--threads", "2"]
+
+
+def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
+    """(name, script, arguments, time cap) of part C. Expected on an H100: full ~150 s (dev batch 1 and 4,
+    schnell), quantized ~150 s (+ quantizing 12 B + 4.7 B weights), offload ~150 s (33 GB moved per call)."""
+    c = DRY_C if dry_run else GPU_C
+    return [
+        ("C-flux-full", "bench_flux.py", ["--full-size", "--modes", "full", "--variants", "dev", "schnell", *c], 200),
+        ("C-flux-quantized", "bench_flux.py", ["--full-size", "--modes", "quantized", "--variants", "dev", *c], 170),
+        ("C-flux-offload", "bench_flux.py", ["--full-size", "--modes", "offload", "--variants", "dev", *c], 170),
+    ]
 
 
 def plan(dry_run: bool, peak_tflops: float) -> list[tuple[str, str, list[str], float]]:
@@ -85,7 +106,7 @@ def preflight(args, results: Path, log: Log) -> float:
         # What the parts import: a missing package shows here, before any GPU time is spent on a part.
         sys.path.insert(0, str(REPO))
         import generate_twin, ipadapter_manager, instantid, model_loader  # noqa: F401,E401
-        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline  # noqa: F401
+        from diffusers import FluxPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline  # noqa: F401
         row["imports"] = "ok"
     except Exception as e:  # noqa: BLE001
         row["imports"] = f"FAILED: {type(e).__name__}: {e}"
@@ -155,8 +176,8 @@ def run_part(name: str, argv: list[str], limit: float, log: Log) -> dict:
     return out
 
 
-def table(results: Path) -> list[str]:
-    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+def table_ab(rows: list[dict]) -> list[str]:
+    """Parts A and B of the final table."""
     out = ["", "part A: s/call, 30 steps CFG unless mode few-step (4 steps, no CFG); peak = max allocated GB",
            f"{'variant':14} {'mode':8} {'b':>2} {'res':>5} {'st':>3} {'s/call':>7} {'s/img':>6} {'it/s':>6} "
            f"{'TFLOP/s':>7} {'%pk':>5} {'peak':>6} {'resv':>6} {'build':>6}"]
@@ -186,6 +207,24 @@ def table(results: Path) -> list[str]:
         elif r["step"] == "summary":
             out.append(f"summary  median {r['call_median_s']} s, max {r['call_max_s']} s over {r['swaps']} switches; "
                        + ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith("growth")))
+    return out
+
+
+def table(results: Path) -> list[str]:
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
+    flux = [r for r in rows if r.get("part") == "C"]
+    if flux:
+        out += ["", "part C: FLUX.1, s/call; peak = max allocated GB during the timed calls, held = allocated before",
+                f"{'model':15} {'mode':10} {'backend':13} {'b':>2} {'res':>5} {'st':>3} {'s/call':>7} {'s/img':>6} "
+                f"{'held':>6} {'peak':>6} {'build':>6}"]
+        for r in flux:
+            if r.get("skipped"):
+                out.append(f"{r['model']:15} {r['mode']:10} skipped: {r['skipped']}")
+                continue
+            out.append(f"{r['model']:15} {r['mode']:10} {str(r['backend'] or '-'):13} {r['batch']:>2} "
+                       f"{r['resolution']:>5} {r['steps']:>3} {r['seconds']:>7.2f} {r['s_per_image']:>6.2f} "
+                       f"{str(r['held_gb']):>6} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
     out.append("")
     for r in rows:
         if r.get("step") == "part":
@@ -197,12 +236,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, small topology, 128², 2 steps, one round trip")
     ap.add_argument("--out", type=Path, help="results folder (default $OUT, else ./gpu_out)")
-    ap.add_argument("--budget-s", type=float, default=420, help="overall wall-clock budget for the parts")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="overall wall-clock budget for the parts (default 420 s; --suite flux: 540 s)")
     ap.add_argument("--swap-dir", type=Path, default=None,
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux"),
+                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell)")
     args = ap.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 540.0 if args.suite == "flux" else 420.0
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +263,7 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = plan(args.dry_run, peak)
+    parts = flux_plan(args.dry_run) if args.suite == "flux" else plan(args.dry_run, peak)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:

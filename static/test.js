@@ -274,9 +274,32 @@
       $("pose_strength_out").textContent = ps.default.toFixed(2);
     }
     fillPoses();
+    applyFamily(opt);
     const m = sys.model || {};
-    $("footer-info").textContent = [m.model_name, m.variant && `adapter ${m.variant}`, sys.face_backend && `faces ${sys.face_backend}`,
-      sys.device && sys.device.name].filter(Boolean).join(" · ");
+    $("footer-info").textContent = [m.model_name, m.family, m.variant && `adapter ${m.variant}`,
+      sys.face_backend && `faces ${sys.face_backend}`, sys.device && sys.device.name].filter(Boolean).join(" · ");
+  }
+
+  // Which request fields apply to the active model's family (/system-status options.field_applicability,
+  // options.inapplicable_fields): the page hides those that never apply, so it never sends one (the API
+  // answers 400 naming field and family), and says when a conditional one does (FLUX: a negative prompt
+  // needs true CFG; style strength stays at 1). Without the table the page keeps its SDXL form.
+  function applyFamily(opt) {
+    const rules = opt.field_applicability || {};
+    const family = opt.family || "sdxl";
+    const never = new Set(Array.isArray(opt.inapplicable_fields) ? opt.inapplicable_fields : []);
+    const when = (field) => (rules[field] || {})[family] || "";
+    state.family = family;
+    state.hidden = new Set([...never].filter((f) => rules[f]));
+    const styleFixed = when("style_strength") && !when("style_strength").startsWith("always");
+    if (styleFixed) state.hidden.add("style_strength");
+    $("identity-strength-field").hidden = state.hidden.has("identity_strength");
+    $("style-strength-field").hidden = styleFixed;
+    $("true-cfg-field").hidden = !rules.true_cfg || state.hidden.has("true_cfg");
+    const neg = when("negative_prompt");
+    $("negative-help").textContent = neg && !neg.startsWith("always") ? `${family}: ${neg}.` : "";
+    const step = String(opt.side_multiple || 8);
+    for (const id of ["width", "height"]) $(id).step = step;
   }
 
   // Presets, then one entry per accepted selfie of this upload (selfie:N, N = its index in the report).
@@ -303,8 +326,10 @@
     try {
       const body = await api("/models");
       const names = (body.models || []).map((m) => m.name);
+      const family = Object.fromEntries((body.models || []).map((m) => [m.name, m.family]));
       const current = Array.isArray(body.active) ? body.active[0] : body.active;
-      fillSelect($("base_model"), names, (n) => n, current);   // keeps a choice being made
+      // keeps a choice being made; each model says its family (sdxl | flux)
+      fillSelect($("base_model"), names, (n) => family[n] ? `${n} (${family[n]})` : n, current);
       $("models-panel").hidden = false;
       if (!$("model-state").textContent) say($("model-state"), describeModels(body));
     } catch (e) { $("models-panel").hidden = true; }
@@ -332,6 +357,7 @@
                                               headers: { "Content-Type": "application/json", ...adminHeaders() },
                                               body: JSON.stringify({ model: name }) });
       say($("model-state"), describeSwitch(out));
+      await loadOptions();   // another family brings other fields, sizes and defaults
     } catch (e) {
       say($("model-state"), `Not switched: ${e.message}`);
       await loadModels();
@@ -811,9 +837,12 @@
       p.aspect_ratio = $("aspect_ratio").value;
     }
     p.style = $("style").value;
-    if (Number($("style_strength").value) < 1) p.style_strength = Number($("style_strength").value);
+    const hidden = state.hidden || new Set();
+    if (!hidden.has("style_strength") && Number($("style_strength").value) < 1) p.style_strength = Number($("style_strength").value);
     const none = describing();
-    if (none) p.identity = "none"; else p.identity_strength = Number($("identity_strength").value);
+    if (none) p.identity = "none";
+    else if (!hidden.has("identity_strength")) p.identity_strength = Number($("identity_strength").value);
+    if (!$("true-cfg-field").hidden && $("true_cfg").value.trim() !== "") p.true_cfg = Number($("true_cfg").value);
     if (state.poseControl && $("pose").value && !(none && $("pose").value.startsWith("selfie:"))) {
       p.pose = $("pose").value;
       p.pose_strength = Number($("pose_strength").value);

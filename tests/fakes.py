@@ -125,6 +125,9 @@ class FakeGenerationRequest:
     def check_session(self, faces) -> None:
         """Nothing of the session is named by a fake request."""
 
+    def check_family(self, family: str, method_fields=frozenset(), variant: str = "") -> None:
+        """The fake engine has one family and every fake field applies to it."""
+
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "num_images": self.num_images,
                 "seed": self.seed, "width": self.width, "height": self.height, "quality_mode": self.quality_mode,
@@ -424,13 +427,13 @@ class FakeModelGenerator(FakeGenerator):
         self._load_lock = threading.Lock()
 
     def info(self) -> dict:
-        return {**super().info(), "model_name": self.active, "active_model": self.active}
+        return {**super().info(), "model_name": self.active, "active_model": self.active, "family": "fake"}
 
     def models_catalogue(self) -> dict:
         return {"active": self.active,
-                "models": [{"name": n, "kind": "single-file", "file": f"{n}.safetensors", "active": n == self.active}
-                           for n in self.model_names],
-                "loras": ["fake_style"]}
+                "models": [{"name": n, "family": "fake", "kind": "single-file", "file": f"{n}.safetensors",
+                            "active": n == self.active} for n in self.model_names],
+                "loras": [{"name": "fake_style", "family": "fake", "loaded": True}]}
 
     def load_model(self, name: str) -> dict:
         if name not in self.model_names:
@@ -483,3 +486,29 @@ class ScriptedSafetyClassifier:
                 out.append(float(self._scores[min(self.seen, len(self._scores) - 1)]))
                 self.seen += 1
             return out
+
+
+class FakeFluxIdentityMethod:
+    """A FluxIdentityMethod (utils/contracts.py) double: records what FluxModel asks of a method and when, and
+    makes the call observable (it raises the guidance by identity_strength); no likeness."""
+    variant = "recording"
+    fields = frozenset({"identity_strength"})
+
+    def __init__(self):
+        self.calls = []
+
+    def build_identity(self, crops, face_embeddings, **inputs):
+        self.calls.append("build")
+        return {"variant": self.variant, "n": len(crops)}
+
+    def check_identity(self, identity):
+        if not isinstance(identity, dict) or identity.get("variant") != self.variant:
+            raise errors.Conflict("not this method's identity", code="identity_mismatch")
+
+    def prepare(self, pipe, req, plan, kwargs):
+        self.calls.append(("prepare", req.identity_strength))
+        kwargs["guidance_scale"] = 3.5 + req.identity_strength     # observable in the call
+        return pipe
+
+    def finish(self, pipe):
+        self.calls.append("finish")

@@ -65,7 +65,7 @@ def test_pinned_jobs_run_on_the_worker_holding_their_model(nodes, workers, redis
         ("base", True, ["w0"]), ("alt", True, ["w1"]), ("broken", False, [])]
     assert [(w["name"], w["model"], w["state"]) for w in body["workers"]] == [("w0", "base", "idle"),
                                                                               ("w1", "alt", "idle")]
-    assert a.get("/loras").get_json() == {"loras": ["fake_style"]}
+    assert a.get("/loras").get_json() == {"loras": [{"name": "fake_style", "family": "fake", "loaded": True}]}
     st = a.get("/system-status").get_json()
     assert st["model_registry"] is True
     assert sorted((w["name"], w["model"]) for w in st["cluster"]["workers"]) == [("w0", "base"), ("w1", "alt")]
@@ -290,7 +290,20 @@ def test_a_real_tiny_worker_switches_checkpoints_and_refuses_a_broken_file(redis
             job = c.post("/generate", json={**body, **extra}, headers={TOKEN_HEADER: tok}).get_json()
             done = wait_status(c, tok, job["id"], TERMINAL, 120)
             assert done["status"] == "succeeded" and done["metadata"]["model"] == "tiny-alt", done
-        assert c.get("/models").get_json()["workers"][0]["family"] == "tiny-sdxl"
+        # A worker's family is the model family (sdxl | flux, issue 22), no longer the identity model's name
+        # ("tiny-sdxl"): routing and the field checks of pinned jobs read it.
+        assert c.get("/models").get_json()["workers"][0]["family"] == "sdxl"
+        # Across families: the worker switches to the tiny FLUX, publishes its family, and a pinned job's
+        # fields are checked against it at submit (a negative prompt needs true_cfg on FLUX).
+        code, answer = admin_load(c, {"model": "tiny-flux"})
+        assert code == 200 and answer["workers"][0]["model"] == "tiny-flux", answer
+        wait_until(lambda: live_workers(conn)["w0"].get("family") == "flux", 30, 0.1)
+        r = c.post("/generate", json={**body, "model": "tiny-flux", "negative_prompt": "x"}, headers={TOKEN_HEADER: tok})
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "field_not_applicable", r.get_json()
+        job = c.post("/generate", json={**body, "model": "tiny-flux"}, headers={TOKEN_HEADER: tok}).get_json()
+        done = wait_status(c, tok, job["id"], TERMINAL, 120)
+        assert done["status"] == "succeeded" and (done["metadata"]["model"], done["metadata"]["family"]) == \
+            ("tiny-flux", "flux"), done
     finally:
         app.extensions["twin"].shutdown()
 

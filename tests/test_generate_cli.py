@@ -215,7 +215,8 @@ def test_object_flags_read_at_file(tmp_path):
     (["--persona", "{not json"], "'{not json'"),
     (["--persona", "@/no/such.json"], "/no/such.json"),
     (["--candidates", "3"], "needs a face template"),        # this fake face service makes none
-    (["--model", "nope"], "model='nope' is not a local base model; available: tiny-sdxl, tiny-alt"),
+    (["--model", "nope"], "model='nope' is not a local base model; available: tiny-sdxl, tiny-flux, tiny-alt, "
+                          "tiny-flux-alt"),
 ])
 def test_generated_flags_bad_values_exit_2_naming_the_value(cli_env, capsys, args, needle):
     selfies = write_selfies(cli_env / "selfies", 1)

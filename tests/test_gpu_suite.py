@@ -45,6 +45,42 @@ def test_plan_runs_the_same_scripts_on_gpu_and_dry_run(dry_run, device, size_arg
     assert sum(cap for *_, cap in parts[:3]) < 420   # part A leaves part B most of the 7-minute budget
 
 
+@pytest.mark.parametrize("dry_run, device, size_args, batches", [
+    (False, "cuda", {"--resolution": "1024", "--steps": "28", "--repeats": "2"}, ["1", "4"]),
+    (True, "cpu", {"--size": "small", "--resolution": "128", "--steps": "2", "--repeats": "1"}, ["1", "2"]),
+])
+def test_the_flux_plan_measures_every_memory_mode_and_schnell(dry_run, device, size_args, batches):
+    suite = _load("gpu_suite")
+    parts = suite.flux_plan(dry_run)
+    assert [(n, s) for n, s, _, _ in parts] == [("C-flux-full", "bench_flux.py"), ("C-flux-quantized", "bench_flux.py"),
+                                                ("C-flux-offload", "bench_flux.py")]
+    modes, variants = [], []
+    for name, script, args, cap in parts:
+        assert "--full-size" in args and cap > 0
+        assert {k: args[args.index(k) + 1] for k in size_args} == size_args
+        assert args[args.index("--device") + 1] == device
+        assert args[args.index("--batch") + 1: args.index("--batch") + 3] == batches
+        modes.append(args[args.index("--modes") + 1])
+        variants += args[args.index("--variants") + 1: args.index("--variants") + 3]
+    assert modes == ["full", "quantized", "offload"] and "schnell" in variants
+    assert sum(cap for *_, cap in parts) <= 540       # inside the flux suite's default budget
+
+
+def test_the_flux_bench_dry_run_measures_on_the_cpu(tmp_path):
+    """bench_flux.py's full-size path with the small topology on the CPU: FLUX.1-dev full and schnell rows,
+    the GPU-only modes said to need CUDA (nothing claimed)."""
+    import json
+    bench = _load("bench_flux")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--full-size", "--size", "small", "--device", "cpu", "--resolution", "64", "--steps", "1",
+                       "--batch", "1", "--warmup", "0", "--repeats", "1", "--jsonl", str(rows)]) == 0
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [(r["model"], r["mode"], "skipped" in r) for r in got] == [
+        ("FLUX.1-dev", "full", False), ("FLUX.1-dev", "quantized", True), ("FLUX.1-dev", "offload", True),
+        ("FLUX.1-schnell", "full", False)]
+    assert all(r["seconds"] > 0 for r in got if "skipped" not in r)
+
+
 def test_fails_fast_without_cuda(tmp_path, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

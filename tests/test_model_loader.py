@@ -32,12 +32,15 @@ def test_tiny_folder_mirrors_real_repo_layout(tiny_models, relpath):
 
 
 def test_tiny_model_is_small(tiny_models):
-    # The second base model (checkpoints/tiny-alt.safetensors, fp16 single file) has its own bound, so the
-    # rest keeps the bound it had before the model registry came.
+    # The second base model (checkpoints/tiny-alt.safetensors, fp16 single file) has its own bound, and so has
+    # tiny-flux (its folder, LoRAs, 8-step LoRA and single file), so the rest keeps the bound it had before.
     alt = tiny_models / ml.CHECKPOINT_DIR / ml.TINY_ALT_CHECKPOINT
-    size = sum(f.stat().st_size for f in tiny_models.rglob("*") if f.is_file() and f != alt)
+    flux = [f for f in tiny_models.rglob("*") if f.is_file() and ("FLUX.1-dev" in f.parts or "Hyper-SD" in f.parts
+                                                                  or "flux" in f.name)]
+    size = sum(f.stat().st_size for f in tiny_models.rglob("*") if f.is_file() and f != alt and f not in flux)
     assert size < 25e6
     assert alt.stat().st_size < 4e6
+    assert 0 < sum(f.stat().st_size for f in flux) < 4e6
 
 
 def test_tiny_build_is_deterministic(tiny_models, tmp_path):

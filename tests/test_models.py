@@ -72,9 +72,14 @@ def test_the_converter_round_trips_through_from_single_file(model_folder, tmp_pa
 def test_catalogue_lists_the_folder_and_the_checkpoints(swap_generator):
     cat = swap_generator.models_catalogue()
     assert cat["active"] == BASE
-    assert {m["name"]: m["kind"] for m in cat["models"]} == {
-        BASE: "diffusers-folder", ALT: "single-file", "broken": "single-file"}
-    assert cat["loras"] == ["tiny_style"]
+    # Both families of the tiny folder (issue 22): each model and LoRA says which it is; a file whose keys name
+    # no family ("broken") is taken for the configured one, so its load fails naming it.
+    assert {m["name"]: (m["kind"], m["family"]) for m in cat["models"]} == {
+        BASE: ("diffusers-folder", "sdxl"), ALT: ("single-file", "sdxl"), "broken": ("single-file", "sdxl"),
+        "tiny-flux": ("diffusers-folder", "flux"), "tiny-flux-alt": ("single-file", "flux")}
+    assert {x["name"]: (x["family"], x["loaded"]) for x in cat["loras"]} == {
+        "tiny_style": ("sdxl", True), "tiny_flux_realism": ("flux", False), "tiny_flux_kohya": ("flux", False),
+        "tiny_flux_style": ("flux", False)}
 
 
 def _image(gen, seed=7):
@@ -171,8 +176,11 @@ def test_load_bad_bodies(models_app, body, status, code, needle):
 def test_models_and_loras_endpoints_and_openapi(models_app):
     c = models_app().test_client()
     body = c.get("/models").get_json()
-    assert body["active"] == BASE and [m["name"] for m in body["models"]] == [BASE, "broken", ALT]
-    assert c.get("/loras").get_json() == {"loras": ["tiny_style"]}
+    assert body["active"] == BASE and [m["name"] for m in body["models"]] == [BASE, "tiny-flux", "broken", ALT,
+                                                                              "tiny-flux-alt"]
+    loras = c.get("/loras").get_json()["loras"]
+    assert {"name": "tiny_style", "family": "sdxl", "loaded": True} in loras
+    assert {x["family"] for x in loras} == {"sdxl", "flux"}
     spec = c.get("/openapi.json").get_json()
     assert {"/models", "/loras", "/models/load"} <= set(spec["paths"])
     assert "model" in spec["components"]["schemas"]["GenerateRequest"]["properties"]

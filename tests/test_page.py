@@ -716,7 +716,10 @@ def test_page_base_model_switch_admin_only(browser, start_server, tmp_path, tiny
             page.click("#api-key-save")
             page.wait_for_selector("#models-panel:not([hidden])", timeout=60_000)
             page.wait_for_load_state("networkidle")   # the key's reload of the options has landed
-            assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == ["tiny-sdxl", "tiny-alt"]
+            # both families of the tiny folder (issue 22), each labelled with its family
+            assert page.locator("#base_model option").evaluate_all("os => os.map(o => o.value)") == [
+                "tiny-sdxl", "tiny-flux", "tiny-alt", "tiny-flux-alt"]
+            assert page.locator("#base_model option[value='tiny-flux']").inner_text() == "tiny-flux (flux)"
             page.select_option("#base_model", "tiny-alt")
             page.click("#model-load-btn")
             model_state_has(page, needle, 60_000)
@@ -759,3 +762,63 @@ def test_page_model_panel_in_cluster_mode_with_the_admin_key_field(browser, star
     finally:
         context.close()
         workers.stop_all()
+
+
+def test_page_follows_the_family_table(browser, start_server, tmp_path):
+    """With FLUX active (/system-status options of the family table, routed onto the fake server), the form
+    hides the fields that never apply (identity strength) or stay fixed (style strength), offers true CFG,
+    says when the negative prompt applies, and never sends a hidden field; SDXL's options bring them back."""
+    import json
+
+    from tests.fixtures.service import FAKE_APP, server_env
+    from utils.config import Settings
+    from utils.engine.request import published_options
+    server = start_server(server_env(tmp_path / "data"), app_spec=FAKE_APP)
+    settings = Settings(data_dir=tmp_path / "opts")
+    family = {"options": published_options(128, settings, "flux")}
+    sent: list[dict] = []
+
+    def system_status(route):
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({**route.fetch().json(), **family}))
+
+    def generate(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=400, content_type="application/json", body=json.dumps(
+            {"error": {"code": "invalid_request", "message": "routed by the test"}}))
+
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    try:
+        page.route("**/system-status", system_status)
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.wait_for_function("!document.getElementById('true-cfg-field').hidden")
+        assert not page.locator("#identity_strength").is_visible() and not page.locator("#style_strength").is_visible()
+        assert "only with true_cfg > 1" in page.locator("#negative-help").inner_text()
+        assert page.locator("#width").get_attribute("step") == "16"
+        paths = []
+        for name, data in selfie_set(1):
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        page.set_input_files("#files", paths)
+        with page.expect_response(lambda r: r.url.endswith("/upload")):
+            page.click("#upload-btn")
+        page.route("**/generate", generate)
+        page.fill("#negative_prompt", "blurry")
+        page.fill("#true_cfg", "3")
+        with page.expect_request("**/generate"):
+            page.click("#generate-btn")
+        page.wait_for_function("document.querySelector('#error-message') && "
+                               "document.querySelector('#error-message').textContent.length > 0")
+        p = sent[-1]
+        assert p["true_cfg"] == 3 and p["negative_prompt"] == "blurry"
+        assert not {"identity_strength", "style_strength", "pose", "pose_strength"} & set(p)
+        shot(page, "flux-fields", "fake")
+        family["options"] = published_options(128, settings, "sdxl")
+        page.reload()
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.wait_for_function("document.getElementById('true-cfg-field').hidden")
+        assert page.locator("#identity_strength").is_visible() and page.locator("#style_strength").is_visible()
+        assert page.locator("#negative-help").inner_text() == ""
+    finally:
+        context.close()

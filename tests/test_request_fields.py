@@ -61,10 +61,11 @@ def test_invalid_payloads_name_the_value(payload, message):
 def test_the_request_dataclass_and_the_table_agree():
     import dataclasses
     from utils.engine.request import FIELD_ATTRIBUTES
-    # The JSON field "identity" is the attribute identity_source: the attribute identity (like init_pixels) is
-    # attached after validation (with_identity / with_init_image), not a request field.
+    # The JSON field "identity" is the attribute identity_source. The attributes identity and init_pixels are
+    # attached after validation (with_identity / with_init_image), and given (the fields the payload set, for
+    # the family checks) by from_dict: none is a request field.
     declared = [FIELD_ATTRIBUTES.get(f.name, f.name) for f in REQUEST_FIELDS]
-    attached = ("identity", "init_pixels")
+    attached = ("identity", "init_pixels", "given")
     assert declared == [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in attached]
 
 
@@ -75,7 +76,9 @@ def test_openapi_and_published_options_come_from_the_table():
     assert spec["required"] == ["prompt"]
     assert spec["properties"]["width"] == {
         "type": "integer", "minimum": S.min_image_side, "maximum": S.max_image_side, "multipleOf": 8,
-        "description": "Output width; with height, instead of aspect_ratio.", "nullable": True}
+        "description": "Output width; with height, instead of aspect_ratio.", "nullable": True,
+        # the family table beside the field rows (request.APPLICABILITY): FLUX packs 2x2 latents per token
+        "x-applies-to": {"sdxl": "in multiples of 8", "flux": "in multiples of 16 (2x2 latents are packed into one token)"}}
     published = published_options(1024, S)["request_fields"]
     assert set(published) == {f.name for f in REQUEST_FIELDS}
     assert published["identity_strength"]["default"] == S.default_identity_strength

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -31,6 +32,27 @@ def test_test_api_sh_against_gunicorn(server_kind, start_server, tmp_path):
     assert health["state"] == "ready"
     if kind == "real":
         assert health["profile"] == "tiny" and health["is_demo"] is True
+
+
+def test_start_app_serves_the_whole_api_on_tiny_flux_offline(start_server, tiny_models, tmp_path):
+    """TWIN_MODEL_PROFILE=tiny-flux ./start_app.sh: the preflight passes on the FLUX folder, gunicorn serves
+    the API on FLUX (test_api.sh's walk-through to the PNG), and GET /models lists both families."""
+    from tests.fixtures.service import server_env
+    env = server_env(tmp_path / "data", tiny_models, TWIN_MODEL_PROFILE="tiny-flux", SKIP_VENV_SETUP="1",
+                     VENV=str(Path(sys.executable).parent.parent))
+    server = start_server(env, command=[REPO / "start_app.sh"], wait_ready=240)
+    proc = subprocess.run([str(REPO / "test_api.sh"), server.url], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT_DIR": str(tmp_path / "out"), "POLL_TIMEOUT": "300",
+                                            "PYTHON": sys.executable})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\nserver:\n{server.log_tail()}"
+    log = server.log_tail(200_000)
+    assert "verify: " in log and "0 problem(s) (profile tiny, family flux" in log     # start_app's preflight
+    st = requests.get(server.url + "/system-status", timeout=10).json()
+    assert (st["model"]["family"], st["model"]["model_name"], st["model"]["is_demo"]) == ("flux", "tiny-flux", True)
+    models = requests.get(server.url + "/models", timeout=10).json()
+    assert {m["name"]: m["family"] for m in models["models"]} == {
+        "tiny-flux": "flux", "tiny-sdxl": "sdxl", "tiny-alt": "sdxl", "tiny-flux-alt": "flux"}
+    assert models["active"] == "tiny-flux"
 
 
 def test_test_api_sh_uses_the_callers_venv(tmp_path):

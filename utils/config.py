@@ -61,13 +61,13 @@ class Settings:
     rate_limit_generate: str = _setting("60/minute", "Generate rate limit per API key, or per client address without keys (flask-limiter syntax); over it: 429 with Retry-After.")
 
     # --- models ------------------------------------------------------------------------------
-    model_profile: str = _setting("auto", "sdxl: real weights; tiny: tiny offline model; auto: sdxl when weights are present.",
-                                  choices=("auto", "sdxl", "tiny"))
+    model_profile: str = _setting("auto", "Which base model the service starts on: sdxl or flux (real weights, see `python model_loader.py download`, with --flux-dev or --flux-schnell for FLUX); tiny or tiny-flux (the tiny offline SDXL / FLUX, built on first start); auto: sdxl when its weights are present, else flux when its weights are present, else tiny. POST /models/load switches between every base model found (GET /models), of either family.",
+                                  choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"))
     ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
                                        choices=IDENTITY_VARIANTS)
     identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=IDENTITY_COMBINES)
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
-    dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32.",
+    dtype: str = _setting("auto", "auto (on CUDA fp16 for SDXL and bf16 for FLUX; fp32 on CPU) | float16 | bfloat16 | float32.",
                           choices=("auto", "float16", "bfloat16", "float32"))
     default_identity_strength: float = _setting(0.7, "IP-Adapter scale when a request names none.", lo=0.0, hi=2.0)
     max_image_side: int = _setting(1536, "Largest width/height a request may ask for (multiple of 8).", lo=64, hi=4096)
@@ -80,7 +80,15 @@ class Settings:
     instantid_repo: str = _setting("InstantX/InstantID", "Hub id of InstantID (IdentityNet ControlNet + ip-adapter.bin; weights marked research-only).")
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
-    lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors); default <model_dir>/loras.")
+    lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors) of either family, each told apart by its keys (GET /loras shows the family); default <model_dir>/loras.")
+    flux_model: str = _setting("dev", "Which FLUX.1 the flux profile starts on: dev (FLUX.1-dev, guidance-distilled, non-commercial licence) or schnell (FLUX.1-schnell, 4 steps, Apache-2.0). Both, when downloaded, are in GET /models.",
+                               choices=("dev", "schnell"))
+    flux_dev_id: str = _setting("black-forest-labs/FLUX.1-dev", "Hub id of FLUX.1-dev (gated: accept its licence on the hub, then download with a token).")
+    flux_schnell_id: str = _setting("black-forest-labs/FLUX.1-schnell", "Hub id of FLUX.1-schnell.")
+    flux_fast_lora_repo: str = _setting("ByteDance/Hyper-SD", "Hub id of the 8-step LoRA for FLUX.1-dev that quality_mode=fast uses (Hyper-FLUX).")
+    flux_fast_lora_weight: str = _setting("Hyper-FLUX.1-dev-8steps-lora.safetensors", "File name of that LoRA in flux_fast_lora_repo.")
+    flux_memory: str = _setting("auto", "How FLUX is held on the GPU: full (bf16, ~34 GB at 1024² on an H100), quantized (weight-only int8/fp8 through torchao, else nf4 through bitsandbytes: transformer and T5), offload (diffusers' model CPU offload: each component on the GPU only while it runs), auto (full when the GPU has room, else quantized when a backend is installed, else offload). /system-status says which was chosen and why. The CPU always runs full.",
+                                choices=("auto", "full", "quantized", "offload"))
     styles_file: Path | None = _setting(None, "Style presets (JSON, see styles/styles.json); default styles/styles.json beside the code. Read at start-up: a broken file stops it.")
     channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
     fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")

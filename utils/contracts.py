@@ -19,7 +19,8 @@ holds the records in cluster mode.
 The engine side: ``Engine`` (utils.engine.generator.DigitalTwinGenerator, or a
 utils.jobs.local.generator_process.GeneratorProcess running one in a child), its request class
 (``GenerationRequestType``), ``ModelRegistry`` (an engine that switches base models), ``FamilyModel``
-(one loaded base model of a family: utils/engine/families/), and ``FaceService`` (utils.faces.FaceService).
+(one loaded base model of a family: utils/engine/families/), ``FluxIdentityMethod`` (what FluxModel asks of an
+identity method), and ``FaceService`` (utils.faces.FaceService).
 
 Each protocol lists only what callers use. A capability only one backend has is its own small protocol
 (``Reachable``, ``ClusterStatus``, ``ClusterSingleton``, ``ModelRouting``), so a caller asks
@@ -150,6 +151,9 @@ class ModelRouting(Protocol):
         """4xx unless some live GPU worker holds (or is loading) ``model``."""
 
     def load_model(self, model: str, workers: list[str] | None = None) -> dict: ...
+
+    def pinned_target(self, model: str) -> dict | None:
+        """{family, variant, method_fields} of a live GPU worker holding ``model`` (None: none holds it yet)."""
 
 
 @runtime_checkable
@@ -307,6 +311,9 @@ class GenerationRequestType(Protocol):
     def check_session(self, faces: Any) -> None:
         """What the request names of its session must exist there (``faces``: storage.SessionFaces)."""
 
+    def check_family(self, family: str, method_fields: Any = frozenset(), variant: str = "") -> None:
+        """The fields given must apply to a model of ``family`` (and identity method): 400 naming them."""
+
     def with_identity(self, identity: Any) -> "GenerationRequestType": ...
     def with_init_image(self, image: Any) -> "GenerationRequestType": ...
     def to_dict(self) -> dict: ...
@@ -350,12 +357,15 @@ class Engine(Protocol):
     def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
                        combine: str | None = None, embedding_norms: Any = None, keypoints: Any = None,
                        keypoint_index: Any = None) -> Any:
-        """The identity of the accepted selfies for the active model (face inputs: see FaceService)."""
+        """The identity of the accepted selfies for the active model (face inputs: see FaceService); None
+        when the active model has no identity method (the FLUX family until issue 23)."""
 
     def check_identity(self, identity: Any) -> None:
         """errors.Conflict(code="identity_mismatch") when it was built for another method or model."""
 
-    def validate(self, req: Any) -> dict: ...
+    def validate(self, req: Any) -> dict:
+        """The request against the active model (fields of its family and identity method, LoRA, pose): the
+        service calls it at submit; generate() checks again. Returns the plan."""
 
     def generate(self, req: Any, on_progress: Callable[..., Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> Any:
@@ -384,6 +394,8 @@ class FamilyModel(Protocol):
     def model_name(self) -> str: ...
     @property
     def variant(self) -> str: ...
+    @property
+    def method_fields(self) -> frozenset: ...
     def info(self) -> dict: ...
     def build_identity(self, crops: Any, face_embeddings: Any, **inputs: Any) -> Any: ...
     def check_identity(self, identity: Any) -> None: ...
@@ -392,7 +404,26 @@ class FamilyModel(Protocol):
     def call_kwargs(self, req: Any, plan: dict, seeds: list[int]) -> dict: ...
     def run(self, req: Any, plan: dict, kwargs: dict, on_step_end: Callable, marks: dict) -> tuple[list, Any]: ...
     def preview_latents(self, latents: Any, plan: dict) -> Any: ...
-    def call_metadata(self, req: Any) -> dict: ...
+    def call_metadata(self, req: Any, plan: dict) -> dict: ...
+
+
+@runtime_checkable
+class FluxIdentityMethod(Protocol):
+    """An identity method for the FLUX family, as ``FluxModel(identity_method=...)`` holds it (the way SdxlModel
+    holds its AdapterManager): InfiniteYou comes next (issue 23); until then FLUX runs without one and says so.
+
+    ``fields``: the request fields it reads (identity_strength, pose, pose_strength): they apply to the model
+    only with a method that takes them. ``prepare`` runs under the family model's lock right before a call of
+    a request that has an identity: it returns the pipeline to call (e.g. a ControlNet pipeline over the same
+    components) and may add to ``kwargs`` (control image, scales); ``finish`` clears per-call state after it."""
+
+    variant: str
+    fields: frozenset
+
+    def build_identity(self, crops: Any, face_embeddings: Any, **inputs: Any) -> Any: ...
+    def check_identity(self, identity: Any) -> None: ...
+    def prepare(self, pipe: Any, req: Any, plan: dict, kwargs: dict) -> Any: ...
+    def finish(self, pipe: Any) -> None: ...
 
 
 # --- faces ------------------------------------------------------------------------------------------

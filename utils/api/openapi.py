@@ -83,7 +83,7 @@ def _common(s: Settings, keyed: bool) -> dict[str, Any]:
 
 
 def _generate_request(s: Settings) -> dict[str, Any]:
-    from utils.service.wiring import request_fields
+    from utils.service.wiring import request_applicability, request_fields
     generate_request = object_schema(
         request_fields(), s,
         description=("width and height go together and exclude aspect_ratio; without session_id the caller's "
@@ -95,6 +95,10 @@ def _generate_request(s: Settings) -> dict[str, Any]:
     props = generate_request["properties"]
     for name in TEXT_FIELDS:
         props[name]["pattern"] = _NO_CONTROLS
+    # Fields that apply to some model families only (and when): a field given for a model it does not apply
+    # to is a 400 field_not_applicable naming field and family.
+    for name, families in request_applicability().items():
+        props[name]["x-applies-to"] = families
     props["prompt"]["pattern"] = _NO_CONTROLS.replace(
         "]*$", "]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$")
     return generate_request
@@ -340,6 +344,8 @@ def _model_paths() -> dict[str, Any]:
                             "models": {"type": "array", "items": {
                                 "type": "object", "required": ["name", "kind", "active"],
                                 "properties": {"name": {"type": "string"},
+                                               "family": _nullable({"type": "string",
+                                                                    "description": "sdxl | flux"}),
                                                "kind": {"type": "string", "enum": ["diffusers-folder", "single-file"]},
                                                "file": _nullable({"type": "string"}),
                                                "active": {"type": "boolean"},
@@ -352,10 +358,15 @@ def _model_paths() -> dict[str, Any]:
                                                "target": {"type": "string"}, "error": {"type": "string"}}}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
         "/loras": {"get": {"operationId": "loras", "responses": {
-            "200": {"description": "Style LoRAs the loader knows (the `lora` request field's values).",
+            "200": {"description": "Every style LoRA of the LoRA folder, its family (sdxl | flux; null: its keys "
+                                   "name neither) and whether the active model loaded it (the `lora` request "
+                                   "field's values: a LoRA of another family is a 400 naming both).",
                     "content": {"application/json": {"schema": {
                         "type": "object", "required": ["loras"],
-                        "properties": {"loras": {"type": "array", "items": {"type": "string"}}}}}}},
+                        "properties": {"loras": {"type": "array", "items": {
+                            "type": "object", "required": ["name", "family", "loaded"],
+                            "properties": {"name": {"type": "string"}, "family": _nullable({"type": "string"}),
+                                           "loaded": {"type": "boolean"}}}}}}}}},
             "503": _error("The model is still loading.", retry_after=True)}}},
     }
 

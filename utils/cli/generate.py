@@ -78,7 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
-    ap.add_argument("--profile", choices=("auto", "sdxl", "tiny"), help="override TWIN_MODEL_PROFILE")
+    ap.add_argument("--profile", choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"),
+                    help="override TWIN_MODEL_PROFILE")
     return ap.parse_args(argv)
 
 
@@ -142,9 +143,9 @@ def _set_up(settings: Settings, req, n_files: int, face_service_factory):
         # --model: the same switch POST /models/load makes; an unknown name is InvalidRequest listing them.
         engine.load_model(req.model)
     info = engine.info()
-    print(f"      model: {info['profile']} ({info['model_name']}) on {info['device']}/{info['dtype']}, "
-          f"adapter {info['variant']}" + ("  ** DEMO MODEL: outputs are not portraits **" if info["is_demo"] else ""),
-          flush=True)
+    print(f"      model: {info['profile']} {info.get('family') or ''} ({info['model_name']}) on {info['device']}/"
+          f"{info['dtype']}, identity method {info['variant'] or 'none'}"
+          + ("  ** DEMO MODEL: outputs are not portraits **" if info["is_demo"] else ""), flush=True)
     return faces, engine
 
 
@@ -162,7 +163,11 @@ def _identity(engine, faces, files, req, out: Path):
     print("[3/4] building identity", flush=True)
     identity = build_identity(engine, report)
     out.mkdir(parents=True, exist_ok=True)
-    identity.save(out / "identity.safetensors")
+    if identity is not None:
+        identity.save(out / "identity.safetensors")
+    else:   # FLUX has no identity method yet: the portraits are made without it (metadata.json says so)
+        print(f"      no identity: {engine.info().get('identity_note') or 'the model has no identity method'}",
+              flush=True)
     try:   # the reference the scores are read against (the API records it at upload)
         self_sim = faces.self_similarity([a.embedding for a in report.accepted])
     except Exception:  # noqa: BLE001 - a reference number, never a reason to fail

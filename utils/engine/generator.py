@@ -90,14 +90,16 @@ class DigitalTwinGenerator:
         """Nothing to stop in-process (a generator process ends its child here)."""
 
     def published_options(self) -> dict[str, Any]:
-        """The request choices for clients (/system-status options); known before set-up from the profile,
-        so an API node that holds no model can answer too."""
-        native = self.models.native_resolution if self.models is not None else self._layout_native()
-        return published_options(native, self.settings)
-
-    def _layout_native(self) -> int:
-        from utils.models.layout import native_resolution
-        return native_resolution(self.settings)
+        """The request choices for clients (/system-status options): the active model's family and identity
+        method; known before set-up from the profile, so an API node that holds no model can answer too."""
+        model = self.model
+        if model is not None:
+            return published_options(model.models.native_resolution, self.settings, model.family,
+                                     model.method_fields, model.variant)
+        from utils.models.layout import model_layout
+        layout = model_layout(self.settings)
+        return published_options(layout.native_resolution, self.settings, layout.family,
+                                 variant=None if layout.family == "sdxl" else "")
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state, "profile": None, "is_demo": None,
@@ -108,7 +110,8 @@ class DigitalTwinGenerator:
         if self.model is not None:
             info = self.model.info()
             out.update(info, identity_combine=self.settings.identity_combine, active_model=info["model_name"],
-                       variant=info["variant"] or out["variant"])
+                       variant=info["variant"] if self.model.family != "sdxl" else info["variant"] or out["variant"],
+                       method_fields=sorted(self.model.method_fields))
         return out
 
     def _require_ready(self) -> None:
@@ -117,28 +120,31 @@ class DigitalTwinGenerator:
 
     # --- base-model registry ----------------------------------------------------------------------
     def models_catalogue(self) -> dict[str, Any]:
-        """The base checkpoints available locally, the active one and the loaded LoRAs (GET /models, /loras)."""
-        from utils.models.layout import list_checkpoints
-        found = list_checkpoints(self.settings)
+        """The base models available locally (either family), the active one, and every LoRA of the LoRA
+        folder with its family and whether the active model loaded it (GET /models, /loras)."""
+        from utils.engine.families.loras import lora_catalogue
+        from utils.models.startup import base_models
+        found = base_models(self.settings)
         active = self.model.model_name if self.model is not None else None
         return {"active": active,
-                "models": [{"name": n, "kind": "diffusers-folder" if p is None else "single-file",
-                            "file": None if p is None else p.name, "active": n == active} for n, p in found.items()],
-                "loras": sorted(self.models.loras) if self.model is not None else []}
+                "models": [{"name": n, "family": m.family, "kind": m.kind, "file": None if m.file is None else m.file.name,
+                            "active": n == active} for n, m in found.items()],
+                "loras": lora_catalogue(self.models) if self.model is not None else []}
 
     def load_model(self, name: str) -> dict[str, Any]:
-        """Load base model ``name`` beside the active one, switch to it between jobs, then free the old one.
-        A file that does not load raises InvalidRequest naming it; the active model keeps serving."""
-        from utils.models.layout import list_checkpoints
+        """Load base model ``name`` (either family) beside the active one, switch to it between jobs, then free
+        the old one. A file that does not load raises InvalidRequest naming it; the active model keeps serving."""
+        from utils.models.startup import base_models
         self._require_ready()
-        found = list_checkpoints(self.settings)
+        found = base_models(self.settings)
         if not isinstance(name, str) or name not in found:
             raise InvalidRequest(f"model={name!r} is not a local base model; available: {', '.join(found)}",
                                  code="unknown_model", http_status=404)
         with self._load_lock:
-            old_name = self.model.model_name
+            old_name, old_family = self.model.model_name, self.model.family
             if name == old_name:
-                return {"model": name, "previous": old_name, "switched": False, "load_s": 0.0, "swap_wait_s": 0.0}
+                return {"model": name, "previous": old_name, "switched": False, "load_s": 0.0, "swap_wait_s": 0.0,
+                        "family": old_family, "previous_family": old_family}
             t0 = time.perf_counter()
             model = self._load_beside(name, found[name], old_name)
             t1 = time.perf_counter()
@@ -147,18 +153,18 @@ class DigitalTwinGenerator:
                 old, self.model = self.model, model
             del old, model
             _free_memory()
-            log.info("base model switched: %s -> %s (load %.2f s, waited %.2f s for the running job)",
-                     old_name, name, t1 - t0, t2 - t1)
+            log.info("base model switched: %s (%s) -> %s (%s) (load %.2f s, waited %.2f s for the running job)",
+                     old_name, old_family, name, found[name].family, t1 - t0, t2 - t1)
             return {"model": name, "previous": old_name, "switched": True, "load_s": round(t1 - t0, 3),
-                    "swap_wait_s": round(t2 - t1, 3)}
+                    "swap_wait_s": round(t2 - t1, 3), "family": found[name].family, "previous_family": old_family}
 
-    def _load_beside(self, name: str, checkpoint, old_name: str):
+    def _load_beside(self, name: str, entry, old_name: str):
         try:
-            return load_family_model(self.settings, checkpoint=checkpoint)
+            return load_family_model(self.settings, entry)
         except TwinError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of a file is a failed load, not a dead service
-            where = checkpoint if checkpoint is not None else "the diffusers base folder"
+            where = entry.file if entry.file is not None else f"the diffusers folder {entry.layout.base}"
             raise InvalidRequest(f"model={name!r} failed to load from {where}: {type(e).__name__}: {e}; "
                                  f"{old_name!r} stays active", code="model_load_failed", http_status=422) from None
 
@@ -172,9 +178,10 @@ class DigitalTwinGenerator:
     # --- identity ---------------------------------------------------------------------------------
     def build_identity(self, crops: Sequence[Any] | None, face_embeddings: Sequence[Any] | None = None, *,
                        face_model: str | None = None, combine: str | None = None, embedding_norms=None,
-                       keypoints=None, keypoint_index=None) -> SessionIdentity:
-        """Per-session identity from the accepted selfies, for the active model. Safe to call while
-        generate() runs. ``embedding_norms`` / ``keypoints`` / ``keypoint_index``: the face features
+                       keypoints=None, keypoint_index=None) -> SessionIdentity | None:
+        """Per-session identity from the accepted selfies, for the active model; None when the active model
+        has no identity method (FLUX, until issue 23). Safe to call while generate() runs.
+        ``embedding_norms`` / ``keypoints`` / ``keypoint_index``: the face features
         (``SelfieReport.identity_inputs()``)."""
         self._require_ready()
         return self.model.build_identity(crops, face_embeddings, face_model=face_model,
@@ -189,8 +196,9 @@ class DigitalTwinGenerator:
 
     # --- generation -------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> dict[str, Any]:
-        """Checks that need the loaded model (LoRA name, identity variant/model, pose), for the service to call
-        at submit time so a job does not fail later; returns the plan (steps, size, scheduler...)."""
+        """Checks that need the loaded model (fields that apply to its family and identity method, LoRA name
+        and family, identity variant/model, pose), for the service to call at submit time so a job does not
+        fail later; returns the plan (steps, size, scheduler...). generate() makes the same checks again."""
         self._require_ready()
         if req.identity is not None:
             self.model.check_identity(req.identity)
@@ -211,6 +219,8 @@ class DigitalTwinGenerator:
         plan = model.plan(req)
         if req.identity is not None:
             model.check_identity(req.identity)
+        # Every mode checks here too: a cluster API node cannot know which family an unpinned job will meet.
+        model.check_request(req, plan)
         base_seed = secrets.randbelow(MAX_SEED - MAX_IMAGES) if req.seed is None else req.seed
         seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
         kwargs = model.call_kwargs(req, plan, seeds)
@@ -269,7 +279,7 @@ def _metadata(model, req, plan: dict[str, Any], seeds: list[int], total: int, ma
         "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
         "prompt_weighting": plan["prompt_weighting"], "prompt_builder": plan.get("prompt_builder"),
         "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
-        **model.call_metadata(req),
+        **model.call_metadata(req, plan),
         "img2img": None if req.init_image is None else {
             "init_image": req.to_dict()["init_image"], "strength": req.strength,
             "denoise_steps": getattr(pipe, "num_timesteps", None)},

@@ -1,19 +1,21 @@
 """The generation request, declared once: ``REQUEST_FIELDS`` (one row per field) is what
 ``GenerationRequest.from_dict`` validates against, what /openapi.json and the /system-status options are
 rendered from, and what the CLI makes its flags from. A new request field is a row here plus its dataclass
-field. Importing this module loads no model (the API node parses requests without one)."""
+field. ``APPLICABILITY`` beside it says which fields apply to which model family (and identity method): a
+field given for a model it does not apply to is a 400 naming field and family, never silently ignored.
+Importing this module loads no model (the API node parses requests without one)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from utils.choices import RESTORE_MODEL_NAMES
 from utils.config import Settings
 from utils.engine.identity.pose import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH_RANGE, check_selfie_pose, parse_pose
 from utils.engine.tuning import (ASPECT_RATIOS, DEFAULT_POSE_STRENGTH, DEFAULT_STYLE, MAX_CANDIDATES, MAX_IMAGES,
-                                 MAX_SEED, POSE_VARIANTS, QUALITY_MODES, default_identity_strength,
-                                 default_pose_strength, preset_size, style_library)
+                                 MAX_SEED, POSE_VARIANTS, QUALITY_MODES, SIDE_MULTIPLE, default_identity_strength,
+                                 default_pose_strength, preset_size, quality_tables, style_library)
 from utils.errors import InvalidRequest
 from utils.init_image import check_init_image, max_chars as max_init_chars, parse_init_image
 from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, check_attributes, check_persona, persona_schema
@@ -28,8 +30,11 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("prompt", "string", "What to portray; the identity comes from the session's selfies (with "
           "identity='none': from this text, persona and attributes alone).", required=True,
           strip=True, min_length=1, max_length=lambda s: s.max_prompt_chars),
-    Field("negative_prompt", "string", "What to avoid; added to the style's negative.",
+    Field("negative_prompt", "string", "What to avoid; added to the style's negative. FLUX: only with true_cfg > 1.",
           max_length=lambda s: s.max_prompt_chars),
+    Field("true_cfg", "number", "FLUX only: true classifier-free guidance scale with negative_prompt (diffusers' "
+          "true_cfg_scale; > 1 runs a second transformer pass per step, twice the cost). Absent or 1: off.",
+          minimum=1.0, maximum=10.0),
     Field("num_images", "integer", "Portraits to make.", default=1, minimum=1, maximum=MAX_IMAGES,
           message="{name}={value!r} is not between {minimum} and {maximum}"),
     Field("seed", "integer", "Random seed of the first image (image i uses seed + i); random when absent.",
@@ -96,9 +101,73 @@ REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
 
 @dataclass(frozen=True)
+class Applies:
+    """Where a request field applies: ``families`` maps each family it applies to onto the condition in words
+    (published in /openapi.json, /system-status and on the /test page); ``ok(req, family, method_fields)``
+    says whether it applies to this request on this model (``method_fields``: the fields the model's identity
+    method takes). A field absent from the table applies to every family."""
+    families: Mapping[str, str]
+    ok: Callable[[Any, str, frozenset], bool]
+
+
+def _side_ok(name: str) -> Callable[[Any, str, frozenset], bool]:
+    return lambda r, fam, m: getattr(r, name) % SIDE_MULTIPLE[fam] == 0
+
+
+APPLICABILITY: dict[str, Applies] = {
+    "negative_prompt": Applies({"sdxl": "always (classifier-free guidance)",
+                                "flux": "only with true_cfg > 1: FLUX.1-dev is guidance-distilled and has no "
+                                        "negative branch otherwise (true CFG: a second pass per step, twice the cost)"},
+                               lambda r, fam, m: fam != "flux" or (r.true_cfg or 1.0) > 1.0),
+    "true_cfg": Applies({"flux": "always (SDXL guides with guidance_scale through its quality modes)"},
+                        lambda r, fam, m: fam == "flux"),
+    "style_strength": Applies({"sdxl": "always (compel prompt weighting)",
+                               "flux": "at 1 only: compel, the prompt weighting, has no T5 support"},
+                              lambda r, fam, m: fam != "flux" or r.style_strength >= 1.0),
+    "identity_strength": Applies({"sdxl": "always (the identity adapter's scale)",
+                                  "flux": "only with an identity method (there is none for the flux family yet)"},
+                                 lambda r, fam, m: "identity_strength" in m),
+    "pose": Applies({"sdxl": "only with the instantid identity method (pose control)"}, lambda r, fam, m: "pose" in m),
+    "pose_strength": Applies({"sdxl": "only with the instantid identity method (pose control)"},
+                             lambda r, fam, m: "pose_strength" in m),
+    "width": Applies({"sdxl": "in multiples of 8", "flux": "in multiples of 16 (2x2 latents are packed into one token)"},
+                     _side_ok("width")),
+    "height": Applies({"sdxl": "in multiples of 8", "flux": "in multiples of 16 (2x2 latents are packed into one token)"},
+                      _side_ok("height")),
+}
+
+
+def check_applicable(req: Any, family: str, method_fields: frozenset, variant: str = "") -> None:
+    """InvalidRequest naming the first field the request gives that does not apply to a ``family`` model whose
+    identity method (``variant``, "" for none) takes ``method_fields``."""
+    for name in sorted(req.given):
+        rule = APPLICABILITY.get(name)
+        if rule is None or rule.ok(req, family, method_fields):
+            continue
+        when = rule.families.get(family)
+        where = f"on {family} it applies {when}" if when else \
+            f"it applies to the {' and '.join(sorted(rule.families))} family only"
+        method = f" (identity method: {variant or 'none'})" if name in ("identity_strength", "pose", "pose_strength") \
+            else ""
+        raise InvalidRequest(f"{name}={getattr(req, name)!r} does not apply to the active {family} model{method}: "
+                             f"{where}", code="field_not_applicable")
+
+
+def inapplicable_fields(family: str, method_fields: frozenset) -> list[str]:
+    """Fields that never apply to such a model (a client hides them); conditional ones are in the table."""
+    out = []
+    for name, rule in APPLICABILITY.items():
+        if family not in rule.families or (name in ("identity_strength", "pose", "pose_strength")
+                                           and name not in method_fields):
+            out.append(name)
+    return out
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str | None = None
+    true_cfg: float | None = None
     num_images: int = 1
     seed: int | None = None
     width: int | None = None
@@ -125,6 +194,7 @@ class GenerationRequest:
     identity_source: str = "session"     # the JSON field "identity"
     identity: Any = field(default=None, compare=False, repr=False)
     init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # the fields the payload set
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Settings) -> "GenerationRequest":
@@ -141,7 +211,8 @@ class GenerationRequest:
                                  f"give between {v['num_images']} and {MAX_CANDIDATES}")
         if v["init_image"] is None and payload.get("strength") is not None:
             raise InvalidRequest(f"strength={payload['strength']!r} applies to img2img only: give init_image too")
-        return cls(**{FIELD_ATTRIBUTES.get(k, k): value for k, value in v.items()})
+        return cls(**{FIELD_ATTRIBUTES.get(k, k): value for k, value in v.items()},
+                   given=frozenset(k for k, x in payload.items() if x is not None))
 
     @property
     def total_candidates(self) -> int:
@@ -160,6 +231,12 @@ class GenerationRequest:
         ``faces``: the session's stored face features (utils.storage.SessionFaces)."""
         kps = faces.keypoints or [None] * len(faces.indices)
         check_selfie_pose(self.pose, [i for i, k in zip(faces.indices, kps) if k is not None])
+
+    def check_family(self, family: str, method_fields: frozenset = frozenset(), variant: str = "") -> None:
+        """Every field given applies to a ``family`` model whose identity method takes ``method_fields``
+        (400 field_not_applicable naming field and family). For a check before the model is at hand (a pinned
+        job in cluster mode); the engine makes it again when the job runs."""
+        check_applicable(self, family, frozenset(method_fields), variant)
 
     def with_init_image(self, image: Any) -> "GenerationRequest":
         return dataclasses.replace(self, init_pixels=image)
@@ -191,20 +268,33 @@ class GenerationResult:
     metadata: dict[str, Any]
 
 
-def published_options(native_resolution: int, settings: Settings) -> dict[str, Any]:
-    """The request choices of the loaded model, for clients (the /test page reads them from /system-status)."""
+def published_options(native_resolution: int, settings: Settings, family: str = "sdxl",
+                      method_fields: frozenset | None = None, variant: str | None = None) -> dict[str, Any]:
+    """The request choices of the loaded model, for clients (the /test page reads them from /system-status):
+    ``family`` / ``variant`` / ``method_fields`` of the active model (known from the profile before it loads)."""
+    variant = settings.ip_adapter_variant if variant is None else variant
+    if method_fields is None:
+        method_fields = frozenset({"identity_strength"} | ({"pose", "pose_strength"} if variant in POSE_VARIANTS
+                                                           else set())) if family == "sdxl" else frozenset()
+    multiple = SIDE_MULTIPLE[family]
     return {
+        "family": family,
         "quality_modes": list(QUALITY_MODES),
         "default_quality_mode": "balanced",
-        "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings)) for ar in ASPECT_RATIOS},
+        "aspect_ratios": {ar: list(preset_size(ar, native_resolution, settings, multiple)) for ar in ASPECT_RATIOS},
         "styles": list(style_library(settings)),
         "default_style": DEFAULT_STYLE,
         "default_identity_strength": default_identity_strength(settings),
         "attribute_choices": {k: list(v) for k, v in ENUM_ATTRIBUTES.items()},
         "max_images": MAX_IMAGES,
-        "variant": settings.ip_adapter_variant,
+        "variant": variant,
         # Pose control needs the IdentityNet (instantid); clients show the pose choice only then.
-        "pose_control": settings.ip_adapter_variant in POSE_VARIANTS,
+        "pose_control": "pose" in method_fields,
         "poses": list(POSE_CHOICES),
         "request_fields": published_fields(REQUEST_FIELDS, settings),
+        # Which fields apply to which family (and when); the ones that never apply to the active model.
+        "field_applicability": {name: dict(rule.families) for name, rule in APPLICABILITY.items()},
+        "inapplicable_fields": inapplicable_fields(family, method_fields),
+        "quality_table": quality_tables(),
+        "side_multiple": multiple,
     }

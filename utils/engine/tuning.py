@@ -1,5 +1,5 @@
-"""The engine's tuning tables: steps, guidance and scheduler per quality mode and identity variant, the
-aspect-ratio presets, and the style library. The one place these numbers are defined."""
+"""The engine's tuning tables: steps, guidance and scheduler per quality mode, per model family and identity
+variant, the aspect-ratio presets, and the style library. The one place these numbers are defined."""
 from __future__ import annotations
 
 from typing import Any
@@ -29,6 +29,26 @@ VARIANT_TUNING: dict[str, dict[str, Any]] = {
     "faceid-plusv2": {"balanced": {"guidance_scale": 5.0}, "high_fidelity": {"guidance_scale": 5.5},
                       "fast_fallback": {"guidance_scale": 4.0}, "identity_strength": 0.8},
 }
+# FLUX.1, per distillation (``flux_tuning_key``). dev is guidance-distilled: the guidance scale (3.5, the
+# model card's) is an input embedding, one transformer pass per step; 28 steps is the reference call, 50
+# the card's high-quality one; fast is dev with an 8-step LoRA (Hyper-FLUX: 8 steps, guidance 3.5, LoRA
+# scale 0.125 per its card) when present, else half the balanced steps. schnell is timestep-distilled for
+# 1-4 steps without guidance: every mode runs its 4 steps (more do not help it), T5 window 256.
+FLUX_QUALITY: dict[str, dict[str, dict[str, Any]]] = {
+    "flux-dev": {
+        "fast": {"steps": 8, "guidance_scale": 3.5, "scheduler": "flow_match_euler", "few_step_lora": True,
+                 "max_sequence_length": 512},
+        "balanced": {"steps": 28, "guidance_scale": 3.5, "scheduler": "flow_match_euler", "max_sequence_length": 512},
+        "high_fidelity": {"steps": 50, "guidance_scale": 3.5, "scheduler": "flow_match_euler",
+                          "max_sequence_length": 512},
+    },
+    "flux-schnell": {mode: {"steps": 4, "guidance_scale": 0.0, "scheduler": "flow_match_euler",
+                            "max_sequence_length": 256} for mode in QUALITY_MODES},
+}
+FLUX_FAST_FALLBACK = {"steps": 14, "guidance_scale": 3.5, "scheduler": "flow_match_euler", "max_sequence_length": 512}
+FLUX_FAST_LORA_SCALE = 0.125
+# Output sides: SDXL's VAE is x8; FLUX packs 2x2 latents into one token, so its sides are multiples of 16.
+SIDE_MULTIPLE = {"sdxl": 8, "flux": 16}
 DEFAULT_POSE_STRENGTH = 0.8
 # Identity variants that take a pose (a keypoint control image).
 POSE_VARIANTS = ("instantid",)
@@ -76,10 +96,27 @@ def style_library(settings: Settings) -> dict[str, Style]:
     return styles
 
 
-def preset_size(aspect_ratio: str, native: int, settings: Settings) -> tuple[int, int]:
+def flux_tuning_key(guidance_distilled: bool) -> str:
+    return "flux-dev" if guidance_distilled else "flux-schnell"
+
+
+def flux_quality_row(quality_mode: str, guidance_distilled: bool) -> dict[str, Any]:
+    return dict(FLUX_QUALITY[flux_tuning_key(guidance_distilled)][quality_mode])
+
+
+def quality_tables() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every family's quality rows (for /system-status): sdxl, flux-dev, flux-schnell."""
+    return {"sdxl": {k: dict(v) for k, v in QUALITY_MODES.items()},
+            **{k: {m: dict(r) for m, r in rows.items()} for k, rows in FLUX_QUALITY.items()}}
+
+
+def preset_size(aspect_ratio: str, native: int, settings: Settings, multiple: int = 8) -> tuple[int, int]:
+    """An aspect-ratio preset at the model's native size, in multiples of ``multiple`` (SIDE_MULTIPLE)."""
     w, h = ASPECT_RATIOS[aspect_ratio]
     f = native / 1024
+    top = settings.max_image_side // multiple * multiple
+    bottom = -(-settings.min_image_side // multiple) * multiple
 
     def side(x: float) -> int:
-        return int(min(settings.max_image_side, max(settings.min_image_side, round(x * f / 8) * 8)))
+        return int(min(top, max(bottom, round(x * f / multiple) * multiple)))
     return side(w), side(h)

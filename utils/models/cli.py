@@ -9,11 +9,10 @@ from pathlib import Path
 
 from utils.config import Settings
 from utils.errors import ModelWeightsMissing
-from utils.models.download import download, download_restore
+from utils.models.download import download, download_flux, download_restore
 from utils.models.layout import ANTELOPE_DIR, choose_profile, resolve_sdxl
-from utils.models.startup import ready_layout
+from utils.models.startup import ready_layout, verify_any
 from utils.models.tiny import make_tiny
-from utils.models.verify import verify_layout
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
@@ -52,6 +51,10 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
                    help="only InstantID's files (IdentityNet + ip-adapter.bin; weights research-only) + the base model")
     d.add_argument("--faceid-plusv2", action="store_true",
                    help="only FaceID Plus v2 SDXL (non-commercial) + the ViT-H encoder + the base model")
+    d.add_argument("--flux-dev", action="store_true",
+                   help="only FLUX.1-dev's diffusers folders (gated, non-commercial licence: log in first) + the "
+                        "Hyper-FLUX 8-step LoRA (unless --no-lightning)")
+    d.add_argument("--flux-schnell", action="store_true", help="only FLUX.1-schnell's diffusers folders (Apache-2.0)")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
@@ -67,6 +70,10 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         for p in download_restore(settings, args.restore):
             print(p)
         return 0
+    if args.flux_dev or args.flux_schnell:
+        for p in download_flux(settings, dev=args.flux_dev, schnell=args.flux_schnell, fast_lora=not args.no_lightning):
+            print(p)
+        return 0
     for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning, instantid=args.instantid,
                       faceid_plusv2=args.faceid_plusv2):
         print(p)
@@ -78,13 +85,15 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
 
 def _verify(settings: Settings) -> int:
     layout = ready_layout(settings)
-    checks = verify_layout(layout)
+    checks = verify_any(layout)
     for c in checks:
         print(c.line())
     bad = [c for c in checks if not c.ok and c.blocking]
     warned = [c for c in checks if not c.ok and not c.blocking]
     absent = sum(c.status == "absent" for c in checks)
-    print(f"verify: {len(checks) - len(bad) - len(warned) - absent} ok, {absent} optional absent, "
+    skipped = sum(c.status == "skipped" for c in checks)
+    print(f"verify: {len(checks) - len(bad) - len(warned) - absent - skipped} ok, {skipped} of the other family, "
+          f"{absent} optional absent, "
           f"{len(warned)} warning(s), {len(bad)} problem(s) "
-          f"(profile {layout.profile}, variant {settings.ip_adapter_variant})")
+          f"(profile {layout.profile}, family {layout.family}, variant {layout.variant or 'none'})")
     return 1 if bad else 0

@@ -1,12 +1,13 @@
 """Fetching weights on a connected machine: the sdxl profile's hub repos (exactly the files ``layout.repo_specs``
-names, fp16 weight files only) and the face restoration ONNX exports."""
+names, fp16 weight files only), FLUX.1-dev / -schnell (only the diffusers folders, ``layout.flux_specs``), and
+the face restoration ONNX exports."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from utils.config import Settings
-from utils.models.layout import repo_specs
+from utils.models.layout import flux_specs, repo_specs
 
 log = logging.getLogger("twin.models")
 
@@ -14,11 +15,23 @@ log = logging.getLogger("twin.models")
 def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, instantid: bool = False,
              faceid_plusv2: bool = False, snapshot_download=None) -> list[Path]:
     """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only)."""
+    return _fetch(repo_specs(settings, faceid=faceid, lightning=lightning, instantid=instantid,
+                             faceid_plusv2=faceid_plusv2), settings, snapshot_download)
+
+
+def download_flux(settings: Settings, *, dev: bool = False, schnell: bool = False, fast_lora: bool = True,
+                  snapshot_download=None) -> list[Path]:
+    """FLUX.1-dev and/or -schnell: only model_index.json and the component folders (not the repos' root
+    single files: the same weights again), and for dev the 8-step LoRA (``fast_lora``). FLUX.1-dev is gated:
+    accept its licence on the hub and log in (``hf auth login`` or HF_TOKEN) first."""
+    return _fetch(flux_specs(settings, dev=dev, schnell=schnell, fast_lora=fast_lora), settings, snapshot_download)
+
+
+def _fetch(specs, settings: Settings, snapshot_download=None) -> list[Path]:
     if snapshot_download is None:
         from huggingface_hub import snapshot_download
     out = []
-    for spec in repo_specs(settings, faceid=faceid, lightning=lightning, instantid=instantid,
-                           faceid_plusv2=faceid_plusv2):
+    for spec in specs:
         target = Path(settings.model_dir) / spec.local_name
         log.info("downloading %s (%s) -> %s", spec.repo_id, spec.purpose, target)
         snapshot_download(repo_id=spec.repo_id, allow_patterns=spec.allow_patterns, local_dir=str(target))

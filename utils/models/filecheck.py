@@ -10,7 +10,7 @@ from typing import Any
 @dataclass
 class FileCheck:
     path: str                 # relative to the folder it was looked for in (or absolute for the face pack)
-    status: str               # ok | absent | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
+    status: str               # ok | absent | skipped | missing | wrong_shape | missing_key | unexpected_key | wrong_dtype | corrupt
     detail: str = ""
     # False for files the service does not load at start-up (single-file checkpoints: only POST /models/load
     # reads one, and a failed load there keeps the old model serving): a problem is printed as a warning but
@@ -21,7 +21,8 @@ class FileCheck:
     def ok(self) -> bool:
         # "absent": an optional file (Lightning, style LoRAs, checkpoints, restoration models) that is not
         # there. Said, but not a failure: the product runs without it; a present but broken one is a failure.
-        return self.status in ("ok", "absent")
+        # "skipped": another family's file in a shared folder (LoRAs, checkpoints), checked with that family.
+        return self.status in ("ok", "absent", "skipped")
 
     def line(self) -> str:
         note = "" if self.ok or self.blocking else " (warning only: loaded by POST /models/load, not at start-up)"

@@ -1,5 +1,6 @@
-"""Which folder holds what: the folder and file names, the hub repos of the sdxl profile, and the one function
-that resolves the configured profile to its folders (``model_layout``).
+"""Which folder holds what: the folder and file names, the hub repos of the sdxl and flux profiles, the one
+function that resolves the configured profile to its folders (``model_layout``), and the base models found
+locally across both families (``list_base_models``: the catalogue GET /models shows).
 
 Folder names inside ``settings.model_dir`` and inside the tiny folder are the same: they mirror the hub repos'
 names, so ``download`` writes exactly what ``model_layout`` looks for, and the tiny profile is read by the same
@@ -10,9 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Union
 
 from utils.config import Settings
 from utils.errors import ModelWeightsMissing
+from utils.models.kinds import checkpoint_family, flux_is_guidance_distilled
 
 log = logging.getLogger("twin.models")
 
@@ -50,6 +53,24 @@ TINY_RESOLUTION = 128      # native side in pixels; latents are 16x16
 TINY_FACEID_WEIGHT = "ip-adapter-faceid_sdxl.safetensors"  # the tiny one is safetensors (same loader branch)
 LIGHTNING_WEIGHT_TINY = "tiny_lightning_4step_lora.safetensors"
 SDXL_RESOLUTION = 1024
+
+# FLUX.1 (black-forest-labs/FLUX.1-dev and FLUX.1-schnell): the diffusers layout of both hub repos. Only these
+# folders are fetched, never the repos' root single files (flux1-dev.safetensors, ae.safetensors: the same
+# weights again, 24 GB). The transformer and T5 are sharded (an index JSON + its shards).
+FLUX_DEV_DIR = "FLUX.1-dev"
+FLUX_SCHNELL_DIR = "FLUX.1-schnell"
+FLUX_FAST_DIR = "Hyper-SD"                  # the 8-step LoRA for FLUX.1-dev (quality_mode fast)
+FLUX_RESOLUTION = 1024
+FLUX_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                 "tokenizer_2/*", "transformer/*", "vae/*"]
+FLUX_REQUIRED = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "text_encoder/model.safetensors", "text_encoder_2/config.json",
+                 "text_encoder_2/model.safetensors.index.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                 "tokenizer_2/tokenizer_config.json", "transformer/config.json",
+                 "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors"]
+TINY_FLUX_MODEL_NAME = "tiny-flux"
+TINY_FLUX_FAST_WEIGHT = "tiny_hyper_flux_8steps_lora.safetensors"
 
 BASE_FILES_FP16 = [
     "model_index.json",
@@ -145,7 +166,8 @@ class ModelLayout:
     Every folder is a path even when nothing is there: where it was found, else where it belongs
     (``missing`` / ``missing_optional`` say which repos were not found, ``require`` turns the first into the
     error that names them)."""
-    profile: str                    # "sdxl" | "tiny"
+    family: ClassVar[str] = "sdxl"
+    profile: str                    # "sdxl" | "tiny": where the weights come from (the family is ``family``)
     variant: str                    # the IP-Adapter variant whose files are looked for
     model_dir: Path                 # settings.model_dir: where `download` writes
     model_name: str                 # the base model family (what a session identity is bound to)
@@ -188,13 +210,124 @@ class ModelLayout:
             details={"missing": [m.split(" ")[0] for m in self.missing]})
 
 
-def model_layout(settings: Settings) -> ModelLayout:
-    """The folders of the configured profile. ``auto`` is sdxl when its weights are found, else tiny (said
-    loudly). The tiny folder may not be built yet: ``startup.ready_layout`` builds it before anything reads it."""
-    if settings.model_profile == "tiny":
+@dataclass(frozen=True)
+class FluxLayout:
+    """The folders of one FLUX.1 base model (the flux profile, or the tiny folder's tiny-flux), read by the FLUX
+    loader, the preflight and the registry; the same field names as ``ModelLayout`` where they mean the same.
+
+    ``flux_variant``: dev (guidance-distilled: the guidance scale is an input embedding; 28-50 steps) or
+    schnell (timestep-distilled: 1-4 steps, no guidance). ``variant`` is the identity method ("" = none yet)."""
+    family: ClassVar[str] = "flux"
+    profile: str                    # "flux" | "tiny"
+    flux_variant: str               # "dev" | "schnell"
+    model_dir: Path
+    model_name: str                 # the hub id, or tiny-flux
+    native_resolution: int
+    base: Path                      # the diffusers FLUX folder (model_index.json, transformer/, text_encoder_2/ ...)
+    fast_lora: Path                 # the 8-step LoRA's folder (FLUX.1-dev only)
+    fast_lora_weight: str
+    lora_dir: Path
+    checkpoints: Path
+    restore_dir: Path
+    missing: tuple[str, ...] = ()
+    missing_optional: tuple[str, ...] = ()
+    variant: str = ""
+    # What a session identity would be bound to (the identity method's base family; issue 23's method reads it).
+    identity_model: str = "flux"
+
+    @property
+    def fast_lora_file(self) -> Path:
+        return self.fast_lora / self.fast_lora_weight
+
+    def require(self) -> "FluxLayout":
+        if not self.missing:
+            return self
+        flag = "--flux-dev" if self.flux_variant == "dev" else "--flux-schnell"
+        raise ModelWeightsMissing(
+            "FLUX.1 weights are missing: " + " | ".join(self.missing)
+            + f". Download them on a connected machine with: python model_loader.py download {flag} --dir "
+            + f"{self.model_dir} (or set TWIN_MODEL_PROFILE=tiny-flux for the offline demo model)",
+            details={"missing": [m.split(" ")[0] for m in self.missing]})
+
+
+Layout = Union[ModelLayout, FluxLayout]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """One entry of the base-model catalogue: a diffusers folder (``file`` None) or a single-file checkpoint
+    loaded against ``layout``'s folder (its configs and tokenizers; offline)."""
+    name: str
+    family: str
+    layout: Layout
+    file: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return "diffusers-folder" if self.file is None else "single-file"
+
+
+def flux_specs(settings: Settings, *, dev: bool = True, schnell: bool = True, fast_lora: bool = True) -> list[RepoSpec]:
+    """The FLUX.1 repos (only the diffusers folders) and the optional 8-step LoRA for FLUX.1-dev."""
+    specs = []
+    if dev:
+        specs.append(RepoSpec(settings.flux_dev_id, FLUX_DEV_DIR, list(FLUX_PATTERNS), list(FLUX_REQUIRED),
+                              purpose="FLUX.1-dev (diffusers folders; FLUX.1 [dev] Non-Commercial License)"))
+    if schnell:
+        specs.append(RepoSpec(settings.flux_schnell_id, FLUX_SCHNELL_DIR, list(FLUX_PATTERNS), list(FLUX_REQUIRED),
+                              purpose="FLUX.1-schnell (diffusers folders; Apache-2.0)"))
+    if dev and fast_lora:
+        specs.append(RepoSpec(settings.flux_fast_lora_repo, FLUX_FAST_DIR, [settings.flux_fast_lora_weight],
+                              [settings.flux_fast_lora_weight], optional=True,
+                              purpose="Hyper-FLUX.1-dev 8-step LoRA (quality_mode fast)"))
+    return specs
+
+
+def flux_layout(settings: Settings, which: str | None = None) -> FluxLayout:
+    """FLUX.1-dev or -schnell (``which``, default TWIN_FLUX_MODEL) in ``model_dir`` or the Hugging Face cache."""
+    which = which or settings.flux_model
+    model_dir = Path(settings.model_dir)
+    specs = flux_specs(settings, dev=which == "dev", schnell=which == "schnell")
+    base_spec = specs[0]
+    base, looked = _find_repo(base_spec, settings)
+    missing = () if base is not None else (
+        f"{base_spec.repo_id} [{base_spec.purpose}: {', '.join(base_spec.required)}] looked in: {'; '.join(looked)}",)
+    fast = _find_repo(specs[1], settings)[0] if len(specs) > 1 else None
+    optional = tuple(s.repo_id for s in specs[1:] if fast is None)
+    return FluxLayout(profile="flux", flux_variant=which, model_dir=model_dir, model_name=base_spec.repo_id,
+                      native_resolution=FLUX_RESOLUTION, base=base or model_dir / base_spec.local_name,
+                      fast_lora=fast or model_dir / FLUX_FAST_DIR, fast_lora_weight=settings.flux_fast_lora_weight,
+                      lora_dir=settings.resolved_lora_dir, checkpoints=model_dir / CHECKPOINT_DIR,
+                      restore_dir=settings.resolved_restore_dir, missing=missing, missing_optional=optional)
+
+
+def tiny_flux_layout(settings: Settings) -> FluxLayout:
+    """The tiny folder's FLUX (tiny-flux): a FLUX.1-dev-shaped miniature in the real folder layout."""
+    root = settings.resolved_tiny_model_dir
+    return FluxLayout(profile="tiny", flux_variant="dev", model_dir=Path(settings.model_dir),
+                      model_name=TINY_FLUX_MODEL_NAME, native_resolution=TINY_RESOLUTION, base=root / FLUX_DEV_DIR,
+                      fast_lora=root / FLUX_FAST_DIR, fast_lora_weight=TINY_FLUX_FAST_WEIGHT,
+                      lora_dir=root / LORA_DIR, checkpoints=root / CHECKPOINT_DIR,
+                      restore_dir=Path(settings.restore_model_dir) if settings.restore_model_dir is not None
+                      else root / RESTORE_DIR)
+
+
+def model_layout(settings: Settings) -> "Layout":
+    """The folders of the configured profile: tiny / tiny-flux (the generated tiny folder), sdxl, flux. ``auto``
+    is sdxl when its weights are found, else flux when its weights are found, else tiny (said loudly). The
+    tiny folder may not be built yet: ``startup.ready_layout`` builds it before anything reads it."""
+    profile = settings.model_profile
+    if profile == "tiny":
         return tiny_layout(settings)
+    if profile == "tiny-flux":
+        return tiny_flux_layout(settings)
+    if profile == "flux":
+        return flux_layout(settings)
     sdxl = sdxl_layout(settings)
-    if settings.model_profile == "auto" and sdxl.missing:
+    if profile == "auto" and sdxl.missing:
+        flux = flux_layout(settings)
+        if not flux.missing:
+            return flux
         log.warning("=" * 70 + "\nNO REAL MODEL WEIGHTS FOUND in %s or the Hugging Face cache: using the TINY DEMO "
                     "model. Its outputs are NOT portraits. Run `python model_loader.py download` for real weights.\n"
                     + "=" * 70, settings.model_dir)
@@ -279,8 +412,7 @@ def sdxl_weights_present(settings: Settings) -> bool:
 
 
 def choose_profile(settings: Settings) -> str:
-    if settings.model_profile != "auto":
-        return settings.model_profile
+    """Where the configured model's weights come from: sdxl | flux | tiny (tiny-flux is the tiny folder too)."""
     return model_layout(settings).profile
 
 
@@ -298,11 +430,39 @@ def base_model_name(settings: Settings) -> str:
     return model_layout(settings).model_name
 
 
-def list_checkpoints(settings: Settings) -> dict[str, Path | None]:
-    """Base models available locally: name -> single-file path (None: the diffusers base folder itself)."""
+def list_base_models(settings: Settings) -> dict[str, BaseModel]:
+    """Every base model available locally, of either family: the configured one first, then the other
+    diffusers folders found (the tiny folder holds tiny-sdxl and tiny-flux; real profiles: the sdxl base and
+    FLUX.1-dev / -schnell when downloaded), then the single-file checkpoints, each with the family its keys
+    name (one whose keys name neither, or cannot be read, is taken for the configured family: its load then
+    fails naming the file, and ``verify`` names the problem)."""
     layout = model_layout(settings)
-    out: dict[str, Path | None] = {layout.model_name: None}
+    if layout.profile == "tiny":
+        folders: list[Layout] = [layout] + [x for x in (tiny_layout(settings), tiny_flux_layout(settings))
+                                            if x.model_name != layout.model_name]
+    else:
+        others = [sdxl_layout(settings), flux_layout(settings, "dev"), flux_layout(settings, "schnell")]
+        folders = [layout] + [x for x in others if not x.missing and x.model_name != layout.model_name]
+    out = {x.model_name: BaseModel(x.model_name, x.family, x) for x in folders}
     if layout.checkpoints.is_dir():
         for f in sorted(layout.checkpoints.glob("*.safetensors")):
-            out.setdefault(f.stem, f)
+            family = checkpoint_family(f) or layout.family
+            if f.stem not in out:
+                out[f.stem] = BaseModel(f.stem, family, _checkpoint_layout(family, f, folders, settings), f)
     return out
+
+
+def _checkpoint_layout(family: str, f: Path, folders: list[Layout], settings: Settings) -> Layout:
+    """The folder whose configs a single-file checkpoint loads against: its family's; for FLUX the dev folder
+    for a guidance-distilled transformer, else schnell's (their transformer configs differ in guidance_embeds)."""
+    if family == "sdxl":
+        return next((x for x in folders if x.family == "sdxl"), None) or sdxl_layout(settings)
+    want = "dev" if flux_is_guidance_distilled(f) else "schnell"
+    found = [x for x in folders if isinstance(x, FluxLayout)]
+    return next((x for x in found if x.flux_variant == want), None) or \
+        (found[0] if found and found[0].profile == "tiny" else flux_layout(settings, want))
+
+
+def list_checkpoints(settings: Settings) -> dict[str, Path | None]:
+    """Base models available locally: name -> single-file path (None: a diffusers folder)."""
+    return {name: m.file for name, m in list_base_models(settings).items()}

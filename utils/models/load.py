@@ -38,7 +38,9 @@ class LoadedModels:
     # (same shapes, same image encoder and adapter files) takes the same identities, so a base-model switch
     # does not invalidate every uploaded session.
     identity_model: str = ""
-    layout: ModelLayout | None = None    # the folders these were loaded from
+    layout: Any = None                   # the folders these were loaded from (ModelLayout / FluxLayout)
+    family: str = "sdxl"                 # sdxl | flux
+    memory: dict | None = None           # FLUX: how it is held on the GPU (flux_memory.MemoryPlan.to_json())
 
 
 def choose_device_dtype(settings: Settings):
@@ -87,6 +89,8 @@ def quiet_libraries():
             # peft warns on every second LoRA loaded into the same UNet; several adapters is the design here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+            # A FLUX LoRA without CLIP weights (most of them) says so on every load.
+            warnings.filterwarnings("ignore", message="No LoRA keys associated")
             yield
     finally:
         dlog.set_verbosity(old[0])
@@ -126,7 +130,7 @@ def _load_pipeline(layout: ModelLayout, settings: Settings, checkpoint: Path | N
     if layout.lightning_file.is_file():
         pipe.load_lora_weights(str(layout.lightning), weight_name=layout.lightning_weight, adapter_name="lightning")
         lightning_adapter = "lightning"
-    loras = _load_loras(pipe, layout.lora_dir)
+    loras = load_loras(pipe, layout.lora_dir, "sdxl")
     models = LoadedModels(pipe=pipe, profile=layout.profile,
                           model_name=Path(checkpoint).stem if checkpoint is not None else layout.model_name,
                           native_resolution=layout.native_resolution, device=device, dtype=dtype,
@@ -174,11 +178,16 @@ def _identitynet(layout: ModelLayout, settings: Settings, dtype):
                                                 use_safetensors=True)
 
 
-def _load_loras(pipe, lora_dir: Path | None) -> dict[str, str]:
+def load_loras(pipe, lora_dir: Path | None, family: str) -> dict[str, str]:
+    """The style LoRAs of ``family`` in ``lora_dir`` (one folder holds both families' LoRAs; each file's keys
+    say which it is), loaded as peft adapters ``style_<name>``: name -> adapter name."""
+    from utils.models.kinds import lora_family
     loras = {}
     if lora_dir is None or not lora_dir.is_dir():
         return loras
     for f in sorted(lora_dir.glob("*.safetensors")):
+        if lora_family(f) != family:
+            continue
         name = f.stem
         pipe.load_lora_weights(str(lora_dir), weight_name=f.name, adapter_name=f"style_{name}")
         loras[name] = f"style_{name}"

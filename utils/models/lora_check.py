@@ -13,13 +13,17 @@ _PARTS = ("unet", "text_encoder", "text_encoder_2")
 _PAIR = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.(weight|bias)$")
 
 
-def verify_lora(path: Path, rel: str, meta: dict[str, Any]) -> FileCheck:
-    """A LoRA file as ``pipe.load_lora_weights`` reads it: diffusers' own key conversion (kohya, old
-    diffusers and peft layouts; SGM block names remapped with the UNet's config) on a header-only state
-    dict, then every lora_A / lora_B pair must name a Linear / Conv2d of the meta UNet or text encoder and fit
-    its shape. Keys the loader would drop without a word (no known prefix, no such module) are errors:
-    such a LoRA loads and silently changes nothing."""
-    from diffusers import StableDiffusionXLPipeline
+_FAMILY_PARTS = {"sdxl": _PARTS, "flux": ("transformer", "text_encoder")}
+
+
+def verify_lora(path: Path, rel: str, meta: dict[str, Any], family: str = "sdxl") -> FileCheck:
+    """A LoRA file as ``pipe.load_lora_weights`` reads it: diffusers' own key conversion (SDXL: kohya, old
+    diffusers and peft layouts, SGM block names remapped with the UNet's config; FLUX: XLabs, kohya,
+    diffusers) on a header-only state dict, then every lora_A / lora_B pair must name a Linear / Conv2d of
+    the meta UNet / transformer or text encoder and fit its shape. Keys the loader would drop without a word
+    (no known prefix, no such module) are errors: such a LoRA loads and silently changes nothing."""
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+    parts = _FAMILY_PARTS[family]
     if not path.is_file():
         return FileCheck(rel, "missing")
     try:
@@ -30,18 +34,21 @@ def verify_lora(path: Path, rel: str, meta: dict[str, Any]) -> FileCheck:
     if bad:
         return FileCheck(rel, "wrong_dtype", f"key {bad[0]!r} has dtype {raw[bad[0]].dtype}, expected a float type")
     try:
-        sd, _ = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=meta["unet"].config)
+        if family == "flux":
+            sd = FluxPipeline.lora_state_dict(dict(raw))
+        else:
+            sd, _ = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=meta["unet"].config)
     except Exception as e:  # diffusers cannot place the keys at all: load_lora_weights raises the same
         return FileCheck(rel, "unexpected_key", f"diffusers cannot convert the keys: {type(e).__name__}: {str(e)[:160]}")
     if not sd:
         return FileCheck(rel, "unexpected_key", "no LoRA weights in the file")
-    stray = sorted(k for k in sd if k.split(".", 1)[0] not in _PARTS)
+    stray = sorted(k for k in sd if k.split(".", 1)[0] not in parts)
     if stray:
-        return FileCheck(rel, "unexpected_key", f"key {stray[0]!r} is for no part of the SDXL pipeline "
+        return FileCheck(rel, "unexpected_key", f"key {stray[0]!r} is for no part of the {family.upper()} pipeline "
                                                 f"({len(stray)} such keys; the loader ignores them)")
     counts: dict[str, int] = {}
     ranks: set[int] = set()
-    for part in _PARTS:
+    for part in parts:
         sub = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
         if not sub:
             continue
@@ -93,7 +100,7 @@ def _check_part(rel: str, part: str, sub: dict[str, Any], model, ranks: set[int]
 def _to_peft(part: str, sub: dict[str, Any], model) -> dict[str, Any]:
     """The same conversions the loader applies (lora_base / peft.load_lora_adapter) before peft injects layers."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    if part == "unet":
+    if part in ("unet", "transformer"):
         return sub if any("lora_A" in k for k in sub) else convert_unet_state_dict_to_peft(sub)
     sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
     if not hasattr(model, "text_model"):

@@ -1,8 +1,9 @@
 """The configured models, ready: resolve the profile's layout, build the tiny folder first when the profile is
-the generated tiny one (what the first start does), then load it (``load_models``) or check it (``verify``).
+the generated tiny one (what the first start does), then load it (``load_models`` / ``load_base_model``) or
+check it (``verify``).
 
-``load`` and ``verify`` read a layout and ``tiny`` writes one; this module, above all three, is the one place
-that puts the writer before the readers, so neither reader depends on the builder."""
+``load``, ``flux_load`` and ``verify`` read a layout and ``tiny`` writes one; this module, above them, is the
+one place that puts the writer before the readers, so no reader depends on the builder."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from utils.config import Settings
 from utils.models.filecheck import FileCheck
-from utils.models.layout import ModelLayout, model_layout
+from utils.models.flux_load import load_flux
+from utils.models.flux_verify import verify_flux_layout
+from utils.models.layout import BaseModel, FluxLayout, list_base_models, model_layout
 from utils.models.load import LoadedModels, load_pipeline
 from utils.models.tiny import make_tiny, tiny_is_current
 from utils.models.verify import verify_layout
@@ -18,24 +21,53 @@ from utils.models.verify import verify_layout
 log = logging.getLogger("twin.models")
 
 
-def ready_layout(settings: Settings) -> ModelLayout:
+def ready_layout(settings: Settings):
     """The profile's layout, with the tiny folder built (or rebuilt when stale) when the profile is tiny."""
     layout = model_layout(settings)
     if layout.profile == "tiny":
-        root = settings.resolved_tiny_model_dir
-        if not tiny_is_current(root):
-            log.warning("building the tiny demo model in %s (outputs are NOT portraits)", root)
-            make_tiny(root)
+        _ready_tiny(settings)
     return layout
+
+
+def _ready_tiny(settings: Settings) -> None:
+    root = settings.resolved_tiny_model_dir
+    if not tiny_is_current(root):
+        log.warning("building the tiny demo model in %s (outputs are NOT portraits)", root)
+        make_tiny(root)
+
+
+def base_models(settings: Settings) -> dict[str, BaseModel]:
+    """The base-model catalogue (``layout.list_base_models``) with the tiny folder built first."""
+    ready_layout(settings)
+    return list_base_models(settings)
+
+
+def load_base_model(settings: Settings, entry: BaseModel | None = None) -> LoadedModels:
+    """A base model of either family: ``entry`` from ``base_models`` (None: the configured one)."""
+    layout = ready_layout(settings) if entry is None else entry.layout
+    if layout.profile == "tiny":
+        _ready_tiny(settings)
+    file = None if entry is None else entry.file
+    if isinstance(layout, FluxLayout):
+        return load_flux(layout, settings, file)
+    return load_pipeline(layout, settings, file)
 
 
 def load_models(settings: Settings, checkpoint: Path | None = None) -> LoadedModels:
     """Load the pipeline for the chosen profile, with its LoRAs and scheduler (the IP-Adapter variant is loaded
-    by ipadapter_manager). ``checkpoint``: a single-file SDXL ``.safetensors`` (see ``list_checkpoints``) in
-    place of the diffusers base folder's weights; the folder still gives the configs and tokenizers."""
-    return load_pipeline(ready_layout(settings), settings, checkpoint)
+    by ipadapter_manager). ``checkpoint``: a single-file ``.safetensors`` (see ``list_checkpoints``) in place of
+    the diffusers base folder's weights; the folder still gives the configs and tokenizers."""
+    layout = ready_layout(settings)
+    if isinstance(layout, FluxLayout):
+        return load_flux(layout, settings, checkpoint)
+    return load_pipeline(layout, settings, checkpoint)
 
 
 def verify(settings: Settings) -> list[FileCheck]:
     """One FileCheck per weight file the configured profile and variant load."""
-    return verify_layout(ready_layout(settings))
+    return verify_any(ready_layout(settings))
+
+
+def verify_any(layout) -> list[FileCheck]:
+    """The preflight of a layout of either family."""
+    return verify_flux_layout(layout) if isinstance(layout, FluxLayout) else verify_layout(layout)

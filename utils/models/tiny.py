@@ -1,5 +1,5 @@
 """The tiny profile's model folder: a deterministic, randomly initialised miniature of SDXL + every adapter
-variant, written with the real repos' layout and file formats (``make_tiny``).
+variant, and of FLUX.1-dev (``tiny_flux``), written with the real repos' layout and file formats (``make_tiny``).
 
 This module writes what the readers (``layout``, ``load``, ``verify``) read; it imports from them, they never
 import it: the folder names, the adapter file layout and the single-file key names all come from the code
@@ -17,8 +17,10 @@ from utils.models.layout import (ADAPTER_FILES, ANTELOPE_DIR, BASE_DIR, CHECKPOI
                                  TINY_RESOLUTION, tiny_adapter_weight)
 from utils.models.load import quiet_libraries
 from utils.models.single_file import to_single_file
+from utils.models.tiny_flux import write_tiny_flux
+from utils.models.tiny_tokenizers import bytes_to_unicode, tiny_tokenizer, write_classic_tokenizers  # noqa: F401
 
-TINY_VERSION = 3           # bump when make_tiny writes new files: an older folder is rebuilt on start
+TINY_VERSION = 4           # bump when make_tiny writes new files: an older folder is rebuilt on start (4: tiny-flux)
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -93,6 +95,7 @@ def _write_tiny(root: Path) -> None:
     _tiny_lora_file(root / LIGHTNING_DIR / LIGHTNING_WEIGHT_TINY, TINY_SEED + 3, 0.3)
     from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
     write_standins(root / RESTORE_DIR)
+    write_tiny_flux(root)       # tiny-flux beside tiny-sdxl: the second family, in the same folder
     (root / MARKER).write_text(json.dumps({
         "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
@@ -147,56 +150,6 @@ def _write_adapters(root: Path, unet, gen) -> None:
             save_nested_bin(tensors, out)  # the real file names and the real nested layout
         else:
             save_file(tensors, str(out))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizers: byte-level BPE with the real CLIP tokenizer's alphabet and a handful of merges
-# ---------------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-_TINY_VOCAB: list = [{}, []]
-
-
-def tiny_tokenizer(pad_token: str | None = None):
-    from transformers import CLIPTokenizer
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab[s] = len(vocab)
-    merges = []
-    for word in ("portrait", "photo", "person", "light"):
-        cur = word[0]
-        for i, ch in enumerate(word[1:], 1):
-            nxt = ch + ("</w>" if i == len(word) - 1 else "")
-            merges.append((cur, nxt))
-            cur = cur + nxt
-            vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    kw = {"pad_token": pad_token} if pad_token else {}
-    _TINY_VOCAB[:] = [vocab, merges]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kw), len(vocab)
-
-
-def write_classic_tokenizers(base: Path) -> None:
-    """After ``save_pretrained`` of a pipeline holding ``tiny_tokenizer``s: the real repo ships the classic
-    vocab.json + merges.txt (no tokenizer.json), so the saved folder is loaded the same way."""
-    for sub in ("tokenizer", "tokenizer_2"):
-        folder = Path(base) / sub
-        (folder / "tokenizer.json").unlink(missing_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(_TINY_VOCAB[0], ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_VOCAB[1]),
-                                           encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from utils.models.filecheck import (FileCheck, compare, compare_header, corrupt,
 from utils.choices import ARCFACE_VARIANTS
 from utils.models.layout import CONTROLNET_SUB, ENCODER_SUB, ENCODER_VARIANTS, ModelLayout
 from utils.models.load import quiet_libraries
+from utils.models.kinds import checkpoint_family, lora_family
 from utils.models.lora_check import verify_lora
 from utils.models.onnx_check import verify_face_pack, verify_restore_models
 from utils.models.single_file import SINGLE_FILE_IGNORED, SINGLE_FILE_PARTS, single_file_shapes
@@ -153,9 +154,12 @@ def verify_loras(layout: ModelLayout, meta: dict[str, Any]) -> list[FileCheck]:
                             "to full steps (python model_loader.py download fetches it)")]
     lora_dir = layout.lora_dir
     loras = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
-    checks += [verify_lora(f, rel_path(f, lora_dir), meta) for f in loras]
-    if not loras:
-        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs (<name>.safetensors; TWIN_LORA_DIR)"))
+    # One folder holds both families' LoRAs: a FLUX one is checked when a flux layout is verified.
+    checks += [FileCheck(rel_path(f, lora_dir), "skipped", "a flux LoRA (checked with a flux profile)")
+               if lora_family(f) == "flux" else verify_lora(f, rel_path(f, lora_dir), meta) for f in loras]
+    if all(c.status == "skipped" for c in checks[1:]):
+        checks.append(FileCheck(str(lora_dir), "absent", "optional: no style LoRAs of the sdxl family "
+                                                         "(<name>.safetensors; TWIN_LORA_DIR)"))
     return checks
 
 
@@ -164,12 +168,16 @@ def verify_checkpoints(layout: ModelLayout, meta: dict[str, Any]) -> list[FileCh
     Only POST /models/load reads one, so a problem is a warning (``blocking=False``)."""
     folder = layout.checkpoints
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    flux = [f for f in files if checkpoint_family(f) == "flux"]   # checked when a flux layout is verified
+    files = [f for f in files if f not in flux]
+    skipped = [FileCheck(rel_path(f, folder), "skipped", "a FLUX transformer (checked with a flux profile)") for f in flux]
     if not files:
-        return [FileCheck(str(folder), "absent", "optional: no single-file checkpoints")]
+        return skipped or [FileCheck(str(folder), "absent", "optional: no single-file checkpoints")]
     if not all(c in meta for c in COMPONENTS):
         return []                  # a component's own line already says what is wrong
     expected = single_file_shapes(meta)
-    return [dataclasses.replace(verify_checkpoint(f, rel_path(f, folder), expected), blocking=False) for f in files]
+    return skipped + [dataclasses.replace(verify_checkpoint(f, rel_path(f, folder), expected), blocking=False)
+                      for f in files]
 
 
 def verify_checkpoint(path: Path, rel: str, expected: dict[str, tuple]) -> FileCheck:

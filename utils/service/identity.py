@@ -22,7 +22,9 @@ class Identities:
 
     def for_engine(self, engine, session_id: str):
         """The session's identity for ``engine``'s active model: a cached one that fits, else one built now
-        from the stored face features (and cached). Conflict (409) names what a rebuild would need."""
+        from the stored face features (and cached); None when the active model has no identity method (FLUX
+        until issue 23: the job runs without identity conditioning and its metadata says so; the cached
+        identities stay for a switch back). Conflict (409) names what a rebuild would need."""
         for path in self.storage.identity_paths(session_id):
             try:
                 identity = engine.identity_type.load(path)
@@ -36,13 +38,17 @@ class Identities:
         except errors.InvalidRequest as e:
             raise errors.Conflict(f"this session's identity cannot be built for the active model: {e.message}",
                                   code="identity_mismatch") from None
+        if identity is None:
+            return None
         self.storage.save_identity(session_id, identity)
         log.info("identity built for the active model", extra={"session_id": session_id})
         return identity
 
 
 def build_identity(engine, report):
-    """The identity of a fresh upload (the face service's report), for ``engine``'s active model."""
+    """The identity of a fresh upload (the face service's report), for ``engine``'s active model (None when it
+    has no identity method: the session keeps its face features, and the identity is built on first use by
+    a model that has one)."""
     accepted = report.accepted
     return _encode(engine, [a.crop for a in accepted], [a.embedding for a in accepted], report.model_name,
                    report.identity_inputs())

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from utils import errors
 from utils.config import Settings
-from utils.contracts import PresignedDownloads, Storage
+from utils.contracts import ModelRouting, PresignedDownloads, Storage
 from utils.jobs.status import JobStatus
 from utils.service.identity import Identities
 from utils.service.models import check_model
@@ -64,7 +64,8 @@ class Jobs:
             raise errors.InvalidRequest("the body must be a JSON object")
         payload = dict(payload)
         session_id = payload.pop("session_id", None)
-        req = self.engines[0].request_type.from_dict(payload, self.settings)
+        engine = self.engines[0]
+        req = engine.request_type.from_dict(payload, self.settings)
         persona = req.identity_source == "none"
         if persona:
             _check_persona_request(session_id, owner)
@@ -73,6 +74,7 @@ class Jobs:
             session = self._session_for(session_id, owner)
         self._check_likeness(req)
         self._check_model(req)
+        self._check_fields(req, engine)
         self.storage.require_space(output_bytes(req), f"a job of {req.num_images} images")
         if session is not None:
             # The session's face features, read now: a broken session fails the request rather than the job,
@@ -125,6 +127,21 @@ class Jobs:
         engine checks again: a switch in between fails the job with the same code)."""
         if req.model is not None:
             check_model(self.queue, self.engines, req.model, self.settings.cluster)
+
+    def _check_fields(self, req, engine) -> None:
+        """The request against the model that will run it, now (400) rather than as a failed job: in local
+        mode the engine checks it (fields that apply to its family and identity method, the LoRA's name and
+        family, the pose); in cluster mode the API node holds no model, so a job pinned to a model is checked
+        against the family and identity method of a GPU worker that holds it (the registry), and an unpinned
+        one, whose family is not known until a worker takes it, is checked by that worker when it runs."""
+        if self.settings.cluster:
+            target = self.queue.pinned_target(req.model) if req.model is not None and \
+                isinstance(self.queue, ModelRouting) else None
+            if target is not None:
+                req.check_family(target["family"], frozenset(target["method_fields"]), target["variant"])
+            return
+        if engine.state == "ready":     # not ready: the job waits, and the engine checks it when it runs
+            engine.validate(req)
 
     def _check_likeness(self, req) -> None:
         """Restoration needs its model file: refuse the request now (400, naming the file and the download

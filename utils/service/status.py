@@ -79,8 +79,11 @@ def system_status(rt) -> dict:
         # only then, instead of meeting a 501.
         "model_registry": rt.models.available,
         "uptime_seconds": round(time.time() - rt.started_at, 1),
+        # family: sdxl | flux; memory: FLUX's TWIN_FLUX_MEMORY choice ({mode, backend, reason}); identity_note:
+        # why a family runs without an identity method (FLUX until issue 23).
         "model": {"profile": info.get("profile"), "family": info.get("family"), "variant": info.get("variant"),
-                  "model_name": info.get("model_name"), "is_demo": info.get("is_demo"), "dtype": info.get("dtype")},
+                  "model_name": info.get("model_name"), "is_demo": info.get("is_demo"), "dtype": info.get("dtype"),
+                  "memory": info.get("memory"), "identity_note": info.get("identity_note")},
         "face_backend": rt.faces.backend_name,
         "storage": dict(rt.storage.describe(), reachable=storage_reachable(rt.storage)[0],
                         download_redirect=s.download_redirect),

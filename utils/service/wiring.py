@@ -127,6 +127,12 @@ def request_fields() -> tuple:
     return REQUEST_FIELDS
 
 
+def request_applicability() -> dict[str, dict[str, str]]:
+    """Which request fields apply to which model family, and when (for the OpenAPI document)."""
+    from utils.engine.request import APPLICABILITY
+    return {name: dict(rule.families) for name, rule in APPLICABILITY.items()}
+
+
 # --- faces -----------------------------------------------------------------------------------------
 
 def build_faces(settings: Settings):

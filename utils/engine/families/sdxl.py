@@ -16,7 +16,8 @@ from utils.config import Settings
 from utils.engine.identity.adapters import AdapterManager, SessionIdentity
 from utils.engine.identity.pose import pose_image
 from utils.engine.previews import SDXL_LATENT_RGB
-from utils.engine.request import GenerationRequest
+from utils.engine.families.loras import check_lora
+from utils.engine.request import GenerationRequest, check_applicable
 from utils.engine.tuning import (BASE_NEGATIVE, POSE_VARIANTS, fast_fallback_row, preset_size, quality_row,
                                  style_library)
 from utils.errors import InvalidRequest, OutOfMemory
@@ -49,10 +50,11 @@ class SdxlModel:
         self._img2img = None           # built on the first img2img request, sharing models.pipe's modules
 
     @classmethod
-    def load(cls, settings: Settings, checkpoint=None) -> "SdxlModel":
-        """The base model (the diffusers folder, or a single-file ``checkpoint``) with the configured adapter."""
-        from utils.models.startup import load_models
-        models = load_models(settings, checkpoint=checkpoint)
+    def load(cls, settings: Settings, entry=None) -> "SdxlModel":
+        """An SDXL base model (``entry`` from the catalogue, a diffusers folder or a single-file checkpoint;
+        None: the configured one) with the configured adapter."""
+        from utils.models.startup import load_base_model
+        models = load_base_model(settings, entry)
         adapter = AdapterManager(models)
         adapter.load(settings.ip_adapter_variant)
         return cls(settings, models, adapter)
@@ -83,9 +85,16 @@ class SdxlModel:
     def check_identity(self, identity: SessionIdentity) -> None:
         self.adapter.check_identity(identity)
 
+    @property
+    def method_fields(self) -> frozenset:
+        """The request fields the identity adapter reads (pose control only with InstantID's IdentityNet)."""
+        return frozenset({"identity_strength"} | ({"pose", "pose_strength"} if self.variant in POSE_VARIANTS else set()))
+
     def check_request(self, req: GenerationRequest, plan: dict[str, Any]) -> None:
-        """Checks that need this model, beyond plan(): a pose's selfie must exist (400 at submit time)."""
-        if self.variant in POSE_VARIANTS:
+        """Checks that need this model, beyond plan(): every field given applies to SDXL and this adapter;
+        with the identity, a pose's selfie must exist (at submit the service checks it against the session)."""
+        check_applicable(req, self.family, self.method_fields, self.variant)
+        if self.variant in POSE_VARIANTS and req.identity is not None:
             self.pose_image(req, plan)
 
     def pose_image(self, req: GenerationRequest, plan: dict[str, Any]):
@@ -104,8 +113,7 @@ class SdxlModel:
     def plan(self, req: GenerationRequest) -> dict[str, Any]:
         """Steps, guidance, scheduler and adapters for a request; raises for an unknown LoRA."""
         m = self.models
-        if req.lora is not None and req.lora not in m.loras:
-            raise InvalidRequest(f"lora={req.lora!r} is not installed; available: {', '.join(sorted(m.loras)) or 'none'}")
+        check_lora(req.lora, m, self.family)
         mode = quality_row(req.quality_mode, self.variant)
         fallback = False
         if mode.pop("few_step_lora", False) and not m.lightning_adapter:
@@ -245,7 +253,7 @@ class SdxlModel:
         """The step callback's latents as [B, C, h, w] for a preview (SDXL's already are)."""
         return latents
 
-    def call_metadata(self, req: GenerationRequest) -> dict[str, Any]:
+    def call_metadata(self, req: GenerationRequest, plan: dict[str, Any]) -> dict[str, Any]:
         """What this family adds to a result's metadata."""
         posed = self.variant in POSE_VARIANTS
         return {"pose": req.pose if posed else None, "pose_strength": req.pose_strength if posed else None}

@@ -61,6 +61,9 @@ class RqJobQueue:
     def check_model(self, model: str) -> None:
         registry.check_pinned(self.store.redis, model)
 
+    def pinned_target(self, model: str) -> dict | None:
+        return registry.pinned_target(self.store.redis, model)
+
     @redis_guard
     def load_model(self, model: str, workers: list[str] | None = None) -> dict:
         """Ask live GPU workers to load ``model`` beside theirs and switch between jobs; wait (bounded by

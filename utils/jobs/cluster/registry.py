@@ -1,7 +1,9 @@
 """Cluster mode's base-model registry: which GPU worker holds which model, and the switch command.
 
 Each GPU worker publishes its state in its info hash ``twin:workerinfo:<name>`` (host and device as before,
-plus ``model``, ``family``, ``catalogue`` and ``loras`` as JSON, ``state`` = idle | loading | failed,
+plus ``model``, ``family`` (the model family: sdxl | flux), ``variant`` (its identity method, "" for none),
+``method_fields`` (the request fields that method reads, JSON), ``catalogue`` (every base model with its
+family) and ``loras`` (each with its family) as JSON, ``state`` = idle | loading | failed,
 ``target`` (the model being loaded), ``error`` (the last failed load, naming the file), ``cmd`` (the
 result of the last switch command, JSON) and ``seen``). A refresher thread in the worker renews ``seen``
 and the key's short TTL (``live_ttl``), so a worker that died drops out of the registry within seconds,
@@ -46,13 +48,14 @@ def read_info(conn, name: str) -> dict[str, Any] | None:
     if not raw:
         return None
     info: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
-    for key in ("catalogue", "loras", "cmd"):
+    for key in ("catalogue", "loras", "cmd", "method_fields"):
         try:
             info[key] = json.loads(info[key]) if info.get(key) else None
         except ValueError:
             info[key] = None
     info["catalogue"] = info.get("catalogue") or []
     info["loras"] = info.get("loras") or []
+    info["method_fields"] = info.get("method_fields") or []
     return info
 
 
@@ -83,8 +86,8 @@ def catalogue(workers: dict[str, dict]) -> dict[str, Any]:
     models: dict[str, dict] = {}
     for name, w in workers.items():
         for m in w["catalogue"]:
-            entry = models.setdefault(m["name"], {"name": m["name"], "kind": m.get("kind"), "file": m.get("file"),
-                                                  "active": False, "workers": []})
+            entry = models.setdefault(m["name"], {"name": m["name"], "family": m.get("family"), "kind": m.get("kind"),
+                                                  "file": m.get("file"), "active": False, "workers": []})
             if w.get("model") == m["name"]:
                 entry["active"] = True
                 entry["workers"].append(name)
@@ -97,9 +100,24 @@ def catalogue(workers: dict[str, dict]) -> dict[str, Any]:
         if w.get("error"):
             row["error"] = w["error"]
         rows.append(row)
+    loras: dict[str, dict] = {}
+    for w in workers.values():
+        for lora in w["loras"]:
+            entry = loras.setdefault(lora["name"], {"name": lora["name"], "family": lora.get("family"), "loaded": False})
+            entry["loaded"] = entry["loaded"] or bool(lora.get("loaded"))
     return {"active": sorted({w["model"] for w in workers.values() if w.get("model")}),
-            "models": list(models.values()), "workers": rows,
-            "loras": sorted({lora for w in workers.values() for lora in w["loras"]})}
+            "models": list(models.values()), "workers": rows, "loras": [loras[n] for n in sorted(loras)]}
+
+
+def pinned_target(conn, want: str) -> dict | None:
+    """What a job pinned to ``want`` will meet: {family, variant, method_fields} of a live worker holding it
+    (the first by name); None when none holds it yet (a worker still loading it: its worker checks the job)."""
+    workers = live_workers(conn)
+    for w in workers.values():
+        if w.get("model") == want and w.get("family"):
+            return {"family": w["family"], "variant": w.get("variant") or "",
+                    "method_fields": list(w.get("method_fields") or [])}
+    return None
 
 
 def check_pinned(conn, want: str) -> None:
@@ -204,12 +222,14 @@ class ModelControl:
 
     def _model_fields(self) -> dict[str, str]:
         if not isinstance(self.gen, ModelRegistry):
-            return {"model": "", "family": "", "catalogue": "[]", "loras": "[]"}
+            return {"model": "", "family": "", "variant": "", "method_fields": "[]", "catalogue": "[]", "loras": "[]"}
         c = self.gen.models_catalogue()
         info = _safe_info(self.gen)
-        family = info.get("identity_model") or info.get("profile") or ""
-        return {"model": c.get("active") or "", "family": str(family),
-                "catalogue": json.dumps([{k: m.get(k) for k in ("name", "kind", "file")} for m in c["models"]]),
+        # The model family (sdxl | flux) of the active model, as GET /models names it per model: what routing
+        # and the submit-time field checks of a pinned job read.
+        return {"model": c.get("active") or "", "family": str(info.get("family") or ""),
+                "variant": str(info.get("variant") or ""), "method_fields": json.dumps(info.get("method_fields") or []),
+                "catalogue": json.dumps([{k: m.get(k) for k in ("name", "family", "kind", "file")} for m in c["models"]]),
                 "loras": json.dumps(list(c.get("loras", [])))}
 
     @property

@@ -388,14 +388,8 @@ class GeneratorProcess:
         self.model_error = None
         if want is None or want == self._info.get("active_model", self._info.get("model_name")):
             return
-        rid = next(self._ids)
-        q = child.register(rid)
         try:
-            child.send(("call", rid, "load_model", (want,), {}))
-        except (OSError, ValueError):
-            pass
-        try:
-            out = self._wait(child, rid, q)
+            out = self._child_call(child, "load_model", want)
         except BaseException as e:  # noqa: BLE001 - the child still serves its default model
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             self.model_error = (f"the restarted generator process could not load base model {want!r} again, "
@@ -403,8 +397,26 @@ class GeneratorProcess:
             log.error("restarted generator process is back on the default base model",
                       extra={"wanted_model": want, "error": msg})
             return
-        self._info["model_name"] = self._info["active_model"] = out["model"]
+        self._refresh_info(child, out)
         log.info("restarted generator process reloaded its base model", extra={"model": want})
+
+    def _refresh_info(self, child: _Child, out: dict[str, Any]) -> None:
+        """After a switch: the new model's info (its family, identity method, memory mode...)."""
+        try:
+            info = self._child_call(child, "info")
+            self._info = {k: v for k, v in info.items() if k not in ("state", "error")}
+        except errors.TwinError:   # the switch happened; say at least which model is active now
+            self._info["model_name"] = self._info["active_model"] = out["model"]
+            self._info["family"] = out.get("family", self._info.get("family"))
+
+    def _child_call(self, child: _Child, method: str, *args, **kwargs):
+        rid = next(self._ids)
+        q = child.register(rid)
+        try:
+            child.send(("call", rid, method, args, kwargs))
+        except (OSError, ValueError):
+            pass  # a dead pipe: the reader delivers "crashed" to q
+        return self._wait(child, rid, q)
 
     def _child_died(self, child: _Child) -> None:
         """Reader thread, on EOF: restart in the background unless this was a deliberate close."""
@@ -514,14 +526,7 @@ class GeneratorProcess:
             child.unregister(rid)
 
     def _call(self, method: str, *args, **kwargs):
-        child = self._live_child()
-        rid = next(self._ids)
-        q = child.register(rid)
-        try:
-            child.send(("call", rid, method, args, kwargs))
-        except (OSError, ValueError):
-            pass  # a dead pipe: the reader delivers "crashed" to q
-        return self._wait(child, rid, q)
+        return self._child_call(self._live_child(), method, *args, **kwargs)
 
     def build_identity(self, crops, face_embeddings=None, *, face_model: str | None = None,
                        combine: str | None = None, **face_inputs):
@@ -551,7 +556,7 @@ class GeneratorProcess:
         generator switches between jobs. A restarted child loads this model again (``_replay_model``)."""
         out = self._call("load_model", name)
         self._options = None
-        self._info["model_name"] = self._info["active_model"] = out["model"]
+        self._refresh_info(self._live_child(), out)
         self._wanted_model, self.model_error = out["model"], None
         return out
 
