@@ -391,6 +391,8 @@ HF = b"hf_" + b"A" * 17 + b"b" * 17
     ({"app/config.py": b"TOKEN = '" + HF + b"'"}, ["hugging face token"]),
     ({"app/twin.env": b"TWIN_API_KEYS=" + b"k" * 24 + b"\n"}, ["service key setting"]),
     ({"app/README.md": b"TWIN_API_KEYS=... and hf_hub_download"}, []),
+    ({"app/s3.py": b"KEY = 'AKIA" + b"Q3ZT7RXW5PLK2MVB" + b"'"}, ["aws access key"]),
+    ({"opt/venv/lib/botocore/data/iam/examples-1.json": b'"AccessKeyId": "AKIAIOSFODNN7EXAMPLE"'}, []),
     ({"models/unet.safetensors": b"weights"}, ["a file in a volume folder (weights or runtime data)"]),
     ({"app/extra.safetensors": b"weights"}, ["a weight file"]),
     ({"opt/venv/lib/onnx/test/model.onnx": b"packaged test model"}, []),

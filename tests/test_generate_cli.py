@@ -85,7 +85,7 @@ def test_cli_identity_none_takes_no_selfies(cli_env, capsys, args, needle):
     selfies = str(write_selfies(cli_env / "selfies", 1))
     rc = generate_twin.main(["--prompt", "p", "--out", str(cli_env / "o"), *(selfies if a == "SELFIES" else a
                                                                               for a in args)],
-                            face_service_factory=FakeFaceService)
+                            face_service_factory=CliFaceService)
     assert rc == 2 and needle in capsys.readouterr().err
 
 
@@ -93,7 +93,7 @@ def test_cli_makes_an_avatar_from_a_persona_alone(cli_env, capsys):
     out = cli_env / "out"
     rc = generate_twin.main(["--identity", "none", "--prompt", "a portrait in a forest", "--out", str(out),
                              "--persona", '{"age": 40}', "--num-images", "1", "--candidates", "2", "--seed", "5",
-                             "--quality", "fast"], face_service_factory=FakeFaceService)
+                             "--quality", "fast"], face_service_factory=CliFaceService)
     text = capsys.readouterr()
     assert rc == 0, text.err
     assert "no photos" in text.out and "checking faces" not in text.out

@@ -31,8 +31,112 @@ def _setting(default: Any, doc: str, choices: tuple | None = None, lo: float | N
     return field(default=default, metadata=meta)
 
 
+class _Derived:
+    """Values computed from the declared settings, and the ways settings are built and listed: kept apart
+    from the declarations in Settings so the list of settings reads as one table."""
+
+    @property
+    def resolved_tiny_model_dir(self) -> Path:
+        return self.tiny_model_dir or self.data_dir / "tiny-model"
+
+    @property
+    def resolved_restore_dir(self) -> Path:
+        return self.restore_model_dir or self.model_dir / "face_restore"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return self.lora_dir or self.model_dir / "loras"
+
+    @property
+    def resolved_styles_file(self) -> Path:
+        return self.styles_file or Path(__file__).resolve().parent.parent / "styles" / "styles.json"
+
+    @property
+    def resolved_safety_model_dir(self) -> Path:
+        return self.safety_model_dir or self.model_dir / "nsfw_image_detection"
+
+    @property
+    def resolved_safety_terms_file(self) -> Path:
+        return self.safety_terms_file or Path(__file__).resolve().parent.parent / "safety" / "terms.json"
+
+    @property
+    def c2pa_dev_dir(self) -> Path:
+        """Where the development CA and signer are made when no certificate is configured."""
+        return self.data_dir / "c2pa"
+
+    @property
+    def resolved_insightface_dir(self) -> Path:
+        return self.insightface_model_dir or self.model_dir / "insightface" / face_pack(self.ip_adapter_variant)
+
+    @property
+    def cluster(self) -> bool:
+        """Cluster mode: jobs on RQ in the Redis at TWIN_QUEUE_URL (else local mode)."""
+        return bool(self.queue_url)
+
+    @property
+    def retry_backoff_list(self) -> list[int]:
+        try:
+            out = [int(x) for x in self.retry_backoff.split(",") if x.strip()]
+        except ValueError:
+            out = [-1]
+        if not out or min(out) < 0:
+            raise ConfigError(f"TWIN_RETRY_BACKOFF={self.retry_backoff!r} is not a comma-separated list of "
+                              "non-negative whole seconds")
+        return out
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def is_loopback_bind(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``TWIN_*`` variables; unknown ``TWIN_*`` names are an error (typos).
+        ``TWIN_TEST_*`` variables belong to the test suite (e.g. TWIN_TEST_S3_URL), not to the service."""
+        environ = os.environ if environ is None else environ
+        known = {env_name(f.name): f for f in fields(cls)}
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known
+                         and not k.startswith(TEST_PREFIX))
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: see README 'Settings'")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name in environ:
+                values[f.name] = _parse(name, environ[name], f)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, Any, str]]:
+        """(variable, default, doc) rows, for the README table and `python -m utils.config`."""
+        rows = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((env_name(f.name), default, f.metadata["doc"]))
+        return rows
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(_Derived):
     # --- where things live -------------------------------------------------------------------
     data_dir: Path = _setting(Path("twin_data"), "Runtime data: sessions, outputs, jobs.db (with TWIN_STORAGE_URL: jobs.db and the bucket's local cache only).")
     model_dir: Path = _setting(Path("models"), "Local folder holding real weights (see `python model_loader.py download`).")
@@ -188,137 +292,42 @@ class Settings:
     generator_nice: int = _setting(0, "Niceness added to the generator process (0-19): on a CPU-saturated box a higher value lets the web process win the CPU so /status stays fast, at the cost of generation speed; keep 0 on a GPU box.", lo=0, hi=19)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if f.type in ("Path", "Path | None") and value is not None and not isinstance(value, Path):
-                object.__setattr__(self, f.name, Path(value))
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"{env_name(f.name)}={value!r} is not one of {', '.join(meta['choices'])}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{env_name(f.name)}={value!r} is not a finite number")
-            if meta.get("lo") is not None and value < meta["lo"]:
-                raise ConfigError(f"{env_name(f.name)}={value!r} is below the minimum {meta['lo']}")
-            if meta.get("hi") is not None and value > meta["hi"]:
-                raise ConfigError(f"{env_name(f.name)}={value!r} is above the maximum {meta['hi']}")
-        if self.min_brightness >= self.max_brightness:
-            raise ConfigError(f"TWIN_MIN_BRIGHTNESS={self.min_brightness} must be below TWIN_MAX_BRIGHTNESS={self.max_brightness}")
-        if self.max_image_side % 8:
-            raise ConfigError(f"TWIN_MAX_IMAGE_SIDE={self.max_image_side} must be a multiple of 8")
-        if self.storage_url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.storage_url):
-            raise ConfigError(f"TWIN_STORAGE_URL={self.storage_url!r} is not s3://BUCKET or s3://BUCKET/PREFIX "
-                              "(empty: the data folder)")
-        if self.download_redirect and not self.storage_url:
-            raise ConfigError("TWIN_DOWNLOAD_REDIRECT=1 needs an S3 bucket (TWIN_STORAGE_URL=s3://...): the data "
-                              "folder has no URL to redirect to")
-        if self.queue_url and not self.queue_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"TWIN_QUEUE_URL={self.queue_url!r} is not a redis://HOST:PORT/DB URL")
-        self.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
-        if (self.c2pa_cert is None) != (self.c2pa_key is None):
-            given, other = ("TWIN_C2PA_CERT", "TWIN_C2PA_KEY") if self.c2pa_cert is not None else ("TWIN_C2PA_KEY", "TWIN_C2PA_CERT")
-            raise ConfigError(f"{given} is set but {other} is not: set both (the signing certificate chain and its key) or neither")
-        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            raise ConfigError(f"TWIN_DEVICE={self.device!r} is not auto, cpu, cuda or cuda:N")
+        _check(self)
 
-    # --- derived -----------------------------------------------------------------------------
-    @property
-    def resolved_tiny_model_dir(self) -> Path:
-        return self.tiny_model_dir or self.data_dir / "tiny-model"
 
-    @property
-    def resolved_restore_dir(self) -> Path:
-        return self.restore_model_dir or self.model_dir / "face_restore"
-
-    @property
-    def resolved_lora_dir(self) -> Path:
-        return self.lora_dir or self.model_dir / "loras"
-
-    @property
-    def resolved_styles_file(self) -> Path:
-        return self.styles_file or Path(__file__).resolve().parent.parent / "styles" / "styles.json"
-
-    @property
-    def resolved_safety_model_dir(self) -> Path:
-        return self.safety_model_dir or self.model_dir / "nsfw_image_detection"
-
-    @property
-    def resolved_safety_terms_file(self) -> Path:
-        return self.safety_terms_file or Path(__file__).resolve().parent.parent / "safety" / "terms.json"
-
-    @property
-    def c2pa_dev_dir(self) -> Path:
-        """Where the development CA and signer are made when no certificate is configured."""
-        return self.data_dir / "c2pa"
-
-    @property
-    def resolved_insightface_dir(self) -> Path:
-        return self.insightface_model_dir or self.model_dir / "insightface" / face_pack(self.ip_adapter_variant)
-
-    @property
-    def cluster(self) -> bool:
-        """Cluster mode: jobs on RQ in the Redis at TWIN_QUEUE_URL (else local mode)."""
-        return bool(self.queue_url)
-
-    @property
-    def retry_backoff_list(self) -> list[int]:
-        try:
-            out = [int(x) for x in self.retry_backoff.split(",") if x.strip()]
-        except ValueError:
-            out = [-1]
-        if not out or min(out) < 0:
-            raise ConfigError(f"TWIN_RETRY_BACKOFF={self.retry_backoff!r} is not a comma-separated list of "
-                              "non-negative whole seconds")
-        return out
-
-    @property
-    def api_key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
-
-    @property
-    def admin_key_list(self) -> list[str]:
-        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
-
-    @property
-    def cors_origin_list(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
-
-    @property
-    def is_loopback_bind(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        """Build settings from ``TWIN_*`` variables; unknown ``TWIN_*`` names are an error (typos).
-        ``TWIN_TEST_*`` variables belong to the test suite (e.g. TWIN_TEST_S3_URL), not to the service."""
-        environ = os.environ if environ is None else environ
-        known = {env_name(f.name): f for f in fields(cls)}
-        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known
-                         and not k.startswith(TEST_PREFIX))
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: see README 'Settings'")
-        values: dict[str, Any] = {}
-        for name, f in known.items():
-            if name in environ:
-                values[f.name] = _parse(name, environ[name], f)
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def documented(cls) -> list[tuple[str, Any, str]]:
-        """(variable, default, doc) rows, for the README table and `python -m utils.config`."""
-        rows = []
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((env_name(f.name), default, f.metadata["doc"]))
-        return rows
+def _check(settings: "Settings") -> None:
+    """Stops start-up on a bad value, naming the variable and the value."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        meta = f.metadata
+        if f.type in ("Path", "Path | None") and value is not None and not isinstance(value, Path):
+            object.__setattr__(settings, f.name, Path(value))
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{env_name(f.name)}={value!r} is not one of {', '.join(meta['choices'])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{env_name(f.name)}={value!r} is not a finite number")
+        if meta.get("lo") is not None and value < meta["lo"]:
+            raise ConfigError(f"{env_name(f.name)}={value!r} is below the minimum {meta['lo']}")
+        if meta.get("hi") is not None and value > meta["hi"]:
+            raise ConfigError(f"{env_name(f.name)}={value!r} is above the maximum {meta['hi']}")
+    if settings.min_brightness >= settings.max_brightness:
+        raise ConfigError(f"TWIN_MIN_BRIGHTNESS={settings.min_brightness} must be below TWIN_MAX_BRIGHTNESS={settings.max_brightness}")
+    if settings.max_image_side % 8:
+        raise ConfigError(f"TWIN_MAX_IMAGE_SIDE={settings.max_image_side} must be a multiple of 8")
+    if settings.storage_url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", settings.storage_url):
+        raise ConfigError(f"TWIN_STORAGE_URL={settings.storage_url!r} is not s3://BUCKET or s3://BUCKET/PREFIX "
+                          "(empty: the data folder)")
+    if settings.download_redirect and not settings.storage_url:
+        raise ConfigError("TWIN_DOWNLOAD_REDIRECT=1 needs an S3 bucket (TWIN_STORAGE_URL=s3://...): the data "
+                          "folder has no URL to redirect to")
+    if settings.queue_url and not settings.queue_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"TWIN_QUEUE_URL={settings.queue_url!r} is not a redis://HOST:PORT/DB URL")
+    settings.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
+    if (settings.c2pa_cert is None) != (settings.c2pa_key is None):
+        given, other = ("TWIN_C2PA_CERT", "TWIN_C2PA_KEY") if settings.c2pa_cert is not None else ("TWIN_C2PA_KEY", "TWIN_C2PA_CERT")
+        raise ConfigError(f"{given} is set but {other} is not: set both (the signing certificate chain and its key) or neither")
+    if settings.device not in ("auto", "cpu", "cuda") and not (settings.device.startswith("cuda:") and settings.device[5:].isdigit()):
+        raise ConfigError(f"TWIN_DEVICE={settings.device!r} is not auto, cpu, cuda or cuda:N")
 
 
 def env_name(field_name: str) -> str:
