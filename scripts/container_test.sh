@@ -12,7 +12,8 @@
 #   6. started as root (--user 0): volume folder chowned, then everything runs as uid 10001
 #   7. compose (docker-compose.yml + docker-compose.cpu.yml, podman-compose): redis + api + one CPU worker,
 #      the cluster flow (upload -> generate -> status -> download) through ./test_api.sh, run by the worker
-# Needs root (rootful podman, debootstrap); installs podman, runc, debootstrap, netavark, aardvark-dns with
+# Needs root (rootful podman, debootstrap); installs podman, runc, debootstrap, netavark, aardvark-dns and
+# iptables (netavark sets up the container network with it: without it "netavark: No such file") with
 # apt when missing. Without them: a loud SKIP and exit 0 (CONTAINER_TEST_REQUIRED=1: exit 1 instead).
 #   VENV=.venv                     python with requests/Pillow/scikit-image and podman-compose (as ./test.sh)
 #   CONTAINER_CACHE_DIR=/var/cache/twin-containers   the cached base rootfs tarball
@@ -103,7 +104,7 @@ trap 'exit 130' INT
 [ "$(id -u)" = 0 ] || skip "needs root (rootful podman and debootstrap); run as root or in a root CI job"
 need=()
 for tool in podman:podman runc:runc debootstrap:debootstrap netavark:/usr/lib/podman/netavark \
-            aardvark-dns:/usr/lib/podman/aardvark-dns curl:curl; do
+            aardvark-dns:/usr/lib/podman/aardvark-dns iptables:iptables curl:curl; do
   pkg=${tool%%:*} path=${tool#*:}
   command -v "$path" >/dev/null 2>&1 || [ -x "$path" ] || need+=("$pkg")
 done
