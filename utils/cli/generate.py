@@ -177,7 +177,9 @@ def _identity(engine, faces, files, req, out: Path):
 
 def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path):
     """The service's JobRunner, writing into --out."""
-    from utils.service.wiring import build_restorer
+    from utils.service.output_safety import setup_args
+    from utils.service.wiring import build_restorer, build_safety
+    safety = build_safety(settings).setup(**setup_args(settings, engine.info(), faces, True))
     restorer = None
     if req.restore_faces:
         restorer = build_restorer(settings, engine.info().get("profile"))
@@ -188,7 +190,7 @@ def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Pa
     def progress(step: int, total_steps: int, *preview) -> None:
         print(f"      step {step}/{total_steps}", flush=True)
     sink = FolderSink(out)
-    meta = JobRunner(faces, lambda: restorer).produce(engine, req, likeness, sink, progress, lambda: False)
+    meta = JobRunner(faces, lambda: restorer, safety).produce(engine, req, likeness, sink, progress, lambda: False)
     return sink, meta
 
 

@@ -1,0 +1,151 @@
+"""Safety and provenance in the service (docs/SAFETY.md): every file a job writes (output, raw output,
+thumbnail) is C2PA-signed with no biometric field and served as signed; the classifier's decision is
+honoured in each TWIN_SAFETY_MODE (a classifier double with injected scores); explicit prompts are refused
+at submit; a session the apparent-age gate holds is checked in block mode whatever the mode."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.fakes import FakeFaceService, PhotoGenerator, fake_safety
+from tests.helpers.http import assert_error, finished, submit, upload_token
+from utils.safety.provenance import read_provenance
+
+BIOMETRIC_WORDS = ("selfie", "crop", "embedding", "session", "face_", "ingredient", "thumbnail")
+
+
+class RestoringFaces(FakeFaceService):
+    """Finds one face in every image, so restore_faces keeps a raw output beside the restored one."""
+
+    def detect_faces(self, image) -> list:
+        return [object()]
+
+
+class FakeRestorer:
+    def check(self, name: str) -> None:
+        return None
+
+    def restore(self, image, detections, *, model: str, fidelity=None):
+        return SimpleNamespace(image=image.transpose(0), faces=len(detections))
+
+
+def guarded_app(make_app, service_settings, scores=(0.0,), mode: str = "block", **kw):
+    settings = service_settings.replace(safety_mode=mode)
+    safety = fake_safety(settings, scores)
+    app = make_app(settings, safety=safety, **kw)
+    return app, safety
+
+
+def job_files(app, job: dict) -> dict[str, Path]:
+    """Every file of a job on disk: {name: path}."""
+    rt = app.extensions["twin"]
+    folder = rt.storage.output_dir(job["session_id"], job["id"])
+    return {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+def trust_anchor(safety) -> bytes:
+    return (Path(safety.signer.chain_path).parent / "dev-ca.pem").read_bytes()
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+def test_every_file_of_a_job_is_signed_without_biometric_fields(make_app, service_settings):
+    app, safety = guarded_app(make_app, service_settings, generator=PhotoGenerator(faces=False),
+                              faces=RestoringFaces())
+    app.extensions["twin"].restorer = FakeRestorer()
+    client = app.test_client()
+    headers = upload_token(client)
+    job = finished(client, submit(client, headers, num_images=2, width=320, height=320,
+                                  restore_faces=True)["id"], headers)
+    assert job["status"] == "succeeded", job["error"]
+    files = job_files(app, job)
+    assert sorted(files) == ["avatar_001.png", "avatar_001.thumb.jpg", "avatar_001_raw.png",
+                             "avatar_002.png", "avatar_002.thumb.jpg", "avatar_002_raw.png"]
+    urls = [u for o in job["outputs"] for u in (o["url"], o["raw_url"], o["thumbnail_url"])]
+    assert len(urls) == 6
+    anchors = trust_anchor(safety)
+    for url in urls:
+        served = client.get(url, headers=headers).data
+        assert served == files[url.rsplit("/", 1)[1]].read_bytes()    # /download serves the signed bytes
+        report = read_provenance(served, trust_anchors=anchors)
+        assert report.state == "valid", (url, report)
+        assert report.source_type == "trainedAlgorithmicMedia"
+        assert set(report.software_agent) == {"name", "version", "model_family", "model", "identity_method"}
+        text = json.dumps(report.software_agent).lower()
+        assert job["session_id"].lower() not in text and job["id"].lower() not in text
+        assert not any(w in text for w in BIOMETRIC_WORDS), text
+    assert job["metadata"]["service_timings"]["provenance_s"] > 0
+
+
+def test_a_flipped_byte_reads_as_tampered(make_app, service_settings):
+    app, safety = guarded_app(make_app, service_settings)
+    client = app.test_client()
+    headers = upload_token(client)
+    job = finished(client, submit(client, headers, num_images=1)["id"], headers)
+    data = bytearray(client.get(job["outputs"][0]["url"], headers=headers).data)
+    assert read_provenance(bytes(data)).state == "untrusted"    # intact; no trust anchor given
+    data[len(data) // 2] ^= 0x01
+    assert read_provenance(bytes(data)).state == "tampered"
+
+
+# --- the classifier's decision, per mode ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode,scores,payload,results,files,seen", [
+    # block: the explicit image is never written, its entry says so; the job still succeeds.
+    ("block", [0.9, 0.1], {"num_images": 2}, ["blocked", "passed"], ["avatar_002.png"], 2),
+    # flag: served and marked.
+    ("flag", [0.9, 0.1], {"num_images": 2}, ["flagged", "passed"], ["avatar_001.png", "avatar_002.png"], 2),
+    # off: not checked at all.
+    ("off", [0.9], {"num_images": 2}, ["unchecked", "unchecked"], ["avatar_001.png", "avatar_002.png"], 0),
+    # best-of-N: the blocked candidates count as rejected; the one that passes is kept.
+    ("block", [0.9, 0.95, 0.1], {"num_images": 1, "candidates": 3}, ["passed"], ["avatar_001.png"], 3),
+])
+def test_classifier_decision_per_mode(make_app, service_settings, mode, scores, payload, results, files, seen):
+    app, safety = guarded_app(make_app, service_settings, scores, mode)
+    client = app.test_client()
+    headers = upload_token(client)
+    job = finished(client, submit(client, headers, **payload)["id"], headers)
+    assert job["status"] == "succeeded", job["error"]
+    assert [o["safety"]["result"] for o in job["outputs"]] == results
+    assert safety.classifier.seen == seen
+    stored = sorted(n for n in job_files(app, job) if n.endswith(".png"))
+    assert stored == files
+    for o in job["outputs"]:
+        if o["safety"]["result"] == "blocked":
+            assert "url" not in o and "filename" not in o and "not stored" in o["note"]
+            assert o["safety"]["score"] == 0.9 and o["safety"]["model"] == "scripted-nsfw-classifier"
+            assert_error(client.get(f"/download/{job['id']}/avatar_{o['index']:03d}.png", headers=headers),
+                         404, "not_found")
+        else:
+            assert client.get(o["url"], headers=headers).status_code == 200
+        if o["safety"]["result"] == "flagged":
+            assert "flagged" in o["note"]
+    if "candidates" in payload:
+        rows = job["metadata"]["candidates"]
+        assert [r["safety"]["result"] for r in rows] == ["blocked", "blocked", "passed"]
+        assert [r["kept"] for r in rows] == [False, False, True]
+        assert "2 candidates were blocked" in job["metadata"]["ranking"]["note"]
+
+
+def test_a_job_whose_every_image_is_blocked_fails(make_app, service_settings):
+    app, _ = guarded_app(make_app, service_settings, [0.99])
+    client = app.test_client()
+    headers = upload_token(client)
+    job = finished(client, submit(client, headers, num_images=2)["id"], headers)
+    assert job["status"] == "failed" and job["error"]["code"] == "safety_blocked"
+    assert job["outputs"] == [] and job_files(app, job) == {}
+
+
+def test_each_output_log_line_carries_its_verdict(make_app, service_settings, caplog):
+    app, _ = guarded_app(make_app, service_settings, [0.7, 0.2], "flag")
+    client = app.test_client()
+    headers = upload_token(client)
+    with caplog.at_level(logging.INFO, logger="twin.runner"):
+        job = finished(client, submit(client, headers, num_images=2)["id"], headers)
+    assert job["status"] == "succeeded"
+    lines = [r for r in caplog.records if r.name == "twin.runner" and r.getMessage() == "output stored"]
+    assert [r.safety["result"] for r in lines] == ["flagged", "passed"]
