@@ -149,3 +149,46 @@ def test_each_output_log_line_carries_its_verdict(make_app, service_settings, ca
     assert job["status"] == "succeeded"
     lines = [r for r in caplog.records if r.name == "twin.runner" and r.getMessage() == "output stored"]
     assert [r.safety["result"] for r in lines] == ["flagged", "passed"]
+
+
+# --- the prompt check at submit ------------------------------------------------------------------
+
+def styles_with_an_explicit_one(tmp_path: Path) -> Path:
+    from utils.config import Settings
+    data = json.loads(Settings().resolved_styles_file.read_text())
+    data["styles"]["boudoir"] = {"description": "x", "positive": "{prompt}, nude boudoir photo", "negative": ""}
+    path = tmp_path / "styles.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("payload,field,term", [
+    ({"prompt": "a NUDE portrait on a beach"}, "prompt", "nude"),
+    ({"prompt": "a portrait", "persona": {"name": "Ann", "traits": ["calm", "naked"]}}, "persona.traits[1]", "naked"),
+    ({"prompt": "a portrait", "attributes": {"outfit": "nsfw lingerie"}}, "attributes.outfit", "nsfw"),
+    ({"prompt": "a portrait", "style": "boudoir"}, "style", "nude"),
+])
+def test_explicit_text_is_refused_before_queueing(make_app, service_settings, tmp_path, payload, field, term):
+    app, safety = guarded_app(make_app, service_settings.replace(styles_file=styles_with_an_explicit_one(tmp_path)))
+    client = app.test_client()
+    headers = upload_token(client)
+    r = client.post("/generate", json=payload, headers=headers)
+    err = assert_error(r, 400, "prompt_refused", repr(term), "negative_prompt")
+    assert err["details"]["field"] == field and err["details"]["term"] == term
+    assert app.extensions["twin"].store.counts()["queued"] == 0 and safety.classifier.seen == 0
+
+
+@pytest.mark.parametrize("payload", [
+    {"prompt": "a portrait in a garden", "negative_prompt": "nsfw, nude, naked"},   # how users keep it out
+    {"prompt": "a portrait", "style": "photoreal"},
+])
+def test_clean_text_and_negative_prompts_are_accepted(client, payload):
+    headers = upload_token(client)
+    job = finished(client, submit(client, headers, **payload)["id"], headers)
+    assert job["status"] == "succeeded"
+
+
+def test_without_a_face_identity_the_prompt_is_not_refused(client):
+    headers = upload_token(client)   # a caller token; identity='none' uses no selfie
+    r = client.post("/generate", json={"prompt": "a nude statue in a museum", "identity": "none"}, headers=headers)
+    assert r.status_code == 202, r.data

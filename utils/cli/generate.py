@@ -19,7 +19,9 @@ from utils.cli.evaluate import default_face_service, evaluate_main, image_files
 from utils.config import Settings
 from utils.engine.request import REQUEST_FIELDS, GenerationRequest
 from utils.errors import InvalidRequest, TwinError
+from utils.service.output_safety import prompt_fields
 from utils.service.runner import FolderSink, JobRunner, Likeness
+from utils.service.wiring import build_safety
 
 # CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
 CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     try:
         req = GenerationRequest.from_dict(request_payload(args), settings)
         files = _selfie_files(args.selfies, req)
+        if files:   # a face identity is used: refuse explicit text before any model loads (as POST /generate)
+            build_safety(settings).load_terms().check_prompt(prompt_fields(req, settings))
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
         req, likeness = (_identity(engine, faces, files, req, args.out) if files
                          else (req, Likeness(has_identity=False)))
@@ -178,7 +182,7 @@ def _identity(engine, faces, files, req, out: Path):
 def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path):
     """The service's JobRunner, writing into --out."""
     from utils.service.output_safety import setup_args
-    from utils.service.wiring import build_restorer, build_safety
+    from utils.service.wiring import build_restorer
     safety = build_safety(settings).setup(**setup_args(settings, engine.info(), faces, True))
     restorer = None
     if req.restore_faces:

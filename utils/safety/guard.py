@@ -56,7 +56,7 @@ class SafetyGuard:
         with ``classifier``, load the classifier unless TWIN_SAFETY_MODE=off and no age gate can hold a
         session (``age_gate``: the face backend estimates ages)."""
         s = self.settings
-        self.terms = load_terms(s.resolved_safety_terms_file)
+        self.load_terms()
         if signer and self.signer is None:
             self.signer = load_signer(s.c2pa_cert, s.c2pa_key, s.c2pa_dev_dir)
             warning = signer_warning(self.signer)
@@ -74,6 +74,13 @@ class SafetyGuard:
             self.classifier_note = f"{self.classifier.name} (threshold {s.safety_threshold:g})"
         elif not needed:
             self.classifier_note = "off (TWIN_SAFETY_MODE=off and no apparent-age gate)"
+        return self
+
+    def load_terms(self) -> "SafetyGuard":
+        """The explicit-term list, read once (a broken file raises ConfigError naming the line): the API reads
+        it when the app is built, so a bad file stops start-up."""
+        if self.terms is None:
+            self.terms = load_terms(self.settings.resolved_safety_terms_file)
         return self
 
     # ------------------------------------------------------------------ per request

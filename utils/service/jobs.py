@@ -14,7 +14,7 @@ from utils.jobs.status import JobStatus
 from utils.service.identity import Identities
 from utils.service.models import check_model
 from utils.service.runner import JobRunner, Likeness
-from utils.service.output_safety import session_gate
+from utils.service.output_safety import prompt_fields, session_gate
 from utils.storage import StoredFile, is_valid_id, new_id, png_bytes, thumbnail_name
 
 log = logging.getLogger("twin.service")
@@ -45,11 +45,12 @@ class StorageSink:
 
 class Jobs:
     def __init__(self, settings: Settings, storage: Storage, store, queue, engines: list, faces,
-                 identities: Identities, runner: JobRunner, restorer: Callable[[], Any], sessions) -> None:
+                 identities: Identities, runner: JobRunner, restorer: Callable[[], Any], sessions, safety) -> None:
         self.settings, self.storage, self.store, self.queue = settings, storage, store, queue
         self.engines, self.faces, self.identities, self.runner = engines, faces, identities, runner
         self._restorer = restorer
         self.sessions = sessions
+        self.safety = safety
 
     def owned(self, job_id: str, owner: str | None) -> dict:
         job = self.store.get(job_id) if is_valid_id(job_id) else None
@@ -73,6 +74,7 @@ class Jobs:
             session = None
         else:
             session = self._session_for(session_id, owner)
+            self._check_prompt(req)     # a face identity is used: no explicit text, before anything is queued
         self._check_likeness(req)
         self._check_model(req)
         self._check_fields(req, engine)
@@ -122,6 +124,16 @@ class Jobs:
                                         "or send identity='none' for an avatar without selfies",
                                         code="no_session")
         return session
+
+    def _check_prompt(self, req) -> None:
+        """400 prompt_refused when the prompt, the persona, the attributes or the style's text names an
+        explicit term (utils/safety/terms.py). negative_prompt is never checked: it keeps such content out.
+        The log names the field and the term, never the prompt."""
+        try:
+            self.safety.check_prompt(prompt_fields(req, self.settings))
+        except errors.PromptRefused as e:
+            log.info("prompt refused", extra={"field": e.details.get("field"), "term": e.details.get("term")})
+            raise
 
     def _check_model(self, req) -> None:
         """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the

@@ -37,6 +37,18 @@ def face_age_model(faces) -> bool:
     return bool(getattr(getattr(faces, "backend", None), "has_age_model", False))
 
 
+def prompt_fields(req, settings) -> dict[str, Any]:
+    """The texts of a request the term list checks when a face identity is used: the prompt, the persona,
+    the attributes and the style's own text (never negative_prompt)."""
+    style_text = None
+    if getattr(req, "style", None):
+        from utils.engine.tuning import style_library
+        style = style_library(settings).get(req.style)
+        style_text = None if style is None else style.positive.replace("{prompt}", " ")
+    return {"prompt": getattr(req, "prompt", None), "persona": getattr(req, "persona", None),
+            "attributes": getattr(req, "attributes", None), "style": style_text}
+
+
 def generator_for(engine, req) -> Generator:
     """The manifest's software agent: the service, the model that ran (family, name) and the identity
     method. Plain names only: no session, job, selfie or embedding ever goes in."""

@@ -38,7 +38,7 @@ class Runtime:
         self.engines, self.faces, self.storage = parts.engines, parts.faces, parts.storage
         self.store, self.events, self.webhooks = parts.store, parts.events, parts.webhooks
         self._build_restorer = parts.restorer
-        self.safety = parts.safety
+        self.safety = parts.safety.load_terms()   # a broken term list stops start-up, naming the line
         self.restorer = None   # built once set-up knows which profile runs
         self.clock = time.time  # tests swap in a fake clock (retention)
         self.state, self.setup_error, self.started_at = "starting", None, time.time()
@@ -56,7 +56,7 @@ class Runtime:
         self.sessions = Sessions(settings, self.storage, self.store, self.queue, self.faces,
                                  lambda: self.engines[0] if holds_models else None, lambda: self.clock())
         self.jobs = Jobs(settings, self.storage, self.store, self.queue, self.engines, self.faces, identities,
-                         self.runner, lambda: self.restorer, self.sessions)
+                         self.runner, lambda: self.restorer, self.sessions, self.safety)
         self.models = Models(settings, self.store, self.queue, self.engines)
         # Live events (GET /events) and webhooks follow every committed change of a job, in whichever
         # process makes it (in cluster mode the GPU worker sends running/progress/output/completed).
