@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.fakes import FakeFaceService, PhotoGenerator, fake_safety
-from tests.helpers.http import assert_error, finished, submit, upload_token
+from tests.helpers.http import assert_error, finished, submit, upload, upload_token
 from utils.safety.provenance import read_provenance
 
 BIOMETRIC_WORDS = ("selfie", "crop", "embedding", "session", "face_", "ingredient", "thumbnail")
@@ -192,3 +192,53 @@ def test_without_a_face_identity_the_prompt_is_not_refused(client):
     headers = upload_token(client)   # a caller token; identity='none' uses no selfie
     r = client.post("/generate", json={"prompt": "a nude statue in a museum", "identity": "none"}, headers=headers)
     assert r.status_code == 202, r.data
+
+
+# --- the apparent-age gate ------------------------------------------------------------------------
+
+class AgedFaces(FakeFaceService):
+    """A face service whose backend estimates ages (as InsightFace with genderage): every accepted selfie
+    gets the next age of ``ages``."""
+    backend_name = "insightface"
+
+    def __init__(self, ages) -> None:
+        super().__init__()
+        self.ages = list(ages)
+        self.backend = SimpleNamespace(has_age_model=True)
+
+    def validate_selfies(self, files):
+        report = super().validate_selfies(files)
+        ages = [self.ages[i % len(self.ages)] for i in range(len(report.accepted))]
+        report.apparent_ages = lambda: ages
+        return report
+
+
+@pytest.mark.parametrize("faces,mode,scores,state,results,seen", [
+    # Looks under 21: held to block although the mode is off; the explicit image is not stored.
+    (lambda: AgedFaces([15.5, 16.5, 17.5]), "off", [0.9, 0.1], "held", ["blocked", "passed"], 2),
+    (lambda: AgedFaces([15.5, 16.5, 17.5]), "flag", [0.9, 0.1], "held", ["blocked", "passed"], 2),
+    # Looks older: the mode applies as set.
+    (lambda: AgedFaces([34.5, 41.5, 17.5]), "off", [0.9], "clear", ["unchecked", "unchecked"], 0),
+    # No age model (the dlib backend, the double): the gate is off and says why.
+    (FakeFaceService, "flag", [0.9, 0.1], "off", ["flagged", "passed"], 2),
+])
+def test_the_age_gate_holds_a_session_to_block(make_app, service_settings, caplog, faces, mode, scores, state,
+                                               results, seen):
+    app, safety = guarded_app(make_app, service_settings, scores, mode, faces=faces())
+    client = app.test_client()
+    with caplog.at_level(logging.DEBUG):
+        r = upload(client, n=3)
+    body = r.get_json()
+    assert r.status_code == 200 and body["safety"]["state"] == state
+    assert set(body["safety"]) == {"state", "reason"}           # never the estimate itself
+    held = [w for w in body["warnings"] if w["code"] == "explicit_content_blocked"]
+    assert bool(held) == (state == "held")
+    logged = " ".join(r.getMessage() + json.dumps(getattr(r, "__dict__", {}), default=str) for r in caplog.records)
+    assert not any(age in logged for age in ("15.5", "16.5", "34.5", "41.5")), "an apparent age reached a log line"
+    headers = {"X-Client-Token": body["client_token"]}
+    job = finished(client, submit(client, headers, num_images=2, session_id=body["session_id"])["id"], headers)
+    assert job["status"] == "succeeded", job["error"]
+    assert [o["safety"]["result"] for o in job["outputs"]] == results
+    assert safety.classifier.seen == seen
+    if state == "off":
+        assert "apparent-age gate is off" in body["safety"]["reason"]

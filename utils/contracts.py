@@ -45,11 +45,14 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
     # --- sessions ---
-    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
-        """``kind``: "selfies" (an upload) or "persona" (the session of one identity='none' job)."""
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies",
+                    age_gate: dict | None = None) -> None:
+        """``kind``: "selfies" (an upload) or "persona" (the session of one identity='none' job);
+        ``age_gate``: {age_gate, age_gate_reason, median_apparent_age} from the upload (biometric: kept in
+        this record only, deleted with it, never logged nor answered)."""
 
     def get_session(self, session_id: str) -> dict | None:
-        """{id, owner, created_at, seq, kind}, or None."""
+        """{id, owner, created_at, seq, kind, age_gate, age_gate_reason, median_apparent_age}, or None."""
 
     def latest_session(self, owner: str) -> dict | None:
         """The owner's most recent upload ("selfies" session); persona sessions are never picked."""
