@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.fakes import FakeFaceService, PhotoGenerator, fake_safety
+from tests.fakes import FakeFaceService, PhotoGenerator, fake_safety, image_bytes
 from tests.helpers.http import assert_error, finished, submit, upload, upload_token
 from utils.safety.provenance import read_provenance
+from utils.service.output_safety import generator_for
 
 BIOMETRIC_WORDS = ("selfie", "crop", "embedding", "session", "face_", "ingredient", "thumbnail")
 
@@ -242,3 +243,40 @@ def test_the_age_gate_holds_a_session_to_block(make_app, service_settings, caplo
     assert safety.classifier.seen == seen
     if state == "off":
         assert "apparent-age gate is off" in body["safety"]["reason"]
+
+
+# --- python generate_twin.py provenance ----------------------------------------------------------
+
+def test_provenance_command_reads_each_state(make_app, service_settings, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    from tests import photos
+    from utils.cli.generate import main
+    app, safety = guarded_app(make_app, service_settings)
+    agent = generator_for(app.extensions["twin"].engines[0], SimpleNamespace(identity_source="session"))
+    signed = safety.sign_png(photos.astronaut().resize((320, 320)), agent)
+    flipped = bytearray(signed)
+    flipped[len(flipped) // 2] ^= 0x01
+    stripped = io.BytesIO()
+    Image.open(io.BytesIO(signed)).save(stripped, "PNG")        # a re-encode drops the manifest, keeps the mark
+    files = {"signed.png": signed, "tampered.png": bytes(flipped), "stripped.png": stripped.getvalue()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    anchors = Path(safety.signer.chain_path).parent / "dev-ca.pem"
+    code = main(["provenance", *(str(tmp_path / n) for n in files), "--trust-anchors", str(anchors)])
+    lines = [ln.removeprefix(str(tmp_path) + "/") for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith(str(tmp_path))]                # (the app's JSON log lines share stdout)
+    assert lines[0].startswith("signed.png: manifest valid, source trainedAlgorithmicMedia, by digital-twin-generator")
+    assert lines[0].endswith("watermark present (48/48 bits)")
+    assert lines[1].startswith("tampered.png: manifest tampered")
+    assert lines[2] == "stripped.png: manifest absent; watermark present (48/48 bits)"
+    assert code == 2       # the flipped byte also broke the PNG's compressed pixels: "do not decode"
+    assert main(["provenance", str(tmp_path / "signed.png"), str(tmp_path / "stripped.png")]) == 0
+    (tmp_path / "plain.png").write_bytes(image_bytes(size=(320, 320)))
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["provenance", str(tmp_path / "plain.png")]) == 1
+    assert main(["provenance", str(tmp_path / "notes.txt")]) == 2
+    out = capsys.readouterr().out
+    assert "plain.png: manifest absent; watermark absent" in out and "notes.txt: not a PNG or JPEG" in out

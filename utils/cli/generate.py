@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:], face_service_factory)
+    if argv[:1] == ["provenance"]:
+        from utils.cli.provenance import provenance_main
+        return provenance_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
