@@ -280,3 +280,37 @@ def test_provenance_command_reads_each_state(make_app, service_settings, tmp_pat
     assert main(["provenance", str(tmp_path / "notes.txt")]) == 2
     out = capsys.readouterr().out
     assert "plain.png: manifest absent; watermark absent" in out and "notes.txt: not a PNG or JPEG" in out
+
+
+# --- /system-status ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("faces,mode,gate_on,gate_says", [
+    (FakeFaceService, "block", False, "no genderage model"),
+    (lambda: AgedFaces([30]), "off", True, "apparent ages from the insightface pack"),
+])
+def test_system_status_tells_the_safety_set_up(make_app, service_settings, faces, mode, gate_on, gate_says):
+    app, _ = guarded_app(make_app, service_settings, mode=mode, faces=faces())
+    s = app.test_client().get("/system-status").get_json()["safety"]
+    assert s["mode"] == mode and s["classifier"].startswith("scripted-nsfw-classifier")
+    assert s["age_gate"]["on"] is gate_on and gate_says in s["age_gate"]["reason"]
+    assert s["age_gate"]["min_apparent_age"] == 21
+    assert s["signer"]["kind"] == "dev" and s["signer"]["trusted_by_readers"].startswith("no")
+    assert "TWIN_C2PA_CERT" in s["certificate_help"] and s["prompt_terms"]["terms"] > 50
+    assert "DWT-DCT-SVD" in s["watermark"]
+
+
+def test_the_development_signer_is_said_loudly_at_start_up(service_settings, caplog):
+    from tests.fakes import FakeGenerator
+    from utils.service.wiring import build_runtime
+    settings = service_settings.replace(safety_mode="off")
+    with caplog.at_level(logging.WARNING):
+        rt = build_runtime(settings, engines=[FakeGenerator()], faces=FakeFaceService())
+        rt.start()
+        try:
+            assert rt.wait_ready(20), rt.setup_error
+        finally:
+            rt.shutdown()
+    loud = [r for r in caplog.records if "DEVELOPMENT certificate" in r.getMessage()]
+    assert len(loud) == 1 and loud[0].levelno == logging.WARNING
+    assert (settings.data_dir / "c2pa" / "dev-ca.pem").is_file()
+    assert rt.safety.status()["warnings"] == [loud[0].getMessage()]
