@@ -314,3 +314,23 @@ def test_the_development_signer_is_said_loudly_at_start_up(service_settings, cap
     assert len(loud) == 1 and loud[0].levelno == logging.WARNING
     assert (settings.data_dir / "c2pa" / "dev-ca.pem").is_file()
     assert rt.safety.status()["warnings"] == [loud[0].getMessage()]
+
+
+@pytest.mark.parametrize("flags,refused", [
+    (["--prompt", "a nude portrait"], "prompt contains 'nude'"),
+    (["--prompt", "a portrait", "--persona", '{"traits": ["topless"]}'], "persona.traits[0] contains 'topless'"),
+])
+def test_the_cli_refuses_explicit_text_before_loading_a_model(tmp_path, capsys, flags, refused):
+    from tests.helpers.http import fake_selfies
+    from utils.cli.generate import main
+    selfies = tmp_path / "selfies"
+    selfies.mkdir()
+    for name, data in fake_selfies(2):
+        (selfies / name).write_bytes(data)
+
+    def no_faces(settings):
+        raise AssertionError("the refusal comes before the face service or a model is set up")
+    code = main(["--selfies", str(selfies), "--out", str(tmp_path / "out"), "--profile", "tiny", *flags],
+                face_service_factory=no_faces)
+    assert code == 2 and refused in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

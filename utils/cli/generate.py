@@ -19,7 +19,7 @@ from utils.cli.evaluate import default_face_service, evaluate_main, image_files
 from utils.config import Settings
 from utils.engine.request import REQUEST_FIELDS, GenerationRequest
 from utils.errors import InvalidRequest, TwinError
-from utils.service.output_safety import prompt_fields
+from utils.service.output_safety import prompt_fields, selfie_age_gate
 from utils.service.runner import FolderSink, JobRunner, Likeness
 from utils.service.wiring import build_safety
 
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         if files:   # a face identity is used: refuse explicit text before any model loads (as POST /generate)
             build_safety(settings).load_terms().check_prompt(prompt_fields(req, settings))
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
-        req, likeness = (_identity(engine, faces, files, req, args.out) if files
-                         else (req, Likeness(has_identity=False)))
-        sink, meta = _produce(settings, engine, faces, req, likeness, args.out)
+        req, likeness, gate = (_identity(engine, faces, files, req, args.out, settings) if files
+                               else (req, Likeness(has_identity=False), None))
+        sink, meta = _produce(settings, engine, faces, req, likeness, args.out, gate)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -156,9 +156,9 @@ def _set_up(settings: Settings, req, n_files: int, face_service_factory):
     return faces, engine
 
 
-def _identity(engine, faces, files, req, out: Path):
-    """Validate the selfies, build the identity (saved as identity.safetensors in --out), and what the
-    outputs are scored against."""
+def _identity(engine, faces, files, req, out: Path, settings: Settings):
+    """Validate the selfies, build the identity (saved as identity.safetensors in --out), what the outputs
+    are scored against, and the selfies' apparent-age gate (held: judged in block mode whatever the mode)."""
     from utils.service.identity import build_identity
     print("[2/4] checking faces", flush=True)
     report = faces.validate_selfies(files)
@@ -167,6 +167,9 @@ def _identity(engine, faces, files, req, out: Path):
     if not report.accepted:
         raise InvalidRequest("no selfie was accepted; nothing to build an identity from")
     print(f"      accepted {len(report.accepted)} of {len(files)}", flush=True)
+    gate = selfie_age_gate(faces, report, settings.min_apparent_age)
+    if gate.held:      # said without the estimate
+        print(f"      safety: {gate.reason}", flush=True)
     print("[3/4] building identity", flush=True)
     identity = build_identity(engine, report)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,10 +182,11 @@ def _identity(engine, faces, files, req, out: Path):
         self_sim = faces.self_similarity([a.embedding for a in report.accepted])
     except Exception:  # noqa: BLE001 - a reference number, never a reason to fail
         self_sim = None
-    return req.with_identity(identity), Likeness(report.template, None if self_sim is None else round(float(self_sim), 4))
+    return (req.with_identity(identity), Likeness(report.template, None if self_sim is None else round(float(self_sim), 4)),
+            gate)
 
 
-def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path):
+def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path, gate=None):
     """The service's JobRunner, writing into --out."""
     from utils.service.output_safety import setup_args
     from utils.service.wiring import build_restorer
@@ -197,7 +201,8 @@ def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Pa
     def progress(step: int, total_steps: int, *preview) -> None:
         print(f"      step {step}/{total_steps}", flush=True)
     sink = FolderSink(out)
-    meta = JobRunner(faces, lambda: restorer, safety).produce(engine, req, likeness, sink, progress, lambda: False)
+    meta = JobRunner(faces, lambda: restorer, safety).produce(engine, req, likeness, sink, progress, lambda: False,
+                                                             gate)
     return sink, meta
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from utils import errors
-from utils.safety.policy import AgeGate, SafetyVerdict
+from utils.safety.policy import AgeGate, SafetyVerdict, age_gate_off, backend_age_gate, session_age_gate
 from utils.safety.provenance import Generator
 from utils.storage import thumbnail_bytes
 from utils.version import VERSION
@@ -30,6 +30,16 @@ def setup_args(settings, info: dict, faces, holds_models: bool) -> dict:
     return {"profile": str(info.get("profile") or "unknown"), "classifier": holds_models, "signer": True,
             "age_gate": face_age_model(faces) or (settings.cluster and holds_models), "device": device,
             "dtype": dtype}
+
+
+def selfie_age_gate(faces, report, min_age: float) -> AgeGate:
+    """The apparent-age gate of a set of accepted selfies: the median of their estimates against
+    TWIN_MIN_APPARENT_AGE, or off (and why) when the face backend has no age model."""
+    on, why = backend_age_gate(faces.backend_name, face_age_model(faces))
+    ages = getattr(report, "apparent_ages", None)
+    if not on or ages is None:
+        return age_gate_off(why if not on else "the face service gives no apparent ages")
+    return session_age_gate(ages(), min_age)
 
 
 def face_age_model(faces) -> bool:

@@ -11,9 +11,8 @@ from utils import errors
 from utils.config import Settings
 from utils.contracts import CachedReads, Storage
 from utils.logging import log_context
-from utils.safety.policy import AgeGate, age_gate_off, backend_age_gate, session_age_gate
 from utils.service.identity import build_identity
-from utils.service.output_safety import face_age_model
+from utils.service.output_safety import selfie_age_gate
 from utils.storage import is_valid_id, new_id
 
 log = logging.getLogger("twin.service")
@@ -49,7 +48,7 @@ class Sessions:
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
-        gate = self._age_gate(report)
+        gate = selfie_age_gate(self.faces, report, self.settings.min_apparent_age)
         if gate.held:   # said to the caller, without the number; the job runner holds it to block mode
             body.setdefault("warnings", []).append({"code": "explicit_content_blocked", "message": gate.reason})
         engine = self._engine()
@@ -72,15 +71,6 @@ class Sessions:
                 "accepted_count": len(report.accepted), "rejected_count": len(report.rejected),
                 "warnings": body.get("warnings", []), "self_similarity": body.get("self_similarity"),
                 "safety": gate.to_json(), "report": body}
-
-    def _age_gate(self, report) -> AgeGate:
-        """The session's apparent-age gate: the median of the accepted selfies' estimates against
-        TWIN_MIN_APPARENT_AGE, or off (and why) when the face backend has no age model."""
-        on, why = backend_age_gate(self.faces.backend_name, face_age_model(self.faces))
-        ages = getattr(report, "apparent_ages", None)
-        if not on or ages is None:
-            return age_gate_off(why if not on else "the face service gives no apparent ages")
-        return session_age_gate(ages(), self.settings.min_apparent_age)
 
     def create_persona(self, owner: str) -> dict:
         """The session of one identity='none' job: no selfies, only the job's outputs. It gives that job an
