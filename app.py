@@ -23,9 +23,10 @@ from utils.service import wiring
 log = logging.getLogger("twin.app")
 
 
-def create_app(settings: Settings | None = None, *, generator=None, faces=None, idempotency_store=None) -> Flask:
-    """``generator`` (one engine or a list), ``faces``, ``idempotency_store``: test doubles, else built from
-    the settings."""
+def create_app(settings: Settings | None = None, *, generator=None, faces=None, idempotency_store=None,
+               safety=None) -> Flask:
+    """``generator`` (one engine or a list), ``faces``, ``idempotency_store``, ``safety``: test doubles, else
+    built from the settings."""
     settings = settings or Settings.from_env()
     if _resolving_a_flask_command():
         return command_line_app(settings)
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None, *, generator=None, faces=None, 
     app = Flask(__name__)
     configure_flask(app, settings)
     limiter = security.rate_limiter(app, settings)
-    runtime = wiring.build_runtime(settings, engines=engines, faces=faces)
+    runtime = wiring.build_runtime(settings, engines=engines, faces=faces, safety=safety)
     app.extensions["twin"] = runtime
     runtime.start()
     idem = idempotency_store or wiring.build_idempotency(settings, runtime.store)

@@ -15,6 +15,7 @@ Commands::
     python model_loader.py download --instantid | --faceid-plusv2              # only that variant's files
     python model_loader.py download --flux-dev | --flux-schnell                # FLUX.1's diffusers folders
     python model_loader.py download --restore gfpgan [--restore codeformer]    # face restoration ONNX only
+    python model_loader.py download --safety                                   # the NSFW classifier only
     python model_loader.py make-tiny DIR                                       # offline, ~2 s, ~20 MB
     python model_loader.py check                                               # which profile would load
     python model_loader.py verify                                              # preflight of every weight file

@@ -6,11 +6,17 @@
 - the NSFW classifier on CPU: the tiny stand-in and a full-size ViT-B/16 with random weights built from
   the real config (the same compute as Falconsai/nsfw_image_detection), batch 1 and 4;
 - with --tiny-job: a 4-image tiny-profile job, and the same job plus what the service will add per image
-  (classifier on the batch, watermark, PNG signing, thumbnail signing), as a ratio.
+  (classifier on the batch, watermark, PNG signing, thumbnail signing), as a ratio;
+- with --service-job: the service's own JobRunner (utils/service/runner.py: generate, judge, encode, sign,
+  write PNG + thumbnail) on a 4-image tiny job, with the real SafetyGuard (stand-in classifier, development
+  signer, watermark) and with a plain guard that checks nothing and writes unsigned PNG / JPEG bytes, as a
+  ratio, and the per-image classifier and provenance seconds the runner recorded (--job-sizes 128 512:
+  at 512² the watermark is embedded too).
 
 Each figure is the fastest of --repeats runs (the machines are shared).
 
     .venv/bin/python bench/bench_safety.py [--repeats 5] [--threads 2] [--tiny-job] [--device cuda]
+    .venv/bin/python bench/bench_safety.py --only-service-job [--repeats 5] [--job-sizes 128 512]
 """
 from __future__ import annotations
 
@@ -124,12 +130,86 @@ def bench_tiny_job(tmp: Path, repeats: int) -> None:
           f"ratio {(t_job + t_extra) / t_job:.3f}")
 
 
+class PlainOutputs:
+    """The runner's guard with safety and provenance taken out: every image unchecked, bytes as before."""
+
+    def judge(self, images, gate=None):
+        from utils.safety.policy import SafetyVerdict
+        return [SafetyVerdict("unchecked", None, None) for _ in images]
+
+    def sign_png(self, image, generator, *, watermark: bool = True) -> bytes:
+        from utils.storage import png_bytes
+        return png_bytes(image)
+
+    def sign_jpeg(self, data: bytes, generator) -> bytes:
+        return data
+
+
+class MemorySink:
+    """Outputs kept in memory (the disk is not what is measured); a thumbnail per output, as StorageSink."""
+    thumbnail_side = 256
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def save(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return name
+
+    def add(self, output: dict) -> None:
+        pass
+
+    def remove(self, written: list) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+
+def bench_service_job(tmp: Path, repeats: int, sizes: list[int]) -> None:
+    from generate_twin import DigitalTwinGenerator, GenerationRequest
+    from model_loader import make_tiny
+    from tests.fixtures.models import make_crops
+    from utils.config import Settings
+    from utils.safety.guard import SafetyGuard
+    from utils.service.runner import JobRunner, Likeness
+
+    root = make_tiny(tmp / "tiny-service")
+    settings = Settings(data_dir=tmp / "service", model_dir=tmp / "none", tiny_model_dir=root, model_profile="tiny",
+                        warmup=True)
+    gen = DigitalTwinGenerator(settings).setup()
+    identity = gen.build_identity(make_crops(3))
+    guard = SafetyGuard(settings).setup(profile="tiny")     # stand-in classifier, development signer
+    for side in sizes:
+        req = GenerationRequest.from_dict({"prompt": "a portrait photo of a person", "num_images": 4, "seed": 1,
+                                           "width": side, "height": side}, settings).with_identity(identity)
+
+        def run(safety):
+            sink = MemorySink()
+            meta = JobRunner(None, lambda: None, safety).produce(gen, req, Likeness(), sink, lambda *a: None,
+                                                                 lambda: False)
+            return meta, sink
+
+        run(guard)                                                     # warm-up (first classifier call)
+        t_plain, (_, plain_sink) = timed(lambda: run(PlainOutputs()), repeats)
+        t_safe, (meta, sink) = timed(lambda: run(guard), repeats)
+        timings = meta["service_timings"]
+        added = sum(len(v) for v in sink.files.values()) - sum(len(v) for v in plain_sink.files.values())
+        print(f"service job (JobRunner), 4 images {side}x{side}, {meta.get('steps')} steps: plain {t_plain:.3f} s, "
+              f"with safety + provenance {t_safe:.3f} s: ratio {t_safe / t_plain:.3f}; per image: classifier "
+              f"{timings['safety_s'] / 4 * 1000:.1f} ms, watermark + signing (PNG + thumbnail) "
+              f"{timings['provenance_s'] / 4 * 1000:.1f} ms, +{added / 4:.0f} bytes over its two files")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tiny-job", action="store_true")
+    ap.add_argument("--service-job", action="store_true", help="the JobRunner with and without the guard")
+    ap.add_argument("--only-service-job", action="store_true", help="only --service-job")
+    ap.add_argument("--job-sizes", type=int, nargs="+", default=[128, 512])
     args = ap.parse_args()
     import torch
 
@@ -138,6 +218,10 @@ def main() -> None:
 
     photo = photos.astronaut()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.service_job or args.only_service_job:
+            bench_service_job(Path(tmp), args.repeats, args.job_sizes)
+        if args.only_service_job:
+            return
         bench_provenance(photo, Path(tmp), args.repeats)
         bench_watermark(photo, args.repeats)
         bench_classifier(photo, Path(tmp), args.repeats, args.device)

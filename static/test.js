@@ -1123,6 +1123,19 @@
     frag.appendChild(head);
     for (const out of job.outputs || []) {
       const li = $("result-template").content.firstElementChild.cloneNode(true);
+      li.querySelector(".result-safety").textContent = safetyText(out.safety);
+      if (out.safety) li.dataset.safety = out.safety.result;
+      if (!out.filename) {
+        // Blocked by the safety check: never stored, nothing to show or download.
+        li.classList.add("result-blocked");
+        li.querySelector(".result-view").remove();
+        li.querySelector(".result-actions").remove();
+        li.querySelector(".result-name").textContent = `Image ${out.index}`;
+        li.querySelector(".result-seed").textContent = `Seed ${out.seed}`;
+        li.querySelector(".result-extra").textContent = out.note || "";
+        frag.appendChild(li);
+        continue;
+      }
       li.dataset.filename = out.filename;
       li.dataset.seed = String(out.seed);
       const img = li.querySelector("img");
@@ -1180,6 +1193,18 @@
     }
     gallery.prepend(frag);
     $("gallery-empty").hidden = true;
+  }
+
+  // The output safety check's verdict on one image (result, the classifier's score).
+  function safetyText(safety) {
+    if (!safety) return "";
+    const score = typeof safety.score === "number" ? ` (score ${safety.score.toFixed(2)})` : "";
+    return {
+      passed: `safety check passed${score}`,
+      flagged: `flagged by the safety check${score}`,
+      blocked: `blocked by the safety check${score}: not stored`,
+      unchecked: "safety check off",
+    }[safety.result] || `safety: ${safety.result}`;
   }
 
   // ---------------------------------------------------------------------------------------------

@@ -5,12 +5,19 @@ the page's likeness / restoration controls."""
 import os
 
 from app import create_app
-from tests.fakes import FakeFaceService, FakeGenerator
+from tests.fakes import FakeFaceService, FakeGenerator, fake_safety
+from utils.config import Settings
+
+
+def _safety(settings=None):
+    """The real guard on a classifier double: FAKE_SAFETY_SCORES (comma-separated, default 0) in turn."""
+    scores = [float(x) for x in os.environ.get("FAKE_SAFETY_SCORES", "0").split(",")]
+    return fake_safety(settings or Settings.from_env(), scores)
 
 
 def create():
     return create_app(generator=FakeGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
-                      faces=FakeFaceService())
+                      faces=FakeFaceService(), safety=_safety())
 
 
 def worker_components(settings):
@@ -23,12 +30,11 @@ def worker_components(settings):
         models = os.environ["FAKE_MODELS"].split(",")
         return FakeModelGenerator(models=models, active=os.environ.get("FAKE_MODEL", models[0]),
                                   load_seconds=float(os.environ.get("FAKE_LOAD_SECONDS", "0")),
-                                  step_seconds=step), FakeFaceService()
-    return FakeGenerator(step_seconds=step), FakeFaceService()
+                                  step_seconds=step), FakeFaceService(), _safety(settings)
+    return FakeGenerator(step_seconds=step), FakeFaceService(), _safety(settings)
 
 def create_likeness():
     from tests.fakes import PhotoGenerator
-    from utils.config import Settings
     from utils.faces import FaceService
     return create_app(generator=PhotoGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
-                      faces=FaceService(Settings.from_env()))
+                      faces=FaceService(Settings.from_env()), safety=_safety())

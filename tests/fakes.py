@@ -10,6 +10,9 @@ without the generation and face engines.
   512-d embeddings (tests/test_generate_cli.py; a child process imports it from here).
 - ``ScriptedSafetyClassifier``: utils.safety.classifier.SafetyClassifier that answers the scores it was
   given, one per image in turn (the last repeats), and records how many images it saw.
+- ``fake_safety(settings, scores)``: the real SafetyGuard (term list, policy, watermark, C2PA signing) on a
+  ScriptedSafetyClassifier, with one development signer per test process (``shared_signer``) so each app
+  does not make its own CA.
 """
 from __future__ import annotations
 
@@ -486,6 +489,28 @@ class ScriptedSafetyClassifier:
                 out.append(float(self._scores[min(self.seen, len(self._scores) - 1)]))
                 self.seen += 1
             return out
+
+
+_SIGNER: dict[str, Any] = {}
+_SIGNER_LOCK = threading.Lock()
+
+
+def shared_signer():
+    """One development C2PA signer per test process, made in a temporary folder on first use."""
+    import tempfile
+
+    from utils.safety.provenance import load_signer
+    with _SIGNER_LOCK:
+        if "signer" not in _SIGNER:
+            folder = Path(tempfile.mkdtemp(prefix="twin-test-c2pa-"))
+            _SIGNER["signer"] = load_signer(None, None, folder)
+        return _SIGNER["signer"]
+
+
+def fake_safety(settings, scores=(0.0,), name: str = "scripted-nsfw-classifier"):
+    """A SafetyGuard whose classifier answers ``scores`` (utils/contracts.py OutputSafety)."""
+    from utils.safety.guard import SafetyGuard
+    return SafetyGuard(settings, classifier=ScriptedSafetyClassifier(list(scores), name), signer=shared_signer())
 
 
 class FakeFluxIdentityMethod:

@@ -54,7 +54,8 @@ def main() -> None:  # development server on the fakes
     settings = Settings(data_dir=Path(args.data_dir), port=args.port, retention_hours=0, warmup=False)
     gen = FakeGenerator(step_seconds=args.step_seconds, setup_seconds=args.setup_seconds,
                         setup_error=RuntimeError(args.setup_error) if args.setup_error else None)
-    app = create_app(settings, generator=gen, faces=FakeFaceService())
+    from tests.fakes import fake_safety
+    app = create_app(settings, generator=gen, faces=FakeFaceService(), safety=fake_safety(settings))
     app.run(host="127.0.0.1", port=args.port, threaded=True, use_reloader=False)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.fakes import FakeFaceService, FakeModelGenerator
+from tests.fakes import FakeFaceService, FakeModelGenerator, fake_safety
 from tests.helpers.cluster import (TOKEN_HEADER, cluster_settings, generate, settings_env, status, upload_session,
                                    wait_status)
 from tests.helpers.http import upload_token
@@ -214,7 +214,8 @@ def test_a_pinned_job_that_meets_another_model_goes_back_to_its_queue(redis_serv
     from utils.service.wiring import build_runtime
     settings = cluster_settings(tmp_path, redis_server.url, admin_keys=ADMIN)
     gen = FakeModelGenerator(active="base")
-    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService(), gpu_worker=True)
+    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService(), gpu_worker=True,
+                            safety=fake_safety(settings))
     runtime.start()
     assert runtime.wait_ready(10)
     conn = runtime.store.redis

@@ -122,6 +122,18 @@ def _fake_flux_identity_method(tmp_path):
     return FakeFluxIdentityMethod()
 
 
+def _safety_guard(tmp_path):
+    from utils.config import Settings
+    from utils.safety.guard import SafetyGuard
+    return SafetyGuard(Settings(data_dir=tmp_path / "data"))
+
+
+def _fake_safety(tmp_path):
+    from tests.fakes import fake_safety
+    from utils.config import Settings
+    return fake_safety(Settings(data_dir=tmp_path / "data"))
+
+
 # (protocol, implementation factory, the optional capabilities it has, those it must not claim)
 CASES = [
     (contracts.JobStore, _sqlite_store, [], [contracts.Reachable]),
@@ -145,6 +157,8 @@ CASES = [
     (contracts.Storage, _local_storage, [], [contracts.PresignedDownloads, contracts.CachedReads]),
     (contracts.Storage, _s3_storage, [contracts.PresignedDownloads, contracts.CachedReads], []),
     (contracts.FluxIdentityMethod, _fake_flux_identity_method, [], []),
+    (contracts.OutputSafety, _safety_guard, [], []),
+    (contracts.OutputSafety, _fake_safety, [], []),
 ]
 IDS = [f"{proto.__name__}-{make.__name__.lstrip('_')}" for proto, make, _, _ in CASES]
 
@@ -174,7 +188,7 @@ def test_implementation_satisfies_its_protocol(proto, make, has, lacks, tmp_path
                                    contracts.ClusterSingleton, contracts.ModelRouting, contracts.Engine,
                                    contracts.ModelRegistry, contracts.FaceService, contracts.GenerationRequestType,
                                    contracts.FamilyModel, contracts.Storage, contracts.PresignedDownloads,
-                                   contracts.CachedReads])
+                                   contracts.CachedReads, contracts.OutputSafety])
 def test_a_protocol_refuses_an_object_without_its_members(proto):
     assert not isinstance(object(), proto)
 

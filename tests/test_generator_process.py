@@ -227,9 +227,10 @@ def test_other_exceptions_from_the_child(exc, expected_type, code):
 
 
 def test_child_killed_mid_job_fails_that_call_then_restarts(gen_proc, proc_settings, tmp_path):
-    from tests.fakes import FakeFaceService
+    from tests.fakes import FakeFaceService, fake_safety
     from utils.service.wiring import build_runtime
-    runtime = build_runtime(proc_settings.replace(data_dir=tmp_path), engines=[gen_proc], faces=FakeFaceService())
+    settings = proc_settings.replace(data_dir=tmp_path)
+    runtime = build_runtime(settings, engines=[gen_proc], faces=FakeFaceService(), safety=fake_safety(settings))
     runtime.state = "ready"  # as after set-up; /health then follows the generator process
     assert status.health(runtime)["state"] == "ready"
     old_pid = gen_proc.pid

@@ -31,7 +31,9 @@ def app(make_app, fake_generator, fake_faces, idem_store, service_settings):
         yield make_app(generator=fake_generator, faces=fake_faces)
         return
     from app import create_app
-    a = create_app(service_settings, generator=fake_generator, faces=fake_faces, idempotency_store=idem_store)
+    from tests.fakes import fake_safety
+    a = create_app(service_settings, generator=fake_generator, faces=fake_faces, idempotency_store=idem_store,
+                   safety=fake_safety(service_settings))
     a.extensions["twin"].wait_ready(10)
     yield a
     a.extensions["twin"].shutdown()

@@ -277,3 +277,15 @@ def test_model_layout_names_every_folder_of_the_profile(tmp_path, empty_hf_cache
     if profile == "sdxl":
         with pytest.raises(ModelWeightsMissing, match=ml.download_flag(variant) or "download --dir"):
             layout.require()
+
+
+@pytest.mark.parametrize("safety_dir", [None, "nsfw"])
+def test_download_fetches_the_safety_classifier(tiny_settings, tmp_path, safety_dir):
+    from utils.models.download import download_classifier
+    calls = []
+    s = tiny_settings.replace(model_dir=tmp_path / "models",
+                              safety_model_dir=None if safety_dir is None else tmp_path / safety_dir)
+    target = download_classifier(s, snapshot_download=lambda **kw: calls.append(kw))
+    assert calls == [{"repo_id": "Falconsai/nsfw_image_detection", "local_dir": str(target),
+                      "allow_patterns": ["config.json", "model.safetensors", "preprocessor_config.json"]}]
+    assert target == (tmp_path / "models" / "nsfw_image_detection" if safety_dir is None else tmp_path / safety_dir)

@@ -278,7 +278,7 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
     When that file no longer loads, it serves the default model and says so (log, info, /health)."""
     import os
     import signal
-    from tests.fakes import FakeFaceService
+    from tests.fakes import FakeFaceService, fake_safety
     from tests.helpers.wait import wait_until
     from utils.jobs.local.generator_process import GeneratorProcess
     from utils.service.wiring import build_runtime
@@ -286,7 +286,7 @@ def test_a_restarted_generator_process_comes_back_on_the_active_model(swap_setti
     shutil.copytree(swap_settings.resolved_tiny_model_dir, folder)
     settings = swap_settings.replace(tiny_model_dir=folder, data_dir=tmp_path / "data")
     gen = GeneratorProcess(settings, engine_class=DigitalTwinGenerator).setup()
-    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService())
+    runtime = build_runtime(settings, engines=[gen], faces=FakeFaceService(), safety=fake_safety(settings))
     runtime.state = "ready"   # as after set-up; /health follows the generator process
     req = GenerationRequest.from_dict({"prompt": "p", "style": "none", "width": 64, "height": 64, "seed": 1}, settings)
     try:

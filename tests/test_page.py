@@ -822,3 +822,38 @@ def test_page_follows_the_family_table(browser, start_server, tmp_path):
         assert page.locator("#negative-help").inner_text() == ""
     finally:
         context.close()
+
+
+def test_page_shows_each_outputs_safety_result(browser, start_server, tmp_path):
+    """The gallery says the safety check's verdict under every output: a blocked image is a card with no
+    picture or download (never stored), the one that passed shows its score."""
+    from tests.fixtures.service import FAKE_APP, server_env
+    server = start_server(server_env(tmp_path / "data", TWIN_SAFETY_MODE="block", FAKE_SAFETY_SCORES="0.9,0.1"),
+                          app_spec=FAKE_APP)
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/test")
+        page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
+        page.check("#identity_none")
+        page.fill("#prompt", "a portrait on a city street")
+        page.fill("#num_images", "2")
+        page.click("#generate-btn")
+        page.wait_for_selector("#job-progress[data-status='succeeded']", timeout=30_000)
+        cards = page.locator("#gallery .result")
+        assert cards.count() == 2
+        blocked, passed = cards.nth(0), cards.nth(1)
+        assert blocked.get_attribute("data-safety") == "blocked"
+        assert blocked.locator(".result-safety").inner_text() == "blocked by the safety check (score 0.90): not stored"
+        assert blocked.locator("img").count() == 0 and blocked.locator(".result-download").count() == 0
+        assert passed.locator(".result-safety").inner_text() == "safety check passed (score 0.10)"
+        page.wait_for_function("document.querySelectorAll('#gallery .result img')[0].naturalWidth > 0")
+        shot(page, "safety", "fake")
+    except Exception:
+        shot(page, "safety-failure", "fake")
+        raise
+    finally:
+        context.close()
+    assert not errors, errors

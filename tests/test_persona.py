@@ -295,8 +295,10 @@ def test_a_database_from_before_persona_sessions_reads_every_session_as_an_uploa
     db.close()
     store = SqliteJobStore(tmp_path / "jobs.db")
     try:
+        # ... and as a session without an apparent-age gate (from before the gate existed).
         assert store.latest_session("tok:a") == {"id": "old", "owner": "tok:a", "created_at": 1.0, "seq": 1,
-                                                 "kind": "selfies"}
+                                                 "kind": "selfies", "age_gate": None, "age_gate_reason": None,
+                                                 "median_apparent_age": None}
         store.add_session("new", "tok:a", 2.0, kind="persona")
         assert store.latest_session("tok:a")["id"] == "old" and store.get_session("new")["kind"] == "persona"
         assert sorted(store.sessions_older_than(3.0)) == ["new", "old"]   # the retention sweep sees both

@@ -147,8 +147,9 @@ def test_verify_cli_prints_one_line_per_file_and_exits_non_zero_on_a_problem(tin
     assert ml.main(["verify"]) == rc
     out = capsys.readouterr().out.splitlines()
     # unet, vae, 2 text encoders, 2 tokenizers, adapter, IdentityNet, 2 face pack models, Lightning, a style
-    # LoRA, a checkpoint, 3 restoration models
-    assert sum(line.startswith(("OK ", "CORRUPT ")) for line in out) == 16
+    # LoRA, a checkpoint, 3 restoration models, the safety classifier's 3 files (config, weights, preprocessor)
+    assert sum(line.startswith(("OK ", "CORRUPT ")) for line in out) == 19
+    assert sum("nsfw_image_detection" in line and line.startswith("OK ") for line in out) == 3
     assert out[-1].startswith("verify: ") and ("1 problem" in out[-1]) == broken
 
 
@@ -433,3 +434,12 @@ def test_start_app_runs_the_preflight_and_stops_on_a_broken_file(tiny_models, tm
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"CORRUPT         InstantID/{ml.CONTROLNET_SUB}/diffusion_pytorch_model.safetensors" in proc.stdout
     assert "weights preflight failed" in proc.stderr
+
+
+@pytest.mark.parametrize("mode, status", [("block", "missing"), ("off", "absent")])
+def test_verify_says_when_the_safety_classifier_is_not_there(tmp_path, mode, status):
+    from utils.models.cli import classifier_checks
+    s = Settings(data_dir=tmp_path / "d", model_dir=tmp_path / "none", safety_mode=mode)
+    checks = classifier_checks(s, "sdxl")
+    assert [c.status for c in checks] == [status]
+    assert "download --safety" in checks[0].detail and checks[0].ok == (mode == "off")

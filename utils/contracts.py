@@ -45,11 +45,14 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
     # --- sessions ---
-    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
-        """``kind``: "selfies" (an upload) or "persona" (the session of one identity='none' job)."""
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies",
+                    age_gate: dict | None = None) -> None:
+        """``kind``: "selfies" (an upload) or "persona" (the session of one identity='none' job);
+        ``age_gate``: {age_gate, age_gate_reason, median_apparent_age} from the upload (biometric: kept in
+        this record only, deleted with it, never logged nor answered)."""
 
     def get_session(self, session_id: str) -> dict | None:
-        """{id, owner, created_at, seq, kind}, or None."""
+        """{id, owner, created_at, seq, kind, age_gate, age_gate_reason, median_apparent_age}, or None."""
 
     def latest_session(self, owner: str) -> dict | None:
         """The owner's most recent upload ("selfies" session); persona sessions are never picked."""
@@ -442,3 +445,19 @@ class FaceService(Protocol):
     def identity_similarity(self, image: Any, template: Any) -> float | None: ...
     def self_similarity(self, embeddings: list) -> float | None: ...
     def detect_faces(self, image: Any) -> list: ...
+
+
+@runtime_checkable
+class OutputSafety(Protocol):
+    """The safety check and provenance of every image the service writes (utils.safety.guard.SafetyGuard):
+    one verdict per generated image, and the bytes to store (watermarked, C2PA-signed). Tests pass a guard
+    built on a classifier double with injected scores."""
+
+    def setup(self, *, profile: str, classifier: bool = True, signer: bool = True, age_gate: bool = False,
+              device: str = "cpu", dtype: Any = None) -> Any: ...
+    def load_terms(self) -> Any: ...
+    def check_prompt(self, fields: Any) -> None: ...
+    def judge(self, images: Any, gate: Any = None) -> list: ...
+    def sign_png(self, image: Any, generator: Any, *, watermark: bool = True) -> bytes: ...
+    def sign_jpeg(self, data: bytes, generator: Any) -> bytes: ...
+    def status(self, *, age_gate: Any = None) -> dict: ...

@@ -122,8 +122,17 @@ def _job_schema() -> dict[str, Any]:
             "finished_at": _nullable({"type": "string"}),
             "request": {"type": "object"},
             "outputs": {"type": "array", "items": {
-                "type": "object", "required": ["filename", "seed", "width", "height", "url"], "properties": {
+                "type": "object", "required": ["seed", "width", "height", "safety"],
+                "description": "A stored output has filename and url; an image the safety check blocked has "
+                               "neither (never stored): index, seed, safety and a note.",
+                "properties": {
                     "filename": {"type": "string", "pattern": OUTPUT_NAME_RE.pattern},
+                    "index": {"type": "integer", "description": "a blocked image's place among the outputs"},
+                    "safety": {"type": "object", "required": ["result", "score", "model"], "properties": {
+                        "result": {"type": "string", "enum": ["passed", "flagged", "blocked", "unchecked"]},
+                        "score": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                                            "description": "the classifier's probability of explicit content"}),
+                        "model": _nullable({"type": "string"})}},
                     "seed": {"type": "integer"}, "width": {"type": "integer"}, "height": {"type": "integer"},
                     "url": {"type": "string"}, "thumbnail_url": {"type": "string"},
                     "identity_similarity": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
@@ -137,8 +146,10 @@ def _job_schema() -> dict[str, Any]:
                     "raw_url": {"type": "string", "description": "the unrestored original"},
                     "identity_similarity_raw": _nullable({"type": "number", "minimum": 0, "maximum": 1})}}},
             "metadata": _nullable({"type": "object"}),
-            "error": _nullable({"type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
+            "error": _nullable({"type": "object", "required": ["code", "message"],
+                                "description": "a failed job's reason; safety_blocked: every image was blocked by "
+                                               "the safety check and none was stored",
+                                "properties": {"code": {"type": "string"}, "message": _nullable({"type": "string"})}}),
             "status_url": _nullable({"type": "string"}),
             "webhook": _nullable({"type": "object", "properties": {
                 "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
@@ -167,6 +178,11 @@ def _schemas(s: Settings) -> dict[str, Any]:
                              "rejected_count": {"type": "integer", "minimum": 0},
                              "warnings": {"type": "array", "items": {"type": "object"}},
                              "report": {"type": "object"},
+                             "safety": {"type": "object", "required": ["state", "reason"], "description":
+                                        "the session's apparent-age gate: held (explicit content blocked whatever "
+                                        "the safety mode), clear, or off (no age model); never the estimate",
+                                        "properties": {"state": {"type": "string", "enum": ["held", "clear", "off"]},
+                                                       "reason": {"type": "string"}}},
                              "self_similarity": _nullable({"type": "number", "description": "median pairwise "
                                                            "likeness of the accepted selfies (null with one)"}),
                              "client_token": {"type": "string", "description": "Issued to a caller without one "
@@ -226,7 +242,10 @@ def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
                 "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}},
                         "content": {"application/json": {"schema": _ref("Job")}}},
                 "400": _error("Invalid body or values; no session yet (no_session); session_id of an "
-                              "identity='none' job's session (no_selfies); identity='none' with session_id."),
+                              "identity='none' job's session (no_selfies); identity='none' with session_id; "
+                              "prompt_refused: the prompt, persona, attributes or style names explicit sexual "
+                              "content while a face identity is used (details: field, term, group; "
+                              "negative_prompt is never refused)."),
                 "404": _error("session_id is not one of the caller's sessions."),
                 "413": _error(f"Body over {s.max_json_kb:g} kB."),
                 "415": _error("Not application/json."),
@@ -316,7 +335,8 @@ def _service_paths(c: dict) -> dict[str, Any]:
             "200": {"description": "Always 200; state says whether the models are ready.",
                     "content": {"application/json": {"schema": _ref("Health")}}}}}},
         "/system-status": {"get": {"operationId": "system_status", "responses": {
-            "200": {"description": "Model, device, queue and job counts.",
+            "200": {"description": "Model, device, queue and job counts; safety: the mode, the classifier, the "
+                                   "term list, the C2PA signer (dev or configured), the watermark, the age gate.",
                     "content": {"application/json": {"schema": {"type": "object", "required": ["state", "queue", "jobs"]}}}}}}},
         "/styles": {"get": {"operationId": "styles", "responses": {
             "200": {"description": "The style library (styles/styles.json): each preset's template, negative and defaults.",

@@ -45,8 +45,10 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
 
 def public_output(job_id: str, output: dict, url_for_output: Callable[[str, str], str]) -> dict:
     """An output entry as clients see it: download URLs (its file, its thumbnail, a restored output's raw
-    original), never a stored server path."""
+    original), never a stored server path. An image the safety check blocked has no file and no URL."""
     out = {k: v for k, v in output.items() if k not in ("path", "raw_path", "thumbnail_path")}
+    if not output.get("filename"):
+        return out
     out["url"] = url_for_output(job_id, output["filename"])
     if output.get("raw_filename"):
         out["raw_url"] = url_for_output(job_id, output["raw_filename"])

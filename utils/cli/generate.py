@@ -19,7 +19,9 @@ from utils.cli.evaluate import default_face_service, evaluate_main, image_files
 from utils.config import Settings
 from utils.engine.request import REQUEST_FIELDS, GenerationRequest
 from utils.errors import InvalidRequest, TwinError
+from utils.service.output_safety import prompt_fields, selfie_age_gate
 from utils.service.runner import FolderSink, JobRunner, Likeness
+from utils.service.wiring import build_safety
 
 # CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
 CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:], face_service_factory)
+    if argv[:1] == ["provenance"]:
+        from utils.cli.provenance import provenance_main
+        return provenance_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in (("model_profile", args.profile), ("identity_combine", args.combine)) if v}
@@ -106,10 +111,12 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
     try:
         req = GenerationRequest.from_dict(request_payload(args), settings)
         files = _selfie_files(args.selfies, req)
+        if files:   # a face identity is used: refuse explicit text before any model loads (as POST /generate)
+            build_safety(settings).load_terms().check_prompt(prompt_fields(req, settings))
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
-        req, likeness = (_identity(engine, faces, files, req, args.out) if files
-                         else (req, Likeness(has_identity=False)))
-        sink, meta = _produce(settings, engine, faces, req, likeness, args.out)
+        req, likeness, gate = (_identity(engine, faces, files, req, args.out, settings) if files
+                               else (req, Likeness(has_identity=False), None))
+        sink, meta = _produce(settings, engine, faces, req, likeness, args.out, gate)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -149,9 +156,9 @@ def _set_up(settings: Settings, req, n_files: int, face_service_factory):
     return faces, engine
 
 
-def _identity(engine, faces, files, req, out: Path):
-    """Validate the selfies, build the identity (saved as identity.safetensors in --out), and what the
-    outputs are scored against."""
+def _identity(engine, faces, files, req, out: Path, settings: Settings):
+    """Validate the selfies, build the identity (saved as identity.safetensors in --out), what the outputs
+    are scored against, and the selfies' apparent-age gate (held: judged in block mode whatever the mode)."""
     from utils.service.identity import build_identity
     print("[2/4] checking faces", flush=True)
     report = faces.validate_selfies(files)
@@ -160,6 +167,9 @@ def _identity(engine, faces, files, req, out: Path):
     if not report.accepted:
         raise InvalidRequest("no selfie was accepted; nothing to build an identity from")
     print(f"      accepted {len(report.accepted)} of {len(files)}", flush=True)
+    gate = selfie_age_gate(faces, report, settings.min_apparent_age)
+    if gate.held:      # said without the estimate
+        print(f"      safety: {gate.reason}", flush=True)
     print("[3/4] building identity", flush=True)
     identity = build_identity(engine, report)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,12 +182,15 @@ def _identity(engine, faces, files, req, out: Path):
         self_sim = faces.self_similarity([a.embedding for a in report.accepted])
     except Exception:  # noqa: BLE001 - a reference number, never a reason to fail
         self_sim = None
-    return req.with_identity(identity), Likeness(report.template, None if self_sim is None else round(float(self_sim), 4))
+    return (req.with_identity(identity), Likeness(report.template, None if self_sim is None else round(float(self_sim), 4)),
+            gate)
 
 
-def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path):
+def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Path, gate=None):
     """The service's JobRunner, writing into --out."""
+    from utils.service.output_safety import setup_args
     from utils.service.wiring import build_restorer
+    safety = build_safety(settings).setup(**setup_args(settings, engine.info(), faces, True))
     restorer = None
     if req.restore_faces:
         restorer = build_restorer(settings, engine.info().get("profile"))
@@ -188,7 +201,8 @@ def _produce(settings: Settings, engine, faces, req, likeness: Likeness, out: Pa
     def progress(step: int, total_steps: int, *preview) -> None:
         print(f"      step {step}/{total_steps}", flush=True)
     sink = FolderSink(out)
-    meta = JobRunner(faces, lambda: restorer).produce(engine, req, likeness, sink, progress, lambda: False)
+    meta = JobRunner(faces, lambda: restorer, safety).produce(engine, req, likeness, sink, progress, lambda: False,
+                                                             gate)
     return sink, meta
 
 

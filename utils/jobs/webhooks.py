@@ -157,7 +157,8 @@ class WebhookDispatcher:
         body_data = {"job_id": job_id, **({k: v for k, v in data.items() if k not in ("path", "raw_path", "thumbnail_path")}
                                           if kind != "status"
                                           else {"status": data["status"], "error": _error(data),
-                                                "outputs": [o["filename"] for o in data["outputs"]]})}
+                                                "outputs": [o["filename"] for o in data["outputs"] if o.get("filename")],
+                                                "safety": [_safety_row(o) for o in data["outputs"]]})}
         with self._lock:
             self._seq[job_id] += 1
             msg = {"id": f"msg_{job_id}_{self._attempt.get(job_id, 0)}_{self._seq[job_id]}", "event": event,
@@ -239,6 +240,11 @@ class WebhookDispatcher:
 
 def _error(job: dict) -> dict | None:
     return {"code": job["error_code"], "message": job["error_message"]} if job.get("error_code") else None
+
+
+def _safety_row(output: dict) -> dict:
+    """One output's safety verdict in the completed event (a blocked image has no file name, its index)."""
+    return {"filename": output.get("filename"), "index": output.get("index"), **(output.get("safety") or {})}
 
 
 def _now_iso() -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from utils.config import Settings
 from utils.errors import ModelWeightsMissing
-from utils.models.download import download, download_flux, download_restore
+from utils.models.download import download, download_classifier, download_flux, download_restore
+from utils.models.filecheck import FileCheck
 from utils.models.layout import ANTELOPE_DIR, choose_profile, resolve_sdxl
 from utils.models.startup import ready_layout, verify_any
 from utils.models.tiny import make_tiny
@@ -55,6 +56,9 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
                    help="only FLUX.1-dev's diffusers folders (gated, non-commercial licence: log in first) + the "
                         "Hyper-FLUX 8-step LoRA (unless --no-lightning)")
     d.add_argument("--flux-schnell", action="store_true", help="only FLUX.1-schnell's diffusers folders (Apache-2.0)")
+    d.add_argument("--safety", action="store_true",
+                   help="only the NSFW image classifier of the output safety check (fetched with every download "
+                        "unless TWIN_SAFETY_MODE=off) into TWIN_SAFETY_MODEL_DIR")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
@@ -70,6 +74,10 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         for p in download_restore(settings, args.restore):
             print(p)
         return 0
+    if args.safety or settings.safety_mode != "off":
+        print(download_classifier(settings))
+        if args.safety:
+            return 0
     if args.flux_dev or args.flux_schnell:
         for p in download_flux(settings, dev=args.flux_dev, schnell=args.flux_schnell, fast_lora=not args.no_lightning):
             print(p)
@@ -85,7 +93,7 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
 
 def _verify(settings: Settings) -> int:
     layout = ready_layout(settings)
-    checks = verify_any(layout)
+    checks = verify_any(layout) + classifier_checks(settings, layout.profile)
     for c in checks:
         print(c.line())
     bad = [c for c in checks if not c.ok and c.blocking]
@@ -97,3 +105,20 @@ def _verify(settings: Settings) -> int:
           f"{len(warned)} warning(s), {len(bad)} problem(s) "
           f"(profile {layout.profile}, family {layout.family}, variant {layout.variant or 'none'})")
     return 1 if bad else 0
+
+
+def classifier_checks(settings: Settings, profile: str) -> list[FileCheck]:
+    """The safety classifier's files (header-only, utils/safety/classifier.py): where the service looks for
+    them for this profile, then the Hugging Face cache. Not there: a problem, or one ``absent`` line when
+    TWIN_SAFETY_MODE=off (the apparent-age gate then loads it only where InsightFace estimates ages)."""
+    import dataclasses
+
+    from utils.safety import classifier
+    from utils.safety.guard import SafetyGuard
+    where = SafetyGuard(settings).classifier_dir(profile)
+    folder = classifier.find_classifier(where, settings.safety_model_repo)
+    if folder is None:
+        status = "absent" if settings.safety_mode == "off" else "missing"
+        return [FileCheck(str(where), status, f"NSFW classifier {settings.safety_model_repo}: fetch it with "
+                                              "`python model_loader.py download --safety`")]
+    return [FileCheck(**dataclasses.asdict(c)) for c in classifier.verify_classifier(folder)]

@@ -39,6 +39,19 @@ def _fetch(specs, settings: Settings, snapshot_download=None) -> list[Path]:
     return out
 
 
+def download_classifier(settings: Settings, snapshot_download=None) -> Path:
+    """The NSFW image classifier of the output safety check (utils/safety/classifier.py: Falconsai's ViT,
+    Apache-2.0, 343 MB) into TWIN_SAFETY_MODEL_DIR (default <model_dir>/nsfw_image_detection)."""
+    from utils.safety.classifier import DOWNLOAD, FILES
+    if snapshot_download is None:
+        from huggingface_hub import snapshot_download
+    target = settings.resolved_safety_model_dir
+    log.info("downloading %s (%s, licence %s) -> %s", settings.safety_model_repo, DOWNLOAD.purpose, DOWNLOAD.licence,
+             target)
+    snapshot_download(repo_id=settings.safety_model_repo, allow_patterns=list(FILES), local_dir=str(target))
+    return target
+
+
 def download_restore(settings: Settings, names: list[str], hf_hub_download=None) -> list[Path]:
     """Fetch face restoration models (FaceFusion's ONNX exports, Hugging Face ``facefusion/models-3.0.0``:
     gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx) into TWIN_RESTORE_MODEL_DIR (default

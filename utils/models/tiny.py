@@ -20,7 +20,7 @@ from utils.models.single_file import to_single_file
 from utils.models.tiny_flux import write_tiny_flux
 from utils.models.tiny_tokenizers import bytes_to_unicode, tiny_tokenizer, write_classic_tokenizers  # noqa: F401
 
-TINY_VERSION = 4           # bump when make_tiny writes new files: an older folder is rebuilt on start (4: tiny-flux)
+TINY_VERSION = 5           # bump when make_tiny writes new files: an older folder is rebuilt on start (5: NSFW classifier stand-in)
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -96,6 +96,8 @@ def _write_tiny(root: Path) -> None:
     from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
     write_standins(root / RESTORE_DIR)
     write_tiny_flux(root)       # tiny-flux beside tiny-sdxl: the second family, in the same folder
+    from utils.safety import classifier   # the output safety check's stand-in (the real layout, answers "normal")
+    classifier.write_standin(root / classifier.LOCAL_NAME)
     (root / MARKER).write_text(json.dumps({
         "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))

@@ -29,6 +29,11 @@ from utils.safety.terms import TermList, load_terms
 log = logging.getLogger(__name__)
 
 
+def is_tiny(profile: str) -> bool:
+    """The tiny profiles (tiny, tiny-flux) share one folder, and the classifier's stand-in in it."""
+    return profile in ("tiny", "tiny-flux")
+
+
 class SafetyGuard:
     def __init__(self, settings: Settings, *, classifier: cls.SafetyClassifier | None = None,
                  signer: ContentSigner | None = None) -> None:
@@ -46,7 +51,7 @@ class SafetyGuard:
         s = self.settings
         if s.safety_model_dir is not None:
             return Path(s.safety_model_dir)
-        if profile == "tiny":
+        if is_tiny(profile):
             return s.resolved_tiny_model_dir / cls.LOCAL_NAME
         return s.resolved_safety_model_dir
 
@@ -56,7 +61,7 @@ class SafetyGuard:
         with ``classifier``, load the classifier unless TWIN_SAFETY_MODE=off and no age gate can hold a
         session (``age_gate``: the face backend estimates ages)."""
         s = self.settings
-        self.terms = load_terms(s.resolved_safety_terms_file)
+        self.load_terms()
         if signer and self.signer is None:
             self.signer = load_signer(s.c2pa_cert, s.c2pa_key, s.c2pa_dev_dir)
             warning = signer_warning(self.signer)
@@ -66,14 +71,21 @@ class SafetyGuard:
         needed = s.safety_mode != "off" or age_gate
         if classifier and needed and self.classifier is None:
             folder = self.classifier_dir(profile)
-            if profile == "tiny" and s.safety_model_dir is None and not (folder / cls.FILES[1]).is_file():
+            if is_tiny(profile) and s.safety_model_dir is None and not (folder / cls.FILES[1]).is_file():
                 cls.write_standin(folder)          # the tiny profile's own build output, like the tiny model
-            name = cls.STANDIN_NAME if profile == "tiny" and s.safety_model_dir is None else s.safety_model_repo
+            name = cls.STANDIN_NAME if is_tiny(profile) and s.safety_model_dir is None else s.safety_model_repo
             self.classifier = cls.load_classifier(folder, s.safety_model_repo, name=name, device=device, dtype=dtype)
         if self.classifier is not None:
             self.classifier_note = f"{self.classifier.name} (threshold {s.safety_threshold:g})"
         elif not needed:
             self.classifier_note = "off (TWIN_SAFETY_MODE=off and no apparent-age gate)"
+        return self
+
+    def load_terms(self) -> "SafetyGuard":
+        """The explicit-term list, read once (a broken file raises ConfigError naming the line): the API reads
+        it when the app is built, so a bad file stops start-up."""
+        if self.terms is None:
+            self.terms = load_terms(self.settings.resolved_safety_terms_file)
         return self
 
     # ------------------------------------------------------------------ per request

@@ -21,14 +21,16 @@ log = logging.getLogger("twin.worker")
 
 
 def build_runtime(settings: Settings, components: str = ""):
-    """The GPU worker's Runtime. ``components``: ``module:function`` returning (engine, faces) instead of
-    the real ones from the settings (tests pass their doubles)."""
-    engines = faces = None
+    """The GPU worker's Runtime. ``components``: ``module:function`` returning (engine, faces) or (engine,
+    faces, safety) instead of the real ones from the settings (tests pass their doubles)."""
+    engines = faces = safety = None
     if components:
         mod, _, attr = components.partition(":")
-        engine, faces = getattr(importlib.import_module(mod), attr)(settings)
+        built = getattr(importlib.import_module(mod), attr)(settings)
+        engine, faces = built[0], built[1]
+        safety = built[2] if len(built) > 2 else None
         engines = [engine]
-    runtime = wiring.build_runtime(settings, engines=engines, faces=faces, gpu_worker=True)
+    runtime = wiring.build_runtime(settings, engines=engines, faces=faces, gpu_worker=True, safety=safety)
     # The cluster-wide retention sweep may run in this process: a swept session's Idempotency-Key
     # records (in Redis) go with it, as they do when an API node deletes the session.
     runtime.sessions.deleted_hooks.append(
@@ -39,7 +41,7 @@ def build_runtime(settings: Settings, components: str = ""):
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Digital-twin GPU worker (cluster mode, TWIN_QUEUE_URL)")
     ap.add_argument("--components", default="",
-                    help="module:function returning (generator, faces); default: the real engines from settings "
+                    help="module:function returning (generator, faces[, safety]); default: the real engines from settings "
                          "(tests pass their doubles here)")
     ap.add_argument("--name", default="", help="RQ worker name (default HOST.PID)")
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")

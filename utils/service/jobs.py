@@ -14,21 +14,22 @@ from utils.jobs.status import JobStatus
 from utils.service.identity import Identities
 from utils.service.models import check_model
 from utils.service.runner import JobRunner, Likeness
-from utils.storage import StoredFile, is_valid_id, new_id, png_bytes, thumbnail_bytes, thumbnail_name
+from utils.service.output_safety import prompt_fields, session_gate
+from utils.storage import StoredFile, is_valid_id, new_id, png_bytes, thumbnail_name
 
 log = logging.getLogger("twin.service")
 
 
 class StorageSink:
-    """A job's outputs: files in the session's storage, each recorded in the job store once written."""
+    """A job's outputs: files in the session's storage (the signed bytes the runner made, which /download
+    serves as they are), each recorded in the job store once written."""
 
     def __init__(self, settings: Settings, storage: Storage, store, session_id: str, job_id: str) -> None:
         self.settings, self.storage, self.store = settings, storage, store
         self.session_id, self.job_id = session_id, job_id
-        self.thumbnails = True
+        self.thumbnail_side = settings.thumbnail_side
 
-    def save(self, name: str, image, *, thumbnail: bool = False) -> str:
-        data = thumbnail_bytes(image, self.settings.thumbnail_side) if thumbnail else png_bytes(image)
+    def save(self, name: str, data: bytes) -> str:
         return self.storage.save_output(self.session_id, self.job_id, name, data)
 
     def add(self, output: dict) -> None:
@@ -44,11 +45,12 @@ class StorageSink:
 
 class Jobs:
     def __init__(self, settings: Settings, storage: Storage, store, queue, engines: list, faces,
-                 identities: Identities, runner: JobRunner, restorer: Callable[[], Any], sessions) -> None:
+                 identities: Identities, runner: JobRunner, restorer: Callable[[], Any], sessions, safety) -> None:
         self.settings, self.storage, self.store, self.queue = settings, storage, store, queue
         self.engines, self.faces, self.identities, self.runner = engines, faces, identities, runner
         self._restorer = restorer
         self.sessions = sessions
+        self.safety = safety
 
     def owned(self, job_id: str, owner: str | None) -> dict:
         job = self.store.get(job_id) if is_valid_id(job_id) else None
@@ -72,6 +74,7 @@ class Jobs:
             session = None
         else:
             session = self._session_for(session_id, owner)
+            self._check_prompt(req)     # a face identity is used: no explicit text, before anything is queued
         self._check_likeness(req)
         self._check_model(req)
         self._check_fields(req, engine)
@@ -121,6 +124,16 @@ class Jobs:
                                         "or send identity='none' for an avatar without selfies",
                                         code="no_session")
         return session
+
+    def _check_prompt(self, req) -> None:
+        """400 prompt_refused when the prompt, the persona, the attributes or the style's text names an
+        explicit term (utils/safety/terms.py). negative_prompt is never checked: it keeps such content out.
+        The log names the field and the term, never the prompt."""
+        try:
+            self.safety.check_prompt(prompt_fields(req, self.settings))
+        except errors.PromptRefused as e:
+            log.info("prompt refused", extra={"field": e.details.get("field"), "term": e.details.get("term")})
+            raise
 
     def _check_model(self, req) -> None:
         """``model`` names a base model: unknown -> 400, not the active one -> 409 now (at run time the
@@ -197,6 +210,8 @@ class Jobs:
         """The recorded reference of one of the caller's job files (its PNG, raw original or thumbnail)."""
         job = self.owned(job_id, owner)
         for o in job["outputs"]:
+            if not o.get("filename"):
+                continue   # an image the safety check blocked: never stored
             candidates = [("thumbnail_path", thumbnail_name(o["filename"])), ("path", o.get("filename")),
                           ("raw_path", o.get("raw_filename"))]
             for path_key, name in candidates:
@@ -234,7 +249,8 @@ class Jobs:
         session_id = job["session_id"]
         # Cached copies of sessions deleted on another node go before each job (and at every sweep interval).
         self.sessions.forget_cached()
-        if self.store.get_session(session_id) is None:
+        session = self.store.get_session(session_id)
+        if session is None:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
         if req.identity_source != "none":   # identity='none': the engine runs with no identity (scale 0)
@@ -244,7 +260,8 @@ class Jobs:
         # Before the GPU time is spent: a volume that cannot take the outputs fails the job now.
         self.storage.require_space(output_bytes(req), f"the outputs of job {job['id']!r}")
         sink = StorageSink(self.settings, self.storage, self.store, session_id, job["id"])
-        return self.runner.produce(engine, req, self._likeness(req, session_id), sink, on_progress, should_cancel)
+        return self.runner.produce(engine, req, self._likeness(req, session_id), sink, on_progress, should_cancel,
+                                   session_gate(session))
 
     def _stored_init_image(self, session_id: str, job_id: str):
         from PIL import Image

@@ -19,7 +19,7 @@ from utils.config import Settings
 from utils.contracts import CachedReads, ClusterSingleton
 from utils.jobs import lifecycle
 from utils.jobs.status import JobStatus
-from utils.service import face_setup
+from utils.service import face_setup, output_safety
 from utils.service.identity import Identities
 from utils.service.jobs import Jobs
 from utils.service.models import Models
@@ -38,6 +38,7 @@ class Runtime:
         self.engines, self.faces, self.storage = parts.engines, parts.faces, parts.storage
         self.store, self.events, self.webhooks = parts.store, parts.events, parts.webhooks
         self._build_restorer = parts.restorer
+        self.safety = parts.safety.load_terms()   # a broken term list stops start-up, naming the line
         self.restorer = None   # built once set-up knows which profile runs
         self.clock = time.time  # tests swap in a fake clock (retention)
         self.state, self.setup_error, self.started_at = "starting", None, time.time()
@@ -51,11 +52,11 @@ class Runtime:
         # The job queue runs jobs through self.jobs.run (local mode's job threads, once set-up is done).
         self.queue = parts.queue(lambda *a: self.jobs.run(*a), self.ready, self.publish_preview)
         identities = Identities(self.storage)
-        self.runner = JobRunner(self.faces, lambda: self.restorer)
+        self.runner = JobRunner(self.faces, lambda: self.restorer, self.safety)
         self.sessions = Sessions(settings, self.storage, self.store, self.queue, self.faces,
                                  lambda: self.engines[0] if holds_models else None, lambda: self.clock())
         self.jobs = Jobs(settings, self.storage, self.store, self.queue, self.engines, self.faces, identities,
-                         self.runner, lambda: self.restorer, self.sessions)
+                         self.runner, lambda: self.restorer, self.sessions, self.safety)
         self.models = Models(settings, self.store, self.queue, self.engines)
         # Live events (GET /events) and webhooks follow every committed change of a job, in whichever
         # process makes it (in cluster mode the GPU worker sends running/progress/output/completed).
@@ -113,6 +114,9 @@ class Runtime:
                 for g in self.engines:
                     g.setup()
             self.restorer = self._build_restorer(self.model_info().get("profile"))
+            # After the models: the classifier goes on the engine's device; a missing classifier or a bad
+            # certificate stops set-up with the reason (the development-certificate line is logged here).
+            self.safety.setup(**output_safety.setup_args(self.settings, self.model_info(), self.faces, self.holds_models))
             self.state = "ready"
             self.ready.set()
             log.info("set-up finished", extra={"seconds": round(time.perf_counter() - t0, 2),

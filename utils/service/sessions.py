@@ -12,6 +12,7 @@ from utils.config import Settings
 from utils.contracts import CachedReads, Storage
 from utils.logging import log_context
 from utils.service.identity import build_identity
+from utils.service.output_safety import selfie_age_gate
 from utils.storage import is_valid_id, new_id
 
 log = logging.getLogger("twin.service")
@@ -47,6 +48,9 @@ class Sessions:
         if not report.accepted:
             raise errors.TwinError("none of the uploaded files has a usable face; see details for each file",
                                    code="no_usable_selfies", http_status=422, details={"report": body})
+        gate = selfie_age_gate(self.faces, report, self.settings.min_apparent_age)
+        if gate.held:   # said to the caller, without the number; the job runner holds it to block mode
+            body.setdefault("warnings", []).append({"code": "explicit_content_blocked", "message": gate.reason})
         engine = self._engine()
         identity = build_identity(engine, report) if engine is not None else None
         session_id = new_id()
@@ -56,15 +60,17 @@ class Sessions:
                                        identity=identity, created_at=created,
                                        self_similarity=body.get("self_similarity"))
             try:
-                self.store.add_session(session_id, owner, created)
+                self.store.add_session(session_id, owner, created, age_gate={
+                    "age_gate": gate.state, "age_gate_reason": gate.reason, "median_apparent_age": gate.median_age})
             except BaseException:
                 self.storage.delete_session(session_id)  # no folder without its record
                 raise
-            log.info("session created", extra={"files": len(files), "accepted": len(report.accepted)})
+            log.info("session created", extra={"files": len(files), "accepted": len(report.accepted),
+                                               "age_gate": gate.state})
         return {"success": True, "session_id": session_id, "total": len(files),
                 "accepted_count": len(report.accepted), "rejected_count": len(report.rejected),
                 "warnings": body.get("warnings", []), "self_similarity": body.get("self_similarity"),
-                "report": body}
+                "safety": gate.to_json(), "report": body}
 
     def create_persona(self, owner: str) -> dict:
         """The session of one identity='none' job: no selfies, only the job's outputs. It gives that job an

@@ -97,8 +97,23 @@ def system_status(rt) -> dict:
                    "min_side": s.min_image_side, "max_side": s.max_image_side,
                    "max_prompt_chars": s.max_prompt_chars},
         "options": options,
+        "safety": safety_status(rt),
         **({"cluster": cluster} if cluster else {}),
     }
+
+
+def safety_status(rt) -> dict:
+    """The safety mode, the classifier, the term list, the signer (development or configured: how to install
+    a real certificate is in docs/SAFETY.md), the watermark and the apparent-age gate (off with dlib, and why).
+    On a cluster's API node the classifier lives on the GPU workers."""
+    from utils.safety.policy import backend_age_gate
+    from utils.service.output_safety import face_age_model
+    body = rt.safety.status(age_gate=backend_age_gate(rt.faces.backend_name, face_age_model(rt.faces)))
+    if not rt.holds_models:
+        body["classifier"] = f"on the GPU workers ({rt.settings.safety_model_repo})"
+    body["certificate_help"] = ("set TWIN_C2PA_CERT and TWIN_C2PA_KEY (PEM chain and key of a certificate from a "
+                                "CA on the C2PA trust list) on every node: docs/SAFETY.md, 'Installing a certificate'")
+    return body
 
 
 def device_info(device: str | None) -> dict:

@@ -1,6 +1,7 @@
 """The one place where settings become components: which engine (in-process or in a generator process, one
 per GPU), which face service, which storage (the data folder, or an S3 bucket), which job store / queue /
-event log / Idempotency-Key store (local SQLite + job threads, or cluster Redis + RQ), which face restorer. Everything else receives what this builds, so
+event log / Idempotency-Key store (local SQLite + job threads, or cluster Redis + RQ), which face restorer,
+which safety guard (classifier, term list, C2PA signer). Everything else receives what this builds, so
 tests swap an implementation by passing another.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from utils.service.face_setup import face_settings
 @dataclass
 class Parts:
     """What a Runtime is made of. ``queue`` is a factory ``(run, ready, on_preview) -> JobQueue`` (the local
-    job threads call back into the runtime); ``restorer`` a factory ``(profile) -> FaceRestorer``."""
+    job threads call back into the runtime); ``restorer`` a factory ``(profile) -> FaceRestorer``; ``safety``
+    an OutputSafety (set up by the Runtime once the models are known)."""
     engines: list
     faces: Any
     storage: Storage
@@ -27,11 +29,13 @@ class Parts:
     events: Any
     webhooks: Any
     restorer: Callable[[str | None], Any]
+    safety: Any = None
 
 
-def build_runtime(settings: Settings, *, engines: list | None = None, faces=None, gpu_worker: bool = False):
+def build_runtime(settings: Settings, *, engines: list | None = None, faces=None, gpu_worker: bool = False,
+                  safety=None):
     """A Runtime for this process: the web app (local mode, or a cluster's API node) or a GPU worker.
-    ``engines`` / ``faces``: test doubles, else the real ones from the settings."""
+    ``engines`` / ``faces`` / ``safety``: test doubles, else the real ones from the settings."""
     from utils.service.runtime import Runtime
     storage = build_storage(settings)
     store = build_store(settings)
@@ -40,7 +44,8 @@ def build_runtime(settings: Settings, *, engines: list | None = None, faces=None
                   queue=lambda run, ready, on_preview: build_queue(settings, store, run, ready, on_preview,
                                                                    len(engines or []) or worker_count(settings)),
                   events=build_events(settings, store), webhooks=build_webhooks(settings, store),
-                  restorer=lambda profile: build_restorer(settings, profile))
+                  restorer=lambda profile: build_restorer(settings, profile),
+                  safety=safety if safety is not None else build_safety(settings))
     return Runtime(settings, parts, holds_models=gpu_worker or not settings.cluster)
 
 
@@ -151,6 +156,17 @@ def build_restorer(settings: Settings, profile: str | None):
         # The demo profile restores with ONNX stand-ins (real names and shapes), written on demand.
         return FaceRestorer(settings.resolved_tiny_model_dir / "face_restore", standins=True)
     return FaceRestorer(settings.resolved_restore_dir, model_dir_hint=settings.model_dir)
+
+
+# --- safety and provenance -------------------------------------------------------------------------
+
+def build_safety(settings: Settings):
+    """The safety guard (utils/safety/guard.py): the explicit-term list, the NSFW classifier (TWIN_SAFETY_MODE,
+    TWIN_SAFETY_MODEL_DIR) and the C2PA signer (TWIN_C2PA_CERT/KEY, else the development CA in the data dir).
+    Nothing loads here: the Runtime sets it up in the process that uses it (c2pa and torch objects are per
+    process), with the classifier only where jobs run."""
+    from utils.safety.guard import SafetyGuard
+    return SafetyGuard(settings)
 
 
 # --- jobs ------------------------------------------------------------------------------------------

@@ -130,11 +130,13 @@ class RedisJobStore:
 
     # --- sessions --------------------------------------------------------------------------------
     @redis_guard
-    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies",
+                    age_gate: dict | None = None) -> None:
         seq = self.redis.incr(self.k("session_seq"))
+        gate = {k: repr(v) if isinstance(v, float) else v for k, v in (age_gate or {}).items() if v is not None}
         with self.redis.pipeline() as p:
             p.hset(self.k("session", session_id), mapping={"id": session_id, "owner": owner, "kind": kind,
-                                                         "created_at": repr(created_at), "seq": seq})
+                                                         "created_at": repr(created_at), "seq": seq, **gate})
             p.zadd(self.k("sessions"), {session_id: created_at})
             if kind == "selfies":   # the owner's latest upload is what a /generate without session_id uses
                 p.zadd(self.k("owner", owner), {session_id: seq})
@@ -146,8 +148,11 @@ class RedisJobStore:
         if not h:
             return None
         h = {k.decode(): v.decode() for k, v in h.items()}
+        median = h.get("median_apparent_age")
         return {"id": h["id"], "owner": h["owner"], "created_at": float(h["created_at"]), "seq": int(h["seq"]),
-                "kind": h.get("kind", "selfies")}
+                "kind": h.get("kind", "selfies"), "age_gate": h.get("age_gate"),
+                "age_gate_reason": h.get("age_gate_reason"),
+                "median_apparent_age": None if median is None else float(median)}
 
     @redis_guard
     def latest_session(self, owner: str) -> dict | None:

@@ -29,7 +29,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
     seq INTEGER NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'selfies'
+    kind TEXT NOT NULL DEFAULT 'selfies',
+    age_gate TEXT,
+    age_gate_reason TEXT,
+    median_apparent_age REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, seq);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -98,8 +101,13 @@ class SqliteJobStore:
             if "webhook" not in cols:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
             # Databases from before persona-only avatars: every session is an upload.
-            if "kind" not in {r["name"] for r in self._db.execute("PRAGMA table_info(sessions)")}:
+            session_cols = {r["name"] for r in self._db.execute("PRAGMA table_info(sessions)")}
+            if "kind" not in session_cols:
                 self._db.execute("ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'selfies'")
+            # Databases from before the apparent-age gate: such sessions have none (NULL).
+            for col, kind in (("age_gate", "TEXT"), ("age_gate_reason", "TEXT"), ("median_apparent_age", "REAL")):
+                if col not in session_cols:
+                    self._db.execute(f"ALTER TABLE sessions ADD COLUMN {col} {kind}")
         # Called after each committed change of a job (live events, utils/jobs/events.py):
         # listener(job_id, kind, data) with kind "status" (data: the job record), "progress"
         # ({"step", "total"}) or "output" (the output entry). A failing listener never fails the store.
@@ -135,11 +143,15 @@ class SqliteJobStore:
             return self._db.execute(sql, args).rowcount
 
     # --- sessions --------------------------------------------------------------------------------
-    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies") -> None:
+    def add_session(self, session_id: str, owner: str, created_at: float, kind: str = "selfies",
+                    age_gate: dict | None = None) -> None:
+        gate = age_gate or {}
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions").fetchone()[0]
-            self._db.execute("INSERT INTO sessions(id, owner, created_at, seq, kind) VALUES (?,?,?,?,?)",
-                             (session_id, owner, created_at, seq, kind))
+            self._db.execute("INSERT INTO sessions(id, owner, created_at, seq, kind, age_gate, age_gate_reason, "
+                             "median_apparent_age) VALUES (?,?,?,?,?,?,?,?)",
+                             (session_id, owner, created_at, seq, kind, gate.get("age_gate"),
+                              gate.get("age_gate_reason"), gate.get("median_apparent_age")))
 
     def get_session(self, session_id: str) -> dict | None:
         row = self._one("SELECT * FROM sessions WHERE id=?", (session_id,))
