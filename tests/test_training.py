@@ -1,0 +1,173 @@
+"""Twin studio, the trainer (utils/engine/training/): a LoRA trained on the tiny model's own modules.
+
+A 20-step training on a fixed batch lowers the loss; the saved LoRA loads back bit-exact and changes the
+output; the serving pipeline carries no trace of training; a canceled run leaves no LoRA; a run stopped
+after a checkpoint resumes at that step and ends where an uninterrupted run ends."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures.models import make_crops
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def trainer_generator(tiny_settings):
+    """A generator of its own: training adds and removes adapters on the modules it holds."""
+    from generate_twin import DigitalTwinGenerator
+    return DigitalTwinGenerator(tiny_settings.replace(max_steps=2)).setup()
+
+
+def spec_for(work_dir: Path, *, steps: int = STEPS, run_id: str = "run1", every: int = 50, fixed: bool = True,
+             **body):
+    from utils.engine.training import TrainRequest, TrainSpec
+    from utils.engine.training.data import centre_box
+    from utils.config import Settings
+    req = TrainRequest.from_dict({"learning_rate": 1e-3, "rank": 4, **body}, Settings())
+    faces = [(im, centre_box(*im.size)) for im in make_crops(2, size=(120, 140))]
+    return TrainSpec(request=req, token="zqxkvw", work_dir=work_dir, run_id=run_id, steps=steps, faces=faces,
+                     checkpoint_every=every, fixed_batch=fixed)
+
+
+def portrait(gen, twin=None, mode: str = "adapter"):
+    from utils.engine.request import GenerationRequest
+    from utils.config import Settings
+    req = GenerationRequest.from_dict({"prompt": "a portrait", "seed": 7, "quality_mode": "balanced"}, Settings())
+    return np.asarray(gen.generate(req.with_twin(twin, mode)).images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def trained(trainer_generator, tmp_path_factory):
+    """One 20-step training, with the portrait of an unrelated job before and after it."""
+    work = tmp_path_factory.mktemp("twin")
+    before = portrait(trainer_generator)
+    events = []
+    record = trainer_generator.train(spec_for(work), lambda *a: events.append(a))
+    return {"dir": work, "record": record, "events": events, "before": before,
+            "after": portrait(trainer_generator)}
+
+
+def test_the_loss_on_a_fixed_batch_goes_down(trained):
+    curve = trained["record"]["loss_curve"]
+    assert len(curve) == STEPS
+    assert np.mean(curve[-5:]) < np.mean(curve[:5])
+
+
+def test_progress_carries_step_steps_and_loss(trained):
+    ev = trained["events"]
+    assert [e[0] for e in ev] == list(range(1, STEPS + 1))
+    assert {e[1] for e in ev} == {STEPS}
+    assert [e[3]["loss"] for e in ev] == pytest.approx(trained["record"]["loss_curve"], abs=1e-5)
+
+
+def test_the_record_names_model_family_token_and_time(trained):
+    r = trained["record"]
+    assert (r["family"], r["base_model"], r["token"], r["steps"]) == ("sdxl", "tiny-sdxl", "zqxkvw", STEPS)
+    assert r["caption"] == "photo of zqxkvw person"
+    assert r["images"] == 2 * 3 * 2              # two selfies x three scales x mirrored
+    assert r["seconds"] > 0 and r["trained_parameters"] > 0 and r["lora_bytes"] > 0
+    assert sorted(p.name for p in trained["dir"].iterdir() if not p.name.startswith(".")) == [
+        "record.json", "twin_lora.safetensors", "twin_lora_kohya.safetensors"]   # no checkpoint left
+
+
+def test_the_serving_pipeline_carries_no_trace_of_training(trained, trainer_generator):
+    np.testing.assert_array_equal(trained["before"], trained["after"])
+    unet = trainer_generator.models.pipe.unet
+    assert "twin_training" not in (getattr(unet, "peft_config", None) or {})
+    assert not unet.is_gradient_checkpointing
+
+
+def test_save_then_load_is_bit_exact(trained, trainer_generator):
+    """The file loads with diffusers' load_lora_weights: the adapter in the UNet equals the file; the kohya
+    copy holds the same tensors under kohya's names."""
+    import hashlib
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    pipe = trainer_generator.models.pipe
+    path = trained["dir"] / "twin_lora.safetensors"
+    saved = load_file(str(path))
+    pipe.load_lora_weights(str(path), adapter_name="twin_check")
+    try:
+        loaded = get_peft_model_state_dict(pipe.unet, adapter_name="twin_check")
+    finally:
+        pipe.delete_adapters("twin_check")
+    assert len(loaded) == len(saved) > 0
+    for k, v in loaded.items():
+        assert torch.equal(v, saved["unet." + k]), k
+    kohya = load_file(str(trained["dir"] / "twin_lora_kohya.safetensors"))
+    digest = lambda ts: sorted(hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in ts)
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert digest(v for k, v in kohya.items() if not k.endswith(".alpha")) == digest(saved.values())
+
+
+def test_the_lora_changes_the_output_and_its_token_enters_the_prompt(trained, trainer_generator):
+    from utils.engine.training.loras import TwinLora
+    r = trained["record"]
+    twin = TwinLora(path=str(trained["dir"] / "twin_lora.safetensors"), token=r["token"], caption=r["caption"],
+                    family=r["family"], base_model=r["base_model"], trained_at=r["trained_at"])
+    with_lora = portrait(trainer_generator, twin, "lora")
+    assert np.abs(with_lora - trained["before"]).max() > 0
+    # ...and the next job without it is the unrelated portrait again (each job activates only its own)
+    np.testing.assert_array_equal(portrait(trainer_generator), trained["before"])
+
+
+def test_a_canceled_run_leaves_no_lora_and_no_trace(trainer_generator, tmp_path):
+    from utils import errors
+    before = portrait(trainer_generator)
+    seen = []
+    with pytest.raises(errors.JobCanceled):
+        trainer_generator.train(spec_for(tmp_path), lambda *a: seen.append(a[0]), lambda: len(seen) >= 3)
+    assert len(seen) == 3                                   # stopped within one optimiser step
+    assert not (tmp_path / "twin_lora.safetensors").exists()
+    np.testing.assert_array_equal(portrait(trainer_generator), before)
+
+
+def test_a_stopped_run_resumes_at_its_last_checkpoint(trainer_generator, tmp_path):
+    """Stopped after step 7 with a checkpoint every 5: the next attempt starts at step 5 and ends with the LoRA
+    an uninterrupted run makes (same noise, timesteps and optimiser state)."""
+    from safetensors.torch import load_file
+    from utils import errors
+    whole = trainer_generator.train(spec_for(tmp_path / "whole", steps=10, every=5, fixed=False))
+    seen = []
+    with pytest.raises(errors.JobCanceled):
+        trainer_generator.train(spec_for(tmp_path / "cut", steps=10, every=5, fixed=False),
+                                lambda *a: seen.append(a[0]), lambda: len(seen) >= 7)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    again = []
+    record = trainer_generator.train(spec_for(tmp_path / "cut", steps=10, every=5, fixed=False),
+                                     lambda *a: again.append(a[0]))
+    assert record["resumed_from_step"] == 5 and again[0] == 6
+    assert record["loss_curve"] == whole["loss_curve"]
+    a, b = (load_file(str(tmp_path / d / "twin_lora.safetensors")) for d in ("whole", "cut"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # a checkpoint of another run is never resumed
+    assert trainer_generator.train(spec_for(tmp_path / "cut", steps=10, every=5, run_id="other",
+                                            fixed=False))["resumed_from_step"] == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"rank": 2}, "rank=2"), ({"rank": 65}, "rank=65"), ({"steps": 0}, "steps=0"),
+    ({"learning_rate": 1.0}, "learning_rate=1.0"), ({"resolution": 100}, "resolution=100"),
+    ({"train_text_encoder": "yes"}, "train_text_encoder"), ({"seed": -1}, "seed=-1"), ({"ranks": 4}, "ranks"),
+])
+def test_a_bad_training_request_names_the_field(body, field):
+    from utils import errors
+    from utils.config import Settings
+    from utils.engine.training import TrainRequest
+    with pytest.raises(errors.InvalidRequest) as e:
+        TrainRequest.from_dict(body, Settings())
+    assert field in e.value.message
+
+
+def test_text_encoder_lora_trains_and_comes_off(trainer_generator, tmp_path):
+    from safetensors.torch import load_file
+    before = portrait(trainer_generator)
+    trainer_generator.train(spec_for(tmp_path, steps=3, train_text_encoder=True))
+    keys = load_file(str(tmp_path / "twin_lora.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    np.testing.assert_array_equal(portrait(trainer_generator), before)
