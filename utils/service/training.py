@@ -101,8 +101,9 @@ class Training:
                 shutil.rmtree(run_dir, ignore_errors=True)   # a canceled or failed run leaves no LoRA
             raise
         log.info("twin trained", extra={"steps": record["steps"], "seconds": record["seconds"]})
-        return {"kind": KIND, "twin_model": self.twin(session_id)["twin_model"],
-                **{k: v for k, v in record.items() if k != "loss_curve"}}
+        # This job is still running until its outcome is recorded: the twin it leaves is ready.
+        twin = {**self.twin(session_id)["twin_model"], "state": "ready", "job_id": None}
+        return {"kind": KIND, "twin_model": twin, **{k: v for k, v in record.items() if k != "loss_curve"}}
 
     def _faces(self, session_id: str) -> list[tuple[Any, tuple]]:
         """Each accepted selfie decoded as an upload is (upright), with its largest face box (the middle of
