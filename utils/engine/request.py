@@ -16,6 +16,7 @@ from utils.engine.identity.pose import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH
 from utils.engine.tuning import (ASPECT_RATIOS, DEFAULT_POSE_STRENGTH, DEFAULT_STYLE, MAX_CANDIDATES, MAX_IMAGES,
                                  MAX_SEED, POSE_VARIANTS, QUALITY_MODES, SIDE_MULTIPLE, default_identity_strength,
                                  default_pose_strength, preset_size, quality_tables, style_library)
+from utils.engine.training.spec import TRAIN_FIELDS
 from utils.errors import InvalidRequest
 from utils.init_image import check_init_image, max_chars as max_init_chars, parse_init_image
 from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, check_attributes, check_persona, persona_schema
@@ -316,4 +317,8 @@ def published_options(native_resolution: int, settings: Settings, family: str = 
         "inapplicable_fields": inapplicable_fields(family, method_fields),
         "quality_table": quality_tables(),
         "side_multiple": multiple,
+        # Twin studio: the training body (POST /sessions/<id>/train), whether this family trains, the modes.
+        "train_fields": published_fields(TRAIN_FIELDS, settings),
+        "trainable": family == "sdxl",
+        "identity_modes": list(IDENTITY_MODES),
     }
