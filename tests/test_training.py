@@ -171,3 +171,31 @@ def test_text_encoder_lora_trains_and_comes_off(trainer_generator, tmp_path):
     keys = load_file(str(tmp_path / "twin_lora.safetensors"))
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
     np.testing.assert_array_equal(portrait(trainer_generator), before)
+
+
+def _twin(work: Path, record: dict):
+    from utils.engine.training.loras import TwinLora
+    return TwinLora(path=str(work / "twin_lora.safetensors"), token=record["token"], caption=record["caption"],
+                    family=record["family"], base_model=record["base_model"], trained_at=record["trained_at"])
+
+
+def test_several_twins_stay_loaded_and_each_job_uses_only_its_own(trainer_generator, tmp_path):
+    """Two sessions' LoRAs in the LRU at once: A after B gives exactly A's portrait; beyond the capacity the
+    least recently used one is unloaded, and so is one whose file was deleted (its session is gone)."""
+    twins = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        rec = trainer_generator.train(spec_for(tmp_path / name, steps=4, seed=seed, run_id=name))
+        twins[name] = _twin(tmp_path / name, rec)
+    cache = trainer_generator.model.twins
+    first_a = portrait(trainer_generator, twins["a"], "lora")
+    first_b = portrait(trainer_generator, twins["b"], "lora")
+    assert np.abs(first_a - first_b).max() > 0
+    np.testing.assert_array_equal(portrait(trainer_generator, twins["a"], "lora"), first_a)
+    assert {twins["a"].adapter_name, twins["b"].adapter_name} <= set(cache.loaded())
+    cache.capacity = 2
+    portrait(trainer_generator, twins["c"], "lora")            # b is the least recently used
+    assert cache.loaded() == [twins["a"].adapter_name, twins["c"].adapter_name]
+    (tmp_path / "a" / "twin_lora.safetensors").unlink()
+    portrait(trainer_generator, twins["c"], "lora")
+    assert cache.loaded() == [twins["c"].adapter_name]
+    assert twins["a"].adapter_name not in (trainer_generator.models.pipe.unet.peft_config or {})

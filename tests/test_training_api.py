@@ -152,3 +152,40 @@ def test_the_idempotency_key_gives_the_same_training_job(trained):
     assert first.status_code == again.status_code == 202
     assert first.get_json()["id"] == again.get_json()["id"] and again.headers["Idempotent-Replayed"] == "true"
     finished(c, first.get_json()["id"], h, timeout=60)
+
+
+@pytest.mark.parametrize("when", ["trained", "training"])
+def test_the_retention_sweep_removes_the_twin_with_its_session(trained, when):
+    """The sweep deletes an old session's LoRA, kohya copy and record (and cancels a running training,
+    whose checkpoints go with the folder)."""
+    import time
+    c, sid, h, rt = trained["client"], trained["sid"], trained["headers"], trained["app"].extensions["twin"]
+    twin_dir = rt.settings.data_dir / sid / "twin"
+    assert (twin_dir / "twin_lora.safetensors").exists() and (twin_dir / "record.json").exists()
+    job = None
+    if when == "training":
+        job = train(c, sid, h, LONG).get_json()
+        running_with_progress(c, job["id"], h)
+    rt.settings = rt.sessions.settings = rt.settings.replace(retention_hours=1)
+    assert rt.sessions.sweep(now=time.time() + 7200) == [sid]
+    assert not (rt.settings.data_dir / sid).exists()
+    assert_error(c.get(f"/sessions/{sid}/lora", headers=h), 404, "not_found")
+    if job is not None:
+        assert rt.store.get(job["id"]) is None
+
+
+@pytest.mark.parametrize("mode, answer", [("lora", 409), ("both", 409), ("auto", 202)])
+def test_a_twin_of_another_family_is_a_conflict_naming_both(trained, mode, answer):
+    """A LoRA recorded as trained on a FLUX model meets the SDXL model: lora/both -> 409 naming both models;
+    auto falls back to the adapter."""
+    import json
+    c, sid, h, rt = trained["client"], trained["sid"], trained["headers"], trained["app"].extensions["twin"]
+    record_path = rt.settings.data_dir / sid / "twin" / "record.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "family": "flux", "base_model": "tiny-flux"}))
+    r = c.post("/generate", json={"prompt": "a portrait", "session_id": sid, "identity_mode": mode}, headers=h)
+    if answer == 409:
+        assert_error(r, 409, "twin_lora_wrong_family", "'tiny-flux' (flux)", "'tiny-sdxl'", "sdxl")
+    else:
+        assert r.status_code == 202
+        assert finished(c, r.get_json()["id"], h, timeout=60)["metadata"]["identity_mode"] == "adapter"
