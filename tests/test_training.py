@@ -199,3 +199,59 @@ def test_several_twins_stay_loaded_and_each_job_uses_only_its_own(trainer_genera
     portrait(trainer_generator, twins["c"], "lora")
     assert cache.loaded() == [twins["c"].adapter_name]
     assert twins["a"].adapter_name not in (trainer_generator.models.pipe.unet.peft_config or {})
+
+
+@pytest.fixture
+def twin_cli_env(monkeypatch, tiny_models, tmp_path):
+    for k, v in {"TWIN_MODEL_PROFILE": "tiny", "TWIN_TINY_MODEL_DIR": str(tiny_models),
+                 "TWIN_DATA_DIR": str(tmp_path / "data"), "TWIN_MODEL_DIR": str(tmp_path / "no-models"),
+                 "TWIN_WARMUP": "0", "TWIN_MAX_STEPS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    selfies = tmp_path / "selfies"
+    selfies.mkdir()
+    for i, im in enumerate(make_crops(2, seed=5, size=(128, 160))):
+        im.save(selfies / f"s{i}.png")
+    return selfies
+
+
+def test_evaluate_compare_modes_prints_the_likeness_per_mode(trained, twin_cli_env, tmp_path, capsys):
+    import json
+    import generate_twin
+    from tests.fakes import CliFaceService
+    out = tmp_path / "cmp"
+    rc = generate_twin.main(["evaluate", "--compare-modes", "--selfies", str(twin_cli_env), "--twin-lora",
+                             str(trained["dir"]), "--seeds", "1", "2", "--out", str(out), "--json",
+                             str(tmp_path / "cmp.json")], face_service_factory=CliFaceService)
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    rep = json.loads((tmp_path / "cmp.json").read_text())
+    assert [r["mode"] for r in rep["modes"]] == ["adapter", "lora", "both"]
+    assert all(len(r["likeness"]) == 2 for r in rep["modes"])
+    for mode in ("adapter", "lora", "both"):
+        assert f"\n{mode} " in printed and (out / f"{mode}_1.png").exists()
+    a, lo = (np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / f"{m}_1.png")) for m in ("adapter", "lora"))
+    assert np.abs(a.astype(int) - lo.astype(int)).max() > 0      # the modes really differ
+
+
+@pytest.mark.parametrize("args, code_text", [
+    (["--identity-mode", "lora"], "no_twin_lora"),
+    (["--identity-mode", "both"], "no_twin_lora"),
+])
+def test_the_cli_refuses_lora_modes_without_a_twin(twin_cli_env, tmp_path, capsys, args, code_text):
+    import generate_twin
+    from tests.fakes import CliFaceService
+    rc = generate_twin.main(["--selfies", str(twin_cli_env), "--prompt", "p", "--out", str(tmp_path / "o"), *args],
+                            face_service_factory=CliFaceService)
+    assert rc == 2 and "needs a trained twin LoRA" in capsys.readouterr().err
+
+
+def test_the_cli_generates_with_a_twin_folder(trained, twin_cli_env, tmp_path):
+    import json
+    import generate_twin
+    from tests.fakes import CliFaceService
+    out = tmp_path / "o"
+    rc = generate_twin.main(["--selfies", str(twin_cli_env), "--prompt", "p", "--out", str(out), "--twin-lora",
+                             str(trained["dir"]), "--seed", "1"], face_service_factory=CliFaceService)
+    assert rc == 0
+    meta = json.loads((out / "metadata.json").read_text())["result"]
+    assert meta["identity_mode"] == "both" and meta["twin_lora"]["token"] == "zqxkvw"

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.cli.compare import compare_main
 from utils.cli.evaluate import default_face_service, evaluate_main, image_files
 from utils.config import Settings
 from utils.engine.request import REQUEST_FIELDS, GenerationRequest
 from utils.errors import InvalidRequest, TwinError
 from utils.service.runner import FolderSink, JobRunner, Likeness
+from utils.service.twins import resolve_mode, twin_from_dir
 
 # CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
 CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
@@ -78,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
+    ap.add_argument("--twin-lora", type=Path, help="a trained twin LoRA's folder (twin_lora.safetensors + "
+                    "record.json, e.g. a session's twin/ folder) for --identity-mode lora | both | auto")
     ap.add_argument("--profile", choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"),
                     help="override TWIN_MODEL_PROFILE")
     return ap.parse_args(argv)
@@ -97,6 +101,8 @@ def request_payload(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
+        if "--compare-modes" in argv:
+            return compare_main(argv[1:], face_service_factory)
         return evaluate_main(argv[1:], face_service_factory)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -107,8 +113,13 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         req = GenerationRequest.from_dict(request_payload(args), settings)
         files = _selfie_files(args.selfies, req)
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
+        twin = twin_from_dir(args.twin_lora) if args.twin_lora else None
+        req = req.with_twin(*resolve_mode(twin, req.identity_mode, engine.info(), f"--twin-lora {args.twin_lora}",
+                                          "give --twin-lora DIR (a session's twin folder)"))
         req, likeness = (_identity(engine, faces, files, req, args.out) if files
                          else (req, Likeness(has_identity=False)))
+        if req.identity_mode == "lora":   # the twin LoRA alone: no identity adapter
+            req = req.with_identity(None)
         sink, meta = _produce(settings, engine, faces, req, likeness, args.out)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)

@@ -10,13 +10,9 @@ from utils.engine.training.files import LORA_FILE, read_record
 from utils.engine.training.loras import TwinLora
 
 
-def session_twin(storage: Storage, session_id: str) -> TwinLora | None:
-    """The session's trained twin LoRA, or None (none trained, or a backend that cannot hold one)."""
-    try:
-        twin_dir = Path(storage.twin_dir(session_id))
-    except errors.TwinError:
-        return None
-    path = twin_dir / LORA_FILE
+def twin_from_dir(twin_dir: Path) -> TwinLora | None:
+    """The twin LoRA in a folder (twin_lora.safetensors + record.json), or None."""
+    path = Path(twin_dir) / LORA_FILE
     record = read_record(twin_dir) if path.is_file() else None
     if record is None:
         return None
@@ -24,23 +20,36 @@ def session_twin(storage: Storage, session_id: str) -> TwinLora | None:
                     base_model=record["base_model"], trained_at=float(record["trained_at"]))
 
 
+def session_twin(storage: Storage, session_id: str) -> TwinLora | None:
+    """The session's trained twin LoRA, or None (none trained, or a backend that cannot hold one)."""
+    try:
+        return twin_from_dir(Path(storage.twin_dir(session_id)))
+    except errors.TwinError:
+        return None
+
+
 def resolve_twin(storage: Storage, session_id: str | None, mode: str, model: dict | None) -> tuple[TwinLora | None, str]:
-    """(the twin LoRA to use or None, the mode that runs). ``model``: {family, model_name} of the model that
-    will run the job (None when not known yet: an API node of a cluster; the GPU worker checks again).
-    409 ``no_twin_lora`` for lora/both without one, 409 ``twin_lora_wrong_family`` naming both models."""
+    """(the session's twin LoRA to use or None, the mode that runs): see ``resolve_mode``."""
+    twin = session_twin(storage, session_id) if session_id and mode != "adapter" else None
+    return resolve_mode(twin, mode, model, f"session {session_id!r}", f"POST /sessions/{session_id}/train")
+
+
+def resolve_mode(twin: TwinLora | None, mode: str, model: dict | None, owner: str,
+                 how: str = "train one") -> tuple[TwinLora | None, str]:
+    """``model``: {family, model_name} of the model that will run the job (None when not known yet: an API
+    node of a cluster; the GPU worker checks again). auto -> both with a twin of that family, else adapter;
+    lora/both: 409 ``no_twin_lora`` without one, 409 ``twin_lora_wrong_family`` naming both models."""
     if mode == "adapter":
         return None, "adapter"
-    twin = session_twin(storage, session_id) if session_id else None
     family = (model or {}).get("family")
     if mode == "auto":
         usable = twin is not None and (family is None or twin.family == family)
         return (twin, "both") if usable else (None, "adapter")
     if twin is None:
-        raise errors.Conflict(f"identity_mode={mode!r} needs the session's trained twin LoRA and session "
-                              f"{session_id!r} has none: train one (POST /sessions/{session_id}/train) or use "
-                              "identity_mode='adapter'", code="no_twin_lora")
+        raise errors.Conflict(f"identity_mode={mode!r} needs a trained twin LoRA and {owner} has none: {how}, "
+                              "or use identity_mode='adapter'", code="no_twin_lora")
     if family is not None and twin.family != family:
-        raise errors.Conflict(f"identity_mode={mode!r}: the twin LoRA of session {session_id!r} was trained on "
+        raise errors.Conflict(f"identity_mode={mode!r}: the twin LoRA of {owner} was trained on "
                               f"{twin.base_model!r} ({twin.family}), but the active model "
                               f"{(model or {}).get('model_name')!r} is {family}; load a {twin.family} model or "
                               "use identity_mode='adapter'", code="twin_lora_wrong_family")
