@@ -255,3 +255,25 @@ def test_the_cli_generates_with_a_twin_folder(trained, twin_cli_env, tmp_path):
     assert rc == 0
     meta = json.loads((out / "metadata.json").read_text())["result"]
     assert meta["identity_mode"] == "both" and meta["twin_lora"]["token"] == "zqxkvw"
+
+
+def test_training_runs_in_the_generator_process_with_loss_progress_and_cancel(trained, tiny_settings, tmp_path):
+    """The default local mode holds the model in a child process: train() goes there like generate(), its
+    progress comes back with the loss, and a cancel stops it within one optimiser step."""
+    from utils import errors
+    from utils.engine.generator import DigitalTwinGenerator
+    from utils.jobs.local.generator_process import GeneratorProcess
+    g = GeneratorProcess(tiny_settings.replace(max_steps=2), engine_class=DigitalTwinGenerator).setup()
+    try:
+        events = []
+        record = g.train(spec_for(tmp_path / "child"), lambda *a: events.append(a))
+        assert [e[0] for e in events] == list(range(1, STEPS + 1))
+        assert [e[3]["loss"] for e in events] == pytest.approx(record["loss_curve"], abs=1e-5)
+        assert record["loss_curve"] == pytest.approx(trained["record"]["loss_curve"], rel=1e-3)
+        assert (tmp_path / "child" / "twin_lora.safetensors").is_file()
+        seen = []
+        with pytest.raises(errors.JobCanceled):
+            g.train(spec_for(tmp_path / "cut"), lambda *a: seen.append(a[0]), lambda: len(seen) >= 2)
+        assert len(seen) <= 3 and not (tmp_path / "cut" / "twin_lora.safetensors").exists()
+    finally:
+        g.close()

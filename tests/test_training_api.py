@@ -189,3 +189,30 @@ def test_a_twin_of_another_family_is_a_conflict_naming_both(trained, mode, answe
     else:
         assert r.status_code == 202
         assert finished(c, r.get_json()["id"], h, timeout=60)["metadata"]["identity_mode"] == "adapter"
+
+
+def test_the_training_fields_are_published_in_openapi_and_system_status(studio):
+    c = studio.test_client()
+    spec = c.get("/openapi.json").get_json()
+    train_schema = spec["components"]["schemas"]["TrainRequest"]["properties"]
+    assert {"steps", "rank", "learning_rate", "resolution", "train_text_encoder", "seed", "webhook"} <= set(train_schema)
+    assert (train_schema["rank"]["minimum"], train_schema["rank"]["maximum"]) == (4, 64)
+    assert {"post"} <= set(spec["paths"]["/sessions/{session_id}/train"])
+    assert {"get", "delete"} <= set(spec["paths"]["/sessions/{session_id}"])
+    gen = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert gen["identity_mode"]["enum"] == ["auto", "adapter", "lora", "both"]
+    assert gen["twin_lora_scale"]["maximum"] == 1.5
+    options = c.get("/system-status").get_json()["options"]
+    assert options["train_fields"]["rank"]["maximum"] == 64 and options["trainable"] is True
+    assert options["identity_modes"] == ["auto", "adapter", "lora", "both"]
+    assert "identity_mode" in options["request_fields"] and "twin_lora_scale" in options["request_fields"]
+    page = c.get("/test").get_data(as_text=True)
+    assert 'id="identity_mode"' in page and 'id="twin_lora_scale"' in page and 'id="twin-train-btn"' in page
+
+
+def test_a_generator_that_cannot_train_is_a_conflict(make_app, fake_faces):
+    """The generator double is no Trainer: 409 naming why, nothing queued."""
+    app = make_app(faces=fake_faces)
+    c = app.test_client()
+    sid, h = session_of(c)
+    assert_error(train(c, sid, h), 409, "training_not_supported", "SDXL")

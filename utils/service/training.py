@@ -52,8 +52,11 @@ class Training:
             raise errors.InvalidRequest("the body must be a JSON object")
         req = TrainRequest.from_dict(payload, self.settings)
         engine = self.engines[0]
-        if not self.settings.cluster and not isinstance(engine, Trainer):
-            raise errors.Conflict("this server's engine cannot train a twin LoRA", code="training_not_supported")
+        if not self.settings.cluster:
+            family = engine.info().get("family", "sdxl") if engine.state == "ready" else "sdxl"
+            if not isinstance(engine, Trainer) or family != "sdxl":
+                raise errors.Conflict(f"this server's engine cannot train a twin LoRA (model family {family}; "
+                                      "training needs an SDXL model)", code="training_not_supported")
         self.storage.twin_dir(session_id)      # a backend that cannot hold the files: 501 now
         running = self.running_job(session_id)
         if running is not None:
