@@ -9,6 +9,7 @@ CLI (whole path: faces -> identity -> images, through the service's JobRunner; a
     python generate_twin.py --selfies DIR --prompt "a portrait in a forest" --out DIR [--num-images 2] [--seed 1]
     python generate_twin.py evaluate --selfies DIR --images DIR [--json report.json]
     python generate_twin.py provenance FILE... [--trust-anchors PEM] [--json]   # C2PA state, source, watermark
+    python generate_twin.py evaluate --compare-modes --selfies DIR --twin-lora TWIN_DIR [--seeds 1 2]
 """
 import sys
 

@@ -1,9 +1,10 @@
 """One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B); or, with
---suite flux, full-size FLUX.1 (part C).
+--suite flux, full-size FLUX.1 (part C); or, with --suite training, twin LoRA training on SDXL (part D).
 
     python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
     python3 bench/gpu_suite.py --suite flux [--budget-s 540]    # FLUX.1-dev / schnell (part C)
-    python bench/gpu_suite.py --dry-run [--suite flux] [--out DIR]   # the same code paths on the CPU, small and quick
+    python3 bench/gpu_suite.py --suite training [--budget-s 560]  # SDXL LoRA training (part D)
+    python bench/gpu_suite.py --dry-run [--suite flux|training] [--out DIR]   # the same code paths on the CPU, small and quick
 
 Part A (bench/bench_generate.py --full-size): random-weight SDXL at real sizes, 1024², 30 steps, CFG, fp16:
 plus-face batch 1 and 4 (+ the 4-step no-CFG row), instantid batch 1, faceid-plusv2 batch 1. Seconds per
@@ -57,6 +58,24 @@ def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
         ("C-flux-full", "bench_flux.py", ["--full-size", "--modes", "full", "--variants", "dev", "schnell", *c], 200),
         ("C-flux-quantized", "bench_flux.py", ["--full-size", "--modes", "quantized", "--variants", "dev", *c], 170),
         ("C-flux-offload", "bench_flux.py", ["--full-size", "--modes", "offload", "--variants", "dev", *c], 170),
+    ]
+
+
+# Part D (bench/bench_training.py --full-size): the twin LoRA trainer on random-weight SDXL at 1024², rank 16,
+# batch 1, bf16 autocast, gradient checkpointing, 8-bit AdamW when bitsandbytes imports: s/step and peak GPU
+# memory from a short run, then 500 steps including caching (goals: <= 4 min on H100-class, peak <= 22 GB).
+GPU_D = ["--full-size", "--size", "full", "--device", "cuda", "--dtype", "bfloat16", "--resolution", "1024",
+         "--rank", "16"]
+DRY_D = ["--full-size", "--size", "small", "--device", "cpu", "--resolution", "128", "--rank", "16", "--threads", "2"]
+
+
+def training_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
+    """(name, script, arguments, time cap) of part D. Expected on an H100: ~40 s to build the random model,
+    D-train-short ~60 s, D-train-500 ~4-5 min."""
+    d = DRY_D if dry_run else GPU_D
+    return [
+        ("D-train-short", "bench_training.py", [*d, "--steps", "2" if dry_run else "30"], 150),
+        ("D-train-500", "bench_training.py", [*d, "--steps", "3" if dry_run else "500"], 400),
     ]
 
 
@@ -210,6 +229,21 @@ def table_ab(rows: list[dict]) -> list[str]:
     return out
 
 
+def table_training(rows: list[dict]) -> list[str]:
+    """Part D: s/step, the time for all steps with caching, peak memory, against the goals."""
+    train = [r for r in rows if str(r.get("part", "")).startswith("train-")]
+    if not train:
+        return []
+    out = ["", "part D: twin LoRA training (goals: 500 steps <= 240 s on H100-class, peak <= 22 GB)",
+           f"{'model':12} {'res':>5} {'rank':>4} {'steps':>5} {'s/step':>7} {'cache':>6} {'total':>7} "
+           f"{'500 st':>7} {'peak GB':>7} {'trained':>10}"]
+    for r in train:
+        out.append(f"{r['part']:12} {r['resolution']:>5} {r['rank']:>4} {r['steps']:>5} {r['s_per_step']:>7.3f} "
+                   f"{r['cache_s']:>6.1f} {r['total_s_incl_cache']:>7.1f} {r['projected_500_steps_s']:>7.1f} "
+                   f"{str(r['peak_gpu_gb']):>7} {r['trained_parameters']:>10}")
+    return out
+
+
 def table(results: Path) -> list[str]:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
@@ -225,6 +259,7 @@ def table(results: Path) -> list[str]:
             out.append(f"{r['model']:15} {r['mode']:10} {str(r['backend'] or '-'):13} {r['batch']:>2} "
                        f"{r['resolution']:>5} {r['steps']:>3} {r['seconds']:>7.2f} {r['s_per_image']:>6.2f} "
                        f"{str(r['held_gb']):>6} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
+    out += table_training(rows)
     out.append("")
     for r in rows:
         if r.get("step") == "part":
@@ -242,11 +277,12 @@ def main(argv=None) -> int:
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
-    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux"),
-                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell)")
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "training"),
+                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell); "
+                         "training: part D (twin LoRA training on SDXL)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 540.0 if args.suite == "flux" else 420.0
+        args.budget_s = {"flux": 540.0, "training": 560.0}.get(args.suite, 420.0)
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +299,8 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = flux_plan(args.dry_run) if args.suite == "flux" else plan(args.dry_run, peak)
+    parts = {"flux": lambda: flux_plan(args.dry_run), "training": lambda: training_plan(args.dry_run)}.get(
+        args.suite, lambda: plan(args.dry_run, peak))()
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:

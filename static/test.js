@@ -856,6 +856,8 @@
     p.restore_faces = $("restore_faces").checked;
     if (p.restore_faces) p.restore_model = $("restore_model").value;
     if (state.sessionId && !none) p.session_id = state.sessionId;
+    if (!none && $("identity_mode").value !== "auto") p.identity_mode = $("identity_mode").value;
+    if (!none && $("identity_mode").value !== "adapter") p.twin_lora_scale = Number($("twin_lora_scale").value);
     if (canStream() && state.canPreview) p.preview = true;   // the forming image arrives with the live events
     return p;
   }
@@ -1226,6 +1228,11 @@
   }
 
   applyOptions({});
+  // The twin studio panel (static/twin.js) reads the session and calls the API through these.
+  window.twinPage = { sessionId: () => state.sessionId, api, reportError, canStream };
+  $("twin_lora_scale").addEventListener("input", (e) => {
+    $("twin_lora_scale_out").textContent = Number(e.target.value).toFixed(2);
+  });
   checkHealth();
   updateButtons();
 })();

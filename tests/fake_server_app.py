@@ -38,3 +38,10 @@ def create_likeness():
     from utils.faces import FaceService
     return create_app(generator=PhotoGenerator(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0"))),
                       faces=FaceService(Settings.from_env()), safety=_safety())
+
+
+def tiny_worker_components(settings):
+    """A GPU worker with the real engine on the tiny profile (TWIN_MODEL_PROFILE=tiny, TWIN_TINY_MODEL_DIR) and
+    the face double: what twin training needs of a worker, without face models."""
+    from utils.engine.generator import DigitalTwinGenerator
+    return DigitalTwinGenerator(settings), FakeFaceService()

@@ -59,6 +59,8 @@ class FakeGenerationRequest:
     identity_source: str = "session"    # the JSON field "identity": session | none
     persona: dict | None = None         # taken as given (the real request builds them into the prompt)
     attributes: dict | None = None
+    identity_mode: str = "adapter"      # the double has no twin LoRA field: always the identity adapter
+    twin: Any = None
 
     @classmethod
     def from_dict(cls, payload: dict, settings) -> "FakeGenerationRequest":
@@ -124,6 +126,9 @@ class FakeGenerationRequest:
 
     def with_init_image(self, image) -> "FakeGenerationRequest":
         return self
+
+    def with_twin(self, twin, mode: str) -> "FakeGenerationRequest":
+        return replace(self, twin=twin, identity_mode=mode)
 
     def check_session(self, faces) -> None:
         """Nothing of the session is named by a fake request."""

@@ -145,10 +145,10 @@ CASES = [
     (contracts.EventLog, _redis_events, [], []),
     (contracts.IdempotencyStore, _sqlite_idempotency, [], []),
     (contracts.IdempotencyStore, _redis_idempotency, [], []),
-    (contracts.Engine, _engine, [contracts.ModelRegistry], []),
-    (contracts.Engine, _generator_process, [contracts.ModelRegistry], []),
-    (contracts.Engine, _fake_engine, [], [contracts.ModelRegistry]),
-    (contracts.Engine, _fake_model_engine, [contracts.ModelRegistry], []),
+    (contracts.Engine, _engine, [contracts.ModelRegistry, contracts.Trainer], []),
+    (contracts.Engine, _generator_process, [contracts.ModelRegistry, contracts.Trainer], []),
+    (contracts.Engine, _fake_engine, [], [contracts.ModelRegistry, contracts.Trainer]),
+    (contracts.Engine, _fake_model_engine, [contracts.ModelRegistry], [contracts.Trainer]),
     (contracts.FaceService, _face_service, [], []),
     (contracts.FaceService, _fake_faces, [], []),
     (contracts.FaceService, _cli_faces, [], []),
@@ -188,7 +188,7 @@ def test_implementation_satisfies_its_protocol(proto, make, has, lacks, tmp_path
                                    contracts.ClusterSingleton, contracts.ModelRouting, contracts.Engine,
                                    contracts.ModelRegistry, contracts.FaceService, contracts.GenerationRequestType,
                                    contracts.FamilyModel, contracts.Storage, contracts.PresignedDownloads,
-                                   contracts.CachedReads, contracts.OutputSafety])
+                                   contracts.CachedReads, contracts.OutputSafety, contracts.Trainer])
 def test_a_protocol_refuses_an_object_without_its_members(proto):
     assert not isinstance(object(), proto)
 

@@ -108,3 +108,20 @@ def test_random_sdxl_writer_leaves_the_layout_the_product_loads(tmp_path):
         keys = list(f.keys())
         assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)   # original (LDM) layout
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
+
+
+@pytest.mark.parametrize("dry_run, device, resolution, steps", [
+    (False, "cuda", "1024", ["30", "500"]),
+    (True, "cpu", "128", ["2", "3"]),
+])
+def test_the_training_plan_trains_rank_16_at_the_models_size(dry_run, device, resolution, steps):
+    suite = _load("gpu_suite")
+    parts = suite.training_plan(dry_run)
+    assert [(n, s) for n, s, _, _ in parts] == [("D-train-short", "bench_training.py"), ("D-train-500", "bench_training.py")]
+    for (_, _, args, cap), want_steps in zip(parts, steps):
+        assert "--full-size" in args and cap > 0
+        assert args[args.index("--device") + 1] == device
+        assert args[args.index("--resolution") + 1] == resolution
+        assert args[args.index("--rank") + 1] == "16"
+        assert args[args.index("--steps") + 1] == want_steps
+    assert sum(cap for *_, cap in parts) <= 560       # inside the training suite's default budget

@@ -61,11 +61,11 @@ def test_invalid_payloads_name_the_value(payload, message):
 def test_the_request_dataclass_and_the_table_agree():
     import dataclasses
     from utils.engine.request import FIELD_ATTRIBUTES
-    # The JSON field "identity" is the attribute identity_source. The attributes identity and init_pixels are
-    # attached after validation (with_identity / with_init_image), and given (the fields the payload set, for
-    # the family checks) by from_dict: none is a request field.
+    # The JSON field "identity" is the attribute identity_source. The attributes identity, twin and init_pixels
+    # are attached after validation (with_identity / with_twin / with_init_image), and given (the fields the
+    # payload set, for the family checks) by from_dict: none is a request field.
     declared = [FIELD_ATTRIBUTES.get(f.name, f.name) for f in REQUEST_FIELDS]
-    attached = ("identity", "init_pixels", "given")
+    attached = ("identity", "twin", "init_pixels", "given")
     assert declared == [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in attached]
 
 

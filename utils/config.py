@@ -185,6 +185,8 @@ class Settings(_Derived):
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
     lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors) of either family, each told apart by its keys (GET /loras shows the family); default <model_dir>/loras.")
+    train_checkpoint_every: int = _setting(50, "Twin LoRA training (POST /sessions/<id>/train): a checkpoint every this many optimiser steps, so a retry after a killed worker resumes there.", lo=1)
+    twin_lora_cache: int = _setting(4, "Trained twin LoRAs held loaded per base model (least recently used ones are unloaded); each generation activates only its own session's.", lo=1)
     flux_model: str = _setting("dev", "Which FLUX.1 the flux profile starts on: dev (FLUX.1-dev, guidance-distilled, non-commercial licence) or schnell (FLUX.1-schnell, 4 steps, Apache-2.0). Both, when downloaded, are in GET /models.",
                                choices=("dev", "schnell"))
     flux_dev_id: str = _setting("black-forest-labs/FLUX.1-dev", "Hub id of FLUX.1-dev (gated: accept its licence on the hub, then download with a token).")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, runtime_checkable
 
-# listener(job_id, kind, data): kind "status" (data: the job record), "progress" ({step, total, at}),
+# listener(job_id, kind, data): kind "status" (data: the job record), "progress" ({step, total, at, + extra}),
 # "output" (the output entry) or "deleted" ({}); called after each committed change of a job.
 JobListener = Callable[[str, str, dict], None]
 
@@ -77,7 +77,8 @@ class JobStore(Protocol):
     def claim(self, job_id: str) -> bool:
         """queued -> running (attempt + 1); False when it was canceled or taken meanwhile."""
 
-    def set_progress(self, job_id: str, step: int, total: int) -> None: ...
+    def set_progress(self, job_id: str, step: int, total: int, extra: dict | None = None) -> None:
+        """``extra``: what a job kind adds to its progress events (a training's loss and steps)."""
     def add_output(self, job_id: str, output: dict) -> None: ...
     def add_webhook_delivery(self, job_id: str, record: dict, keep: int = 50) -> None: ...
 
@@ -255,6 +256,10 @@ class Storage(Protocol):
     def put_init_image(self, session_id: str, job_id: str, data: bytes) -> str: ...
     def init_image(self, session_id: str, job_id: str) -> bytes | None: ...
 
+    def twin_dir(self, session_id: str, run_id: str | None = None) -> Any:
+        """Local folder of the session's twin LoRA files, or of one training run (checkpoints); a backend that
+        cannot hold them raises a 501 TwinError."""
+
     def accepted_original(self, session_id: str, index: int) -> tuple[str, bytes] | None:
         """(file name, bytes) of accepted selfie ``index`` as uploaded, or None."""
 
@@ -306,6 +311,7 @@ class GenerationRequestType(Protocol):
     init_image: str | None
     model: str | None
     identity_source: str          # the JSON field "identity": "session" | "none" (no selfies)
+    identity_mode: str            # auto | adapter | lora | both (a twin LoRA: utils/service/twins.py resolves it)
 
     @classmethod
     def from_dict(cls, payload: Any, settings: Any) -> "GenerationRequestType":
@@ -318,6 +324,7 @@ class GenerationRequestType(Protocol):
         """The fields given must apply to a model of ``family`` (and identity method): 400 naming them."""
 
     def with_identity(self, identity: Any) -> "GenerationRequestType": ...
+    def with_twin(self, twin: Any, mode: str) -> "GenerationRequestType": ...
     def with_init_image(self, image: Any) -> "GenerationRequestType": ...
     def to_dict(self) -> dict: ...
 
@@ -373,6 +380,16 @@ class Engine(Protocol):
     def generate(self, req: Any, on_progress: Callable[..., Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> Any:
         """on_progress(step, total[, preview_jpeg]) once per step; errors.JobCanceled within a step."""
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """An engine that trains a session's twin LoRA on the modules it already holds (utils/engine/training/)."""
+
+    def train(self, spec: Any, on_progress: Callable[..., Any] | None = None,
+              should_cancel: Callable[[], bool] | None = None) -> dict:
+        """on_progress(step, total, None, {"loss"}) per optimiser step; errors.JobCanceled within one step.
+        Returns the training record; the LoRA is in ``spec.work_dir``."""
 
 
 @runtime_checkable

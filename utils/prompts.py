@@ -200,15 +200,19 @@ def _optional_terms(prompt: str, persona: Mapping[str, Any], attributes: Mapping
 
 
 def build_prompt(prompt: str, persona: Mapping[str, Any] | None = None, attributes: Mapping[str, Any] | None = None,
-                 *, count_tokens: Callable[[str], int] | None = None, max_tokens: int = 75) -> BuiltPrompt:
+                 *, count_tokens: Callable[[str], int] | None = None, max_tokens: int = 75,
+                 twin_caption: str | None = None) -> BuiltPrompt:
     """The caller's prompt with the persona / attributes, identity first, inside ``max_tokens`` tokens
-    (as counted by ``count_tokens``: the real tokenizer, without its start/end tokens). Without persona
-    and attributes the prompt is returned unchanged."""
+    (as counted by ``count_tokens``: the real tokenizer, without its start/end tokens). ``twin_caption``: a
+    trained twin LoRA's caption ("photo of <token> person"), put first and never dropped: the LoRA learned the
+    person under that token. Without persona, attributes and twin the prompt is returned unchanged."""
     persona, attributes = persona or {}, attributes or {}
+    twin = [("twin", twin_caption)] if twin_caption else []
     if not persona and not attributes:
-        return BuiltPrompt(text=prompt, terms=[("prompt", prompt)],
-                           tokens=count_tokens(prompt) if count_tokens else None)
-    terms = [("subject", subject(persona, attributes))] + _optional_terms(prompt, persona, attributes)
+        terms = twin + [("prompt", prompt)]
+        text = ", ".join(t for _, t in terms)
+        return BuiltPrompt(text=text, terms=terms, tokens=count_tokens(text) if count_tokens else None)
+    terms = twin + [("subject", subject(persona, attributes))] + _optional_terms(prompt, persona, attributes)
 
     def join(ts: list[tuple[str, str]]) -> str:
         return ", ".join(t for _, t in ts)
@@ -216,7 +220,8 @@ def build_prompt(prompt: str, persona: Mapping[str, Any] | None = None, attribut
     if count_tokens is not None:
         while count_tokens(join(terms)) > max_tokens:
             # Drop the lowest-priority term that may go (from the end; never the subject or the prompt).
-            idx = next((i for i in range(len(terms) - 1, -1, -1) if terms[i][0] not in ("subject", "prompt")), None)
+            idx = next((i for i in range(len(terms) - 1, -1, -1)
+                        if terms[i][0] not in ("twin", "subject", "prompt")), None)
             if idx is None:
                 break
             dropped.append(terms.pop(idx))

@@ -111,8 +111,9 @@ def render_event(ev: Event, job: dict, *, render_job: Callable[[dict], dict],
         started = job.get("started_at")
         if started and step > 0 and total:  # as it was when the step ended (a replayed event keeps its ETA)
             eta = round(max(0.0, ev.data.get("at", time.time()) - started) / step * (total - step), 2)
+        extra = {k: v for k, v in ev.data.items() if k not in ("step", "total", "at")}  # a training's loss
         return {"job_id": job["id"], "step": step, "total": total,
-                "fraction": round(step / total, 4) if total else 0.0, "eta_seconds": eta}
+                "fraction": round(step / total, 4) if total else 0.0, "eta_seconds": eta, **extra}
     if ev.type == "preview":
         return {"job_id": job["id"], **ev.data}
     if ev.type == "output":

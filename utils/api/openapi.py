@@ -42,7 +42,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     keyed = bool(s.api_key_list)
     c = _common(s, keyed)
     paths = {**_upload_generate_paths(s, c), **_job_paths(s, c), **_service_paths(c), **_model_paths(),
-             **_models_load_path(),
+             **_models_load_path(), **_twin_paths(s, c),
              "/openapi.json": {"get": {"operationId": "openapi", "responses": {"200": {
                  "description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}}
     security_schemes: dict[str, Any] = {
@@ -112,6 +112,8 @@ def _job_schema() -> dict[str, Any]:
         "properties": {
             "id": {"type": "string"}, "job_id": {"type": "string"},
             "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+            "kind": {"type": "string", "enum": ["generate", "train"],
+                     "description": "train: a twin LoRA training (POST /sessions/{session_id}/train)"},
             "session_id": _nullable({"type": "string"}),
             "position": _nullable({"type": "integer", "minimum": 1}),
             "progress": {"type": "object", "required": ["step", "total", "fraction", "eta_seconds"], "properties": {
@@ -167,6 +169,8 @@ def _schemas(s: Settings) -> dict[str, Any]:
             "error": {"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}}},
         "GenerateRequest": generate_request,
+        "TrainRequest": _train_request(s),
+        "Session": _session_schema(),
         "Job": job,
         "UploadResult": {"type": "object",
                          "required": ["success", "session_id", "total", "accepted_count", "rejected_count",
@@ -276,7 +280,8 @@ def _job_paths(s: Settings, c: dict) -> dict[str, Any]:
                        "stream ends). Resume with Last-Event-ID.",
             "responses": {"200": {
                 "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
-                                "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds; output: "
+                                "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds (a training adds steps and "
+                                "loss); output: "
                                 "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
                 # OpenAPI 3.0: the schema of a text/event-stream describes one event.
                 "content": {"text/event-stream": {"schema": {
@@ -323,7 +328,7 @@ def _job_paths(s: Settings, c: dict) -> dict[str, Any]:
 def _service_paths(c: dict) -> dict[str, Any]:
     id_param, owned = c["id_param"], c["owned"]
     return {
-        "/sessions/{session_id}": {"delete": {
+        "/sessions/{session_id}": {"get": session_get(c), "delete": {
             "operationId": "delete_session",
             "summary": "Delete a session: photos, crops, embeddings, identity, outputs and its job records.",
             "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": id_param}],
@@ -436,3 +441,70 @@ def _models_load_path() -> dict[str, Any]:
                 "422": _error("The checkpoint failed to load (model_load_failed, the file named); the old model keeps serving."),
                 "503": _error("The model is still loading.", retry_after=True)}}},
     }
+
+
+# --- twin studio (POST /sessions/<id>/train, GET /sessions/<id>, GET /sessions/<id>/lora) ------------------
+
+def _train_request(s: Settings) -> dict[str, Any]:
+    from utils.engine.training import TRAIN_FIELDS
+    return object_schema(TRAIN_FIELDS, s, description="A twin LoRA training of the session's accepted selfies; "
+                         "every field is optional. Unknown fields are refused.",
+                         extra_properties={f.name: f.schema(s) for f in WEBHOOK_FIELDS})
+
+
+def _session_schema() -> dict[str, Any]:
+    twin = {"type": "object", "required": ["state"], "properties": {
+        "state": {"type": "string", "enum": ["none", "queued", "training", "ready", "unsupported"]},
+        "job_id": _nullable({"type": "string"}), "token": {"type": "string"},
+        "steps": _nullable({"type": "integer"}), "rank": _nullable({"type": "integer"}),
+        "trained_at": _nullable({"type": "number"}), "base_model": _nullable({"type": "string"}),
+        "family": _nullable({"type": "string"}), "identity_model": _nullable({"type": "string"}),
+        "loss_final": _nullable({"type": "number"}), "lora_bytes": _nullable({"type": "integer"}),
+        "ready": {"type": "boolean"}}}
+    return {"type": "object", "required": ["session_id", "kind", "created_at", "selfies", "identity", "twin_model"],
+            "properties": {"session_id": {"type": "string"}, "kind": {"type": "string", "enum": ["selfies", "persona"]},
+                           "created_at": {"type": "number"}, "selfies": {"type": "object"},
+                           "identity": {"type": "object"}, "self_similarity": _nullable({"type": "number"}),
+                           "twin_model": twin}}
+
+
+def _twin_paths(s: Settings, c: dict) -> dict[str, Any]:
+    owned, limited = c["owned"], c["limited"]
+    sid = {"name": "session_id", "in": "path", "required": True, "schema": c["id_param"]}
+    return {
+        "/sessions/{session_id}/train": {"post": {
+            "operationId": "train_twin", "parameters": [sid, c["idem_key"]],
+            "summary": "Queue a twin LoRA training of one of the caller's sessions (a job of kind train: "
+                       "/status, /events with step, steps and loss, /cancel as any job).",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("TrainRequest")}}},
+            "responses": {
+                "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": _ref("Job")}}},
+                "400": _error("Invalid body or values (the message names the field); a persona session (no_selfies)."),
+                "404": _error("No such session for this caller."),
+                "409": _error("The session is training already (training_running), the engine cannot train "
+                              "(training_not_supported), or this Idempotency-Key is in flight."),
+                "413": _error(f"Body over {s.max_json_kb:g} kB."), "415": _error("Not application/json."),
+                "422": _error("The Idempotency-Key was used with a different body."),
+                "501": _error("The storage backend cannot hold twin LoRAs (twin_storage_unsupported: S3)."),
+                "507": _error("The data disk is full."), **owned, **limited,
+                "503": _error("The models are still loading (not_ready).", retry_after=True)}}},
+        "/sessions/{session_id}/lora": {"get": {
+            "operationId": "download_twin_lora", "parameters": [sid],
+            "summary": "The session's trained twin LoRA (diffusers' load_lora_weights layout).",
+            "responses": {"200": {"description": "twin_lora.safetensors",
+                                  "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}},
+                          "404": _error("No such session for this caller, or no trained LoRA (no_twin_lora)."),
+                          "501": _error("The storage backend cannot hold twin LoRAs."), **owned}}},
+    }
+
+
+def session_get(c: dict) -> dict[str, Any]:
+    """GET /sessions/{session_id}, beside the DELETE of the same path."""
+    return {"operationId": "get_session",
+            "summary": "The caller's session: accepted selfies, identity files and the twin LoRA's state.",
+            "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": c["id_param"]}],
+            "responses": {"200": {"description": "The session.",
+                                  "content": {"application/json": {"schema": _ref("Session")}}},
+                          "404": _error("No such session for this caller."), **c["owned"]}}

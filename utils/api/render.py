@@ -25,6 +25,8 @@ def job_json(job: dict, store: JobStore, *, url_for_output: Callable[[str, str],
         "id": job["id"],
         "job_id": job["id"],
         "status": job["status"],
+        # generate | train (a twin LoRA training, POST /sessions/<id>/train): one shape for both kinds.
+        "kind": (job["request"] or {}).get("kind", "generate"),
         # Runs of this job so far (1 once it started; 2+ when a GPU worker died and it ran again).
         "attempt": job.get("attempts", 0),
         "session_id": job["session_id"],

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.cli.compare import compare_main
 from utils.cli.evaluate import default_face_service, evaluate_main, image_files
 from utils.config import Settings
 from utils.engine.request import REQUEST_FIELDS, GenerationRequest
@@ -22,6 +23,7 @@ from utils.errors import InvalidRequest, TwinError
 from utils.service.output_safety import prompt_fields, selfie_age_gate
 from utils.service.runner import FolderSink, JobRunner, Likeness
 from utils.service.wiring import build_safety
+from utils.service.twins import resolve_mode, twin_from_dir
 
 # CLI names that predate the field table and differ from the field name; every other field is --kebab-case.
 CLI_FLAG_ALIASES = {"quality_mode": "--quality", "identity_strength": "--strength", "strength": "--img2img-strength"}
@@ -80,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     add_request_flags(ap)  # --prompt and every other request field
     ap.add_argument("--combine", choices=("average", "stack"), help="how selfies become one identity")
+    ap.add_argument("--twin-lora", type=Path, help="a trained twin LoRA's folder (twin_lora.safetensors + "
+                    "record.json, e.g. a session's twin/ folder) for --identity-mode lora | both | auto")
     ap.add_argument("--profile", choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"),
                     help="override TWIN_MODEL_PROFILE")
     return ap.parse_args(argv)
@@ -99,6 +103,8 @@ def request_payload(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Settings], Any] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
+        if "--compare-modes" in argv:
+            return compare_main(argv[1:], face_service_factory)
         return evaluate_main(argv[1:], face_service_factory)
     if argv[:1] == ["provenance"]:
         from utils.cli.provenance import provenance_main
@@ -114,8 +120,13 @@ def main(argv: list[str] | None = None, *, face_service_factory: Callable[[Setti
         if files:   # a face identity is used: refuse explicit text before any model loads (as POST /generate)
             build_safety(settings).load_terms().check_prompt(prompt_fields(req, settings))
         faces, engine = _set_up(settings, req, len(files), face_service_factory)
+        twin = twin_from_dir(args.twin_lora) if args.twin_lora else None
+        req = req.with_twin(*resolve_mode(twin, req.identity_mode, engine.info(), f"--twin-lora {args.twin_lora}",
+                                          "give --twin-lora DIR (a session's twin folder)"))
         req, likeness, gate = (_identity(engine, faces, files, req, args.out, settings) if files
                                else (req, Likeness(has_identity=False), None))
+        if req.identity_mode == "lora":   # the twin LoRA alone: no identity adapter
+            req = req.with_identity(None)
         sink, meta = _produce(settings, engine, faces, req, likeness, args.out, gate)
     except TwinError as e:
         print(f"error: {e.message}", file=sys.stderr)

@@ -205,7 +205,7 @@ class DigitalTwinGenerator:
         plan = self.model.plan(req)
         self._check_model(req)
         self.model.check_request(req, plan)
-        return {k: v for k, v in plan.items() if k != "adapters"}
+        return {k: v for k, v in plan.items() if k not in ("adapters", "twin")}
 
     def generate(self, req: GenerationRequest, on_progress: Callable[..., Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
@@ -213,6 +213,21 @@ class DigitalTwinGenerator:
         with self._model_lock:   # the model in use cannot be switched under a running job
             self._check_model(req)
             return self._generate(req, on_progress, should_cancel)
+
+    # --- training -----------------------------------------------------------------------------------
+    def train(self, spec, on_progress: Callable[..., Any] | None = None,
+              should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Train a session's LoRA (``utils.engine.training.TrainSpec``) on the active model's own modules, as
+        one job between generations (the model cannot switch meanwhile). on_progress(step, total, None,
+        {"loss"}) per optimiser step; errors.JobCanceled within one step. Returns the training record."""
+        self._require_ready()
+        with self._model_lock:
+            if self.model.family != "sdxl":
+                raise InvalidRequest(f"training a twin LoRA is not available for the {self.model.family} family "
+                                     f"(active model {self.model.model_name!r}); load an SDXL model",
+                                     code="training_not_supported", http_status=409)
+            from utils.engine.training.sdxl import train
+            return train(self.model, spec, on_progress, should_cancel)
 
     def _generate(self, req, on_progress, should_cancel, warmup: bool = False) -> GenerationResult:
         model = self.model
@@ -279,6 +294,9 @@ def _metadata(model, req, plan: dict[str, Any], seeds: list[int], total: int, ma
         "prompt": plan["prompt"], "negative_prompt": plan["negative_prompt"],
         "prompt_weighting": plan["prompt_weighting"], "prompt_builder": plan.get("prompt_builder"),
         "lora": req.lora, "lora_scale": req.lora_scale if req.lora else None,
+        # Which likeness ran: adapter | lora | both (auto resolved by the service), and the twin LoRA used.
+        "identity_mode": req.identity_mode,
+        "twin_lora": req.twin.metadata(req.twin_lora_scale) if plan.get("twin") else None,
         **model.call_metadata(req, plan),
         "img2img": None if req.init_image is None else {
             "init_image": req.to_dict()["init_image"], "strength": req.strength,

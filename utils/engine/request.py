@@ -16,12 +16,16 @@ from utils.engine.identity.pose import POSE_CHOICES, POSE_PRESETS, POSE_STRENGTH
 from utils.engine.tuning import (ASPECT_RATIOS, DEFAULT_POSE_STRENGTH, DEFAULT_STYLE, MAX_CANDIDATES, MAX_IMAGES,
                                  MAX_SEED, POSE_VARIANTS, QUALITY_MODES, SIDE_MULTIPLE, default_identity_strength,
                                  default_pose_strength, preset_size, quality_tables, style_library)
+from utils.engine.training.spec import TRAIN_FIELDS
 from utils.errors import InvalidRequest
 from utils.init_image import check_init_image, max_chars as max_init_chars, parse_init_image
 from utils.prompts import ENUM_ATTRIBUTES, attributes_schema, check_attributes, check_persona, persona_schema
 from utils.request_fields import Field, published_fields, validate_payload
 
 IDENTITY_SOURCES = ("session", "none")
+# How the likeness is applied: the zero-shot identity adapter, the session's trained twin LoRA, or both;
+# auto = both when the session has a twin LoRA for the active model's family, else adapter.
+IDENTITY_MODES = ("auto", "adapter", "lora", "both")
 # JSON names that differ from the request's attribute: ``identity`` there is the identity object the service
 # attaches at run time (``with_identity``), so the request field's value lives in ``identity_source``.
 FIELD_ATTRIBUTES = {"identity": "identity_source"}
@@ -96,6 +100,12 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("identity", "string", "Whose face: session (the selfies of session_id, or of the caller's latest "
           "upload) or none (no selfies: an avatar from prompt, persona and attributes alone; not with "
           "session_id; best-of-N is then not ranked).", default="session", enum=IDENTITY_SOURCES),
+    Field("identity_mode", "string", "How the likeness is applied: adapter (the identity adapter from the "
+          "selfies), lora (the session's trained twin LoRA: POST /sessions/<id>/train), both, or auto (both when "
+          "the session has a twin LoRA for the active model's family, else adapter). The metadata says which ran.",
+          default="auto", enum=IDENTITY_MODES),
+    Field("twin_lora_scale", "number", "Strength of the twin LoRA (identity_mode lora or both).", default=1.0,
+          minimum=0.0, maximum=1.5),
 )
 REQUEST_KEYS = tuple(f.name for f in REQUEST_FIELDS)
 
@@ -192,7 +202,10 @@ class GenerationRequest:
     pose_strength: float = DEFAULT_POSE_STRENGTH
     model: str | None = None
     identity_source: str = "session"     # the JSON field "identity"
+    identity_mode: str = "auto"          # resolved by the service (with_twin) before the engine runs it
+    twin_lora_scale: float = 1.0
     identity: Any = field(default=None, compare=False, repr=False)
+    twin: Any = field(default=None, compare=False, repr=False)          # utils.engine.training.loras.TwinLora
     init_pixels: Any = field(default=None, compare=False, repr=False)   # the resolved init_image (PIL)
     given: frozenset = field(default=frozenset(), compare=False, repr=False)  # the fields the payload set
 
@@ -225,6 +238,10 @@ class GenerationRequest:
             check_selfie_pose(self.pose, [] if idx is None else [int(i) for i in idx.tolist()])
         return dataclasses.replace(self, identity=identity)
 
+    def with_twin(self, twin: Any, mode: str) -> "GenerationRequest":
+        """The session's twin LoRA (None: adapter only) and the identity mode that runs (never auto)."""
+        return dataclasses.replace(self, twin=twin, identity_mode=mode)
+
     def check_session(self, faces) -> None:
         """What the request names of the session must exist in it: ``pose="selfie:N"`` an accepted selfie
         with key points (checked when the request meets the session, so it is a 400, not a failed job).
@@ -253,6 +270,9 @@ class GenerationRequest:
 
 def _check_without_identity(v: dict[str, Any], payload: dict) -> None:
     """identity='none' has no selfies: a field that only means something with them is a 400, never ignored."""
+    if v["identity_mode"] in ("lora", "both"):
+        raise InvalidRequest(f"identity_mode={v['identity_mode']!r} needs a session's twin LoRA; identity='none' "
+                             "has no session: leave it out")
     if payload.get("identity_strength") is not None:
         raise InvalidRequest(f"identity_strength={payload['identity_strength']!r} applies to a face identity; "
                              "identity='none' has none: leave it out")
@@ -297,4 +317,8 @@ def published_options(native_resolution: int, settings: Settings, family: str = 
         "inapplicable_fields": inapplicable_fields(family, method_fields),
         "quality_table": quality_tables(),
         "side_multiple": multiple,
+        # Twin studio: the training body (POST /sessions/<id>/train), whether this family trains, the modes.
+        "train_fields": published_fields(TRAIN_FIELDS, settings),
+        "trainable": family == "sdxl",
+        "identity_modes": list(IDENTITY_MODES),
     }

@@ -15,6 +15,7 @@ from utils.service.identity import Identities
 from utils.service.models import check_model
 from utils.service.runner import JobRunner, Likeness
 from utils.service.output_safety import prompt_fields, session_gate
+from utils.service.twins import resolve_twin
 from utils.storage import StoredFile, is_valid_id, new_id, png_bytes, thumbnail_name
 
 log = logging.getLogger("twin.service")
@@ -78,6 +79,9 @@ class Jobs:
         self._check_likeness(req)
         self._check_model(req)
         self._check_fields(req, engine)
+        if session is not None:   # lora / both need the session's twin LoRA, of the family that will run it
+            ready = engine.state == "ready" and not self.settings.cluster
+            resolve_twin(self.storage, session["id"], req.identity_mode, engine.info() if ready else None)
         self.storage.require_space(output_bytes(req), f"a job of {req.num_images} images")
         if session is not None:
             # The session's face features, read now: a broken session fails the request rather than the job,
@@ -253,7 +257,9 @@ class Jobs:
         if session is None:
             raise errors.NotFound(f"session {session_id!r} was deleted")
         req = engine.request_type.from_dict(job["payload"], self.settings)
-        if req.identity_source != "none":   # identity='none': the engine runs with no identity (scale 0)
+        req = req.with_twin(*resolve_twin(self.storage, session_id, req.identity_mode, engine.info()))
+        # identity='none': the engine runs with no identity (scale 0); so does the twin LoRA alone.
+        if req.identity_source != "none" and req.identity_mode != "lora":
             req = req.with_identity(self.identities.for_engine(engine, session_id))
         if req.init_image is not None:
             req = req.with_init_image(self._stored_init_image(session_id, job["id"]))

@@ -25,6 +25,7 @@ from utils.service.jobs import Jobs
 from utils.service.models import Models
 from utils.service.runner import JobRunner
 from utils.service.sessions import Sessions
+from utils.service.training import Training, is_training
 
 log = logging.getLogger("twin.service")
 
@@ -50,19 +51,26 @@ class Runtime:
         self.stream_slots = threading.BoundedSemaphore(settings.max_event_streams)
         self.shutdown_hooks: list = []  # called first in shutdown()
         # The job queue runs jobs through self.jobs.run (local mode's job threads, once set-up is done).
-        self.queue = parts.queue(lambda *a: self.jobs.run(*a), self.ready, self.publish_preview)
+        self.queue = parts.queue(lambda *a: self.run_job(*a), self.ready, self.publish_preview)
         identities = Identities(self.storage)
         self.runner = JobRunner(self.faces, lambda: self.restorer, self.safety)
         self.sessions = Sessions(settings, self.storage, self.store, self.queue, self.faces,
                                  lambda: self.engines[0] if holds_models else None, lambda: self.clock())
         self.jobs = Jobs(settings, self.storage, self.store, self.queue, self.engines, self.faces, identities,
                          self.runner, lambda: self.restorer, self.sessions, self.safety)
+        self.training = Training(settings, self.storage, self.store, self.queue, self.engines, self.faces,
+                                 self.sessions)
         self.models = Models(settings, self.store, self.queue, self.engines)
         # Live events (GET /events) and webhooks follow every committed change of a job, in whichever
         # process makes it (in cluster mode the GPU worker sends running/progress/output/completed).
         self.store.listeners.append(self._job_event)
         self.store.listeners.append(self.webhooks.on_job_event)
         lifecycle.register(self)
+
+    def run_job(self, job: dict, on_progress, should_cancel, index: int = 0) -> dict:
+        """Run one claimed job record of either kind (what a job thread or a GPU worker calls)."""
+        part = self.training if is_training(job) else self.jobs
+        return part.run(job, on_progress, should_cancel, index)
 
     # --- events ------------------------------------------------------------------------------------
     def _job_event(self, job_id: str, kind: str, data: dict) -> None:

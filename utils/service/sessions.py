@@ -36,6 +36,23 @@ class Sessions:
             raise errors.NotFound(f"session {session_id!r} not found")
         return rec
 
+    def describe(self, session_id: str, owner: str | None, twin: Callable[[str], dict]) -> dict:
+        """GET /sessions/<id>: the caller's session, its accepted selfies, its identity files and ``twin(id)``
+        (the twin LoRA's state)."""
+        rec = self.owned(session_id, owner)
+        out = {"session_id": session_id, "kind": rec.get("kind", "selfies"), "created_at": rec["created_at"],
+               "selfies": {"accepted": [], "count": 0}, "identity": {"files": 0}}
+        if rec.get("kind") != "persona":
+            try:
+                faces = self.storage.session_faces(session_id)
+                out["selfies"] = {"accepted": list(faces.indices), "count": len(faces.indices),
+                                  "face_model": faces.face_model}
+                out["identity"] = {"files": len(self.storage.identity_paths(session_id))}
+            except errors.NotFound:
+                pass
+            out["self_similarity"] = self.storage.session_self_similarity(session_id)
+        return {**out, **twin(session_id)}
+
     # --- upload ----------------------------------------------------------------------------------
     def upload(self, files: list[tuple[str, bytes]], owner: str) -> dict:
         self._check_files(files)

@@ -67,6 +67,16 @@ class LocalStorage:
     def session_dir(self, session_id: str) -> Path:
         return self._inside(self.root / check_session_id(session_id))
 
+    def twin_dir(self, session_id: str, run_id: str | None = None) -> Path:
+        """The session's twin files (LoRA, its kohya copy, the training record), or one run's working folder
+        (checkpoints while it trains); inside the session folder, so a delete takes them all."""
+        d = self.session_dir(session_id) / "twin"
+        if run_id is not None:
+            if not is_valid_id(run_id):
+                raise NotFound(f"job {run_id!r} not found")
+            d = d / "runs" / run_id
+        return self._inside(d)
+
     def output_dir(self, session_id: str, job_id: str) -> Path:
         if not is_valid_id(job_id):
             raise NotFound(f"job {job_id!r} not found")

@@ -195,6 +195,13 @@ class S3Storage:
         except NotFound:
             return None
 
+    def twin_dir(self, session_id: str, run_id: str | None = None):
+        # Training writes checkpoints every few steps and the GPU worker loads the LoRA as a file: not yet
+        # through the bucket (a clear refusal rather than a LoRA that lives on one worker's disk only).
+        raise TwinError("twin LoRA training needs the local data folder (TWIN_STORAGE_URL unset); it is not "
+                        "implemented for the S3 storage backend yet", code="twin_storage_unsupported",
+                        http_status=501)
+
     def accepted_original(self, session_id: str, index: int) -> tuple[str, bytes] | None:
         check_session_id(session_id)
         if not self.bucket.exists(f"{session_id}/{crop_name(index)}"):

@@ -17,6 +17,7 @@ from utils.engine.identity.adapters import AdapterManager, SessionIdentity
 from utils.engine.identity.pose import pose_image
 from utils.engine.previews import SDXL_LATENT_RGB
 from utils.engine.families.loras import check_lora
+from utils.engine.training.loras import TwinLoras
 from utils.engine.request import GenerationRequest, check_applicable
 from utils.engine.tuning import (BASE_NEGATIVE, POSE_VARIANTS, fast_fallback_row, preset_size, quality_row,
                                  style_library)
@@ -48,6 +49,7 @@ class SdxlModel:
         self.lock = threading.Lock()   # one pipeline call at a time
         self._compel = None            # built on the first weighted prompt (style_strength < 1)
         self._img2img = None           # built on the first img2img request, sharing models.pipe's modules
+        self.twins = TwinLoras(models.pipe, settings.twin_lora_cache)   # trained twin LoRAs, LRU
 
     @classmethod
     def load(cls, settings: Settings, entry=None) -> "SdxlModel":
@@ -138,8 +140,10 @@ class SdxlModel:
         if req.quality_mode == "fast" and not fallback:
             adapters.append((m.lightning_adapter, 1.0))
         width, height = self.resolve_size(req)
+        # The twin LoRA is loaded (or found in the LRU) under the call lock, in run().
+        twin = (req.twin, req.twin_lora_scale) if uses_twin(req) else None
         return {**mode, "fast_mode_fallback": fallback, "adapters": adapters, "width": width, "height": height,
-                "style_defaults": style_defaults}
+                "style_defaults": style_defaults, "twin": twin}
 
     def call_kwargs(self, req: GenerationRequest, plan: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         """Arguments for the diffusers pipeline call (also used by tests to compare against a bare pipeline)."""
@@ -195,7 +199,8 @@ class SdxlModel:
         window = (getattr(self.models.pipe.tokenizer, "model_max_length", 77) or 77) - 2  # start/end tokens
         style_tokens = self.count_tokens((style.prefix + " " + style.suffix).strip(" ,"))
         return build_prompt(req.prompt, req.persona, req.attributes, count_tokens=self.count_tokens,
-                            max_tokens=max(window - style_tokens, 1))
+                            max_tokens=max(window - style_tokens, 1),
+                            twin_caption=req.twin.caption if uses_twin(req) else None)
 
     def weighted_embeds(self, prompt: str, negative: str) -> dict[str, Any]:
         """Pipeline embeddings for compel-syntax texts, from both SDXL text encoders (compel's SDXL recipe:
@@ -230,7 +235,8 @@ class SdxlModel:
             marks["locked"] = time.perf_counter()
             pipe.scheduler = self.schedulers[plan["scheduler"]]
             pipe.set_ip_adapter_scale(req.identity_strength if req.identity is not None else 0.0)
-            self._set_adapters(plan["adapters"])
+            twin = plan.get("twin")
+            self._set_adapters(plan["adapters"] + ([(self.twins.activate(twin[0]), twin[1])] if twin else []))
             self.adapter.prepare_call(identity, req.num_images, do_cfg)
             if instantid:
                 pipe.controlnet.identity_tokens = tokens   # the IdentityNet reads these in place of the text
@@ -267,3 +273,8 @@ class SdxlModel:
             pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
         else:
             pipe.disable_lora()
+
+
+def uses_twin(req: GenerationRequest) -> bool:
+    """The request runs with its session's twin LoRA (the service resolved identity_mode to lora or both)."""
+    return req.twin is not None and req.identity_mode in ("lora", "both")

@@ -270,12 +270,13 @@ class RedisJobStore:
                           started_at=time.time(), step=0, total=0, finished_at=None)
 
     @redis_guard
-    def set_progress(self, job_id: str, step: int, total: int) -> None:
+    def set_progress(self, job_id: str, step: int, total: int, extra: dict | None = None) -> None:
         # HSET on a job only if it still exists (a deleted session's job must not be re-created).
         key = self.k("job", job_id)
         if self.redis.exists(key):
             self.redis.hset(key, mapping={"step": json.dumps(int(step)), "total": json.dumps(int(total))})
-            self._emit(job_id, "progress", {"step": int(step), "total": int(total), "at": time.time()})
+            self._emit(job_id, "progress", {**(extra or {}), "step": int(step), "total": int(total),
+                                            "at": time.time()})
 
     @redis_guard
     def add_output(self, job_id: str, output: dict) -> None:

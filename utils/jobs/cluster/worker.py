@@ -182,9 +182,9 @@ class TwinWorker(SimpleWorker):
             self._back_to_model_queue(job_id, want)   # dequeued in the instant of a switch away from it
         log.info("job started", extra={"job_id": job_id, "attempt": job["attempts"]})
 
-        def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
+        def on_progress(step: int, total: int, preview: bytes | None = None, extra: dict | None = None) -> None:
             try:
-                store.set_progress(job_id, step, total)
+                store.set_progress(job_id, step, total, extra)
             except errors.ServiceNotReady:
                 pass  # progress is best effort while Redis restarts
             if preview is not None:
@@ -195,7 +195,7 @@ class TwinWorker(SimpleWorker):
 
         t0 = time.perf_counter()
         try:
-            metadata = rt.jobs.run(job, on_progress, should_cancel, 0)
+            metadata = rt.run_job(job, on_progress, should_cancel, 0)
         except errors.JobCanceled:
             if self._drain_requeue:
                 store.requeue(job_id)

@@ -134,13 +134,13 @@ class _ChildServer:
             msg = self.gen_q.get()
             if msg is None:
                 return
-            _, rid, req, job_id = msg
+            tag, rid, req, job_id = msg   # tag: "generate" | "train" (a long call, in this thread)
             ev = self.cancels[rid]
             try:
                 with log_context(job_id=job_id):
-                    res = self.gen.generate(
-                        req, on_progress=lambda s, t, preview=None: self.send(("progress", rid, s, t, preview)),
-                        should_cancel=ev.is_set)
+                    res = getattr(self.gen, tag)(
+                        req, on_progress=lambda s, t, preview=None, extra=None: self.send(
+                            ("progress", rid, s, t, preview, extra)), should_cancel=ev.is_set)
                 self.send(("ok", rid, res))
             except BaseException as e:  # noqa: BLE001
                 self.send(("err", rid, _error_payload(e)))
@@ -174,7 +174,7 @@ class _ChildServer:
             except (EOFError, OSError):
                 _leave(0)  # the parent is gone (or closed us): nothing to hand a result to
             tag = msg[0]
-            if tag == "generate":
+            if tag in ("generate", "train"):
                 self.cancels[msg[1]] = threading.Event()
                 self.gen_q.put(msg)
             elif tag == "call":
@@ -505,7 +505,9 @@ class GeneratorProcess:
                     msg = None
                 if msg is None or msg[0] == "progress":
                     if msg is not None and on_progress is not None:
-                        if len(msg) > 4 and msg[4] is not None:
+                        if len(msg) > 5 and msg[5] is not None:
+                            on_progress(msg[2], msg[3], msg[4], msg[5])  # a training's loss
+                        elif len(msg) > 4 and msg[4] is not None:
                             on_progress(msg[2], msg[3], msg[4])  # with a preview JPEG
                         else:
                             on_progress(msg[2], msg[3])
@@ -562,6 +564,14 @@ class GeneratorProcess:
 
     def generate(self, req, on_progress: Callable[[int, int], Any] | None = None,
                  should_cancel: Callable[[], bool] | None = None):
+        return self._long_call("generate", req, on_progress, should_cancel)
+
+    def train(self, spec, on_progress: Callable[..., Any] | None = None,
+              should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """A twin LoRA training in the child, on the modules it holds (one long call, like generate)."""
+        return self._long_call("train", spec, on_progress, should_cancel)
+
+    def _long_call(self, tag: str, req, on_progress, should_cancel):
         if should_cancel is not None and should_cancel():
             raise errors.JobCanceled("canceled before the first step")
         with self._gen_lock:
@@ -569,7 +579,7 @@ class GeneratorProcess:
             rid = next(self._ids)
             q = child.register(rid)
             try:
-                child.send(("generate", rid, req, job_id_var.get()))
+                child.send((tag, rid, req, job_id_var.get()))
             except (OSError, ValueError):
                 pass
             return self._wait(child, rid, q, on_progress, should_cancel)

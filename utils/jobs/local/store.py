@@ -238,9 +238,9 @@ class SqliteJobStore:
             self._emit(job_id, "status")
         return ok
 
-    def set_progress(self, job_id: str, step: int, total: int) -> None:
+    def set_progress(self, job_id: str, step: int, total: int, extra: dict | None = None) -> None:
         self._exec("UPDATE jobs SET step=?, total=? WHERE id=?", (int(step), int(total), job_id))
-        self._emit(job_id, "progress", {"step": int(step), "total": int(total), "at": time.time()})
+        self._emit(job_id, "progress", {**(extra or {}), "step": int(step), "total": int(total), "at": time.time()})
 
     def add_output(self, job_id: str, output: dict) -> None:
         """Called only after the file is in place (atomic rename)."""

@@ -172,8 +172,8 @@ class JobThreads:
         t0 = time.perf_counter()
         log.info("job started")
 
-        def on_progress(step: int, total: int, preview: bytes | None = None) -> None:
-            self.store.set_progress(job_id, step, total)
+        def on_progress(step: int, total: int, preview: bytes | None = None, extra: dict | None = None) -> None:
+            self.store.set_progress(job_id, step, total, extra)
             if preview is not None and self.on_preview is not None:
                 self.on_preview(job_id, step, preview)
 
