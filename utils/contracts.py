@@ -356,7 +356,7 @@ class Engine(Protocol):
 
     def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
                        combine: str | None = None, embedding_norms: Any = None, keypoints: Any = None,
-                       keypoint_index: Any = None) -> Any:
+                       keypoint_index: Any = None, crop_keypoints: Any = None) -> Any:
         """The identity of the accepted selfies for the active model (face inputs: see FaceService); None
         when the active model has no identity method (the FLUX family until issue 23)."""
 

@@ -18,9 +18,10 @@ from utils.models.layout import (ADAPTER_FILES, ANTELOPE_DIR, BASE_DIR, CHECKPOI
 from utils.models.load import quiet_libraries
 from utils.models.single_file import to_single_file
 from utils.models.tiny_flux import write_tiny_flux
+from utils.models.tiny_infiniteyou import write_tiny_infiniteyou
 from utils.models.tiny_tokenizers import bytes_to_unicode, tiny_tokenizer, write_classic_tokenizers  # noqa: F401
 
-TINY_VERSION = 4           # bump when make_tiny writes new files: an older folder is rebuilt on start (4: tiny-flux)
+TINY_VERSION = 5           # bump when make_tiny writes new files: an older folder is rebuilt on start (5: InfiniteYou)
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -96,6 +97,7 @@ def _write_tiny(root: Path) -> None:
     from utils.faces.restore import write_standins   # restoration stand-ins: the exports' names and shapes
     write_standins(root / RESTORE_DIR)
     write_tiny_flux(root)       # tiny-flux beside tiny-sdxl: the second family, in the same folder
+    write_tiny_infiniteyou(root)   # tiny-flux's identity method
     (root / MARKER).write_text(json.dumps({
         "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))
