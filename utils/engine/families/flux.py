@@ -88,7 +88,8 @@ class FluxModel:
                 "notes": list(m.notes), "variant": self.variant, "identity_model": m.identity_model or m.model_name,
                 "flux_variant": "dev" if self.guidance_distilled else "schnell", "memory": m.memory,
                 "identity_method": self.variant or None,
-                **(self.adapter.info() if self.adapter is not None else {"identity_note": NO_IDENTITY_NOTE})}
+                **(getattr(self.adapter, "info", dict)() if self.adapter is not None else
+                   {"identity_note": NO_IDENTITY_NOTE})}
 
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs):
@@ -107,8 +108,6 @@ class FluxModel:
     def check_request(self, req: GenerationRequest, plan: dict[str, Any]) -> None:
         """The fields the request gives must apply to FLUX and to this identity method (400 naming them)."""
         check_applicable(req, self.family, self.method_fields, self.variant)
-        if self.adapter is not None and req.identity is not None and "pose" in req.given:
-            self.adapter.control_image(req, plan)    # a selfie:N that the identity lacks: 400 now, not in the job
 
     # --- plan ------------------------------------------------------------------------------------------
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
@@ -241,11 +240,8 @@ class FluxModel:
                "max_sequence_length": plan["max_sequence_length"], "prompt_clip": plan.get("prompt_clip"),
                "true_cfg": plan["true_cfg"], "cost_factor": 2 if plan["true_cfg"] is not None else 1,
                "memory_mode": (self.models.memory or {}).get("mode"), "pose": None, "pose_strength": None}
-        if self.adapter is not None and req.identity is not None:
-            posed = "pose" in req.given and req.identity_strength > 0
-            out.update(pose=req.pose if posed else None, pose_strength=req.pose_strength if posed else None,
-                       infiniteyou_stage=self.adapter.stage,
-                       control_image="keypoints" if posed and req.pose_strength > 0 else "black")
+        if self.adapter is not None and req.identity is not None and hasattr(self.adapter, "call_metadata"):
+            out.update(self.adapter.call_metadata(req))     # optional: what the method adds (pose, stage)
         if plan["true_cfg"] is not None:
             out["true_cfg_note"] = "true CFG: a second transformer pass per step for the negative prompt (twice the cost)"
         if self.adapter is None:

@@ -106,6 +106,13 @@ class InfiniteYou:
         share = np.clip(np.asarray(img, dtype=np.float32) * min(req.pose_strength, 1.0), 0, 255)
         return Image.fromarray(share.astype(np.uint8))
 
+    def call_metadata(self, req) -> dict[str, Any]:
+        """What a result's metadata says of this call: the stage, the pose and which control image went in."""
+        posed = "pose" in req.given and req.identity_strength > 0
+        return {"infiniteyou_stage": self.stage, "pose": req.pose if posed else None,
+                "pose_strength": req.pose_strength if posed else None,
+                "control_image": "keypoints" if posed and req.pose_strength > 0 else "black"}
+
     def prepare(self, pipe, req, plan: dict[str, Any], kwargs: dict[str, Any]):
         """The ControlNet pipeline over ``pipe``'s modules with InfuseNet, its inputs added to ``kwargs``."""
         if req.identity_strength <= 0:
