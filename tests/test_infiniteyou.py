@@ -293,3 +293,47 @@ def test_dlib_backend_refuses_infiniteyou(iy_settings):
         check_face_backend(iy_settings, SimpleNamespace(backend_name="dlib"))
     msg = e.value.message
     assert "\n" not in msg and "infiniteyou" in msg and "pip install" in msg and "antelopev2" in msg
+
+
+# --- download / verify --------------------------------------------------------------------------------------
+HUB = ["infu_flux_v1.0/sim_stage1/image_proj_model.bin", "infu_flux_v1.0/sim_stage1/InfuseNetModel/config.json",
+       "infu_flux_v1.0/sim_stage1/InfuseNetModel/diffusion_pytorch_model.safetensors",
+       "infu_flux_v1.0/aes_stage2/image_proj_model.bin", "infu_flux_v1.0/aes_stage2/InfuseNetModel/config.json",
+       "infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors",
+       "supports/insightface/models/antelopev2/scrfd_10g_bnkps.onnx", "assets/teaser.jpg"]
+
+
+@pytest.mark.parametrize("argv,stage", [([], "aes_stage2"), (["--stage", "sim_stage1"], "sim_stage1")])
+def test_download_fetches_one_stage_the_pack_and_irse50(tmp_path, monkeypatch, argv, stage):
+    import fnmatch
+    import urllib.request
+
+    import huggingface_hub
+
+    import model_loader as ml
+    calls, urls = [], []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, path: (urls.append(url), open(path, "wb").close()))
+    monkeypatch.setenv("TWIN_MODEL_DIR", str(tmp_path))
+    assert ml.main(["download", "--infiniteyou", *argv]) == 0
+    assert [c["repo_id"] for c in calls] == ["ByteDance/InfiniteYou"]
+    taken = [f for f in HUB if any(fnmatch.fnmatch(f, p) for p in calls[0]["allow_patterns"])]
+    assert sorted(taken) == sorted(f for f in HUB if f"/{stage}/" in f or "antelopev2" in f)
+    assert urls == ["https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"]
+    assert (tmp_path / "facexlib" / "recognition_arcface_ir_se50.pth").is_file()
+
+
+@pytest.mark.parametrize("rel,breaker", [
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors", _truncate),
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/image_proj_model.bin", _drop_key),
+    ("facexlib/recognition_arcface_ir_se50.pth", _truncate),
+])
+def test_verify_names_each_broken_file(tiny_models, iy_settings, tmp_path, rel, breaker):
+    from utils.models.startup import verify
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_models, root, symlinks=True)
+    settings = iy_settings.replace(tiny_model_dir=root)
+    assert all(c.ok for c in verify(settings))
+    breaker(root / rel)
+    bad = [c for c in verify(settings) if not c.ok]
+    assert len(bad) == 1 and bad[0].path.endswith(rel.split("/", 1)[1]), [c.line() for c in bad]

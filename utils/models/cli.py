@@ -9,7 +9,7 @@ from pathlib import Path
 
 from utils.config import Settings
 from utils.errors import ModelWeightsMissing
-from utils.models.download import download, download_flux, download_restore
+from utils.models.download import download, download_flux, download_infiniteyou, download_restore
 from utils.models.layout import ANTELOPE_DIR, choose_profile, resolve_sdxl
 from utils.models.startup import ready_layout, verify_any
 from utils.models.tiny import make_tiny
@@ -55,6 +55,11 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
                    help="only FLUX.1-dev's diffusers folders (gated, non-commercial licence: log in first) + the "
                         "Hyper-FLUX 8-step LoRA (unless --no-lightning)")
     d.add_argument("--flux-schnell", action="store_true", help="only FLUX.1-schnell's diffusers folders (Apache-2.0)")
+    d.add_argument("--infiniteyou", action="store_true",
+                   help="only InfiniteYou for FLUX (InfuseNet + projection, weights CC BY-NC 4.0) + antelopev2 "
+                        "(non-commercial) + IR-SE50 ArcFace; the FLUX.1-dev folders come with --flux-dev")
+    d.add_argument("--stage", choices=("sim_stage1", "aes_stage2"), default=None,
+                   help="InfiniteYou weight set to fetch (default TWIN_INFINITEYOU_MODEL)")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
@@ -70,6 +75,11 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         for p in download_restore(settings, args.restore):
             print(p)
         return 0
+    if args.infiniteyou:
+        for p in download_infiniteyou(settings, args.stage):
+            print(p)
+        if not (args.flux_dev or args.flux_schnell):
+            return 0
     if args.flux_dev or args.flux_schnell:
         for p in download_flux(settings, dev=args.flux_dev, schnell=args.flux_schnell, fast_lora=not args.no_lightning):
             print(p)

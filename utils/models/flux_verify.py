@@ -36,6 +36,13 @@ def verify_flux_layout(layout: FluxLayout) -> list[FileCheck]:
             checks += verify_flux_loras(layout, meta)
             checks += verify_flux_checkpoints(layout, meta["transformer"])
     checks += verify_restore_models(layout.restore_dir)
+    if layout.infiniteyou is not None:
+        from utils.models.infiniteyou import check_files
+        from utils.models.onnx_check import verify_face_pack
+        tcfg = dict(meta["transformer"].config) if "transformer" in meta else None
+        with quiet_libraries():
+            checks += check_files(layout.infiniteyou, tcfg)
+        checks += verify_face_pack(layout.face_pack)
     return checks
 
 

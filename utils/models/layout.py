@@ -16,6 +16,7 @@ from typing import ClassVar, Union
 from utils.config import Settings
 from utils.choices import DEFAULT_IDENTITY_VARIANT, FAMILY_VARIANTS
 from utils.errors import ConfigError, ModelWeightsMissing
+from utils.models.infiniteyou import InfiniteYouFiles, infiniteyou_files
 from utils.models.kinds import checkpoint_family, flux_is_guidance_distilled
 
 log = logging.getLogger("twin.models")
@@ -232,9 +233,12 @@ class FluxLayout:
     restore_dir: Path
     missing: tuple[str, ...] = ()
     missing_optional: tuple[str, ...] = ()
-    variant: str = ""
-    # What a session identity would be bound to (the identity method's base family; issue 23's method reads it).
+    variant: str = ""               # the identity method: "" (none) or infiniteyou
+    # What a session identity would be bound to (the family: InfiniteYou identities are IR-SE50 vectors, the
+    # same for every FLUX base model and stage; the projection runs per call).
     identity_model: str = "flux"
+    infiniteyou: InfiniteYouFiles | None = None
+    face_pack: Path | None = None
 
     @property
     def fast_lora_file(self) -> Path:
@@ -299,7 +303,16 @@ def flux_layout(settings: Settings, which: str | None = None) -> FluxLayout:
                       native_resolution=FLUX_RESOLUTION, base=base or model_dir / base_spec.local_name,
                       fast_lora=fast or model_dir / FLUX_FAST_DIR, fast_lora_weight=settings.flux_fast_lora_weight,
                       lora_dir=settings.resolved_lora_dir, checkpoints=model_dir / CHECKPOINT_DIR,
-                      restore_dir=settings.resolved_restore_dir, missing=missing, missing_optional=optional)
+                      restore_dir=settings.resolved_restore_dir, missing=missing, missing_optional=optional,
+                      **_flux_identity(settings, None))
+
+
+def _flux_identity(settings: Settings, tiny_root: Path | None) -> dict:
+    """A FLUX layout's identity-method fields: InfiniteYou's files and the face pack when it is configured."""
+    if settings.ip_adapter_variant not in FAMILY_VARIANTS["flux"]:
+        return {}
+    return {"variant": settings.ip_adapter_variant, "infiniteyou": infiniteyou_files(settings, tiny_root),
+            "face_pack": _face_pack(settings, tiny_root)}
 
 
 def tiny_flux_layout(settings: Settings) -> FluxLayout:
@@ -310,7 +323,7 @@ def tiny_flux_layout(settings: Settings) -> FluxLayout:
                       fast_lora=root / FLUX_FAST_DIR, fast_lora_weight=TINY_FLUX_FAST_WEIGHT,
                       lora_dir=root / LORA_DIR, checkpoints=root / CHECKPOINT_DIR,
                       restore_dir=Path(settings.restore_model_dir) if settings.restore_model_dir is not None
-                      else root / RESTORE_DIR)
+                      else root / RESTORE_DIR, **_flux_identity(settings, root))
 
 
 def model_layout(settings: Settings) -> "Layout":

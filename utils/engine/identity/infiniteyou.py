@@ -40,8 +40,8 @@ class InfiniteYou:
     @classmethod
     def load(cls, settings, models) -> "InfiniteYou":
         from utils.models.infiniteyou import infiniteyou_files, load_infiniteyou
-        tiny = settings.resolved_tiny_model_dir if models.profile == "tiny" else None
-        files = infiniteyou_files(settings, tiny)
+        files = getattr(models.layout, "infiniteyou", None) or infiniteyou_files(
+            settings, settings.resolved_tiny_model_dir if models.profile == "tiny" else None)
         net, proj, arc = load_infiniteyou(files, dict(models.pipe.transformer.config), models.device, models.dtype)
         return cls(models, net, proj, arc, files.stage)
 
