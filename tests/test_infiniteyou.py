@@ -249,7 +249,12 @@ def _drop_key(p):
 
 @pytest.mark.parametrize("rel,breaker", [
     ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/config.json", _break_text),
-    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors", _truncate),
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model-00001-of-00002.safetensors",
+     _truncate),
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model-00002-of-00002.safetensors",
+     lambda p: p.unlink()),
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors.index.json",
+     _break_text),
     ("InfiniteYou/infu_flux_v1.0/aes_stage2/image_proj_model.bin", _truncate),
     ("InfiniteYou/infu_flux_v1.0/aes_stage2/image_proj_model.bin", _drop_key),
     ("facexlib/recognition_arcface_ir_se50.pth", _truncate),
@@ -257,7 +262,8 @@ def _drop_key(p):
     ("InfiniteYou/infu_flux_v1.0/aes_stage2/image_proj_model.bin", lambda p: p.unlink()),
 ])
 def test_each_broken_file_fails_naming_it(tiny_models, iy_settings, tmp_path, rel, breaker):
-    from utils.models.infiniteyou import infiniteyou_files, load_infiniteyou
+    from utils.models.infiniteyou import infiniteyou_files
+    from utils.models.infiniteyou_load import load_infiniteyou
     from utils.models.tiny_flux import TRANSFORMER
     root = tmp_path / "tiny"
     for sub in ("InfiniteYou", "facexlib"):
@@ -296,11 +302,12 @@ def test_dlib_backend_refuses_infiniteyou(iy_settings):
 
 
 # --- download / verify --------------------------------------------------------------------------------------
-HUB = ["infu_flux_v1.0/sim_stage1/image_proj_model.bin", "infu_flux_v1.0/sim_stage1/InfuseNetModel/config.json",
-       "infu_flux_v1.0/sim_stage1/InfuseNetModel/diffusion_pytorch_model.safetensors",
-       "infu_flux_v1.0/aes_stage2/image_proj_model.bin", "infu_flux_v1.0/aes_stage2/InfuseNetModel/config.json",
-       "infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors",
-       "supports/insightface/models/antelopev2/scrfd_10g_bnkps.onnx", "assets/teaser.jpg"]
+HUB = [f"infu_flux_v1.0/{stage}/{f}" for stage in ("sim_stage1", "aes_stage2") for f in (
+    "image_proj_model.bin", "InfuseNetModel/config.json", "InfuseNetModel/diffusion_pytorch_model.safetensors.index.json",
+    "InfuseNetModel/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "InfuseNetModel/diffusion_pytorch_model-00002-of-00002.safetensors")] + [
+    "supports/insightface/models/antelopev2/scrfd_10g_bnkps.onnx", "supports/insightface/models/antelopev2/glintr100.onnx",
+    "assets/teaser.jpg", "README.md"]
 
 
 @pytest.mark.parametrize("argv,stage", [([], "aes_stage2"), (["--stage", "sim_stage1"], "sim_stage1")])
@@ -324,7 +331,8 @@ def test_download_fetches_one_stage_the_pack_and_irse50(tmp_path, monkeypatch, a
 
 
 @pytest.mark.parametrize("rel,breaker", [
-    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model.safetensors", _truncate),
+    ("InfiniteYou/infu_flux_v1.0/aes_stage2/InfuseNetModel/diffusion_pytorch_model-00002-of-00002.safetensors",
+     _truncate),
     ("InfiniteYou/infu_flux_v1.0/aes_stage2/image_proj_model.bin", _drop_key),
     ("facexlib/recognition_arcface_ir_se50.pth", _truncate),
 ])

@@ -25,8 +25,10 @@ COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pyt
               ("text_encoder", "model"), ("text_encoder_2", "model"))
 
 
-def verify_flux_layout(layout: FluxLayout) -> list[FileCheck]:
-    meta: dict[str, Any] = {}
+def verify_flux_layout(layout: FluxLayout, meta: dict[str, Any] | None = None) -> list[FileCheck]:
+    """``meta``: filled with the components built on the meta device (the identity method's checks read the
+    transformer's config from it)."""
+    meta = {} if meta is None else meta
     with quiet_libraries():
         checks = []
         for sub, stem in COMPONENTS:
@@ -36,13 +38,6 @@ def verify_flux_layout(layout: FluxLayout) -> list[FileCheck]:
             checks += verify_flux_loras(layout, meta)
             checks += verify_flux_checkpoints(layout, meta["transformer"])
     checks += verify_restore_models(layout.restore_dir)
-    if layout.infiniteyou is not None:
-        from utils.models.infiniteyou import check_files
-        from utils.models.onnx_check import verify_face_pack
-        tcfg = dict(meta["transformer"].config) if "transformer" in meta else None
-        with quiet_libraries():
-            checks += check_files(layout.infiniteyou, tcfg)
-        checks += verify_face_pack(layout.face_pack)
     return checks
 
 

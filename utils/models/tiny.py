@@ -21,7 +21,7 @@ from utils.models.tiny_flux import write_tiny_flux
 from utils.models.tiny_infiniteyou import write_tiny_infiniteyou
 from utils.models.tiny_tokenizers import bytes_to_unicode, tiny_tokenizer, write_classic_tokenizers  # noqa: F401
 
-TINY_VERSION = 5           # bump when make_tiny writes new files: an older folder is rebuilt on start (5: InfiniteYou)
+TINY_VERSION = 6           # bump when make_tiny writes new files: an older folder is rebuilt on start (6: InfiniteYou, sharded InfuseNet)
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2

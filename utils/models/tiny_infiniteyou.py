@@ -6,6 +6,7 @@ joint_attention_dim = T5's width, fewer blocks, guidance embedding); the project
 8 queries; IR-SE keeps 112 px in, 512-d out. Written by ``tiny.make_tiny``; the names come from the readers."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from utils.models.infiniteyou import (ARCFACE_DIR, ARCFACE_URL, INFU_DIR, INFU_VERSION_DIR, INFUSENET_SUB, PROJ_FILE,
@@ -15,7 +16,7 @@ from utils.models.tiny_flux import TRANSFORMER
 TINY_INFU_SEED = 20261206
 TINY_PROJ_WIDTH = 64            # 1 head of 64 (the Resampler's head width is fixed)
 TINY_IRSE_WIDTHS, TINY_IRSE_UNITS = (8, 16, 24, 32), (1, 1, 1, 1)   # widths grow: stages are told apart by width
-INFUSENET = {**TRANSFORMER, "num_layers": 1, "num_single_layers": 1}
+INFUSENET = {**TRANSFORMER, "num_layers": 1, "num_single_layers": 2}   # fewer blocks than the transformer, as published (4 + 10 of 19 + 38)
 
 
 def write_tiny_infiniteyou(root: Path) -> None:
@@ -32,7 +33,11 @@ def write_tiny_infiniteyou(root: Path) -> None:
             for p in net.parameters():
                 if not p.any():
                     p.normal_(0, 0.2)
-        net.save_pretrained(str(d / INFUSENET_SUB), safe_serialization=True)
+        # Two shards and an index, as published (diffusion_pytorch_model-0000N-of-00002.safetensors).
+        size = sum(p.numel() * p.element_size() for p in net.state_dict().values())
+        net.save_pretrained(str(d / INFUSENET_SUB), safe_serialization=True, max_shard_size=size // 2 + 1)
+        cfg = d / INFUSENET_SUB / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_infu_flux_version": "1.0"}, indent=2) + "\n")
         proj = build_projection(width=TINY_PROJ_WIDTH, out_dim=TRANSFORMER["joint_attention_dim"], tokens=PROJ_TOKENS)
         torch.save({"image_proj": reference_state(proj.state_dict())}, str(d / PROJ_FILE))
     torch.manual_seed(TINY_INFU_SEED + 10)

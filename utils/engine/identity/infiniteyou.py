@@ -39,7 +39,8 @@ class InfiniteYou:
 
     @classmethod
     def load(cls, settings, models) -> "InfiniteYou":
-        from utils.models.infiniteyou import infiniteyou_files, load_infiniteyou
+        from utils.models.infiniteyou import infiniteyou_files
+        from utils.models.infiniteyou_load import load_infiniteyou
         files = getattr(models.layout, "infiniteyou", None) or infiniteyou_files(
             settings, settings.resolved_tiny_model_dir if models.profile == "tiny" else None)
         net, proj, arc = load_infiniteyou(files, dict(models.pipe.transformer.config), models.device, models.dtype)
