@@ -1,8 +1,9 @@
 """One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B); or, with
---suite flux, full-size FLUX.1 (part C).
+--suite flux, full-size FLUX.1 (part C); with --suite infiniteyou, FLUX.1-dev + InfiniteYou (part D).
 
     python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
     python3 bench/gpu_suite.py --suite flux [--budget-s 540]    # FLUX.1-dev / schnell (part C)
+    python3 bench/gpu_suite.py --suite infiniteyou              # FLUX.1-dev + InfiniteYou, 3 memory modes (part D)
     python bench/gpu_suite.py --dry-run [--suite flux] [--out DIR]   # the same code paths on the CPU, small and quick
 
 Part A (bench/bench_generate.py --full-size): random-weight SDXL at real sizes, 1024², 30 steps, CFG, fp16:
@@ -58,6 +59,21 @@ def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
         ("C-flux-quantized", "bench_flux.py", ["--full-size", "--modes", "quantized", "--variants", "dev", *c], 170),
         ("C-flux-offload", "bench_flux.py", ["--full-size", "--modes", "offload", "--variants", "dev", *c], 170),
     ]
+
+
+# Part D (bench/bench_infiniteyou.py --full-size): random FLUX.1-dev + InfuseNet from the published configs, the
+# 8 identity tokens and the black (no-pose) control image, 1024², 28 steps, batch 1, in each memory mode.
+GPU_D = ["--resolution", "1024", "--steps", "28", "--warmup", "1", "--repeats", "2", "--device", "cuda"]
+DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+         "--threads", "2"]
+
+
+def infiniteyou_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
+    """(name, script, arguments, time cap) of part D. Expected on an H100: full ~90 s (build + 3 calls of
+    ~9 s), quantized ~120 s, offload ~150 s."""
+    d = DRY_D if dry_run else GPU_D
+    return [(f"D-infiniteyou-{m}", "bench_infiniteyou.py", ["--full-size", "--modes", m, *d], cap)
+            for m, cap in (("full", 150), ("quantized", 170), ("offload", 200))]
 
 
 def plan(dry_run: bool, peak_tflops: float) -> list[tuple[str, str, list[str], float]]:
@@ -210,6 +226,22 @@ def table_ab(rows: list[dict]) -> list[str]:
     return out
 
 
+def table_d(rows: list[dict]) -> list[str]:
+    """Part D of the final table (FLUX.1-dev + InfiniteYou)."""
+    d = [r for r in rows if r.get("part") == "D"]
+    if not d:
+        return []
+    out = ["", "part D: FLUX.1-dev + InfiniteYou, s/image, batch 1; peak = max allocated GB (published bf16: ~43 GB)",
+           f"{'mode':10} {'backend':13} {'res':>5} {'st':>3} {'s/img':>7} {'peak':>6} {'build':>6}"]
+    for r in d:
+        if r.get("skipped"):
+            out.append(f"{r['mode']:10} skipped: {r['skipped']}")
+            continue
+        out.append(f"{r['mode']:10} {str(r['backend'] or '-'):13} {r['resolution']:>5} {r['steps']:>3} "
+                   f"{r['s_per_image']:>7.2f} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
+    return out
+
+
 def table(results: Path) -> list[str]:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
@@ -225,6 +257,7 @@ def table(results: Path) -> list[str]:
             out.append(f"{r['model']:15} {r['mode']:10} {str(r['backend'] or '-'):13} {r['batch']:>2} "
                        f"{r['resolution']:>5} {r['steps']:>3} {r['seconds']:>7.2f} {r['s_per_image']:>6.2f} "
                        f"{str(r['held_gb']):>6} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
+    out += table_d(rows)
     out.append("")
     for r in rows:
         if r.get("step") == "part":
@@ -242,11 +275,12 @@ def main(argv=None) -> int:
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
-    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux"),
-                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell)")
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "infiniteyou"),
+                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell); "
+                         "infiniteyou: part D (FLUX.1-dev + InfiniteYou, each memory mode)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 540.0 if args.suite == "flux" else 420.0
+        args.budget_s = 540.0 if args.suite in ("flux", "infiniteyou") else 420.0
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +297,7 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = flux_plan(args.dry_run) if args.suite == "flux" else plan(args.dry_run, peak)
+    parts = {"flux": flux_plan, "infiniteyou": infiniteyou_plan}.get(args.suite, lambda d: plan(d, peak))(args.dry_run)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:
