@@ -108,3 +108,34 @@ def test_random_sdxl_writer_leaves_the_layout_the_product_loads(tmp_path):
         keys = list(f.keys())
         assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)   # original (LDM) layout
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
+
+
+@pytest.mark.parametrize("dry_run, device, size_args", [
+    (False, "cuda", {"--resolution": "1024", "--steps": "28", "--repeats": "2"}),
+    (True, "cpu", {"--size": "small", "--resolution": "128", "--steps": "2", "--repeats": "1"}),
+])
+def test_the_infiniteyou_plan_measures_every_memory_mode(dry_run, device, size_args):
+    suite = _load("gpu_suite")
+    parts = suite.infiniteyou_plan(dry_run)
+    assert [(n, s) for n, s, _, _ in parts] == [("D-infiniteyou-full", "bench_infiniteyou.py"),
+                                                ("D-infiniteyou-quantized", "bench_infiniteyou.py"),
+                                                ("D-infiniteyou-offload", "bench_infiniteyou.py")]
+    for name, script, args, cap in parts:
+        assert "--full-size" in args and cap > 0 and args[args.index("--device") + 1] == device
+        assert {k: args[args.index(k) + 1] for k in size_args} == size_args
+        assert args[args.index("--modes") + 1] == name.rsplit("-", 1)[1]
+    assert sum(cap for *_, cap in parts) <= 540
+
+
+def test_the_infiniteyou_bench_dry_run_measures_on_the_cpu(tmp_path):
+    """bench_infiniteyou.py's full-size path, small topology, CPU: the full row measured, the GPU modes skipped."""
+    import json
+    bench = _load("bench_infiniteyou")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--full-size", "--size", "small", "--device", "cpu", "--resolution", "64", "--steps", "1",
+                       "--warmup", "0", "--repeats", "1", "--jsonl", str(rows)]) == 0
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [(r["mode"], "skipped" in r) for r in got] == [("full", False), ("quantized", True), ("offload", True)]
+    assert got[0]["s_per_image"] > 0 and got[0]["model"] == "FLUX.1-dev + InfiniteYou"
+    suite = _load("gpu_suite")
+    assert any("part D" in line for line in suite.table_d(got))

@@ -15,7 +15,7 @@ from utils.models.tiny_flux import TRANSFORMER
 
 TINY_INFU_SEED = 20261206
 TINY_PROJ_WIDTH = 64            # 1 head of 64 (the Resampler's head width is fixed)
-TINY_IRSE_WIDTHS, TINY_IRSE_UNITS = (8, 16, 24, 32), (1, 1, 1, 1)   # widths grow: stages are told apart by width
+TINY_IRSE_WIDTHS, TINY_IRSE_UNITS = (4, 6, 8, 10), (1, 1, 1, 1)   # widths grow: stages are told apart by width
 INFUSENET = {**TRANSFORMER, "num_layers": 1, "num_single_layers": 2}   # fewer blocks than the transformer, as published (4 + 10 of 19 + 38)
 
 
