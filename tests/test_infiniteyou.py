@@ -176,8 +176,9 @@ def test_tokens_reach_infusenet_not_the_text_stream(iy_generator):
 
 def test_identity_strength_zero_is_no_identity(iy_generator):
     ident = build(iy_generator)
-    zero = pixels(run(iy_generator, ident, identity_strength=0.0))
-    none = pixels(run(iy_generator, None))
+    zero_run = run(iy_generator, ident, identity_strength=0.0)
+    zero, none = pixels(zero_run), pixels(run(iy_generator, None))
+    assert zero_run.metadata["control_image"] is None and zero_run.metadata["identity"]["num_selfies"] == 2
     full = pixels(run(iy_generator, ident, identity_strength=1.0))
     assert np.array_equal(zero, none)
     assert not np.array_equal(full, none)

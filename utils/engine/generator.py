@@ -180,7 +180,7 @@ class DigitalTwinGenerator:
                        face_model: str | None = None, combine: str | None = None, embedding_norms=None,
                        keypoints=None, keypoint_index=None, crop_keypoints=None) -> SessionIdentity | None:
         """Per-session identity from the accepted selfies, for the active model; None when the active model
-        has no identity method (FLUX, until issue 23). Safe to call while generate() runs.
+        has no identity method (FLUX without infiniteyou). Safe to call while generate() runs.
         ``embedding_norms`` / ``keypoints`` / ``keypoint_index``: the face features
         (``SelfieReport.identity_inputs()``)."""
         self._require_ready()

@@ -6,9 +6,10 @@ vector, 77 tokens: the persona prompt is fitted to each with its own tokenizer),
 prompt (``true_cfg``), and the packed 16-channel latents for previews.
 
 An identity method plugs in as ``FluxModel(identity_method=...)`` (``FluxIdentityMethod`` in
-utils/contracts.py; InfiniteYou is next). There is none yet: a job with a session generates without identity
-conditioning, its metadata says ``identity: null`` with the note ``NO_IDENTITY_NOTE``, and the fields only an
-identity method reads (identity_strength, pose, pose_strength) are refused (``request.APPLICABILITY``).
+utils/contracts.py): InfiniteYou (utils/engine/identity/infiniteyou.py) with TWIN_IP_ADAPTER_VARIANT=infiniteyou.
+Without one, a job with a session generates without identity conditioning, its metadata says ``identity: null``
+with the note ``NO_IDENTITY_NOTE``, and the fields only an identity method reads (identity_strength, pose,
+pose_strength) are refused (``request.APPLICABILITY``).
 """
 from __future__ import annotations
 

@@ -109,10 +109,11 @@ class InfiniteYou:
 
     def call_metadata(self, req) -> dict[str, Any]:
         """What a result's metadata says of this call: the stage, the pose and which control image went in."""
-        posed = "pose" in req.given and req.identity_strength > 0
+        ran = req.identity_strength > 0          # at 0 InfuseNet does not run at all (see prepare)
+        posed = "pose" in req.given and ran
         return {"infiniteyou_stage": self.stage, "pose": req.pose if posed else None,
                 "pose_strength": req.pose_strength if posed else None,
-                "control_image": "keypoints" if posed and req.pose_strength > 0 else "black"}
+                "control_image": None if not ran else "keypoints" if posed and req.pose_strength > 0 else "black"}
 
     def prepare(self, pipe, req, plan: dict[str, Any], kwargs: dict[str, Any]):
         """The ControlNet pipeline over ``pipe``'s modules with InfuseNet, its inputs added to ``kwargs``."""
