@@ -130,3 +130,27 @@ def test_an_sdxl_profile_refuses_infiniteyou_when_the_app_is_made(tiny_models, t
         create_app(settings_for(tiny_models, tmp_path, model_profile="tiny"))
     for needle in ("TWIN_IP_ADAPTER_VARIANT=infiniteyou", "flux family", "tiny-flux"):
         assert needle in e.value.message
+
+
+def test_cli_generates_with_infiniteyou_and_evaluates(tiny_models, tmp_path, monkeypatch):
+    import json
+
+    from generate_twin import main
+    for k, v in {"TWIN_MODEL_PROFILE": "tiny-flux", "TWIN_TINY_MODEL_DIR": str(tiny_models),
+                 "TWIN_DATA_DIR": str(tmp_path), "TWIN_IP_ADAPTER_VARIANT": "infiniteyou", "TWIN_WARMUP": "0",
+                 "TWIN_MAX_STEPS": "2", "TWIN_MIN_FACE_PX": "20", "TWIN_MODEL_DIR": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(k, v)
+    selfies = tmp_path / "selfies"
+    selfies.mkdir()
+    for n, b in photos.selfie_set(2):
+        (selfies / n).write_bytes(b)
+    out = tmp_path / "out"
+    assert main(["--selfies", str(selfies), "--prompt", "a portrait", "--out", str(out), "--pose", "look_down",
+                 "--seed", "1"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["result"]["variant"] == "infiniteyou" and meta["result"]["pose"] == "look_down"
+    assert meta["result"]["identity"]["num_selfies"] == 2 and meta["result"]["control_image"] == "keypoints"
+    assert main(["evaluate", "--selfies", str(selfies), "--images", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    pngs = sorted(f.name for f in out.glob("*.png"))
+    assert sorted(r["image"] for r in rep["images"]) == pngs and rep["selfies"]["accepted"] == 2
