@@ -346,3 +346,27 @@ def test_verify_names_each_broken_file(tiny_models, iy_settings, tmp_path, rel, 
     breaker(root / rel)
     bad = [c for c in verify(settings) if not c.ok]
     assert len(bad) == 1 and bad[0].path.endswith(rel.split("/", 1)[1]), [c.line() for c in bad]
+
+
+@pytest.mark.parametrize("roll", [0.0, 12.0, -20.0])
+def test_the_chip_from_the_stored_crop_is_the_photo_chip(roll):
+    """The crop is a similarity transform of the photo, so its key points in crop pixels give the same 112 px
+    ArcFace chip as the reference's norm_crop on the photo (up to resampling)."""
+    import cv2
+    from insightface.utils import face_align
+
+    from utils.faces.analysis import aligned_crop, crop_keypoints
+    from utils.faces.backends import Detection
+    from utils.faces.irse50 import chip
+    rng = np.random.default_rng(3)
+    photo = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (0, 0), 6)
+    a = np.radians(roll)
+    base = np.array([[-30, -20], [30, -20], [0, 10], [-22, 40], [22, 40]], np.float64)
+    kps = base @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]]) + (330, 250)
+    det = Detection(box=(250.0, 170.0, 410.0, 350.0), score=0.9, left_eye=tuple(kps[0]), right_eye=tuple(kps[1]),
+                    nose=tuple(kps[2]), kps=kps.astype(np.float32))
+    crop = aligned_crop(photo, det, size=512, scale=1.8)
+    ours = chip(np.asarray(crop), crop_keypoints(det, size=512, scale=1.8)).astype(np.float32)
+    ref = face_align.norm_crop(np.ascontiguousarray(photo[:, :, ::-1]), landmark=kps, image_size=112).astype(np.float32)
+    assert ours.shape == ref.shape == (112, 112, 3)
+    assert np.abs(ours - ref).mean() < 0.5    # of 255: resampling twice (a 3 px error in the points gives ~0.9)
