@@ -311,8 +311,13 @@ HUB = [f"infu_flux_v1.0/{stage}/{f}" for stage in ("sim_stage1", "aes_stage2") f
     "assets/teaser.jpg", "README.md"]
 
 
-@pytest.mark.parametrize("argv,stage", [([], "aes_stage2"), (["--stage", "sim_stage1"], "sim_stage1")])
-def test_download_fetches_one_stage_the_pack_and_irse50(tmp_path, monkeypatch, argv, stage):
+@pytest.mark.parametrize("argv,env,stage,repos", [
+    (["--infiniteyou"], {}, "aes_stage2", ["ByteDance/InfiniteYou"]),
+    (["--infiniteyou", "--stage", "sim_stage1"], {}, "sim_stage1", ["ByteDance/InfiniteYou"]),
+    (["--flux-dev", "--no-lightning"], {"TWIN_IP_ADAPTER_VARIANT": "infiniteyou", "TWIN_INFINITEYOU_MODEL": "sim_stage1"},
+     "sim_stage1", ["ByteDance/InfiniteYou", "black-forest-labs/FLUX.1-dev"]),
+])
+def test_download_fetches_one_stage_the_pack_and_irse50(tmp_path, monkeypatch, argv, env, stage, repos):
     import fnmatch
     import urllib.request
 
@@ -323,8 +328,10 @@ def test_download_fetches_one_stage_the_pack_and_irse50(tmp_path, monkeypatch, a
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
     monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, path: (urls.append(url), open(path, "wb").close()))
     monkeypatch.setenv("TWIN_MODEL_DIR", str(tmp_path))
-    assert ml.main(["download", "--infiniteyou", *argv]) == 0
-    assert [c["repo_id"] for c in calls] == ["ByteDance/InfiniteYou"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert ml.main(["download", *argv]) == 0
+    assert [c["repo_id"] for c in calls] == repos
     taken = [f for f in HUB if any(fnmatch.fnmatch(f, p) for p in calls[0]["allow_patterns"])]
     assert sorted(taken) == sorted(f for f in HUB if f"/{stage}/" in f or "antelopev2" in f)
     assert urls == ["https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"]

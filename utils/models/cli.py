@@ -75,7 +75,8 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         for p in download_restore(settings, args.restore):
             print(p)
         return 0
-    if args.infiniteyou:
+    # The configured FLUX identity method comes with the FLUX download (as an SDXL variant's files come with SDXL's).
+    if args.infiniteyou or (settings.ip_adapter_variant == "infiniteyou" and (args.flux_dev or args.flux_schnell)):
         for p in download_infiniteyou(settings, args.stage):
             print(p)
         if not (args.flux_dev or args.flux_schnell):
