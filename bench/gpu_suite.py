@@ -1,10 +1,12 @@
 """One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B); or, with
---suite flux, full-size FLUX.1 (part C); or, with --suite training, twin LoRA training on SDXL (part D).
+--suite flux, full-size FLUX.1 (part C); with --suite infiniteyou, FLUX.1-dev + InfiniteYou (part D); with
+--suite training, twin LoRA training on SDXL (part T).
 
     python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
     python3 bench/gpu_suite.py --suite flux [--budget-s 540]    # FLUX.1-dev / schnell (part C)
-    python3 bench/gpu_suite.py --suite training [--budget-s 560]  # SDXL LoRA training (part D)
-    python bench/gpu_suite.py --dry-run [--suite flux|training] [--out DIR]   # the same code paths on the CPU, small and quick
+    python3 bench/gpu_suite.py --suite infiniteyou              # FLUX.1-dev + InfiniteYou, 3 memory modes (part D)
+    python3 bench/gpu_suite.py --suite training [--budget-s 560]  # SDXL LoRA training (part T)
+    python bench/gpu_suite.py --dry-run [--suite flux|infiniteyou|training] [--out DIR]   # the same code paths on the CPU, small and quick
 
 Part A (bench/bench_generate.py --full-size): random-weight SDXL at real sizes, 1024², 30 steps, CFG, fp16:
 plus-face batch 1 and 4 (+ the 4-step no-CFG row), instantid batch 1, faceid-plusv2 batch 1. Seconds per
@@ -61,21 +63,34 @@ def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
     ]
 
 
-# Part D (bench/bench_training.py --full-size): the twin LoRA trainer on random-weight SDXL at 1024², rank 16,
+# Part D (bench/bench_infiniteyou.py --full-size): random FLUX.1-dev + InfuseNet from the published configs, the
+# 8 identity tokens and the black (no-pose) control image, 1024², 28 steps, batch 1, in each memory mode.
+GPU_D = ["--resolution", "1024", "--steps", "28", "--warmup", "1", "--repeats", "2", "--device", "cuda"]
+DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+         "--threads", "2"]
+
+
+def infiniteyou_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
+    """(name, script, arguments, time cap) of part D. Expected on an H100: full ~90 s (build + 3 calls of
+    ~9 s), quantized ~120 s, offload ~150 s."""
+    d = DRY_D if dry_run else GPU_D
+    return [(f"D-infiniteyou-{m}", "bench_infiniteyou.py", ["--full-size", "--modes", m, *d], cap)
+            for m, cap in (("full", 150), ("quantized", 170), ("offload", 200))]
+# Part T (bench/bench_training.py --full-size): the twin LoRA trainer on random-weight SDXL at 1024², rank 16,
 # batch 1, bf16 autocast, gradient checkpointing, 8-bit AdamW when bitsandbytes imports: s/step and peak GPU
 # memory from a short run, then 500 steps including caching (goals: <= 4 min on H100-class, peak <= 22 GB).
-GPU_D = ["--full-size", "--size", "full", "--device", "cuda", "--dtype", "bfloat16", "--resolution", "1024",
+GPU_T = ["--full-size", "--size", "full", "--device", "cuda", "--dtype", "bfloat16", "--resolution", "1024",
          "--rank", "16"]
-DRY_D = ["--full-size", "--size", "small", "--device", "cpu", "--resolution", "128", "--rank", "16", "--threads", "2"]
+DRY_T = ["--full-size", "--size", "small", "--device", "cpu", "--resolution", "128", "--rank", "16", "--threads", "2"]
 
 
 def training_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
-    """(name, script, arguments, time cap) of part D. Expected on an H100: ~40 s to build the random model,
-    D-train-short ~60 s, D-train-500 ~4-5 min."""
-    d = DRY_D if dry_run else GPU_D
+    """(name, script, arguments, time cap) of part T. Expected on an H100: ~40 s to build the random model,
+    T-train-short ~60 s, T-train-500 ~4-5 min."""
+    d = DRY_T if dry_run else GPU_T
     return [
-        ("D-train-short", "bench_training.py", [*d, "--steps", "2" if dry_run else "30"], 150),
-        ("D-train-500", "bench_training.py", [*d, "--steps", "3" if dry_run else "500"], 400),
+        ("T-train-short", "bench_training.py", [*d, "--steps", "2" if dry_run else "30"], 150),
+        ("T-train-500", "bench_training.py", [*d, "--steps", "3" if dry_run else "500"], 400),
     ]
 
 
@@ -229,12 +244,25 @@ def table_ab(rows: list[dict]) -> list[str]:
     return out
 
 
+def table_d(rows: list[dict]) -> list[str]:
+    """Part D of the final table (FLUX.1-dev + InfiniteYou)."""
+    d = [r for r in rows if r.get("part") == "D"]
+    if not d:
+        return []
+    out = ["", "part D: FLUX.1-dev + InfiniteYou, s/image, batch 1; peak = max allocated GB (published bf16: ~43 GB)",
+           f"{'mode':10} {'backend':13} {'res':>5} {'st':>3} {'s/img':>7} {'peak':>6} {'build':>6}"]
+    for r in d:
+        if r.get("skipped"):
+            out.append(f"{r['mode']:10} skipped: {r['skipped']}")
+            continue
+        out.append(f"{r['mode']:10} {str(r['backend'] or '-'):13} {r['resolution']:>5} {r['steps']:>3} "
+                   f"{r['s_per_image']:>7.2f} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
 def table_training(rows: list[dict]) -> list[str]:
-    """Part D: s/step, the time for all steps with caching, peak memory, against the goals."""
+    """Part T: s/step, the time for all steps with caching, peak memory, against the goals."""
     train = [r for r in rows if str(r.get("part", "")).startswith("train-")]
     if not train:
         return []
-    out = ["", "part D: twin LoRA training (goals: 500 steps <= 240 s on H100-class, peak <= 22 GB)",
+    out = ["", "part T: twin LoRA training (goals: 500 steps <= 240 s on H100-class, peak <= 22 GB)",
            f"{'model':12} {'res':>5} {'rank':>4} {'steps':>5} {'s/step':>7} {'cache':>6} {'total':>7} "
            f"{'500 st':>7} {'peak GB':>7} {'trained':>10}"]
     for r in train:
@@ -259,6 +287,7 @@ def table(results: Path) -> list[str]:
             out.append(f"{r['model']:15} {r['mode']:10} {str(r['backend'] or '-'):13} {r['batch']:>2} "
                        f"{r['resolution']:>5} {r['steps']:>3} {r['seconds']:>7.2f} {r['s_per_image']:>6.2f} "
                        f"{str(r['held_gb']):>6} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
+    out += table_d(rows)
     out += table_training(rows)
     out.append("")
     for r in rows:
@@ -277,12 +306,13 @@ def main(argv=None) -> int:
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
-    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "training"),
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "infiniteyou", "training"),
                     help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell); "
-                         "training: part D (twin LoRA training on SDXL)")
+                         "infiniteyou: part D (FLUX.1-dev + InfiniteYou, each memory mode); "
+                         "training: part T (twin LoRA training on SDXL)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = {"flux": 540.0, "training": 560.0}.get(args.suite, 420.0)
+        args.budget_s = {"flux": 540.0, "infiniteyou": 540.0, "training": 560.0}.get(args.suite, 420.0)
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -299,8 +329,8 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = {"flux": lambda: flux_plan(args.dry_run), "training": lambda: training_plan(args.dry_run)}.get(
-        args.suite, lambda: plan(args.dry_run, peak))()
+    parts = {"flux": flux_plan, "infiniteyou": infiniteyou_plan, "training": training_plan}.get(
+        args.suite, lambda d: plan(d, peak))(args.dry_run)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.fixtures.service import wait_until
+from utils.engine.families.flux import NO_IDENTITY_NOTE
 from tests.helpers.sse import parse_sse
 from tests.helpers.webhooks import Receiver
 
@@ -86,7 +87,7 @@ def test_a_session_crosses_sdxl_flux_sdxl(flux_app):
     job = run(c, tok)
     m = job["metadata"]
     assert (job["status"], m["family"], m["model"], m["identity"]) == ("succeeded", "flux", FLUX, None), job
-    assert m["identity_note"] == "no identity method for the flux family yet"
+    assert m["identity_note"] == NO_IDENTITY_NOTE and "infiniteyou" in m["identity_note"]
     assert identity_files(app, sid) == first                               # nothing built or changed for FLUX
     assert load(c, SDXL)["previous_family"] == "flux"
     job = run(c, tok)

@@ -117,7 +117,7 @@ def test_random_sdxl_writer_leaves_the_layout_the_product_loads(tmp_path):
 def test_the_training_plan_trains_rank_16_at_the_models_size(dry_run, device, resolution, steps):
     suite = _load("gpu_suite")
     parts = suite.training_plan(dry_run)
-    assert [(n, s) for n, s, _, _ in parts] == [("D-train-short", "bench_training.py"), ("D-train-500", "bench_training.py")]
+    assert [(n, s) for n, s, _, _ in parts] == [("T-train-short", "bench_training.py"), ("T-train-500", "bench_training.py")]
     for (_, _, args, cap), want_steps in zip(parts, steps):
         assert "--full-size" in args and cap > 0
         assert args[args.index("--device") + 1] == device
@@ -125,3 +125,32 @@ def test_the_training_plan_trains_rank_16_at_the_models_size(dry_run, device, re
         assert args[args.index("--rank") + 1] == "16"
         assert args[args.index("--steps") + 1] == want_steps
     assert sum(cap for *_, cap in parts) <= 560       # inside the training suite's default budget
+@pytest.mark.parametrize("dry_run, device, size_args", [
+    (False, "cuda", {"--resolution": "1024", "--steps": "28", "--repeats": "2"}),
+    (True, "cpu", {"--size": "small", "--resolution": "128", "--steps": "2", "--repeats": "1"}),
+])
+def test_the_infiniteyou_plan_measures_every_memory_mode(dry_run, device, size_args):
+    suite = _load("gpu_suite")
+    parts = suite.infiniteyou_plan(dry_run)
+    assert [(n, s) for n, s, _, _ in parts] == [("D-infiniteyou-full", "bench_infiniteyou.py"),
+                                                ("D-infiniteyou-quantized", "bench_infiniteyou.py"),
+                                                ("D-infiniteyou-offload", "bench_infiniteyou.py")]
+    for name, script, args, cap in parts:
+        assert "--full-size" in args and cap > 0 and args[args.index("--device") + 1] == device
+        assert {k: args[args.index(k) + 1] for k in size_args} == size_args
+        assert args[args.index("--modes") + 1] == name.rsplit("-", 1)[1]
+    assert sum(cap for *_, cap in parts) <= 540
+
+
+def test_the_infiniteyou_bench_dry_run_measures_on_the_cpu(tmp_path):
+    """bench_infiniteyou.py's full-size path, small topology, CPU: the full row measured, the GPU modes skipped."""
+    import json
+    bench = _load("bench_infiniteyou")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--full-size", "--size", "small", "--device", "cpu", "--resolution", "64", "--steps", "1",
+                       "--warmup", "0", "--repeats", "1", "--jsonl", str(rows)]) == 0
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [(r["mode"], "skipped" in r) for r in got] == [("full", False), ("quantized", True), ("offload", True)]
+    assert got[0]["s_per_image"] > 0 and got[0]["model"] == "FLUX.1-dev + InfiniteYou"
+    suite = _load("gpu_suite")
+    assert any("part D" in line for line in suite.table_d(got))

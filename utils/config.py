@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from utils.errors import ConfigError
-from utils.choices import IDENTITY_COMBINES, IDENTITY_VARIANTS, RESTORE_MODEL_NAMES, face_pack
+from utils.choices import IDENTITY_COMBINES, IDENTITY_VARIANTS, INFINITEYOU_STAGES, RESTORE_MODEL_NAMES, face_pack
 
 ENV_PREFIX = "TWIN_"
 TEST_PREFIX = "TWIN_TEST_"
@@ -167,7 +167,7 @@ class Settings(_Derived):
     # --- models ------------------------------------------------------------------------------
     model_profile: str = _setting("auto", "Which base model the service starts on: sdxl or flux (real weights, see `python model_loader.py download`, with --flux-dev or --flux-schnell for FLUX); tiny or tiny-flux (the tiny offline SDXL / FLUX, built on first start); auto: sdxl when its weights are present, else flux when its weights are present, else tiny. POST /models/load switches between every base model found (GET /models), of either family.",
                                   choices=("auto", "sdxl", "flux", "tiny", "tiny-flux"))
-    ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only). faceid, faceid-plusv2 and instantid need the InsightFace face backend.",
+    ip_adapter_variant: str = _setting("plus-face", "Identity adapter: plus-face (CLIP features of the face crops), plain, faceid (ArcFace), faceid-plusv2 (ArcFace + CLIP, non-commercial), instantid (ArcFace + IdentityNet ControlNet with pose control; weights research-only) for SDXL; infiniteyou (IR-SE50 ArcFace + InfuseNet ControlNet with pose control; weights CC BY-NC 4.0) for FLUX. faceid, faceid-plusv2, instantid and infiniteyou need the InsightFace face backend.",
                                        choices=IDENTITY_VARIANTS)
     identity_combine: str = _setting("average", "How per-selfie embeddings become one identity.", choices=IDENTITY_COMBINES)
     device: str = _setting("auto", "auto | cuda | cpu | cuda:N.")
@@ -182,6 +182,9 @@ class Settings(_Derived):
     ip_adapter_repo: str = _setting("h94/IP-Adapter", "Hub id holding the Plus-Face / plain SDXL adapters and the ViT-H image encoder.")
     faceid_repo: str = _setting("h94/IP-Adapter-FaceID", "Hub id of the FaceID / FaceID Plus v2 SDXL adapters (non-commercial licence).")
     instantid_repo: str = _setting("InstantX/InstantID", "Hub id of InstantID (IdentityNet ControlNet + ip-adapter.bin; weights marked research-only).")
+    infiniteyou_repo: str = _setting("ByteDance/InfiniteYou", "Hub id of InfiniteYou for FLUX (InfuseNet + image_proj_model.bin per stage; weights CC BY-NC 4.0).")
+    infiniteyou_model: str = _setting("aes_stage2", "InfiniteYou weight set: sim_stage1 (higher face similarity) or aes_stage2 (better aesthetics and text alignment; the reference default).", choices=INFINITEYOU_STAGES)
+    arcface_file: Path | None = _setting(None, "IR-SE50 ArcFace weights (facexlib's recognition_arcface_ir_se50.pth) for infiniteyou; default <model_dir>/facexlib/recognition_arcface_ir_se50.pth.")
     lightning_repo: str = _setting("ByteDance/SDXL-Lightning", "Hub id of the few-step LoRA used by quality_mode=fast.")
     lightning_weight: str = _setting("sdxl_lightning_4step_lora.safetensors", "File name of the few-step LoRA in lightning_repo.")
     lora_dir: Path | None = _setting(None, "Folder of style LoRAs (<name>.safetensors) of either family, each told apart by its keys (GET /loras shows the family); default <model_dir>/loras.")

@@ -366,9 +366,9 @@ class Engine(Protocol):
 
     def build_identity(self, crops: Any, face_embeddings: Any = None, *, face_model: str | None = None,
                        combine: str | None = None, embedding_norms: Any = None, keypoints: Any = None,
-                       keypoint_index: Any = None) -> Any:
+                       keypoint_index: Any = None, crop_keypoints: Any = None) -> Any:
         """The identity of the accepted selfies for the active model (face inputs: see FaceService); None
-        when the active model has no identity method (the FLUX family until issue 23)."""
+        when the active model has no identity method (FLUX without infiniteyou)."""
 
     def check_identity(self, identity: Any) -> None:
         """errors.Conflict(code="identity_mismatch") when it was built for another method or model."""
@@ -430,7 +430,8 @@ class FamilyModel(Protocol):
 @runtime_checkable
 class FluxIdentityMethod(Protocol):
     """An identity method for the FLUX family, as ``FluxModel(identity_method=...)`` holds it (the way SdxlModel
-    holds its AdapterManager): InfiniteYou comes next (issue 23); until then FLUX runs without one and says so.
+    holds its AdapterManager): InfiniteYou (utils/engine/identity/infiniteyou.py); without one FLUX runs without
+    identity conditioning and says so.
 
     ``fields``: the request fields it reads (identity_strength, pose, pose_strength): they apply to the model
     only with a method that takes them. ``prepare`` runs under the family model's lock right before a call of

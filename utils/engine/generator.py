@@ -178,16 +178,16 @@ class DigitalTwinGenerator:
     # --- identity ---------------------------------------------------------------------------------
     def build_identity(self, crops: Sequence[Any] | None, face_embeddings: Sequence[Any] | None = None, *,
                        face_model: str | None = None, combine: str | None = None, embedding_norms=None,
-                       keypoints=None, keypoint_index=None) -> SessionIdentity | None:
+                       keypoints=None, keypoint_index=None, crop_keypoints=None) -> SessionIdentity | None:
         """Per-session identity from the accepted selfies, for the active model; None when the active model
-        has no identity method (FLUX, until issue 23). Safe to call while generate() runs.
+        has no identity method (FLUX without infiniteyou). Safe to call while generate() runs.
         ``embedding_norms`` / ``keypoints`` / ``keypoint_index``: the face features
         (``SelfieReport.identity_inputs()``)."""
         self._require_ready()
         return self.model.build_identity(crops, face_embeddings, face_model=face_model,
                                          combine=combine or self.settings.identity_combine,
                                          embedding_norms=embedding_norms, keypoints=keypoints,
-                                         keypoint_index=keypoint_index)
+                                         keypoint_index=keypoint_index, crop_keypoints=crop_keypoints)
 
     def check_identity(self, identity: SessionIdentity) -> None:
         """Conflict(code="identity_mismatch") when ``identity`` was built for another variant or model."""

@@ -85,14 +85,15 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           enum=RESTORE_MODEL_NAMES),
     Field("restore_fidelity", "number", "CodeFormer's fidelity weight: 0 restores most, 1 stays closest to the "
           "generated face (other models ignore it).", default=0.5, minimum=0.0, maximum=1.0),
-    Field("pose", "string", "Head pose of the portrait (instantid variant): auto (frontal, with the person's "
-          "own proportions from the selfies), a preset (" + ", ".join(POSE_PRESETS) + "), or selfie:N (the "
+    Field("pose", "string", "Head pose of the portrait (instantid and infiniteyou variants): auto (frontal, "
+          "with the person's own proportions from the selfies), a preset (" + ", ".join(POSE_PRESETS) + "), or selfie:N (the "
           "pose of accepted selfie N, N = its index in the upload report).", default="auto",
           check=lambda v, s: parse_pose(v),
           schema_extra={"pattern": "^(" + "|".join(c for c in POSE_CHOICES if c != "selfie:N")
                         + r"|selfie:[0-9]{1,6})$"}),
-    Field("pose_strength", "number", "How strongly the pose keypoints steer the image (instantid's "
-          "IdentityNet ControlNet scale; 0 = no pose control).", default=default_pose_strength,
+    Field("pose_strength", "number", "How strongly the pose keypoints steer the image (instantid: the "
+          "IdentityNet ControlNet scale; infiniteyou: the keypoint image's share, all black without pose; "
+          "0 = no pose control).", default=default_pose_strength,
           minimum=POSE_STRENGTH_RANGE[0], maximum=POSE_STRENGTH_RANGE[1]),
     Field("model", "string", "The base model (GET /models) this job is meant for: when another one is active "
           "when the job runs, it fails with model_not_loaded (409) naming both. Absent: the active model.",
@@ -135,10 +136,13 @@ APPLICABILITY: dict[str, Applies] = {
                                "flux": "at 1 only: compel, the prompt weighting, has no T5 support"},
                               lambda r, fam, m: fam != "flux" or r.style_strength >= 1.0),
     "identity_strength": Applies({"sdxl": "always (the identity adapter's scale)",
-                                  "flux": "only with an identity method (there is none for the flux family yet)"},
+                                  "flux": "only with an identity method (infiniteyou: InfuseNet's conditioning scale)"},
                                  lambda r, fam, m: "identity_strength" in m),
-    "pose": Applies({"sdxl": "only with the instantid identity method (pose control)"}, lambda r, fam, m: "pose" in m),
-    "pose_strength": Applies({"sdxl": "only with the instantid identity method (pose control)"},
+    "pose": Applies({"sdxl": "only with the instantid identity method (pose control)",
+                     "flux": "only with the infiniteyou identity method (keypoint image; absent: all black)"},
+                    lambda r, fam, m: "pose" in m),
+    "pose_strength": Applies({"sdxl": "only with the instantid identity method (pose control)",
+                              "flux": "only with the infiniteyou identity method (share of the keypoint image)"},
                              lambda r, fam, m: "pose_strength" in m),
     "width": Applies({"sdxl": "in multiples of 8", "flux": "in multiples of 16 (2x2 latents are packed into one token)"},
                      _side_ok("width")),

@@ -28,6 +28,9 @@ VARIANT_TUNING: dict[str, dict[str, Any]] = {
                   "identity_strength": 0.8, "pose_strength": 0.8},
     "faceid-plusv2": {"balanced": {"guidance_scale": 5.0}, "high_fidelity": {"guidance_scale": 5.5},
                       "fast_fallback": {"guidance_scale": 4.0}, "identity_strength": 0.8},
+    # FLUX (its steps and guidance come from FLUX_QUALITY): the reference call's InfuseNet conditioning scale
+    # 1.0; the keypoint image at full share when a pose is asked for.
+    "infiniteyou": {"identity_strength": 1.0, "pose_strength": 1.0},
 }
 # FLUX.1, per distillation (``flux_tuning_key``). dev is guidance-distilled: the guidance scale (3.5, the
 # model card's) is an input embedding, one transformer pass per step; 28 steps is the reference call, 50
@@ -51,7 +54,7 @@ FLUX_FAST_LORA_SCALE = 0.125
 SIDE_MULTIPLE = {"sdxl": 8, "flux": 16}
 DEFAULT_POSE_STRENGTH = 0.8
 # Identity variants that take a pose (a keypoint control image).
-POSE_VARIANTS = ("instantid",)
+POSE_VARIANTS = ("instantid", "infiniteyou")
 
 DEFAULT_STYLE = "photoreal"
 BASE_NEGATIVE = "worst quality, low quality, watermark, text"

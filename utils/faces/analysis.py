@@ -60,6 +60,7 @@ class Analysed:
     reject: Reject | None = None
     embedding_norm: float | None = None
     kps: np.ndarray | None = None
+    crop_kps: np.ndarray | None = None
     apparent_age: float | None = None
 
 
@@ -120,9 +121,8 @@ def image_signature(image: Image.Image, side: int = 32) -> np.ndarray:
     return thumb / norm if norm > 0 else thumb
 
 
-def aligned_crop(rgb: np.ndarray, det: Detection, *, size: int, scale: float) -> Image.Image:
-    """Square crop around the face, rotated so the eye line is level, ``scale`` × the face box side,
-    resized to ``size``; parts outside the photo repeat the edge pixels."""
+def crop_matrix(det: Detection, *, size: int, scale: float) -> np.ndarray:
+    """The 2x3 similarity that ``aligned_crop`` applies: image pixels of ``det``'s photo -> crop pixels."""
     import cv2
 
     le, re = np.asarray(det.left_eye), np.asarray(det.right_eye)
@@ -132,9 +132,28 @@ def aligned_crop(rgb: np.ndarray, det: Detection, *, size: int, scale: float) ->
     m = cv2.getRotationMatrix2D((cx, cy), angle, size / side)
     m[0, 2] += size / 2 - cx
     m[1, 2] += size / 2 - cy
-    out = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE)
+    return m
+
+
+def aligned_crop(rgb: np.ndarray, det: Detection, *, size: int, scale: float) -> Image.Image:
+    """Square crop around the face, rotated so the eye line is level, ``scale`` × the face box side,
+    resized to ``size``; parts outside the photo repeat the edge pixels."""
+    import cv2
+
+    side = max(det.width, det.height) * scale
+    out = cv2.warpAffine(rgb, crop_matrix(det, size=size, scale=scale), (size, size),
+                         flags=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return Image.fromarray(out)
+
+
+def crop_keypoints(det: Detection, *, size: int, scale: float) -> np.ndarray | None:
+    """``det``'s 5 key points in its aligned crop's pixels (None without key points): what an identity
+    method that aligns its own face chip from the crop needs (InfiniteYou's 112 px ArcFace crop)."""
+    if det.kps is None:
+        return None
+    m = crop_matrix(det, size=size, scale=scale)
+    k = np.asarray(det.kps, dtype=np.float64).reshape(5, 2)
+    return (k @ m[:, :2].T + m[:, 2]).astype(np.float32)
 
 
 def face_need(settings: Settings) -> float:
@@ -265,6 +284,9 @@ def _keep_identity(backend: FaceBackend, s: Settings, face: _Face, item: Analyse
     det = face.det
     item.embedding_norm, item.kps, item.apparent_age = det.embedding_norm, det.kps, det.age
     item.crop = aligned_crop(face.view, face.vdet, size=s.face_crop_size, scale=s.face_crop_scale)
+    # From ``det`` (the reduced photo), whose box and key points are the view's up to one uniform scale and
+    # shift, so the crop frame is the same (the view's detection carries no key points of its own).
+    item.crop_kps = crop_keypoints(det, size=s.face_crop_size, scale=s.face_crop_scale)
     if face.side * s.face_crop_scale < s.face_crop_size / 2:
         item.warnings.append({"code": "low_resolution", "message": (
             f"{item.filename}: the face is only {face.side:.0f} px wide; a closer or larger photo gives a sharper likeness")})

@@ -45,6 +45,8 @@ class AcceptedSelfie:
     # Never logged, never in to_json().
     embedding_norm: float | None = field(default=None, repr=False)
     kps: np.ndarray | None = field(default=None, repr=False)
+    # The same 5 points in ``crop``'s pixels (InfiniteYou aligns its ArcFace chip from the crop).
+    crop_kps: np.ndarray | None = field(default=None, repr=False)
     # Apparent age in years (InsightFace genderage), for the session's age gate (utils.safety.policy).
     # Never logged, never in to_json().
     apparent_age: float | None = field(default=None, repr=False)
@@ -77,7 +79,8 @@ class SelfieReport:
             return {}
         return {"embedding_norms": [a.embedding_norm for a in self.accepted],
                 "keypoints": [a.kps for a in self.accepted],
-                "keypoint_index": [a.index for a in self.accepted]}
+                "keypoint_index": [a.index for a in self.accepted],
+                "crop_keypoints": [a.crop_kps for a in self.accepted]}
 
     def apparent_ages(self) -> list[float | None]:
         """Each accepted selfie's apparent age (None where the backend has no age model), for
@@ -331,7 +334,7 @@ def _report(items: list[Analysed], backend: FaceBackend) -> SelfieReport:
             report.accepted.append(AcceptedSelfie(it.index, it.filename, it.preview, it.crop,
                                                   it.embedding, it.warnings, dict(it.metrics), it.size,
                                                   embedding_norm=it.embedding_norm, kps=it.kps,
-                                                  apparent_age=it.apparent_age))
+                                                  crop_kps=it.crop_kps, apparent_age=it.apparent_age))
     if report.accepted:
         report.template = np.mean([normalise(a.embedding) for a in report.accepted], axis=0).astype(np.float32)
     return report

@@ -6,7 +6,7 @@ One module per thing, read bottom-up (none of them imports torch or diffusers at
 * ``layout``      folder and file names, the hub repos, and ``model_layout``: settings -> ``ModelLayout`` (SDXL)
                   or ``FluxLayout``, the one answer to "which folder holds what" for the profile in use;
                   ``list_base_models``: the base models found, of both families.
-* ``flux_configs/`` the real hub configs of FLUX.1-dev and -schnell (parameter counts, benches).
+* ``flux_configs/`` the real hub configs of FLUX.1-dev and -schnell and InfiniteYou's InfuseNet (parameter counts, benches).
 * ``download``    fetching the sdxl profile's repos, FLUX.1's diffusers folders and the restoration models.
 * ``adapters``    the IP-Adapter weight files as the loader reads them (keys and shapes per variant).
 * ``identitynet`` InstantID's IdentityNet (the ControlNet that reads the identity tokens).

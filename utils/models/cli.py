@@ -9,7 +9,7 @@ from pathlib import Path
 
 from utils.config import Settings
 from utils.errors import ModelWeightsMissing
-from utils.models.download import download, download_classifier, download_flux, download_restore
+from utils.models.download import download, download_classifier, download_flux, download_infiniteyou, download_restore
 from utils.models.filecheck import FileCheck
 from utils.models.layout import ANTELOPE_DIR, choose_profile, resolve_sdxl
 from utils.models.startup import ready_layout, verify_any
@@ -59,6 +59,11 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
     d.add_argument("--safety", action="store_true",
                    help="only the NSFW image classifier of the output safety check (fetched with every download "
                         "unless TWIN_SAFETY_MODE=off) into TWIN_SAFETY_MODEL_DIR")
+    d.add_argument("--infiniteyou", action="store_true",
+                   help="only InfiniteYou for FLUX (InfuseNet + projection, weights CC BY-NC 4.0) + antelopev2 "
+                        "(non-commercial) + IR-SE50 ArcFace; the FLUX.1-dev folders come with --flux-dev")
+    d.add_argument("--stage", choices=("sim_stage1", "aes_stage2"), default=None,
+                   help="InfiniteYou weight set to fetch (default TWIN_INFINITEYOU_MODEL)")
     t = sub.add_parser("make-tiny", help="write the tiny offline model folder")
     t.add_argument("dir", type=Path)
     sub.add_parser("check", help="say which profile would load and why")
@@ -77,6 +82,12 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
     if args.safety or settings.safety_mode != "off":
         print(download_classifier(settings))
         if args.safety:
+            return 0
+    # The configured FLUX identity method comes with the FLUX download (as an SDXL variant's files come with SDXL's).
+    if args.infiniteyou or (settings.ip_adapter_variant == "infiniteyou" and (args.flux_dev or args.flux_schnell)):
+        for p in download_infiniteyou(settings, args.stage):
+            print(p)
+        if not (args.flux_dev or args.flux_schnell):
             return 0
     if args.flux_dev or args.flux_schnell:
         for p in download_flux(settings, dev=args.flux_dev, schnell=args.flux_schnell, fast_lora=not args.no_lightning):

@@ -52,6 +52,43 @@ def download_classifier(settings: Settings, snapshot_download=None) -> Path:
     return target
 
 
+def download_infiniteyou(settings: Settings, stage: str | None = None, snapshot_download=None,
+                          urlretrieve=None) -> list[Path]:
+    """InfiniteYou for FLUX (``ByteDance/InfiniteYou``, weights CC BY-NC 4.0): one stage's InfuseNet folder and
+    image_proj_model.bin, and the antelopev2 pack the repo carries (``supports/insightface/models/antelopev2``,
+    non-commercial), copied to where the face service looks (<model_dir>/insightface/antelopev2); plus
+    facexlib's IR-SE50 ArcFace weights from its GitHub release (not on the hub)."""
+    import shutil
+    from utils.models.infiniteyou import ARCFACE_URL, INFU_DIR, INFU_VERSION_DIR, infiniteyou_files
+    if snapshot_download is None:
+        from huggingface_hub import snapshot_download
+    if urlretrieve is None:
+        from urllib.request import urlretrieve
+    stage = stage or settings.infiniteyou_model
+    files = infiniteyou_files(settings.replace(infiniteyou_model=stage))
+    pack_src = "supports/insightface/models/antelopev2"
+    target = Path(settings.model_dir) / INFU_DIR
+    log.info("downloading %s (%s, CC BY-NC 4.0) -> %s", settings.infiniteyou_repo, stage, target)
+    snapshot_download(repo_id=settings.infiniteyou_repo, local_dir=str(target),
+                      allow_patterns=[f"{INFU_VERSION_DIR}/{stage}/*", f"{INFU_VERSION_DIR}/{stage}/**",
+                                      f"{pack_src}/*"])
+    out = [files.stage_dir]
+    pack = Path(settings.model_dir) / "insightface" / "antelopev2"
+    if (target / pack_src).is_dir():
+        pack.mkdir(parents=True, exist_ok=True)
+        for f in (target / pack_src).glob("*.onnx"):
+            shutil.copy2(f, pack / f.name)
+        out.append(pack)
+    if not files.arcface.is_file():
+        files.arcface.parent.mkdir(parents=True, exist_ok=True)
+        log.info("downloading IR-SE50 ArcFace %s -> %s", ARCFACE_URL, files.arcface)
+        tmp = files.arcface.with_suffix(".part")
+        urlretrieve(ARCFACE_URL, str(tmp))
+        tmp.replace(files.arcface)
+    out.append(files.arcface)
+    return out
+
+
 def download_restore(settings: Settings, names: list[str], hf_hub_download=None) -> list[Path]:
     """Fetch face restoration models (FaceFusion's ONNX exports, Hugging Face ``facefusion/models-3.0.0``:
     gfpgan_1.4.onnx, codeformer.onnx, gpen_bfr_512.onnx) into TWIN_RESTORE_MODEL_DIR (default

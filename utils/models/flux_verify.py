@@ -25,8 +25,10 @@ COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pyt
               ("text_encoder", "model"), ("text_encoder_2", "model"))
 
 
-def verify_flux_layout(layout: FluxLayout) -> list[FileCheck]:
-    meta: dict[str, Any] = {}
+def verify_flux_layout(layout: FluxLayout, meta: dict[str, Any] | None = None) -> list[FileCheck]:
+    """``meta``: filled with the components built on the meta device (the identity method's checks read the
+    transformer's config from it)."""
+    meta = {} if meta is None else meta
     with quiet_libraries():
         checks = []
         for sub, stem in COMPONENTS:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 from utils.config import Settings
-from utils.errors import ModelWeightsMissing
+from utils.choices import DEFAULT_IDENTITY_VARIANT, FAMILY_VARIANTS
+from utils.errors import ConfigError, ModelWeightsMissing
+from utils.models.infiniteyou import InfiniteYouFiles, infiniteyou_files
 from utils.models.kinds import checkpoint_family, flux_is_guidance_distilled
 
 log = logging.getLogger("twin.models")
@@ -231,9 +233,12 @@ class FluxLayout:
     restore_dir: Path
     missing: tuple[str, ...] = ()
     missing_optional: tuple[str, ...] = ()
-    variant: str = ""
-    # What a session identity would be bound to (the identity method's base family; issue 23's method reads it).
+    variant: str = ""               # the identity method: "" (none) or infiniteyou
+    # What a session identity would be bound to (the family: InfiniteYou identities are IR-SE50 vectors, the
+    # same for every FLUX base model and stage; the projection runs per call).
     identity_model: str = "flux"
+    infiniteyou: InfiniteYouFiles | None = None
+    face_pack: Path | None = None
 
     @property
     def fast_lora_file(self) -> Path:
@@ -298,7 +303,16 @@ def flux_layout(settings: Settings, which: str | None = None) -> FluxLayout:
                       native_resolution=FLUX_RESOLUTION, base=base or model_dir / base_spec.local_name,
                       fast_lora=fast or model_dir / FLUX_FAST_DIR, fast_lora_weight=settings.flux_fast_lora_weight,
                       lora_dir=settings.resolved_lora_dir, checkpoints=model_dir / CHECKPOINT_DIR,
-                      restore_dir=settings.resolved_restore_dir, missing=missing, missing_optional=optional)
+                      restore_dir=settings.resolved_restore_dir, missing=missing, missing_optional=optional,
+                      **_flux_identity(settings, None))
+
+
+def _flux_identity(settings: Settings, tiny_root: Path | None) -> dict:
+    """A FLUX layout's identity-method fields: InfiniteYou's files and the face pack when it is configured."""
+    if settings.ip_adapter_variant not in FAMILY_VARIANTS["flux"]:
+        return {}
+    return {"variant": settings.ip_adapter_variant, "infiniteyou": infiniteyou_files(settings, tiny_root),
+            "face_pack": _face_pack(settings, tiny_root)}
 
 
 def tiny_flux_layout(settings: Settings) -> FluxLayout:
@@ -309,13 +323,34 @@ def tiny_flux_layout(settings: Settings) -> FluxLayout:
                       fast_lora=root / FLUX_FAST_DIR, fast_lora_weight=TINY_FLUX_FAST_WEIGHT,
                       lora_dir=root / LORA_DIR, checkpoints=root / CHECKPOINT_DIR,
                       restore_dir=Path(settings.restore_model_dir) if settings.restore_model_dir is not None
-                      else root / RESTORE_DIR)
+                      else root / RESTORE_DIR, **_flux_identity(settings, root))
 
 
 def model_layout(settings: Settings) -> "Layout":
     """The folders of the configured profile: tiny / tiny-flux (the generated tiny folder), sdxl, flux. ``auto``
     is sdxl when its weights are found, else flux when its weights are found, else tiny (said loudly). The
     tiny folder may not be built yet: ``startup.ready_layout`` builds it before anything reads it."""
+    family = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux": "flux", "flux": "flux"}.get(settings.model_profile)
+    if family is not None:
+        check_variant_family(settings, family)
+    layout = _profile_layout(settings)
+    check_variant_family(settings, layout.family)
+    return layout
+
+
+def check_variant_family(settings: Settings, family: str) -> None:
+    """ConfigError at start-up when TWIN_IP_ADAPTER_VARIANT is another family's identity method."""
+    v = settings.ip_adapter_variant
+    if v in FAMILY_VARIANTS[family] or (family == "flux" and v == DEFAULT_IDENTITY_VARIANT):
+        return
+    other = "flux" if family == "sdxl" else "sdxl"
+    profiles = "flux or tiny-flux" if other == "flux" else "sdxl or tiny"
+    raise ConfigError(f"TWIN_IP_ADAPTER_VARIANT={v} is an identity method of the {other} family, but the base model "
+                      f"(TWIN_MODEL_PROFILE={settings.model_profile}) is {family}: set TWIN_IP_ADAPTER_VARIANT to "
+                      f"{' or '.join(FAMILY_VARIANTS[family])}, or TWIN_MODEL_PROFILE to {profiles}")
+
+
+def _profile_layout(settings: Settings) -> "Layout":
     profile = settings.model_profile
     if profile == "tiny":
         return tiny_layout(settings)
@@ -335,9 +370,16 @@ def model_layout(settings: Settings) -> "Layout":
     return sdxl
 
 
+def _sdxl_variant(settings: Settings) -> str:
+    """The configured variant for an SDXL layout; a FLUX-only one (refused by ``check_variant_family`` when
+    SDXL is the model to start) reads as the default so the catalogue can still describe SDXL folders."""
+    v = settings.ip_adapter_variant
+    return v if v in FAMILY_VARIANTS["sdxl"] else DEFAULT_IDENTITY_VARIANT
+
+
 def tiny_layout(settings: Settings) -> ModelLayout:
     root = settings.resolved_tiny_model_dir
-    variant = settings.ip_adapter_variant
+    variant = _sdxl_variant(settings)
     return ModelLayout(
         profile="tiny", variant=variant, model_dir=Path(settings.model_dir), model_name=TINY_MODEL_NAME,
         native_resolution=TINY_RESOLUTION, base=root / BASE_DIR, fp16=False,
@@ -360,7 +402,7 @@ def sdxl_layout(settings: Settings) -> ModelLayout:
             optional_missing.append(spec.repo_id)
         elif path is None:
             missing.append(f"{spec.repo_id} [{spec.purpose}: {', '.join(spec.required)}] looked in: {'; '.join(looked)}")
-    variant = settings.ip_adapter_variant
+    variant = _sdxl_variant(settings)
     repo = ADAPTER_FILES[variant][0]
     return ModelLayout(
         profile="sdxl", variant=variant, model_dir=model_dir, model_name=settings.sdxl_model_id,
@@ -437,11 +479,14 @@ def list_base_models(settings: Settings) -> dict[str, BaseModel]:
     name (one whose keys name neither, or cannot be read, is taken for the configured family: its load then
     fails naming the file, and ``verify`` names the problem)."""
     layout = model_layout(settings)
+    # A FLUX-only identity method: the SDXL folders are not offered (they cannot load with it).
+    sdxl_ok = settings.ip_adapter_variant not in FAMILY_VARIANTS["flux"]
     if layout.profile == "tiny":
-        folders: list[Layout] = [layout] + [x for x in (tiny_layout(settings), tiny_flux_layout(settings))
-                                            if x.model_name != layout.model_name]
+        tiny = ([tiny_layout(settings)] if sdxl_ok else []) + [tiny_flux_layout(settings)]
+        folders: list[Layout] = [layout] + [x for x in tiny if x.model_name != layout.model_name]
     else:
-        others = [sdxl_layout(settings), flux_layout(settings, "dev"), flux_layout(settings, "schnell")]
+        others = ([sdxl_layout(settings)] if sdxl_ok else []) + [flux_layout(settings, "dev"),
+                                                                 flux_layout(settings, "schnell")]
         folders = [layout] + [x for x in others if not x.missing and x.model_name != layout.model_name]
     out = {x.model_name: BaseModel(x.model_name, x.family, x) for x in folders}
     if layout.checkpoints.is_dir():

@@ -69,5 +69,17 @@ def verify(settings: Settings) -> list[FileCheck]:
 
 
 def verify_any(layout) -> list[FileCheck]:
-    """The preflight of a layout of either family."""
-    return verify_flux_layout(layout) if isinstance(layout, FluxLayout) else verify_layout(layout)
+    """The preflight of a layout of either family (FLUX: with its identity method's files and face pack)."""
+    if not isinstance(layout, FluxLayout):
+        return verify_layout(layout)
+    meta: dict = {}
+    checks = verify_flux_layout(layout, meta)
+    if layout.infiniteyou is not None:
+        from utils.models.infiniteyou_load import check_files
+        from utils.models.load import quiet_libraries
+        from utils.models.onnx_check import verify_face_pack
+        with quiet_libraries():
+            checks += check_files(layout.infiniteyou, dict(meta["transformer"].config) if "transformer" in meta
+                                  else None)
+        checks += verify_face_pack(layout.face_pack)
+    return checks

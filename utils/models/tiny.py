@@ -18,9 +18,10 @@ from utils.models.layout import (ADAPTER_FILES, ANTELOPE_DIR, BASE_DIR, CHECKPOI
 from utils.models.load import quiet_libraries
 from utils.models.single_file import to_single_file
 from utils.models.tiny_flux import write_tiny_flux
+from utils.models.tiny_infiniteyou import write_tiny_infiniteyou
 from utils.models.tiny_tokenizers import bytes_to_unicode, tiny_tokenizer, write_classic_tokenizers  # noqa: F401
 
-TINY_VERSION = 5           # bump when make_tiny writes new files: an older folder is rebuilt on start (5: NSFW classifier stand-in)
+TINY_VERSION = 7           # bump when make_tiny writes new files: an older folder is rebuilt on start (7: NSFW classifier stand-in + InfiniteYou)
 TINY_SEED = 20261122
 TINY_TE1, TINY_TE2, TINY_PROJ = 32, 64, 32
 TINY_CROSS = TINY_TE1 + TINY_TE2
@@ -98,6 +99,7 @@ def _write_tiny(root: Path) -> None:
     write_tiny_flux(root)       # tiny-flux beside tiny-sdxl: the second family, in the same folder
     from utils.safety import classifier   # the output safety check's stand-in (the real layout, answers "normal")
     classifier.write_standin(root / classifier.LOCAL_NAME)
+    write_tiny_infiniteyou(root)   # tiny-flux's identity method
     (root / MARKER).write_text(json.dumps({
         "profile": "tiny", "version": TINY_VERSION, "seed": TINY_SEED, "native_resolution": TINY_RESOLUTION,
         "note": "randomly initialised demo model; outputs are not portraits"}, indent=1))

@@ -23,7 +23,7 @@ class Identities:
     def for_engine(self, engine, session_id: str):
         """The session's identity for ``engine``'s active model: a cached one that fits, else one built now
         from the stored face features (and cached); None when the active model has no identity method (FLUX
-        until issue 23: the job runs without identity conditioning and its metadata says so; the cached
+        without infiniteyou: the job runs without identity conditioning and its metadata says so; the cached
         identities stay for a switch back). Conflict (409) names what a rebuild would need."""
         for path in self.storage.identity_paths(session_id):
             try:

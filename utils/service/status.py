@@ -80,7 +80,7 @@ def system_status(rt) -> dict:
         "model_registry": rt.models.available,
         "uptime_seconds": round(time.time() - rt.started_at, 1),
         # family: sdxl | flux; memory: FLUX's TWIN_FLUX_MEMORY choice ({mode, backend, reason}); identity_note:
-        # why a family runs without an identity method (FLUX until issue 23).
+        # why a family runs without an identity method (FLUX without infiniteyou).
         "model": {"profile": info.get("profile"), "family": info.get("family"), "variant": info.get("variant"),
                   "model_name": info.get("model_name"), "is_demo": info.get("is_demo"), "dtype": info.get("dtype"),
                   "memory": info.get("memory"), "identity_note": info.get("identity_note")},

@@ -23,6 +23,7 @@ class SessionFaces:
     template: Any = None                  # mean of the normalised embeddings
     norms: list | None = None             # raw ArcFace lengths (InsightFace); None per selfie without one
     keypoints: list | None = None         # 5 face points per selfie in its photo (InsightFace), or None
+    crop_keypoints: list | None = None    # the same points in each crop's pixels, or None
 
     def identity_inputs(self) -> dict[str, Any]:
         """``build_identity(**...)``'s face inputs beyond crops and embeddings (as SelfieReport.identity_inputs)."""
@@ -30,7 +31,8 @@ class SessionFaces:
             return {}
         n = len(self.indices)
         return {"embedding_norms": self.norms or [None] * n, "keypoints": self.keypoints or [None] * n,
-                "keypoint_index": list(self.indices)}
+                "keypoint_index": list(self.indices),
+                "crop_keypoints": self.crop_keypoints or [None] * n}
 
 
 def face_features_bytes(report) -> bytes:
@@ -46,9 +48,10 @@ def face_features_bytes(report) -> bytes:
     inputs = report.identity_inputs()
     if inputs.get("embedding_norms") is not None:
         tensors["norms"] = np.asarray([np.nan if n is None else n for n in inputs["embedding_norms"]], np.float32)
-    if inputs.get("keypoints") is not None:
-        tensors["keypoints"] = np.stack([np.full((5, 2), np.nan, np.float32) if k is None
-                                         else np.asarray(k, np.float32).reshape(5, 2) for k in inputs["keypoints"]])
+    for name in ("keypoints", "crop_keypoints"):
+        if inputs.get(name) is not None:
+            tensors[name] = np.stack([np.full((5, 2), np.nan, np.float32) if k is None
+                                      else np.asarray(k, np.float32).reshape(5, 2) for k in inputs[name]])
     return save(tensors, metadata={"model_name": str(report.model_name)})
 
 
@@ -87,10 +90,11 @@ def read_session_faces(faces_file: Path, crops: Callable[[list[int]], list[Path]
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
     norms = [None if not np.isfinite(v) else float(v) for v in t["norms"]] if "norms" in t else None
-    kps = ([None if not np.all(np.isfinite(k)) else k for k in t["keypoints"]] if "keypoints" in t else None)
+    kps, crop_kps = ([None if not np.all(np.isfinite(k)) else k for k in t[name]] if name in t else None
+                     for name in ("keypoints", "crop_keypoints"))
     return SessionFaces(indices=indices, crops=images, embeddings=list(t["embeddings"]),
                         face_model=meta.get("model_name") or None, template=t.get("template"),
-                        norms=norms, keypoints=kps)
+                        norms=norms, keypoints=kps, crop_keypoints=crop_kps)
 
 
 def read_template(faces_file: Path):

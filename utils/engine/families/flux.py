@@ -6,9 +6,10 @@ vector, 77 tokens: the persona prompt is fitted to each with its own tokenizer),
 prompt (``true_cfg``), and the packed 16-channel latents for previews.
 
 An identity method plugs in as ``FluxModel(identity_method=...)`` (``FluxIdentityMethod`` in
-utils/contracts.py; InfiniteYou is next). There is none yet: a job with a session generates without identity
-conditioning, its metadata says ``identity: null`` with the note ``NO_IDENTITY_NOTE``, and the fields only an
-identity method reads (identity_strength, pose, pose_strength) are refused (``request.APPLICABILITY``).
+utils/contracts.py): InfiniteYou (utils/engine/identity/infiniteyou.py) with TWIN_IP_ADAPTER_VARIANT=infiniteyou.
+Without one, a job with a session generates without identity conditioning, its metadata says ``identity: null``
+with the note ``NO_IDENTITY_NOTE``, and the fields only an identity method reads (identity_strength, pose,
+pose_strength) are refused (``request.APPLICABILITY``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from utils.prompts import build_prompt
 from utils.styles import Style, apply_style
 
 FAMILY = "flux"
-NO_IDENTITY_NOTE = "no identity method for the flux family yet"
+NO_IDENTITY_NOTE = "no identity method: set TWIN_IP_ADAPTER_VARIANT=infiniteyou for likeness on FLUX"
 CLIP_WINDOW = 77
 
 
@@ -49,10 +50,16 @@ class FluxModel:
 
     @classmethod
     def load(cls, settings: Settings, entry=None) -> "FluxModel":
-        """A FLUX base model (``entry`` from the catalogue; None: the configured one), without an identity
-        method (none exists for FLUX yet)."""
+        """A FLUX base model (``entry`` from the catalogue; None: the configured one) with InfiniteYou when
+        TWIN_IP_ADAPTER_VARIANT=infiniteyou, else without an identity method."""
         from utils.models.startup import load_base_model
-        return cls(settings, load_base_model(settings, entry))
+        models = load_base_model(settings, entry)
+        method = None
+        if settings.ip_adapter_variant == "infiniteyou":
+            from utils.engine.identity.infiniteyou import InfiniteYou
+            method = InfiniteYou.load(settings, models)
+            models.adapter_variant = method.variant
+        return cls(settings, models, method)
 
     # --- what it is ------------------------------------------------------------------------------------
     @property
@@ -82,7 +89,8 @@ class FluxModel:
                 "notes": list(m.notes), "variant": self.variant, "identity_model": m.identity_model or m.model_name,
                 "flux_variant": "dev" if self.guidance_distilled else "schnell", "memory": m.memory,
                 "identity_method": self.variant or None,
-                **({} if self.adapter is not None else {"identity_note": NO_IDENTITY_NOTE})}
+                **(getattr(self.adapter, "info", dict)() if self.adapter is not None else
+                   {"identity_note": NO_IDENTITY_NOTE})}
 
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs):
@@ -233,6 +241,8 @@ class FluxModel:
                "max_sequence_length": plan["max_sequence_length"], "prompt_clip": plan.get("prompt_clip"),
                "true_cfg": plan["true_cfg"], "cost_factor": 2 if plan["true_cfg"] is not None else 1,
                "memory_mode": (self.models.memory or {}).get("mode"), "pose": None, "pose_strength": None}
+        if self.adapter is not None and req.identity is not None and hasattr(self.adapter, "call_metadata"):
+            out.update(self.adapter.call_metadata(req))     # optional: what the method adds (pose, stage)
         if plan["true_cfg"] is not None:
             out["true_cfg_note"] = "true CFG: a second transformer pass per step for the negative prompt (twice the cost)"
         if self.adapter is None:

@@ -145,7 +145,8 @@ class AdapterManager:
         return out[0].float().cpu()
 
     def build_identity(self, crops, face_embeddings, *, face_model: str | None, combine: str,
-                       embedding_norms=None, keypoints=None, keypoint_index=None) -> SessionIdentity:
+                       embedding_norms=None, keypoints=None, keypoint_index=None,
+                       crop_keypoints=None) -> SessionIdentity:
         import torch
         per_image = self.per_image_embeds(crops, face_embeddings, face_model, embedding_norms)
         n = per_image.shape[1]
@@ -154,14 +155,8 @@ class AdapterManager:
         extras: dict[str, Any] = {}
         if self.variant == "faceid-plusv2":
             extras["clip_embeds"] = combine_embeds(self.clip_embeds(_tight_crops(crops)), combine).contiguous()
-        if keypoints is not None:
-            from utils.engine.identity.pose import normalise_selfie_kps
-            kept = [(i, k) for i, k in zip(keypoint_index if keypoint_index is not None else range(len(keypoints)),
-                                           keypoints) if k is not None]
-            if kept:
-                extras["keypoints"] = torch.tensor(np.stack([normalise_selfie_kps(k) for _, k in kept]),
-                                                   dtype=torch.float32)
-                extras["keypoint_index"] = torch.tensor([int(i) for i, _ in kept], dtype=torch.int64)
+        from utils.engine.identity.pose import keypoint_extras
+        extras.update(keypoint_extras(keypoints, keypoint_index))
         return SessionIdentity(embeds=combine_embeds(per_image, combine).contiguous(), variant=self.variant or "",
                                model_name=self.models.identity_model or self.models.model_name,
                                combine=combine, num_selfies=int(n),

@@ -171,5 +171,19 @@ def draw_kps(width: int, height: int, kps: Any):
     return Image.fromarray(out.astype(np.uint8))
 
 
+def keypoint_extras(keypoints: Any, keypoint_index: Any) -> dict[str, Any]:
+    """An identity's ``extras`` for pose="selfie:N": each selfie's normalised layout and its upload index
+    (selfies without key points left out); empty when none has them."""
+    if keypoints is None:
+        return {}
+    import torch
+    kept = [(i, k) for i, k in zip(keypoint_index if keypoint_index is not None else range(len(keypoints)), keypoints)
+            if k is not None]
+    if not kept:
+        return {}
+    return {"keypoints": torch.tensor(np.stack([normalise_selfie_kps(k) for _, k in kept]), dtype=torch.float32),
+            "keypoint_index": torch.tensor([int(i) for i, _ in kept], dtype=torch.int64)}
+
+
 def pose_image(pose: str, width: int, height: int, keypoints: Any = None, indices: Any = None):
     return draw_kps(width, height, place(resolve_pose(pose, keypoints, indices), width, height))
