@@ -262,6 +262,34 @@ def _upload_generate_paths(s: Settings, c: dict) -> dict[str, Any]:
     }
 
 
+def _events_path(job_id: dict, owned: dict) -> dict[str, Any]:
+    """GET /events/{job_id}: the Server-Sent Events stream of one job."""
+    return {"get": {
+        "operationId": "events", "parameters": [
+            job_id,
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+            {"name": "last_event_id", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}],
+        "summary": "The job's live events as Server-Sent Events: status, progress, output, done (then the "
+                   "stream ends). Resume with Last-Event-ID.",
+        "responses": {"200": {
+            "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
+                            "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds (a training adds steps and "
+                            "loss); output: "
+                            "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
+            # OpenAPI 3.0: the schema of a text/event-stream describes one event.
+            "content": {"text/event-stream": {"schema": {
+                "type": "object", "required": ["event", "data"],
+                "properties": {"event": {"type": "string", "enum": ["status", "progress", "preview", "output", "done"]},
+                               "data": {"type": "string"},
+                               "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}},
+                      "400": _error("Last-Event-ID is not an event id."),
+                      "404": _error("No such job for this caller."),
+                      "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
+                      **owned}}}
+
+
 def _job_paths(s: Settings, c: dict) -> dict[str, Any]:
     job_id, owned = c["job_id"], c["owned"]
     return {
@@ -269,30 +297,7 @@ def _job_paths(s: Settings, c: dict) -> dict[str, Any]:
             "operationId": "status", "parameters": [job_id],
             "responses": {"200": {"description": "The job.", "content": {"application/json": {"schema": _ref("Job")}}},
                           "404": _error("No such job for this caller."), **owned}}},
-        "/events/{job_id}": {"get": {
-            "operationId": "events", "parameters": [
-                job_id,
-                {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
-                {"name": "last_event_id", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}],
-            "summary": "The job's live events as Server-Sent Events: status, progress, output, done (then the "
-                       "stream ends). Resume with Last-Event-ID.",
-            "responses": {"200": {
-                "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
-                                "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds (a training adds steps and "
-                                "loss); output: "
-                                "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
-                # OpenAPI 3.0: the schema of a text/event-stream describes one event.
-                "content": {"text/event-stream": {"schema": {
-                    "type": "object", "required": ["event", "data"],
-                    "properties": {"event": {"type": "string", "enum": ["status", "progress", "preview", "output", "done"]},
-                                   "data": {"type": "string"},
-                                   "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}},
-                          "400": _error("Last-Event-ID is not an event id."),
-                          "404": _error("No such job for this caller."),
-                          "429": _error("TWIN_MAX_EVENT_STREAMS streams are open.", retry_after=True),
-                          **owned}}},
+        "/events/{job_id}": _events_path(job_id, owned),
         "/preview/{job_id}": {"get": {
             "operationId": "preview", "parameters": [job_id],
             "summary": "The latest live preview of a running job that asked for preview: true.",
