@@ -257,6 +257,9 @@ def table_d(rows: list[dict]) -> list[str]:
             continue
         out.append(f"{r['mode']:10} {str(r['backend'] or '-'):13} {r['resolution']:>5} {r['steps']:>3} "
                    f"{r['s_per_image']:>7.2f} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
+    return out
+
+
 def table_training(rows: list[dict]) -> list[str]:
     """Part T: s/step, the time for all steps with caching, peak memory, against the goals."""
     train = [r for r in rows if str(r.get("part", "")).startswith("train-")]

@@ -143,13 +143,14 @@ def test_download_fetches_only_the_needed_flux_files(tmp_path, monkeypatch, argv
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
     monkeypatch.setenv("TWIN_MODEL_DIR", str(tmp_path))
     assert ml.main(["download", *argv]) == 0
-    assert [c["repo_id"] for c in calls] == repos
-    flux = calls[0]
+    # the output safety check's classifier comes with every download (TWIN_SAFETY_MODE is not off)
+    assert [c["repo_id"] for c in calls] == ["Falconsai/nsfw_image_detection", *repos]
+    flux = calls[1]
     taken = [f for f in HUB_FILES if any(fnmatch.fnmatch(f, p) for p in flux["allow_patterns"])]
     assert "flux1-dev.safetensors" not in taken and "ae.safetensors" not in taken and "dev_grid.jpg" not in taken
     assert set(taken) >= set(FLUX_REQUIRED) and flux["allow_patterns"] == FLUX_PATTERNS
     if "ByteDance/Hyper-SD" in repos:
-        assert calls[1]["allow_patterns"] == ["Hyper-FLUX.1-dev-8steps-lora.safetensors"]
+        assert calls[2]["allow_patterns"] == ["Hyper-FLUX.1-dev-8steps-lora.safetensors"]
 
 
 # --- verify on a FLUX layout: each broken file named -------------------------------------------------------
