@@ -338,7 +338,8 @@ class Engine(Protocol):
     """Generates portraits: DigitalTwinGenerator in-process, or a GeneratorProcess running one in a child.
 
     ``setup`` loads the models once (an API node of a cluster never calls it); ``state`` is starting |
-    ready | setup_failed (| restarting for a generator process)."""
+    warming (models loaded, warm-up / torch.compile running) | ready | setup_failed (| restarting for a
+    generator process)."""
 
     state: str
     error: Any

@@ -45,6 +45,8 @@ class DigitalTwinGenerator:
         # between jobs, never inside one (the new model is loaded beside the old without it).
         self._model_lock = threading.RLock()
         self._load_lock = threading.Lock()      # one load_model() at a time
+        # Told each state change during set-up ("warming"): a generator process forwards it to its parent.
+        self.on_state: Callable[[str], Any] | None = None
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -69,13 +71,33 @@ class DigitalTwinGenerator:
         style_library(self.settings)  # a broken style file fails set-up, naming the line
         self.model = load_family_model(self.settings)
         self.load_seconds = time.perf_counter() - t0
-        if self.settings.warmup:
-            # The first call pays for lazy initialisation (and torch.compile); pay it here, not in a job.
-            req = GenerationRequest(prompt="warm-up", style="none", quality_mode="fast")
-            self._generate(req, None, None, warmup=True)
+        speed = getattr(self.model, "speed", None)
+        if self.settings.warmup or (speed is not None and speed.compiled):
+            self._warm_up(speed)
         info = self.model.info()
         log.info("generator ready: profile=%s family=%s variant=%s device=%s dtype=%s (%.1f s)", info["profile"],
                  info["family"], info["variant"], info["device"], info["dtype"], time.perf_counter() - t0)
+
+    def _warm_up(self, speed) -> None:
+        """The first call pays for lazy initialisation and torch.compile: pay it here, not in a job. With a
+        compiled UNet every configured shape runs with and without CFG (other batch sizes), so no request
+        compiles; /health says "warming" meanwhile."""
+        self.state = "warming"
+        if self.on_state is not None:
+            self.on_state("warming")
+        t0 = time.perf_counter()
+        shapes = [None]
+        if speed is not None and speed.compiled:
+            from utils.engine.speed import warmup_shapes
+            shapes = warmup_shapes(self.settings, self.model.models.native_resolution)
+        for shape in shapes:
+            size = {} if shape is None else {"width": shape[0], "height": shape[1], "num_images": shape[2]}
+            modes = ("fast",) if shape is None else ("fast", "balanced")
+            for mode in modes:
+                req = GenerationRequest(prompt="warm-up", style="none", quality_mode=mode, **size)
+                self._generate(req, None, None, warmup=True)
+        if speed is not None:
+            speed.warmed(time.perf_counter() - t0, self.settings)
 
     @property
     def models(self):

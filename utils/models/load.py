@@ -211,6 +211,5 @@ def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False
             log.warning(notes[-1])
         else:
             pipe.fuse_qkv_projections()
-    if settings.torch_compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    # torch.compile, quantization and step caching: the speed plan (utils/engine/speed), after the adapter.
     return notes

@@ -22,6 +22,8 @@ def health(rt) -> dict:
         body["draining"] = True
     if rt.state == "ready" and rt.holds_models:
         _engine_health(rt.engines, body)
+    elif rt.state == "starting" and rt.holds_models and any(getattr(g, "state", None) == "warming" for g in rt.engines):
+        body["state"] = "warming"   # models loaded, warm-up (torch.compile) under way; ready next
     if isinstance(rt.store, Reachable):
         # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
         try:
@@ -54,7 +56,7 @@ def _engine_health(engines: list, body: dict) -> None:
     """A generator process that crashed is "restarting" (or "setup_failed" if that failed): say so; one that
     restarted but could not reload its base model serves the default one (``model_error``)."""
     for g in engines:
-        if g.state in ("restarting", "setup_failed"):
+        if g.state in ("restarting", "setup_failed", "warming"):
             body["state"] = g.state
             if g.error is not None:
                 body["error"] = g.error.message

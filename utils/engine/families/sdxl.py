@@ -42,8 +42,7 @@ class SdxlModel:
         self.adapter = adapter
         cfg = models.base_scheduler_config
         self.schedulers = {"dpmpp_2m_karras": dpmpp_karras(cfg), "euler_trailing": few_step_scheduler(cfg)}
-        if settings.vae_tiling:
-            models.pipe.vae.enable_tiling()
+        self.speed = None              # the SpeedState once load() applied the speed plan
         self.null_identity = adapter.null_identity()
         self.lock = threading.Lock()   # one pipeline call at a time
         self._compel = None            # built on the first weighted prompt (style_strength < 1)
@@ -57,7 +56,12 @@ class SdxlModel:
         models = load_base_model(settings, entry)
         adapter = AdapterManager(models)
         adapter.load(settings.ip_adapter_variant)
-        return cls(settings, models, adapter)
+        model = cls(settings, models, adapter)
+        # After the adapter: quantization must leave its layers alone, and compiled blocks must trace its
+        # attention processors.
+        from utils.engine.speed import apply_speed
+        model.speed = apply_speed(settings, models)
+        return model
 
     # --- what it is ------------------------------------------------------------------------------------
     @property
@@ -76,7 +80,8 @@ class SdxlModel:
                 "fast_mode": "few-step-lora" if m.lightning_adapter else "fallback",
                 "notes": list(m.notes), "variant": self.variant,
                 # what a session's identity is tied to (the base family it was encoded for)
-                "identity_model": m.identity_model or m.model_name}
+                "identity_model": m.identity_model or m.model_name,
+                "optimizations": self.speed.to_json() if self.speed is not None else None}
 
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs) -> SessionIdentity:

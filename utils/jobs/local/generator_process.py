@@ -19,7 +19,7 @@ again, and the service writes the PNG anyway). Every request carries an id; repl
 
     parent -> child: ("generate", id, request, job_id) | ("call", id, method, args, kwargs) | ("cancel", id)
                      | ("shutdown",)
-    child -> parent: ("ready", info) | ("setup_failed", error) | ("progress", id, step, total, preview_jpeg | None)
+    child -> parent: ("ready", info) | ("setup_failed", error) | ("state", "warming") | ("progress", id, step, total, preview_jpeg | None)
                      | ("ok", id, value) | ("err", id, error)
 
 The child runs generate() in its main thread and the short calls (identity, validate, info) in another, so
@@ -201,6 +201,7 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
         import torch
         torch.set_num_threads(torch_threads)
     server = _ChildServer(engine_class(settings), conn)
+    server.gen.on_state = lambda state: server.send(("state", state))   # "warming", for the parent's /health
     try:
         server.gen.setup()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which reports it on /health
@@ -259,6 +260,11 @@ class _Child:
             tag = msg[0]
             if tag in ("ready", "setup_failed"):
                 self.setup_reply.put(msg)
+                continue
+            if tag == "state":
+                owner = owner_ref()
+                if owner is not None and owner.state in ("starting", "restarting"):
+                    owner.state = msg[1]
                 continue
             with self.pending_lock:
                 q = self.pending.get(msg[1])
