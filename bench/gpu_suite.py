@@ -75,6 +75,60 @@ def plan(dry_run: bool, peak_tflops: float) -> list[tuple[str, str, list[str], f
     ]
 
 
+# Parts D-G (bench/bench_speed.py, --suite speed; issue 25): the speed plan at full size, random weights.
+# D: per identity variant x TWIN_COMPILE {off, regional, full} x TWIN_QUANTIZE {none, fp8}, each part batch 1
+# and 4, 30 steps CFG and 4 steps: s/image, peak VRAM, warm-up s, max |delta| of the final latents vs eager.
+# E: VAE decode at 1024², stock fp32 upcast vs fp16-fix in fp16. F: step cache k = 2, 3 (eager, plus-face).
+# G: cold start to ready (compile off; regional with an empty and with a warm cache). The dry run has no fp8
+# (the CPU has no fp8 units: TWIN_QUANTIZE=fp8 is refused there), so its fp8 parts run int8.
+SPEED_VARIANTS = ("plus-face", "instantid", "faceid-plusv2")
+GPU_D = ["--resolution", "1024", "--steps", "30", "--batch", "1", "4", "--repeats", "2", "--device", "cuda"]
+DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--batch", "1", "2", "--repeats", "1",
+         "--device", "cpu", "--threads", "2"]
+# Expected on an H100 (not yet measured): eager ~90 s per part, regional ~150 s, full (max-autotune) ~300 s.
+SPEED_CAPS = {"off": 150, "regional": 240, "full": 420}
+
+
+def speed_plan(dry_run: bool, swap_dir: Path | None = None) -> list[tuple[str, str, list[str], float]]:
+    d = DRY_D if dry_run else GPU_D
+    parts = []
+    for variant in SPEED_VARIANTS:
+        for compile_mode in ("off", "regional", "full"):
+            for quant in ("none", "fp8"):
+                q = "int8" if dry_run and quant == "fp8" else quant
+                parts.append((f"D-{variant}-{compile_mode}-{quant}", "bench_speed.py",
+                              ["--full-size", "--variant", variant, "--compile", compile_mode, "--quantize", q, *d],
+                              SPEED_CAPS[compile_mode]))
+    e = ["--size", "small", "--resolution", "128", "--device", "cpu", "--repeats", "1"] if dry_run else \
+        ["--resolution", "1024", "--device", "cuda", "--repeats", "3"]
+    parts.append(("E-vae-decode", "bench_speed.py", ["--vae", *e], 120))
+    parts.append(("F-step-cache", "bench_speed.py", ["--full-size", "--variant", "plus-face", "--step-cache", "0", "2",
+                                                     "3", *d], 240))
+    g = ["--size", "small", "--resolution", "128", "--device", "cpu"] if dry_run else \
+        ["--resolution", "1024", "--device", "cuda"]
+    parts.append(("G-cold-start", "bench_speed.py",
+                  ["--cold-start", "--dir", str((swap_dir or Path("/tmp/sdxl-random-bench")) / "cold"), *g], 600))
+    return parts
+
+
+def table_speed(rows: list[dict]) -> list[str]:
+    """Parts D-G of the final table (every row names the device it ran on)."""
+    out = ["", "part D: speed plan; s/img; peak = max allocated GB; delta = max |latent difference| vs eager",
+           f"{'variant':14} {'compile':8} {'quant':5} {'k':>2} {'mode':8} {'b':>2} {'s/img':>7} {'TFLOP/s':>7} "
+           f"{'peak':>6} {'warm s':>7} {'delta':>8}  device"]
+    for r in rows:
+        if r.get("part") == "D":
+            out.append(f"{r['variant']:14} {r['compile']:8} {r['quantize']:5} {r['step_cache']:>2} {r['mode']:8} "
+                       f"{r['batch']:>2} {r['s_per_image']:>7.3f} {r['tflops'] or 0:>7.0f} {r['peak_mem_gb']:>6.1f} "
+                       f"{r['warmup_s']:>7.1f} {r['max_delta']:>8.4f}  {r['gpu']}")
+        elif r.get("part") == "E":
+            out.append(f"vae decode {r['vae']:18} b{r['batch']} {'sliced' if r['sliced'] else '':6} "
+                       f"{r['seconds']:.3f} s peak {r['peak_mem_gb']:.1f} GB  {r['gpu']}")
+        elif r.get("part") == "G":
+            out.append(f"cold start {r['start']:22} {r['seconds_to_ready']} s to ready (rc {r['rc']})  {r['gpu']}")
+    return out
+
+
 class Log:
     def __init__(self, path: Path) -> None:
         self.f = open(path, "a", buffering=1)
@@ -213,6 +267,8 @@ def table_ab(rows: list[dict]) -> list[str]:
 def table(results: Path) -> list[str]:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
+    if any(r.get("part") in ("D", "E", "G") for r in rows):
+        out += table_speed(rows)
     flux = [r for r in rows if r.get("part") == "C"]
     if flux:
         out += ["", "part C: FLUX.1, s/call; peak = max allocated GB during the timed calls, held = allocated before",
@@ -242,11 +298,20 @@ def main(argv=None) -> int:
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
-    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux"),
-                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell)")
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "speed"),
+                    help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell); speed: "
+                         "parts D-G (compile, quantization, VAE, step cache, cold start; use --only for a subset)")
+    ap.add_argument("--plan-only", action="store_true", help="print the parts and their commands, run nothing")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 540.0 if args.suite == "flux" else 420.0
+        args.budget_s = {"flux": 540.0, "speed": 1800.0}.get(args.suite, 420.0)
+    if args.plan_only:
+        parts = speed_plan(args.dry_run, args.swap_dir) if args.suite == "speed" else \
+            flux_plan(args.dry_run) if args.suite == "flux" else plan(args.dry_run, 0.0)
+        for name, script, a, cap in parts:
+            if not args.only or name in args.only:
+                print(f"{name:28} cap {cap:>4.0f} s  bench/{script} {' '.join(a)}")
+        return 0
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +328,8 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = flux_plan(args.dry_run) if args.suite == "flux" else plan(args.dry_run, peak)
+    parts = flux_plan(args.dry_run) if args.suite == "flux" else \
+        speed_plan(args.dry_run, args.swap_dir) if args.suite == "speed" else plan(args.dry_run, peak)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:

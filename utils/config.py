@@ -232,6 +232,7 @@ class Settings(_Derived):
     quantize: str = _setting("none", "Dynamic quantization of the SDXL UNet's linear layers through torchao (requirements-gpu.txt): none; int8 (int8 weights and activations: Ampere and the CPU); fp8 (row-wise fp8: GPUs with fp8 units, compute capability 8.9+: Ada, Hopper; refused elsewhere); auto (fp8 on 8.9+, int8 on 8.0+, else none). Identity adapter and LoRA layers stay unquantized.",
                              choices=("none", "auto", "fp8", "int8"))
     vae_fp16_fix: bool = _setting(False, "Use the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix, `python model_loader.py download --vae-fp16-fix`) so the VAE decodes in fp16 without the fp32 upcast (and without black images).")
+    vae_fp16_fix_repo: str = _setting("madebyollin/sdxl-vae-fp16-fix", "Hub id of the fp16-fix SDXL VAE (TWIN_VAE_FP16_FIX).")
     vae_slicing: bool = _setting(False, "Decode a batch one image at a time (lower peak memory at batch 4).")
     step_cache: int = _setting(0, "DeepCache-style step caching: with k >= 2 the UNet's deep blocks run every k-th step and the other steps reuse their features (only the outer blocks run); 0 or 1: off. Faster, slightly different images (bench/bench_speed.py prints the difference).", lo=0, hi=10)
 
