@@ -108,3 +108,44 @@ def test_random_sdxl_writer_leaves_the_layout_the_product_loads(tmp_path):
         keys = list(f.keys())
         assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)   # original (LDM) layout
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
+
+
+SPEED_VARIANTS = ("plus-face", "instantid", "faceid-plusv2")
+
+
+@pytest.mark.parametrize("dry_run, fp8_runs_as", [(False, "fp8"), (True, "int8")])
+def test_the_speed_plan_has_a_part_per_variant_compile_and_quantization(dry_run, fp8_runs_as):
+    suite = _load("gpu_suite")
+    parts = suite.speed_plan(dry_run)
+    names = [n for n, *_ in parts]
+    assert names == [f"D-{v}-{c}-{q}" for v in SPEED_VARIANTS for c in ("off", "regional", "full")
+                     for q in ("none", "fp8")] + ["E-vae-decode", "F-step-cache", "G-cold-start"]
+    for name, script, args, cap in parts:
+        assert script == "bench_speed.py" and cap > 0
+        if name.startswith("D-"):
+            assert args[args.index("--quantize") + 1] == (fp8_runs_as if name.endswith("fp8") else "none")
+            assert args[args.index("--batch") + 1] == "1" and args[args.index("--device") + 1] == ("cpu" if dry_run else "cuda")
+    f = dict((n, a) for n, _, a, _ in parts)["F-step-cache"]
+    assert f[f.index("--step-cache") + 1: f.index("--step-cache") + 4] == ["0", "2", "3"]
+
+
+def test_the_speed_dry_run_prints_every_part(capsys):
+    suite = _load("gpu_suite")
+    assert suite.main(["--suite", "speed", "--dry-run", "--plan-only"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [n for n, *_ in suite.speed_plan(True)]
+    assert all("bench/bench_speed.py" in line for line in lines)
+
+
+def test_the_speed_table_prints_every_row_with_its_device():
+    suite = _load("gpu_suite")
+    rows = [{"part": "D", "variant": v, "compile": c, "quantize": q, "step_cache": 0, "mode": m, "batch": b,
+             "s_per_image": 1.0, "tflops": None, "peak_mem_gb": 9.5, "warmup_s": 1.0, "max_delta": 0.0, "gpu": "NVIDIA H100"}
+            for v in SPEED_VARIANTS for c in ("off", "regional", "full") for q in ("none", "fp8")
+            for m in ("cfg", "few-step") for b in (1, 4)]
+    rows += [{"part": "E", "vae": n, "batch": b, "sliced": False, "seconds": 0.1, "peak_mem_gb": 3.0, "gpu": "NVIDIA H100"}
+             for n in ("stock fp32 upcast", "fp16-fix fp16") for b in (1, 4)]
+    rows += [{"part": "G", "start": "eager", "seconds_to_ready": 12.0, "rc": 0, "gpu": "NVIDIA H100"}]
+    out = suite.table_speed(rows)
+    body = [line for line in out if line.endswith("NVIDIA H100")]
+    assert len(body) == len(rows)

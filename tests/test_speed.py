@@ -156,7 +156,21 @@ def test_regional_compile_warms_up_caches_and_matches_eager(tiny_settings, ident
     used = next(p for p in cache.iterdir() if p.name.startswith("torch-2"))
     assert opt["compile_cache_dir"] == str(used) and (used / "stamp.json").is_file()
     assert len(list(used.rglob("*"))) > 1                        # inductor wrote its kernels there
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
     assert np.abs(pixels(gen, identity) - eager[0]).max() <= TOLERANCE["regional"]
+    pixels(gen, identity, identity_strength=1.3)
+    assert counters["stats"]["unique_graphs"] == graphs       # the warm-up compiled what requests meet
+    pixels(gen, identity, num_images=2)                        # a batch the warm-up did not run: once
+    pixels(gen, identity, num_images=3)
+    assert graphs < counters["stats"]["unique_graphs"] <= graphs + 1
+
+
+def test_a_loaded_sdxl_model_is_optimizable(tiny_generator):
+    from utils import contracts
+    assert isinstance(tiny_generator.model, contracts.Optimizable)
+    assert not isinstance(object(), contracts.Optimizable)
+    assert tiny_generator.model.warmup_shapes() == []            # nothing compiled: one plain warm-up call
 
 
 def test_unreadable_cache_stamp_is_emptied_not_a_crash(tmp_path, caplog):
@@ -183,3 +197,18 @@ def test_health_says_warming(runtime_state, engine_state, shown):
                          draining=False, holds_models=True, engines=[engine], store=object(), storage=storage,
                          model_info=lambda: {})
     assert health(rt)["state"] == shown
+
+
+def test_system_status_lists_the_optimizations_in_force(tiny_settings, tmp_path):
+    from app import create_app
+    settings = tiny_settings.replace(data_dir=tmp_path / "data", step_cache=2, vae_slicing=True, quantize="auto")
+    app = create_app(settings)
+    runtime = app.extensions["twin"]
+    try:
+        assert runtime.wait_ready(120), runtime.setup_error
+        opt = app.test_client().get("/system-status").get_json()["optimizations"]
+    finally:
+        runtime.shutdown()
+    assert (opt["compile"], opt["quantize"], opt["vae"], opt["vae_slicing"]) == ("off", "none", "stock", True)
+    assert opt["step_cache"]["every"] == 2
+    assert any("none on the CPU" in n for n in opt["notes"])

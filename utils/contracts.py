@@ -382,6 +382,24 @@ class ModelRegistry(Protocol):
 
 
 @runtime_checkable
+class Optimizable(Protocol):
+    """A family model that applied the speed plan (utils/engine/speed) when it loaded: the engine warms its
+    compiled shapes up in set-up (state "warming") and tells it when that is done. ``speed`` is a
+    SpeedState (its to_json() is /system-status "optimizations"); FLUX is not Optimizable yet."""
+
+    speed: Any
+
+    def warmup_shapes(self) -> list:
+        """(width, height, batch) to run in set-up with and without CFG: [] = one plain warm-up call."""
+        ...
+
+    def warmup_identity(self) -> Any:
+        """An identity whose embeddings change nothing, to warm the identity path with a non-zero scale (a
+        compiled graph specialises on the first scale it meets), or None."""
+        ...
+
+
+@runtime_checkable
 class FamilyModel(Protocol):
     """One loaded base model of a family with its identity method (utils/engine/families/): what a
     generation call looks like for that family. The engine does seeds, progress, cancel and metadata."""

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from utils.config import Settings
+from utils.contracts import Optimizable
 from utils.engine.families import load_family_model
 from utils.engine.identity.adapters import SessionIdentity
 from utils.engine.previews import latent_preview_jpeg, preview_steps
@@ -71,33 +72,34 @@ class DigitalTwinGenerator:
         style_library(self.settings)  # a broken style file fails set-up, naming the line
         self.model = load_family_model(self.settings)
         self.load_seconds = time.perf_counter() - t0
-        speed = getattr(self.model, "speed", None)
-        if self.settings.warmup or (speed is not None and speed.compiled):
-            self._warm_up(speed)
+        shapes = self.model.warmup_shapes() if isinstance(self.model, Optimizable) else []
+        if self.settings.warmup or shapes:
+            self._warm_up(shapes)
         info = self.model.info()
         log.info("generator ready: profile=%s family=%s variant=%s device=%s dtype=%s (%.1f s)", info["profile"],
                  info["family"], info["variant"], info["device"], info["dtype"], time.perf_counter() - t0)
 
-    def _warm_up(self, speed) -> None:
+    def _warm_up(self, shapes: list) -> None:
         """The first call pays for lazy initialisation and torch.compile: pay it here, not in a job. With a
-        compiled UNet every configured shape runs with and without CFG (other batch sizes), so no request
-        compiles; /health says "warming" meanwhile."""
+        compiled UNet every shape runs with and without CFG (other batch sizes), so no request compiles;
+        /health says "warming" meanwhile."""
         self.state = "warming"
         if self.on_state is not None:
             self.on_state("warming")
         t0 = time.perf_counter()
-        shapes = [None]
-        if speed is not None and speed.compiled:
-            from utils.engine.speed import warmup_shapes
-            shapes = warmup_shapes(self.settings, self.model.models.native_resolution)
-        for shape in shapes:
-            size = {} if shape is None else {"width": shape[0], "height": shape[1], "num_images": shape[2]}
-            modes = ("fast",) if shape is None else ("fast", "balanced")
-            for mode in modes:
-                req = GenerationRequest(prompt="warm-up", style="none", quality_mode=mode, **size)
-                self._generate(req, None, None, warmup=True)
-        if speed is not None:
-            speed.warmed(time.perf_counter() - t0, self.settings)
+        calls = [{"quality_mode": "fast"}] if not shapes else [
+            {"width": w, "height": h, "num_images": n, "quality_mode": mode}
+            for w, h, n in shapes for mode in ("fast", "balanced")]
+        # The identity path: compiled blocks specialise on the adapter scale they first see (0 without an
+        # identity) and recompile once, symbolically, at the first other one: make that happen here.
+        ident = self.model.warmup_identity() if shapes else None
+        for call in calls + ([dict(calls[-1], identity_strength=0.5)] if ident is not None else []):
+            req = GenerationRequest(prompt="warm-up", style="none", **call)
+            if "identity_strength" in call:
+                req = req.with_identity(ident)
+            self._generate(req, None, None, warmup=True)
+        if isinstance(self.model, Optimizable) and self.model.speed is not None:
+            self.model.speed.warmed(time.perf_counter() - t0, self.settings)
 
     @property
     def models(self):

@@ -90,6 +90,9 @@ def system_status(rt) -> dict:
         "storage": dict(rt.storage.describe(), reachable=storage_reachable(rt.storage)[0],
                         download_redirect=s.download_redirect),
         "device": device_info(info.get("device")),
+        # The speed plan in force (utils/engine/speed): compile, quantization, step cache, VAE, warm-up time;
+        # None until ready, and on an API node of a cluster (the GPU workers hold the models).
+        "optimizations": info.get("optimizations"),
         # Local mode: job threads here; cluster mode: live GPU workers (listed under "cluster").
         "workers": len(cluster["workers"]) if cluster else len(rt.engines),
         "queue": {"depth": counts["queued"], "max": s.queue_max, "running": counts["running"]},

@@ -83,6 +83,16 @@ class SdxlModel:
                 "identity_model": m.identity_model or m.model_name,
                 "optimizations": self.speed.to_json() if self.speed is not None else None}
 
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """Optimizable: the shapes to compile in set-up (TWIN_COMPILE_WARMUP); none when nothing is compiled."""
+        if self.speed is None or not self.speed.compiled:
+            return []
+        from utils.engine.speed import warmup_shapes
+        return warmup_shapes(self.settings, self.models.native_resolution)
+
+    def warmup_identity(self) -> SessionIdentity:
+        return self.null_identity
+
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs) -> SessionIdentity:
         return self.adapter.build_identity(crops, face_embeddings, **inputs)

@@ -49,19 +49,22 @@ def prepare_cache(root: Path, device: Device) -> Path:
 
 
 def compile_unet(pipe, mode: str, device: Device) -> str:
-    """Compile in place; returns what was compiled (for /system-status). Shapes are static (one graph per size
-    and batch: the fastest kernels); the recompile cap bounds how many."""
+    """Compile in place; returns what was compiled (for /system-status). The first shape compiles static;
+    dynamo's automatic dynamic then makes what changes symbolic at its first change (batch, size, and the
+    identity adapter's scale, a float attribute the attention processors read): with static shapes every
+    identity strength a request names would be a new graph (measured on tiny: one recompile per value). The
+    recompile cap bounds the rest."""
     import torch
     torch._dynamo.config.recompile_limit = WARMUP_LIMIT
     if mode == "regional":
         # diffusers' regional compile: each BasicTransformerBlock (UNet2DConditionModel._repeated_blocks) is
         # compiled; the blocks share code, so SDXL's 70 blocks compile as a handful of graphs.
-        pipe.unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        pipe.unet.compile_repeated_blocks(fullgraph=True)
         return "unet transformer blocks"
     # max-autotune with CUDA graphs only on a GPU: on the CPU they do not exist and autotuning is minutes.
     opts = {"mode": "max-autotune"} if device.kind == "cuda" else {}
-    pipe.unet.compile(fullgraph=False, dynamic=False, **opts)
-    pipe.vae.decoder.compile(fullgraph=False, dynamic=False, **opts)
+    pipe.unet.compile(fullgraph=False, **opts)
+    pipe.vae.decoder.compile(fullgraph=False, **opts)
     return "unet, vae decoder"
 
 
