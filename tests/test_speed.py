@@ -23,8 +23,9 @@ A100 = Device("cuda", "NVIDIA A100-SXM4-80GB", (8, 0))
 A10G = Device("cuda", "NVIDIA A10G", (8, 6))
 T4 = Device("cuda", "Tesla T4", (7, 5))
 # Largest pixel difference (0-255) from the eager image, tiny model, 3 steps, seed 7, with an identity.
-# Measured: regional 1, step cache k=2 4, k=3 9, int8 3 (tests/test_speed.py, 2 cores).
-TOLERANCE = {"regional": 3, "step_cache_2": 12, "step_cache_3": 20, "int8": 10}
+# Measured (these conditions, torch 2.13 CPU, torchao 0.18): regional 1, step cache k=2 3, k=3 4, int8 9;
+# the bounds leave room for another CPU's rounding.
+TOLERANCE = {"regional": 3, "step_cache_2": 8, "step_cache_3": 10, "int8": 16}
 
 
 @pytest.mark.parametrize("env, named", [
@@ -212,3 +213,28 @@ def test_system_status_lists_the_optimizations_in_force(tiny_settings, tmp_path)
     assert (opt["compile"], opt["quantize"], opt["vae"], opt["vae_slicing"]) == ("off", "none", "stock", True)
     assert opt["step_cache"]["every"] == 2
     assert any("none on the CPU" in n for n in opt["notes"])
+
+
+class SlowWarmingEngine(DigitalTwinGenerator):
+    """The engine with a warm-up long enough to be seen from the parent of a generator process."""
+
+    def _warm_up(self, shapes) -> None:
+        super()._warm_up(shapes)
+        import time
+        time.sleep(2.0)
+
+
+def test_a_generator_process_reports_warming_then_ready(tiny_settings, tmp_path):
+    import threading
+    from tests.helpers.wait import wait_until
+    from utils.jobs.local.generator_process import GeneratorProcess
+    gp = GeneratorProcess(tiny_settings.replace(data_dir=tmp_path, warmup=True), engine_class=SlowWarmingEngine)
+    seen = []
+    t = threading.Thread(target=gp.setup)
+    t.start()
+    try:
+        assert wait_until(lambda: seen.append(gp.state) or gp.state == "warming", 120, 0.02)
+        t.join(120)
+        assert gp.state == "ready" and seen[0] == "starting"
+    finally:
+        gp.close()

@@ -490,8 +490,8 @@ class GeneratorProcess:
 
     # --- calls ---
     def _live_child(self) -> _Child:
-        if self.state == "restarting":
-            # After a crash the next call waits for the restart rather than failing too.
+        if self.state in ("restarting", "warming"):
+            # After a crash the next call waits for the restart (and its warm-up) rather than failing too.
             self._settled.wait(self.restart_wait_s)
         child = self._child
         if self.state != "ready" or child is None:
