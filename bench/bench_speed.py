@@ -242,8 +242,10 @@ def bench_vae(args) -> None:
         torch.set_num_threads(args.threads)
     vae = AutoencoderKL(**SIZES[args.size]["vae"])   # the fp16-fix VAE has the very same architecture
     side = args.resolution // 8
-    for name, dtype in (("stock fp32 upcast", torch.float32), ("fp16-fix fp16", torch.float16 if device != "cpu" else torch.bfloat16)):
-        vae.to(device=device, dtype=dtype)
+    half = torch.float16 if device != "cpu" else torch.bfloat16
+    for name, upcast in (("stock fp32 upcast", True), ("fp16-fix fp16", False)):
+        vae.to(device=device, dtype=half)
+        dtype = torch.float32 if upcast else half
         for b, sliced in ((1, False), (4, False), (4, True)):
             vae.enable_slicing() if sliced else vae.disable_slicing()
             z = torch.randn(b, 4, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -254,7 +256,11 @@ def bench_vae(args) -> None:
             for _ in range(1 + args.repeats):
                 t0 = time.perf_counter()
                 with torch.inference_mode():
+                    if upcast:   # what the SDXL pipeline does per decode with force_upcast: fp32 and back
+                        vae.to(torch.float32)
                     vae.decode(z / vae.config.scaling_factor)
+                    if upcast:
+                        vae.to(half)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
