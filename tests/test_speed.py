@@ -238,3 +238,11 @@ def test_a_generator_process_reports_warming_then_ready(tiny_settings, tmp_path)
         assert gp.state == "ready" and seen[0] == "starting"
     finally:
         gp.close()
+
+
+def test_fp8_on_the_cpu_fails_set_up_with_the_reason(tiny_settings):
+    gen = DigitalTwinGenerator(tiny_settings.replace(quantize="fp8"))
+    with pytest.raises(ConfigError):
+        gen.setup()
+    assert gen.state == "setup_failed"
+    assert "TWIN_QUANTIZE=fp8 needs a GPU with fp8 units" in gen.error.message and "the CPU" in gen.error.message

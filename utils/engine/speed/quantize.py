@@ -18,7 +18,7 @@ SKIP = ("processor", "lora_", "to_k_ip", "to_v_ip")
 
 def _quiet_torchao() -> None:
     # torchao logs each optional kernel library it cannot load (CUDA-only .so files) at import.
-    for name in ("torchao", "torchao.kernel", "torchao.quantization", "torch._dynamo"):
+    for name in ("torchao", "torchao.kernel", "torchao.quantization", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
