@@ -50,8 +50,8 @@ def tiny_identity(gen, variant: str):
     return gen.build_identity(make_crops(3), arcface_vectors(3), face_model="bench")
 
 
-def tiny_run(settings, variant: str, repeats: int, identity=None):
-    """(setup s, first-call s, median s/call, images with identity, images without, gen)."""
+def tiny_run(settings, variant: str, identity=None):
+    """(setup s, first-call s, images with identity, images without, one timed call(), identity)."""
     import numpy as np
     from utils.engine.generator import DigitalTwinGenerator
     from utils.engine.request import GenerationRequest
@@ -60,19 +60,29 @@ def tiny_run(settings, variant: str, repeats: int, identity=None):
     setup_s = time.perf_counter() - t0
     ident = identity if identity is not None else tiny_identity(gen, variant)
 
-    def call(ident):
+    def call(ident=ident):
         req = GenerationRequest.from_dict({"prompt": "a portrait of a person", "seed": 7, "style": "none",
                                            "quality_mode": "balanced"}, gen.settings).with_identity(ident)
         return np.stack([np.asarray(im, dtype=np.float32) for im in gen.generate(req).images])
-    t0 = time.perf_counter()
-    with_id = call(ident)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+
+    def timed() -> float:
         t0 = time.perf_counter()
-        call(ident)
-        times.append(time.perf_counter() - t0)
-    return setup_s, first, statistics.median(times), with_id, call(None), gen, ident
+        call()
+        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with_id = call()
+    first = time.perf_counter() - t0
+    return setup_s, first, with_id, call(None), timed, ident
+
+
+def round_robin(timers: dict, rounds: int) -> dict:
+    """Median seconds per setting, the settings timed in turn each round: on a shared, busy CPU a slow
+    spell then costs every setting alike instead of the one measured during it."""
+    times: dict = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, timed in timers.items():
+            times[k].append(timed())
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_tiny(args) -> None:
@@ -84,25 +94,25 @@ def bench_tiny(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     base = Settings(data_dir=root / "data", model_dir=root / "none", tiny_model_dir=make_tiny(root / "tiny-model"),
                     model_profile="tiny", warmup=False, max_steps=args.steps)
-    print(f"tiny SDXL on the CPU ({args.threads} thread(s)), {args.steps} steps with CFG, seed 7, "
-          f"median of {args.repeats}; delta = largest pixel difference (0-255) from eager")
-    print(f"{'setting':28} {'setup s':>8} {'first s':>8} {'s/call':>8} {'x eager':>8} {'delta':>6}")
+    print(f"tiny SDXL on the CPU ({args.threads} thread(s)), {args.steps} steps with CFG, seed 7, median of "
+          f"{args.repeats} rounds (settings in turn); delta = largest pixel difference (0-255) from eager")
     rows = [("eager", {})]
     rows += [(f"step_cache={k}", {"step_cache": k}) for k in (2, 3)]
     if not args.no_compile:
         rows.append(("compile=regional", {"compile": "regional", "compile_cache_dir": root / "cc"}))
         rows.append(("compile=regional, warm cache", {"compile": "regional", "compile_cache_dir": root / "cc"}))
-    ref = None
+    built = {}
     for name, changes in rows:
         if "warm cache" in name:
             torch._dynamo.reset()   # in-memory graphs gone: what is left is the on-disk cache of the row above
-        setup_s, first, sec, img, _, gen, ident = tiny_run(base.replace(**changes), "plus-face", args.repeats)
-        if ref is None:
-            ref, ref_sec, ref_ident = img, sec, ident
-        delta = float(np.abs(img - ref).max())
-        print(f"{name:28} {setup_s:>8.2f} {first:>8.3f} {sec:>8.3f} {sec / ref_sec:>8.2f} {delta:>6.0f}")
+        built[name] = tiny_run(base.replace(**changes), "plus-face")
+    secs = round_robin({name: b[4] for name, b in built.items()}, args.repeats)
+    print(f"{'setting':28} {'setup s':>8} {'first s':>8} {'s/call':>8} {'x eager':>8} {'delta':>6}")
+    for name, (setup_s, first, img, *_rest) in built.items():
+        sec, delta = secs[name], float(np.abs(img - built["eager"][2]).max())
+        print(f"{name:28} {setup_s:>8.2f} {first:>8.3f} {sec:>8.3f} {sec / secs['eager']:>8.2f} {delta:>6.0f}")
         write_row(args.jsonl, {"part": "tiny", "setting": name, "setup_s": round(setup_s, 3), "first_s": round(first, 3),
-                               "seconds": round(sec, 4), "ratio": round(sec / ref_sec, 3), "max_delta_px": delta})
+                               "seconds": round(sec, 4), "ratio": round(sec / secs["eager"], 3), "max_delta_px": delta})
     if args.no_quantize:
         return
     from utils.engine.speed.quantize import available
@@ -112,8 +122,10 @@ def bench_tiny(args) -> None:
     print(f"\nint8 (torchao dynamic) per identity variant; effect = mean pixel change with vs without the identity")
     print(f"{'variant':14} {'s/call':>8} {'x eager':>8} {'delta':>6} {'effect':>7} {'eager effect':>12}")
     for variant in args.variants:
-        _, _, e_sec, e_img, e_none, _, ident = tiny_run(base, variant, args.repeats)
-        _, _, q_sec, q_img, q_none, _, _ = tiny_run(base.replace(quantize="int8"), variant, args.repeats, ident)
+        _, _, e_img, e_none, e_timed, ident = tiny_run(base, variant)
+        _, _, q_img, q_none, q_timed, _ = tiny_run(base.replace(quantize="int8"), variant, ident)
+        secs = round_robin({"eager": e_timed, "int8": q_timed}, args.repeats)
+        e_sec, q_sec = secs["eager"], secs["int8"]
         delta = float(np.abs(q_img - e_img).max())
         eff, e_eff = float(np.abs(q_img - q_none).mean()), float(np.abs(e_img - e_none).mean())
         print(f"{variant:14} {q_sec:>8.3f} {q_sec / e_sec:>8.2f} {delta:>6.0f} {eff:>7.2f} {e_eff:>12.2f}")
