@@ -119,7 +119,7 @@ def full_size(args) -> int:
     out = open(args.jsonl, "a") if args.jsonl else None
     for mode in args.modes:
         if mode != "full" and not device.startswith("cuda"):
-            _emit(out, {"part": "D", "mode": mode, "skipped": "a GPU memory mode: needs CUDA"})
+            _emit(out, {"part": "I", "mode": mode, "skipped": "a GPU memory mode: needs CUDA"})
             continue
         t0 = time.perf_counter()
         base = pipeline("FLUX.1-dev", device, dtype, args.size)
@@ -137,7 +137,7 @@ def full_size(args) -> int:
         net.to(device)
         with torch.inference_mode():
             net.identity_tokens = proj(torch.randn(1, 1, 512, device=device, dtype=dtype))
-        row = {"part": "D", "model": "FLUX.1-dev + InfiniteYou", **info, "build_s": round(time.perf_counter() - t0, 1)}
+        row = {"part": "I", "model": "FLUX.1-dev + InfiniteYou", **info, "build_s": round(time.perf_counter() - t0, 1)}
         kw = dict(prompt="a portrait photo", width=args.resolution, height=args.resolution,
                   num_inference_steps=args.steps, guidance_scale=3.5, max_sequence_length=512,
                   control_image=Image.new("RGB", (args.resolution, args.resolution)),

@@ -1,10 +1,10 @@
 """One GPU lease, one command: full-size SDXL latency (part A) and full-size hot swap (part B); or, with
---suite flux, full-size FLUX.1 (part C); with --suite infiniteyou, FLUX.1-dev + InfiniteYou (part D); with
+--suite flux, full-size FLUX.1 (part C); with --suite infiniteyou, FLUX.1-dev + InfiniteYou (part I); with
 --suite training, twin LoRA training on SDXL (part T).
 
     python3 bench/gpu_suite.py [--out DIR] [--budget-s 420]     # on the GPU machine (fails fast without CUDA)
     python3 bench/gpu_suite.py --suite flux [--budget-s 540]    # FLUX.1-dev / schnell (part C)
-    python3 bench/gpu_suite.py --suite infiniteyou              # FLUX.1-dev + InfiniteYou, 3 memory modes (part D)
+    python3 bench/gpu_suite.py --suite infiniteyou              # FLUX.1-dev + InfiniteYou, 3 memory modes (part I)
     python3 bench/gpu_suite.py --suite training [--budget-s 560]  # SDXL LoRA training (part T)
     python bench/gpu_suite.py --dry-run [--suite flux|infiniteyou|training] [--out DIR]   # the same code paths on the CPU, small and quick
 
@@ -63,7 +63,7 @@ def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
     ]
 
 
-# Part D (bench/bench_infiniteyou.py --full-size): random FLUX.1-dev + InfuseNet from the published configs, the
+# Part I (bench/bench_infiniteyou.py --full-size): random FLUX.1-dev + InfuseNet from the published configs, the
 # 8 identity tokens and the black (no-pose) control image, 1024², 28 steps, batch 1, in each memory mode.
 GPU_D = ["--resolution", "1024", "--steps", "28", "--warmup", "1", "--repeats", "2", "--device", "cuda"]
 DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu",
@@ -71,10 +71,10 @@ DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "
 
 
 def infiniteyou_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
-    """(name, script, arguments, time cap) of part D. Expected on an H100: full ~90 s (build + 3 calls of
+    """(name, script, arguments, time cap) of part I. Expected on an H100: full ~90 s (build + 3 calls of
     ~9 s), quantized ~120 s, offload ~150 s."""
     d = DRY_D if dry_run else GPU_D
-    return [(f"D-infiniteyou-{m}", "bench_infiniteyou.py", ["--full-size", "--modes", m, *d], cap)
+    return [(f"I-infiniteyou-{m}", "bench_infiniteyou.py", ["--full-size", "--modes", m, *d], cap)
             for m, cap in (("full", 150), ("quantized", 170), ("offload", 200))]
 # Part T (bench/bench_training.py --full-size): the twin LoRA trainer on random-weight SDXL at 1024², rank 16,
 # batch 1, bf16 autocast, gradient checkpointing, 8-bit AdamW when bitsandbytes imports: s/step and peak GPU
@@ -107,6 +107,60 @@ def plan(dry_run: bool, peak_tflops: float) -> list[tuple[str, str, list[str], f
         ("A-faceid-plusv2", "bench_generate.py", ["--full-size", "--variant", "faceid-plusv2", "--batch", "1", *a], 80),
         ("B-hot-swap", "bench_models.py", ["--full-size", *(DRY_B if dry_run else GPU_B)], 300),
     ]
+
+
+# Parts D-G (bench/bench_speed.py, --suite speed; issue 25): the speed plan at full size, random weights.
+# D: per identity variant x TWIN_COMPILE {off, regional, full} x TWIN_QUANTIZE {none, fp8}, each part batch 1
+# and 4, 30 steps CFG and 4 steps: s/image, peak VRAM, warm-up s, max |delta| of the final latents vs eager.
+# E: VAE decode at 1024², stock fp32 upcast vs fp16-fix in fp16. F: step cache k = 2, 3 (eager, plus-face).
+# G: cold start to ready (compile off; regional with an empty and with a warm cache). The dry run has no fp8
+# (the CPU has no fp8 units: TWIN_QUANTIZE=fp8 is refused there), so its fp8 parts run int8.
+SPEED_VARIANTS = ("plus-face", "instantid", "faceid-plusv2")
+GPU_D = ["--resolution", "1024", "--steps", "30", "--batch", "1", "4", "--repeats", "2", "--device", "cuda"]
+DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--batch", "1", "2", "--repeats", "1",
+         "--device", "cpu", "--threads", "2"]
+# Expected on an H100 (not yet measured): eager ~90 s per part, regional ~150 s, full (max-autotune) ~300 s.
+SPEED_CAPS = {"off": 150, "regional": 240, "full": 420}
+
+
+def speed_plan(dry_run: bool, swap_dir: Path | None = None) -> list[tuple[str, str, list[str], float]]:
+    d = DRY_D if dry_run else GPU_D
+    parts = []
+    for variant in SPEED_VARIANTS:
+        for compile_mode in ("off", "regional", "full"):
+            for quant in ("none", "fp8"):
+                q = "int8" if dry_run and quant == "fp8" else quant
+                parts.append((f"D-{variant}-{compile_mode}-{quant}", "bench_speed.py",
+                              ["--full-size", "--variant", variant, "--compile", compile_mode, "--quantize", q, *d],
+                              SPEED_CAPS[compile_mode]))
+    e = ["--size", "small", "--resolution", "128", "--device", "cpu", "--repeats", "1"] if dry_run else \
+        ["--resolution", "1024", "--device", "cuda", "--repeats", "3"]
+    parts.append(("E-vae-decode", "bench_speed.py", ["--vae", *e], 120))
+    parts.append(("F-step-cache", "bench_speed.py", ["--full-size", "--variant", "plus-face", "--step-cache", "0", "2",
+                                                     "3", *d], 240))
+    g = ["--size", "small", "--resolution", "128", "--device", "cpu"] if dry_run else \
+        ["--resolution", "1024", "--device", "cuda"]
+    parts.append(("G-cold-start", "bench_speed.py",
+                  ["--cold-start", "--dir", str((swap_dir or Path("/tmp/sdxl-random-bench")) / "cold"), *g], 600))
+    return parts
+
+
+def table_speed(rows: list[dict]) -> list[str]:
+    """Parts D-G of the final table (every row names the device it ran on)."""
+    out = ["", "part D: speed plan; s/img; peak = max allocated GB; delta = max |latent difference| vs eager",
+           f"{'variant':14} {'compile':8} {'quant':5} {'k':>2} {'mode':8} {'b':>2} {'s/img':>7} {'TFLOP/s':>7} "
+           f"{'peak':>6} {'warm s':>7} {'delta':>8}  device"]
+    for r in rows:
+        if r.get("part") == "D":
+            out.append(f"{r['variant']:14} {r['compile']:8} {r['quantize']:5} {r['step_cache']:>2} {r['mode']:8} "
+                       f"{r['batch']:>2} {r['s_per_image']:>7.3f} {r['tflops'] or 0:>7.0f} {r['peak_mem_gb']:>6.1f} "
+                       f"{r['warmup_s']:>7.1f} {r['max_delta']:>8.4f}  {r['gpu']}")
+        elif r.get("part") == "E":
+            out.append(f"vae decode {r['vae']:18} b{r['batch']} {'sliced' if r['sliced'] else '':6} "
+                       f"{r['seconds']:.3f} s peak {r['peak_mem_gb']:.1f} GB  {r['gpu']}")
+        elif r.get("part") == "G":
+            out.append(f"cold start {r['start']:22} {r['seconds_to_ready']} s to ready (rc {r['rc']})  {r['gpu']}")
+    return out
 
 
 class Log:
@@ -244,12 +298,12 @@ def table_ab(rows: list[dict]) -> list[str]:
     return out
 
 
-def table_d(rows: list[dict]) -> list[str]:
-    """Part D of the final table (FLUX.1-dev + InfiniteYou)."""
-    d = [r for r in rows if r.get("part") == "D"]
+def table_i(rows: list[dict]) -> list[str]:
+    """Part I of the final table (FLUX.1-dev + InfiniteYou)."""
+    d = [r for r in rows if r.get("part") == "I"]
     if not d:
         return []
-    out = ["", "part D: FLUX.1-dev + InfiniteYou, s/image, batch 1; peak = max allocated GB (published bf16: ~43 GB)",
+    out = ["", "part I: FLUX.1-dev + InfiniteYou, s/image, batch 1; peak = max allocated GB (published bf16: ~43 GB)",
            f"{'mode':10} {'backend':13} {'res':>5} {'st':>3} {'s/img':>7} {'peak':>6} {'build':>6}"]
     for r in d:
         if r.get("skipped"):
@@ -278,6 +332,8 @@ def table_training(rows: list[dict]) -> list[str]:
 def table(results: Path) -> list[str]:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     out = [] if not any(r.get("part") in ("A", "B") for r in rows) else table_ab(rows)
+    if any(r.get("part") in ("D", "E", "G") for r in rows):
+        out += table_speed(rows)
     flux = [r for r in rows if r.get("part") == "C"]
     if flux:
         out += ["", "part C: FLUX.1, s/call; peak = max allocated GB during the timed calls, held = allocated before",
@@ -290,13 +346,21 @@ def table(results: Path) -> list[str]:
             out.append(f"{r['model']:15} {r['mode']:10} {str(r['backend'] or '-'):13} {r['batch']:>2} "
                        f"{r['resolution']:>5} {r['steps']:>3} {r['seconds']:>7.2f} {r['s_per_image']:>6.2f} "
                        f"{str(r['held_gb']):>6} {str(r['peak_gb']):>6} {r['build_s']:>6.1f}")
-    out += table_d(rows)
+    out += table_i(rows)
     out += table_training(rows)
     out.append("")
     for r in rows:
         if r.get("step") == "part":
             out.append(f"{r['part']:16} rc {r['rc']:>3} {'TIMED OUT ' if r['timed_out'] else ''}wall {r['wall_s']} s")
     return out
+
+
+def suite_plan(args, peak_tflops: float) -> list[tuple[str, str, list[str], float]]:
+    """The parts of the suite named by --suite."""
+    if args.suite == "speed":
+        return speed_plan(args.dry_run, args.swap_dir)
+    return {"flux": flux_plan, "infiniteyou": infiniteyou_plan, "training": training_plan}.get(
+        args.suite, lambda d: plan(d, peak_tflops))(args.dry_run)
 
 
 def main(argv=None) -> int:
@@ -309,13 +373,20 @@ def main(argv=None) -> int:
                     help="where part B writes its ~16 GB random model, removed first and at the end (default: "
                          "/tmp/sdxl-random-bench, or beside the repository when /tmp has under 24 GB free)")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as printed)")
-    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "infiniteyou", "training"),
+    ap.add_argument("--suite", default="sdxl", choices=("sdxl", "flux", "infiniteyou", "training", "speed"),
                     help="sdxl: parts A and B (default); flux: part C (FLUX.1-dev memory modes, schnell); "
-                         "infiniteyou: part D (FLUX.1-dev + InfiniteYou, each memory mode); "
-                         "training: part T (twin LoRA training on SDXL)")
+                         "infiniteyou: part I (FLUX.1-dev + InfiniteYou, each memory mode); "
+                         "training: part T (twin LoRA training on SDXL); speed: parts D-G (compile, quantization, "
+                         "VAE, step cache, cold start; use --only for a subset)")
+    ap.add_argument("--plan-only", action="store_true", help="print the parts and their commands, run nothing")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = {"flux": 540.0, "infiniteyou": 540.0, "training": 560.0}.get(args.suite, 420.0)
+        args.budget_s = {"flux": 540.0, "infiniteyou": 540.0, "training": 560.0, "speed": 1800.0}.get(args.suite, 420.0)
+    if args.plan_only:
+        for name, script, a, cap in suite_plan(args, 0.0):
+            if not args.only or name in args.only:
+                print(f"{name:28} cap {cap:>4.0f} s  bench/{script} {' '.join(a)}")
+        return 0
     t_start = time.perf_counter()
     out = args.out or Path(os.environ.get("OUT") or (REPO / "gpu_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -332,8 +403,7 @@ def main(argv=None) -> int:
         if shutil.disk_usage("/tmp").free < 24e9 and shutil.disk_usage(REPO.parent).free > shutil.disk_usage("/tmp").free:
             args.swap_dir = REPO.parent / "sdxl-random-bench"
     peak = preflight(args, results, log)
-    parts = {"flux": flux_plan, "infiniteyou": infiniteyou_plan, "training": training_plan}.get(
-        args.suite, lambda d: plan(d, peak))(args.dry_run)
+    parts = suite_plan(args, peak)
     shutil.rmtree(args.swap_dir, ignore_errors=True)
     for name, script, a, cap in parts:
         if args.only and name not in args.only:

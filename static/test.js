@@ -179,6 +179,9 @@
       } else if (h.state === "starting") {
         say(pill, "Models loading…");
         next = 2000;
+      } else if (h.state === "warming") {
+        say(pill, "Warming up (compiling)…");
+        next = 2000;
       } else {
         say(pill, "Service failed to start");
         if (state.health !== "setup_failed") {  // once, not again every check after a dismiss

@@ -125,6 +125,8 @@ def test_the_training_plan_trains_rank_16_at_the_models_size(dry_run, device, re
         assert args[args.index("--rank") + 1] == "16"
         assert args[args.index("--steps") + 1] == want_steps
     assert sum(cap for *_, cap in parts) <= 560       # inside the training suite's default budget
+
+
 @pytest.mark.parametrize("dry_run, device, size_args", [
     (False, "cuda", {"--resolution": "1024", "--steps": "28", "--repeats": "2"}),
     (True, "cpu", {"--size": "small", "--resolution": "128", "--steps": "2", "--repeats": "1"}),
@@ -132,9 +134,9 @@ def test_the_training_plan_trains_rank_16_at_the_models_size(dry_run, device, re
 def test_the_infiniteyou_plan_measures_every_memory_mode(dry_run, device, size_args):
     suite = _load("gpu_suite")
     parts = suite.infiniteyou_plan(dry_run)
-    assert [(n, s) for n, s, _, _ in parts] == [("D-infiniteyou-full", "bench_infiniteyou.py"),
-                                                ("D-infiniteyou-quantized", "bench_infiniteyou.py"),
-                                                ("D-infiniteyou-offload", "bench_infiniteyou.py")]
+    assert [(n, s) for n, s, _, _ in parts] == [("I-infiniteyou-full", "bench_infiniteyou.py"),
+                                                ("I-infiniteyou-quantized", "bench_infiniteyou.py"),
+                                                ("I-infiniteyou-offload", "bench_infiniteyou.py")]
     for name, script, args, cap in parts:
         assert "--full-size" in args and cap > 0 and args[args.index("--device") + 1] == device
         assert {k: args[args.index(k) + 1] for k in size_args} == size_args
@@ -153,4 +155,45 @@ def test_the_infiniteyou_bench_dry_run_measures_on_the_cpu(tmp_path):
     assert [(r["mode"], "skipped" in r) for r in got] == [("full", False), ("quantized", True), ("offload", True)]
     assert got[0]["s_per_image"] > 0 and got[0]["model"] == "FLUX.1-dev + InfiniteYou"
     suite = _load("gpu_suite")
-    assert any("part D" in line for line in suite.table_d(got))
+    assert any("part I" in line for line in suite.table_i(got))
+
+
+SPEED_VARIANTS = ("plus-face", "instantid", "faceid-plusv2")
+
+
+@pytest.mark.parametrize("dry_run, fp8_runs_as", [(False, "fp8"), (True, "int8")])
+def test_the_speed_plan_has_a_part_per_variant_compile_and_quantization(dry_run, fp8_runs_as):
+    suite = _load("gpu_suite")
+    parts = suite.speed_plan(dry_run)
+    names = [n for n, *_ in parts]
+    assert names == [f"D-{v}-{c}-{q}" for v in SPEED_VARIANTS for c in ("off", "regional", "full")
+                     for q in ("none", "fp8")] + ["E-vae-decode", "F-step-cache", "G-cold-start"]
+    for name, script, args, cap in parts:
+        assert script == "bench_speed.py" and cap > 0
+        if name.startswith("D-"):
+            assert args[args.index("--quantize") + 1] == (fp8_runs_as if name.endswith("fp8") else "none")
+            assert args[args.index("--batch") + 1] == "1" and args[args.index("--device") + 1] == ("cpu" if dry_run else "cuda")
+    f = dict((n, a) for n, _, a, _ in parts)["F-step-cache"]
+    assert f[f.index("--step-cache") + 1: f.index("--step-cache") + 4] == ["0", "2", "3"]
+
+
+def test_the_speed_dry_run_prints_every_part(capsys):
+    suite = _load("gpu_suite")
+    assert suite.main(["--suite", "speed", "--dry-run", "--plan-only"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [n for n, *_ in suite.speed_plan(True)]
+    assert all("bench/bench_speed.py" in line for line in lines)
+
+
+def test_the_speed_table_prints_every_row_with_its_device():
+    suite = _load("gpu_suite")
+    rows = [{"part": "D", "variant": v, "compile": c, "quantize": q, "step_cache": 0, "mode": m, "batch": b,
+             "s_per_image": 1.0, "tflops": None, "peak_mem_gb": 9.5, "warmup_s": 1.0, "max_delta": 0.0, "gpu": "NVIDIA H100"}
+            for v in SPEED_VARIANTS for c in ("off", "regional", "full") for q in ("none", "fp8")
+            for m in ("cfg", "few-step") for b in (1, 4)]
+    rows += [{"part": "E", "vae": n, "batch": b, "sliced": False, "seconds": 0.1, "peak_mem_gb": 3.0, "gpu": "NVIDIA H100"}
+             for n in ("stock fp32 upcast", "fp16-fix fp16") for b in (1, 4)]
+    rows += [{"part": "G", "start": "eager", "seconds_to_ready": 12.0, "rc": 0, "gpu": "NVIDIA H100"}]
+    out = suite.table_speed(rows)
+    body = [line for line in out if line.endswith("NVIDIA H100")]
+    assert len(body) == len(rows)

@@ -154,7 +154,7 @@ def test_all_names_exist(module):
 
 @pytest.mark.parametrize("package, modules", [
     ("utils/jobs", {"status.py", "events.py", "webhooks.py", "lifecycle.py"}),
-    ("utils/jobs/local", {"store.py", "threads.py", "generator_process.py", "idempotency.py"}),
+    ("utils/jobs/local", {"store.py", "threads.py", "generator_process.py", "pipe_errors.py", "idempotency.py"}),
     ("utils/jobs/cluster", {"store.py", "queue.py", "worker.py", "registry.py", "events.py", "idempotency.py"}),
     ("utils/faces", {"service.py", "backends.py", "dlib_resnet.py"}),
     ("utils/api", {"auth.py", "security.py", "openapi.py", "render.py", "sessions.py", "jobs.py", "models.py"}),

@@ -85,6 +85,29 @@ class _Derived:
         return out
 
     @property
+    def resolved_compile_cache_dir(self) -> Path:
+        return self.compile_cache_dir or self.data_dir / "compile-cache"
+
+    @property
+    def compile_mode(self) -> str:
+        """TWIN_COMPILE, or "full" from the deprecated TWIN_TORCH_COMPILE=1 while TWIN_COMPILE is off."""
+        return "full" if self.compile == "off" and self.torch_compile else self.compile
+
+    @property
+    def compile_warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """TWIN_COMPILE_WARMUP as (width, height, batch) triples; [] = the native square, batch 1."""
+        out = []
+        for part in (p.strip() for p in self.compile_warmup.split(",")):
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", part)
+            if not m or int(m[1]) % 8 or int(m[2]) % 8 or not 1 <= int(m[3]) <= 4:
+                raise ConfigError(f"TWIN_COMPILE_WARMUP: {part!r} is not WIDTHxHEIGHTxBATCH (sides multiples of "
+                                  "8, batch 1-4), e.g. 1024x1024x1")
+            out.append((int(m[1]), int(m[2]), int(m[3])))
+        return out
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
@@ -201,9 +224,22 @@ class Settings(_Derived):
     styles_file: Path | None = _setting(None, "Style presets (JSON, see styles/styles.json); default styles/styles.json beside the code. Read at start-up: a broken file stops it.")
     channels_last: bool = _setting(False, "CUDA: put UNet and VAE in channels_last memory format.")
     fuse_qkv: bool = _setting(False, "CUDA: fuse attention QKV projections.")
-    torch_compile: bool = _setting(False, "CUDA: torch.compile the UNet (slow first call; setup() warms it up when warmup is on).")
+    torch_compile: bool = _setting(False, "Deprecated alias of TWIN_COMPILE=full (used only while TWIN_COMPILE is off).")
     vae_tiling: bool = _setting(False, "Decode latents in tiles (lower peak memory at large sizes, a little slower).")
     max_steps: int = _setting(0, "Cap on denoising steps per request (0 = quality table as is); for demos on a CPU.", lo=0, hi=200)
+
+    # --- speed (docs/ARCHITECTURE.md "Speed plan"; /system-status optimizations) ---------------------
+    compile: str = _setting("off", "torch.compile of the SDXL UNet: off; regional (each repeated transformer block, diffusers' compile_repeated_blocks: warms up in seconds, most of the gain); full (the whole UNet and the VAE decoder, max-autotune with CUDA graphs on a GPU: slowest warm-up, fastest steps). Warm-up runs in set-up (/health says warming) for TWIN_COMPILE_WARMUP.",
+                            choices=("off", "regional", "full"))
+    compile_cache_dir: Path | None = _setting(None, "Compiled kernels kept across restarts (one sub-folder per torch version and device; another torch's or GPU's is ignored); default <data_dir>/compile-cache.")
+    compile_max_recompiles: int = _setting(8, "Recompiles a compiled block may make for new sizes/batches at run time; past it that shape runs eager.", lo=0, hi=64)
+    compile_warmup: str = _setting("", "Shapes compiled in set-up, comma-separated WIDTHxHEIGHTxBATCH (e.g. 1024x1024x1,1024x1024x4), each with and without CFG; empty: the native square, batch 1.")
+    quantize: str = _setting("none", "Dynamic quantization of the SDXL UNet's linear layers through torchao (requirements-gpu.txt): none; int8 (int8 weights and activations: Ampere and the CPU); fp8 (row-wise fp8: GPUs with fp8 units, compute capability 8.9+: Ada, Hopper; refused elsewhere); auto (fp8 on 8.9+, int8 on 8.0+, else none). Identity adapter and LoRA layers stay unquantized.",
+                             choices=("none", "auto", "fp8", "int8"))
+    vae_fp16_fix: bool = _setting(False, "Use the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix, `python model_loader.py download --vae-fp16-fix`) so the VAE decodes in fp16 without the fp32 upcast (and without black images).")
+    vae_fp16_fix_repo: str = _setting("madebyollin/sdxl-vae-fp16-fix", "Hub id of the fp16-fix SDXL VAE (TWIN_VAE_FP16_FIX).")
+    vae_slicing: bool = _setting(False, "Decode a batch one image at a time (lower peak memory at batch 4).")
+    step_cache: int = _setting(0, "DeepCache-style step caching: with k >= 2 the UNet's deep blocks run every k-th step and the other steps reuse their features (only the outer blocks run); 0 or 1: off. Faster, slightly different images (bench/bench_speed.py prints the difference).", lo=0, hi=10)
 
     # --- faces -------------------------------------------------------------------------------
     face_backend: str = _setting("auto", "auto | dlib | insightface (auto: insightface when its pack is present).",
@@ -328,6 +364,10 @@ def _check(settings: "Settings") -> None:
     if settings.queue_url and not settings.queue_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"TWIN_QUEUE_URL={settings.queue_url!r} is not a redis://HOST:PORT/DB URL")
     settings.retry_backoff_list  # validates TWIN_RETRY_BACKOFF
+    settings.compile_warmup_shapes  # validates TWIN_COMPILE_WARMUP
+    if settings.compile == "full" and settings.step_cache > 1:
+        raise ConfigError(f"TWIN_STEP_CACHE={settings.step_cache} does not work with TWIN_COMPILE=full (the cache "
+                          "swaps UNet blocks between steps, which a whole-UNet graph cannot): use TWIN_COMPILE=regional")
     if (settings.c2pa_cert is None) != (settings.c2pa_key is None):
         given, other = ("TWIN_C2PA_CERT", "TWIN_C2PA_KEY") if settings.c2pa_cert is not None else ("TWIN_C2PA_KEY", "TWIN_C2PA_CERT")
         raise ConfigError(f"{given} is set but {other} is not: set both (the signing certificate chain and its key) or neither")

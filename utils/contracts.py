@@ -348,7 +348,8 @@ class Engine(Protocol):
     """Generates portraits: DigitalTwinGenerator in-process, or a GeneratorProcess running one in a child.
 
     ``setup`` loads the models once (an API node of a cluster never calls it); ``state`` is starting |
-    ready | setup_failed (| restarting for a generator process)."""
+    warming (models loaded, warm-up / torch.compile running) | ready | setup_failed (| restarting for a
+    generator process)."""
 
     state: str
     error: Any
@@ -398,6 +399,24 @@ class ModelRegistry(Protocol):
 
     def models_catalogue(self) -> dict: ...
     def load_model(self, name: str) -> dict: ...
+
+
+@runtime_checkable
+class Optimizable(Protocol):
+    """A family model that applied the speed plan (utils/engine/speed) when it loaded: the engine warms its
+    compiled shapes up in set-up (state "warming") and tells it when that is done. ``speed`` is a
+    SpeedState (its to_json() is /system-status "optimizations"); FLUX is not Optimizable yet."""
+
+    speed: Any
+
+    def warmup_shapes(self) -> list:
+        """(width, height, batch) to run in set-up with and without CFG: [] = one plain warm-up call."""
+        ...
+
+    def warmup_identity(self) -> Any:
+        """An identity whose embeddings change nothing, to warm the identity path with a non-zero scale (a
+        compiled graph specialises on the first scale it meets), or None."""
+        ...
 
 
 @runtime_checkable

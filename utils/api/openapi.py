@@ -196,9 +196,9 @@ def _schemas(s: Settings) -> dict[str, Any]:
             "deleted": {"type": "boolean", "enum": [True]}, "session_id": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status", "state", "version", "uptime_seconds"], "properties": {
             "status": {"type": "string", "enum": ["ok"]},
-            "state": {"type": "string", "enum": ["starting", "ready", "setup_failed", "restarting", "queue_unavailable",
+            "state": {"type": "string", "enum": ["starting", "warming", "ready", "setup_failed", "restarting", "queue_unavailable",
                                                  "storage_unavailable"],
-                      "description": "restarting: the generator process crashed and is being started again; "
+                      "description": "warming: models loaded, the warm-up (torch.compile, TWIN_COMPILE) runs; restarting: the generator process crashed and is being started again; "
                                      "queue_unavailable / storage_unavailable: Redis / the storage bucket does not answer."},
             "storage": {"type": "object", "properties": {"backend": {"type": "string", "enum": ["local", "s3"]},
                                                          "reachable": {"type": "boolean"}}},

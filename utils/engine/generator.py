@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from utils.config import Settings
+from utils.contracts import Optimizable
 from utils.engine.families import load_family_model
 from utils.engine.identity.adapters import SessionIdentity
 from utils.engine.previews import latent_preview_jpeg, preview_steps
@@ -45,6 +46,8 @@ class DigitalTwinGenerator:
         # between jobs, never inside one (the new model is loaded beside the old without it).
         self._model_lock = threading.RLock()
         self._load_lock = threading.Lock()      # one load_model() at a time
+        # Told each state change during set-up ("warming"): a generator process forwards it to its parent.
+        self.on_state: Callable[[str], Any] | None = None
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> "DigitalTwinGenerator":
@@ -69,13 +72,34 @@ class DigitalTwinGenerator:
         style_library(self.settings)  # a broken style file fails set-up, naming the line
         self.model = load_family_model(self.settings)
         self.load_seconds = time.perf_counter() - t0
-        if self.settings.warmup:
-            # The first call pays for lazy initialisation (and torch.compile); pay it here, not in a job.
-            req = GenerationRequest(prompt="warm-up", style="none", quality_mode="fast")
-            self._generate(req, None, None, warmup=True)
+        shapes = self.model.warmup_shapes() if isinstance(self.model, Optimizable) else []
+        if self.settings.warmup or shapes:
+            self._warm_up(shapes)
         info = self.model.info()
         log.info("generator ready: profile=%s family=%s variant=%s device=%s dtype=%s (%.1f s)", info["profile"],
                  info["family"], info["variant"], info["device"], info["dtype"], time.perf_counter() - t0)
+
+    def _warm_up(self, shapes: list) -> None:
+        """The first call pays for lazy initialisation and torch.compile: pay it here, not in a job. With a
+        compiled UNet every shape runs with and without CFG (other batch sizes), so no request compiles;
+        /health says "warming" meanwhile."""
+        self.state = "warming"
+        if self.on_state is not None:
+            self.on_state("warming")
+        t0 = time.perf_counter()
+        calls = [{"quality_mode": "fast"}] if not shapes else [
+            {"width": w, "height": h, "num_images": n, "quality_mode": mode}
+            for w, h, n in shapes for mode in ("fast", "balanced")]
+        # The identity path: compiled blocks specialise on the adapter scale they first see (0 without an
+        # identity) and recompile once, symbolically, at the first other one: make that happen here.
+        ident = self.model.warmup_identity() if shapes else None
+        for call in calls + ([dict(calls[-1], identity_strength=0.5)] if ident is not None else []):
+            req = GenerationRequest(prompt="warm-up", style="none", **call)
+            if "identity_strength" in call:
+                req = req.with_identity(ident)
+            self._generate(req, None, None, warmup=True)
+        if isinstance(self.model, Optimizable) and self.model.speed is not None:
+            self.model.speed.warmed(time.perf_counter() - t0, self.settings)
 
     @property
     def models(self):

@@ -46,6 +46,8 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
     d.add_argument("--dir", type=Path, default=None, help="target folder (default TWIN_MODEL_DIR)")
     d.add_argument("--faceid", action="store_true", help="also fetch IP-Adapter FaceID SDXL (non-commercial)")
     d.add_argument("--no-lightning", action="store_true", help="skip the SDXL-Lightning few-step LoRA")
+    d.add_argument("--vae-fp16-fix", action="store_true",
+                   help="also fetch the fp16-fix SDXL VAE (TWIN_VAE_FP16_FIX; fetched anyway when that is on)")
     d.add_argument("--restore", action="append", choices=("gfpgan", "codeformer", "gpen"),
                    help="fetch only this face restoration ONNX model (repeatable) into TWIN_RESTORE_MODEL_DIR")
     d.add_argument("--instantid", action="store_true",
@@ -94,7 +96,7 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
             print(p)
         return 0
     for p in download(settings, faceid=args.faceid, lightning=not args.no_lightning, instantid=args.instantid,
-                      faceid_plusv2=args.faceid_plusv2):
+                      faceid_plusv2=args.faceid_plusv2, vae_fix=args.vae_fp16_fix or None):
         print(p)
     if args.instantid or settings.ip_adapter_variant in ("instantid", "faceid-plusv2") or args.faceid_plusv2:
         print(f"InsightFace antelopev2 pack (non-commercial) is not on the hub: unzip antelopev2.zip from "

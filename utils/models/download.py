@@ -13,10 +13,11 @@ log = logging.getLogger("twin.models")
 
 
 def download(settings: Settings, *, faceid: bool = False, lightning: bool = True, instantid: bool = False,
-             faceid_plusv2: bool = False, snapshot_download=None) -> list[Path]:
-    """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only)."""
+             faceid_plusv2: bool = False, vae_fix: bool | None = None, snapshot_download=None) -> list[Path]:
+    """Fetch exactly what the sdxl profile needs into ``settings.model_dir`` (fp16 weight files only);
+    ``vae_fix``: the fp16-fix VAE too (default: when TWIN_VAE_FP16_FIX is on)."""
     return _fetch(repo_specs(settings, faceid=faceid, lightning=lightning, instantid=instantid,
-                             faceid_plusv2=faceid_plusv2), settings, snapshot_download)
+                             faceid_plusv2=faceid_plusv2, vae_fix=vae_fix), settings, snapshot_download)
 
 
 def download_flux(settings: Settings, *, dev: bool = False, schnell: bool = False, fast_lora: bool = True,

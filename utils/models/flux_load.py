@@ -69,7 +69,7 @@ def _load(layout: FluxLayout, settings: Settings, checkpoint: Path | None) -> Lo
         pipe.load_lora_weights(str(layout.fast_lora), weight_name=layout.fast_lora_weight, adapter_name=FAST_ADAPTER)
         fast = FAST_ADAPTER
     loras = load_loras(pipe, layout.lora_dir, "flux")
-    if device.startswith("cuda") and settings.torch_compile:
+    if device.startswith("cuda") and settings.compile_mode != "off":  # TWIN_COMPILE (or TWIN_TORCH_COMPILE)
         pipe.transformer = torch.compile(pipe.transformer, mode="max-autotune-no-cudagraphs", fullgraph=False)
     log.info("FLUX memory mode %s%s: %s", plan.mode, f" ({plan.backend})" if plan.backend else "", plan.reason)
     return LoadedModels(pipe=pipe, profile=layout.profile,

@@ -18,6 +18,7 @@ from utils.choices import DEFAULT_IDENTITY_VARIANT, FAMILY_VARIANTS
 from utils.errors import ConfigError, ModelWeightsMissing
 from utils.models.infiniteyou import InfiniteYouFiles, infiniteyou_files
 from utils.models.kinds import checkpoint_family, flux_is_guidance_distilled
+from utils.models.vae_fix import VAE_FIX_DIR, VAE_FIX_FILES
 
 log = logging.getLogger("twin.models")
 
@@ -108,8 +109,9 @@ def wanted_variants(settings: Settings, *, faceid: bool | None = None, instantid
 
 
 def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: bool = True,
-               instantid: bool = False, faceid_plusv2: bool = False) -> list[RepoSpec]:
-    """Everything the sdxl profile may use. ``faceid`` defaults to whether that variant is selected."""
+               instantid: bool = False, faceid_plusv2: bool = False, vae_fix: bool | None = None) -> list[RepoSpec]:
+    """Everything the sdxl profile may use. ``faceid`` defaults to whether that variant is selected,
+    ``vae_fix`` to TWIN_VAE_FP16_FIX (required when that is on)."""
     variants = wanted_variants(settings, faceid=faceid, instantid=instantid, faceid_plusv2=faceid_plusv2)
     base_required = [p for p in BASE_FILES_FP16 if "*" not in p] + ["tokenizer/vocab.json", "tokenizer_2/vocab.json"]
     specs = [RepoSpec(settings.sdxl_model_id, BASE_DIR, list(BASE_FILES_FP16), base_required,
@@ -118,6 +120,9 @@ def repo_specs(settings: Settings, *, faceid: bool | None = None, lightning: boo
     if lightning:
         specs.append(RepoSpec(settings.lightning_repo, LIGHTNING_DIR, [settings.lightning_weight],
                               [settings.lightning_weight], optional=True, purpose="SDXL-Lightning few-step LoRA"))
+    if settings.vae_fp16_fix if vae_fix is None else vae_fix:
+        specs.append(RepoSpec(settings.vae_fp16_fix_repo, VAE_FIX_DIR, list(VAE_FIX_FILES), list(VAE_FIX_FILES),
+                              purpose="fp16-fix SDXL VAE (TWIN_VAE_FP16_FIX)"))
     return specs
 
 
@@ -187,6 +192,7 @@ class ModelLayout:
     face_pack: Path                 # the InsightFace pack the preflight checks (ArcFace variants)
     missing: tuple[str, ...] = ()            # required repos not found: what, and where they were looked for
     missing_optional: tuple[str, ...] = ()   # optional repos not found (hub ids)
+    vae_fix: Path | None = None              # the fp16-fix VAE's folder when TWIN_VAE_FP16_FIX is on
 
     @property
     def weights_variant(self) -> str | None:
@@ -387,7 +393,7 @@ def tiny_layout(settings: Settings) -> ModelLayout:
         encoder_repo=root / IPA_DIR, lightning=root / LIGHTNING_DIR, lightning_weight=LIGHTNING_WEIGHT_TINY,
         lora_dir=root / LORA_DIR, checkpoints=root / CHECKPOINT_DIR,
         restore_dir=Path(settings.restore_model_dir) if settings.restore_model_dir is not None else root / RESTORE_DIR,
-        face_pack=_face_pack(settings, tiny_root=root))
+        face_pack=_face_pack(settings, tiny_root=root), vae_fix=root / VAE_FIX_DIR if settings.vae_fp16_fix else None)
 
 
 def sdxl_layout(settings: Settings) -> ModelLayout:
@@ -412,7 +418,7 @@ def sdxl_layout(settings: Settings) -> ModelLayout:
         lightning_weight=settings.lightning_weight, lora_dir=settings.resolved_lora_dir,
         checkpoints=model_dir / CHECKPOINT_DIR, restore_dir=settings.resolved_restore_dir,
         face_pack=_face_pack(settings, tiny_root=None), missing=tuple(missing),
-        missing_optional=tuple(optional_missing))
+        missing_optional=tuple(optional_missing), vae_fix=found.get(VAE_FIX_DIR))
 
 
 def _find_repo(spec: RepoSpec, settings: Settings) -> tuple[Path | None, list[str]]:

@@ -149,23 +149,29 @@ def _sdxl_pipeline(layout: ModelLayout, settings: Settings, dtype, checkpoint: P
     for InstantID the ControlNet pipeline with the IdentityNet as its controlnet."""
     from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
     base = str(layout.base)
+    extra = {}
+    if layout.vae_fix is not None:
+        from utils.models.vae_fix import ensure_tiny_standin, load_vae_fix
+        if layout.profile == "tiny":
+            ensure_tiny_standin(layout.vae_fix.parent, layout.base / "vae")
+        extra["vae"] = load_vae_fix(layout.vae_fix, dtype, choose_device_dtype(settings)[0])
     if layout.variant == "instantid":
         # InstantID: the same SDXL components in the ControlNet pipeline, with the IdentityNet (a ControlNet
         # that reads the identity tokens instead of the text, see identitynet.py) as its controlnet.
         controlnet = _identitynet(layout, settings, dtype)
         if checkpoint is not None:
             return StableDiffusionXLControlNetPipeline.from_single_file(
-                str(checkpoint), config=base, controlnet=controlnet, torch_dtype=dtype, local_files_only=True)
+                str(checkpoint), config=base, controlnet=controlnet, torch_dtype=dtype, local_files_only=True, **extra)
         return StableDiffusionXLControlNetPipeline.from_pretrained(
             base, controlnet=controlnet, dtype=dtype, variant=layout.weights_variant, local_files_only=True,
-            use_safetensors=True)
+            use_safetensors=True, **extra)
     if checkpoint is not None:
         # A fine-tune shipped as one file (RealVisXL, Juggernaut XL): the local base folder is the config,
         # so nothing is fetched from the hub.
         return StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=base, torch_dtype=dtype,
-                                                          local_files_only=True)
+                                                          local_files_only=True, **extra)
     return StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype, variant=layout.weights_variant,
-                                                     local_files_only=True, use_safetensors=True)
+                                                     local_files_only=True, use_safetensors=True, **extra)
 
 
 def _identitynet(layout: ModelLayout, settings: Settings, dtype):
@@ -211,6 +217,5 @@ def apply_cuda_optimisations(pipe, settings: Settings, *, has_lora: bool = False
             log.warning(notes[-1])
         else:
             pipe.fuse_qkv_projections()
-    if settings.torch_compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    # torch.compile, quantization and step caching: the speed plan (utils/engine/speed), after the adapter.
     return notes

@@ -38,6 +38,11 @@ def verify_layout(layout: ModelLayout) -> list[FileCheck]:
         checks.append(verify_adapter(layout, meta["unet"], **widths))
         if layout.variant == "instantid":
             checks.append(verify_identitynet(layout, meta["unet"]))
+        if layout.vae_fix is not None:
+            from utils.models.vae_fix import ensure_tiny_standin, verify_vae_fix
+            if layout.profile == "tiny":
+                ensure_tiny_standin(layout.vae_fix.parent, layout.base / "vae")
+            checks += verify_vae_fix(layout.vae_fix, layout.base / "vae")
         checks += verify_loras(layout, meta)
         checks += verify_checkpoints(layout, meta)
     checks += verify_restore_models(layout.restore_dir)

@@ -22,6 +22,8 @@ def health(rt) -> dict:
         body["draining"] = True
     if rt.state == "ready" and rt.holds_models:
         _engine_health(rt.engines, body)
+    elif rt.state == "starting" and rt.holds_models and any(getattr(g, "state", None) == "warming" for g in rt.engines):
+        body["state"] = "warming"   # models loaded, warm-up (torch.compile) under way; ready next
     if isinstance(rt.store, Reachable):
         # The API answers 503 queue_unavailable while Redis is away: say so here (health stays 200).
         try:
@@ -54,7 +56,7 @@ def _engine_health(engines: list, body: dict) -> None:
     """A generator process that crashed is "restarting" (or "setup_failed" if that failed): say so; one that
     restarted but could not reload its base model serves the default one (``model_error``)."""
     for g in engines:
-        if g.state in ("restarting", "setup_failed"):
+        if g.state in ("restarting", "setup_failed", "warming"):
             body["state"] = g.state
             if g.error is not None:
                 body["error"] = g.error.message
@@ -88,6 +90,9 @@ def system_status(rt) -> dict:
         "storage": dict(rt.storage.describe(), reachable=storage_reachable(rt.storage)[0],
                         download_redirect=s.download_redirect),
         "device": device_info(info.get("device")),
+        # The speed plan in force (utils/engine/speed): compile, quantization, step cache, VAE, warm-up time;
+        # None until ready, and on an API node of a cluster (the GPU workers hold the models).
+        "optimizations": info.get("optimizations"),
         # Local mode: job threads here; cluster mode: live GPU workers (listed under "cluster").
         "workers": len(cluster["workers"]) if cluster else len(rt.engines),
         "queue": {"depth": counts["queued"], "max": s.queue_max, "running": counts["running"]},

@@ -43,8 +43,7 @@ class SdxlModel:
         self.adapter = adapter
         cfg = models.base_scheduler_config
         self.schedulers = {"dpmpp_2m_karras": dpmpp_karras(cfg), "euler_trailing": few_step_scheduler(cfg)}
-        if settings.vae_tiling:
-            models.pipe.vae.enable_tiling()
+        self.speed = None              # the SpeedState once load() applied the speed plan
         self.null_identity = adapter.null_identity()
         self.lock = threading.Lock()   # one pipeline call at a time
         self._compel = None            # built on the first weighted prompt (style_strength < 1)
@@ -59,7 +58,12 @@ class SdxlModel:
         models = load_base_model(settings, entry)
         adapter = AdapterManager(models)
         adapter.load(settings.ip_adapter_variant)
-        return cls(settings, models, adapter)
+        model = cls(settings, models, adapter)
+        # After the adapter: quantization must leave its layers alone, and compiled blocks must trace its
+        # attention processors.
+        from utils.engine.speed import apply_speed
+        model.speed = apply_speed(settings, models)
+        return model
 
     # --- what it is ------------------------------------------------------------------------------------
     @property
@@ -78,7 +82,18 @@ class SdxlModel:
                 "fast_mode": "few-step-lora" if m.lightning_adapter else "fallback",
                 "notes": list(m.notes), "variant": self.variant,
                 # what a session's identity is tied to (the base family it was encoded for)
-                "identity_model": m.identity_model or m.model_name}
+                "identity_model": m.identity_model or m.model_name,
+                "optimizations": self.speed.to_json() if self.speed is not None else None}
+
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """Optimizable: the shapes to compile in set-up (TWIN_COMPILE_WARMUP); none when nothing is compiled."""
+        if self.speed is None or not self.speed.compiled:
+            return []
+        from utils.engine.speed import warmup_shapes
+        return warmup_shapes(self.settings, self.models.native_resolution)
+
+    def warmup_identity(self) -> SessionIdentity:
+        return self.null_identity
 
     # --- identity --------------------------------------------------------------------------------------
     def build_identity(self, crops, face_embeddings, **inputs) -> SessionIdentity:

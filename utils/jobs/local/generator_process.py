@@ -19,7 +19,7 @@ again, and the service writes the PNG anyway). Every request carries an id; repl
 
     parent -> child: ("generate", id, request, job_id) | ("call", id, method, args, kwargs) | ("cancel", id)
                      | ("shutdown",)
-    child -> parent: ("ready", info) | ("setup_failed", error) | ("progress", id, step, total, preview_jpeg | None)
+    child -> parent: ("ready", info) | ("setup_failed", error) | ("state", "warming") | ("progress", id, step, total, preview_jpeg | None)
                      | ("ok", id, value) | ("err", id, error)
 
 The child runs generate() in its main thread and the short calls (identity, validate, info) in another, so
@@ -48,6 +48,9 @@ from typing import Any, Callable
 
 from utils import errors
 from utils.config import Settings
+# GeneratorCrashed is part of this module's interface (raised by its calls); the pipe's error codec lives beside it.
+from utils.jobs.local.pipe_errors import GeneratorCrashed, error_payload as _error_payload  # noqa: F401
+from utils.jobs.local.pipe_errors import rebuild_error as _rebuild_error
 from utils.logging import job_id_var
 
 log = logging.getLogger("twin.generator_process")
@@ -58,39 +61,6 @@ CANCEL_POLL_S = 0.02
 CLOSE_GRACE_S = 5.0
 # The child checks its parent's pid this often (a second guard beside pipe EOF).
 PARENT_WATCH_S = 1.0
-
-
-class GeneratorCrashed(errors.TwinError):
-    """The generation child process died (killed, segfault, OOM-kill) during a call; it is restarted."""
-    code = "worker_crashed"
-    http_status = 503
-
-
-# --- errors across the pipe ------------------------------------------------------------------------
-
-def _error_payload(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, errors.TwinError):
-        return {"kind": "twin", "cls": type(exc).__name__, "message": exc.message, "code": exc.code,
-                "http_status": exc.http_status, "details": exc.details, "headers": exc.headers}
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError outside generate()'s own handler
-        return {"kind": "twin", "cls": "OutOfMemory", "message": "out of GPU memory in the generator process",
-                "code": "out_of_memory", "http_status": 503, "details": {}, "headers": {}}
-    return {"kind": "bug", "cls": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-
-
-def _rebuild_error(p: dict[str, Any]) -> BaseException:
-    """Same class (when it is one of utils.errors' or this module's), code, message and HTTP status."""
-    if p["kind"] == "twin":
-        cls = getattr(errors, p["cls"], None) or (GeneratorCrashed if p["cls"] == "GeneratorCrashed" else None)
-        if not (isinstance(cls, type) and issubclass(cls, errors.TwinError)):
-            cls = errors.TwinError
-        exc = cls.__new__(cls)
-        # Subclass __init__s differ (QueueFull(retry_after=...)); the base one sets every field.
-        errors.TwinError.__init__(exc, p["message"], code=p["code"], http_status=p["http_status"],
-                                  details=p.get("details") or None, headers=p.get("headers") or None)
-        return exc
-    # Not a TwinError: a bug. Its text goes to the log via the job thread's traceback, never to the client.
-    return RuntimeError(f"{p['cls']} in the generator process: {p['message']}\n{p.get('traceback', '')}")
 
 
 # --- the child -------------------------------------------------------------------------------------
@@ -201,6 +171,7 @@ def _child_main(settings: Settings, conn, parent_pid: int, torch_threads: int | 
         import torch
         torch.set_num_threads(torch_threads)
     server = _ChildServer(engine_class(settings), conn)
+    server.gen.on_state = lambda state: server.send(("state", state))   # "warming", for the parent's /health
     try:
         server.gen.setup()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which reports it on /health
@@ -259,6 +230,11 @@ class _Child:
             tag = msg[0]
             if tag in ("ready", "setup_failed"):
                 self.setup_reply.put(msg)
+                continue
+            if tag == "state":
+                owner = owner_ref()
+                if owner is not None and owner.state in ("starting", "restarting"):
+                    owner.state = msg[1]
                 continue
             with self.pending_lock:
                 q = self.pending.get(msg[1])
@@ -484,8 +460,8 @@ class GeneratorProcess:
 
     # --- calls ---
     def _live_child(self) -> _Child:
-        if self.state == "restarting":
-            # After a crash the next call waits for the restart rather than failing too.
+        if self.state in ("restarting", "warming"):
+            # After a crash the next call waits for the restart (and its warm-up) rather than failing too.
             self._settled.wait(self.restart_wait_s)
         child = self._child
         if self.state != "ready" or child is None:
