@@ -65,15 +65,15 @@ def flux_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
 
 # Part I (bench/bench_infiniteyou.py --full-size): random FLUX.1-dev + InfuseNet from the published configs, the
 # 8 identity tokens and the black (no-pose) control image, 1024², 28 steps, batch 1, in each memory mode.
-GPU_D = ["--resolution", "1024", "--steps", "28", "--warmup", "1", "--repeats", "2", "--device", "cuda"]
-DRY_D = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+GPU_I = ["--resolution", "1024", "--steps", "28", "--warmup", "1", "--repeats", "2", "--device", "cuda"]
+DRY_I = ["--size", "small", "--resolution", "128", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu",
          "--threads", "2"]
 
 
 def infiniteyou_plan(dry_run: bool) -> list[tuple[str, str, list[str], float]]:
     """(name, script, arguments, time cap) of part I. Expected on an H100: full ~90 s (build + 3 calls of
     ~9 s), quantized ~120 s, offload ~150 s."""
-    d = DRY_D if dry_run else GPU_D
+    d = DRY_I if dry_run else GPU_I
     return [(f"I-infiniteyou-{m}", "bench_infiniteyou.py", ["--full-size", "--modes", m, *d], cap)
             for m, cap in (("full", 150), ("quantized", 170), ("offload", 200))]
 # Part T (bench/bench_training.py --full-size): the twin LoRA trainer on random-weight SDXL at 1024², rank 16,
