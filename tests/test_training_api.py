@@ -216,3 +216,27 @@ def test_a_generator_that_cannot_train_is_a_conflict(make_app, fake_faces):
     c = app.test_client()
     sid, h = session_of(c)
     assert_error(train(c, sid, h), 409, "training_not_supported", "SDXL")
+
+
+def test_a_training_stopped_by_a_drain_is_requeued_and_resumes_from_its_checkpoint(make_app, service_settings,
+                                                                                   studio_generator, fake_faces):
+    """SIGTERM's drain stops a running training at its next step and re-queues it (its user did not cancel):
+    the checkpoints stay, and after the restart the same job resumes from the last one."""
+    settings = service_settings.replace(train_checkpoint_every=3, drain_seconds=0.0)
+    first = make_app(settings, generator=studio_generator, faces=fake_faces)
+    c = first.test_client()
+    sid, h = session_of(c)
+    job = train(c, sid, h, {"steps": 400, "rank": 4}).get_json()
+    wait_until(lambda: c.get(f"/status/{job['id']}", headers=h).get_json()["progress"]["step"] >= 7, 60)
+    first.extensions["twin"].drain()
+    run_dir = settings.data_dir / sid / "twin" / "runs" / job["id"]
+    assert (run_dir / "checkpoint.pt").exists()
+    second = make_app(settings, generator=studio_generator, faces=fake_faces)
+    c2 = second.test_client()
+    running_with_progress(c2, job["id"], h)
+    c2.post(f"/cancel/{job['id']}", headers=h)
+    done = finished(c2, job["id"], h, timeout=60)
+    assert done["status"] == "canceled" and not run_dir.exists()
+    events, _ = parse_sse(c2.get(f"/events/{job['id']}", headers=h).get_data(as_text=True))
+    steps = [e["data"]["step"] for e in events if e["event"] == "progress"]
+    assert steps[0] > 3 and steps[0] % 3 == 1                  # resumed after a checkpoint, not from step 1
