@@ -240,3 +240,16 @@ def test_a_training_stopped_by_a_drain_is_requeued_and_resumes_from_its_checkpoi
     events, _ = parse_sse(c2.get(f"/events/{job['id']}", headers=h).get_data(as_text=True))
     steps = [e["data"]["step"] for e in events if e["event"] == "progress"]
     assert steps[0] > 3 and steps[0] % 3 == 1                  # resumed after a checkpoint, not from step 1
+
+
+def test_an_s3_storage_answers_501_for_training_and_generation_falls_back_to_the_adapter(
+        make_app, service_settings, studio_generator, fake_faces, open_s3):
+    """Twin files are not kept in a bucket yet: a clear 501 naming the backend; auto still generates."""
+    app = make_app(service_settings.replace(**open_s3("moto").storage_settings()), generator=studio_generator,
+                   faces=fake_faces)
+    c = app.test_client()
+    sid, h = session_of(c)
+    assert_error(train(c, sid, h), 501, "twin_storage_unsupported", "S3")
+    assert c.get(f"/sessions/{sid}", headers=h).get_json()["twin_model"]["state"] == "unsupported"
+    r = c.post("/generate", json={"prompt": "a portrait", "session_id": sid}, headers=h)
+    assert finished(c, r.get_json()["id"], h, timeout=60)["metadata"]["identity_mode"] == "adapter"
