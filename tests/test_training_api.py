@@ -253,3 +253,27 @@ def test_an_s3_storage_answers_501_for_training_and_generation_falls_back_to_the
     assert c.get(f"/sessions/{sid}", headers=h).get_json()["twin_model"]["state"] == "unsupported"
     r = c.post("/generate", json={"prompt": "a portrait", "session_id": sid}, headers=h)
     assert finished(c, r.get_json()["id"], h, timeout=60)["metadata"]["identity_mode"] == "adapter"
+
+
+def test_a_trainings_webhooks_carry_its_progress_and_outcome(make_app, service_settings, studio_generator,
+                                                              fake_faces):
+    import json
+    from tests.helpers.webhooks import SECRET, Receiver
+    receiver = Receiver()
+    try:
+        s = service_settings.replace(webhook_secret=SECRET, webhook_allow_private=True)
+        app = make_app(s, generator=studio_generator, faces=fake_faces)
+        c = app.test_client()
+        sid, h = session_of(c)
+        r = train(c, sid, h, {"steps": 3, "rank": 4, "webhook": receiver.url,
+                              "webhook_events": ["start", "progress", "completed"]})
+        assert r.status_code == 202, r.data
+        finished(c, r.get_json()["id"], h, timeout=60)
+        wait_until(lambda: "job.completed" in receiver.events(), 10)
+        assert receiver.events() == ["job.start"] + ["job.progress"] * 3 + ["job.completed"]
+        progress = [json.loads(x["body"])["data"] for x in receiver.received[1:4]]
+        assert [(p["step"], p["steps"]) for p in progress] == [(1, 3), (2, 3), (3, 3)]
+        assert all(isinstance(p["loss"], float) for p in progress)
+        assert json.loads(receiver.received[-1]["body"])["data"]["status"] == "succeeded"
+    finally:
+        receiver.close()
