@@ -105,7 +105,7 @@ def test_save_then_load_is_bit_exact(trained, trainer_generator):
     assert digest(v for k, v in kohya.items() if not k.endswith(".alpha")) == digest(saved.values())
 
 
-def test_the_lora_changes_the_output_and_its_token_enters_the_prompt(trained, trainer_generator):
+def test_the_lora_changes_the_output_and_the_next_job_is_untouched(trained, trainer_generator):
     from utils.engine.training.loras import TwinLora
     r = trained["record"]
     twin = TwinLora(path=str(trained["dir"] / "twin_lora.safetensors"), token=r["token"], caption=r["caption"],
@@ -277,3 +277,25 @@ def test_training_runs_in_the_generator_process_with_loss_progress_and_cancel(tr
         assert len(seen) <= 3 and not (tmp_path / "cut" / "twin_lora.safetensors").exists()
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("size, box, expect_left_top", [
+    ((400, 300), (150, 100, 250, 200), [(120, 70), (90, 40), (50, 0)]),     # centred; the last shifted in
+    ((400, 300), (0, 0, 60, 60), [(0, 0), (0, 0), (0, 0)]),                 # a corner face: moved inside
+    ((100, 80), (20, 20, 80, 80), [(10, 0), (10, 0), (10, 0)]),             # larger than the picture: clipped
+])
+def test_face_squares_stay_inside_the_picture(size, box, expect_left_top):
+    """Three squares around the face box (close-up, head, head-and-shoulders), resized to the training side;
+    each crop is cut where the numbers say (the colour of a pixel encodes its position)."""
+    from PIL import Image
+    from utils.engine.training.data import CROP_SCALES, face_squares
+    w, h = size
+    xs, ys = np.meshgrid(np.arange(w), np.arange(h))
+    pic = Image.fromarray(np.stack([xs % 256, ys % 256, np.zeros_like(xs)], -1).astype(np.uint8))
+    squares = face_squares(pic, box, 32)
+    assert len(squares) == len(CROP_SCALES) and all(s.size == (32, 32) for s in squares)
+    for sq, scale, (left, top) in zip(squares, CROP_SCALES, expect_left_top):
+        side = min(max(box[2] - box[0], box[3] - box[1]) * scale, w, h)
+        tol = side / 32 + 2           # the resize averages the first side/32 source pixels into the corner one
+        corner = np.asarray(sq)[0, 0]
+        assert abs(int(corner[0]) - left) <= tol and abs(int(corner[1]) - top) <= tol

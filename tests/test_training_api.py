@@ -216,3 +216,64 @@ def test_a_generator_that_cannot_train_is_a_conflict(make_app, fake_faces):
     c = app.test_client()
     sid, h = session_of(c)
     assert_error(train(c, sid, h), 409, "training_not_supported", "SDXL")
+
+
+def test_a_training_stopped_by_a_drain_is_requeued_and_resumes_from_its_checkpoint(make_app, service_settings,
+                                                                                   studio_generator, fake_faces):
+    """SIGTERM's drain stops a running training at its next step and re-queues it (its user did not cancel):
+    the checkpoints stay, and after the restart the same job resumes from the last one."""
+    settings = service_settings.replace(train_checkpoint_every=3, drain_seconds=0.0)
+    first = make_app(settings, generator=studio_generator, faces=fake_faces)
+    c = first.test_client()
+    sid, h = session_of(c)
+    job = train(c, sid, h, {"steps": 400, "rank": 4}).get_json()
+    wait_until(lambda: c.get(f"/status/{job['id']}", headers=h).get_json()["progress"]["step"] >= 7, 60)
+    first.extensions["twin"].drain()
+    run_dir = settings.data_dir / sid / "twin" / "runs" / job["id"]
+    assert (run_dir / "checkpoint.pt").exists()
+    second = make_app(settings, generator=studio_generator, faces=fake_faces)
+    c2 = second.test_client()
+    running_with_progress(c2, job["id"], h)
+    c2.post(f"/cancel/{job['id']}", headers=h)
+    done = finished(c2, job["id"], h, timeout=60)
+    assert done["status"] == "canceled" and not run_dir.exists()
+    events, _ = parse_sse(c2.get(f"/events/{job['id']}", headers=h).get_data(as_text=True))
+    steps = [e["data"]["step"] for e in events if e["event"] == "progress"]
+    assert steps[0] > 3 and steps[0] % 3 == 1                  # resumed after a checkpoint, not from step 1
+
+
+def test_an_s3_storage_answers_501_for_training_and_generation_falls_back_to_the_adapter(
+        make_app, service_settings, studio_generator, fake_faces, open_s3):
+    """Twin files are not kept in a bucket yet: a clear 501 naming the backend; auto still generates."""
+    app = make_app(service_settings.replace(**open_s3("moto").storage_settings()), generator=studio_generator,
+                   faces=fake_faces)
+    c = app.test_client()
+    sid, h = session_of(c)
+    assert_error(train(c, sid, h), 501, "twin_storage_unsupported", "S3")
+    assert c.get(f"/sessions/{sid}", headers=h).get_json()["twin_model"]["state"] == "unsupported"
+    r = c.post("/generate", json={"prompt": "a portrait", "session_id": sid}, headers=h)
+    assert finished(c, r.get_json()["id"], h, timeout=60)["metadata"]["identity_mode"] == "adapter"
+
+
+def test_a_trainings_webhooks_carry_its_progress_and_outcome(make_app, service_settings, studio_generator,
+                                                              fake_faces):
+    import json
+    from tests.helpers.webhooks import SECRET, Receiver
+    receiver = Receiver()
+    try:
+        s = service_settings.replace(webhook_secret=SECRET, webhook_allow_private=True)
+        app = make_app(s, generator=studio_generator, faces=fake_faces)
+        c = app.test_client()
+        sid, h = session_of(c)
+        r = train(c, sid, h, {"steps": 3, "rank": 4, "webhook": receiver.url,
+                              "webhook_events": ["start", "progress", "completed"]})
+        assert r.status_code == 202, r.data
+        finished(c, r.get_json()["id"], h, timeout=60)
+        wait_until(lambda: "job.completed" in receiver.events(), 10)
+        assert receiver.events() == ["job.start"] + ["job.progress"] * 3 + ["job.completed"]
+        progress = [json.loads(x["body"])["data"] for x in receiver.received[1:4]]
+        assert [(p["step"], p["steps"]) for p in progress] == [(1, 3), (2, 3), (3, 3)]
+        assert all(isinstance(p["loss"], float) for p in progress)
+        assert json.loads(receiver.received[-1]["body"])["data"]["status"] == "succeeded"
+    finally:
+        receiver.close()

@@ -275,8 +275,7 @@ def _events_path(job_id: dict, owned: dict) -> dict[str, Any]:
                    "stream ends). Resume with Last-Event-ID.",
         "responses": {"200": {
             "description": ("Each event: `id:` (1, 2, … per job), `event:` and one `data:` line of JSON — status and "
-                            "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds (a training adds steps and "
-                            "loss); output: "
+                            "done: the job JSON; progress: job_id, step, total, fraction, eta_seconds (+ steps, loss: training); output: "
                             "the output entry with its url. `: heartbeat` comments keep an idle stream open."),
             # OpenAPI 3.0: the schema of a text/event-stream describes one event.
             "content": {"text/event-stream": {"schema": {

@@ -59,7 +59,7 @@ class Runtime:
         self.jobs = Jobs(settings, self.storage, self.store, self.queue, self.engines, self.faces, identities,
                          self.runner, lambda: self.restorer, self.sessions, self.safety)
         self.training = Training(settings, self.storage, self.store, self.queue, self.engines, self.faces,
-                                 self.sessions)
+                                 self.sessions, stopping=lambda: self.draining or self.stopping)
         self.models = Models(settings, self.store, self.queue, self.engines)
         # Live events (GET /events) and webhooks follow every committed change of a job, in whichever
         # process makes it (in cluster mode the GPU worker sends running/progress/output/completed).

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from utils import errors
 from utils.config import Settings
@@ -35,9 +35,13 @@ def is_training(job: dict) -> bool:
 
 
 class Training:
-    def __init__(self, settings: Settings, storage: Storage, store, queue, engines: list, faces, sessions) -> None:
+    def __init__(self, settings: Settings, storage: Storage, store, queue, engines: list, faces, sessions,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        """``stopping``: the process is draining (SIGTERM): a training stopped then is re-queued, not canceled
+        by its user, so it keeps its checkpoints for the next attempt."""
         self.settings, self.storage, self.store, self.queue = settings, storage, store, queue
         self.engines, self.faces, self.sessions = engines, faces, sessions
+        self._stopping = stopping
 
     # --- submit ----------------------------------------------------------------------------------
     def submit(self, session_id: str, payload: Any, owner: str | None, *, webhook: dict | None = None) -> dict:
@@ -100,7 +104,8 @@ class Training:
                 raise errors.NotFound(f"session {session_id!r} was deleted")
             self._publish(session_id, run_dir)
         except BaseException as e:
-            if not _worker_stopping(e):
+            requeued = not isinstance(e, Exception) or (isinstance(e, errors.JobCanceled) and self._stopping())
+            if not requeued:
                 shutil.rmtree(run_dir, ignore_errors=True)   # a canceled or failed run leaves no LoRA
             raise
         log.info("twin trained", extra={"steps": record["steps"], "seconds": record["seconds"]})
@@ -159,7 +164,3 @@ class Training:
                                   f"{session_id}/train)", code="no_twin_lora")
         return path
 
-
-def _worker_stopping(e: BaseException) -> bool:
-    """A process leaving (SystemExit, KeyboardInterrupt) keeps the checkpoints for the next attempt."""
-    return not isinstance(e, Exception)

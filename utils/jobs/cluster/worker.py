@@ -162,6 +162,7 @@ class TwinWorker(SimpleWorker):
 
     def _drain_now(self) -> None:
         self._drain_requeue = True
+        self.runtime.begin_drain()   # what the job sees: a re-queued training keeps its checkpoints
         self._cancel.set()
 
     # --- one job ---
