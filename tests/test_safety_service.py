@@ -334,3 +334,28 @@ def test_the_cli_refuses_explicit_text_before_loading_a_model(tmp_path, capsys, 
                 face_service_factory=no_faces)
     assert code == 2 and refused in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- webhooks ------------------------------------------------------------------------------------
+
+def test_webhook_payloads_carry_each_outputs_verdict(make_app, service_settings):
+    from tests.helpers.wait import wait_until
+    from tests.helpers.webhooks import SECRET, Receiver
+    receiver = Receiver()
+    try:
+        settings = service_settings.replace(webhook_secret=SECRET, webhook_allow_private=True)
+        app, _ = guarded_app(make_app, settings, [0.9, 0.1])
+        client = app.test_client()
+        headers = upload_token(client)
+        submit(client, headers, num_images=2, webhook=receiver.url, webhook_events=["output", "completed"])
+        wait_until(lambda: "job.completed" in receiver.events(), timeout=10)
+        bodies = [json.loads(r["body"])["data"] for r in receiver.received]
+    finally:
+        receiver.close()
+    outputs = [b for b in bodies if "safety" in b and "status" not in b]
+    assert [o["safety"]["result"] for o in outputs] == ["blocked", "passed"]
+    assert "filename" not in outputs[0] and outputs[1]["filename"] == "avatar_002.png"
+    done = bodies[-1]
+    assert done["status"] == "succeeded" and done["outputs"] == ["avatar_002.png"]
+    assert [(s["filename"], s["result"], s["score"]) for s in done["safety"]] == [
+        (None, "blocked", 0.9), ("avatar_002.png", "passed", 0.1)]
