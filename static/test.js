@@ -250,6 +250,7 @@
     $("num_images").max = String(state.limits.max_images);
     for (const id of ["width", "height"]) { $(id).min = String(state.limits.min_side); $(id).max = String(state.limits.max_side); }
     const fields = opt.request_fields || {};
+    state.requestFields = fields;
     state.canPreview = !!fields.preview;  // the loaded engine declares live previews
     // identity "none" (an avatar without selfies): offered when the engine declares it, or, with no published
     // fields at all, by default (the API still refuses what it does not take).
@@ -859,8 +860,13 @@
     p.restore_faces = $("restore_faces").checked;
     if (p.restore_faces) p.restore_model = $("restore_model").value;
     if (state.sessionId && !none) p.session_id = state.sessionId;
-    if (!none && $("identity_mode").value !== "auto") p.identity_mode = $("identity_mode").value;
-    if (!none && $("identity_mode").value !== "adapter") p.twin_lora_scale = Number($("twin_lora_scale").value);
+    const twinMode = $("identity_mode").value;
+    if (!none && twinMode !== "auto") p.identity_mode = twinMode;
+    // The twin strength goes with a mode that uses the LoRA; with "auto" only to an engine that declares the
+    // field (an engine without twin LoRAs answers "unknown field" to it).
+    const twinScale = twinMode === "lora" || twinMode === "both"
+      || (twinMode === "auto" && !!(state.requestFields || {}).twin_lora_scale);
+    if (!none && twinScale) p.twin_lora_scale = Number($("twin_lora_scale").value);
     if (canStream() && state.canPreview) p.preview = true;   // the forming image arrives with the live events
     return p;
   }
