@@ -22,4 +22,5 @@ pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.cluster",
     "tests.fixtures.s3",
+    "tests.fixtures.browser",
 ]

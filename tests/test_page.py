@@ -8,12 +8,11 @@ Run: .venv/bin/python -m pytest tests/test_page.py -q
 """
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from tests.page_helpers import ARTIFACTS, CHROMIUM_ARGS, find_chromium, png_size
+from tests.page_helpers import ARTIFACTS, png_size
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
@@ -24,20 +23,6 @@ BAD_FILE = ("notes.jpg", b"this is a shopping list, not a photo\n")
 REQUEST = {"prompt": "professional headshot, studio lighting", "num_images": 2, "width": 256, "height": 192,
            "quality_mode": "high_fidelity", "seed": 4242}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = find_chromium()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; scripts/setup_system.sh installs Debian's chromium")
-        pytest.skip("chromium is not installed (scripts/setup_system.sh installs it); CI fails instead of skipping")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -3,28 +3,11 @@
 with the generation."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.page_helpers import CHROMIUM_ARGS, find_chromium
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = find_chromium()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; scripts/setup_system.sh installs Debian's chromium")
-        pytest.skip("chromium is not installed (scripts/setup_system.sh installs it)")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def test_page_trains_a_twin_and_generates_with_it(browser, start_server, tmp_path, tiny_models):
