@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from utils.config import Settings
-from utils.engine.families.loras import check_lora
+from utils.engine.families.loras import check_lora, set_adapters
 from utils.engine.previews import FLUX_LATENT_RGB
 from utils.engine.request import GenerationRequest, check_applicable
 from utils.engine.tuning import (BASE_NEGATIVE, FLUX_FAST_FALLBACK, FLUX_FAST_LORA_SCALE, SIDE_MULTIPLE, flux_quality_row,
@@ -250,11 +250,4 @@ class FluxModel:
         return out
 
     def _set_adapters(self, adapters: list[tuple[str, float]]) -> None:
-        pipe = self.models.pipe
-        if not getattr(pipe.transformer, "peft_config", None):
-            return
-        if adapters:
-            pipe.enable_lora()
-            pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
-        else:
-            pipe.disable_lora()
+        set_adapters(self.models.pipe, self.models.pipe.transformer, adapters)

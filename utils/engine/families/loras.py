@@ -29,3 +29,15 @@ def check_lora(name: str | None, models, family: str) -> None:
 def lora_catalogue(models) -> list[dict[str, Any]]:
     """[{name, family, loaded}] for every LoRA file in the model's LoRA folder."""
     return [{"name": n, "family": fam, "loaded": n in models.loras} for n, fam in _folder_loras(models).items()]
+
+
+def set_adapters(pipe, denoiser, adapters: list[tuple[str, float]]) -> None:
+    """Exactly these LoRA adapters at these weights for the next call (none: LoRAs off). A denoiser (SDXL's
+    UNet, FLUX's transformer) that holds no LoRA is left as it is."""
+    if not getattr(denoiser, "peft_config", None):
+        return
+    if adapters:
+        pipe.enable_lora()
+        pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
+    else:
+        pipe.disable_lora()

@@ -16,7 +16,7 @@ from utils.config import Settings
 from utils.engine.identity.adapters import AdapterManager, SessionIdentity
 from utils.engine.identity.pose import pose_image
 from utils.engine.previews import SDXL_LATENT_RGB
-from utils.engine.families.loras import check_lora
+from utils.engine.families.loras import check_lora, set_adapters
 from utils.engine.training.loras import TwinLoras
 from utils.engine.request import GenerationRequest, check_applicable
 from utils.engine.tuning import (BASE_NEGATIVE, POSE_VARIANTS, fast_fallback_row, preset_size, quality_row,
@@ -280,14 +280,7 @@ class SdxlModel:
         return {"pose": req.pose if posed else None, "pose_strength": req.pose_strength if posed else None}
 
     def _set_adapters(self, adapters: list[tuple[str, float]]) -> None:
-        pipe = self.models.pipe
-        if not getattr(pipe.unet, "peft_config", None):
-            return
-        if adapters:
-            pipe.enable_lora()
-            pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
-        else:
-            pipe.disable_lora()
+        set_adapters(self.models.pipe, self.models.pipe.unet, adapters)
 
 
 def uses_twin(req: GenerationRequest) -> bool:
