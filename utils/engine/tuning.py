@@ -113,6 +113,15 @@ def quality_tables() -> dict[str, dict[str, dict[str, Any]]]:
             **{k: {m: dict(r) for m, r in rows.items()} for k, rows in FLUX_QUALITY.items()}}
 
 
+def request_size(req, family: str, native: int, settings: Settings) -> tuple[int, int]:
+    """The output size of a request: its explicit width x height, else the aspect-ratio preset (the request's,
+    else its style's, else 1:1) at the model's native size in the family's side multiple."""
+    if req.width is not None:
+        return req.width, req.height
+    aspect = req.aspect_ratio or style_library(settings)[req.style].aspect_ratio or "1:1"
+    return preset_size(aspect, native, settings, SIDE_MULTIPLE[family])
+
+
 def preset_size(aspect_ratio: str, native: int, settings: Settings, multiple: int = 8) -> tuple[int, int]:
     """An aspect-ratio preset at the model's native size, in multiples of ``multiple`` (SIDE_MULTIPLE)."""
     w, h = ASPECT_RATIOS[aspect_ratio]

@@ -22,8 +22,8 @@ from utils.config import Settings
 from utils.engine.families.loras import check_lora, set_adapters
 from utils.engine.previews import FLUX_LATENT_RGB
 from utils.engine.request import GenerationRequest, check_applicable
-from utils.engine.tuning import (BASE_NEGATIVE, FLUX_FAST_FALLBACK, FLUX_FAST_LORA_SCALE, SIDE_MULTIPLE, flux_quality_row,
-                                 preset_size, style_library)
+from utils.engine.tuning import (BASE_NEGATIVE, FLUX_FAST_FALLBACK, FLUX_FAST_LORA_SCALE, flux_quality_row,
+                                 request_size, style_library)
 from utils.errors import Conflict, InvalidRequest, OutOfMemory
 from utils.init_image import fit_image, parse_init_image
 from utils.prompts import build_prompt
@@ -112,10 +112,7 @@ class FluxModel:
 
     # --- plan ------------------------------------------------------------------------------------------
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
-        if req.width is not None:
-            return req.width, req.height
-        aspect = req.aspect_ratio or style_library(self.settings)[req.style].aspect_ratio or "1:1"
-        return preset_size(aspect, self.models.native_resolution, self.settings, SIDE_MULTIPLE[self.family])
+        return request_size(req, self.family, self.models.native_resolution, self.settings)
 
     def plan(self, req: GenerationRequest) -> dict[str, Any]:
         """Steps, embedded guidance, T5 window, LoRAs and size; raises for a LoRA that is not this family's."""

@@ -19,7 +19,7 @@ from utils.engine.previews import SDXL_LATENT_RGB
 from utils.engine.families.loras import check_lora, set_adapters
 from utils.engine.training.loras import TwinLoras
 from utils.engine.request import GenerationRequest, check_applicable
-from utils.engine.tuning import (BASE_NEGATIVE, POSE_VARIANTS, fast_fallback_row, preset_size, quality_row,
+from utils.engine.tuning import (BASE_NEGATIVE, POSE_VARIANTS, fast_fallback_row, quality_row, request_size,
                                  style_library)
 from utils.errors import InvalidRequest, OutOfMemory
 from utils.init_image import fit_image, parse_init_image
@@ -122,10 +122,7 @@ class SdxlModel:
 
     # --- plan ------------------------------------------------------------------------------------------
     def resolve_size(self, req: GenerationRequest) -> tuple[int, int]:
-        if req.width is not None:
-            return req.width, req.height
-        aspect = req.aspect_ratio or style_library(self.settings)[req.style].aspect_ratio or "1:1"
-        return preset_size(aspect, self.models.native_resolution, self.settings)
+        return request_size(req, self.family, self.models.native_resolution, self.settings)
 
     def plan(self, req: GenerationRequest) -> dict[str, Any]:
         """Steps, guidance, scheduler and adapters for a request; raises for an unknown LoRA."""
