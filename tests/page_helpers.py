@@ -22,6 +22,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def selfie_paths(folder: Path, n: int) -> list[str]:
+    """``n`` real selfies of one person (tests/photos.selfie_set) written to ``folder``, for the file input."""
+    from tests.photos import selfie_set
+    paths = []
+    for name, data in selfie_set(n):
+        (folder / name).write_bytes(data)
+        paths.append(str(folder / name))
+    return paths
+
+
 def find_chromium() -> str | None:
     """Debian's chromium: $CHROMIUM, then PATH, then the Debian location."""
     for cand in (os.environ.get("CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.page_helpers import ARTIFACTS, png_size
+from tests.page_helpers import ARTIFACTS, png_size, selfie_paths
 from tests.photos import selfie_set
 
 pytestmark = pytest.mark.slow
@@ -287,10 +287,7 @@ def test_page_upload_over_the_size_limit(browser, start_server, tmp_path, limits
 
     from tests.fixtures.service import FAKE_APP, server_env
     server = start_server(server_env(tmp_path / "data", TWIN_MAX_UPLOAD_MB="0.1"), app_spec=FAKE_APP)
-    paths = []
-    for name, data in selfie_set(3):
-        (tmp_path / name).write_bytes(data)
-        paths.append(str(tmp_path / name))
+    paths = selfie_paths(tmp_path, 3)
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     page = context.new_page()
     uploads_sent = []
@@ -403,10 +400,7 @@ def test_page_with_api_keys(browser, start_server, tmp_path):
     from tests.fixtures.service import FAKE_APP, server_env
     key = "page-key-0123456789abcdef"
     server = start_server(server_env(tmp_path / "data", TWIN_API_KEYS=key), app_spec=FAKE_APP)
-    paths = []
-    for name, data in selfie_set(2):
-        (tmp_path / name).write_bytes(data)
-        paths.append(str(tmp_path / name))
+    paths = selfie_paths(tmp_path, 2)
     context = browser.new_context(viewport={"width": 1000, "height": 900}, accept_downloads=True)
     page = context.new_page()
     try:
@@ -485,10 +479,7 @@ def test_page_likeness_best_of_and_raw_vs_restored(browser, start_server, tmp_pa
     try:
         page.goto(server.url + "/test")
         page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
-        paths = []
-        for name, data in selfie_set(3):
-            (tmp_path / name).write_bytes(data)
-            paths.append(str(tmp_path / name))
+        paths = selfie_paths(tmp_path, 3)
         page.set_input_files("#files", paths)
         page.click("#upload-btn")
         page.locator("#upload-report").wait_for(state="visible")
@@ -536,10 +527,7 @@ def test_page_pose_choice_with_instantid(browser, start_server, tmp_path, tiny_m
         page.goto(server.url + "/test")
         page.wait_for_selector("#service-state[data-state='ready']", timeout=60_000)
         assert page.locator("#pose-field").is_visible() and page.locator("#pose_strength").input_value() == "0.8"
-        paths = []
-        for name, data in selfie_set(2):
-            (tmp_path / name).write_bytes(data)
-            paths.append(str(tmp_path / name))
+        paths = selfie_paths(tmp_path, 2)
         page.set_input_files("#files", paths)
         page.click("#upload-btn")
         page.locator("#upload-report").wait_for(state="visible")
@@ -579,10 +567,7 @@ def test_page_creative_controls_send_style_persona_and_img2img(browser, start_se
     try:
         page.goto(server.url + "/test")
         page.wait_for_selector("#service-state[data-state='ready']", timeout=30_000)
-        paths = []
-        for name, data in selfie_set(2):
-            (tmp_path / name).write_bytes(data)
-            paths.append(str(tmp_path / name))
+        paths = selfie_paths(tmp_path, 2)
         page.set_input_files("#files", paths)
         with page.expect_response(lambda r: r.url.endswith("/upload")):
             page.click("#upload-btn")
@@ -781,10 +766,7 @@ def test_page_follows_the_family_table(browser, start_server, tmp_path):
         assert not page.locator("#identity_strength").is_visible() and not page.locator("#style_strength").is_visible()
         assert "only with true_cfg > 1" in page.locator("#negative-help").inner_text()
         assert page.locator("#width").get_attribute("step") == "16"
-        paths = []
-        for name, data in selfie_set(1):
-            (tmp_path / name).write_bytes(data)
-            paths.append(str(tmp_path / name))
+        paths = selfie_paths(tmp_path, 1)
         page.set_input_files("#files", paths)
         with page.expect_response(lambda r: r.url.endswith("/upload")):
             page.click("#upload-btn")

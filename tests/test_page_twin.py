@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.photos import selfie_set
+from tests.page_helpers import selfie_paths
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,7 @@ def test_page_trains_a_twin_and_generates_with_it(browser, start_server, tmp_pat
         page.goto(server.url + "/test")
         page.wait_for_selector("#service-state[data-state='ready']", timeout=60_000)
         assert page.locator("#twin-train-btn").is_disabled()               # no session yet
-        paths = []
-        for name, data in selfie_set(2):
-            (tmp_path / name).write_bytes(data)
-            paths.append(str(tmp_path / name))
+        paths = selfie_paths(tmp_path, 2)
         page.set_input_files("#files", paths)
         page.click("#upload-btn")
         page.locator("#upload-report").wait_for(state="visible")
